@@ -64,7 +64,7 @@ class NetworkConfig:
     max_recv_rate: int = 0
     """Download limit in bytes/s; 0 means no limit."""
     fast_path: str = "auto"
-    """Socket backend: ``auto`` (batched Linux path with GSO/GRO when available), ``on``, ``off``."""
+    """Socket backend: ``auto`` (batched Linux path, GSO/GRO when present), ``on``, ``off``."""
 
 
 @dataclass(frozen=True, slots=True)
