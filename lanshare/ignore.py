@@ -1,0 +1,119 @@
+"""Ignore rules of a shared folder: gitignore semantics over normalised relative paths.
+
+Pure apart from :meth:`IgnoreRules.for_folder`, which reads the folder's ``.lanshareignore``.
+The internal ``.lanshare/`` folder and temporary files are always ignored, whatever the rules.
+
+Semantics are git's (``pathspec``'s ``GitIgnoreSpec``): ``*.log``, ``/top-only``, ``build/``
+(directories only), ``a/**/b``, ``!negation`` with the last matching pattern winning, and — as
+in git — a path below an ignored directory stays ignored even if a later ``!`` pattern names
+it (git never looks inside an ignored directory), so a scanner may prune ignored directories
+or not and get the same answer. Precedence is git's too: the config's ``ignore`` patterns
+(per machine, like ``.git/info/exclude``) come first, ``.lanshareignore`` (per folder, like
+``.gitignore``) after them, so the folder's file wins. ``.lanshareignore`` itself is synced
+unless a rule says otherwise, so every peer can share the same rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pathspec import GitIgnoreSpec
+
+from lanshare.errors import ConfigError, StorageError
+from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IGNORE_FILE = ".lanshareignore"
+"""Name of the rules file in a folder's root."""
+
+MAX_IGNORE_FILE_SIZE = 1024 * 1024
+"""A larger ``.lanshareignore`` is refused rather than compiled into a huge regex set."""
+
+_CACHE_SIZE = 8192  # directory verdicts kept; a scan visits each directory's files together
+
+
+class IgnoreRules:
+    """A compiled set of ignore patterns; :meth:`matches` says whether a path is ignored."""
+
+    __slots__ = ("_dir_cache", "_spec", "patterns")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        """Compile gitignore-style ``patterns`` (blank lines and ``#`` comments allowed).
+
+        Raises:
+            ConfigError: a pattern is not valid gitignore syntax.
+        """
+        self.patterns: tuple[str, ...] = tuple(patterns)
+        try:
+            self._spec = GitIgnoreSpec.from_lines(self.patterns)
+        except ValueError as exc:
+            raise ConfigError(f"invalid ignore pattern: {exc}") from exc
+        self._dir_cache: dict[str, bool] = {}
+
+    @classmethod
+    def for_folder(cls, root: Path, extra: Sequence[str] = ()) -> IgnoreRules:
+        """The rules of the folder at ``root``: ``extra`` (from the config), then its file.
+
+        Raises:
+            ConfigError: a pattern in the file or in ``extra`` is invalid (names the file).
+            StorageError: the file exists but cannot be read.
+        """
+        path = root / IGNORE_FILE
+        try:
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_IGNORE_FILE_SIZE + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            raw = b""
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        if len(raw) > MAX_IGNORE_FILE_SIZE:
+            raise ConfigError(f"{path}: larger than {MAX_IGNORE_FILE_SIZE} bytes")
+        # A stray non-UTF-8 byte spoils one pattern, not the whole folder's sync.
+        lines = raw.decode("utf-8", errors="replace").splitlines()
+        try:
+            extra_rules = cls(extra)
+        except ConfigError as exc:
+            raise ConfigError(f"folder {root}: ignore: {exc}") from exc
+        try:
+            cls(lines)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        logger.debug("%s: %d patterns + %d from the config", path, len(lines), len(extra))
+        return cls([*extra_rules.patterns, *lines])
+
+    def matches(self, rel: str, is_dir: bool) -> bool:
+        """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
+        first, _, _ = rel.partition("/")
+        if first == INTERNAL_DIR:
+            return True
+        head, _, name = rel.rpartition("/")
+        if name.startswith(TEMP_PREFIX):
+            return True
+        if head and self._dir_ignored(head):
+            return True
+        return self._spec.match_file(rel + "/" if is_dir else rel)
+
+    def _dir_ignored(self, directory: str) -> bool:
+        """True if ``directory`` or any directory above it is ignored (cached)."""
+        cached = self._dir_cache.get(directory)
+        if cached is not None:
+            return cached
+        parent, _, name = directory.rpartition("/")
+        verdict = (
+            name.startswith(TEMP_PREFIX)
+            or (bool(parent) and self._dir_ignored(parent))
+            or self._spec.match_file(directory + "/")
+        )
+        if len(self._dir_cache) >= _CACHE_SIZE:
+            self._dir_cache.clear()
+        self._dir_cache[directory] = verdict
+        return verdict
+
+    def __repr__(self) -> str:
+        return f"IgnoreRules({list(self.patterns)!r})"

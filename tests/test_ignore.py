@@ -1,0 +1,182 @@
+"""Tests of ignore rules against a real folder tree in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lanshare.errors import ConfigError, StorageError
+from lanshare.ignore import IGNORE_FILE, MAX_IGNORE_FILE_SIZE, IgnoreRules
+from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+
+TREE = [
+    "README.md",
+    "notes.log",
+    "keep.log",
+    "root-only.txt",
+    "sub/root-only.txt",
+    "build/out.o",
+    "build/keep.txt",
+    "src/build/gen.c",
+    "src/main.c",
+    "src/main.o",
+    "docs/a/b/deep.tmp",
+    "docs/a/x/b/c.md",
+    "cache/file",  # inside an ignored directory
+    "data/build",  # a *file* called build: 'build/' must not match it
+    f"{INTERNAL_DIR}/versions/old.txt",
+    f"{TEMP_PREFIX}123",
+    f"src/{TEMP_PREFIX}456",
+    "sub/.lanshare/user-data.txt",  # only the root's .lanshare is internal
+]
+
+PATTERNS = """\
+# comment and blank lines are fine
+
+*.log
+!keep.log
+/root-only.txt
+build/
+!build/keep.txt
+*.o
+docs/**/b
+cache/
+"""
+
+
+def _make_tree(root: Path) -> None:
+    for rel in TREE:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rel)
+
+
+def _walk(root: Path, rules: IgnoreRules, prune: bool) -> set[str]:
+    """Every path a scanner would keep (directories with a trailing '/')."""
+    kept: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if base == "." else base + "/"
+        for name in list(dirnames):
+            rel = prefix + name
+            if rules.matches(rel, is_dir=True):
+                if prune:
+                    dirnames.remove(name)
+            else:
+                kept.add(rel + "/")
+        for name in filenames:
+            rel = prefix + name
+            if not rules.matches(rel, is_dir=False):
+                kept.add(rel)
+    return kept
+
+
+def _kept_files(kept: set[str]) -> set[str]:
+    return {p for p in kept if not p.endswith("/")}
+
+
+def test_rules_from_file_on_a_real_tree(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    (tmp_path / IGNORE_FILE).write_text(PATTERNS)
+    rules = IgnoreRules.for_folder(tmp_path, extra=[])
+    pruned = _walk(tmp_path, rules, prune=True)
+    assert pruned == _walk(tmp_path, rules, prune=False)
+    assert _kept_files(pruned) == {
+        IGNORE_FILE,
+        "README.md",
+        "keep.log",
+        "sub/root-only.txt",
+        "src/main.c",
+        "data/build",
+        "sub/.lanshare/user-data.txt",
+    }
+    assert "docs/a/" in pruned
+    assert "docs/a/b/" not in pruned
+    assert "docs/a/x/b/" not in pruned  # '**' spans several directories
+    assert "build/" not in pruned
+    assert "src/build/" not in pruned  # 'build/' matches at any depth
+    assert f"{INTERNAL_DIR}/" not in pruned
+
+
+def test_file_under_ignored_directory_cannot_be_re_included() -> None:
+    rules = IgnoreRules(["build/", "!build/keep.txt"])
+    assert rules.matches("build", is_dir=True)
+    assert rules.matches("build/keep.txt", is_dir=False)
+    assert rules.matches("a/build/deeper/keep.txt", is_dir=False)
+    assert not rules.matches("build", is_dir=False)  # a file named build
+
+
+def test_negation_and_last_match_wins() -> None:
+    rules = IgnoreRules(["*.log", "!important.log", "x/important.log"])
+    assert rules.matches("a.log", is_dir=False)
+    assert not rules.matches("important.log", is_dir=False)
+    assert not rules.matches("y/important.log", is_dir=False)
+    assert rules.matches("x/important.log", is_dir=False)
+    assert not IgnoreRules(["*.log", "!*.log"]).matches("a.log", is_dir=False)
+
+
+def test_always_ignored_without_rules() -> None:
+    rules = IgnoreRules([])
+    assert rules.matches(INTERNAL_DIR, is_dir=True)
+    assert rules.matches(f"{INTERNAL_DIR}/versions/x", is_dir=False)
+    assert rules.matches(f"{TEMP_PREFIX}x", is_dir=False)
+    assert rules.matches(f"a/b/{TEMP_PREFIX}x", is_dir=False)
+    assert rules.matches(f"a/{TEMP_PREFIX}dir/x", is_dir=False)
+    assert not rules.matches("a/.lanshare", is_dir=True)
+    assert not rules.matches("README", is_dir=False)
+    # negation cannot bring the internal folder back
+    assert IgnoreRules([f"!{INTERNAL_DIR}/"]).matches(f"{INTERNAL_DIR}/x", is_dir=False)
+
+
+def test_config_patterns_come_before_the_file(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_text("!keep.bak\n")
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak", "/tmp/"])
+    assert rules.matches("x.bak", is_dir=False)
+    assert not rules.matches("keep.bak", is_dir=False)  # the folder's file wins
+    assert rules.matches("tmp", is_dir=True)
+    assert not rules.matches("a/tmp", is_dir=True)
+    assert rules.patterns == ("*.bak", "/tmp/", "!keep.bak")
+
+
+def test_missing_file_means_only_extra(tmp_path: Path) -> None:
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.o"])
+    assert rules.patterns == ("*.o",)
+    assert rules.matches("a.o", is_dir=False)
+    assert "*.o" in repr(rules)
+
+
+def test_invalid_pattern_names_its_source(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")
+    with pytest.raises(ConfigError, match=IGNORE_FILE):
+        IgnoreRules.for_folder(tmp_path, extra=[])
+    (tmp_path / IGNORE_FILE).unlink()
+    with pytest.raises(ConfigError, match="ignore"):
+        IgnoreRules.for_folder(tmp_path, extra=["\\"])
+
+
+def test_non_utf8_file_spoils_only_its_line(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_bytes(b"bad\xff\n*.o\n")
+    rules = IgnoreRules.for_folder(tmp_path, extra=[])
+    assert rules.matches("x.o", is_dir=False)
+
+
+def test_oversized_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_bytes(b"#" * (MAX_IGNORE_FILE_SIZE + 1))
+    with pytest.raises(ConfigError, match="larger"):
+        IgnoreRules.for_folder(tmp_path, extra=[])
+
+
+def test_unreadable_file_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).mkdir()  # reading a directory fails even as root
+    with pytest.raises(StorageError):
+        IgnoreRules.for_folder(tmp_path, extra=[])
+
+
+def test_directory_verdicts_stay_correct_past_the_cache() -> None:
+    rules = IgnoreRules(["ign*/"])
+    for i in range(10_000):
+        assert rules.matches(f"d{i}/f", is_dir=False) is False
+    assert rules.matches("ign1/f", is_dir=False)
+    assert not rules.matches("d1/f", is_dir=False)
