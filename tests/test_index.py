@@ -1,0 +1,381 @@
+"""The SQLite index: schema and migrations, local sequences, remote records, blocks, partials."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lanshare import index as index_module
+from lanshare.errors import StorageError
+from lanshare.index import SCHEMA_VERSION, CacheUpdate, Index, LocalChange
+from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+ME = 0x1111
+PEER_A = bytes.fromhex("a1a1a1a1a1a1a1a1")
+PEER_B = bytes.fromhex("b2b2b2b2b2b2b2b2")
+
+
+def _file(path: str, content: bytes, version: VersionVector | None = None) -> FileRecord:
+    size = len(content)
+    blocks: tuple[Block, ...] = ()
+    step = 4
+    for offset in range(0, size, step):
+        piece = content[offset : offset + step]
+        blocks += (Block(offset, len(piece), hashlib.sha256(piece).digest()),)
+    return FileRecord(
+        path=path,
+        type=EntryType.FILE,
+        size=size,
+        mtime_ns=1_700_000_000_000_000_000,
+        mode=0o644,
+        blocks=blocks,
+        file_hash=hashlib.sha256(b"".join(b.hash for b in blocks)).digest(),
+        hash_algo="sha256",
+        version=version or VersionVector().bump(ME),
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Index]:
+    with Index.open(tmp_path / "state" / "index.db") as index:
+        yield index
+
+
+def test_open_creates_parents_wal_and_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "state" / index_module.DATABASE_NAME
+    with Index.open(path) as db:
+        assert db.schema_version() == SCHEMA_VERSION
+    assert path.exists()
+    assert path.stat().st_mode & 0o077 == 0
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        strict = {r[0] for r in conn.execute("SELECT name FROM pragma_table_list WHERE strict = 1")}
+    finally:
+        conn.close()
+    assert {"folders", "local_files", "local_blocks", "remote_files", "partials"} <= tables
+    assert tables <= strict
+
+
+def test_migrations_from_an_empty_database_apply_every_step(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    sqlite3.connect(path).close()  # an empty file, user_version 0
+    with Index.open(path) as db:
+        assert db.schema_version() == len(index_module.MIGRATIONS)
+    # Reopening applies nothing twice.
+    with Index.open(path) as db:
+        assert db.schema_version() == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    Index.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StorageError, match="newer lanshare"):
+        Index.open(path)
+
+
+def test_a_file_that_is_not_a_database_is_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match=r"index\.db.*move it away"):
+        Index.open(path)
+
+
+def test_an_uncreatable_location_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot create"):
+        Index.open(blocker / "index.db")
+
+
+def test_closed_index_raises_storage_error(tmp_path: Path) -> None:
+    db = Index.open(tmp_path / "index.db")
+    db.close()
+    db.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        db.folders()
+
+
+def test_add_folder_is_idempotent_and_refuses_another_key(db: Index) -> None:
+    first = db.add_folder("/srv/a", "00" * 16)
+    again = db.add_folder("/srv/a", "00" * 16)
+    assert first == again
+    assert len(first.index_id) == index_module.INDEX_ID_SIZE
+    assert first.sequence == 0
+    other = db.add_folder("/srv/b", "11" * 16)
+    assert other.id != first.id
+    assert other.index_id != first.index_id
+    assert [f.path for f in db.folders()] == ["/srv/a", "/srv/b"]
+    with pytest.raises(StorageError, match="another folder key"):
+        db.add_folder("/srv/a", "22" * 16)
+
+
+def test_commit_assigns_growing_sequences_and_round_trips(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    a = _file("a.txt", b"hello world")
+    d = FileRecord(path="dir", type=EntryType.DIR, mode=0o755, version=VersionVector().bump(ME))
+    link = FileRecord(
+        path="dir/link", type=EntryType.SYMLINK, symlink_target="../../etc", version=d.version
+    )
+    stored = db.commit_changes(folder, [LocalChange(a, 7, 8), LocalChange(d), LocalChange(link)])
+    assert [r.sequence for r in stored] == [1, 2, 3]
+    assert db.get(folder, "a.txt") == stored[0]
+    assert db.get(folder, "dir/link") == stored[2]
+    assert db.get(folder, "missing") is None
+    assert db.max_sequence(folder) == 3
+
+    a2 = _file("a.txt", b"hello there", stored[0].version.bump(ME))
+    (again,) = db.commit_changes(folder, [LocalChange(a2)])
+    assert again.sequence == 4
+    assert [r.path for r in db.records_since(folder, 0)] == ["dir", "dir/link", "a.txt"]
+    assert [r.path for r in db.records_since(folder, 3)] == ["a.txt"]
+    assert db.records_since(folder, 4) == []
+    assert [r.sequence for r in db.records_since(folder, 0, limit=2)] == [2, 3]
+    assert [r.path for r in db.iter_records(folder)] == ["a.txt", "dir", "dir/link"]
+    assert db.get_many(folder, ["a.txt", "nope", "dir"]).keys() == {"a.txt", "dir"}
+
+
+def test_sequence_never_goes_back_even_when_rows_disappear(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    db.commit_changes(folder, [LocalChange(_file(f"f{i}", b"x")) for i in range(5)])
+    assert db.max_sequence(folder) == 5
+    # A tombstone replaces the row holding the highest sequence; the counter keeps growing.
+    (tomb,) = db.commit_changes(
+        folder, [LocalChange(_file("f4", b"x").tombstone(VersionVector().bump(ME).bump(ME), 0))]
+    )
+    assert tomb.sequence == 6
+    assert tomb.deleted
+    assert db.max_sequence(folder) == 6
+
+
+def test_iter_records_pages_through_large_folders(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    count = index_module._PAGE * 2 + 7
+    db.commit_changes(folder, [LocalChange(_file(f"f{i:05d}", b"")) for i in range(count)])
+    paths = [r.path for r in db.iter_records(folder)]
+    assert paths == sorted(f"f{i:05d}" for i in range(count))
+
+
+def test_scan_cache_and_cache_only_updates(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    rec = _file("a", b"0123456789")
+    db.commit_changes(folder, [LocalChange(rec, inode=11, ctime_ns=22)])
+    entry = db.scan_cache(folder)["a"]
+    assert (entry.size, entry.inode, entry.ctime_ns, entry.block_count) == (10, 11, 22, 3)
+    assert entry.type is EntryType.FILE
+    assert not entry.deleted
+    before = db.max_sequence(folder)
+    db.commit_changes(folder, [], [CacheUpdate("a", 12, 23)])
+    entry = db.scan_cache(folder)["a"]
+    assert (entry.inode, entry.ctime_ns) == (12, 23)
+    assert db.max_sequence(folder) == before  # no new sequence for a cache refresh
+
+
+def test_block_lookup_follows_content_and_deletion(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    other = db.add_folder("/srv/b", "11" * 16).id
+    a = _file("a", b"AAAABBBBCC")
+    b = _file("sub/b", b"BBBBAAAA")
+    db.commit_changes(folder, [LocalChange(a), LocalChange(b)])
+    db.commit_changes(other, [LocalChange(_file("c", b"BBBB"))])
+    h_b = hashlib.sha256(b"BBBB").digest()
+    found = {(x.path, x.index, x.offset, x.size) for x in db.find_block(h_b, folder)}
+    assert found == {("a", 1, 4, 4), ("sub/b", 0, 0, 4)}
+    assert {x.folder for x in db.find_block(h_b)} == {folder, other}
+    # New content replaces the old blocks; a tombstone has none.
+    db.commit_changes(folder, [LocalChange(_file("a", b"CC", a.version.bump(ME)))])
+    assert {x.path for x in db.find_block(h_b, folder)} == {"sub/b"}
+    db.commit_changes(folder, [LocalChange(b.tombstone(b.version.bump(ME), 0))])
+    assert db.find_block(h_b, folder) == []
+    assert db.find_block(b"\x00" * 32) == []
+
+
+def test_committed_changes_survive_a_crash_and_a_failed_batch_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "index.db"
+    db = Index.open(path)
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    db.commit_changes(folder, [LocalChange(_file("kept", b"data"))])
+    bad = FileRecord(path="bad", type=EntryType.FILE, size=1, blocks=(Block(0, 1, b"x"),))
+    with pytest.raises(StorageError, match="cannot store local changes"):
+        db.commit_changes(folder, [LocalChange(_file("lost", b"data")), LocalChange(bad)])
+    # Simulate a crash: a second process reads the file while this connection is still open
+    # (never closed, never checkpointed).
+    probe = (
+        "import sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1])\n"
+        "print(sorted(r[0] for r in c.execute('SELECT path FROM local_files')))\n"
+        "print(c.execute('SELECT sequence FROM folders').fetchone()[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0] == "['kept']"
+    assert out[1] == "1"
+    db.close()
+
+
+def test_killed_writer_loses_only_uncommitted_work(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    Index.open(path).close()
+    script = (
+        "import os, sys\n"
+        "from lanshare.index import Index, LocalChange\n"
+        "from lanshare.manifest import EntryType, FileRecord, VersionVector\n"
+        "db = Index.open(__import__('pathlib').Path(sys.argv[1]))\n"
+        "f = db.add_folder('/srv/a', '00' * 16).id\n"
+        "v = VersionVector().bump(1)\n"
+        "db.commit_changes(f, [LocalChange(FileRecord('d', EntryType.DIR, version=v))])\n"
+        "db._conn.execute('BEGIN IMMEDIATE')\n"
+        'db._conn.execute("UPDATE folders SET sequence = 99")\n'
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], check=False, timeout=60)
+    assert proc.returncode == -9
+    with Index.open(path) as db:
+        (folder,) = db.folders()
+        assert folder.sequence == 1
+        assert db.get(folder.id, "d") is not None
+
+
+def test_remote_records_are_kept_per_peer_and_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    with Index.open(path) as db:
+        folder = db.add_folder("/srv/a", "00" * 16).id
+        ra = [_file("x", b"one"), _file("y", b"two")]
+        ra = [replace(r, sequence=s) for r, s in zip(ra, (10, 12), strict=True)]
+        assert db.remote_upsert(folder, PEER_A, ra, index_id=b"A" * 8) == 12
+        rb = replace(_file("x", b"other"), sequence=3)
+        assert db.remote_upsert(folder, PEER_B, [rb], index_id=b"B" * 8) == 3
+        # An older batch never lowers the high-water mark.
+        assert db.remote_upsert(folder, PEER_A, [ra[0]]) == 12
+    with Index.open(path) as db:
+        (info,) = db.folders()
+        peers = {p.peer: p for p in db.remote_peers(info.id)}
+        assert peers[PEER_A].max_sequence == 12
+        assert peers[PEER_A].index_id == b"A" * 8
+        assert peers[PEER_B].max_sequence == 3
+        assert [r.path for r in db.remote_records(info.id, PEER_A)] == ["x", "y"]
+        assert db.remote_get(info.id, PEER_A, "y") == ra[1]
+        assert db.remote_get(info.id, PEER_B, "y") is None
+        by_peer = db.remote_records_for_path(info.id, "x")
+        assert by_peer == {PEER_A: ra[0], PEER_B: rb}
+        assert db.remote_peer(info.id, PEER_A) == peers[PEER_A]
+        # The peer restarted its index: forget what we had, start from 0.
+        db.remote_reset(info.id, PEER_A, b"C" * 8)
+        assert db.remote_peer(info.id, PEER_A) == index_module.RemotePeer(PEER_A, b"C" * 8, 0)
+        assert list(db.remote_records(info.id, PEER_A)) == []
+        db.remote_forget(info.id, PEER_B)
+        assert db.remote_peer(info.id, PEER_B) is None
+        assert db.remote_records_for_path(info.id, "x") == {}
+
+
+def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    with Index.open(path) as db:
+        folder = db.add_folder("/srv/a", "00" * 16).id
+        p = db.partial_begin(folder, "big.iso", ".lanshare-tmp-big.iso.1", b"H" * 32)
+        assert p.verified == frozenset()
+        db.partial_mark_verified(folder, "big.iso", [0, 3, 4])
+        db.partial_mark_verified(folder, "big.iso", [3, 5])
+        with pytest.raises(StorageError, match="no partial download"):
+            db.partial_mark_verified(folder, "other", [1])
+    with Index.open(path) as db:
+        (info,) = db.folders()
+        got = db.partial_get(info.id, "big.iso")
+        assert got is not None
+        p = got
+        assert p.verified == {0, 3, 4, 5}
+        assert p.temp_name == ".lanshare-tmp-big.iso.1"
+        assert p.file_hash == b"H" * 32
+        # Same target again: resume. A new version: start over.
+        assert db.partial_begin(info.id, "big.iso", p.temp_name, p.file_hash).verified == {
+            0,
+            3,
+            4,
+            5,
+        }
+        fresh = db.partial_begin(info.id, "big.iso", ".lanshare-tmp-big.iso.2", b"J" * 32)
+        assert fresh.verified == frozenset()
+        assert [x.path for x in db.partials(info.id)] == ["big.iso"]
+        db.partial_drop(info.id, "big.iso")
+        assert db.partial_get(info.id, "big.iso") is None
+
+
+def test_remove_folder_forgets_everything(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    db.commit_changes(folder, [LocalChange(_file("a", b"AAAA"))])
+    db.remote_upsert(folder, PEER_A, [_file("a", b"AAAA")])
+    db.partial_begin(folder, "b", ".lanshare-tmp-b", b"x" * 32)
+    db.remove_folder(folder)
+    assert db.folders() == []
+    assert db.find_block(hashlib.sha256(b"AAAA").digest()) == []
+    with pytest.raises(StorageError, match="no folder"):
+        db.max_sequence(folder)
+
+
+def test_threads_share_one_index(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(20):
+                db.commit_changes(folder, [LocalChange(_file(f"t{n}/{i}", b"z"))])
+                db.records_since(folder, 0, 5)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert db.max_sequence(folder) == 80
+    seqs = [r.sequence for r in db.records_since(folder, 0, 1000)]
+    assert seqs == list(range(1, 81))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c/d", "e"]), st.binary(max_size=12), st.booleans()),
+        max_size=25,
+    )
+)
+def test_sequences_are_unique_and_records_since_is_complete(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, bytes, bool]]
+) -> None:
+    with Index.open(tmp_path_factory.mktemp("h") / "index.db") as db:
+        folder = db.add_folder("/srv/a", "00" * 16).id
+        latest: dict[str, FileRecord] = {}
+        for path, content, delete in ops:
+            old = latest.get(path)
+            version = (old.version if old else VersionVector()).bump(ME)
+            rec = _file(path, content, version)
+            if delete:
+                rec = rec.tombstone(version, 0)
+            (latest[path],) = db.commit_changes(folder, [LocalChange(rec)])
+        assert db.max_sequence(folder) == len(ops)
+        since = db.records_since(folder, 0, 1000)
+        assert {r.path: r for r in since} == latest
+        assert [r.sequence for r in since] == sorted({r.sequence for r in since})
