@@ -98,7 +98,7 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
             return False
         _fsync_dir(path.parent)
         return True
-    except OSError as exc:
+    except OSError as exc:  # pragma: no cover - disk full, read-only file system
         raise StorageError(f"cannot write the node id file {path}: {_why(exc)}") from exc
     finally:
         with contextlib.suppress(OSError):

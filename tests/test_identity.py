@@ -94,3 +94,9 @@ def test_concurrent_creators_agree(tmp_path: Path) -> None:
     assert len(results) == 8
     assert len(set(results)) == 1
     assert (tmp_path / "state" / "node_id").read_text() == results[0].hex() + "\n"
+
+
+def test_state_dir_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "state").symlink_to(tmp_path / "missing" / "dir")
+    with pytest.raises(StorageError, match="cannot create the state directory"):
+        identity.load_or_create_node_id(tmp_path / "state")
