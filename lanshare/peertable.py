@@ -1,0 +1,621 @@
+"""The peer table and the TXT-record codec of discovery: who is out there, sharing what.
+
+Pure: no sockets, no clock, no randomness. Times come in as ``now`` (the owner's monotonic
+clock); the owner turns zeroconf callbacks into calls here and forwards the returned events.
+
+Theory of operation
+-------------------
+Each node announces one DNS-SD service whose TXT record (RFC 6763 §6) is, in this order::
+
+    v=1                 protocol version ("txtvers", RFC 6763 §6.7); anything else is refused
+    id=<16 hex>         node id (8 bytes), lower-case hex
+    n=<16 hex>          announce nonce (8 random bytes, renewed at every start)
+    t=<16 hex>*k        k folder tokens, announce_token(folder key, nonce), concatenated
+    seq=<decimal>       the node's manifest sequence (one number for the whole node)
+
+A key holder recognises a shared folder by recomputing ``announce_token(key, nonce)`` for each
+of its keys; without a key the tokens are random-looking and change with every nonce, so they
+link a folder neither across devices nor across restarts or networks. For the same reason the
+sequence is one node-wide number, not one per folder: a per-folder counter beside its token
+would let an observer follow a folder across restarts. Which folder changed is told inside the
+encrypted session.
+
+Every TXT value from the network is hostile until checked: the whole record is at most
+``MAX_TXT_SIZE`` bytes, keys are printable ASCII, known values have exact formats and sizes,
+the first occurrence of a key wins (RFC 6763 §6.4) and unknown keys are ignored (room to grow).
+
+The table keys mDNS peers by node id (the instance name is only a label: names can collide and
+be renamed). mDNS is a hint, not a liveness signal: a peer that crashes without a goodbye stays in
+every zeroconf cache for at least 1125 s (its PTR record). So the table asks its owner to probe
+quiet peers (``due_probes``) and declares a peer ``LOST`` after ``silence_timeout`` seconds
+without hearing any of its records (``expire``). The transport, which has keep-alives, is the
+real authority: ``mark_reachable``/``mark_unreachable`` override the mDNS view.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import TypeAlias
+
+from lanshare.errors import ConfigError, DecodeError
+from lanshare.identity import NODE_ID_SIZE, NodeId
+from lanshare.keys import ANNOUNCE_NONCE_SIZE, ANNOUNCE_TOKEN_SIZE, announce_token
+
+Addr: TypeAlias = tuple[str, int]
+TokenFunction: TypeAlias = Callable[[bytes, bytes], bytes]
+
+PROTOCOL_VERSION = 1
+"""The ``v=`` value this code speaks."""
+MAX_TXT_SIZE = 400
+"""Largest TXT record accepted (RFC 6763 §6.2: keep it small; ~400 B still fits 512 B)."""
+MAX_TXT_ITEM_SIZE = 255
+"""One TXT string: a length byte and at most 255 bytes (RFC 1035 §3.3.14)."""
+MAX_ANNOUNCED_FOLDERS = 12
+"""Folders one node can announce: keeps our own TXT record under ~270 bytes."""
+MAX_SEQUENCE = 2**63 - 1
+MAX_ADDRESSES = 8
+"""Addresses kept per peer; more are ignored."""
+MAX_NAME_SIZE = 63
+"""A DNS label; instance names longer than this are cut."""
+MAX_PEERS = 256
+"""Entries in the table; lost and unreachable entries are evicted first."""
+
+_KEY_RE = re.compile(rb"[\x20-\x3c\x3e-\x7e]{1,32}")
+_HEX_RE = re.compile(rb"(?:[0-9a-f]{2})+")
+_SEQ_RE = re.compile(rb"0|[1-9][0-9]{0,18}")
+
+
+# --- announcements (the TXT record) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """What one node says about itself in its TXT record."""
+
+    node_id: NodeId
+    nonce: bytes
+    tokens: tuple[bytes, ...]
+    sequence: int
+    version: int = PROTOCOL_VERSION
+
+
+def encode_txt(announcement: Announcement) -> bytes:
+    """The TXT record (RFC 1035 character-strings) for ``announcement``.
+
+    Raises:
+        ConfigError: more than ``MAX_ANNOUNCED_FOLDERS`` folders, or bad field sizes.
+    """
+    if len(announcement.tokens) > MAX_ANNOUNCED_FOLDERS:
+        raise ConfigError(
+            f"at most {MAX_ANNOUNCED_FOLDERS} folders can be shared by one node "
+            f"({len(announcement.tokens)} are configured)"
+        )
+    if len(announcement.node_id) != NODE_ID_SIZE or len(announcement.nonce) != (
+        ANNOUNCE_NONCE_SIZE
+    ):
+        raise ConfigError("node id and announce nonce must be 8 bytes each")
+    if any(len(t) != ANNOUNCE_TOKEN_SIZE for t in announcement.tokens):
+        raise ConfigError("announce tokens must be 8 bytes each")
+    if not 0 <= announcement.sequence <= MAX_SEQUENCE:
+        raise ConfigError(f"sequence {announcement.sequence} out of range")
+    items = [
+        b"v=%d" % announcement.version,
+        b"id=" + announcement.node_id.hex().encode("ascii"),
+        b"n=" + announcement.nonce.hex().encode("ascii"),
+        b"t=" + b"".join(t.hex().encode("ascii") for t in announcement.tokens),
+        b"seq=%d" % announcement.sequence,
+    ]
+    return b"".join(bytes((len(item),)) + item for item in items)
+
+
+def decode_txt(raw: bytes) -> Announcement:
+    """Parse and validate a TXT record from the network.
+
+    Raises:
+        DecodeError: the record is oversized, malformed, or of another protocol version.
+    """
+    fields = _split_txt(raw)
+    version = fields.get(b"v")
+    if version != b"%d" % PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported announcement version {version!r}")
+    node_id = _hex_field(fields, b"id", NODE_ID_SIZE)
+    nonce = _hex_field(fields, b"n", ANNOUNCE_NONCE_SIZE)
+    token_hex = fields.get(b"t")
+    if token_hex is None:
+        raise DecodeError("announcement has no t= (folder tokens)")
+    if token_hex and not _HEX_RE.fullmatch(token_hex):
+        raise DecodeError("t= is not lower-case hex")
+    step = 2 * ANNOUNCE_TOKEN_SIZE
+    if len(token_hex) % step or len(token_hex) > step * MAX_ANNOUNCED_FOLDERS:
+        raise DecodeError(f"t= has a bad length ({len(token_hex)})")
+    tokens = tuple(
+        bytes.fromhex(token_hex[i : i + step].decode("ascii"))
+        for i in range(0, len(token_hex), step)
+    )
+    seq = fields.get(b"seq")
+    if seq is None or not _SEQ_RE.fullmatch(seq) or int(seq) > MAX_SEQUENCE:
+        raise DecodeError(f"bad seq= {seq!r}")
+    return Announcement(NodeId(node_id), nonce, tokens, int(seq))
+
+
+def _split_txt(raw: bytes) -> dict[bytes, bytes | None]:
+    if not raw or len(raw) > MAX_TXT_SIZE:
+        raise DecodeError(f"TXT record of {len(raw)} bytes (1..{MAX_TXT_SIZE} accepted)")
+    fields: dict[bytes, bytes | None] = {}
+    i = 0
+    while i < len(raw):
+        size = raw[i]
+        i += 1
+        if size == 0 or i + size > len(raw):
+            raise DecodeError("TXT record has an empty or truncated string")
+        item = raw[i : i + size]
+        i += size
+        key, sep, value = item.partition(b"=")
+        if not _KEY_RE.fullmatch(key):
+            raise DecodeError("TXT key is not printable ASCII")
+        key = key.lower()
+        if key not in fields:  # RFC 6763 §6.4: the first occurrence wins
+            fields[key] = value if sep else None
+    return fields
+
+
+def _hex_field(fields: dict[bytes, bytes | None], key: bytes, size: int) -> bytes:
+    value = fields.get(key)
+    if value is None or len(value) != 2 * size or not _HEX_RE.fullmatch(value):
+        raise DecodeError(f"{key.decode()}= must be {2 * size} lower-case hex digits")
+    return bytes.fromhex(value.decode("ascii"))
+
+
+# --- peers, events, policy -------------------------------------------------------------------
+
+
+class PeerState(Enum):
+    """Where a table entry stands; the value is what ``lanshare peers --json`` shows."""
+
+    UP = "up"
+    """Announced over mDNS and heard recently."""
+    REACHABLE = "reachable"
+    """The transport confirmed it (a session answers); mDNS silence no longer matters."""
+    LOST = "lost"
+    """Announced, then silent for ``silence_timeout`` (crashed or gone without goodbye)."""
+    UNREACHABLE = "unreachable"
+    """The transport said it does not answer."""
+    STATIC = "static"
+    """A configured ``host:port`` candidate, for the transport to probe."""
+    EXCHANGED = "exchanged"
+    """A ``host:port`` candidate learned from another peer, for the transport to probe."""
+
+
+ACTIVE_STATES = frozenset(
+    {PeerState.UP, PeerState.REACHABLE, PeerState.STATIC, PeerState.EXCHANGED}
+)
+"""States in which a peer counts as present (a ``PeerUp`` was sent and no ``PeerDown``)."""
+
+
+class DownReason(Enum):
+    GOODBYE = "goodbye"
+    """The peer withdrew its service (mDNS goodbye)."""
+    SILENT = "silent"
+    """Nothing heard from it for ``silence_timeout`` despite probes."""
+    UNREACHABLE = "unreachable"
+    """The owner (transport) marked it unreachable."""
+    UNSHARED = "unshared"
+    """It no longer announces any folder we share."""
+    REMOVED = "removed"
+    """The owner removed a candidate."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedFolder:
+    """One of our folders as discovery needs it: a label to report and the raw key."""
+
+    label: str
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A snapshot of one table entry. ``first_seen``/``last_seen`` are Unix seconds."""
+
+    node_id: NodeId | None
+    """None for a ``host:port`` candidate whose id the transport has not learned yet."""
+    name: str
+    addresses: tuple[Addr, ...]
+    folders: tuple[str, ...]
+    sequence: int | None
+    state: PeerState
+    first_seen: float
+    last_seen: float
+
+    @property
+    def key(self) -> str:
+        """The table key: the node id in hex, or ``host:port`` for an anonymous candidate."""
+        if self.node_id is not None:
+            return self.node_id.hex()
+        return format_addr(self.addresses[0])
+
+    def to_json(self) -> dict[str, object]:
+        """The object ``lanshare peers --json`` prints."""
+        return {
+            "id": None if self.node_id is None else self.node_id.hex(),
+            "name": self.name,
+            "addresses": [format_addr(a) for a in self.addresses],
+            "folders": list(self.folders),
+            "sequence": self.sequence,
+            "state": self.state.value,
+            "first_seen": round(self.first_seen, 3),
+            "last_seen": round(self.last_seen, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    peer: PeerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChanged:
+    peer: PeerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    peer: PeerInfo
+    reason: DownReason
+
+
+PeerEvent: TypeAlias = PeerUp | PeerChanged | PeerDown
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessPolicy:
+    """How discovery alone (without the transport) decides that an mDNS peer vanished.
+
+    A peer is probed (one mDNS query for its SRV record) once it has been quiet for
+    ``probe_interval``; it is declared lost after ``silence_timeout`` without hearing any of
+    its records, so a live peer has ``silence_timeout / probe_interval - 1`` probes to answer.
+    Lost peers are still probed every ``lost_probe_interval`` so they come back if they answer.
+    """
+
+    probe_interval: float = 5.0
+    silence_timeout: float = 15.0
+    lost_probe_interval: float = 30.0
+
+
+@dataclass(slots=True)
+class TableStats:
+    """Counters of what the table refused; exposed for status and tests."""
+
+    rejected: int = 0
+    """TXT records that failed validation (malformed, oversized, other version)."""
+    bad_address: int = 0
+    """Announcements with no usable address or port."""
+    own: int = 0
+    """Our own announcements (ignored)."""
+    unshared: int = 0
+    """Announcements sharing no folder with us (ignored)."""
+    full: int = 0
+    """New peers refused because the table was full."""
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    node_id: NodeId | None
+    name: str
+    addresses: tuple[Addr, ...]
+    folders: tuple[str, ...]
+    sequence: int | None
+    state: PeerState
+    first_seen: float
+    heard_at: float
+    service: str | None = None
+    nonce: bytes = b""
+    probed_at: float = float("-inf")
+
+
+@dataclass(slots=True)
+class PeerTable:
+    """All peers we know of, keyed by node id (or ``host:port`` for anonymous candidates).
+
+    Every mutating method takes ``now`` (the owner's monotonic clock) and returns the events to
+    forward, in order. ``unix_offset`` converts ``now`` to Unix seconds for ``PeerInfo``.
+    """
+
+    own_id: NodeId
+    folders: Sequence[SharedFolder]
+    policy: LivenessPolicy = field(default_factory=LivenessPolicy)
+    unix_offset: float = 0.0
+    max_peers: int = MAX_PEERS
+    token_function: TokenFunction = announce_token
+    stats: TableStats = field(default_factory=TableStats)
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _by_service: dict[str, str] = field(default_factory=dict)
+    _matches: dict[tuple[bytes, tuple[bytes, ...]], tuple[str, ...]] = field(default_factory=dict)
+
+    # -- inputs from mDNS --
+
+    def observe(
+        self,
+        service: str,
+        txt: bytes,
+        addresses: Sequence[str],
+        port: int | None,
+        now: float,
+    ) -> list[PeerEvent]:
+        """A resolved announcement: ``service`` (full instance name), raw TXT, SRV data."""
+        label = instance_label(service)
+        service = service.lower()
+        try:
+            ann = decode_txt(txt)
+        except DecodeError:
+            self.stats.rejected += 1
+            return []
+        if ann.node_id == self.own_id:
+            self.stats.own += 1
+            return []
+        addrs = _valid_addresses(addresses, port)
+        if not addrs:
+            self.stats.bad_address += 1
+            return []
+        key = ann.node_id.hex()
+        entry = self._entries.get(key)
+        folders = self._match(ann)
+        if not folders:
+            self.stats.unshared += 1
+            if entry is None or entry.service not in (None, service):
+                return []
+            return self._drop(key, DownReason.UNSHARED)
+        if entry is None:
+            if not self._make_room():
+                self.stats.full += 1
+                return []
+            entry = _Entry(ann.node_id, label, addrs, folders, ann.sequence, PeerState.UP, now, now)
+            self._entries[key] = entry
+            self._set_service(key, entry, service)
+            entry.nonce = ann.nonce
+            return [PeerUp(self._info(entry))]
+        before = self._info(entry)
+        restarted = entry.nonce != ann.nonce
+        self._set_service(key, entry, service)
+        entry.name = label
+        entry.addresses = addrs
+        entry.folders = folders
+        entry.sequence = ann.sequence
+        entry.nonce = ann.nonce
+        entry.heard_at = now
+        if entry.state is PeerState.LOST or (entry.state is PeerState.UNREACHABLE and restarted):
+            entry.state = PeerState.UP
+            return [PeerUp(self._info(entry))]
+        if entry.state is PeerState.UNREACHABLE:
+            return []
+        after = self._info(entry)
+        if replace(after, last_seen=before.last_seen) != before:
+            return [PeerChanged(after)]
+        return []
+
+    def removed(self, service: str) -> list[PeerEvent]:
+        """The service was withdrawn (goodbye, or its records expired): down at once."""
+        key = self._by_service.get(service.lower())
+        if key is None:
+            return []
+        return self._drop(key, DownReason.GOODBYE)
+
+    def heard(self, service: str, now: float) -> bool:
+        """A record of ``service`` arrived. Returns True if the owner should re-resolve it
+        (the peer had been declared lost and is answering again)."""
+        key = self._by_service.get(service.lower())
+        entry = None if key is None else self._entries.get(key)
+        if entry is None:
+            return False
+        entry.heard_at = max(entry.heard_at, now)
+        return entry.state is PeerState.LOST
+
+    def due_probes(self, now: float) -> list[str]:
+        """Services the owner should query now; each is marked as probed at ``now``."""
+        due: list[str] = []
+        for entry in self._entries.values():
+            if entry.service is None:
+                continue
+            if entry.state is PeerState.UP:
+                interval = self.policy.probe_interval
+                quiet = now - entry.heard_at >= interval
+            elif entry.state is PeerState.LOST:
+                interval = self.policy.lost_probe_interval
+                quiet = True
+            else:
+                continue
+            if quiet and now - entry.probed_at >= interval:
+                entry.probed_at = now
+                due.append(entry.service)
+        return due
+
+    def expire(self, now: float) -> list[PeerEvent]:
+        """Declare lost every mDNS peer silent for ``silence_timeout``."""
+        events: list[PeerEvent] = []
+        for entry in self._entries.values():
+            if entry.state is PeerState.UP and now - entry.heard_at >= self.policy.silence_timeout:
+                entry.state = PeerState.LOST
+                events.append(PeerDown(self._info(entry), DownReason.SILENT))
+        return events
+
+    # -- inputs from the owner (transport, configuration, peer exchange) --
+
+    def mark_unreachable(self, node_id: NodeId) -> list[PeerEvent]:
+        """The transport gave up on this peer: down until it restarts or is marked reachable."""
+        entry = self._entries.get(node_id.hex())
+        if entry is None or entry.state not in ACTIVE_STATES:
+            return []
+        entry.state = PeerState.UNREACHABLE
+        return [PeerDown(self._info(entry), DownReason.UNREACHABLE)]
+
+    def mark_reachable(self, node_id: NodeId, now: float) -> list[PeerEvent]:
+        """The transport has a live session with this peer: it outranks mDNS silence."""
+        entry = self._entries.get(node_id.hex())
+        if entry is None or entry.state is PeerState.REACHABLE:
+            return []
+        was_active = entry.state in ACTIVE_STATES
+        entry.state = PeerState.REACHABLE
+        entry.heard_at = max(entry.heard_at, now)
+        info = self._info(entry)
+        return [PeerChanged(info) if was_active else PeerUp(info)]
+
+    def add_candidate(self, addr: Addr, now: float, *, exchanged: bool = False) -> list[PeerEvent]:
+        """A ``host:port`` to try directly: configured (STATIC) or learned from a peer."""
+        state = PeerState.EXCHANGED if exchanged else PeerState.STATIC
+        key = format_addr(addr)
+        if key in self._entries:
+            return []
+        if not self._make_room():
+            self.stats.full += 1
+            return []
+        entry = _Entry(None, key, (addr,), (), None, state, now, now)
+        self._entries[key] = entry
+        return [PeerUp(self._info(entry))]
+
+    def remove_candidate(self, addr: Addr) -> list[PeerEvent]:
+        """Forget a ``host:port`` candidate (e.g. the transport found its node id)."""
+        key = format_addr(addr)
+        entry = self._entries.get(key)
+        if entry is None or entry.node_id is not None:
+            return []
+        return self._drop(key, DownReason.REMOVED)
+
+    # -- queries --
+
+    def peers(self) -> list[PeerInfo]:
+        """Every entry, present or not, sorted by name."""
+        return sorted((self._info(e) for e in self._entries.values()), key=lambda p: p.name)
+
+    def get(self, node_id: NodeId) -> PeerInfo | None:
+        entry = self._entries.get(node_id.hex())
+        return None if entry is None else self._info(entry)
+
+    def services(self) -> dict[str, str]:
+        """Service name (lower case) → table key, for every mDNS entry."""
+        return dict(self._by_service)
+
+    # -- private --
+
+    def _info(self, entry: _Entry) -> PeerInfo:
+        return PeerInfo(
+            node_id=entry.node_id,
+            name=entry.name,
+            addresses=entry.addresses,
+            folders=entry.folders,
+            sequence=entry.sequence,
+            state=entry.state,
+            first_seen=entry.first_seen + self.unix_offset,
+            last_seen=entry.heard_at + self.unix_offset,
+        )
+
+    def _drop(self, key: str, reason: DownReason) -> list[PeerEvent]:
+        entry = self._entries.pop(key)
+        if entry.service is not None:
+            self._by_service.pop(entry.service, None)
+        if entry.state not in ACTIVE_STATES:
+            return []
+        return [PeerDown(self._info(entry), reason)]
+
+    def _set_service(self, key: str, entry: _Entry, service: str) -> None:
+        # One service name per node: a renamed or re-registered peer replaces its old name.
+        if entry.service is not None and entry.service != service:
+            self._by_service.pop(entry.service, None)
+        other = self._by_service.get(service)
+        if other is not None and other != key:
+            # The same instance name now announces another node id: the old node is gone.
+            old = self._entries.get(other)
+            if old is not None:
+                old.service = None
+                old.state = PeerState.LOST if old.state is PeerState.UP else old.state
+        entry.service = service
+        self._by_service[service] = key
+
+    def _make_room(self) -> bool:
+        if len(self._entries) < self.max_peers:
+            return True
+        for key, entry in self._entries.items():
+            if entry.state in (PeerState.LOST, PeerState.UNREACHABLE):
+                self._drop(key, DownReason.REMOVED)
+                return True
+        return False
+
+    def _match(self, ann: Announcement) -> tuple[str, ...]:
+        cache_key = (ann.nonce, ann.tokens)
+        found = self._matches.get(cache_key)
+        if found is None:
+            found = tuple(
+                folder.label
+                for folder in self.folders
+                if any(
+                    hmac.compare_digest(self.token_function(folder.key, ann.nonce), token)
+                    for token in ann.tokens
+                )
+            )
+            if len(self._matches) >= 4 * self.max_peers:
+                self._matches.clear()
+            self._matches[cache_key] = found
+        return found
+
+
+# --- small pure helpers ----------------------------------------------------------------------
+
+
+def instance_label(service: str) -> str:
+    """The display label of a full service name: its first label, unescaped as zeroconf does."""
+    label = service.split("._lanshare.", 1)[0]
+    return label.rstrip(".")
+
+
+def format_addr(addr: Addr) -> str:
+    """``ip:port``, with brackets around an IPv6 address."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_host_port(text: str) -> Addr:
+    """Parse a ``[network].static_peers`` entry: ``host:port`` or ``[v6addr]:port``.
+
+    Raises:
+        ConfigError: no port, a port out of range, or an empty host.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"static peer {text!r}: write an IPv6 address as [addr]:port")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"static peer {text!r} is not host:port (port 1-65535)")
+    return host, int(port_text)
+
+
+def _valid_addresses(addresses: Sequence[str], port: int | None) -> tuple[Addr, ...]:
+    if port is None or not 0 < port < 65536:
+        return ()
+    out: list[Addr] = []
+    for text in addresses:
+        host, _, scope = text.partition("%")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and ip == _BROADCAST):
+            continue
+        if ip.version == 6 and ip.is_link_local and not scope.isdigit():
+            continue  # a link-local address is useless without its interface
+        addr = (text, port)
+        if addr not in out:
+            out.append(addr)
+        if len(out) == MAX_ADDRESSES:
+            break
+    return tuple(out)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")

@@ -1,0 +1,352 @@
+"""The pure peer table and TXT codec: round trips, hostile input, and every state change."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lanshare.errors import ConfigError, DecodeError
+from lanshare.identity import NodeId
+from lanshare.keys import announce_token
+from lanshare.peertable import (
+    MAX_ANNOUNCED_FOLDERS,
+    MAX_SEQUENCE,
+    MAX_TXT_SIZE,
+    Announcement,
+    DownReason,
+    LivenessPolicy,
+    PeerChanged,
+    PeerDown,
+    PeerState,
+    PeerTable,
+    PeerUp,
+    SharedFolder,
+    decode_txt,
+    encode_txt,
+    format_addr,
+    instance_label,
+    parse_host_port,
+)
+
+OWN = NodeId(bytes.fromhex("0000000000000001"))
+PEER = NodeId(bytes.fromhex("00000000000000aa"))
+OTHER = NodeId(bytes.fromhex("00000000000000bb"))
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
+KEY_X = bytes(range(2, 34))
+NONCE = bytes.fromhex("0102030405060708")
+SERVICE = "Peer One._lanshare._udp.local."
+POLICY = LivenessPolicy(probe_interval=5.0, silence_timeout=15.0, lost_probe_interval=30.0)
+
+
+def txt(node=PEER, keys=(KEY_A,), nonce=NONCE, seq=0) -> bytes:
+    tokens = tuple(announce_token(k, nonce) for k in keys)
+    return encode_txt(Announcement(NodeId(node), nonce, tokens, seq))
+
+
+def item(s: bytes) -> bytes:
+    return bytes((len(s),)) + s
+
+
+def table(**kw) -> PeerTable:
+    folders = [SharedFolder("a", KEY_A), SharedFolder("b", KEY_B)]
+    return PeerTable(OWN, folders, POLICY, unix_offset=1000.0, **kw)
+
+
+# --- codec -----------------------------------------------------------------------------------
+
+
+announcements = st.builds(
+    Announcement,
+    node_id=st.binary(min_size=8, max_size=8).map(NodeId),
+    nonce=st.binary(min_size=8, max_size=8),
+    tokens=st.lists(st.binary(min_size=8, max_size=8), max_size=MAX_ANNOUNCED_FOLDERS).map(tuple),
+    sequence=st.integers(0, MAX_SEQUENCE),
+)
+
+
+@given(announcements)
+def test_txt_round_trips_and_stays_small(ann: Announcement) -> None:
+    raw = encode_txt(ann)
+    assert len(raw) <= 300
+    assert decode_txt(raw) == ann
+
+
+@given(st.binary(max_size=2 * MAX_TXT_SIZE))
+def test_decode_raises_only_decode_error(raw: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        decode_txt(raw)
+
+
+@given(announcements, st.integers(0, 300), st.integers(0, 255))
+def test_corrupted_records_never_escape_decode_error(ann: Announcement, pos: int, byte: int):
+    raw = bytearray(encode_txt(ann))
+    raw[pos % len(raw)] = byte
+    with contextlib.suppress(DecodeError):
+        decode_txt(bytes(raw))
+
+
+def test_the_record_starts_with_the_version_and_keeps_the_port_out() -> None:
+    raw = txt(seq=42)
+    assert raw.startswith(item(b"v=1"))
+    assert b"port" not in raw
+    assert item(b"seq=42") in raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"", "empty"),
+        (item(b"v=2") + txt()[4:], "other version"),
+        (txt()[4:], "no version"),
+        (txt().replace(b"id=", b"id=ZZ"), "truncated strings"),
+        (txt().replace(PEER.hex().encode(), PEER.hex().upper().encode()), "upper-case hex"),
+        (item(b"v=1") + item(b"id=00") + item(b"n=" + NONCE.hex().encode()), "short id"),
+        (txt()[:-3], "truncated"),
+        (txt() + b"\x00", "empty string"),
+        (txt().replace(b"seq=0", b"seq=x"), "bad seq"),
+        (txt().replace(b"\x05seq=0", b"\x06seq=01"), "leading zero"),
+        (txt().replace(b"\x05seq=0", b"\x18seq=99999999999999999999"), "seq overflow"),
+        (txt().replace(b"\x05seq=0", b""), "no seq"),
+        (item(b"v=1") + item(b"x" * 255) * 2, "oversized"),
+        (txt() + item(b"\x01bad=1"), "control character in a key"),
+        (txt() + item(b"=1"), "empty key"),
+    ],
+)
+def test_malformed_records_are_refused(raw: bytes, why: str) -> None:
+    with pytest.raises(DecodeError):
+        decode_txt(raw)
+
+
+def test_bad_token_lengths_are_refused() -> None:
+    raw = txt(keys=(KEY_A, KEY_B))
+    token_item = next(s for s in _strings(raw) if s.startswith(b"t="))
+    for bad in (token_item[:-1], token_item[:-2], token_item + b"00", b"t=" + b"0" * 16 * 13):
+        with pytest.raises(DecodeError):
+            decode_txt(raw.replace(item(token_item), item(bad)))
+
+
+def test_first_duplicate_wins_and_unknown_keys_are_ignored() -> None:
+    raw = txt(seq=5) + item(b"seq=9") + item(b"future=thing") + item(b"flag")
+    assert decode_txt(raw).sequence == 5
+    assert decode_txt(item(b"V=1") + txt()[4:]).node_id == PEER  # keys are case-insensitive
+
+
+def test_encode_refuses_what_it_cannot_announce() -> None:
+    with pytest.raises(ConfigError):
+        txt(keys=[bytes([i]) * 32 for i in range(MAX_ANNOUNCED_FOLDERS + 1)])
+    with pytest.raises(ConfigError):
+        encode_txt(Announcement(PEER, b"short", (), 0))
+    with pytest.raises(ConfigError):
+        encode_txt(Announcement(PEER, NONCE, (b"x",), 0))
+    with pytest.raises(ConfigError):
+        encode_txt(Announcement(PEER, NONCE, (), -1))
+
+
+def _strings(raw: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i < len(raw):
+        out.append(raw[i + 1 : i + 1 + raw[i]])
+        i += 1 + raw[i]
+    return out
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def test_a_peer_sharing_a_folder_comes_up_with_what_we_share() -> None:
+    t = table()
+    events = t.observe(SERVICE, txt(keys=(KEY_X, KEY_B)), ["10.0.0.2"], 4747, now=5.0)
+    assert len(events) == 1
+    assert isinstance(events[0], PeerUp)
+    peer = events[0].peer
+    assert peer.node_id == PEER
+    assert peer.name == "Peer One"
+    assert peer.folders == ("b",)
+    assert peer.addresses == (("10.0.0.2", 4747),)
+    assert peer.state is PeerState.UP
+    assert peer.last_seen == 1005.0
+    assert peer.to_json() == {
+        "id": PEER.hex(),
+        "name": "Peer One",
+        "addresses": ["10.0.0.2:4747"],
+        "folders": ["b"],
+        "sequence": 0,
+        "state": "up",
+        "first_seen": 1005.0,
+        "last_seen": 1005.0,
+    }
+
+
+def test_ourselves_strangers_and_junk_are_ignored_and_counted() -> None:
+    t = table()
+    assert t.observe(SERVICE, txt(node=OWN), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, b"\x03v=1", ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, txt(), ["10.0.0.2"], 0, 0.0) == []
+    assert t.observe(SERVICE, txt(), ["224.0.0.251", "0.0.0.0", "junk", "fe80::1"], 1, 0.0) == []
+    assert t.peers() == []
+    s = t.stats
+    assert (s.own, s.unshared, s.rejected, s.bad_address) == (1, 1, 1, 2)
+
+
+def test_addresses_are_filtered_deduplicated_and_bounded() -> None:
+    t = table()
+    many = ["10.0.0.2", "10.0.0.2", "fe80::1%3", "fe80::1", *[f"10.0.1.{i}" for i in range(20)]]
+    (up,) = t.observe(SERVICE, txt(), many, 9, 0.0)
+    assert up.peer.addresses[:2] == (("10.0.0.2", 9), ("fe80::1%3", 9))
+    assert len(up.peer.addresses) == 8
+    assert format_addr(up.peer.addresses[1]) == "[fe80::1%3]:9"
+
+
+def test_changes_are_reported_and_repeats_are_not() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    assert t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 1.0) == []
+    (changed,) = t.observe(SERVICE, txt(seq=7), ["10.0.0.2"], 1, 2.0)
+    assert isinstance(changed, PeerChanged)
+    assert changed.peer.sequence == 7
+    (moved,) = t.observe(SERVICE, txt(seq=7), ["10.0.0.3"], 1, 3.0)
+    assert moved.peer.addresses == (("10.0.0.3", 1),)
+
+
+def test_goodbye_is_down_at_once_and_forgets_the_peer() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (down,) = t.removed(SERVICE.upper())
+    assert isinstance(down, PeerDown)
+    assert down.reason is DownReason.GOODBYE
+    assert t.peers() == []
+    assert t.removed(SERVICE) == []
+
+
+def test_a_peer_that_stops_sharing_goes_down() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (down,) = t.observe(SERVICE, txt(keys=()), ["10.0.0.2"], 1, 1.0)
+    assert isinstance(down, PeerDown)
+    assert down.reason is DownReason.UNSHARED
+
+
+def test_quiet_peers_are_probed_then_lost_then_revived() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    assert t.due_probes(4.9) == []
+    assert t.due_probes(5.0) == [SERVICE.lower()]
+    assert t.due_probes(6.0) == []  # one probe per interval
+    assert t.due_probes(10.0) == [SERVICE.lower()]
+    assert t.expire(14.9) == []
+    (down,) = t.expire(15.0)
+    assert down.reason is DownReason.SILENT
+    assert t.peers()[0].state is PeerState.LOST
+    assert t.expire(100.0) == []  # only once
+    assert t.due_probes(20.0) == []
+    assert t.due_probes(40.0) == [SERVICE.lower()]  # lost peers: slowly
+    assert t.heard(SERVICE, 41.0) is True  # it answers: the owner re-resolves
+    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 41.5)
+    assert isinstance(up, PeerUp)
+
+
+def test_hearing_a_peer_keeps_it_up() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    for now in range(1, 60):
+        assert t.heard(SERVICE, float(now)) is False
+        assert t.expire(float(now)) == []
+    assert t.heard("unknown._lanshare._udp.local.", 1.0) is False
+
+
+def test_the_transport_outranks_mdns() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (changed,) = t.mark_reachable(PEER, 1.0)
+    assert changed.peer.state is PeerState.REACHABLE
+    assert t.expire(1000.0) == []  # silence no longer matters
+    assert t.due_probes(1000.0) == []
+    (down,) = t.mark_unreachable(PEER)
+    assert down.reason is DownReason.UNREACHABLE
+    assert t.mark_unreachable(PEER) == []
+    # Same nonce: still the same unreachable process; a new nonce means it restarted.
+    assert t.observe(SERVICE, txt(seq=3), ["10.0.0.2"], 1, 1001.0) == []
+    (up,) = t.observe(SERVICE, txt(nonce=b"\x09" * 8, seq=3), ["10.0.0.2"], 1, 1002.0)
+    assert isinstance(up, PeerUp)
+    assert up.peer.sequence == 3
+    t.mark_unreachable(PEER)
+    (up,) = t.mark_reachable(PEER, 1003.0)
+    assert isinstance(up, PeerUp)
+    assert t.mark_reachable(OTHER, 0.0) == []
+    assert t.mark_unreachable(OTHER) == []
+
+
+def test_a_renamed_peer_keeps_its_entry() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (changed,) = t.observe("Peer One-2._lanshare._udp.local.", txt(), ["10.0.0.2"], 1, 1.0)
+    assert changed.peer.name == "Peer One-2"
+    assert t.removed(SERVICE) == []  # the old name's goodbye is not this peer's
+    assert len(t.peers()) == 1
+
+
+def test_a_name_taken_over_by_another_node() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (up,) = t.observe(SERVICE, txt(node=OTHER), ["10.0.0.3"], 1, 1.0)
+    assert up.peer.node_id == OTHER
+    (down,) = t.removed(SERVICE)
+    assert down.peer.node_id == OTHER
+
+
+def test_static_and_exchanged_candidates() -> None:
+    t = table()
+    (up,) = t.add_candidate(("10.0.0.9", 4747), 0.0)
+    assert up.peer.state is PeerState.STATIC
+    assert up.peer.node_id is None
+    assert up.peer.key == "10.0.0.9:4747"
+    assert up.peer.to_json()["id"] is None
+    assert t.add_candidate(("10.0.0.9", 4747), 1.0) == []
+    (ex,) = t.add_candidate(("::1", 5), 0.0, exchanged=True)
+    assert ex.peer.state is PeerState.EXCHANGED
+    assert t.expire(1e6) == []  # discovery does not judge candidates
+    (down,) = t.remove_candidate(("10.0.0.9", 4747))
+    assert down.reason is DownReason.REMOVED
+    assert t.remove_candidate(("10.0.0.9", 4747)) == []
+
+
+def test_the_table_is_bounded_and_evicts_dead_entries_first() -> None:
+    t = table(max_peers=2)
+    t.add_candidate(("10.0.0.1", 1), 0.0)
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    assert t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 0.0) == []
+    assert t.add_candidate(("10.0.0.4", 1), 0.0) == []
+    assert t.stats.full == 2
+    t.expire(100.0)  # the mDNS peer is lost: its slot can be reused
+    (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 100.0)
+    assert up.peer.node_id == OTHER
+    assert t.get(PEER) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "addr"),
+    [
+        ("10.0.0.1:4747", ("10.0.0.1", 4747)),
+        ("nas.lan:1", ("nas.lan", 1)),
+        ("[::1]:80", ("::1", 80)),
+    ],
+)
+def test_static_peer_syntax(text: str, addr: tuple[str, int]) -> None:
+    assert parse_host_port(text) == addr
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", ":80", "::1:80", "h:x"]
+)
+def test_bad_static_peers_are_config_errors(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_host_port(text)
+
+
+def test_instance_label() -> None:
+    assert instance_label("a b._lanshare._udp.local.") == "a b"
