@@ -345,7 +345,7 @@ def decode_version(data: BytesLike) -> VersionVector:
     return version
 
 
-# --- private helpers -----------------------------------------------------------------------
+# --- private -----------------------------------------------------------------------------------
 
 
 def _check_record(r: FileRecord) -> str | None:
