@@ -1,0 +1,285 @@
+"""The Linux fast path: batched reads from ``loop.add_reader``, UDP GSO sends, GRO receives.
+
+Async I/O on a non-blocking socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import struct
+import sys
+from typing import TYPE_CHECKING
+
+from lanshare.transport.base import (
+    MAX_GSO_SEGMENTS,
+    MAX_GSO_SIZE,
+    RECV_BATCH,
+    RECV_BUFFER_SIZE,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    Addr,
+    E,
+    Features,
+    SansIOEndpoint,
+    Transport,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+    from lanshare.config import TransferConfig
+
+logger = logging.getLogger(__name__)
+
+#: Delay before retrying after ENOBUFS (the socket looks writable, so add_writer cannot help).
+ENOBUFS_RETRY_INTERVAL = 0.001
+
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_GSO_REFUSED_ERRNOS = frozenset({errno.EIO, errno.EINVAL})
+
+
+class FastTransport(Transport[E]):
+    """Linux fast path: non-blocking socket, batched reads from ``add_reader``, GSO and GRO."""
+
+    backend = "fast"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        endpoint: SansIOEndpoint[E],
+        on_event: Callable[[E], None] | asyncio.Queue[E],
+        loop: asyncio.AbstractEventLoop,
+        transfer: TransferConfig,
+        gso: bool,
+        gro: bool,
+    ) -> None:
+        super().__init__(sock, endpoint, on_event, loop, transfer)
+        self._gso = gso
+        self._gro = gro
+        self._buffer = bytearray(RECV_BUFFER_SIZE)
+        self._view = memoryview(self._buffer)
+        self._buffers = [self._view]
+        # Each entry is one send call: (payload, addr, segment size or 0 for plain, datagrams).
+        self._out: collections.deque[tuple[bytes, Addr, int, int]] = collections.deque()
+        self._out_size = 0
+        self._writer_armed = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._reading = False
+        self._segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+
+    @property
+    def features(self) -> Features:
+        return Features(self.backend, gso=self._gso, gro=self._gro)
+
+    async def _start(self) -> None:
+        self._resume_reading()
+
+    async def _stop(self) -> None:
+        self._pause_reading()
+        if self._out and not self._writer_armed:
+            self._flush()  # last datagrams (e.g. a close frame), without waiting
+        if self._writer_armed:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writer_armed = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._out.clear()
+        self._sock.close()
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            reader = self._read_gro if self._gro else self._read_plain
+            self._loop.add_reader(self._sock.fileno(), reader)
+            self._reading = True
+
+    # -- receive -----------------------------------------------------------------------------
+
+    def _read_plain(self) -> None:
+        recvfrom_into = self._sock.recvfrom_into
+        buffer, view = self._buffer, self._view
+        deliver = self._endpoint.receive_datagram
+        addr_in = self._addr_in if self._v6 else None
+        now = self._loop.time()
+        handled = received = size = 0
+        while handled < RECV_BATCH:
+            try:
+                nbytes, raw = recvfrom_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._count_error(exc, sending=False)
+                handled += 1
+                continue
+            handled += 1
+            received += 1
+            size += nbytes
+            deliver(view[:nbytes].tobytes(), raw if addr_in is None else addr_in(raw), now)
+        self._received(received, received, size)
+
+    def _read_gro(self) -> None:
+        recvmsg_into = self._sock.recvmsg_into
+        buffers, view = self._buffers, self._view
+        deliver = self._endpoint.receive_datagram
+        addr_in = self._addr_in if self._v6 else None
+        now = self._loop.time()
+        handled = received = calls = size = 0
+        while handled < RECV_BATCH:
+            try:
+                nbytes, ancdata, flags, raw = recvmsg_into(buffers, _GRO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._count_error(exc, sending=False)
+                handled += 1
+                continue
+            calls += 1
+            if flags & socket.MSG_TRUNC:
+                self.stats.truncated += 1
+                handled += 1
+                continue
+            addr = raw if addr_in is None else addr_in(raw)
+            size += nbytes
+            segment = nbytes
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    segment = int.from_bytes(data[:4], sys.byteorder) or nbytes
+            if segment >= nbytes:
+                deliver(view[:nbytes].tobytes(), addr, now)
+                handled += 1
+                received += 1
+                continue
+            pieces = 0
+            for offset in range(0, nbytes, segment):
+                deliver(view[offset : min(offset + segment, nbytes)].tobytes(), addr, now)
+                pieces += 1
+            received += pieces
+            handled += pieces
+        self._received(received, calls, size)
+
+    def _received(self, datagrams: int, calls: int, size: int) -> None:
+        if datagrams:
+            stats = self.stats
+            stats.datagrams_received += datagrams
+            stats.recv_calls += calls
+            stats.bytes_received += size
+            self._process()
+
+    # -- send --------------------------------------------------------------------------------
+
+    def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
+        out = self._out
+        limit = self._send_queue_limit
+        gso = self._gso
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            data, addr = datagrams[i]
+            segment = len(data)
+            j = i + 1
+            if gso and segment:
+                # A run: same address, equal sizes, the last one may be shorter (GSO rule).
+                total = segment
+                end = min(count, i + MAX_GSO_SEGMENTS)
+                while j < end:
+                    data2, addr2 = datagrams[j]
+                    size2 = len(data2)
+                    if not 0 < size2 <= segment or total + size2 > MAX_GSO_SIZE or addr2 != addr:
+                        break
+                    total += size2
+                    j += 1
+                    if size2 < segment:
+                        break
+            if j - i > 1:
+                payload = b"".join([d for d, _ in datagrams[i:j]])
+            else:
+                payload, segment = data, 0
+            n, i = j - i, j
+            # The bound applies to the backlog only: while the socket takes everything, each
+            # send call goes out at once and nothing waits in the queue.
+            blocked = self._writer_armed or self._retry is not None
+            if blocked and self._out_size + len(payload) > limit:
+                self.stats.send_dropped += n
+                continue
+            out.append((payload, self._addr_out(addr), segment, n))
+            self._out_size += len(payload)
+            if not blocked:
+                self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        sock = self._sock
+        stats = self.stats
+        while out:
+            payload, addr, segment, datagrams = out[0]
+            try:
+                if segment:
+                    sock.sendmsg([payload], self._segment_cmsg(segment), 0, addr)
+                else:
+                    sock.sendto(payload, addr)
+            except (BlockingIOError, InterruptedError):
+                stats.send_blocked += 1
+                self._arm_writer()
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    stats.send_blocked += 1
+                    self._retry = self._loop.call_later(ENOBUFS_RETRY_INTERVAL, self._retry_flush)
+                    return
+                out.popleft()
+                self._out_size -= len(payload)
+                if segment and (exc.errno in _GSO_REFUSED_ERRNOS or exc.errno == errno.EMSGSIZE):
+                    self._unsegment(payload, addr, segment, exc)
+                    continue
+                stats.send_dropped += datagrams
+                self._count_error(exc, sending=True)
+                continue
+            out.popleft()
+            self._out_size -= len(payload)
+            stats.send_calls += 1
+            stats.datagrams_sent += datagrams
+            stats.bytes_sent += len(payload)
+            if segment:
+                stats.gso_sends += 1
+        if self._writer_armed:
+            self._loop.remove_writer(sock.fileno())
+            self._writer_armed = False
+
+    def _unsegment(self, payload: bytes, addr: Addr, segment: int, exc: OSError) -> None:
+        """Requeue a refused GSO send as plain datagrams, in order, at the front."""
+        if exc.errno in _GSO_REFUSED_ERRNOS and self._gso:
+            self._gso = False
+            logger.info("UDP GSO refused (%s); sending one datagram per call from now on", exc)
+        pieces = [
+            (payload[offset : offset + segment], addr, 0, 1)
+            for offset in range(0, len(payload), segment)
+        ]
+        self._out.extendleft(reversed(pieces))
+        self._out_size += len(payload)
+
+    def _segment_cmsg(self, segment: int) -> list[tuple[int, int, bytes]]:
+        cmsg = self._segment_cmsgs.get(segment)
+        if cmsg is None:
+            cmsg = self._segment_cmsgs[segment] = [
+                (SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))
+            ]
+        return cmsg
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+            self._writer_armed = True
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        self._flush()
