@@ -79,18 +79,24 @@ def _settings(ctx: typer.Context, config: Path | None, debug: bool) -> _Globals:
     return settings
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lanshare {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
     config: ConfigOption = None,
     debug: DebugOption = False,
     version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+        ),
     ] = False,
 ) -> None:
-    if version:
-        typer.echo(f"lanshare {__version__}")
-        raise typer.Exit()
     ctx.obj = _Globals(config=config, debug=debug)
 
 

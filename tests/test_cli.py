@@ -1,0 +1,174 @@
+"""The command line as a person uses it: exit codes, messages, files it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from lanshare import keys
+from lanshare.cli import main
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+COMMANDS = ["init", "key", "scan", "daemon", "ls", "pull", "status", "peers"]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private home: config, state and runtime dirs all below tmp_path."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.delenv("LANSHARE_CONFIG", raising=False)
+    monkeypatch.delenv("LANSHARE_DEBUG", raising=False)
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    return (code if isinstance(code, int) else 1), out, err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert "--config" in out
+    assert "--debug" in out
+    assert len(out.strip().splitlines()) > 3
+
+
+def test_init_creates_private_config_and_prints_key_last(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = home / "Shared"
+    code, out, _ = run(capsys, "init", str(folder))
+    assert code == 0
+    assert folder.is_dir()
+    config_file = home / "config" / "lanshare" / "config.toml"
+    assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
+    key_line = out.strip().splitlines()[-1]
+    assert len(keys.parse_key(key_line)) == 32
+    code, out, _ = run(capsys, "key", str(folder))
+    assert code == 0
+    assert out.strip() == key_line
+
+
+def test_init_defaults_to_lanshare_in_home(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(capsys, "init")
+    assert code == 0
+    assert (home / "LanShare").is_dir()
+
+
+def test_join_with_key_and_config_flag_after_command(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = keys.format_key(keys.generate_key())
+    config_file = home / "elsewhere.toml"
+    code, out, _ = run(capsys, "init", str(home / "B"), "--key", key, "--config", str(config_file))
+    assert code == 0
+    assert out.strip().splitlines()[-1] == key
+    code, out, _ = run(capsys, "--config", str(config_file), "key")
+    assert code == 0
+    assert out.strip() == key
+
+
+def test_mistyped_key_is_refused_with_exit_2(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = keys.format_key(keys.generate_key())
+    position = 3
+    typo = "A" if key[position] != "A" else "B"
+    mistyped = key[:position] + typo + key[position + 1 :]
+    code, _, err = run(capsys, "init", str(home / "B"), "--key", mistyped)
+    assert code == 2
+    assert err.startswith("lanshare: ")
+    assert "Traceback" not in err
+    assert not (home / "config" / "lanshare" / "config.toml").exists()
+
+
+def test_second_init_of_same_folder_keeps_config(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "init", str(home / "A"))
+    config_file = home / "config" / "lanshare" / "config.toml"
+    before = config_file.read_bytes()
+    code, _, err = run(capsys, "init", str(home / "A"))
+    assert code == 2
+    assert "already" in err
+    assert config_file.read_bytes() == before
+
+
+def test_path_outside_every_folder_is_a_usage_error(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "init", str(home / "A"))
+    code, _, err = run(capsys, "key", str(home / "elsewhere"))
+    assert code == 2
+    assert "not inside any shared folder" in err
+
+
+@pytest.mark.parametrize("command", ["daemon", "ls", "status", "peers"])
+def test_unbuilt_commands_say_so_without_fake_output(
+    home: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code, out, err = run(capsys, command)
+    assert code == 1
+    assert out == ""
+    assert "not built" in err
+    assert "Traceback" not in err
+
+
+def test_debug_flag_shows_traceback(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "status", "--debug")
+    assert code == 1
+    assert "Traceback" in err
+
+
+def test_scan_json_reports_summary_keys(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = home / "A"
+    run(capsys, "init", str(folder))
+    (folder / "sub").mkdir()
+    (folder / "sub" / "hello.txt").write_bytes(b"hello\n")
+    code, out, _ = run(capsys, "scan", "--json")
+    assert code == 0
+    [summary] = json.loads(out)
+    assert summary["path"] == str(folder)
+    assert summary["files"] == 1
+    assert summary["new"] >= 2
+    for key in ("dirs", "bytes", "blocks", "changed", "deleted", "seconds"):
+        assert key in summary
+    code, out, _ = run(capsys, "scan", "--json")
+    [again] = json.loads(out)
+    assert (again["new"], again["changed"], again["deleted"]) == (0, 0, 0)
+
+
+def test_console_entry_point_runs(home: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lanshare", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("lanshare ")
