@@ -6,7 +6,8 @@ daemon calls it through ``asyncio.to_thread``; other processes may open the same
 Theory of operation
 -------------------
 * **One writer connection per process**, opened with ``check_same_thread=False``; an internal
-  lock serialises every public method, so each is atomic and may run on any thread. Other
+  lock serialises every public method, so each is atomic and may run on any thread;
+  :meth:`Index.transaction` groups several calls into one atomic unit. Other
   processes (``lanshare status`` while the daemon runs) open their own :class:`Index`; WAL lets
   them read while the daemon writes, and ``busy_timeout`` waits out a concurrent writer.
 * **Durability.** ``journal_mode=WAL`` with ``synchronous=NORMAL``: every write method is one
@@ -290,7 +291,8 @@ class Index:
         """Use :meth:`open`; this wraps an already configured and migrated connection."""
         self._conn: sqlite3.Connection | None = connection
         self._path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0  # > 0 while a transaction() block of the lock-holding thread is open
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -366,6 +368,42 @@ class Index:
         """The schema version of the open database (== :data:`SCHEMA_VERSION`)."""
         with self._read("read the schema version") as conn:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run several calls as one transaction: all of them are stored, or none.
+
+        The calling thread holds the index for the whole block (other threads wait), so a
+        read-check-write sequence cannot interleave with another writer of this process;
+        ``BEGIN IMMEDIATE`` keeps other processes' writers out too. Blocks may nest.
+
+        Raises:
+            StorageError: the transaction cannot start or commit (nothing is stored).
+        """
+        with self._lock:
+            conn = self._connection("begin a transaction")
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(_explain(self._path, "begin a transaction", exc)) from exc
+            self._depth = 1
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(_explain(self._path, "commit", exc)) from exc
+                raise
+            finally:
+                self._depth = 0
 
     # -- folders -----------------------------------------------------------------------------
 
@@ -811,15 +849,23 @@ class Index:
     def _write(self, action: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._connection(action)
+            nested = self._depth > 0
+            # Inside transaction(), a savepoint makes this call all-or-nothing on its own.
+            begin, commit = (
+                ("SAVEPOINT w", "RELEASE w") if nested else ("BEGIN IMMEDIATE", "COMMIT")
+            )
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(begin)
             except sqlite3.Error as exc:
                 raise StorageError(_explain(self._path, action, exc)) from exc
             try:
                 yield conn
-                conn.execute("COMMIT")
+                conn.execute(commit)
             except BaseException as exc:
-                _rollback(conn)
+                if nested:
+                    _rollback_savepoint(conn)
+                else:
+                    _rollback(conn)
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(_explain(self._path, action, exc)) from exc
                 if isinstance(exc, ValueError):  # a record the codec refuses
@@ -866,6 +912,14 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
         except sqlite3.Error:  # pragma: no cover - the original error matters more
             logger.debug("rollback failed", exc_info=True)
+
+
+def _rollback_savepoint(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK TO w")
+        conn.execute("RELEASE w")
+    except sqlite3.Error:  # pragma: no cover - the original error matters more
+        logger.debug("rollback to savepoint failed", exc_info=True)
 
 
 def _explain(path: Path, action: str, exc: sqlite3.Error) -> str:

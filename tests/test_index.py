@@ -379,3 +379,32 @@ def test_sequences_are_unique_and_records_since_is_complete(
         since = db.records_since(folder, 0, 1000)
         assert {r.path: r for r in since} == latest
         assert [r.sequence for r in since] == sorted({r.sequence for r in since})
+
+
+def test_transaction_groups_calls_and_rolls_back_as_one(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    with db.transaction():
+        assert db.get(folder, "a") is None
+        db.commit_changes(folder, [LocalChange(_file("a", b"1"))])
+        db.commit_changes(folder, [LocalChange(_file("b", b"2"))])
+    assert db.max_sequence(folder) == 2
+
+    def abandoned() -> None:
+        with db.transaction():
+            db.commit_changes(folder, [LocalChange(_file("c", b"3"))])
+            raise RuntimeError("abandon")
+
+    with pytest.raises(RuntimeError):
+        abandoned()
+    assert db.get(folder, "c") is None
+    assert db.max_sequence(folder) == 2
+    # A failing call inside a transaction undoes only itself; the caller decides.
+    bad = FileRecord(path="bad", type=EntryType.FILE, size=1, blocks=(Block(0, 1, b"x"),))
+    with db.transaction():
+        db.commit_changes(folder, [LocalChange(_file("d", b"4"))])
+        with pytest.raises(StorageError):
+            db.commit_changes(folder, [LocalChange(_file("e", b"5")), LocalChange(bad)])
+        with db.transaction():  # nesting joins the outer transaction
+            db.commit_changes(folder, [LocalChange(_file("f", b"6"))])
+    assert set(db.get_many(folder, ["d", "e", "f"])) == {"d", "f"}
+    assert db.max_sequence(folder) == 4

@@ -1,0 +1,651 @@
+"""Incremental scan of one shared folder into the index: walk, hash what changed, record it.
+
+Does I/O: walks and hashes in threads (``asyncio.to_thread``), writes through ``index.Index``.
+
+Theory of operation
+-------------------
+1. **Walk** (one thread, ``os.scandir``, never following a symlink): regular files,
+   directories (empty ones too) and symlinks, recorded as links with their target. Skipped:
+   the internal ``.lanshare/`` folder, temporary files, ignored paths (``IgnoreRules``; an
+   ignored directory is not entered), other file types (FIFOs, sockets, devices), and names
+   that ``paths.normalize`` refuses or that are not already in its form (a non-NFC name on
+   disk could not be found again under its normalised name) — those are reported, never fatal.
+2. **Compare** with the scan cache (one query for the whole folder). A regular file whose
+   size, mtime_ns, inode and ctime_ns equal the cached ones is *not read*. Directories change
+   only with their permission bits (their mtime moves with every entry inside), symlinks only
+   with their target.
+3. **Hash** the rest, in groups of small files or one big file per ``to_thread`` call, at most
+   ``io_workers`` at a time. ``chunker.hash_file`` compares ``fstat`` before and after the
+   read; a file that changed while it was read is read again (at most
+   :data:`MAX_HASH_ATTEMPTS` times, then left for the next scan), so a reading that mixes
+   two versions is never recorded. The stat cannot see everything: the kernel stamps mtime
+   when a write *starts*, within a coarse clock tick, and a large write may stall half done.
+   So a file whose mtime lies within ``chunker.RACY_WINDOW_NS`` of the read is read twice
+   and kept only if both readings agree (the bytes were really there, unchanged), and its
+   cache is stored as untrusted, so the next scan (the watcher's event at the end of the
+   write triggers one) reads it again (git's "racily clean" rule). A file at rest is read once.
+4. **Record**, in transactions of up to :data:`COMMIT_BATCH` paths. Inside each transaction the
+   full old record is re-read: unchanged content only refreshes the cache; a new or changed
+   entry gets its version vector bumped with this node's short id and a new sequence number;
+   a vanished one becomes a tombstone. Paths that exist but could not be read (permission
+   denied, unreadable directory, changed too often) keep their old record: a read error never
+   turns into a deletion on the other peers.
+
+Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
+case-insensitive peer could not hold both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
+
+from lanshare import chunker, keys, paths
+from lanshare.errors import PathError, StorageError
+from lanshare.ignore import IgnoreRules
+from lanshare.index import CacheUpdate, LocalChange
+from lanshare.manifest import (
+    MAX_SYMLINK_TARGET_SIZE,
+    EntryType,
+    FileRecord,
+    VersionVector,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from lanshare.chunker import FileHashes
+    from lanshare.config import FolderConfig
+    from lanshare.index import CacheEntry, Index
+
+logger = logging.getLogger(__name__)
+
+HashFile: TypeAlias = "Callable[[Path], FileHashes]"
+"""The hashing function the scanner calls (``chunker.hash_file`` unless one is passed in)."""
+
+MAX_HASH_ATTEMPTS = 3
+"""Readings of a file that keeps changing before the scan leaves it for the next one."""
+
+COMMIT_BATCH = 4096
+"""Paths per index transaction: large enough to be cheap, small enough that a long cold scan
+keeps its progress if it is interrupted."""
+
+GROUP_FILES = 128
+"""Most files hashed in one thread hand-off (thread dispatch costs ~50 µs; a small file less)."""
+
+GROUP_BYTES = 16 * 1024 * 1024
+"""Most bytes in one group of files; a larger file is a group of its own."""
+
+PERMISSION_BITS = 0o777
+"""The mode bits recorded and synced; set-id and sticky bits are not."""
+
+MAX_LOGGED_PROBLEMS = 100
+"""Problems logged (and kept in the summary) one by one per scan; the rest are counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSummary:
+    """What a scan found and did. The first nine fields are the ``lanshare scan --json`` keys."""
+
+    path: str
+    files: int
+    """Regular files in the index after the scan (unreadable ones not counted)."""
+    dirs: int
+    bytes: int
+    """Total size of those files."""
+    blocks: int
+    """Total number of blocks of those files."""
+    new: int
+    """Entries recorded for the first time (or again after a tombstone)."""
+    changed: int
+    deleted: int
+    """Tombstones written by this scan."""
+    seconds: float
+    symlinks: int = 0
+    skipped: int = 0
+    """Paths left out: bad names, unreadable, changed while read, unsupported types."""
+    problems: tuple[str, ...] = ()
+    """The first MAX_LOGGED_PROBLEMS problems, one line each."""
+    collisions: tuple[tuple[str, str], ...] = ()
+    """Pairs of paths that differ only in case (see ``paths.casefold_collisions``)."""
+
+    def as_json(self) -> dict[str, object]:
+        """The summary as a JSON-ready mapping."""
+        return {
+            "path": self.path,
+            "files": self.files,
+            "dirs": self.dirs,
+            "bytes": self.bytes,
+            "blocks": self.blocks,
+            "new": self.new,
+            "changed": self.changed,
+            "deleted": self.deleted,
+            "seconds": round(self.seconds, 3),
+            "symlinks": self.symlinks,
+            "skipped": self.skipped,
+            "problems": list(self.problems),
+            "collisions": [list(pair) for pair in self.collisions],
+        }
+
+
+async def scan_folder(
+    folder: FolderConfig,
+    index: Index,
+    short_id: int,
+    io_workers: int = 4,
+    *,
+    hash_file: HashFile | None = None,
+    limit: asyncio.Semaphore | None = None,
+) -> ScanSummary:
+    """Scan a configured folder into ``index`` (adding the folder to it if new).
+
+    Args:
+        folder: the folder's config (path, key, extra ignore patterns).
+        index: the open index.
+        short_id: this node's ``identity.short_id``, bumped in changed version vectors.
+        io_workers: most files hashed at once.
+        hash_file: the hashing function (default ``chunker.hash_file``).
+        limit: a semaphore shared with other disk work, instead of one of ``io_workers``.
+
+    Raises:
+        StorageError: the folder root is missing or unreadable, or the index failed.
+        KeyFormatError: the folder's key in the config is invalid.
+    """
+    folder_id = keys.folder_id(keys.parse_key(folder.key)).hex()
+    info = await asyncio.to_thread(index.add_folder, folder.path, folder_id)
+    return await scan_path(
+        index,
+        info.id,
+        Path(folder.path),
+        short_id,
+        ignore=folder.ignore,
+        io_workers=io_workers,
+        hash_file=hash_file,
+        limit=limit,
+    )
+
+
+async def scan_path(
+    index: Index,
+    folder: int,
+    root: Path,
+    short_id: int,
+    *,
+    ignore: Sequence[str] = (),
+    io_workers: int = 4,
+    hash_file: HashFile | None = None,
+    limit: asyncio.Semaphore | None = None,
+) -> ScanSummary:
+    """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
+
+    See :func:`scan_folder` for the arguments; ``ignore`` are the config's extra patterns.
+    """
+    started = time.monotonic()
+    hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
+    rules = await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
+    walk = await asyncio.to_thread(_walk, root, rules)
+    cache = await asyncio.to_thread(index.scan_cache, folder)
+    run = _Run(index, folder, short_id, walk)
+
+    to_hash: list[_Entry] = []
+    for entry in walk.entries:
+        old = cache.get(entry.rel)
+        if entry.type is EntryType.FILE:
+            if old is not None and _cache_hit(entry, old):
+                run.count_file(old.size, old.block_count)
+            else:
+                to_hash.append(entry)
+        else:
+            run.count_other(entry.type)
+            if old is None or _other_changed(entry, old):
+                run.pending.append(_observed_other(entry))
+    present = {entry.rel for entry in walk.entries}
+    for rel, old in cache.items():
+        if not old.deleted and rel not in present and not walk.is_protected(rel):
+            run.gone.append(rel)
+
+    groups = _groups(to_hash)
+    pending_groups = iter(groups)
+    semaphore = limit if limit is not None else asyncio.Semaphore(max(1, io_workers))
+
+    async def worker() -> None:
+        for group in pending_groups:  # shared iterator: each group goes to one worker
+            async with semaphore:
+                outcomes = await asyncio.to_thread(_hash_group, root, group, hasher)
+            for outcome in outcomes:
+                run.take(outcome)
+            if len(run.pending) + len(run.gone) >= COMMIT_BATCH:
+                await run.flush()
+
+    async with asyncio.TaskGroup() as tasks:
+        for _ in range(min(max(1, io_workers), len(groups))):
+            tasks.create_task(worker())
+    await run.flush()
+
+    summary = run.summary(str(root), time.monotonic() - started)
+    logger.info(
+        "scanned %s: %d files, %d dirs, %d bytes; %d new, %d changed, %d deleted, "
+        "%d skipped (%.2f s)",
+        summary.path,
+        summary.files,
+        summary.dirs,
+        summary.bytes,
+        summary.new,
+        summary.changed,
+        summary.deleted,
+        summary.skipped,
+        summary.seconds,
+    )
+    return summary
+
+
+# --- private ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One path as the walk saw it (lstat)."""
+
+    rel: str
+    type: EntryType
+    mode: int
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+    target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Observed:
+    """The current state of one path, ready to compare with its record."""
+
+    rel: str
+    type: EntryType
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    target: str = ""
+    hashes: FileHashes | None = None
+    inode: int = 0
+    ctime_ns: int = 0  # 0: do not trust the cache (racy)
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    rel: str
+    message: str
+
+
+@dataclass(slots=True)
+class _Walk:
+    entries: list[_Entry] = field(default_factory=list)
+    protected: set[str] = field(default_factory=set)
+    """Paths that exist but were not scanned (with everything below them): never tombstoned."""
+    problems: list[str] = field(default_factory=list)
+    skipped: int = 0
+    collisions: list[tuple[str, str]] = field(default_factory=list)
+
+    def is_protected(self, rel: str) -> bool:
+        if not self.protected:
+            return False
+        while True:
+            if rel in self.protected:
+                return True
+            cut = rel.rfind("/")
+            if cut < 0:
+                return False
+            rel = rel[:cut]
+
+    def problem(self, message: str) -> None:
+        self.skipped += 1
+        if len(self.problems) < MAX_LOGGED_PROBLEMS:
+            self.problems.append(message)
+
+
+class _Run:
+    """The state of one scan on the event loop: counts, problems, changes waiting for a commit."""
+
+    def __init__(self, index: Index, folder: int, short_id: int, walk: _Walk) -> None:
+        self.index = index
+        self.folder = folder
+        self.short_id = short_id
+        self.pending: list[_Observed] = []
+        self.gone: list[str] = []
+        self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
+        self.new = self.changed = self.deleted = 0
+        self.skipped = walk.skipped
+        self.problems = list(walk.problems)
+        self.collisions = walk.collisions
+        for message in self.problems[:MAX_LOGGED_PROBLEMS]:
+            logger.warning("%s", message)
+
+    def count_file(self, size: int, blocks: int) -> None:
+        self.files += 1
+        self.bytes += size
+        self.blocks += blocks
+
+    def count_other(self, entry_type: EntryType) -> None:
+        if entry_type is EntryType.DIR:
+            self.dirs += 1
+        else:
+            self.symlinks += 1
+
+    def take(self, outcome: _Observed | _Problem | None) -> None:
+        if outcome is None:  # vanished or replaced since the walk: the next scan sees it
+            return
+        if isinstance(outcome, _Problem):
+            self.skipped += 1
+            if len(self.problems) < MAX_LOGGED_PROBLEMS:
+                logger.warning("%s: %s", outcome.rel, outcome.message)
+                self.problems.append(f"{outcome.rel}: {outcome.message}")
+            return
+        assert outcome.hashes is not None
+        self.count_file(outcome.size, len(outcome.hashes.blocks))
+        self.pending.append(outcome)
+
+    async def flush(self) -> None:
+        observed, self.pending = self.pending, []
+        gone, self.gone = self.gone, []
+        if observed or gone:
+            new, changed, deleted = await asyncio.to_thread(self._commit, observed, gone)
+            self.new += new
+            self.changed += changed
+            self.deleted += deleted
+
+    def _commit(self, observed: list[_Observed], gone: list[str]) -> tuple[int, int, int]:
+        """Compare with the full old records and store, in one transaction (in a thread)."""
+        new = changed = deleted = 0
+        changes: list[LocalChange] = []
+        updates: list[CacheUpdate] = []
+        with self.index.transaction():
+            olds = self.index.get_many(self.folder, [o.rel for o in observed] + gone)
+            for obs in observed:
+                old = olds.get(obs.rel)
+                if old is not None and not old.deleted and _same_state(old, obs):
+                    if obs.type is EntryType.FILE:
+                        updates.append(CacheUpdate(obs.rel, obs.inode, obs.ctime_ns))
+                    continue
+                base = old.version if old is not None else VersionVector()
+                record = _record(obs, base.bump(self.short_id))
+                changes.append(LocalChange(record, obs.inode, obs.ctime_ns))
+                if old is None or old.deleted:
+                    new += 1
+                else:
+                    changed += 1
+            for rel in gone:
+                old = olds.get(rel)
+                if old is None or old.deleted:
+                    continue
+                tombstone = old.tombstone(old.version.bump(self.short_id), 0)
+                changes.append(LocalChange(tombstone))
+                deleted += 1
+            self.index.commit_changes(self.folder, changes, updates)
+        return new, changed, deleted
+
+    def summary(self, path: str, seconds: float) -> ScanSummary:
+        if self.skipped > len(self.problems):
+            logger.warning("%s: %d paths skipped in all", path, self.skipped)
+        return ScanSummary(
+            path=path,
+            files=self.files,
+            dirs=self.dirs,
+            bytes=self.bytes,
+            blocks=self.blocks,
+            new=self.new,
+            changed=self.changed,
+            deleted=self.deleted,
+            seconds=seconds,
+            symlinks=self.symlinks,
+            skipped=self.skipped,
+            problems=tuple(self.problems[:MAX_LOGGED_PROBLEMS]),
+            collisions=tuple(self.collisions),
+        )
+
+
+def _walk(root: Path, rules: IgnoreRules) -> _Walk:
+    """Every entry below ``root`` (blocking; runs in a thread)."""
+    walk = _Walk()
+    try:
+        root_stat = os.stat(root)  # the root itself may be a symlink the user chose
+    except OSError as exc:
+        raise StorageError(
+            f"cannot scan {root}: {exc.strerror or exc}; is the disk mounted? "
+            "(nothing was changed in the index)"
+        ) from exc
+    if not stat.S_ISDIR(root_stat.st_mode):
+        raise StorageError(f"cannot scan {root}: not a directory (nothing was changed)")
+    stack: list[tuple[str, str]] = [("", os.fspath(root))]
+    first = True
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        try:
+            listing = list(os.scandir(abs_dir))
+        except OSError as exc:
+            if first:
+                raise StorageError(f"cannot list {root}: {exc.strerror or exc}") from exc
+            walk.protected.add(rel_dir)
+            if not isinstance(exc, FileNotFoundError):
+                walk.problem(f"{rel_dir}: cannot list the directory: {exc.strerror or exc}")
+            continue
+        first = False
+        for item in listing:
+            entry = _entry(walk, rules, rel_dir, item)
+            if entry is None:
+                continue
+            walk.entries.append(entry)
+            if entry.type is EntryType.DIR:
+                stack.append((entry.rel, item.path))
+    walk.collisions = paths.casefold_collisions(e.rel for e in walk.entries)
+    for first_path, other in walk.collisions[:MAX_LOGGED_PROBLEMS]:
+        logger.warning(
+            "%s and %s differ only in case: a case-insensitive peer cannot hold both",
+            first_path,
+            other,
+        )
+    return walk
+
+
+def _entry(walk: _Walk, rules: IgnoreRules, rel_dir: str, item: os.DirEntry[str]) -> _Entry | None:
+    """The walk's view of one directory entry, or None if it is skipped."""
+    name = item.name
+    if (not rel_dir and name == paths.INTERNAL_DIR) or paths.is_temporary(name):
+        return None
+    raw = f"{rel_dir}/{name}" if rel_dir else name
+    try:
+        st = item.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # vanished since the listing
+    except OSError as exc:
+        walk.protected.add(raw)
+        walk.problem(f"{raw!r}: cannot stat: {exc.strerror or exc}")
+        return None
+    fmt = stat.S_IFMT(st.st_mode)
+    if fmt == stat.S_IFDIR:
+        entry_type = EntryType.DIR
+    elif fmt == stat.S_IFREG:
+        entry_type = EntryType.FILE
+    elif fmt == stat.S_IFLNK:
+        entry_type = EntryType.SYMLINK
+    else:
+        logger.debug("%r: not a file, directory or symlink; skipped", raw)
+        return None
+    try:
+        rel = paths.normalize(raw)
+        if rel != raw:
+            raise PathError("the name on disk is not in Unicode NFC form; rename it")
+    except PathError as exc:
+        walk.problem(f"{raw!r}: {exc}; skipped")
+        with contextlib.suppress(PathError):  # its normalised twin, if indexed, is this file
+            walk.protected.add(paths.normalize(raw))
+        return None
+    if rules.matches(rel, entry_type is EntryType.DIR):
+        walk.protected.add(rel)
+        return None
+    target = ""
+    if entry_type is EntryType.SYMLINK:
+        try:
+            target = os.readlink(item.path)
+            if len(target.encode("utf-8")) > MAX_SYMLINK_TARGET_SIZE or not target:
+                raise ValueError("symlink target empty or too long")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeEncodeError, ValueError) as exc:
+            walk.protected.add(rel)
+            walk.problem(f"{rel}: unusable symlink target ({exc}); skipped")
+            return None
+    mode = st.st_mode & PERMISSION_BITS
+    size = st.st_size if entry_type is EntryType.FILE else 0
+    return _Entry(rel, entry_type, mode, size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, target)
+
+
+def _cache_hit(entry: _Entry, old: CacheEntry) -> bool:
+    """True if a regular file is unchanged by its stat and need not be read."""
+    return (
+        not old.deleted
+        and old.type is EntryType.FILE
+        and old.ctime_ns != 0
+        and old.size == entry.size
+        and old.mtime_ns == entry.mtime_ns
+        and old.inode == entry.inode
+        and old.ctime_ns == entry.ctime_ns
+        and old.mode == entry.mode
+    )
+
+
+def _other_changed(entry: _Entry, old: CacheEntry) -> bool:
+    if old.deleted or old.type is not entry.type:
+        return True
+    if entry.type is EntryType.DIR:
+        return old.mode != entry.mode
+    return old.symlink_target != entry.target
+
+
+def _observed_other(entry: _Entry) -> _Observed:
+    return _Observed(entry.rel, entry.type, entry.mode, entry.mtime_ns, target=entry.target)
+
+
+def _groups(entries: Iterable[_Entry]) -> list[list[_Entry]]:
+    """Files batched for hashing: up to GROUP_FILES files or GROUP_BYTES bytes per group."""
+    groups: list[list[_Entry]] = []
+    current: list[_Entry] = []
+    size = 0
+    for entry in entries:
+        if current and (len(current) >= GROUP_FILES or size + entry.size > GROUP_BYTES):
+            groups.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry.size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _hash_group(
+    root: Path, group: list[_Entry], hasher: HashFile
+) -> list[_Observed | _Problem | None]:
+    return [_hash_one(root, entry, hasher) for entry in group]
+
+
+def _hash_one(root: Path, entry: _Entry, hasher: HashFile) -> _Observed | _Problem | None:
+    """Read one file until a reading is stable; None if it vanished or is no longer a file."""
+    path = root.joinpath(*entry.rel.split("/"))
+    for _ in range(MAX_HASH_ATTEMPTS):
+        started_ns = time.time_ns()
+        try:
+            result = hasher(path)
+            st = result.stat
+            if not result.stable or st is None:
+                continue
+            if started_ns - st.st_mtime_ns < chunker.RACY_WINDOW_NS:
+                # Modified within a timestamp tick or two of this read: a write now might not
+                # move the stat, so only two equal readings count.
+                again = hasher(path)
+                if not (again.stable and again.file_hash == result.file_hash) or not _same_stat(
+                    again.stat, st
+                ):
+                    continue
+        except (OSError, StorageError) as exc:
+            if not _still_a_file(path):
+                return None  # vanished or replaced by another type: the next scan records it
+            return _Problem(entry.rel, f"cannot read: {exc}; skipped")
+        return _Observed(
+            rel=entry.rel,
+            type=EntryType.FILE,
+            mode=st.st_mode & PERMISSION_BITS,
+            mtime_ns=st.st_mtime_ns,
+            size=st.st_size,
+            hashes=result,
+            inode=st.st_ino,
+            ctime_ns=0 if result.racy else st.st_ctime_ns,
+        )
+    return _Problem(
+        entry.rel,
+        f"changed while being read, {MAX_HASH_ATTEMPTS} times in a row; left for the next scan",
+    )
+
+
+def _still_a_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _same_stat(a: os.stat_result | None, b: os.stat_result) -> bool:
+    return a is not None and (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_ino,
+    )
+
+
+def _record(obs: _Observed, version: VersionVector) -> FileRecord:
+    if obs.type is EntryType.FILE:
+        assert obs.hashes is not None
+        return FileRecord(
+            path=obs.rel,
+            type=EntryType.FILE,
+            size=obs.size,
+            mtime_ns=obs.mtime_ns,
+            mode=obs.mode,
+            blocks=obs.hashes.blocks,
+            file_hash=obs.hashes.file_hash,
+            hash_algo=obs.hashes.hash_algo,
+            version=version,
+        )
+    return FileRecord(
+        path=obs.rel,
+        type=obs.type,
+        mtime_ns=obs.mtime_ns,
+        mode=obs.mode,
+        symlink_target=obs.target,
+        version=version,
+    )
+
+
+def _same_state(old: FileRecord, new: _Observed) -> bool:
+    """True if ``new`` is what ``old`` already records: nothing for peers to learn."""
+    if old.type is not new.type:
+        return False
+    if new.type is EntryType.DIR:
+        return old.mode == new.mode
+    if new.type is EntryType.SYMLINK:
+        return old.symlink_target == new.target
+    assert new.hashes is not None
+    return (
+        old.size == new.size
+        and old.mtime_ns == new.mtime_ns
+        and old.mode == new.mode
+        and old.hash_algo == new.hashes.hash_algo
+        and old.file_hash == new.hashes.file_hash
+        and old.blocks == new.hashes.blocks
+    )

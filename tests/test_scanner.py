@@ -1,0 +1,515 @@
+"""The scanner against real files: incremental reads, tombstones, races, links, ignores, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from lanshare import chunker, keys, scanner
+from lanshare.config import FolderConfig
+from lanshare.errors import StorageError
+from lanshare.index import Index
+from lanshare.manifest import EntryType
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from lanshare.chunker import FileHashes
+    from lanshare.manifest import FileRecord
+
+ME = 0x5EED
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CountingHasher:
+    """chunker.hash_file, counting which files were read (the hasher is the only reader)."""
+
+    def __init__(self, before: Callable[[Path], None] | None = None) -> None:
+        self.reads: list[str] = []
+        self._before = before
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path) -> FileHashes:
+        with self._lock:
+            self.reads.append(path.name)
+        if self._before is not None:
+            self._before(path)
+        return chunker.hash_file(path)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Index]:
+    with Index.open(tmp_path / "state" / "index.db") as index:
+        yield index
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    share = tmp_path / "share"
+    share.mkdir()
+    return share
+
+
+def scan(
+    db: Index, root: Path, hasher: Callable[[Path], FileHashes] | None = None, **kw: object
+) -> scanner.ScanSummary:
+    folder = db.add_folder(root, "ab" * 16).id
+    return asyncio.run(
+        scanner.scan_path(db, folder, root, ME, hash_file=hasher, **kw)  # type: ignore[arg-type]
+    )
+
+
+def records(db: Index, root: Path) -> dict[str, FileRecord]:
+    folder = db.add_folder(root, "ab" * 16).id
+    return {r.path: r for r in db.iter_records(folder)}
+
+
+def settle(root: Path) -> None:
+    """Wait (bounded) until every timestamp in the tree is older than the racy window.
+
+    A file changed within chunker.RACY_WINDOW_NS of its reading is deliberately read again at
+    the next scan; tests that count reads start from files that are not racy.
+    """
+    newest = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    deadline = time.monotonic() + 10
+    while time.time_ns() - newest <= chunker.RACY_WINDOW_NS + 50_000_000:
+        assert time.monotonic() < deadline, "clock does not advance"
+        time.sleep(0.05)
+
+
+def make_tree(root: Path) -> None:
+    (root / "docs").mkdir()
+    (root / "docs" / "a.txt").write_bytes(b"alpha\n" * 1000)
+    (root / "docs" / "b.bin").write_bytes(os.urandom(300_000))
+    (root / "empty").mkdir()
+    (root / "empty" / "nested-empty").mkdir()
+    (root / "top.txt").write_text("top")
+    (root / "zero").write_bytes(b"")
+
+
+def test_first_scan_records_files_empty_dirs_and_links(db: Index, root: Path) -> None:
+    make_tree(root)
+    (root / "link").symlink_to("docs/a.txt")
+    summary = scan(db, root)
+    recs = records(db, root)
+    assert set(recs) == {
+        "docs",
+        "docs/a.txt",
+        "docs/b.bin",
+        "empty",
+        "empty/nested-empty",
+        "top.txt",
+        "zero",
+        "link",
+    }
+    assert recs["empty/nested-empty"].type is EntryType.DIR
+    assert recs["link"].type is EntryType.SYMLINK
+    assert recs["link"].symlink_target == "docs/a.txt"
+    want = chunker.hash_file(root / "docs" / "b.bin")
+    got = recs["docs/b.bin"]
+    assert (got.file_hash, got.blocks, got.hash_algo) == (want.file_hash, want.blocks, "blake3")
+    assert got.size == 300_000
+    assert got.mode == (root / "docs" / "b.bin").stat().st_mode & 0o777
+    assert recs["zero"].size == 0
+    assert recs["zero"].blocks == ()
+    assert all(r.version.get(ME) == 1 for r in recs.values())
+    assert sorted(r.sequence for r in recs.values()) == list(range(1, 9))
+    assert (summary.files, summary.dirs, summary.symlinks) == (4, 3, 1)
+    assert summary.bytes == 6000 + 300_000 + 3
+    assert summary.blocks == sum(len(r.blocks) for r in recs.values())
+    assert (summary.new, summary.changed, summary.deleted, summary.skipped) == (8, 0, 0, 0)
+
+
+def test_unchanged_rescan_reads_no_file_and_writes_nothing(db: Index, root: Path) -> None:
+    make_tree(root)
+    settle(root)
+    first = CountingHasher()
+    scan(db, root, first)
+    assert sorted(first.reads) == ["a.txt", "b.bin", "top.txt", "zero"]
+    before = records(db, root)
+    again = CountingHasher()
+    summary = scan(db, root, again)
+    assert again.reads == []
+    assert records(db, root) == before
+    assert (summary.new, summary.changed, summary.deleted) == (0, 0, 0)
+    assert (summary.files, summary.dirs) == (4, 3)
+    assert summary.blocks == sum(len(r.blocks) for r in before.values())
+
+
+def test_a_changed_file_alone_is_read_and_gets_a_new_version(db: Index, root: Path) -> None:
+    make_tree(root)
+    settle(root)
+    scan(db, root)
+    old = records(db, root)
+    top_seq = max(r.sequence for r in old.values())
+    with (root / "docs" / "a.txt").open("ab") as handle:
+        handle.write(b"more\n")
+    hasher = CountingHasher()
+    summary = scan(db, root, hasher)
+    assert set(hasher.reads) == {"a.txt"}  # (read twice: it was written just now)
+    new = records(db, root)["docs/a.txt"]
+    assert new.version.get(ME) == 2
+    assert new.sequence == top_seq + 1
+    assert new.file_hash == chunker.hash_file(root / "docs" / "a.txt").file_hash
+    assert (summary.new, summary.changed, summary.deleted) == (0, 1, 0)
+
+
+def test_metadata_only_changes(db: Index, root: Path) -> None:
+    make_tree(root)
+    settle(root)
+    scan(db, root)
+    folder = db.add_folder(root, "ab" * 16).id
+    seq = db.max_sequence(folder)
+    # ctime moves, content and mode do not: read again, but nothing new for the peers.
+    os.chmod(root / "top.txt", (root / "top.txt").stat().st_mode)
+    hasher = CountingHasher()
+    assert scan(db, root, hasher).changed == 0
+    assert hasher.reads == ["top.txt"]
+    assert db.max_sequence(folder) == seq
+    # A new mode or mtime is a change.
+    os.chmod(root / "top.txt", 0o600)
+    os.utime(root / "zero", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.chmod(root / "empty", 0o700)
+    assert scan(db, root).changed == 3
+    recs = records(db, root)
+    assert recs["top.txt"].mode == 0o600
+    assert recs["zero"].mtime_ns == 1_600_000_000_000_000_000
+    assert recs["empty"].mode == 0o700
+    assert db.max_sequence(folder) == seq + 3
+
+
+def test_a_racy_file_is_read_twice_and_again_at_the_next_scan(db: Index, root: Path) -> None:
+    (root / "fresh.txt").write_bytes(b"just written")
+    hasher = CountingHasher()
+    scan(db, root, hasher)
+    assert hasher.reads == ["fresh.txt", "fresh.txt"]
+    hasher = CountingHasher()
+    assert scan(db, root, hasher).changed == 0
+    assert "fresh.txt" in hasher.reads
+
+
+def test_vanished_entries_become_tombstones_and_may_come_back(db: Index, root: Path) -> None:
+    make_tree(root)
+    scan(db, root)
+    old = records(db, root)
+    (root / "top.txt").unlink()
+    shutil.rmtree(root / "docs")
+    summary = scan(db, root)
+    assert summary.deleted == 4
+    recs = records(db, root)
+    for path in ("top.txt", "docs", "docs/a.txt", "docs/b.bin"):
+        assert recs[path].deleted
+        assert recs[path].version.get(ME) == 2
+        assert recs[path].blocks == ()
+        assert recs[path].sequence > max(r.sequence for r in old.values())
+    assert recs["docs/a.txt"].type is EntryType.FILE
+    # A tombstone stays as it is.
+    assert scan(db, root).deleted == 0
+    # Reappearing: a new live record whose version follows the tombstone's.
+    (root / "top.txt").write_text("back")
+    summary = scan(db, root)
+    assert (summary.new, summary.deleted) == (1, 0)
+    back = records(db, root)["top.txt"]
+    assert not back.deleted
+    assert back.version.get(ME) == 3
+    assert back.size == 4
+
+
+def test_type_change_is_a_new_version_of_the_same_path(db: Index, root: Path) -> None:
+    (root / "thing").write_text("file")
+    scan(db, root)
+    (root / "thing").unlink()
+    (root / "thing").mkdir()
+    assert scan(db, root).changed == 1
+    rec = records(db, root)["thing"]
+    assert rec.type is EntryType.DIR
+    assert rec.version.get(ME) == 2
+
+
+def test_file_rewritten_during_hashing_is_read_again(db: Index, root: Path) -> None:
+    """The first reading sees half old, half new content: it must never be recorded."""
+    target = root / "moving.bin"
+    target.write_bytes(b"A" * 1_000_000)
+    past = time.time_ns() - 60 * 10**9
+    os.utime(target, ns=(past, past))
+    mixed: list[bytes] = []
+    calls: list[int] = []
+
+    def rewriting_hasher(path: Path) -> FileHashes:
+        calls.append(1)
+        if len(calls) > 1:
+            return chunker.hash_file(path)
+        # A real reader that observes a real concurrent rewrite between its two halves.
+        with io.FileIO(path, "rb") as handle:
+            before = os.fstat(handle.fileno())
+            data = handle.read(500_000)
+            path.write_bytes(b"B" * 1_000_000)
+            data += handle.read()
+            after = os.fstat(handle.fileno())
+        result = chunker.hash_buffer(data)
+        mixed.append(result.file_hash)
+        same = (before.st_mtime_ns, before.st_ctime_ns) == (after.st_mtime_ns, after.st_ctime_ns)
+        return dataclasses.replace(result, stat=after, stable=same)
+
+    summary = scan(db, root, rewriting_hasher)
+    rec = records(db, root)["moving.bin"]
+    assert len(calls) >= 2
+    assert rec.file_hash == chunker.hash_buffer(b"B" * 1_000_000).file_hash
+    assert rec.file_hash != mixed[0]
+    assert summary.skipped == 0
+
+
+def test_concurrent_writer_never_leaves_a_stale_hash(db: Index, root: Path) -> None:
+    """A real writer rewrites the file in place, alternating two contents, while scans run.
+
+    The kernel stamps mtime when a write *starts*, and a large write can stall half done
+    (dirty-page throttling), so a reading may meet a half-written file whose stat does not
+    move again. What the scanner guarantees: a recorded hash is either one of the real
+    contents or marked untrusted in the cache, so the next scan reads the file again; once
+    the writer stops, a scan records the real content.
+    """
+    size = 4 * 1024 * 1024
+    contents = (b"\x01" * size, b"\x02" * size)
+    valid = {chunker.hash_buffer(c).file_hash for c in contents}
+    target = root / "flip.bin"
+    target.write_bytes(contents[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(target, os.O_WRONLY)
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                os.pwrite(fd, contents[i % 2], 0)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    folder = db.add_folder(root, "ab" * 16).id
+    try:
+        for _ in range(5):
+            summary = scan(db, root)
+            rec = records(db, root).get("flip.bin")
+            if rec is None:
+                assert summary.skipped == 1
+            elif rec.file_hash not in valid:
+                assert db.scan_cache(folder)["flip.bin"].ctime_ns == 0
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    scan(db, root)
+    final = records(db, root)["flip.bin"]
+    assert final.file_hash == chunker.hash_file(target).file_hash
+    assert final.file_hash in valid
+
+
+def test_symlinks_are_recorded_as_links_and_never_followed(
+    db: Index, root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("do not read")
+    (outside / "sub").mkdir()
+    (root / "to-dir").symlink_to(outside)
+    (root / "to-file").symlink_to(outside / "secret.txt")
+    (root / "dangling").symlink_to("nowhere/at/all")
+    (root / "loop").symlink_to("loop")
+    hasher = CountingHasher()
+    summary = scan(db, root, hasher)
+    assert hasher.reads == []
+    recs = records(db, root)
+    assert set(recs) == {"to-dir", "to-file", "dangling", "loop"}
+    assert all(r.type is EntryType.SYMLINK for r in recs.values())
+    assert recs["to-dir"].symlink_target == str(outside)
+    assert recs["dangling"].symlink_target == "nowhere/at/all"
+    assert (summary.files, summary.symlinks, summary.bytes) == (0, 4, 0)
+    # Retargeting is a change; a link replaced by a file is a change of type.
+    (root / "dangling").unlink()
+    (root / "dangling").symlink_to("elsewhere")
+    (root / "to-file").unlink()
+    (root / "to-file").write_text("now a file")
+    assert scan(db, root).changed == 2
+    recs = records(db, root)
+    assert recs["dangling"].symlink_target == "elsewhere"
+    assert recs["to-file"].type is EntryType.FILE
+
+
+def test_ignored_internal_and_temporary_paths_are_skipped(db: Index, root: Path) -> None:
+    (root / ".lanshareignore").write_text("*.log\nbuild/\n")
+    (root / "keep.txt").write_text("k")
+    (root / "app.log").write_text("noise")
+    (root / "build").mkdir()
+    (root / "build" / "out.o").write_text("obj")
+    (root / "local-only.txt").write_text("x")
+    (root / ".lanshare").mkdir()
+    (root / ".lanshare" / "versions").mkdir()
+    (root / ".lanshare" / "versions" / "old.txt").write_text("old")
+    (root / ".lanshare-tmp-download").write_text("partial")
+    (root / "sub").mkdir()
+    (root / "sub" / ".lanshare-tmp-x").write_text("partial")
+    hasher = CountingHasher()
+    scan(db, root, hasher, ignore=["local-only.txt"])
+    assert set(hasher.reads) == {".lanshareignore", "keep.txt"}
+    assert set(records(db, root)) == {".lanshareignore", "keep.txt", "sub"}
+    # A recorded file that becomes ignored keeps its record: no tombstone reaches the peers.
+    (root / "keep.txt").rename(root / "keep.log")
+    (root / "extra.txt").write_text("e")
+    scan(db, root)
+    (root / ".lanshareignore").write_text("*.log\nbuild/\nextra.txt\n")
+    summary = scan(db, root)
+    recs = records(db, root)
+    assert recs["keep.txt"].deleted  # really gone from disk
+    assert not recs["extra.txt"].deleted  # still on disk, only ignored now
+    assert summary.deleted == 0
+
+
+def test_bad_names_and_case_collisions_are_reported_not_fatal(db: Index, root: Path) -> None:
+    (root / "good.txt").write_text("g")
+    (root / "bad\x01name").write_text("control character")
+    (root / "caf\u0065\u0301.txt").write_text("NFD on disk")
+    os.close(os.open(os.path.join(os.fsencode(root), b"latin1-\xe9.txt"), os.O_CREAT, 0o644))
+    (root / "Readme").write_text("r")
+    (root / "README").write_text("R")
+    summary = scan(db, root)
+    assert set(records(db, root)) == {"good.txt", "Readme", "README"}
+    assert summary.skipped == 3
+    assert len(summary.problems) == 3
+    assert any("NFC" in p for p in summary.problems)
+    assert summary.collisions == (("README", "Readme"),)
+    assert json.loads(json.dumps(summary.as_json()))["collisions"] == [["README", "Readme"]]
+
+
+def test_a_file_vanishing_mid_scan_is_skipped_not_deleted(db: Index, root: Path) -> None:
+    (root / "going.txt").write_text("v1")
+    (root / "stays.txt").write_text("s")
+    scan(db, root)
+    (root / "going.txt").write_text("v2, then gone before it is read")
+    (root / "new.txt").write_text("n")
+
+    def remove_going(path: Path) -> None:
+        if path.name == "going.txt":
+            path.unlink()
+
+    summary = scan(db, root, CountingHasher(before=remove_going))
+    recs = records(db, root)
+    assert not recs["going.txt"].deleted  # left as it was; the next scan sees it gone
+    assert "new.txt" in recs
+    assert (summary.deleted, summary.skipped) == (0, 0)
+    assert scan(db, root).deleted == 1
+    assert records(db, root)["going.txt"].deleted
+
+
+def test_missing_root_is_an_error_and_tombstones_nothing(db: Index, root: Path) -> None:
+    (root / "a").write_text("a")
+    scan(db, root)
+    shutil.rmtree(root)
+    with pytest.raises(StorageError, match="is the disk mounted"):
+        scan(db, root)
+    assert not records(db, root)["a"].deleted
+
+
+def test_scan_folder_takes_the_config_and_reports_json(db: Index, root: Path) -> None:
+    make_tree(root)
+    (root / "skip.me").write_text("x")
+    key = keys.format_key(keys.generate_key())
+    folder = FolderConfig(path=root, key=key, ignore=("*.me",))
+    summary = asyncio.run(scanner.scan_folder(folder, db, ME, 2))
+    doc = summary.as_json()
+    for name in ("path", "files", "dirs", "bytes", "blocks", "new", "changed", "deleted"):
+        assert isinstance(doc[name], int | str)
+    assert isinstance(doc["seconds"], float)
+    assert doc["path"] == str(root)
+    assert (doc["files"], doc["dirs"], doc["new"]) == (4, 3, 7)
+    (info,) = db.folders()
+    assert info.folder_id == keys.folder_id(keys.parse_key(key)).hex()
+    assert info.sequence == 7
+
+
+def test_large_batches_commit_in_several_transactions(db: Index, root: Path) -> None:
+    count = scanner.COMMIT_BATCH + 50
+    for i in range(count):
+        (root / f"f{i:05d}").write_bytes(b"")
+    summary = scan(db, root, io_workers=3)
+    assert summary.new == count
+    folder = db.add_folder(root, "ab" * 16).id
+    assert db.max_sequence(folder) == count
+    assert len(db.records_since(folder, 0, count + 10)) == count
+
+
+_CHILD = """
+import asyncio, json, sys
+from pathlib import Path
+from lanshare import scanner
+from lanshare.index import Index
+with Index.open(Path(sys.argv[1])) as db:
+    folder = db.add_folder(Path(sys.argv[2]), "ab" * 16).id
+    summary = asyncio.run(scanner.scan_path(db, folder, Path(sys.argv[2]), 0x5EED))
+print(json.dumps(summary.as_json()))
+"""
+
+
+def test_unreadable_file_and_directory_are_skipped_and_never_tombstoned(tmp_path: Path) -> None:
+    """Permission denied for real. Root reads anything, so as root the second scan runs in a
+    child without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, which makes mode 000 binding."""
+    share, state = tmp_path / "share", tmp_path / "state"
+    share.mkdir()
+    (share / "open.txt").write_text("readable")
+    (share / "secret.bin").write_text("not for you")
+    (share / "locked").mkdir()
+    (share / "locked" / "inner.txt").write_text("hidden")
+    with Index.open(state / "index.db") as db:
+        folder = db.add_folder(share, "ab" * 16).id
+        asyncio.run(scanner.scan_path(db, folder, share, ME))
+    (share / "open.txt").write_text("readable, changed")
+    (share / "new.txt").write_text("new")
+    (share / "secret.bin").chmod(0o000)
+    (share / "locked").chmod(0o000)
+    command = [sys.executable, "-c", _CHILD, str(state / "index.db"), str(share)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+    finally:
+        (share / "secret.bin").chmod(0o644)
+        (share / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["deleted"] == 0
+    assert summary["skipped"] == 2
+    assert any("secret.bin" in p for p in summary["problems"])
+    assert any("locked" in p for p in summary["problems"])
+    assert (summary["new"], summary["changed"]) == (1, 2)  # new.txt; open.txt, locked's mode
+    with Index.open(state / "index.db") as db:
+        recs = {r.path: r for r in db.iter_records(db.folders()[0].id)}
+    assert not recs["secret.bin"].deleted
+    assert not recs["locked/inner.txt"].deleted
+    assert recs["open.txt"].size == len("readable, changed")
+    assert recs["locked"].mode == 0
