@@ -146,7 +146,8 @@ class ChangeBatch:
     paths: frozenset[str]
     """Paths relative to ``folder_root``, ``/``-separated, as named on disk (``os.fsdecode``,
     not NFC-normalised: the scanner validates them). Created, modified, deleted, and both ends
-    of a move. Empty when ``full_rescan``."""
+    of a move. A directory moved out of the folder is reported alone, not entry by entry: a
+    path that no longer exists takes everything below it along. Empty when ``full_rescan``."""
     full_rescan: bool
     """Rescan the whole folder: at start, periodically, after lost events or too many changes."""
 

@@ -546,3 +546,55 @@ async def started_batch(watcher: FolderWatcher) -> None:
     """Read the full rescan every start delivers."""
     first = await next_batch(watcher)
     assert first == ChangeBatch(watcher.root, frozenset(), full_rescan=True)
+
+
+def test_cancelled_start_leaves_nothing_running(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"d{i}").mkdir()  # some directories, so that setting up watches takes a while
+
+    async def scenario() -> None:
+        watcher = FolderWatcher(tmp_path)
+        starting = asyncio.ensure_future(watcher.start())
+        await asyncio.sleep(0)  # let it hand the setup to a worker thread
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert not watcher.running
+        assert [b async for b in watcher] == []
+        # the worker thread stops the observer it built; the suite's thread guard checks that
+
+    run(scenario())
+
+
+def test_out_of_inotify_instances_degrades(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_instance_left() -> InotifyObserver:
+        raise OSError(errno.EMFILE, "inotify instance limit reached")
+
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, fallback_rescan_interval=0.2, observer_factory=no_instance_left
+        ) as watcher:
+            await started_batch(watcher)
+            assert (await next_batch(watcher)).full_rescan
+            assert watcher.degraded_reason is not None
+
+    with caplog.at_level(logging.WARNING, logger="lanshare.watcher"):
+        run(scenario())
+    (record,) = [r for r in caplog.records if r.name == "lanshare.watcher"]
+    assert "sysctl fs.inotify.max_user_instances=" in record.getMessage()
+
+
+def test_rescan_on_request(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with FolderWatcher(tmp_path, debounce_interval=DEBOUNCE) as watcher:
+            await started_batch(watcher)
+            watcher.rescan("ignore rules changed")
+            assert (await next_batch(watcher)).full_rescan
+        watcher.rescan()  # after stop: nothing
+        assert watcher.queue.empty()
+        with pytest.raises(RuntimeError, match="only once"):
+            await watcher.start()
+
+    run(scenario())
