@@ -64,6 +64,10 @@ class IntegrityError(LanshareError):
     """Data does not match the hash it was announced with."""
 
 
+class LocalChangeError(LanshareError):
+    """A local file changed after a sync action was planned; the action was not applied."""
+
+
 class TransferError(LanshareError):
     """A transfer gave up after retrying on every peer that could serve it."""
 
