@@ -105,7 +105,7 @@ def measure(
     received = int(got["received"])
     active = float(got["active_s"]) or 1e-9
     return CeilingResult(
-        where="veth" if lab else "loopback",
+        where="loopback" if lab is None else "veth" if lab.ns_router is None else "routed",
         variant=variant,
         size=size,
         goodput_mb_s=received * (size - HEADER.size - TAG_SIZE) / active / 1e6,
