@@ -270,8 +270,8 @@ def _spawn(
     if profile:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if Path(py_spy).exists():
-            python = [py_spy, "record", "--nonblocking", "-f", "speedscope"]
-            python += ["-o", f"{profile}.speedscope.json", "--", sys.executable]
+            python = [py_spy, "record", "--nonblocking", "-r", "400", "-f", "raw"]
+            python += ["-o", f"{profile}.folded", "--", sys.executable]
         else:
             python = [sys.executable, "-m", "cProfile", "-o", f"{profile}.pstats"]
     command = [*python, "-m", "bench.transfer", "child", "--cpu", str(cpu), *args]
@@ -369,6 +369,43 @@ def _veth_run(options: argparse.Namespace, lab: netns.VethLab) -> dict[str, Any]
     return {"run": asdict(run), "ceiling": asdict(ceiling), "router_drops": drops}
 
 
+def summarize_profile(path: Path, top: int = 14) -> str:
+    """The functions with the most samples (self and inclusive) in a py-spy or cProfile file."""
+    if path.suffix == ".pstats":
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(str(path), stream=text).sort_stats("tottime").print_stats(top)
+        return f"== {path.name}\n{text.getvalue()}"
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_short_frame(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    lines = [f"== {path.name}: {total} samples"]
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"  -- {title}")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * count / max(total, 1):5.1f} %  {frame}")
+    return "\n".join(lines)
+
+
+def _short_frame(frame: str) -> str:
+    # py-spy frames look like "function (path/to/file.py:123)"; keep function and file name.
+    name, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return f"{name} ({file})" if file else name
+
+
 def _where(lab: netns.VethLab | None) -> str:
     if lab is None:
         return "loopback"
@@ -429,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json:
         Path(options.json).write_text(json.dumps(results, indent=1))
     if options.profile:
-        print(f"profiles: {options.profile}-*")
+        for path in sorted(Path(options.profile).parent.glob(Path(options.profile).name + "-*")):
+            print(summarize_profile(path))
     return 0
 
 
