@@ -37,7 +37,8 @@ Theory of operation
 6. **Order.** ``Plan.actions`` is the commit order: conflict renames, directories (parents
    first), builds from local data, symlinks, fetches (``priority`` paths first, then small
    files first), metadata, then deletions (deepest first, a directory after its contents).
-   A type change (directory → file) waits for the deletions below it. The engine must prepare
+   A type change (directory → file) waits for the deletions below it, and a file deleted
+   where a directory is needed goes before anything is created below it. The engine must prepare
    (read the sources of) every :class:`BuildFromLocal` before it commits any other action of
    the plan, because sources name local files as they are before the plan runs.
 """
@@ -567,8 +568,9 @@ def _check_structure(
     # A directory that keeps live entries is not deleted.
     holders = {a for p in live_paths() for a in _parents(p)}
     for path in sorted(units):
-        unit = units[path]
-        if isinstance(unit.action, Delete) and path in holders:
+        unit, mine = units[path], local.get(path)
+        is_dir = _live(mine) and mine is not None and mine.type is EntryType.DIR
+        if isinstance(unit.action, Delete) and is_dir and path in holders:
             problems.append(Problem(path, ProblemKind.DIR_NOT_EMPTY, "keeps live entries"))
             del units[path]
 
@@ -635,6 +637,9 @@ def _order(
             j = creators.get(parent)
             if j is not None and j != i:
                 edge(j, i)
+            j = deleters.get(parent)
+            if j is not None and not isinstance(action, Conflict):  # a file where a dir goes
+                edge(j, i)
     ready = [(key(a), i) for i, a in enumerate(actions) if waiting[i] == 0]
     heapq.heapify(ready)
     ordered: list[Action] = []
@@ -659,12 +664,15 @@ def _withhold_deletions(
     withheld: list[Action] = []
     for action in actions:
         mine = local.get(action.path)
-        needs_delete = (
-            _live(mine)
-            and mine is not None
-            and mine.type is EntryType.DIR
-            and isinstance(action, Fetch | BuildFromLocal | MakeSymlink)
-            and any(p.startswith(action.path + "/") for p in held)
+        creates = isinstance(action, Fetch | BuildFromLocal | MakeSymlink | MakeDir)
+        needs_delete = creates and (
+            any(p in held for p in _parents(action.path))
+            or (
+                _live(mine)
+                and mine is not None
+                and mine.type is EntryType.DIR
+                and any(p.startswith(action.path + "/") for p in held)
+            )
         )
         if isinstance(action, Delete) or needs_delete:
             withheld.append(action)

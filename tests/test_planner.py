@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
@@ -298,6 +298,13 @@ def test_a_directory_replaced_by_a_file_waits_for_its_contents_to_go():
     assert not fetch.archive
 
 
+def test_a_file_where_a_directory_is_needed_goes_first():
+    f = file("d", b"file", vv())
+    remote = index(tomb(f, vv(B=1, C=1)), file("d/y", b"y", vv(C=1)))
+    p = run(index(f), {PEER_B: remote})
+    assert kinds(p) == [("Delete", "d"), ("Fetch", "d/y")]
+
+
 def test_a_directory_holding_local_changes_is_neither_deleted_nor_replaced():
     d, inner, new = folder("d", vv(B=1)), file("d/f", b"1", vv(B=1)), file("d/new", b"n", vv(L=1))
     p = run(index(d, inner, new), {PEER_B: index(tomb(d, vv(B=2)), tomb(inner, vv(B=2)))})
@@ -476,6 +483,13 @@ def node_view(draw: st.DrawFn, node: int) -> dict[str, FileRecord]:
     return view
 
 
+def _brief(r: FileRecord) -> str:
+    what = "deleted" if r.deleted else r.symlink_target or r.file_hash[:2].hex()
+    ids = {L: "L", B: "B", C: "C"}
+    version = ",".join(f"{ids[d]}{c}" for d, c in r.version.counters)
+    return f"{r.type.name} {what} {{{version}}} t{(r.mtime_ns - T0) // 10**9} m{r.mode:o}"
+
+
 def _ancestors(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
@@ -516,6 +530,9 @@ def test_property_nothing_lost_order_valid_and_idempotent(data):
     local = data.draw(node_view(L))
     remotes = {PEER_B: data.draw(node_view(B)), PEER_C: data.draw(node_view(C))}
     p = run(local, remotes)
+    for name, view in [("local", local), ("B", remotes[PEER_B]), ("C", remotes[PEER_C])]:
+        note(f"{name}: {sorted((r.path, _brief(r)) for r in view.values())}")
+    note(f"plan: {[(type(a).__name__, a.path) for a in p.actions]} {p.problems}")
     remote_paths = set(remotes[PEER_B]) | set(remotes[PEER_C])
     conflicts = {a.path for a in p.actions if isinstance(a, Conflict)}
     for action in p.actions:
