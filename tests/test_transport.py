@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import socket
+import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +20,14 @@ import pytest
 from lanshare.config import NetworkConfig, TransferConfig
 from lanshare.errors import ConfigError
 from lanshare.transport import Addr, Transport, open_transport
+from tests.lab import make_lab
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
+
+    from tests.lab import Lab
+
+__all__ = ["make_lab"]  # the netns fixture, used below
 
 BACKENDS = ["on", "off"]  # network.fast_path: the Linux fast path, the portable asyncio-dgram
 LOOPBACK = NetworkConfig(port=0, bind=("127.0.0.1",))
@@ -523,3 +530,62 @@ def test_close_is_idempotent_and_stops_everything(backend: str) -> None:
         assert asyncio.all_tasks() <= tasks_before
 
     run(main)
+
+
+# -- a full send buffer, for real: a slow qdisc in a network namespace --------------------------
+
+BLAST_COUNT = 3000
+BLAST_SIZE = 1200
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_send_buffer_waits_and_drops_within_bounds(
+    backend: str, make_lab: Callable[..., Lab]
+) -> None:
+    """A token bucket holds sent datagrams in the qdisc, charged to the socket, so sends fail
+    with EAGAIN: the adapter waits for writability, drops beyond its bound, and carries on."""
+    lab = make_lab(2)
+    sender, receiver = lab.hosts
+    tbf = ["tbf", "rate", "20mbit", "burst", "16kb", "limit", "4mb"]
+    sender.run("tc", "qdisc", "add", "dev", "eth0", "root", *tbf)
+    child = sender.python(
+        "-m", "tests.test_transport", "blast", backend, sender.address, receiver.address
+    )
+    result = child.expect_json(lambda obj: "sent" in obj, timeout=DEADLINE * 2)
+    assert child.popen.wait(DEADLINE) == 0
+    assert result["sent"] + result["dropped"] == BLAST_COUNT
+    assert result["dropped"] > 0  # the backlog is bounded
+    assert result["sent"] >= 50  # and what fitted went out
+    assert result["echoed"]  # the loop still works after the flood
+    if backend == "on":
+        assert result["blocked"] > 0
+
+
+async def _blast(backend: str, host: str, peer_host: str) -> dict[str, Any]:
+    endpoint = EchoEndpoint()
+    got: list[Got] = []
+    network = NetworkConfig(port=0, bind=(host,), fast_path=backend)
+    small = TransferConfig(socket_buffer_size=65536)
+    async with await open_transport(endpoint, got.append, network, small) as transport:
+        for i in range(BLAST_COUNT):
+            endpoint.send(payload(i)[:4] + bytes(BLAST_SIZE - 4), (peer_host, 9))
+        transport.kick()
+        stats = transport.stats
+        await wait_until(
+            lambda: stats.datagrams_sent + stats.send_dropped >= BLAST_COUNT, "the backlog"
+        )
+        result: dict[str, Any] = {
+            "sent": stats.datagrams_sent,
+            "dropped": stats.send_dropped,
+            "blocked": stats.send_blocked,
+        }
+        endpoint.send(b"P", transport.local_address)  # to itself: over lo, not the slow eth0
+        transport.kick()
+        await wait_until(lambda: len(got) >= 2, "the echo to itself")
+        result["echoed"] = [g.data for g in got[:2]] == [b"P", b"R"]
+        return result
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["blast"]:
+    print(json.dumps(asyncio.run(_blast(*sys.argv[2:5]))), flush=True)
