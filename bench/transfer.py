@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 import struct
@@ -193,11 +195,145 @@ async def adapter_child(role: str, options: argparse.Namespace) -> dict[str, Any
     return result
 
 
-# -- the protocol engine -----------------------------------------------------------------------
+# -- the protocol engine: the real Endpoint, blocks requested and served ------------------------
+
+BLOCK_SIZE = 256 * 1024
+DISTINCT_BLOCKS = 16  # block i carries pool[i % 16]: the fetcher knows every hash up front
+
+
+class BlockPool:
+    """Deterministic block contents and their SHA-256, shared by both sides through the key."""
+
+    def __init__(self, key: bytes, block_size: int) -> None:
+        seed = hashlib.sha256(key).digest()
+        self.blocks = [
+            hashlib.shake_256(seed + i.to_bytes(4, "big")).digest(block_size)
+            for i in range(DISTINCT_BLOCKS)
+        ]
+        self.hashes = [hashlib.sha256(b).digest() for b in self.blocks]
 
 
 async def protocol_child(role: str, options: argparse.Namespace) -> dict[str, Any]:
-    raise SystemExit("the protocol engine needs lanshare.protocol.Endpoint, not there yet")
+    from lanshare.events import (
+        BlockReceived,
+        BlockRequested,
+        RequestFailed,
+        SessionClosed,
+        SessionEstablished,
+    )
+    from lanshare.protocol import Endpoint
+
+    key = bytes.fromhex(options.key)
+    folder = hashlib.sha256(b"folder" + key).digest()[:16]
+    network = NetworkConfig(port=0, bind=(options.host,), fast_path=options.fast_path)
+    transfer = TransferConfig()
+    endpoint = Endpoint(
+        transfer, network, node_id=os.urandom(8), folders={folder: key}, rng=random.SystemRandom()
+    )
+    pool = BlockPool(key, options.block_size)
+    count = -(-options.size // options.block_size)
+    depth = max(4, 2 * transfer.max_in_flight_size // options.block_size)
+    state: dict[str, Any] = {
+        "next": 0,
+        "outstanding": 0,
+        "received": 0,
+        "bytes": 0,
+        "failed": 0,
+        "retried": 0,
+        "first": 0.0,
+        "last": 0.0,
+        "finished": False,
+        "error": None,
+    }
+    pending: dict[int, int] = {}  # request id -> block index
+    loop = asyncio.get_running_loop()
+    transport: Transport[Any] | None = None
+
+    def request(peer: bytes, index: int) -> None:
+        rid = endpoint.request_block(
+            peer,
+            folder,
+            path="bench/blob",
+            index=index,
+            offset=index * options.block_size,
+            size=options.block_size,
+            hash=pool.hashes[index % DISTINCT_BLOCKS],
+        )
+        pending[rid] = index
+        state["outstanding"] += 1
+
+    def fill(peer: bytes) -> None:
+        while state["outstanding"] < depth and state["next"] < count:
+            request(peer, state["next"])
+            state["next"] += 1
+
+    def on_event(event: object) -> None:
+        if isinstance(event, SessionEstablished):
+            if role == "recv":
+                state["first"] = loop.time()
+                fill(event.peer)
+        elif isinstance(event, BlockRequested):
+            endpoint.send_block(event.request_id, pool.blocks[event.index % DISTINCT_BLOCKS])
+        elif isinstance(event, BlockReceived):
+            pending.pop(event.request_id, None)
+            state["outstanding"] -= 1
+            state["received"] += 1
+            state["bytes"] += len(event.data)
+            if state["received"] == count:
+                state["last"] = loop.time()
+                state["finished"] = True
+            else:
+                fill(event.peer)
+        elif isinstance(event, RequestFailed):
+            index = pending.pop(event.request_id, None)
+            state["outstanding"] -= 1
+            state["failed"] += 1
+            if index is not None and event.peer is not None and state["retried"] < 100:
+                state["retried"] += 1
+                request(event.peer, index)
+            else:
+                state["error"] = f"request failed: {event.reason.name}"
+                state["finished"] = True
+        elif isinstance(event, SessionClosed):
+            if role == "send":
+                state["finished"] = True  # the fetcher closes when it has everything
+            elif not state["finished"]:
+                state["error"] = f"session closed: {event.reason.name}"
+                state["finished"] = True
+        if transport is not None:
+            transport.kick()
+
+    transport = await open_transport(endpoint, on_event, network, transfer)
+    async with transport:
+        _emit({"port": transport.port})
+        cpu0 = _cpu()
+        started = time.monotonic()
+        if role == "send":
+            endpoint.connect((options.peer, options.port), folder)
+            transport.kick()
+        await _wait(lambda: bool(state["finished"]), options.timeout, transport)
+        cpu = _cpu() - cpu0
+        wall = time.monotonic() - started
+        if role == "recv":
+            endpoint.close()
+            transport.kick()
+            await asyncio.sleep(0.05)  # let the CLOSE leave
+    if state["error"]:
+        raise SystemExit(f"{role}: {state['error']}")
+    stats = endpoint.stats.as_dict()
+    sent = max(stats["datagrams_sent"], 1)
+    result: dict[str, Any] = {
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "stats": asdict(transport.stats),
+        "features": asdict(transport.features),
+        "endpoint": stats,
+        "retransmission_ratio": stats["fragments_retransmitted"] / sent,
+        "failed_requests": state["failed"],
+    }
+    if role == "recv":
+        result.update(bytes=state["bytes"], active_s=state["last"] - state["first"])
+    return result
 
 
 # -- orchestration ------------------------------------------------------------------------------
@@ -206,6 +342,7 @@ async def protocol_child(role: str, options: argparse.Namespace) -> dict[str, An
 def run_one(
     engine: str,
     size: int,
+    block_size: int,
     fast_path: str,
     lab: netns.VethLab | None,
     profile: str | None,
@@ -215,6 +352,7 @@ def run_one(
     host_rx = lab.address_b if lab else "127.0.0.1"
     host_tx = lab.address_a if lab else "127.0.0.1"
     common = ["--engine", engine, "--size", str(size), "--key", key, "--fast-path", fast_path]
+    common += ["--block-size", str(block_size)]
     common += ["--timeout", str(RUN_TIMEOUT)]
     receiver = _spawn(
         [*common, "--role", "recv", "--host", host_rx],
@@ -317,6 +455,7 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--fast-path", default="auto")
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--cpu", type=int, default=-1)
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     options = parser.parse_args(argv)
     if 0 <= options.cpu < (os.cpu_count() or 1):
         with contextlib.suppress(OSError, AttributeError):
@@ -358,7 +497,15 @@ def _veth_run(options: argparse.Namespace, lab: netns.VethLab) -> dict[str, Any]
     print(ceiling.line(), flush=True)
     label = f"{_where(lab)}-loss{lab.loss_percent:g}"
     drops_before = netns.nft_drops(lab)
-    run = run_one(options.engine, options.size, options.fast_path, lab, options.profile, label)
+    run = run_one(
+        options.engine,
+        options.size,
+        options.block_size,
+        options.fast_path,
+        lab,
+        options.profile,
+        label,
+    )
     drops = netns.nft_drops(lab) - drops_before
     print(
         run.line()
@@ -431,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--loss", default="0,1", help="loss percents for the routed veth runs (comma-separated)"
     )
     parser.add_argument("--engine", choices=["protocol", "adapter"], default="protocol")
+    parser.add_argument("--block-size", type=_parse_size, default=BLOCK_SIZE)
     parser.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0)
     parser.add_argument("--profile", metavar="PREFIX", nargs="?", const="/tmp/lanshare-profile")
@@ -448,7 +596,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceiling = udp_ceiling.measure("gso+gro", options.ceiling_seconds, DATAGRAM_SIZE)
         print(ceiling.line(), flush=True)
         run = run_one(
-            options.engine, options.size, options.fast_path, None, options.profile, "loopback"
+            options.engine,
+            options.size,
+            options.block_size,
+            options.fast_path,
+            None,
+            options.profile,
+            "loopback",
         )
         print(run.line() + f"  = {run.mb_s / ceiling.goodput_mb_s:4.0%} of ceiling", flush=True)
         results.append({"run": asdict(run), "ceiling": asdict(ceiling)})
