@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"removed {name}\n")
         return 0
     if args[:1] != ["up"] or len(args) < 2 or not args[1].isdigit():
-        sys.stderr.write(main.__doc__ + "\n")
+        sys.stderr.write(f"{main.__doc__}\n")
         return 2
     reason = netns_unavailable_reason()
     if reason is not None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 from tests.lab import PREFIX, Host, Lab, cleanup_stale, make_lab, netns_unavailable_reason
 
@@ -56,16 +60,16 @@ def _arrives(a: Host, b: Host, *, multicast: bool, timeout: float = 2.0) -> bool
     a.run(sys.executable, "-c", SENDER, a.address, target, str(int(timeout * 10)))
     result = receiver.expect_json(lambda o: o["event"] in ("got", "timeout"), timeout=timeout + 20)
     receiver.stop()
-    return result["event"] == "got" and result["from"] == a.address
+    return bool(result["event"] == "got" and result["from"] == a.address)
 
 
-def test_hosts_reach_each_other_and_multicast_flows(make_lab) -> None:
+def test_hosts_reach_each_other_and_multicast_flows(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(3)
     assert _arrives(lab.hosts[0], lab.hosts[2], multicast=False)
     assert _arrives(lab.hosts[0], lab.hosts[1], multicast=True)
 
 
-def test_block_multicast_keeps_unicast(make_lab) -> None:
+def test_block_multicast_keeps_unicast(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(2)
     lab.hosts[0].block_multicast()
     lab.hosts[1].block_multicast()
@@ -76,7 +80,7 @@ def test_block_multicast_keeps_unicast(make_lab) -> None:
     assert "224.0.0.251" not in lab.hosts[0].run("nft", "list", "ruleset")
 
 
-def test_total_loss_stops_traffic_and_clearing_restores_it(make_lab) -> None:
+def test_total_loss_stops_traffic_and_clearing_restores_it(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(2)
     lab.hosts[1].set_loss(100)
     assert not _arrives(lab.hosts[0], lab.hosts[1], multicast=False, timeout=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given
@@ -31,6 +32,9 @@ from lanshare.peertable import (
     parse_host_port,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 OWN = NodeId(bytes.fromhex("0000000000000001"))
 PEER = NodeId(bytes.fromhex("00000000000000aa"))
 OTHER = NodeId(bytes.fromhex("00000000000000bb"))
@@ -42,7 +46,9 @@ SERVICE = "Peer One._lanshare._udp.local."
 POLICY = LivenessPolicy(probe_interval=5.0, silence_timeout=15.0, lost_probe_interval=30.0)
 
 
-def txt(node=PEER, keys=(KEY_A,), nonce=NONCE, seq=0) -> bytes:
+def txt(
+    node: bytes = PEER, keys: Sequence[bytes] = (KEY_A,), nonce: bytes = NONCE, seq: int = 0
+) -> bytes:
     tokens = tuple(announce_token(k, nonce) for k in keys)
     return encode_txt(Announcement(NodeId(node), nonce, tokens, seq))
 
@@ -51,7 +57,7 @@ def item(s: bytes) -> bytes:
     return bytes((len(s),)) + s
 
 
-def table(**kw) -> PeerTable:
+def table(**kw: Any) -> PeerTable:
     folders = [SharedFolder("a", KEY_A), SharedFolder("b", KEY_B)]
     return PeerTable(OWN, folders, POLICY, unix_offset=1000.0, **kw)
 
@@ -82,7 +88,9 @@ def test_decode_raises_only_decode_error(raw: bytes) -> None:
 
 
 @given(announcements, st.integers(0, 300), st.integers(0, 255))
-def test_corrupted_records_never_escape_decode_error(ann: Announcement, pos: int, byte: int):
+def test_corrupted_records_never_escape_decode_error(
+    ann: Announcement, pos: int, byte: int
+) -> None:
     raw = bytearray(encode_txt(ann))
     raw[pos % len(raw)] = byte
     with contextlib.suppress(DecodeError):
@@ -240,6 +248,7 @@ def test_quiet_peers_are_probed_then_lost_then_revived() -> None:
     assert t.due_probes(10.0) == [SERVICE.lower()]
     assert t.expire(14.9) == []
     (down,) = t.expire(15.0)
+    assert isinstance(down, PeerDown)
     assert down.reason is DownReason.SILENT
     assert t.peers()[0].state is PeerState.LOST
     assert t.expire(100.0) == []  # only once
@@ -267,6 +276,7 @@ def test_the_transport_outranks_mdns() -> None:
     assert t.expire(1000.0) == []  # silence no longer matters
     assert t.due_probes(1000.0) == []
     (down,) = t.mark_unreachable(PEER)
+    assert isinstance(down, PeerDown)
     assert down.reason is DownReason.UNREACHABLE
     assert t.mark_unreachable(PEER) == []
     # Same nonce: still the same unreachable process; a new nonce means it restarted.
@@ -311,6 +321,7 @@ def test_static_and_exchanged_candidates() -> None:
     assert ex.peer.state is PeerState.EXCHANGED
     assert t.expire(1e6) == []  # discovery does not judge candidates
     (down,) = t.remove_candidate(("10.0.0.9", 4747))
+    assert isinstance(down, PeerDown)
     assert down.reason is DownReason.REMOVED
     assert t.remove_candidate(("10.0.0.9", 4747)) == []
 

@@ -1,0 +1,710 @@
+"""Discovery over mDNS/DNS-SD: announce this node, browse for peers, feed the peer table.
+
+Async I/O: owns one ``AsyncZeroconf`` (created inside the running loop, so zeroconf runs no
+thread of its own) and turns its callbacks into ``PeerUp``/``PeerChanged``/``PeerDown`` events
+on a bounded queue. ``python -m lanshare.discovery`` runs it alone, printing events as JSON lines.
+
+How the pieces fit
+------------------
+* Announce: one ``_lanshare._udp.local.`` service; instance name from ``[node].name`` (renamed
+  ``name-2``… by zeroconf on a conflict), host ``ls-<node id>.local.`` (unique per node: zeroconf
+  never probes host names), the UDP port in SRV, the TXT record of ``peertable``. Sequence changes
+  are coalesced: at most one TXT update per ``TXT_UPDATE_INTERVAL`` (each costs three multicast
+  announcements), the latest value wins and the last one is always sent. Goodbyes on shutdown.
+* Browse: zeroconf's browser callbacks only ``put_nowait`` onto a bounded inbox (a full inbox
+  drops and counts, and the next tick re-reads the browser's cache to catch up); a consumer task
+  resolves names (``AsyncServiceInfo.async_request``) and updates the pure ``PeerTable``.
+* Liveness without the transport: a record listener notes every record heard from a known peer;
+  quiet peers are probed with one mDNS SRV query; a peer silent for ``silence_timeout`` (15 s by
+  default) is declared down. Bound for a killed peer: ``silence_timeout`` after the last record
+  it sent, plus one tick (1 s). A goodbye is down at once. The transport's keep-alives outrank
+  all of this through ``mark_reachable``/``mark_unreachable``.
+* Static peers (``[network].static_peers``) become ``PeerUp`` events in state ``static`` at start:
+  candidates for the transport to probe (discovery cannot tell whether they are alive).
+* Interfaces: ``[network].interfaces`` (names or IPv4 addresses; empty = every non-loopback IPv4
+  address) is re-read from an ``ifaddr`` snapshot every ``INTERFACE_POLL_INTERVAL`` and zeroconf is
+  told with ``async_update_interfaces``. IPv4 only for now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ifaddr
+from zeroconf import (  # type: ignore[attr-defined]  # DNSOutgoing/DNSQuestion: not in __all__
+    DNSOutgoing,
+    DNSQuestion,
+    IPVersion,
+    RecordUpdateListener,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf import Error as ZeroconfError
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from lanshare.config import Config, NetworkConfig, load
+from lanshare.errors import LanshareError
+from lanshare.identity import NodeId, load_or_create_node_id
+from lanshare.keys import announce_token, generate_announce_nonce, parse_key
+from lanshare.peertable import (
+    ACTIVE_STATES,
+    Announcement,
+    LivenessPolicy,
+    PeerChanged,
+    PeerDown,
+    PeerEvent,
+    PeerInfo,
+    PeerTable,
+    PeerUp,
+    SharedFolder,
+    TableStats,
+    encode_txt,
+    parse_host_port,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from zeroconf import RecordUpdate
+
+logger = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_lanshare._udp.local."
+TXT_UPDATE_INTERVAL = 5.0
+"""Least time between two TXT updates (each is three multicast announcements)."""
+INTERFACE_POLL_INTERVAL = 15.0
+"""How often the interface list is compared with the last snapshot."""
+TICK_INTERVAL = 1.0
+"""Granularity of liveness checks and probes."""
+RESOLVE_TIMEOUT = 3.0
+"""Seconds one resolve may take before the name counts as unresolved."""
+INBOX_SIZE = 256
+"""Browser notifications waiting to be handled; more are dropped, counted and re-read."""
+EVENT_QUEUE_SIZE = 256
+"""Events waiting for the owner; when full, discovery waits (zeroconf callbacks never do)."""
+MAX_RESOLVING = 32
+"""Resolves in flight (at most ``RESOLVE_CONCURRENCY`` of them querying at once)."""
+RESOLVE_CONCURRENCY = 4
+MAX_PROBE_QUESTIONS = 16
+"""Questions per probe packet."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds allowed for the goodbyes, and again for closing zeroconf's sockets."""
+MAX_INSTANCE_SIZE = 56
+"""Bytes of the node name used as instance name (a DNS label is 63; room for ``-NN``)."""
+
+_TYPE_PTR = 12
+_TYPE_SRV = 33
+_CLASS_IN = 1
+_FLAGS_QUERY = 0x0000
+
+
+@dataclass(slots=True)
+class DiscoveryStats:
+    """Counters of the adapter (the table keeps its own, see ``TableStats``)."""
+
+    dropped: int = 0
+    """Browser notifications dropped because the inbox or the resolver was full."""
+    unresolved: int = 0
+    """Resolves that timed out or failed."""
+    probes: int = 0
+    """Probe queries sent."""
+    txt_updates: int = 0
+    """TXT updates published."""
+    interface_changes: int = 0
+
+
+class Discovery:
+    """One node's discovery: ``await run()`` in the daemon's TaskGroup, read ``events``.
+
+    Args:
+        node_id: our node id (our own announcement is ignored by it).
+        name: ``[node].name``, the instance-name label.
+        network: the ``[network]`` section (interfaces, static peers).
+        folders: our folders (label and raw key).
+        port: the UDP port the transport listens on (announced in SRV).
+        sequence: the manifest sequence to announce first.
+        announce: False to browse only (``lanshare peers`` without a daemon).
+        policy: liveness timings; see ``LivenessPolicy``.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        name: str,
+        network: NetworkConfig,
+        folders: Sequence[SharedFolder],
+        port: int,
+        sequence: int = 0,
+        announce: bool = True,
+        policy: LivenessPolicy | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.events: asyncio.Queue[PeerEvent] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self.stats = DiscoveryStats()
+        self.instance: str | None = None
+        """Our registered instance name once ``ready`` is set (may differ after a rename)."""
+        self.ready = asyncio.Event()
+        """Set when browsing runs and (if announcing) the service is registered."""
+        self._name = instance_name(name)
+        self._network = network
+        self._static = tuple(parse_host_port(text) for text in network.static_peers)
+        self._port = port
+        self._announce = announce
+        self._sequence = sequence
+        self._nonce = generate_announce_nonce()
+        self._folders = tuple(folders)
+        self._table = PeerTable(node_id, self._folders, policy or LivenessPolicy())
+        # Fail now, not in the middle of run(), if the TXT record cannot be built.
+        encode_txt(self._announcement())
+        self._inbox: asyncio.Queue[tuple[bool, str]] = asyncio.Queue(INBOX_SIZE)
+        self._resync = False
+        self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(RESOLVE_CONCURRENCY)
+        self._again: set[str] = set()
+        self._epoch: dict[str, int] = {}
+        self._names: dict[str, str] = {}
+        self._watched: dict[str, str] = {}
+        self._heard: set[str] = set()
+        self._publish_wanted = asyncio.Event()
+        self._interfaces: tuple[str, ...] = ()
+        self._aiozc: AsyncZeroconf | None = None
+        self._registered: AsyncServiceInfo | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, port: int | None = None, announce: bool = True, sequence: int = 0
+    ) -> Discovery:
+        """Build from the whole config (reads or creates the node id in ``state_dir``)."""
+        folders = [SharedFolder(str(f.path), parse_key(f.key)) for f in config.folders]
+        return cls(
+            node_id=load_or_create_node_id(config.node.state_dir),
+            name=config.node.name,
+            network=config.network,
+            folders=folders,
+            port=config.network.port if port is None else port,
+            sequence=sequence,
+            announce=announce,
+        )
+
+    # -- the owner's API --
+
+    def set_sequence(self, sequence: int) -> None:
+        """Announce a new manifest sequence (coalesced; the latest value wins)."""
+        if sequence != self._sequence:
+            self._sequence = sequence
+            self._publish_wanted.set()
+
+    def peers(self) -> list[PeerInfo]:
+        """Every peer in the table (all states), as snapshots."""
+        return self._table.peers()
+
+    def mark_unreachable(self, node_id: NodeId) -> None:
+        """The transport gave up on ``node_id``: emits ``PeerDown`` if it was up."""
+        self._emit_now(self._table.mark_unreachable(node_id))
+
+    def mark_reachable(self, node_id: NodeId) -> None:
+        """The transport has a live session with ``node_id``: mDNS silence is ignored."""
+        self._emit_now(self._table.mark_reachable(node_id, _loop_time()))
+
+    def add_candidate(self, host: str, port: int) -> None:
+        """A peer learned by peer exchange: emitted as ``PeerUp`` in state ``exchanged``."""
+        self._emit_now(self._table.add_candidate((host, port), _loop_time(), exchanged=True))
+
+    @property
+    def table_stats(self) -> TableStats:
+        return self._table.stats
+
+    async def run(self) -> None:
+        """Announce and browse until cancelled; then send goodbyes and close."""
+        loop = asyncio.get_running_loop()
+        self._table.unix_offset = time.time() - loop.time()
+        snapshot = _adapter_snapshot()
+        self._interfaces = choose_interfaces(self._network.interfaces, snapshot)
+        logger.info("mDNS on %s", ", ".join(self._interfaces))
+        aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
+        self._aiozc = aiozc
+        listener = _HeardListener(self)
+        browser: AsyncServiceBrowser | None = None
+        try:
+            zc = aiozc.zeroconf
+            await zc.async_wait_for_start()
+            zc.async_add_listener(listener, None)
+            browser = AsyncServiceBrowser(zc, [SERVICE_TYPE], handlers=[self._on_state_change])
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._consume(tg))
+                tg.create_task(self._tick())
+                tg.create_task(self._watch_interfaces(snapshot))
+                for addr in self._static:
+                    await self._emit(self._table.add_candidate(addr, loop.time()))
+                if self._announce:
+                    await self._register()
+                    tg.create_task(self._publish())
+                self.ready.set()
+        finally:
+            await self._close(aiozc, browser, listener)
+
+    # -- zeroconf callbacks: never block, never run our logic --
+
+    def _on_state_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        try:
+            self._inbox.put_nowait((state_change is ServiceStateChange.Removed, name))
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            self._resync = True
+
+    # -- tasks --
+
+    async def _consume(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            removed, name = await self._inbox.get()
+            key = name.lower()
+            if removed:
+                self._epoch[key] = self._epoch.get(key, 0) + 1
+                self._watched = {k: v for k, v in self._watched.items() if v != key}
+                await self._emit(self._table.removed(key))
+            elif key in self._resolving:
+                self._again.add(key)
+            elif len(self._resolving) >= MAX_RESOLVING:
+                self.stats.dropped += 1
+                self._resync = True
+            else:
+                self._names[key] = name
+                self._resolving[key] = tg.create_task(self._resolve(key))
+
+    async def _resolve(self, key: str) -> None:
+        assert self._aiozc is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._again.discard(key)
+                epoch = self._epoch.get(key, 0)
+                try:
+                    info = AsyncServiceInfo(SERVICE_TYPE, self._names.get(key, key))
+                    async with self._slots:
+                        ok = await info.async_request(self._aiozc.zeroconf, RESOLVE_TIMEOUT * 1000)
+                except ZeroconfError:
+                    ok = False
+                if not ok:
+                    self.stats.unresolved += 1
+                elif self._epoch.get(key, 0) == epoch:  # not withdrawn meanwhile
+                    addresses = info.parsed_scoped_addresses(IPVersion.V4Only)
+                    events = self._table.observe(
+                        key, info.text or b"", addresses, info.port, loop.time()
+                    )
+                    if key in self._table.services():
+                        self._watched[key] = key
+                        if info.server:
+                            self._watched[info.server.lower()] = key
+                    await self._emit(events)
+                if key not in self._again:
+                    return
+        finally:
+            self._resolving.pop(key, None)
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            now = loop.time()
+            heard, self._heard = self._heard, set()
+            for key in heard:
+                if self._table.heard(key, now):
+                    self._request_resolve(key)
+            await self._emit(self._table.expire(now))
+            due = self._table.due_probes(now)
+            if due:
+                self._probe(due)
+            known = set(self._table.services())
+            self._watched = {k: v for k, v in self._watched.items() if v in known}
+            if self._resync:
+                self._resync = False
+                await self._resync_from_cache()
+
+    async def _register(self) -> None:
+        assert self._aiozc is not None
+        info = self._service_info(f"{self._name}.{SERVICE_TYPE}")
+        announced = await self._aiozc.async_register_service(info, allow_name_change=True)
+        await announced
+        self._registered = info
+        self.instance = info.name
+        logger.info("announced %s on port %d", info.name, self._port)
+
+    async def _publish(self) -> None:
+        """Coalesce TXT/address changes: at most one update per TXT_UPDATE_INTERVAL."""
+        assert self._aiozc is not None
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await self._publish_wanted.wait()
+            wait = last + TXT_UPDATE_INTERVAL - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._publish_wanted.clear()
+            old = self._registered
+            assert old is not None
+            info = self._service_info(old.name)
+            if info.text == old.text and info.addresses == old.addresses:
+                continue
+            announced = await self._aiozc.async_update_service(info)
+            self._registered = info
+            last = loop.time()
+            self.stats.txt_updates += 1
+            await announced
+
+    async def _watch_interfaces(self, snapshot: tuple[tuple[str, str], ...]) -> None:
+        assert self._aiozc is not None
+        while True:
+            await asyncio.sleep(INTERFACE_POLL_INTERVAL)
+            current = _adapter_snapshot()
+            if current == snapshot:
+                continue
+            snapshot = current
+            chosen = choose_interfaces(self._network.interfaces, current)
+            if chosen == self._interfaces:
+                continue
+            logger.info("interfaces changed: mDNS now on %s", ", ".join(chosen))
+            self.stats.interface_changes += 1
+            await self._aiozc.async_update_interfaces(interfaces=list(chosen))
+            self._interfaces = chosen
+            self._publish_wanted.set()  # our address records changed
+
+    # -- helpers --
+
+    def _announcement(self) -> Announcement:
+        tokens = tuple(announce_token(f.key, self._nonce) for f in self._folders)
+        return Announcement(self.node_id, self._nonce, tokens, self._sequence)
+
+    def _service_info(self, name: str) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            name,
+            port=self._port,
+            properties=encode_txt(self._announcement()),
+            server=f"ls-{self.node_id.hex()}.local.",
+            parsed_addresses=list(self._interfaces),
+        )
+
+    def _request_resolve(self, key: str) -> None:
+        try:
+            self._inbox.put_nowait((False, self._names.get(key, key)))
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            self._resync = True
+
+    def _probe(self, services: list[str]) -> None:
+        assert self._aiozc is not None
+        for start in range(0, len(services), MAX_PROBE_QUESTIONS):
+            out = DNSOutgoing(_FLAGS_QUERY)
+            for service in services[start : start + MAX_PROBE_QUESTIONS]:
+                out.add_question(DNSQuestion(service, _TYPE_SRV, _CLASS_IN))
+            self._aiozc.zeroconf.async_send(out)
+            self.stats.probes += 1
+
+    async def _resync_from_cache(self) -> None:
+        """After dropped notifications: re-resolve what the cache lists, drop what it lost."""
+        assert self._aiozc is not None
+        zc = self._aiozc.zeroconf
+        now_ms = time.monotonic() * 1000  # zeroconf's clock (current_time_millis)
+        present: dict[str, str] = {}
+        for record in zc.cache.async_all_by_details(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN):
+            alias = getattr(record, "alias", None)
+            if isinstance(alias, str) and not record.is_expired(now_ms):
+                present[alias.lower()] = alias
+        for key in set(self._table.services()) - set(present):
+            await self._emit(self._table.removed(key))
+        for key, name in present.items():
+            self._names.setdefault(key, name)
+            self._request_resolve(key)
+
+    async def _emit(self, events: Sequence[PeerEvent]) -> None:
+        for event in events:
+            await self.events.put(event)
+
+    def _emit_now(self, events: Sequence[PeerEvent]) -> None:
+        """From the owner's synchronous calls: the queue full means the owner is not reading."""
+        for event in events:
+            try:
+                self.events.put_nowait(event)
+            except asyncio.QueueFull:
+                logger.warning("discovery event queue full; dropped %s", type(event).__name__)
+
+    async def _close(
+        self,
+        aiozc: AsyncZeroconf,
+        browser: AsyncServiceBrowser | None,
+        listener: _HeardListener,
+    ) -> None:
+        """Goodbyes and socket closing run to the end even if we are cancelled again
+        meanwhile (a TaskGroup may cancel twice); the cancellation is re-raised after."""
+        closing = asyncio.ensure_future(self._close_zeroconf(aiozc, browser, listener))
+        cancelled = False
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                cancelled = True
+        closing.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _close_zeroconf(
+        self,
+        aiozc: AsyncZeroconf,
+        browser: AsyncServiceBrowser | None,
+        listener: _HeardListener,
+    ) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if browser is not None:
+                    await browser.async_cancel()
+                with contextlib.suppress(ValueError, KeyError):
+                    aiozc.zeroconf.async_remove_listener(listener)
+                if self._registered is not None:
+                    await aiozc.async_unregister_all_services()  # goodbye packets
+        except TimeoutError:
+            logger.warning("mDNS goodbyes not sent within %s s", CLOSE_TIMEOUT)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await aiozc.async_close()
+        except TimeoutError:
+            logger.warning("zeroconf did not close within %s s", CLOSE_TIMEOUT)
+        self._registered = None
+
+
+class _HeardListener(RecordUpdateListener):
+    """Notes which known peers just sent a record (liveness); nothing else runs here."""
+
+    def __init__(self, owner: Discovery) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        watched = self._owner._watched
+        for update in records:
+            record = update.new
+            key = watched.get(record.key)
+            if key is not None and record.ttl:
+                self._owner._heard.add(key)
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def instance_name(node_name: str) -> str:
+    """A DNS-SD instance label from ``[node].name``: printable, no dots, at most 56 bytes."""
+    cleaned = "".join(ch for ch in node_name if ch.isprintable()).replace(".", "-").strip()
+    raw = (cleaned or "lanshare").encode("utf-8")[:MAX_INSTANCE_SIZE]
+    return raw.decode("utf-8", "ignore") or "lanshare"
+
+
+def choose_interfaces(
+    wanted: Sequence[str], adapters: Sequence[tuple[str, str]]
+) -> tuple[str, ...]:
+    """IPv4 addresses for zeroconf: of the interfaces (names or addresses) in ``wanted``, or
+    every non-loopback address when ``wanted`` is empty; 127.0.0.1 if nothing matches (mDNS then
+    stays local until an interface appears, see ``INTERFACE_POLL_INTERVAL``).
+
+    ``adapters`` is a snapshot of (interface name, IPv4 address) pairs.
+    """
+    present = {ip for _, ip in adapters}
+    chosen: set[str] = set()
+    if not wanted:
+        chosen = {ip for ip in present if not ipaddress.IPv4Address(ip).is_loopback}
+    for item in wanted:
+        if _is_ipv4(item):
+            if item in present:
+                chosen.add(item)
+        else:
+            chosen.update(ip for name, ip in adapters if name == item)
+    if not chosen:
+        logger.warning("no usable interface among %s; mDNS stays on 127.0.0.1", list(wanted))
+        return ("127.0.0.1",)
+    return tuple(sorted(chosen, key=lambda ip: ipaddress.IPv4Address(ip)))
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _adapter_snapshot() -> tuple[tuple[str, str], ...]:
+    pairs = {
+        (adapter.nice_name, ip.ip)
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if isinstance(ip.ip, str)
+    }
+    return tuple(sorted(pairs))
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# --- browsing once (for `lanshare peers` without a daemon) ------------------------------------
+
+
+async def browse_once(config: Config, seconds: float = 3.0) -> list[PeerInfo]:
+    """Browse for ``seconds`` without announcing and return the present peers, by name.
+
+    Static peers are included (state ``static``): they are candidates, not confirmed peers.
+    """
+    discovery = Discovery.from_config(config, announce=False)
+    async with asyncio.TaskGroup() as tg:
+        runner = tg.create_task(discovery.run())
+        drainer = tg.create_task(_drain(discovery))
+        await asyncio.sleep(seconds)
+        runner.cancel()
+        drainer.cancel()
+    return [p for p in discovery.peers() if p.state in ACTIVE_STATES]
+
+
+async def _drain(discovery: Discovery) -> None:
+    while True:
+        await discovery.events.get()
+
+
+# --- `python -m lanshare.discovery`: discovery alone, events as JSON lines --------------------
+
+
+def event_json(event: PeerEvent) -> dict[str, Any]:
+    """A JSON-able form of a discovery event."""
+    kind = {PeerUp: "up", PeerChanged: "changed", PeerDown: "down"}[type(event)]
+    out: dict[str, Any] = {"event": kind, "peer": event.peer.to_json()}
+    if isinstance(event, PeerDown):
+        out["reason"] = event.reason.value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run discovery alone; print events as JSON lines; read commands from stdin.
+
+    stdin commands: ``seq N``, ``unreachable ID``, ``reachable ID``, ``peers``, ``quit``.
+    SIGTERM/SIGINT/``quit`` send goodbyes and exit 0.
+    """
+    parser = argparse.ArgumentParser(prog="python -m lanshare.discovery", description=main.__doc__)
+    parser.add_argument("--config", type=Path, help="a lanshare config file (other flags ignored)")
+    parser.add_argument("--name", default="lanshare")
+    parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--port", type=int, default=47474)
+    parser.add_argument("--key", action="append", default=[], help="folder key (repeatable)")
+    parser.add_argument("--interface", action="append", default=[])
+    parser.add_argument("--static-peer", action="append", default=[])
+    parser.add_argument("--sequence", type=int, default=0)
+    parser.add_argument("--browse-only", action="store_true")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    if args.config is None and args.state_dir is None:
+        parser.error("give --config FILE, or --state-dir DIR and the other flags")
+
+    async def _amain() -> None:
+        announce = not args.browse_only
+        if args.config is not None:
+            discovery = Discovery.from_config(
+                load(args.config), sequence=args.sequence, announce=announce
+            )
+        else:
+            discovery = Discovery(
+                node_id=load_or_create_node_id(args.state_dir),
+                name=args.name,
+                network=NetworkConfig(
+                    port=args.port,
+                    interfaces=tuple(args.interface),
+                    static_peers=tuple(args.static_peer),
+                ),
+                folders=[SharedFolder(f"folder{i}", parse_key(k)) for i, k in enumerate(args.key)],
+                port=args.port,
+                sequence=args.sequence,
+                announce=announce,
+            )
+        await _run_standalone(discovery)
+
+    try:
+        asyncio.run(_amain())
+    except LanshareError as exc:
+        sys.stderr.write(f"lanshare: {exc}\n")
+        return exc.exit_code
+    return 0
+
+
+async def _run_standalone(discovery: Discovery) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def out(obj: dict[str, Any]) -> None:
+        obj["t"] = round(time.time(), 3)
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    async def events() -> None:
+        while True:
+            out(event_json(await discovery.events.get()))
+
+    async def announce_ready() -> None:
+        await discovery.ready.wait()
+        out({"event": "ready", "id": discovery.node_id.hex(), "instance": discovery.instance})
+
+    async def commands() -> None:
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            words = line.decode(errors="replace").split()
+            if not words:
+                continue
+            if words[0] == "quit":
+                stop.set()
+            elif words[0] == "seq" and len(words) == 2 and words[1].isdigit():
+                discovery.set_sequence(int(words[1]))
+            elif words[0] in ("unreachable", "reachable") and len(words) == 2:
+                node = NodeId(bytes.fromhex(words[1]))
+                if words[0] == "unreachable":
+                    discovery.mark_unreachable(node)
+                else:
+                    discovery.mark_reachable(node)
+            elif words[0] == "peers":
+                out({"event": "peers", "peers": [p.to_json() for p in discovery.peers()]})
+        # stdin closed: keep running until a signal.
+
+    async with asyncio.TaskGroup() as tg:
+        runner = tg.create_task(discovery.run())
+        helpers = [tg.create_task(events()), tg.create_task(announce_ready())]
+        if not sys.stdin.isatty():
+            helpers.append(tg.create_task(commands()))
+        await stop.wait()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        # Flush what the shutdown produced, then stop the helpers.
+        while not discovery.events.empty():
+            out(event_json(discovery.events.get_nowait()))
+        for task in helpers:
+            task.cancel()
+    out({"event": "closed"})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

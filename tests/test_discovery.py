@@ -1,0 +1,403 @@
+"""Discovery with real zeroconf: on 127.0.0.1 in one process, and over real multicast between
+network namespaces (the lab). Time bounds are generous: they catch hangs, not slowness."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig
+from lanshare.discovery import SERVICE_TYPE, Discovery, browse_once, choose_interfaces, main
+from lanshare.identity import NodeId
+from lanshare.keys import announce_token, format_key, generate_key
+from lanshare.peertable import (
+    DownReason,
+    LivenessPolicy,
+    PeerChanged,
+    PeerDown,
+    PeerEvent,
+    PeerInfo,
+    PeerState,
+    PeerUp,
+    SharedFolder,
+)
+from tests.lab import make_lab
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from tests.lab import Lab, Process
+
+__all__ = ["make_lab"]
+
+LOOPBACK = NetworkConfig(interfaces=("127.0.0.1",))
+FIND = 20.0
+"""Seconds to wait for something that takes ~1-2 s: catches hangs, tolerates a busy machine."""
+
+
+def _node(name: str, key: bytes, *, port: int = 40000, **kw: Any) -> Discovery:
+    return Discovery(
+        node_id=NodeId(secrets.token_bytes(8)),
+        name=name,
+        network=kw.pop("network", LOOPBACK),
+        folders=[SharedFolder("shared", key)],
+        port=port,
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def _running(*nodes: Discovery) -> AsyncIterator[dict[Discovery, asyncio.Task[None]]]:
+    """Run nodes in a TaskGroup; on exit cancel them (goodbyes) and wait."""
+    async with asyncio.TaskGroup() as tg:
+        tasks = {node: tg.create_task(node.run()) for node in nodes}
+        try:
+            yield tasks
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+
+async def _next(
+    node: Discovery, predicate: Callable[[PeerEvent], bool], within: float = FIND
+) -> PeerEvent:
+    """The next event of ``node`` matching ``predicate`` (others are skipped)."""
+    async with asyncio.timeout(within):
+        while True:
+            event = await node.events.get()
+            if predicate(event):
+                return event
+
+
+async def _until(condition: Callable[[], bool], within: float = FIND) -> None:
+    """Poll ``condition`` every 0.1 s; fail after ``within`` seconds."""
+    for _ in range(int(within * 10)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"condition not met within {within} s")
+
+
+def _up_of(node: Discovery) -> Callable[[PeerEvent], bool]:
+    return lambda e: isinstance(e, PeerUp) and e.peer.node_id == node.node_id
+
+
+# --- loopback, one process -------------------------------------------------------------------
+
+
+@pytest.mark.mdns
+def test_two_nodes_on_loopback_find_each_other_and_see_a_goodbye() -> None:
+    key = generate_key()
+    a, b = _node("alpha", key, port=40001), _node("beta", key, port=40002)
+
+    async def scenario() -> None:
+        async with _running(a, b) as tasks:
+            up = await _next(a, _up_of(b))
+            assert up.peer.name == "beta"
+            assert up.peer.addresses == (("127.0.0.1", 40002),)
+            assert up.peer.folders == ("shared",)
+            assert up.peer.state is PeerState.UP
+            await _next(b, _up_of(a))
+            await asyncio.wait_for(b.ready.wait(), FIND)
+            assert b.instance == f"beta.{SERVICE_TYPE}"
+            tasks[b].cancel()
+            down = await _next(a, lambda e: isinstance(e, PeerDown))
+            assert isinstance(down, PeerDown)
+            assert down.peer.node_id == b.node_id
+            assert down.reason is DownReason.GOODBYE
+            assert a.table_stats.own >= 1  # a saw itself and ignored it
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.mdns
+def test_a_sequence_change_reaches_the_other_table_coalesced() -> None:
+    key = generate_key()
+    a, b = _node("alpha", key), _node("beta", key)
+
+    async def scenario() -> None:
+        async with _running(a, b):
+            await _next(a, _up_of(b))
+            await asyncio.wait_for(b.ready.wait(), FIND)
+            for seq in range(1, 6):  # a burst: only the latest value needs to travel
+                b.set_sequence(seq)
+            changed = await _next(a, lambda e: isinstance(e, PeerChanged) and e.peer.sequence == 5)
+            assert changed.peer.node_id == b.node_id
+            assert b.stats.txt_updates == 1
+            assert [p.sequence for p in a.peers()] == [5]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.mdns
+def test_nodes_without_a_shared_folder_ignore_each_other() -> None:
+    a, b = _node("alpha", generate_key()), _node("beta", generate_key())
+
+    async def scenario() -> None:
+        async with _running(a, b):
+            await asyncio.wait_for(a.ready.wait(), FIND)
+            await asyncio.wait_for(b.ready.wait(), FIND)
+            await _until(lambda: a.table_stats.unshared > 0)
+            assert a.peers() == []
+            assert a.events.empty()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.mdns
+def test_a_quiet_live_peer_is_probed_and_stays_up() -> None:
+    key = generate_key()
+    fast = LivenessPolicy(probe_interval=1.0, silence_timeout=3.0, lost_probe_interval=5.0)
+    a, b = _node("alpha", key, policy=fast), _node("beta", key)
+
+    async def scenario() -> None:
+        async with _running(a, b):
+            await _next(a, _up_of(b))
+            # Several silence timeouts pass: b never speaks unasked, yet answers every probe.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 4 * fast.silence_timeout
+            while loop.time() < until:
+                try:
+                    event = await asyncio.wait_for(a.events.get(), until - loop.time())
+                except TimeoutError:
+                    break
+                assert not isinstance(event, PeerDown), event
+            assert a.stats.probes >= 3
+            assert [p.state for p in a.peers()] == [PeerState.UP]
+
+    asyncio.run(scenario())
+
+
+def _hostile_records(own: NodeId, key: bytes) -> dict[str, bytes | dict[str, str]]:
+    nonce = secrets.token_bytes(8)
+    token = announce_token(key, nonce).hex()
+    good = {"v": "1", "id": secrets.token_hex(8), "n": nonce.hex(), "t": token, "seq": "1"}
+    return {
+        "bad-version": {**good, "v": "9"},
+        "bad-id": {**good, "id": "zz" * 8},
+        "short-nonce": {**good, "n": "00"},
+        "bad-tokens": {**good, "t": token[:-1]},
+        "huge-seq": {**good, "seq": "9" * 40},
+        "negative-seq": {**good, "seq": "-1"},
+        "oversized": {**good, "pad": "x" * 240, "pad2": "y" * 240},
+        "no-fields": b"\x00",
+        "binary": bytes([5]) + b"\xff\xfe=\x00\x01" + bytes([200]) + b"a" * 50,
+        "impostor-of-us": {**good, "id": own.hex()},
+    }
+
+
+@pytest.mark.mdns
+def test_hostile_announcements_are_rejected_without_harm() -> None:
+    key = generate_key()
+    a, b = _node("alpha", key), _node("beta", key)
+    hostile = _hostile_records(a.node_id, key)
+
+    async def scenario() -> None:
+        attacker = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+        try:
+            async with _running(a):
+                await asyncio.wait_for(a.ready.wait(), FIND)
+                for i, (label, props) in enumerate(hostile.items()):
+                    info = AsyncServiceInfo(
+                        SERVICE_TYPE,
+                        f"evil-{label}.{SERVICE_TYPE}",
+                        port=41000 + i,
+                        properties=props,
+                        server=f"evil-{i}-{secrets.token_hex(4)}.local.",
+                        parsed_addresses=["127.0.0.1"],
+                    )
+                    await attacker.async_register_service(info)
+                # A good peer is still found after all that, and nothing hostile got in.
+                async with _running(b):
+                    await _next(a, _up_of(b))
+                await _until(lambda: a.table_stats.rejected + a.table_stats.own >= len(hostile))
+                assert a.table_stats.own >= 1
+                assert [p.name for p in a.peers() if p.state is PeerState.UP] == []
+        finally:
+            await attacker.async_close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.mdns
+def test_browse_once_lists_present_peers_and_static_candidates(tmp_path: Path) -> None:
+    key = generate_key()
+    b = _node("beta", key, port=40002)
+    config = Config(
+        node=NodeConfig(name="me", state_dir=tmp_path / "state"),
+        network=NetworkConfig(interfaces=("127.0.0.1",), static_peers=("192.0.2.7:4747",)),
+        folders=(FolderConfig(path=tmp_path / "folder", key=format_key(key)),),
+    )
+
+    async def scenario() -> list[PeerInfo]:
+        async with _running(b):
+            await asyncio.wait_for(b.ready.wait(), FIND)
+            return await browse_once(config, seconds=3.0)
+
+    peers = asyncio.run(scenario())
+    by_state = {p.state: p for p in peers}
+    assert by_state[PeerState.UP].node_id == b.node_id
+    assert by_state[PeerState.UP].folders == (str(tmp_path / "folder"),)
+    static = by_state[PeerState.STATIC].to_json()
+    assert static["addresses"] == ["192.0.2.7:4747"]
+    assert static["id"] is None
+
+
+def test_too_many_folders_fail_at_construction() -> None:
+    from lanshare.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Discovery(
+            node_id=NodeId(bytes(8)),
+            name="x",
+            network=LOOPBACK,
+            folders=[SharedFolder(str(i), bytes([i]) * 32) for i in range(13)],
+            port=1,
+        )
+
+
+def test_bad_static_peers_fail_at_construction() -> None:
+    from lanshare.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        _node("x", generate_key(), network=NetworkConfig(static_peers=("nohost",)))
+
+
+def test_interface_choice() -> None:
+    adapters = [("lo", "127.0.0.1"), ("eth0", "10.0.0.2"), ("wlan0", "192.168.1.5")]
+    assert choose_interfaces([], adapters) == ("10.0.0.2", "192.168.1.5")
+    assert choose_interfaces(["wlan0"], adapters) == ("192.168.1.5",)
+    assert choose_interfaces(["127.0.0.1"], adapters) == ("127.0.0.1",)
+    assert choose_interfaces(["10.0.0.2", "eth0"], adapters) == ("10.0.0.2",)
+    assert choose_interfaces(["gone0", "10.9.9.9"], adapters) == ("127.0.0.1",)
+    assert choose_interfaces([], [("lo", "127.0.0.1")]) == ("127.0.0.1",)
+
+
+def test_the_entry_point_reports_a_bad_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--state-dir", str(tmp_path), "--key", "not-a-key"]) == 2
+    assert "key" in capsys.readouterr().err
+
+
+# --- the lab: real multicast between network namespaces ---------------------------------------
+
+
+def _start(lab: Lab, index: int, key: bytes, tmp_path: Path, *extra: str) -> Process:
+    host = lab.hosts[index]
+    return host.python(
+        "-m",
+        "lanshare.discovery",
+        "--name",
+        f"node{index}",
+        "--state-dir",
+        str(tmp_path / host.name),
+        "--port",
+        str(47000 + index),
+        "--key",
+        format_key(key),
+        *extra,
+        stderr_path=tmp_path / f"{host.name}.log",
+    )
+
+
+def _ready(proc: Process) -> str:
+    return str(proc.expect_json(lambda o: o["event"] == "ready", timeout=FIND)["id"])
+
+
+def _event(kind: str, peer_id: str, **fields: object) -> Callable[[dict[str, Any]], bool]:
+    def match(obj: dict[str, Any]) -> bool:
+        return (
+            obj.get("event") == kind
+            and obj["peer"]["id"] == peer_id
+            and all(obj.get(k, obj["peer"].get(k)) == v for k, v in fields.items())
+        )
+
+    return match
+
+
+def _dump_logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))
+
+
+@pytest.mark.netns
+@pytest.mark.mdns
+@pytest.mark.slow
+def test_three_namespaces_find_each_other_and_notice_goodbye_and_death(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    lab = make_lab(3)
+    key = generate_key()
+    procs = [_start(lab, i, key, tmp_path) for i in range(3)]
+    try:
+        ids = [_ready(p) for p in procs]
+        for i, proc in enumerate(procs):
+            for j in range(3):
+                if i != j:
+                    up = proc.expect_json(_event("up", ids[j]), timeout=FIND)
+                    assert up["peer"]["addresses"] == [f"{lab.hosts[j].address}:{47000 + j}"]
+        # A TXT update travels.
+        procs[0].send("seq 42")
+        for proc in procs[1:]:
+            proc.expect_json(_event("changed", ids[0], sequence=42), timeout=FIND)
+        # A clean stop: goodbye, down at once.
+        assert procs[2].stop(signal.SIGTERM) == 0
+        for proc in procs[:2]:
+            proc.expect_json(_event("down", ids[2], reason="goodbye"), timeout=10)
+        # A crash: no goodbye; found silent within the documented bound (15 s + a tick).
+        procs[1].stop(signal.SIGKILL)
+        down = procs[0].expect_json(_event("down", ids[1]), timeout=60)
+        assert down["reason"] == "silent"
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
+
+
+@pytest.mark.netns
+@pytest.mark.mdns
+def test_same_name_on_two_hosts_is_renamed_not_crashed(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    lab = make_lab(3)
+    key = generate_key()
+    procs = [_start(lab, i, key, tmp_path, "--name", "twin") for i in range(2)]
+    watcher = _start(lab, 2, key, tmp_path, "--browse-only")
+    try:
+        ids = [_ready(p) for p in procs]
+        names = {watcher.expect_json(_event("up", i), timeout=FIND)["peer"]["name"] for i in ids}
+        assert len(names) == 2
+        assert "twin" in names
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
+
+
+@pytest.mark.netns
+def test_static_peers_work_with_multicast_blocked(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    lab = make_lab(2, block_multicast=True)
+    key = generate_key()
+    target = f"{lab.hosts[1].address}:{47001}"
+    a = _start(lab, 0, key, tmp_path, "--static-peer", target)
+    b = _start(lab, 1, key, tmp_path)
+    try:
+        static = a.expect_json(lambda o: o.get("event") == "up", timeout=FIND)
+        assert static["peer"]["state"] == "static"
+        assert static["peer"]["addresses"] == [target]
+        _ready(a)
+        _ready(b)
+        # Multicast really is blocked: after registration and a few browse queries, neither
+        # node has found the other over mDNS.
+        a.send("peers")
+        snapshot = a.expect_json(lambda o: o.get("event") == "peers", timeout=FIND)
+        assert [p["state"] for p in snapshot["peers"]] == ["static"]
+        assert not [o for o in b.json_lines() if o.get("event") == "up"]
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
