@@ -1,0 +1,168 @@
+"""Handshake (Noise NNpsk0), packet keys, replay window and retry tokens."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lanshare.errors import DecodeError
+from lanshare.protocol import crypto
+
+PSK = bytes(range(32))
+
+
+def _keys(seed: int) -> tuple[bytes, bytes]:
+    rng = random.Random(seed)
+    return rng.randbytes(32), rng.randbytes(32)
+
+
+def test_handshake_gives_matching_keys_and_payloads() -> None:
+    e_i, e_r = _keys(1)
+    initiator = crypto.InitiatorHandshake(PSK, e_i)
+    msg1 = initiator.write_message1(b"hello")
+    responder = crypto.ResponderHandshake.read_message1([("wrong", bytes(32)), ("f", PSK)], msg1)
+    assert responder is not None
+    assert responder.key_id == "f"
+    assert responder.payload == b"hello"
+    msg2, (r_send, r_recv) = responder.write_message2(e_r, b"world")
+    payload, (i_send, i_recv) = initiator.read_message2(msg2)
+    assert payload == b"world"
+    assert (i_send, i_recv) == (r_recv, r_send)
+    assert i_send != i_recv
+
+
+def test_wrong_psk_finds_no_key() -> None:
+    e_i, _ = _keys(2)
+    msg1 = crypto.InitiatorHandshake(PSK, e_i).write_message1(b"x")
+    assert crypto.ResponderHandshake.read_message1([("other", bytes(32))], msg1) is None
+    assert crypto.ResponderHandshake.read_message1([("f", PSK)], msg1[:40]) is None
+
+
+@given(st.integers(0, 200), st.integers(0, 7))
+def test_tampered_handshake_messages_fail(index: int, bit: int) -> None:
+    e_i, e_r = _keys(3)
+    initiator = crypto.InitiatorHandshake(PSK, e_i)
+    msg1 = initiator.write_message1(b"payload-1")
+    index1 = index % len(msg1)
+    bad1 = bytearray(msg1)
+    bad1[index1] ^= 1 << bit
+    assert crypto.ResponderHandshake.read_message1([("f", PSK)], bytes(bad1)) is None
+    responder = crypto.ResponderHandshake.read_message1([("f", PSK)], msg1)
+    assert responder is not None
+    msg2, _ = responder.write_message2(e_r, b"payload-2")
+    bad2 = bytearray(msg2)
+    bad2[index % len(msg2)] ^= 1 << bit
+    with pytest.raises(DecodeError):
+        initiator.read_message2(bytes(bad2))
+
+
+def test_handshakes_are_fresh_per_session() -> None:
+    keys = set()
+    for seed in range(4):
+        e_i, e_r = _keys(10 + seed)
+        initiator = crypto.InitiatorHandshake(PSK, e_i)
+        responder = crypto.ResponderHandshake.read_message1(
+            [("f", PSK)], initiator.write_message1(b"")
+        )
+        assert responder is not None
+        _, pair = responder.write_message2(e_r, b"")
+        keys.add(pair)
+    assert len(keys) == 4
+
+
+def test_interoperates_with_the_reference_noise_implementation() -> None:
+    noise = pytest.importorskip("noise.connection")
+    e_i, e_r = _keys(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that fixed ephemerals are for testing only
+        # our initiator, their responder
+        theirs = noise.NoiseConnection.from_name(crypto.PROTOCOL_NAME)
+        theirs.set_as_responder()
+        theirs.set_psks(psk=PSK)
+        theirs.set_prologue(crypto.PROLOGUE)
+        theirs.set_keypair_from_private_bytes(noise.Keypair.EPHEMERAL, e_r)
+        theirs.start_handshake()
+        ours = crypto.InitiatorHandshake(PSK, e_i)
+        assert bytes(theirs.read_message(ours.write_message1(b"ping"))) == b"ping"
+        payload, (send_key, recv_key) = ours.read_message2(bytes(theirs.write_message(b"pong")))
+        assert payload == b"pong"
+        assert theirs.handshake_finished
+        assert theirs.noise_protocol.cipher_state_encrypt.k == recv_key
+        assert theirs.noise_protocol.cipher_state_decrypt.k == send_key
+        # their initiator, our responder
+        theirs = noise.NoiseConnection.from_name(crypto.PROTOCOL_NAME)
+        theirs.set_as_initiator()
+        theirs.set_psks(psk=PSK)
+        theirs.set_prologue(crypto.PROLOGUE)
+        theirs.set_keypair_from_private_bytes(noise.Keypair.EPHEMERAL, e_i)
+        theirs.start_handshake()
+        responder = crypto.ResponderHandshake.read_message1(
+            [("f", PSK)], bytes(theirs.write_message(b"hi"))
+        )
+        assert responder is not None
+        assert responder.payload == b"hi"
+        msg2, (send_key, recv_key) = responder.write_message2(e_r, b"there")
+        assert bytes(theirs.read_message(msg2)) == b"there"
+        assert theirs.noise_protocol.cipher_state_encrypt.k == recv_key
+        assert theirs.noise_protocol.cipher_state_decrypt.k == send_key
+
+
+def test_key_update_is_one_way_and_deterministic() -> None:
+    key = crypto.PacketKey(bytes(32))
+    nxt = key.next()
+    assert nxt.secret != key.secret
+    assert nxt.secret == crypto.PacketKey(bytes(32)).next().secret
+    assert nxt.next().secret not in (key.secret, nxt.secret)
+
+
+def test_replay_window() -> None:
+    w = crypto.ReplayWindow(size=64)
+    assert w.check(0)
+    w.update(0)
+    assert not w.check(0)
+    for pn in (5, 3, 4):
+        assert w.check(pn)
+        w.update(pn)
+        assert not w.check(pn)
+    assert w.check(1)
+    w.update(200)
+    assert not w.check(136)  # too old
+    assert w.check(137)
+    assert not w.check(5)
+    w.update(137)
+    assert not w.check(137)
+    w.update(10_000)  # far jump clears the window
+    assert w.check(9_999)
+    assert not w.check(10_000)
+
+
+@given(st.lists(st.integers(0, 500), max_size=300))
+def test_replay_window_accepts_each_number_once(pns: list[int]) -> None:
+    w = crypto.ReplayWindow(size=1024)
+    seen: set[int] = set()
+    for pn in pns:
+        assert w.check(pn) == (pn not in seen)
+        if w.check(pn):
+            w.update(pn)
+            seen.add(pn)
+
+
+def test_retry_tokens() -> None:
+    tokens = crypto.RetryTokens(b"s" * 32, lifetime=30.0)
+    addr = ("10.0.0.1", 5000)
+    token = tokens.issue(addr, 7, now=100.0)
+    assert len(token) == crypto.RetryTokens.SIZE
+    assert tokens.check(token, addr, 7, now=100.0)
+    assert tokens.check(token, addr, 7, now=125.0)  # next slot still fine
+    assert not tokens.check(token, addr, 7, now=200.0)  # expired
+    assert not tokens.check(token, ("10.0.0.2", 5000), 7, now=100.0)
+    assert not tokens.check(token, ("10.0.0.1", 5001), 7, now=100.0)
+    assert not tokens.check(token, addr, 8, now=100.0)
+    assert not tokens.check(token[:-1] + bytes([token[-1] ^ 1]), addr, 7, now=100.0)
+    assert not tokens.check(b"short", addr, 7, now=100.0)
+    other = crypto.RetryTokens(b"t" * 32)
+    assert not other.check(token, addr, 7, now=100.0)
