@@ -344,6 +344,7 @@ def run_one(
     size: int,
     block_size: int,
     fast_path: str,
+    loop: str,
     lab: netns.VethLab | None,
     profile: str | None,
     label: str,
@@ -352,7 +353,7 @@ def run_one(
     host_rx = lab.address_b if lab else "127.0.0.1"
     host_tx = lab.address_a if lab else "127.0.0.1"
     common = ["--engine", engine, "--size", str(size), "--key", key, "--fast-path", fast_path]
-    common += ["--block-size", str(block_size)]
+    common += ["--block-size", str(block_size), "--loop", loop]
     common += ["--timeout", str(RUN_TIMEOUT)]
     receiver = _spawn(
         [*common, "--role", "recv", "--host", host_rx],
@@ -456,12 +457,19 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--cpu", type=int, default=-1)
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     options = parser.parse_args(argv)
     if 0 <= options.cpu < (os.cpu_count() or 1):
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setaffinity(0, {options.cpu})
     child = adapter_child if options.engine == "adapter" else protocol_child
-    result = asyncio.run(child(options.role, options))
+    loop_factory = None
+    if options.loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(child(options.role, options))
     _emit(result)
     return 0
 
@@ -502,6 +510,7 @@ def _veth_run(options: argparse.Namespace, lab: netns.VethLab) -> dict[str, Any]
         options.size,
         options.block_size,
         options.fast_path,
+        options.loop,
         lab,
         options.profile,
         label,
@@ -579,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--engine", choices=["protocol", "adapter"], default="protocol")
     parser.add_argument("--block-size", type=_parse_size, default=BLOCK_SIZE)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0)
     parser.add_argument("--profile", metavar="PREFIX", nargs="?", const="/tmp/lanshare-profile")
@@ -588,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     print(
         f"transfer benchmark: engine {options.engine}, fast_path {options.fast_path}, "
+        f"{options.loop} loop, "
         f"{options.size / 2**20:.0f} MiB, datagrams of {DATAGRAM_SIZE} bytes, "
         f"{os.cpu_count()} CPUs (sender on CPU{SENDER_CPU}, receiver on CPU{RECEIVER_CPU})",
         flush=True,
@@ -600,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options.size,
             options.block_size,
             options.fast_path,
+            options.loop,
             None,
             options.profile,
             "loopback",
