@@ -689,6 +689,7 @@ async def _run_standalone(discovery: Discovery) -> None:
                 out({"event": "peers", "peers": [p.to_json() for p in discovery.peers()]})
         # stdin closed: keep running until a signal.
 
+    out({"event": "started", "id": discovery.node_id.hex()})
     async with asyncio.TaskGroup() as tg:
         runner = tg.create_task(discovery.run())
         helpers = [tg.create_task(events()), tg.create_task(announce_ready())]

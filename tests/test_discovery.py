@@ -401,3 +401,27 @@ def test_static_peers_work_with_multicast_blocked(
         assert not [o for o in b.json_lines() if o.get("event") == "up"]
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
+
+
+@pytest.mark.netns
+@pytest.mark.mdns
+@pytest.mark.slow
+def test_a_new_address_is_noticed_and_announced(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    lab = make_lab(2)
+    key = generate_key()
+    procs = [_start(lab, i, key, tmp_path) for i in range(2)]
+    try:
+        ids = [_ready(p) for p in procs]
+        procs[1].expect_json(_event("up", ids[0]), timeout=FIND)
+        extra = f"{lab.subnet}.201"
+        lab.hosts[0].run("ip", "addr", "add", f"{extra}/24", "dev", "eth0")
+        # Polled every 15 s, then re-announced (TXT updates are at least 5 s apart).
+        changed = procs[1].expect_json(
+            lambda o: o.get("event") == "changed" and f"{extra}:47000" in o["peer"]["addresses"],
+            timeout=60,
+        )
+        assert f"{lab.hosts[0].address}:47000" in changed["peer"]["addresses"]
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
