@@ -532,6 +532,22 @@ def test_close_is_idempotent_and_stops_everything(backend: str) -> None:
     run(main)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_still_sends_what_the_last_kick_queued(backend: str) -> None:
+    async def main() -> None:
+        a, b = EchoEndpoint(), EchoEndpoint()
+        got_b: list[Got] = []
+        async with await opened(b, got_b.append, backend) as tb:
+            ta = await opened(a, lambda e: None, backend)
+            a.send(b"bye", tb.local_address)
+            ta.kick()
+            await ta.close()
+            await wait_until(lambda: len(got_b) == 1, "the last datagram")
+        assert got_b[0].data == b"bye"
+
+    run(main)
+
+
 # -- a full send buffer, for real: a slow qdisc in a network namespace --------------------------
 
 BLAST_COUNT = 3000

@@ -81,22 +81,17 @@ async def open_transport(
     sock = _bind_socket(network, transfer)
     try:
         transport: Transport[E]
-        missing = _fast_path_missing(loop, sock) if mode != "off" else "it is off"
+        missing = "it is off" if mode == "off" else _fast_path_missing(loop, sock)
         if missing is None:
             gso = _try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0)
             gro = _try_setsockopt(sock, SOL_UDP, UDP_GRO, 1)
             if mode == "on" and not (gso and gro):
-                lacking = " and ".join(
-                    n for n, ok in (("UDP GSO", gso), ("UDP GRO", gro)) if not ok
-                )
-                missing = f"this kernel has no UDP {lacking}"
-            else:
-                transport = FastTransport(sock, endpoint, on_event, loop, transfer, gso, gro)
-        if missing is not None:
-            if mode == "on":
-                raise ConfigError(
-                    f'network.fast_path = "on" but {missing}; use "auto" to fall back'
-                )
+                lacking = " and ".join(n for n, ok in (("GSO", gso), ("GRO", gro)) if not ok)
+                raise ConfigError(f'network.fast_path = "on" but this kernel has no UDP {lacking}')
+            transport = FastTransport(sock, endpoint, on_event, loop, transfer, gso, gro)
+        elif mode == "on":
+            raise ConfigError(f'network.fast_path = "on" but {missing}; use "auto" to fall back')
+        else:
             transport = DgramTransport(sock, endpoint, on_event, loop, transfer)
         await transport._start()
     except BaseException:

@@ -13,6 +13,9 @@ import asyncio_dgram
 
 from lanshare.transport.base import RECV_BATCH, Addr, E, SansIOEndpoint, Transport
 
+#: Loop turns ``close()`` lets the sender task spend on datagrams still queued.
+CLOSE_FLUSH_TURNS = 8
+
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
@@ -53,6 +56,11 @@ class DgramTransport(Transport[E]):
         self._sender = self._loop.create_task(self._send_loop())
 
     async def _stop(self) -> None:
+        # Give the sender a few turns for what is queued (e.g. a close frame), never more.
+        for _ in range(CLOSE_FLUSH_TURNS):
+            if not self._out:
+                break
+            await asyncio.sleep(0)
         tasks = [t for t in (self._reader, self._sender) if t is not None]
         for task in tasks:
             task.cancel()
