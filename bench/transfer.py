@@ -8,6 +8,7 @@ and ``adapter`` (an unreliable AES-GCM blast through the adapter: its overhead a
     python -m bench.transfer                          # 1 GiB, loopback + veth, 0 and 1 % loss
     python -m bench.transfer --size 128M --where loopback --engine adapter
     python -m bench.transfer --profile                # py-spy (or cProfile) of each side
+    LANSHARE_BENCH_CPROFILE=1 python -m bench.transfer --profile   # C calls timed separately
 """
 
 from __future__ import annotations
@@ -408,7 +409,7 @@ def _spawn(
     python = [sys.executable]
     if profile:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        if Path(py_spy).exists():
+        if Path(py_spy).exists() and not os.environ.get("LANSHARE_BENCH_CPROFILE"):
             python = [py_spy, "record", "--nonblocking", "-r", "400", "-f", "raw"]
             python += ["-o", f"{profile}.folded", "--", sys.executable]
         else:
