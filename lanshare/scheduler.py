@@ -362,7 +362,6 @@ class Scheduler:
                 piece.copying.discard(ref)
                 self._local_out.pop(ref, None)
                 gone.append(ref)
-            self._local_queue = deque(c for c in self._local_queue if c.target.file_id != file_id)
             fetching = piece.fetching
             if fetching is not None and fetching.file_id == file_id:
                 gone.append(fetching)
@@ -374,6 +373,7 @@ class Scheduler:
                 piece.done_ref = None  # its data goes away with the file
             self._tracked -= len(gone)
             self._settle(piece)
+        self._local_queue = deque(c for c in self._local_queue if c.target.file_id != file_id)
         return cancels
 
     # --- outputs --------------------------------------------------------------------------

@@ -256,6 +256,91 @@ def test_remove_file_cancels_its_requests():
     assert s.next_requests(1.0) == []
 
 
+def test_misuse_and_stale_events():
+    s = scheduler()
+    blocks = make_blocks(2)
+    assert s.add_file("empty", [], {P1: None})
+    assert s.remaining("empty") == 0
+    s.add_file("f", blocks, {P1: None})
+    with pytest.raises(ValueError, match="already scheduled"):
+        s.add_file("f", blocks, {P1: None})
+    unknown = BlockRef("nope", 0, 0, SIZE, b"\0" * 32)
+    assert s.peer_gone(P4) == []
+    assert s.on_block_done(unknown, P1) == []
+    assert s.on_block_failed(unknown, P1, FailReason.TIMEOUT, 0.0) == []
+    assert s.remove_file("nope") == []
+    (r, _) = requests(s.next_requests(0.0))
+    assert s.on_block_failed(r.block, P2, FailReason.TIMEOUT, 0.0) == []  # not asked of P2
+    assert s.on_block_failed(r.block, None, FailReason.LOCAL, 0.0) == []  # no local copy
+    assert s.peer_stats(P1).outstanding == 2
+
+
+def test_a_block_obtained_otherwise_is_no_longer_needed():
+    s = scheduler(min_depth=1, endgame_max_copies=1)
+    s.add_file("f", make_blocks(2), {P1: None})
+    (r,) = requests(s.next_requests(0.0))
+    # Finding the waiting block on disk by other means completes it without a request.
+    i = 1 - r.block.index
+    b = make_blocks(2)[i]
+    waiting = BlockRef("f", i, b.offset, b.size, b.hash)
+    assert s.on_block_done(waiting) == []
+    assert s.on_block_done(r.block, P1) == []
+    assert s.remaining("f") == 0
+    assert s.next_requests(1.0) == []
+
+
+def test_a_shared_piece_takes_the_most_urgent_priority():
+    s = scheduler(min_depth=1, endgame_max_copies=1)
+    blocks = make_blocks(2, "x")
+    s.add_file("later", blocks[:1], {P1: None}, priority=9)
+    s.add_file("other", make_blocks(1, "y"), {P1: None}, priority=5)
+    s.add_file("now", blocks, {P1: None}, priority=0)
+    assert [r.block.file_id for r in requests(s.next_requests(0.0))] == ["later"]
+
+
+def test_copy_from_a_fetched_block_that_fails_goes_back_to_the_network():
+    s = scheduler(min_depth=2, endgame_max_copies=1)
+    (block,) = make_blocks(1)
+    s.add_file("a", [block], {P1: None})
+    s.add_file("b", [block], {P1: None})
+    (r,) = requests(s.next_requests(0.0))
+    s.on_block_done(r.block, P1)
+    (copy,) = s.next_requests(0.1)
+    assert isinstance(copy, LocalCopy)
+    s.on_block_failed(copy.target, None, FailReason.LOCAL, 0.2)
+    assert requests(s.next_requests(0.3)) == [Request(P1, copy.target)]
+
+
+def test_remove_file_keeps_what_another_file_needs():
+    s = scheduler(min_depth=2, endgame_max_copies=1)
+    shared, own = make_blocks(2)
+    here = LocalSource("x", 0)
+    s.add_file("a", [shared, own], {P1: None}, local_sources={own.hash: here})
+    s.add_file("b", [Block(0, SIZE, shared.hash)], {P1: None})
+    steps = s.next_requests(0.0)
+    assert [type(x).__name__ for x in steps] == ["LocalCopy", "Request"]
+    request = requests(steps)[0]
+    if request.block.file_id == "a":
+        assert s.remove_file("a") == [Cancel(P1, request.block)]
+        (again,) = requests(s.next_requests(0.1))
+        assert again.block.file_id == "b"
+    else:
+        assert s.remove_file("a") == []
+    assert s.tracked == 1
+    copy = steps[0]
+    assert isinstance(copy, LocalCopy)
+    assert s.on_block_done(copy.target) == []  # the copy for the removed file: ignored
+
+
+def test_a_partial_holder_picks_among_what_it_has():
+    s = scheduler(min_depth=2)
+    blocks = make_blocks(30)
+    s.add_file("f", blocks, {P1: None, P2: None, P3: [blocks[7].hash, blocks[9].hash]})
+    picked = by_peer(s.next_requests(0.0))
+    assert sorted(picked[P3]) == [7, 9]  # the only ones it has, though less rare
+    assert not (set(picked[P1]) | set(picked[P2])) & {7, 9}
+
+
 # --- invariants under random events -----------------------------------------------------------
 
 
