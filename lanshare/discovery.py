@@ -96,6 +96,8 @@ EVENT_QUEUE_SIZE = 256
 MAX_RESOLVING = 32
 """Resolves in flight (at most ``RESOLVE_CONCURRENCY`` of them querying at once)."""
 RESOLVE_CONCURRENCY = 4
+NAME_MEMORY = 1024
+"""Service names remembered beyond the table's peers before the memory is pruned."""
 MAX_PROBE_QUESTIONS = 16
 """Questions per probe packet."""
 CLOSE_TIMEOUT = 5.0
@@ -334,6 +336,10 @@ class Discovery:
                 self._probe(due)
             known = set(self._table.services())
             self._watched = {k: v for k, v in self._watched.items() if v in known}
+            if len(self._names) > NAME_MEMORY:  # hostile name churn must not grow memory
+                keep = known | set(self._resolving)
+                self._names = {k: v for k, v in self._names.items() if k in keep}
+                self._epoch = {k: v for k, v in self._epoch.items() if k in keep}
             if self._resync:
                 self._resync = False
                 await self._resync_from_cache()
