@@ -73,8 +73,14 @@ class RunResult:
         return (
             f"  {self.engine:<8} {self.where:<8} loss {self.loss_percent:3.1f} %  "
             f"{self.mb_s:7.1f} MB/s  {self.size / 2**20:6.0f} MiB in {self.seconds:6.2f} s  "
-            f"cpu tx {self.sender_cpu_s:6.2f} s rx {self.receiver_cpu_s:6.2f} s  retx {retx}"
+            f"cpu tx {self.sender_cpu_s:6.2f} s rx {self.receiver_cpu_s:6.2f} s  retx {retx}  "
+            f"[{self.cpu_bound_mb_s:5.0f} MB/s per CPU-second of the busier side]"
         )
+
+    @property
+    def cpu_bound_mb_s(self) -> float:
+        """What the busier side's CPU time allows: steadier than MB/s on a shared machine."""
+        return self.size / max(self.sender_cpu_s, self.receiver_cpu_s, 1e-9) / 1e6
 
 
 # -- the adapter engine: an AES-GCM blast, no reliability ---------------------------------------
