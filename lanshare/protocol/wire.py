@@ -30,9 +30,12 @@ Frames (inside DATA, one after another; PADDING runs to the end)::
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+from blake3 import blake3 as _blake3
 
 from lanshare.errors import DecodeError
 
@@ -94,9 +97,33 @@ class RejectCode(IntEnum):
     REFUSED = 3
 
 
-#: Block hash algorithms, by wire code. Only hashlib names: the core verifies with hashlib.
-HASH_ALGOS: dict[int, str] = {1: "sha256", 2: "blake2b", 3: "sha512", 4: "blake2s", 5: "sha3_256"}
+#: Block hash algorithms, by wire code; the names are ``chunker.block_hash``'s (``hash_algo``).
+HASH_ALGOS: dict[int, str] = {
+    1: "sha256",
+    2: "blake2b",
+    3: "sha512",
+    4: "blake2s",
+    5: "sha3_256",
+    6: "blake3",
+}
 HASH_CODES: dict[str, int] = {name: code for code, name in HASH_ALGOS.items()}
+
+
+def block_digest(algo: str, data: bytes | bytearray | memoryview) -> bytes:
+    """The hash the core checks a received block against (same as ``chunker.block_hash``)."""
+    if algo == "blake3":
+        return bytes(_blake3(data).digest())
+    if algo == "sha256":
+        return hashlib.sha256(data).digest()
+    return hashlib.new(algo, data).digest()
+
+
+def digest_size(algo: str) -> int:
+    """Bytes in a digest of ``algo``; raises ``ValueError`` for an unknown algorithm."""
+    if algo not in HASH_CODES:
+        raise ValueError(f"unsupported hash algorithm {algo!r}")
+    return 32 if algo == "blake3" else hashlib.new(algo).digest_size
+
 
 SHORT_HEADER = struct.Struct("!BBHIQ")  # version, type, flags, dst_cid, pn
 SHORT_HEADER_SIZE = SHORT_HEADER.size  # 16
@@ -337,8 +364,7 @@ def _decode_frame(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tu
             raise DecodeError("bad NOTIFY hashes")
         _need(pos, hash_len * count, end)
         have = tuple(
-            bytes(buf[p : p + hash_len])
-            for p in range(pos, pos + hash_len * count, hash_len or 1)
+            bytes(buf[p : p + hash_len]) for p in range(pos, pos + hash_len * count, hash_len or 1)
         )
         return Notify(seq, have), pos + hash_len * count
     raise DecodeError(f"unknown frame type {ftype}")

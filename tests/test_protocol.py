@@ -1,0 +1,548 @@
+"""Scripted protocol cases with explicit times: each step asserts timers, datagrams, events."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from lanshare.config import NetworkConfig, TransferConfig
+from lanshare.errors import LocalProtocolError
+from lanshare.events import (
+    BlockReceived,
+    BlockRequested,
+    CloseReason,
+    FailReason,
+    ManifestReceived,
+    ManifestRequested,
+    NotificationReceived,
+    RequestCancelled,
+    RequestFailed,
+    SessionClosed,
+    SessionEstablished,
+)
+from lanshare.protocol import Endpoint, wire
+from tests.sim import FOLDER, PSK, Link, Network, make_endpoint
+
+A = ("10.0.0.1", 4000)  # serves
+B = ("10.0.0.2", 4000)  # requests
+A_ID = b"A" * 8
+B_ID = b"B" * 8
+DELAY = 0.010  # one-way
+FRAG = wire.fragment_size(1452)  # 1405 bytes of block per DATA packet
+BLOCK = bytes(range(256)) * 11 + b"x" * 4  # 2820 bytes: 3 fragments (1405, 1405, 10)
+BLOCK_HASH = hashlib.sha256(BLOCK).digest()
+
+
+class Pair:
+    """Two endpoints and a clock; datagrams move only when a step says so."""
+
+    def __init__(self, transfer: TransferConfig | None = None, **knobs: object) -> None:
+        self.a = make_endpoint(1, A_ID, transfer=transfer, **knobs)
+        self.b = make_endpoint(2, B_ID, transfer=transfer, **knobs)
+        self.now = 100.0
+        self.a_events: list[object] = []
+        self.b_events: list[object] = []
+
+    def out(self, ep: Endpoint) -> list[bytes]:
+        return [data for data, _ in ep.datagrams_to_send(self.now)]
+
+    def to_a(self, datagrams: list[bytes]) -> None:
+        for data in datagrams:
+            self.a.receive_datagram(data, B, self.now)
+        self.a_events += _drain(self.a)
+
+    def to_b(self, datagrams: list[bytes]) -> None:
+        for data in datagrams:
+            self.b.receive_datagram(data, A, self.now)
+        self.b_events += _drain(self.b)
+
+    def fire(self, ep: Endpoint) -> list[bytes]:
+        """Jump to ``ep``'s timer, run it, and return what it sends."""
+        timer = ep.get_timer()
+        assert timer is not None
+        self.now = max(self.now, timer)
+        ep.handle_timer(self.now)
+        sent = self.out(ep)
+        (self.a_events if ep is self.a else self.b_events).extend(_drain(ep))
+        return sent
+
+    def establish(self) -> None:
+        self.b.connect(A, FOLDER)
+        assert self.b.get_timer() == 0.0  # something to send: "now"
+        initial = self.out(self.b)
+        assert [len(d) for d in initial] == [wire.INITIAL_SIZE]
+        self.now += DELAY
+        self.to_a(initial)
+        response = self.out(self.a)
+        assert len(response) == 1
+        assert len(response[0]) <= 3 * wire.INITIAL_SIZE
+        assert self.a_events == []  # half-open until B proves its address
+        self.now += DELAY
+        self.to_b(response)
+        assert self.b_events == [SessionEstablished(A_ID, FOLDER, A, initiator=True)]
+        confirm = self.out(self.b)
+        assert len(confirm) == 1  # the PING that validates B's address
+        self.now += DELAY
+        self.to_a(confirm)
+        assert self.a_events == [SessionEstablished(B_ID, FOLDER, B, initiator=False)]
+        # A acks the PING after max_ack_delay; B gets its first RTT sample.
+        assert self.a.get_timer() == pytest.approx(self.now + 0.002)
+        ack = self.fire(self.a)
+        assert len(ack) == 1
+        self.now += DELAY
+        self.to_b(ack)
+        self.a_events.clear()
+        self.b_events.clear()
+
+    def request(self) -> int:
+        return self.b.request_block(
+            A_ID, FOLDER, path="dir/file", index=0, offset=0, size=len(BLOCK), hash=BLOCK_HASH
+        )
+
+
+def _drain(ep: Endpoint) -> list[object]:
+    events = []
+    while (event := ep.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def _serve(pair: Pair, data: bytes = BLOCK) -> list[bytes]:
+    (requested,) = [e for e in pair.a_events if isinstance(e, BlockRequested)]
+    pair.a_events.clear()
+    assert pair.a.send_block(requested.request_id, data)
+    sent = pair.out(pair.a)
+    assert pair.a.get_timer() == pytest.approx(pair.now + 0.002)  # it owes B a delayed ACK
+    return sent
+
+
+def test_handshake_and_block_transfer() -> None:
+    pair = Pair()
+    pair.establish()
+    assert pair.b.peers() == [(A_ID, FOLDER, A)]
+    info = pair.b.session_info(A_ID, FOLDER)
+    assert info is not None
+    assert info["srtt"] == pytest.approx(0.022)  # PING -> 10 ms + 2 ms ack delay + 10 ms
+    rid = pair.request()
+    req = pair.out(pair.b)
+    assert len(req) == 1
+    pair.now += DELAY
+    pair.to_a(req)
+    (event,) = pair.a_events
+    assert isinstance(event, BlockRequested)
+    assert (event.path, event.index, event.size, event.hash) == ("dir/file", 0, 2820, BLOCK_HASH)
+    data = _serve(pair)
+    assert [len(d) for d in data] == [1452, 1452, 1452]  # padded: one size for GSO
+    pair.now += DELAY
+    pair.to_b(data)
+    assert pair.b_events == [BlockReceived(rid, A_ID, FOLDER, BLOCK)]
+
+
+def test_request_lost_is_resent_at_the_probe_timeout() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.request()
+    sent_at = pair.now
+    assert len(pair.out(pair.b)) == 1  # dropped
+    # PTO = srtt + 4 rttvar + max_ack_delay = 0.022 + 0.044 + 0.002
+    assert pair.b.get_timer() == pytest.approx(sent_at + 0.068)
+    probe = pair.fire(pair.b)
+    assert len(probe) == 1  # the request frame again, not a bare PING
+    pair.now += DELAY
+    pair.to_a(probe)
+    assert [type(e) for e in pair.a_events] == [BlockRequested]
+
+
+def test_last_fragment_lost_only_that_fragment_is_resent() -> None:
+    pair = Pair()
+    pair.establish()
+    rid = pair.request()
+    pair.now += DELAY
+    pair.to_a(pair.out(pair.b))
+    data = _serve(pair)
+    sent_at = pair.now
+    assert len(data) == 3
+    pair.fire(pair.a)  # A's delayed ACK of the request (B needs nothing from it)
+    pair.now = sent_at + DELAY
+    pair.to_b(data[:2])  # the last fragment is lost
+    assert pair.b_events == []
+    assert pair.b.get_timer() == pytest.approx(pair.now + 0.002)  # delayed ACK
+    ack = pair.fire(pair.b)
+    assert len(ack) == 1
+    pair.now += DELAY
+    pair.to_a(ack)
+    # Nothing after the lost packet was acked: no threshold loss, only the PTO finds it.
+    srtt = 0.022  # first sample: 10 ms + 2 ms ACK delay + 10 ms
+    assert pair.a.get_timer() == pytest.approx(sent_at + srtt + 4 * srtt / 2 + 0.002)
+    resend = pair.fire(pair.a)
+    assert len(resend) == 1
+    assert pair.a.stats.fragments_retransmitted == 1
+    pair.now += DELAY
+    pair.to_b(resend)
+    assert pair.b_events == [BlockReceived(rid, A_ID, FOLDER, BLOCK)]
+
+
+def test_middle_fragment_lost_is_found_by_the_time_threshold() -> None:
+    pair = Pair()
+    pair.establish()
+    rid = pair.request()
+    pair.now += DELAY
+    pair.to_a(pair.out(pair.b))
+    data = _serve(pair)
+    sent_at = pair.now
+    pair.fire(pair.a)  # A's delayed ACK of the request
+    pair.now = sent_at + DELAY
+    pair.to_b([data[0], data[2]])
+    ack = pair.out(pair.b)  # a gap: B acks at once
+    assert len(ack) == 1
+    pair.now += DELAY
+    pair.to_a(ack)
+    # One packet behind the largest acked: lost after 9/8 of the RTT, not before.
+    timer = pair.a.get_timer()
+    assert timer == pytest.approx(sent_at + 9 / 8 * 0.02)
+    resend = pair.fire(pair.a)  # declared lost at the timer and sent again at once
+    assert pair.a.stats.packets_lost == 1
+    assert len(resend) == 1
+    pair.now += DELAY
+    pair.to_b(resend)
+    assert pair.b_events == [BlockReceived(rid, A_ID, FOLDER, BLOCK)]
+
+
+def test_ack_lost_costs_one_probe_and_no_duplicate_delivery() -> None:
+    pair = Pair()
+    pair.establish()
+    rid = pair.request()
+    pair.now += DELAY
+    pair.to_a(pair.out(pair.b))
+    data = _serve(pair)
+    sent_at = pair.now
+    pair.fire(pair.a)  # A's delayed ACK of the request
+    pair.now = sent_at + DELAY
+    pair.to_b(data)
+    assert pair.b_events == [BlockReceived(rid, A_ID, FOLDER, BLOCK)]
+    assert len(pair.fire(pair.b)) == 1  # the ACK, lost
+    # A has no RTT sample of its own yet: PTO from the initial RTT (0.1 + 4 * 0.05 + 0.002).
+    assert pair.a.get_timer() == pytest.approx(sent_at + 0.302)
+    probe = pair.fire(pair.a)
+    assert len(probe) == 1
+    pair.now += DELAY
+    pair.to_b(probe)
+    pair.now = pair.b.get_timer() or pair.now
+    pair.b.handle_timer(pair.now)
+    ack = pair.out(pair.b)
+    pair.now += DELAY
+    pair.to_a(ack)
+    assert pair.a.session_info(B_ID, FOLDER)["bytes_in_flight"] == 0  # type: ignore[index]
+    assert pair.a.stats.fragments_retransmitted == 1
+    assert [e for e in pair.b_events if isinstance(e, BlockReceived)] == [
+        BlockReceived(rid, A_ID, FOLDER, BLOCK)
+    ]
+
+
+def test_silent_peer_fails_the_request_then_is_declared_gone() -> None:
+    pair = Pair(TransferConfig(request_timeout=10.0, idle_timeout=15.0))
+    pair.establish()
+    last_heard = pair.now
+    rid = pair.request()
+    requested_at = pair.now
+    pair.out(pair.b)
+    probes = 0
+    for _ in range(100):
+        timer = pair.b.get_timer()
+        assert timer is not None
+        if timer > last_heard + 15.0:
+            break
+        probes += len(pair.fire(pair.b))
+        if any(isinstance(e, SessionClosed) for e in pair.b_events):
+            break
+    failed = [e for e in pair.b_events if isinstance(e, RequestFailed)]
+    closed = [e for e in pair.b_events if isinstance(e, SessionClosed)]
+    assert failed == [RequestFailed(rid, A_ID, FOLDER, FailReason.TIMEOUT)]
+    assert closed == [SessionClosed(A_ID, FOLDER, A, CloseReason.PEER_GONE)]
+    assert pair.now == pytest.approx(last_heard + 15.0)
+    assert 5 <= probes <= 12  # exponential backoff, not a flood
+    assert requested_at + 10.0 <= pair.now
+    assert pair.b.peers() == []
+    assert pair.b.get_timer() is None
+
+
+def test_idle_session_sends_keepalives_and_stays_up() -> None:
+    pair = Pair(TransferConfig(keepalive_interval=5.0, idle_timeout=15.0))
+    pair.establish()
+    start = pair.now
+    for _ in range(40):
+        for ep, deliver in ((pair.a, pair.to_b), (pair.b, pair.to_a)):
+            timer = ep.get_timer()
+            if timer is not None and timer <= pair.now:
+                ep.handle_timer(pair.now)
+            deliver(pair.out(ep))
+        timers = [t for t in (pair.a.get_timer(), pair.b.get_timer()) if t is not None]
+        pair.now = max(pair.now, min(timers))
+    assert pair.now - start > 30.0
+    assert not [e for e in pair.a_events + pair.b_events if isinstance(e, SessionClosed)]
+
+
+def test_request_timeout_cancels_at_the_server() -> None:
+    pair = Pair(TransferConfig(request_timeout=2.0))
+    pair.establish()
+    rid = pair.request()
+    pair.now += DELAY
+    sent_at = pair.now
+    pair.to_a(pair.out(pair.b))
+    assert [type(e) for e in pair.a_events] == [BlockRequested]  # never answered
+    for _ in range(20):
+        pair.to_a(pair.fire(pair.b))
+        if pair.b_events:
+            break
+    assert pair.b_events == [RequestFailed(rid, A_ID, FOLDER, FailReason.TIMEOUT)]
+    assert pair.now == pytest.approx(sent_at + 2.0)
+    assert isinstance(pair.a_events[-1], RequestCancelled)
+
+
+def test_corrupt_block_is_rejected_and_reported() -> None:
+    pair = Pair()
+    pair.establish()
+    rid = pair.request()
+    pair.now += DELAY
+    pair.to_a(pair.out(pair.b))
+    bad = bytearray(BLOCK)
+    bad[-1] ^= 0xFF
+    data = _serve(pair, bytes(bad))
+    pair.now += DELAY
+    pair.to_b(data)
+    assert pair.b_events == [RequestFailed(rid, A_ID, FOLDER, FailReason.INTEGRITY)]
+
+
+def test_reject_manifest_notify_cancel_close() -> None:
+    pair = Pair()
+    pair.establish()
+    # reject
+    rid = pair.request()
+    pair.to_a(pair.out(pair.b))
+    (req,) = pair.a_events
+    assert isinstance(req, BlockRequested)
+    pair.a_events.clear()
+    assert pair.a.reject(req.request_id, FailReason.NOT_FOUND)
+    assert not pair.a.send_block(req.request_id, BLOCK)  # gone
+    pair.to_b(pair.out(pair.a))
+    assert pair.b_events == [RequestFailed(rid, A_ID, FOLDER, FailReason.NOT_FOUND)]
+    pair.b_events.clear()
+    # manifest
+    rid = pair.b.request_manifest(A_ID, FOLDER, since_seq=7, max_size=10_000)
+    pair.to_a(pair.out(pair.b))
+    (mreq,) = pair.a_events
+    assert isinstance(mreq, ManifestRequested)
+    assert (mreq.since_seq, mreq.max_size) == (7, 10_000)
+    pair.a_events.clear()
+    records = [b"record-%d" % i * 30 for i in range(30)]
+    with pytest.raises(LocalProtocolError):
+        pair.a.send_manifest(mreq.request_id, [b"x" * 20_000], more=False)
+    assert pair.a.send_manifest(mreq.request_id, records, more=True)
+    pair.to_b(pair.out(pair.a))
+    assert pair.b_events == [ManifestReceived(rid, A_ID, FOLDER, tuple(records), True)]
+    pair.b_events.clear()
+    # notify
+    assert pair.a.notify(B_ID, FOLDER, 42, [b"h" * 32, b"i" * 32])
+    assert not pair.a.notify(b"C" * 8, FOLDER, 1)
+    pair.to_b(pair.out(pair.a))
+    assert pair.b_events == [NotificationReceived(A_ID, FOLDER, 42, (b"h" * 32, b"i" * 32))]
+    pair.b_events.clear()
+    # cancel before the server answered
+    rid = pair.request()
+    pair.to_a(pair.out(pair.b))
+    (req,) = pair.a_events
+    pair.a_events.clear()
+    pair.b.cancel(rid)
+    pair.to_a(pair.out(pair.b))
+    assert pair.a_events == [RequestCancelled(req.request_id, B_ID, FOLDER)]  # type: ignore[union-attr]
+    assert not pair.a.send_block(req.request_id, BLOCK)  # type: ignore[union-attr]
+    pair.to_b(pair.out(pair.a))
+    assert pair.b_events == []  # a cancel has no event on the requester
+    # close
+    pair.a_events.clear()
+    pair.b.close()
+    assert _drain(pair.b) == [SessionClosed(A_ID, FOLDER, A, CloseReason.CLOSED)]
+    pair.to_a(pair.out(pair.b))
+    assert pair.a_events == [SessionClosed(B_ID, FOLDER, B, CloseReason.CLOSED)]
+    assert pair.a.peers() == pair.b.peers() == []
+
+
+def test_request_without_session_fails_at_once() -> None:
+    ep = make_endpoint(1, A_ID)
+    rid = ep.request_block(B_ID, FOLDER, path="f", index=0, offset=0, size=1, hash=bytes(32))
+    assert ep.next_event() == RequestFailed(rid, B_ID, FOLDER, FailReason.PEER_GONE)
+    with pytest.raises(LocalProtocolError):
+        ep.request_block(B_ID, FOLDER, path="f", index=0, offset=0, size=1, hash=b"short")
+    with pytest.raises(LocalProtocolError):
+        ep.request_block(
+            B_ID, FOLDER, path="f", index=0, offset=0, size=1, hash=bytes(32), hash_algo="md4x"
+        )
+    with pytest.raises(LocalProtocolError):
+        ep.connect(A, b"\x09" * 16)  # no key for that folder
+
+
+def test_lost_initial_and_lost_response_are_repeated() -> None:
+    pair = Pair()
+    pair.b.connect(A, FOLDER)
+    first = pair.out(pair.b)  # lost
+    assert pair.b.get_timer() == pytest.approx(pair.now + 0.2)  # 2 x initial_rtt
+    again = pair.fire(pair.b)
+    assert again == first
+    assert pair.b.get_timer() == pytest.approx(pair.now + 0.4)  # backoff
+    pair.to_a(again)
+    response = pair.out(pair.a)  # lost
+    pair.to_a(pair.fire(pair.b))  # INITIAL once more
+    assert pair.out(pair.a) == response  # the same answer, no new state
+    pair.to_b(response)
+    assert [type(e) for e in pair.b_events] == [SessionEstablished]
+
+
+def test_connect_to_nobody_fails_after_idle_timeout() -> None:
+    pair = Pair(TransferConfig(idle_timeout=3.0))
+    pair.b.connect(A, FOLDER)
+    pair.out(pair.b)
+    start = pair.now
+    sent = 0
+    for _ in range(50):
+        if pair.b_events:
+            break
+        sent += len(pair.fire(pair.b))
+    assert pair.b_events == [SessionClosed(None, FOLDER, A, CloseReason.HANDSHAKE_TIMEOUT)]
+    assert pair.now == pytest.approx(start + 3.0)
+    assert sent <= 5
+    assert pair.b.get_timer() is None
+
+
+def test_simultaneous_connect_gives_one_session_each_side() -> None:
+    pair = Pair()
+    pair.a.connect(B, FOLDER)
+    pair.b.connect(A, FOLDER)
+    a_out, b_out = pair.out(pair.a), pair.out(pair.b)
+    pair.to_a(b_out)  # A < B: A keeps its own handshake and drops B's
+    pair.to_b(a_out)  # B gives up its own and answers A's
+    for _ in range(5):
+        pair.to_b(pair.out(pair.a))
+        pair.to_a(pair.out(pair.b))
+    assert [type(e) for e in pair.a_events] == [SessionEstablished]
+    assert [type(e) for e in pair.b_events] == [SessionEstablished]
+    assert pair.a.peers() == [(B_ID, FOLDER, B)]
+    assert pair.b.peers() == [(A_ID, FOLDER, A)]
+
+
+def test_restart_event_order() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.b = make_endpoint(3, B_ID)
+    pair.b.connect(A, FOLDER)
+    pair.to_a(pair.out(pair.b))
+    pair.to_b(pair.out(pair.a))
+    pair.to_a(pair.out(pair.b))
+    assert pair.a_events == [
+        SessionClosed(B_ID, FOLDER, B, CloseReason.REPLACED),
+        SessionEstablished(B_ID, FOLDER, B, initiator=False),
+    ]
+    assert len(pair.a.peers()) == 1
+
+
+def test_key_updates_keep_the_session_working() -> None:
+    net = Network(3, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID, key_update_interval=50), A)
+    b = net.add(make_endpoint(2, B_ID, key_update_interval=50), B)
+    blocks = [random.Random(i).randbytes(50_000) for i in range(8)]
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            A_ID,
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+    net.run_until(lambda: len(b.of_type(BlockReceived)) == len(blocks), 10)
+    assert sorted(e.data for e in b.of_type(BlockReceived)) == sorted(blocks)  # type: ignore[attr-defined]
+    assert b.endpoint.stats.auth_failed == a.endpoint.stats.auth_failed == 0
+    info = a.endpoint.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info["key_updates"] >= 3  # type: ignore[operator]
+
+
+def test_flow_control_bounds_what_is_in_flight_towards_us() -> None:
+    credit = 64 * 1024
+    net = Network(4, Link(delay=0.002, bandwidth=50e6, queue_size=10**6))
+    transfer = TransferConfig(max_in_flight_size=credit)
+    a = net.add(make_endpoint(1, A_ID, transfer=transfer), A)
+    b = net.add(make_endpoint(2, B_ID, transfer=transfer), B)
+    blocks = [random.Random(i).randbytes(16 * 1024) for i in range(40)]
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            A_ID,
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+    peak = 0
+
+    def done() -> bool:
+        nonlocal peak
+        info = b.endpoint.session_info(A_ID, FOLDER)
+        assert info is not None
+        assert info["credit_used"] <= credit  # type: ignore[operator]
+        served = a.endpoint.session_info(B_ID, FOLDER)
+        assert served is not None
+        peak = max(peak, served["bytes_in_flight"])  # type: ignore[type-var]
+        return len(b.of_type(BlockReceived)) == len(blocks)
+
+    net.run_until(done, 10)
+    assert peak <= credit * 1452 // wire.fragment_size(1452) + 2 * 1452
+
+
+@pytest.mark.parametrize("side", ["send", "recv"])
+def test_rate_limits_hold_in_simulated_time(side: str) -> None:
+    rate = 2_000_000
+    net = Network(5, Link(delay=0.001))
+    limited = (
+        NetworkConfig(max_send_rate=rate) if side == "send" else NetworkConfig(max_recv_rate=rate)
+    )
+    a = net.add(make_endpoint(1, A_ID, network=limited if side == "send" else None), A)
+    b = net.add(make_endpoint(2, B_ID, network=limited if side == "recv" else None), B)
+    blocks = [random.Random(i).randbytes(100_000) for i in range(20)]
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            A_ID,
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+    took = net.run_until(lambda: len(b.of_type(BlockReceived)) == len(blocks), 30)
+    total = sum(map(len, blocks))
+    burst = 0.05 * rate + 100_000  # the bucket may start full
+    assert took >= (total - burst) / rate
+    assert took <= 2 * total / rate
+
+
+def test_psk_and_folder_validation() -> None:
+    with pytest.raises(LocalProtocolError):
+        make_endpoint(1, A_ID, folders={b"short": PSK})
+    with pytest.raises(LocalProtocolError):
+        make_endpoint(1, b"toolongid")
