@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from lanshare.errors import ConfigError
+from lanshare.events import Addr
 from lanshare.transport.base import (
     IP_MTU_DISCOVER,
     IP_PMTUDISC_PROBE,
@@ -22,7 +23,6 @@ from lanshare.transport.base import (
     SOL_UDP,
     UDP_GRO,
     UDP_SEGMENT,
-    Addr,
     E,
     Features,
     SansIOEndpoint,

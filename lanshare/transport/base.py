@@ -35,16 +35,15 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lanshare.config import TransferConfig
+    from lanshare.events import Addr
 
 logger = logging.getLogger(__name__)
-
-Addr: TypeAlias = tuple[str, int]
 
 # Linux socket options; Python 3.11's socket module has no names for these.
 SOL_UDP = 17

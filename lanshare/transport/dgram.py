@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncio_dgram
 
-from lanshare.transport.base import RECV_BATCH, Addr, E, SansIOEndpoint, Transport
+from lanshare.transport.base import RECV_BATCH, E, SansIOEndpoint, Transport
 
 #: Loop turns ``close()`` lets the sender task spend on datagrams still queued.
 CLOSE_FLUSH_TURNS = 8
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lanshare.config import TransferConfig
+    from lanshare.events import Addr
 
 
 class DgramTransport(Transport[E]):

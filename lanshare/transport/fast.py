@@ -21,7 +21,6 @@ from lanshare.transport.base import (
     SOL_UDP,
     UDP_GRO,
     UDP_SEGMENT,
-    Addr,
     E,
     Features,
     SansIOEndpoint,
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lanshare.config import TransferConfig
+    from lanshare.events import Addr
 
 logger = logging.getLogger(__name__)
 
