@@ -548,6 +548,91 @@ def test_close_still_sends_what_the_last_kick_queued(backend: str) -> None:
     run(main)
 
 
+# -- the real protocol between two adapters ------------------------------------------------------
+
+FOLDER = bytes(range(16))
+PSK = bytes(range(100, 132))
+
+
+def _block(index: int, size: int) -> bytes:
+    return hashlib.shake_256(index.to_bytes(4, "big")).digest(size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("drop", "seed"), [(0.0, 11), (0.05, 12)])
+def test_real_endpoints_transfer_blocks(backend: str, drop: float, seed: int) -> None:
+    from lanshare.events import BlockReceived, BlockRequested, SessionEstablished
+    from lanshare.protocol import Endpoint
+
+    count, size = 12, 96 * 1024
+    transfer = replace(TRANSFER, initial_rtt=0.02)
+
+    def endpoint(rng_seed: int) -> Endpoint:
+        return Endpoint(
+            transfer,
+            LOOPBACK,
+            node_id=rng_seed.to_bytes(8, "big"),
+            folders={FOLDER: PSK},
+            rng=random.Random(rng_seed),
+        )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server, fetcher = endpoint(seed), endpoint(seed + 1000)
+        received: dict[int, bytes] = {}
+        requests: dict[int, int] = {}
+        established = asyncio.Event()
+        serving: list[Transport[Any]] = []
+        fetching: list[Transport[Any]] = []
+
+        def on_server_event(event: object) -> None:
+            if isinstance(event, BlockRequested):
+                assert server.send_block(event.request_id, _block(event.index, event.size))
+                serving[0].kick()
+
+        def on_fetcher_event(event: object) -> None:
+            if isinstance(event, SessionEstablished):
+                for i in range(count):
+                    rid = fetcher.request_block(
+                        event.peer,
+                        FOLDER,
+                        path="f",
+                        index=i,
+                        offset=i * size,
+                        size=size,
+                        hash=hashlib.sha256(_block(i, size)).digest(),
+                    )
+                    requests[rid] = i
+                fetching[0].kick()
+                established.set()
+            elif isinstance(event, BlockReceived):
+                received[requests[event.request_id]] = event.data
+
+        async with (
+            await opened(server, on_server_event, backend) as tserver,
+            await opened(fetcher, on_fetcher_event, backend) as tfetcher,
+        ):
+            serving.append(tserver)
+            fetching.append(tfetcher)
+            relay = LossyRelay(tserver.local_address, tfetcher.local_address, drop, seed)
+            relay_transport, _ = await loop.create_datagram_endpoint(
+                lambda: relay, local_addr=("127.0.0.1", 0)
+            )
+            try:
+                server.connect(relay_transport.get_extra_info("sockname"), FOLDER)
+                tserver.kick()
+                await wait_until(lambda: len(received) == count, f"all blocks (seed {seed})")
+            finally:
+                relay_transport.close()
+        assert received == {i: _block(i, size) for i in range(count)}
+        assert tserver.stats.datagrams_sent > count * size // NetworkConfig().max_datagram_size
+        if drop:
+            assert relay.dropped > 0
+            assert server.stats.fragments_retransmitted + fetcher.stats.packets_lost > 0
+
+    run(main)
+
+
 # -- a full send buffer, for real: a slow qdisc in a network namespace --------------------------
 
 BLAST_COUNT = 3000
