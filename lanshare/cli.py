@@ -14,13 +14,13 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from lanshare import __version__
 from lanshare import config as configuration
-from lanshare.errors import LanshareError, NotImplementedYet, UsageError
+from lanshare.errors import LanshareError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -131,10 +131,7 @@ def init(
     raw = keys.parse_key(key) if key is not None else keys.generate_key()
     key_text = keys.format_key(raw)
     config_path = settings.config or configuration.default_config_path()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the folder {folder}: {exc.strerror}") from exc
+    _make_folder(folder)
     configuration.add_folder(config_path, folder, key_text)
     verb = "Joined" if key is not None else "Created"
     typer.echo(f"{verb} shared folder {folder}")
@@ -203,20 +200,46 @@ def scan(
         )
 
 
+LogLevelOption = Annotated[
+    str,
+    typer.Option(
+        "--log-level",
+        help="debug, info, warning or error (default: the config's [logging] level).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def daemon(
     ctx: typer.Context,
+    log_level: LogLevelOption = "",
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Run the sync daemon in the foreground (use the systemd units to run it as a service).
 
     With no config file at all, one is created that shares ~/LanShare under a fresh key.
+    Logs go to stderr; SIGTERM stops it cleanly, SIGHUP reloads the config.
     """
-    _settings(ctx, config, debug)
-    raise NotImplementedYet(
-        "the sync daemon is not built in this version yet; `lanshare scan` indexes folders"
-    )
+    import asyncio
+
+    from lanshare.daemon import Daemon
+
+    settings = _settings(ctx, config, debug)
+    overrides = {"logging.level": log_level or None}
+    cfg, created = configuration.ensure_config(settings.config, overrides)
+    if created:
+        for folder in cfg.folders:
+            _make_folder(folder.path)
+            typer.echo(
+                f"No config found: created {cfg.source} sharing {folder.path}\n"
+                f"Folder key (give it to your other machines: lanshare init FOLDER --key KEY):\n"
+                f"{folder.key}",
+                err=True,
+            )
+    _setup_logging(settings.debug, cfg.logging.level, daemon=True)
+    asyncio.run(Daemon(cfg).run())
 
 
 @app.command()
@@ -227,9 +250,24 @@ def ls(
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """List what the LAN shares: files, which peers have them, and their local state."""
-    _settings(ctx, config, debug)
-    raise NotImplementedYet("`lanshare ls` arrives with the sync engine; it is not built yet")
+    """List what the LAN shares: files, which peers have them, and their local state.
+
+    Asks the running daemon; with none, starts a short-lived node that finds peers first.
+    """
+    settings = _settings(ctx, config, debug)
+    cfg = _load(settings)
+    target = str(_inside(cfg, path)) if path is not None else None
+    entries = _ask(cfg, "ls", {"path": target})
+    if as_json:
+        _print_json(entries)
+        return
+    if not entries:
+        typer.echo("nothing shared yet")
+        return
+    for entry in entries:
+        peers = len(entry["peers"])
+        size = _size(entry["size"]) if entry["type"] == "file" else entry["type"]
+        typer.echo(f"{entry['state']:<10} {size:>10} {peers:>2} peer(s)  {entry['path']}")
 
 
 @app.command()
@@ -237,12 +275,27 @@ def pull(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Files or directories inside a folder.")],
     as_json: JsonOption = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Give up after this many seconds (0: never).")
+    ] = 0.0,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Fetch these paths from the LAN now, with progress; exit 0 once all are verified."""
-    _settings(ctx, config, debug)
-    raise NotImplementedYet("`lanshare pull` arrives with the sync engine; it is not built yet")
+    """Fetch these paths from the LAN now, with progress; exit 0 once all are verified.
+
+    A directory means everything under it. Works with no daemon running: a short-lived
+    node finds the peers, fetches, and exits.
+    """
+    settings = _settings(ctx, config, debug)
+    cfg = _load(settings)
+    targets = [str(_inside(cfg, p)) for p in paths]
+    params = {"paths": targets, "timeout": timeout}
+    result = _ask(cfg, "pull", params, progress=None if as_json else _PullProgress())
+    if as_json:
+        _print_json(result)
+        return
+    total = sum(int(row["bytes"]) for row in result)
+    typer.echo(f"{len(result)} file(s), {_size(total)}: all present and verified")
 
 
 @app.command()
@@ -252,21 +305,175 @@ def status(
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Show each folder's sync state, what it still needs, and why it is not in sync."""
-    _settings(ctx, config, debug)
-    raise NotImplementedYet("`lanshare status` needs the daemon, which is not built yet")
+    """Show each folder's sync state, what it still needs, and why it is not in sync.
+
+    Needs a running daemon (exit status 3 when there is none).
+    """
+    from lanshare.control import ControlClient
+
+    settings = _settings(ctx, config, debug)
+    cfg = _load(settings)
+    with ControlClient(cfg.node.control_socket) as client:
+        result = client.call("status")
+    if as_json:
+        _print_json(result)
+        return
+    node = result.get("node", {})
+    typer.echo(f"node {node.get('name', '?')} ({node.get('id', '?')})")
+    for folder in result["folders"]:
+        line = f"{folder['path']}: {folder['state']}"
+        if folder["need_files"]:
+            line += f", needs {folder['need_files']} file(s), {_size(folder['need_bytes'])}"
+        if folder.get("conflicts"):
+            line += f", {folder['conflicts']} conflict(s)"
+        if folder["reason"]:
+            line += f" ({folder['reason']})"
+        typer.echo(line)
+        for peer in folder["peers"]:
+            rate = f"{_size(peer['rate'])}/s" if peer["rate"] else "idle"
+            typer.echo(f"  peer {peer['name'] or peer['id']}: {rate}")
+        for problem in folder.get("problems", [])[:10]:
+            typer.echo(f"  ! {problem['path']}: {problem['problem']}")
 
 
 @app.command()
 def peers(
     ctx: typer.Context,
     as_json: JsonOption = False,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Browse this long when no daemon is running.")
+    ] = 3.0,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """List the peers seen on the LAN that share a folder with this machine."""
-    _settings(ctx, config, debug)
-    raise NotImplementedYet("`lanshare peers` arrives with discovery; it is not built yet")
+    """List the peers seen on the LAN that share a folder with this machine.
+
+    Asks the running daemon; with none, browses mDNS itself for a few seconds.
+    """
+    import asyncio
+
+    from lanshare.control import ControlClient
+    from lanshare.discovery import browse_once
+    from lanshare.errors import DaemonNotRunning
+
+    settings = _settings(ctx, config, debug)
+    cfg = _load(settings)
+    try:
+        with ControlClient(cfg.node.control_socket) as client:
+            found = client.call("peers")
+    except DaemonNotRunning:
+        found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        typer.echo("no peers found")
+    for peer in found:
+        addresses = ", ".join(peer["addresses"])
+        typer.echo(f"{peer['name'] or peer['id']:<24} {peer['state']:<10} {addresses}")
+
+
+class _PullProgress:
+    """A rich progress bar per file and overall, fed by the daemon's progress lines."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("{task.description}", justify="left"),
+            BarColumn(bar_width=20),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._overall = self._bar.add_task("total", total=0)
+
+    def __enter__(self) -> _PullProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.stop()
+
+    def update(self, update: dict[str, Any]) -> None:
+        rows = update.get("files", [])
+        for row in rows:
+            name = str(row["path"]).rsplit("/", 1)[-1][:24]
+            task = self._tasks.get(row["path"])
+            if task is None:
+                task = self._tasks[row["path"]] = self._bar.add_task(name, total=row["size"])
+            self._bar.update(task, completed=row["bytes"])
+        total = sum(int(r["size"]) for r in rows)
+        done = sum(int(r["bytes"]) for r in rows)
+        self._bar.update(self._overall, total=total, completed=done)
+
+
+def _ask(
+    cfg: Config, method: str, params: dict[str, Any], progress: _PullProgress | None = None
+) -> Any:
+    """Call ``method`` on the running daemon, or on a short-lived node when none runs."""
+    import asyncio
+    import contextlib
+
+    from lanshare.control import ControlClient
+    from lanshare.errors import DaemonNotRunning
+
+    guard = progress if progress is not None else contextlib.nullcontext()
+    try:
+        client = ControlClient(cfg.node.control_socket, timeout=None)
+        client.connect()
+    except DaemonNotRunning:
+        return asyncio.run(_ask_short_lived(cfg, method, params, progress))
+    with client, guard:
+        result: Any = None
+        for kind, value in client.stream(method, params):
+            if kind == "progress" and progress is not None:
+                progress.update(value)
+            elif kind == "result":
+                result = value
+        return result
+
+
+async def _ask_short_lived(
+    cfg: Config, method: str, params: dict[str, Any], progress: _PullProgress | None
+) -> Any:
+    from lanshare.daemon import Daemon, run_short_lived
+
+    async def report(update: dict[str, Any]) -> None:
+        if progress is not None:
+            progress.update(update)
+
+    async def work(node: Daemon) -> Any:
+        handler = node.handler(method)
+        return await handler(params, report)
+
+    if progress is None:
+        return await run_short_lived(cfg, work)
+    with progress:
+        return await run_short_lived(cfg, work)
+
+
+def _inside(cfg: Config, path: Path) -> Path:
+    """``path`` made absolute; a usage error (exit 2) when it is outside every folder."""
+    folder = _pick_folder(cfg.folders, path)
+    del folder
+    return path.expanduser().absolute()
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder {path}: {exc.strerror}") from exc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,10 +512,11 @@ def _pick_folder(folders: Sequence[FolderConfig], path: Path | None) -> FolderCo
     raise UsageError(f"{target} is not inside any shared folder")
 
 
-def _setup_logging(debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)
+def _setup_logging(debug: bool, level_name: str = "warning", *, daemon: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.getLevelNamesMapping()[level_name.upper()]
+    # journald adds its own time stamps; a terminal user sees the same short lines.
+    fmt = "%(levelname)s %(name)s: %(message)s" if daemon else "%(levelname)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
 
 
 def _print_json(value: object) -> None:

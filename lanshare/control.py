@@ -19,18 +19,19 @@ import os
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lanshare.errors import ControlError, DaemonNotRunning, LanshareError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Mapping
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
 
-    #: A handler gets the request's params and a callback for progress lines.
-    Handler = Callable[
-        [dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[Any]
-    ]
+Progress: TypeAlias = Callable[[dict[str, Any]], Awaitable[None]]
+"""How a handler reports progress: one JSON object per call, sent as a progress line."""
+Handler: TypeAlias = Callable[[dict[str, Any], Progress], Awaitable[Any]]
+"""A control method: gets the request's params and the progress callback."""
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ class ControlClient:
         self._buffer = b""
 
     def __enter__(self) -> ControlClient:
-        self.connect()
+        if self._socket is None:
+            self.connect()
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -126,21 +126,29 @@ def test_path_outside_every_folder_is_a_usage_error(
     assert "not inside any shared folder" in err
 
 
-@pytest.mark.parametrize("command", ["daemon", "ls", "status", "peers"])
-def test_unbuilt_commands_say_so_without_fake_output(
-    home: Path, capsys: pytest.CaptureFixture[str], command: str
-) -> None:
-    code, out, err = run(capsys, command)
-    assert code == 1
+def test_status_without_daemon_exits_3(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "init", str(home / "A"))
+    code, out, err = run(capsys, "status")
+    assert code == 3
     assert out == ""
-    assert "not built" in err
+    assert "no lanshare daemon is running" in err
     assert "Traceback" not in err
 
 
 def test_debug_flag_shows_traceback(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "init", str(home / "A"))
     code, _, err = run(capsys, "status", "--debug")
-    assert code == 1
+    assert code == 3
     assert "Traceback" in err
+
+
+def test_pull_outside_every_folder_is_exit_2(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "init", str(home / "A"))
+    code, _, err = run(capsys, "pull", str(home / "B" / "x"))
+    assert code == 2
+    assert "not inside any shared folder" in err
 
 
 def test_scan_json_reports_summary_keys(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,459 @@
+"""The daemon's lifecycle: wire index, transport, engine, watchers, discovery and control socket.
+
+I/O shell with no sync logic of its own. Everything runs in one asyncio TaskGroup; SIGTERM
+and SIGINT stop it cleanly (goodbyes on mDNS, sessions closed, index closed), SIGHUP reloads
+the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
+the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1`` pings at half
+``WatchdogSec`` when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lanshare import config as configuration
+from lanshare import keys
+from lanshare.control import ControlServer
+from lanshare.discovery import Discovery
+from lanshare.engine import Engine
+from lanshare.errors import (
+    ConfigError,
+    ControlError,
+    LanshareError,
+    StorageError,
+    TransferError,
+    UsageError,
+)
+from lanshare.identity import load_or_create_node_id
+from lanshare.index import Index
+from lanshare.peertable import PeerDown, PeerUp, SharedFolder
+from lanshare.protocol.endpoint import Endpoint
+from lanshare.sdnotify import Notifier, watchdog_interval
+from lanshare.transport import open_transport
+from lanshare.watcher import FolderWatcher
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from lanshare.config import Config, FolderConfig
+    from lanshare.control import Handler, Progress
+    from lanshare.peertable import PeerEvent
+    from lanshare.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATABASE_NAME = "index.sqlite3"
+LOCK_NAME = "daemon.lock"
+STOP_TIMEOUT = 5.0
+"""Seconds a clean stop may take before the rest is abandoned."""
+PULL_PROGRESS_INTERVAL = 0.25
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to stop every task."""
+
+
+class Daemon:
+    """One running node. ``await run()`` until a signal (or ``stop()``) ends it."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Mapping[str, str] | None = None,
+        control: bool = True,
+        watch: bool = True,
+        announce: bool = True,
+    ) -> None:
+        self.config = config
+        self._environ = dict(os.environ if environ is None else environ)
+        self._with_control = control
+        self._watch = watch
+        self._announce = announce
+        self._notifier = Notifier.from_environ(self._environ) if control else Notifier(None)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.transport: Transport[Any] | None = None
+        self.engine: Engine | None = None
+        self.discovery: Discovery | None = None
+        self._watchers: dict[Path, FolderWatcher] = {}
+        self._watch_tasks: dict[Path, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def settled(self, patience: float) -> None:
+        """Wait (at most ``patience`` s) until every folder was scanned and, once a peer is
+        connected, every connected peer's manifest was read."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        engine = self._engine()
+        while loop.time() < deadline:
+            folders = list(engine.folders.values())
+            scanned = all(f.scanned.is_set() or f.state == "error" for f in folders)
+            linked = all(f.links for f in folders)
+            read = all(
+                link.manifest_request is None and link.known_sequence >= 0
+                for f in folders
+                for link in f.links.values()
+            )
+            if scanned and linked and read:
+                await asyncio.sleep(0.2)  # the plan that follows the last batch
+                return
+            await asyncio.sleep(0.1)
+
+    async def run(self) -> None:
+        """Run the node until stopped.
+
+        Raises:
+            LanshareError: it could not start (another daemon, a port in use, …).
+        """
+        config = self.config
+        config.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _exclusive_lock(config.node.state_dir / LOCK_NAME):
+            node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
+            index = await asyncio.to_thread(Index.open, config.node.state_dir / DATABASE_NAME)
+            try:
+                await self._run(index, node_id)
+            finally:
+                await asyncio.to_thread(index.close)
+
+    async def _run(self, index: Index, node_id: bytes) -> None:
+        config = self.config
+        endpoint = Endpoint(
+            config.transfer, config.network, node_id=node_id, folders={}, rng=random.SystemRandom()
+        )
+        engine = Engine(config, index, node_id, endpoint, kick=self._kick)  # type: ignore[arg-type]
+        self.engine = engine
+        self._notifier.notify("STATUS=binding")
+        self.transport = await open_transport(
+            endpoint, engine.handle_event, config.network, config.transfer
+        )
+        control: ControlServer | None = None
+        try:
+            for folder in config.folders:
+                await self._add_folder(folder)
+            if self._with_control:
+                control = ControlServer(config.node.control_socket, self._handlers())
+                await control.start()
+            self.discovery = Discovery(
+                node_id=node_id,  # type: ignore[arg-type]
+                name=config.node.name,
+                network=config.network,
+                folders=[SharedFolder(str(f.path), keys.parse_key(f.key)) for f in config.folders],
+                port=self.transport.port,
+                announce=self._announce,
+            )
+            engine.on_sequence = self.discovery.set_sequence
+            await self._serve(engine)
+        finally:
+            if control is not None:
+                await control.close()
+            for watcher in self._watchers.values():
+                await watcher.stop()
+            endpoint.close()
+            self._kick()
+            await asyncio.sleep(0.05)  # let the CLOSE datagrams leave
+            await self.transport.close()
+
+    async def _serve(self, engine: Engine) -> None:
+        assert self.discovery is not None
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        if self._with_control:
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(engine.run())
+                group.create_task(self.discovery.run())
+                group.create_task(self._discovery_events())
+                for path in self._watchers:
+                    self._start_watch_task(path)
+                group.create_task(self._announce_ready())
+                group.create_task(self._watchdog())
+                group.create_task(self._reloader())
+                await self._stop.wait()
+                self._notifier.notify("STOPPING=1", "STATUS=stopping")
+                logger.info("stopping")
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            if self._with_control:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    async def _announce_ready(self) -> None:
+        assert self.discovery is not None
+        assert self.transport is not None
+        for peer in self.config.network.static_peers:
+            host, port = configuration.parse_host_port(peer)
+            for addr in await _resolve(host, port):
+                self._engine().add_address(addr)
+        await self.discovery.ready.wait()
+        self.ready.set()
+        self._notifier.notify("READY=1", f"STATUS=ready, UDP port {self.transport.port}")
+        logger.info(
+            "ready: node %s, UDP port %d, %d folder(s)",
+            self._engine().node_id.hex(),
+            self.transport.port,
+            len(self._engine().folders),
+        )
+        while True:
+            await asyncio.sleep(2.0)
+            states = [f.state for f in self._engine().folders.values()]
+            summary = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "idle"
+            self._notifier.notify(f"STATUS={summary}")
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval(self._environ)
+        if interval is None:
+            return
+        while True:
+            self._notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _discovery_events(self) -> None:
+        assert self.discovery is not None
+        while True:
+            event: PeerEvent = await self.discovery.events.get()
+            engine = self._engine()
+            ids = {str(s.root): fid for fid, s in engine.folders.items()}
+            if isinstance(event, PeerUp | PeerDown) or hasattr(event, "peer"):
+                peer = event.peer
+                if peer.node_id is not None:
+                    engine.peer_names[bytes(peer.node_id)] = peer.name
+                folders = [ids[label] for label in peer.folders if label in ids]
+                for addr in peer.addresses:
+                    if isinstance(event, PeerDown):
+                        engine.remove_address(addr)
+                    else:
+                        engine.add_address(addr, folders or None)
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the config file: add and remove folders; a bad file keeps the old config."""
+        source = self.config.source
+        try:
+            fresh = await asyncio.to_thread(configuration.load, source)
+        except ConfigError as exc:
+            logger.error("config not reloaded, keeping the old one: %s", exc)
+            return
+        old = {(f.path, f.key): f for f in self.config.folders}
+        new = {(f.path, f.key): f for f in fresh.folders}
+        engine = self._engine()
+        for key in old.keys() - new.keys():
+            folder = old[key]
+            await engine.remove_folder(keys.folder_id(keys.parse_key(folder.key)))
+            watcher = self._watchers.pop(folder.path, None)
+            task = self._watch_tasks.pop(folder.path, None)
+            if task is not None:
+                task.cancel()
+            if watcher is not None:
+                await watcher.stop()
+            logger.info("folder %s removed", folder.path)
+        self.config = fresh
+        for key in new.keys() - old.keys():
+            await self._add_folder(new[key])
+            if self._group is not None and new[key].path in self._watchers:
+                self._start_watch_task(new[key].path)
+            logger.info("folder %s added", new[key].path)
+        logger.info("config reloaded from %s", source)
+
+    async def _add_folder(self, folder: FolderConfig) -> None:
+        engine = self._engine()
+        sync = await engine.add_folder(folder)
+        if not self._watch:
+            return
+        watcher = FolderWatcher(sync.root, ignore=sync.rules.matches)
+        try:
+            await watcher.start()
+        except LanshareError as exc:
+            logger.warning("not watching %s: %s", sync.root, exc)
+            return
+        self._watchers[folder.path] = watcher
+        engine.watchers[sync.info.id] = watcher.expect_own_write
+
+    def _start_watch_task(self, path: Path) -> None:
+        assert self._group is not None
+        watcher = self._watchers[path]
+        self._watch_tasks[path] = self._group.create_task(self._follow(path, watcher))
+
+    async def _follow(self, path: Path, watcher: FolderWatcher) -> None:
+        engine = self._engine()
+        async for _batch in watcher:
+            sync = next((s for s in engine.folders.values() if s.root == path), None)
+            if sync is not None:
+                await sync.scan()
+
+    def _kick(self) -> None:
+        if self.transport is not None:
+            self.transport.kick()
+
+    def _engine(self) -> Engine:
+        assert self.engine is not None
+        return self.engine
+
+    # -- control API ----------------------------------------------------------------------
+
+    def handler(self, method: str) -> Handler:
+        """The control method ``method`` (the short-lived node calls them directly)."""
+        return self._handlers()[method]
+
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self._status,
+            "peers": self._peers,
+            "ls": self._ls,
+            "pull": self._pull,
+            "rescan": self._rescan,
+            "resume": self._resume,
+        }
+
+    async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
+        return self._engine().status()
+
+    async def _peers(self, params: dict[str, Any], progress: Progress) -> Any:
+        return peers_json(self)
+
+    async def _ls(self, params: dict[str, Any], progress: Progress) -> Any:
+        from lanshare.listing import listing
+
+        path = params.get("path")
+        return await listing(self._engine(), Path(path) if isinstance(path, str) else None)
+
+    async def _pull(self, params: dict[str, Any], progress: Progress) -> Any:
+        from lanshare.listing import pull
+
+        raw = params.get("paths")
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            raise UsageError("pull needs a list of paths")
+        timeout = params.get("timeout")
+        seconds = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
+        try:
+            async with asyncio.timeout(seconds):
+                return await pull(self._engine(), [Path(p) for p in raw], progress)
+        except TimeoutError:
+            raise TransferError(f"gave up after {seconds:.0f} s") from None
+
+    async def _rescan(self, params: dict[str, Any], progress: Progress) -> Any:
+        for sync in self._engine().folders.values():
+            await sync.scan()
+        return self._engine().status()
+
+    async def _resume(self, params: dict[str, Any], progress: Progress) -> Any:
+        path = params.get("path")
+        engine = self._engine()
+        targets = (
+            [engine.folder_for(Path(path))[0]] if isinstance(path, str) else engine.folders.values()
+        )
+        for sync in targets:
+            sync.allow_mass_delete = True
+            sync.dirty.set()
+        return {"resumed": [str(s.root) for s in targets]}
+
+
+def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
+    """The ``peers --json`` list: discovery's table with the transport's view of liveness."""
+    engine = daemon._engine()
+    connected = {bytes(peer) for peer, _, _ in engine.endpoint.peers()}
+    out = []
+    seen: set[str] = set()
+    for info in daemon.discovery.peers() if daemon.discovery else []:
+        entry = info.to_json()
+        if info.node_id is not None and bytes(info.node_id) in connected:
+            entry["state"] = "connected"
+        out.append(entry)
+        seen.add(str(entry["id"]))
+    for peer, folder, addr in engine.endpoint.peers():
+        if peer.hex() in seen:
+            continue
+        seen.add(peer.hex())
+        sync = engine.folders.get(bytes(folder))
+        out.append(
+            {
+                "id": peer.hex(),
+                "name": engine.peer_names.get(bytes(peer), ""),
+                "addresses": [f"{addr[0]}:{addr[1]}"],
+                "folders": [str(sync.root)] if sync else [],
+                "last_seen": None,
+                "state": "connected",
+            }
+        )
+    return out
+
+
+async def _resolve(host: str, port: int) -> list[tuple[str, int]]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        logger.warning("static peer %s:%d: cannot resolve: %s", host, port, exc)
+        return []
+    return sorted({(str(info[4][0]), int(info[4][1])) for info in infos})
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Any:
+    """Hold an flock on ``path`` so two daemons never share one index."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ControlError(
+                f"another lanshare daemon is already running with the state in {path.parent}; "
+                "stop it first (or give this one another config)"
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"cannot lock {path}: {exc.strerror}") from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+async def run_short_lived(
+    config: Config, work: Callable[[Daemon], Awaitable[T]], *, settle: float = 5.0
+) -> T:
+    """Start a node without control socket, watcher or announcement, let it find peers and
+    read their manifests (at most ``settle`` seconds), run ``work`` on it, then stop it.
+
+    This is how ``ls``, ``pull`` and ``peers`` work on a machine with no daemon running.
+    """
+    node = Daemon(config, control=False, watch=False, announce=False)
+    runner = asyncio.create_task(node.run())
+    try:
+        ready = asyncio.create_task(node.ready.wait())
+        done, _ = await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            ready.cancel()
+            runner.result()  # raises the start-up error
+            raise ControlError("the short-lived node stopped before it was ready")
+        await node.settled(settle)
+        return await work(node)
+    finally:
+        node.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(runner, STOP_TIMEOUT)

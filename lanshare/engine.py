@@ -1,0 +1,1134 @@
+"""The sync engine: keeps every shared folder at the global newest version, with its peers.
+
+Async coordination, no sockets: it issues commands on the sans-IO ``Endpoint`` (then asks the
+transport to send with ``kick``), reads the endpoint's events, and does every disk operation
+through ``asyncio.to_thread`` (index, scanner, store).
+
+Theory of operation
+-------------------
+* **Local side.** A folder is scanned at start and after every batch of watcher changes (or
+  ``rescan()``); a scan that changed anything bumps the folder's sequence, and every
+  connected peer of the folder is told at once (a NOTIFY with the new sequence).
+* **Manifest exchange.** When a session comes up, we ask the peer for its records with a
+  sequence above the highest we hold of it; answers come in bounded batches and are asked
+  for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's
+  8-byte index id and its current sequence): a peer whose index id changed (its database was
+  reset) is forgotten and read again from 0. Records are decoded and validated
+  (``manifest.decode_record`` checks paths, sizes and hashes) before they are stored per peer
+  in the index, so a restart costs only what changed. A NOTIFY whose sequence is above the
+  stored one, or one that carries no HAVE hashes (a peer's set of downloads changed), asks
+  for the news.
+* **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files it is
+  downloading right now: the record it is building and which blocks it already holds; every
+  block it verifies afterwards is announced with a HAVE. We plan with such a record as if
+  the peer had that version, but ask it only for the blocks it announced, so C can pull
+  from B what B is still receiving from A.
+* **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
+  records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
+  conflict and delete actions are applied at once, in the plan's order; builds from local
+  data copy blocks synchronously before anything else can move their sources; fetches
+  become downloads.
+* **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
+  disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
+  has them (rarest first, pipelined by measured rate, end game, failover). Verified blocks
+  are recorded in the index as they are written, so a crash resumes without fetching them
+  again. A finished file is verified whole and renamed into place only if the local file is
+  still what the plan saw; otherwise the download is discarded and the next plan decides.
+* **Serving.** A block request is answered from the file that holds it, re-read and checked
+  against its hash first (``store.read_block``), from a download's verified blocks, or from
+  any local file with the same content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lanshare import keys, planner, scanner
+from lanshare.errors import (
+    DecodeError,
+    IntegrityError,
+    LanshareError,
+    LocalChangeError,
+    StorageError,
+    UsageError,
+)
+from lanshare.events import (
+    BlockReceived,
+    BlockRequested,
+    FailReason,
+    ManifestReceived,
+    ManifestRequested,
+    NotificationReceived,
+    RequestCancelled,
+    RequestFailed,
+    SessionClosed,
+    SessionEstablished,
+)
+from lanshare.identity import short_id
+from lanshare.ignore import IgnoreRules
+from lanshare.index import LocalChange
+from lanshare.manifest import Block, EntryType, FileRecord, decode_record, encode_record
+from lanshare.protocol import wire
+from lanshare.scheduler import (
+    BlockRef,
+    Cancel,
+    LocalCopy,
+    LocalSource,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+)
+from lanshare.scheduler import FailReason as BlockFail
+from lanshare.store import Assembly, FolderStore, LocalState
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection, Iterable
+
+    from lanshare.config import Config, FolderConfig
+    from lanshare.events import Addr, Event
+    from lanshare.identity import NodeId
+    from lanshare.index import FolderInfo, Index
+    from lanshare.protocol.endpoint import Endpoint
+
+logger = logging.getLogger(__name__)
+
+PLAN_DEBOUNCE = 0.05
+"""Seconds a burst of changes is collected before one planning pass."""
+TICK_INTERVAL = 0.25
+"""Seconds between scheduler passes while downloads run (timeouts, stalled blocks)."""
+RECONNECT_INTERVAL = 5.0
+"""Seconds between attempts to (re)connect to known peer addresses without a session."""
+MANIFEST_RECORDS_PER_BATCH = 2000
+"""Records read from the index for one manifest answer (then cut to the size limit)."""
+HAVE_FLUSH_INTERVAL = 0.05
+"""Seconds verified blocks are collected before one HAVE notification."""
+MAX_HAVE_PER_NOTIFY = 32
+RATE_WINDOW = 1.0
+"""Seconds over which a peer's delivery rate is measured."""
+VERSIONS_KEEP_SECONDS = 30 * 86400.0
+"""How long replaced and deleted files stay in ``.lanshare/versions/``."""
+MAX_IN_PROGRESS_ANNOUNCED = 64
+"""Downloads announced to peers for re-sharing (the newest ones)."""
+
+_HEADER = struct.Struct("!B8sQ")
+_ENTRY_HEADER = 0x00
+_ENTRY_IN_PROGRESS = 0x02
+
+
+@dataclass(slots=True)
+class PeerLink:
+    """A session with one peer for one folder."""
+
+    peer: bytes
+    addr: Addr
+    known_sequence: int = 0
+    manifest_request: int | None = None
+    refetch: bool = False
+    in_progress: dict[str, FileRecord] = field(default_factory=dict)
+    have: set[bytes] = field(default_factory=set)
+    window_bytes: int = 0
+    window_start: float = 0.0
+    rate: float = 0.0
+
+
+@dataclass(slots=True)
+class Download:
+    """A file being assembled from peers' blocks and local copies."""
+
+    record: FileRecord
+    planned: LocalState
+    sources: tuple[bytes, ...]
+    assembly: Assembly | None = None
+    done: set[int] = field(default_factory=set)
+    writing: int = 0
+    finishing: bool = False
+    bytes_done: int = 0
+    index_at: dict[int, int] = field(default_factory=dict)
+    """Block index by offset."""
+
+    def __post_init__(self) -> None:
+        self.index_at = {block.offset: i for i, block in enumerate(self.record.blocks)}
+
+    @property
+    def path(self) -> str:
+        return self.record.path
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.record.blocks) and self.writing == 0
+
+
+class FolderSync:
+    """One shared folder: its scans, peers, plan, downloads and the blocks it serves."""
+
+    def __init__(self, engine: Engine, config: FolderConfig, info: FolderInfo) -> None:
+        self.engine = engine
+        self.config = config
+        self.info = info
+        self.raw_key = keys.parse_key(config.key)
+        self.folder_id = keys.folder_id(self.raw_key)
+        self.root = Path(config.path)
+        self.store = FolderStore(self.root)
+        self.rules = IgnoreRules(config.ignore)
+        self.state = "scanning"
+        self.reason = ""
+        self.links: dict[bytes, PeerLink] = {}
+        self.downloads: dict[str, Download] = {}
+        self.scheduler = Scheduler(
+            random.Random(int.from_bytes(self.folder_id[:8], "big")),
+            SchedulerConfig(request_timeout=engine.config.transfer.request_timeout),
+        )
+        self.requests: dict[int, tuple[bytes, BlockRef]] = {}
+        self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
+        self.problems: dict[str, str] = {}
+        self.priority: set[str] = set()
+        self.allow_mass_delete = False
+        self.need_files = 0
+        self.need_bytes = 0
+        self.conflicts = 0
+        self.scanned = asyncio.Event()
+        self.dirty = asyncio.Event()
+        self.synced = asyncio.Event()
+        self.pending_have: list[bytes] = []
+        self.have_flush: asyncio.TimerHandle | None = None
+
+    # -- local side -----------------------------------------------------------------------
+
+    async def scan(self) -> None:
+        """Rescan the folder; tell peers and replan when anything changed."""
+        try:
+            if not self.root.is_dir():
+                raise StorageError(
+                    f"folder {self.root} is missing (unmounted disk?); paused until it is back"
+                )
+            summary = await scanner.scan_path(
+                self.engine.index,
+                self.info.id,
+                self.root,
+                self.engine.short_id,
+                ignore=self.config.ignore,
+                io_workers=self.engine.config.transfer.io_workers,
+                limit=self.engine.io_limit,
+            )
+        except LanshareError as exc:
+            self.state, self.reason = "error", str(exc)
+            logger.warning("folder %s: %s", self.root, exc)
+            return
+        if self.state in ("scanning", "error"):
+            self.state, self.reason = "syncing", ""
+        self.rules = await asyncio.to_thread(IgnoreRules.for_folder, self.root, self.config.ignore)
+        self.scanned.set()
+        if summary.new or summary.changed or summary.deleted:
+            logger.info(
+                "folder %s: %d new, %d changed, %d deleted",
+                self.root,
+                summary.new,
+                summary.changed,
+                summary.deleted,
+            )
+            self.announce_sequence()
+        self.dirty.set()
+
+    def announce_sequence(self) -> None:
+        sequence = self.engine.index.folder(self.info.id).sequence
+        for link in self.links.values():
+            self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
+        self.engine.sequence_changed()
+        self.engine.kick()
+
+    # -- peers and manifests --------------------------------------------------------------
+
+    def session_up(self, peer: bytes, addr: Addr) -> None:
+        known = self.engine.index.remote_peer(self.info.id, peer)
+        link = PeerLink(peer, addr, known_sequence=known.max_sequence if known else 0)
+        link.window_start = self.engine.now()
+        self.links[peer] = link
+        self.ask_manifest(link)
+        # Our in-progress downloads are news for it too.
+        self.engine.endpoint.notify(peer, self.folder_id, self.info_sequence())
+
+    def session_down(self, peer: bytes) -> None:
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        for rid, (owner, _) in list(self.requests.items()):
+            if owner == peer:
+                del self.requests[rid]
+        self.outgoing = {k: v for k, v in self.outgoing.items() if k[0] != peer}
+        self._apply_steps(self.scheduler.peer_gone(peer))
+        if link.in_progress:
+            self.dirty.set()
+        self.pump()
+
+    def info_sequence(self) -> int:
+        return self.engine.index.folder(self.info.id).sequence
+
+    def ask_manifest(self, link: PeerLink) -> None:
+        if link.manifest_request is not None:
+            link.refetch = True
+            return
+        link.refetch = False
+        link.manifest_request = self.engine.endpoint.request_manifest(
+            link.peer, self.folder_id, link.known_sequence
+        )
+        self.engine.kick()
+
+    async def answer_manifest(self, event: ManifestRequested) -> None:
+        info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
+        header = _HEADER.pack(_ENTRY_HEADER, info.index_id, info.sequence)
+        entries = [header]
+        size = wire.manifest_batch_size(entries)
+        # In-progress downloads go first but may fill at most half of the batch.
+        for download in list(self.downloads.values())[-MAX_IN_PROGRESS_ANNOUNCED:]:
+            entry = _in_progress_entry(download)
+            if size + 4 + len(entry) > event.max_size // 2:
+                break
+            entries.append(entry)
+            size += 4 + len(entry)
+        records = await asyncio.to_thread(
+            self.engine.index.records_since,
+            self.info.id,
+            event.since_seq,
+            MANIFEST_RECORDS_PER_BATCH,
+        )
+        more = len(records) == MANIFEST_RECORDS_PER_BATCH
+        for record in records:
+            encoded = encode_record(record)
+            if size + 4 + len(encoded) > event.max_size:
+                more = True
+                break
+            entries.append(encoded)
+            size += 4 + len(encoded)
+        self.engine.endpoint.send_manifest(event.request_id, entries, more)
+        self.engine.kick()
+
+    async def manifest_received(self, event: ManifestReceived) -> None:
+        link = self.links.get(event.peer)
+        if link is None or link.manifest_request != event.request_id:
+            return
+        records: list[FileRecord] = []
+        in_progress: dict[str, FileRecord] = {}
+        have: set[bytes] = set()
+        restart = False
+        for entry in event.records:
+            try:
+                kind = entry[0] if entry else -1
+                if kind == _ENTRY_HEADER:
+                    restart = await self._check_index_id(link, entry)
+                elif kind == _ENTRY_IN_PROGRESS:
+                    record, blocks = _decode_in_progress(entry)
+                    in_progress[record.path] = record
+                    have.update(record.blocks[i].hash for i in blocks)
+                else:
+                    records.append(decode_record(entry))
+            except DecodeError as exc:
+                self.engine.count_hostile(event.peer, f"bad manifest entry: {exc}")
+        link.manifest_request = None
+        if restart:
+            self.ask_manifest(link)
+            return
+        if records:
+            link.known_sequence = await asyncio.to_thread(
+                self.engine.index.remote_upsert, self.info.id, event.peer, records
+            )
+        if in_progress.keys() != link.in_progress.keys() or have - link.have:
+            link.in_progress = in_progress
+            link.have |= have
+            self.scheduler.peer_has(event.peer, have)
+        if event.more or link.refetch:
+            self.ask_manifest(link)
+        self.dirty.set()
+
+    async def _check_index_id(self, link: PeerLink, entry: bytes) -> bool:
+        if len(entry) != _HEADER.size:
+            raise DecodeError("manifest header has the wrong size")
+        _, index_id, _sequence = _HEADER.unpack(entry)
+        known = await asyncio.to_thread(self.engine.index.remote_peer, self.info.id, link.peer)
+        if known is not None and known.index_id not in (b"", index_id):
+            logger.info("peer %s reset its index; reading it again", link.peer.hex())
+            await asyncio.to_thread(
+                self.engine.index.remote_reset, self.info.id, link.peer, index_id
+            )
+            link.known_sequence = 0
+            return True
+        if known is None or known.index_id == b"":
+            await asyncio.to_thread(
+                self.engine.index.remote_reset, self.info.id, link.peer, index_id
+            )
+            if known is not None and known.max_sequence:
+                link.known_sequence = 0
+                return True
+        return False
+
+    def notified(self, event: NotificationReceived) -> None:
+        link = self.links.get(event.peer)
+        if link is None:
+            return
+        if event.have:
+            fresh = set(event.have) - link.have
+            link.have |= fresh
+            if fresh:
+                self.scheduler.peer_has(event.peer, fresh)
+                self.pump()
+        if event.seq > link.known_sequence or not event.have:
+            self.ask_manifest(link)
+
+    # -- planning -------------------------------------------------------------------------
+
+    async def plan_loop(self) -> None:
+        await self.scanned.wait()
+        while True:
+            await self.dirty.wait()
+            await asyncio.sleep(PLAN_DEBOUNCE)
+            self.dirty.clear()
+            try:
+                await self.plan_and_apply()
+            except LanshareError as exc:
+                self.state, self.reason = "error", str(exc)
+                logger.warning("folder %s: %s", self.root, exc)
+
+    async def plan_and_apply(self) -> None:
+        local, remotes = await asyncio.to_thread(self._load_records)
+        for peer, link in self.links.items():
+            if link.in_progress:
+                merged = dict(remotes.get(peer, {}))
+                for path, record in link.in_progress.items():
+                    current = merged.get(path)
+                    if current is None or not _same_content(current, record):
+                        merged[path] = record
+                remotes[peer] = merged
+        result = planner.plan(
+            local,
+            remotes,
+            local_short_id=self.engine.short_id,
+            priority=self.priority,
+            allow_mass_delete=self.allow_mass_delete,
+            ignored=self.rules.matches,
+        )
+        for problem in result.problems:
+            self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
+        if result.paused:
+            self.state, self.reason = "paused", result.reason
+        wanted: set[str] = set()
+        for action in result.actions:
+            if isinstance(action, planner.Fetch):
+                wanted.add(action.path)
+                await self._want(action, remotes)
+                continue
+            try:
+                await self._apply(action)
+            except LocalChangeError as exc:
+                logger.info("folder %s: %s", self.root, exc)
+                self.dirty.set()
+            except LanshareError as exc:
+                self.problems[action.path] = str(exc)
+                logger.warning("folder %s: %s: %s", self.root, action.path, exc)
+        for path in [p for p in self.downloads if p not in wanted]:
+            await self._abandon(path, discard=True)
+        self.need_files = len(self.downloads)
+        self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
+        self.conflicts = sum(1 for a in result.actions if isinstance(a, planner.Conflict))
+        if not result.paused:
+            if self.downloads:
+                self.state, self.reason = "syncing", ""
+            elif self.state != "error":
+                self.state, self.reason = "in_sync", ""
+                self.synced.set()
+        if self.downloads:
+            self.synced.clear()
+        self.allow_mass_delete = False
+        self.pump()
+
+    def _load_records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
+        index = self.engine.index
+        local = {r.path: r for r in index.iter_records(self.info.id)}
+        remotes = {
+            p.peer: {r.path: r for r in index.remote_records(self.info.id, p.peer)}
+            for p in index.remote_peers(self.info.id)
+        }
+        return local, remotes
+
+    async def _apply(self, action: planner.Action) -> None:
+        store = self.store
+        now = time.time()
+        if isinstance(action, planner.Conflict):
+            await asyncio.to_thread(store.rename_local, action.path, action.conflict_name)
+            await self._commit(action.copy_record)
+            return
+        if isinstance(action, planner.MakeDir):
+            await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
+        elif isinstance(action, planner.MakeSymlink):
+            await self._own_write(action.path)
+            await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
+        elif isinstance(action, planner.SetMetadata):
+            planned = LocalState.of(action.replaces)
+            await asyncio.to_thread(
+                store.set_metadata, action.path, action.record.mode, action.record.mtime_ns, planned
+            )
+        elif isinstance(action, planner.Delete):
+            planned = LocalState.of(action.replaces)
+            entry = action.replaces.type if action.replaces is not None else action.record.type
+            await self._own_write(action.path)
+            await asyncio.to_thread(store.delete, action.path, entry, planned, now)
+        elif isinstance(action, planner.BuildFromLocal):
+            await self._build_from_local(action)
+            return
+        await self._commit(action.record)
+
+    async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
+        record = action.record
+        assembly = await asyncio.to_thread(self.store.begin, record)
+        try:
+            index_at = {block.offset: i for i, block in enumerate(record.blocks)}
+            for copy in action.copies:
+                source = Block(copy.source_offset, copy.size, copy.hash)
+                data = await asyncio.to_thread(
+                    self.store.read_block, copy.source_path, source, record.hash_algo
+                )
+                if data is None:
+                    raise LocalChangeError(f"{copy.source_path} changed; {record.path} replanned")
+                await asyncio.to_thread(
+                    self.store.write_block, assembly, index_at[copy.offset], data
+                )
+            await self._own_write(record.path)
+            await asyncio.to_thread(
+                self.store.commit, assembly, LocalState.of(action.replaces), time.time()
+            )
+        finally:
+            assembly.close()
+        await self._commit(record)
+
+    async def _commit(self, record: FileRecord) -> None:
+        """Record that ``record`` is now on disk (with a new local sequence)."""
+        inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
+        await asyncio.to_thread(
+            self.engine.index.commit_changes,
+            self.info.id,
+            [LocalChange(record, inode=inode, ctime_ns=ctime_ns)],
+        )
+        self.announce_sequence()
+
+    async def _own_write(self, rel: str) -> None:
+        watcher = self.engine.watchers.get(self.info.id)
+        if watcher is not None:
+            watcher(rel)
+
+    # -- downloads ------------------------------------------------------------------------
+
+    async def _want(
+        self, action: planner.Fetch, remotes: dict[bytes, dict[str, FileRecord]]
+    ) -> None:
+        existing = self.downloads.get(action.path)
+        if existing is not None:
+            if existing.record.file_hash == action.record.file_hash and (
+                existing.record.version == action.record.version
+            ):
+                return
+            await self._abandon(action.path, discard=True)
+        record = action.record
+        download = Download(record, LocalState.of(action.replaces), action.sources)
+        try:
+            download.assembly = await asyncio.to_thread(self.store.begin, record)
+            partial = await asyncio.to_thread(
+                self.engine.index.partial_begin,
+                self.info.id,
+                record.path,
+                self.store.temp_name(record),
+                record.file_hash,
+            )
+            if partial.verified:
+                download.done = await asyncio.to_thread(
+                    self.store.verified_blocks, download.assembly, set(partial.verified)
+                )
+                download.bytes_done = sum(record.blocks[i].size for i in download.done)
+        except LanshareError as exc:
+            if download.assembly is not None:
+                download.assembly.close()
+            self.problems[record.path] = str(exc)
+            logger.warning("folder %s: cannot start %s: %s", self.root, record.path, exc)
+            return
+        self.downloads[record.path] = download
+        self.problems.pop(record.path, None)
+        needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
+        local_sources = await asyncio.to_thread(self._local_sources, needed)
+        availability: dict[bytes, Collection[bytes] | None] = {}
+        for peer in self.links:
+            theirs = remotes.get(peer, {}).get(record.path)
+            if theirs is not None and _same_content(theirs, record):
+                link = self.links[peer]
+                in_progress = link.in_progress.get(record.path)
+                availability[peer] = link.have if in_progress is theirs else None
+            elif self.links[peer].have:
+                availability[peer] = self.links[peer].have
+        self._schedule_file(download, needed, availability, local_sources)
+        if download.complete:
+            self._finish_soon(download)
+
+    def _schedule_file(
+        self,
+        download: Download,
+        needed: list[Any],
+        availability: dict[bytes, Collection[bytes] | None],
+        local_sources: dict[bytes, LocalSource],
+    ) -> None:
+        priority = 0 if _prioritised(download.path, self.priority) else 1
+        # Blocks of the same file at several indexes share one piece; the scheduler copies
+        # the later ones locally. Its refs number blocks in `needed`; keep a map back.
+        ok = self.scheduler.add_file(
+            download.path,
+            needed,
+            availability,
+            local_sources=local_sources,
+            priority=priority,
+        )
+        if not ok:
+            self.problems[download.path] = "waiting: too many blocks in flight"
+            del self.downloads[download.path]
+            if download.assembly is not None:
+                download.assembly.close()
+
+    def _local_sources(self, blocks: Iterable[Any]) -> dict[bytes, LocalSource]:
+        found: dict[bytes, LocalSource] = {}
+        for block in blocks:
+            if block.hash in found:
+                continue
+            for location in self.engine.index.find_block(block.hash, self.info.id):
+                found[block.hash] = LocalSource(location.path, location.offset)
+                break
+        return found
+
+    def pump(self) -> None:
+        """Turn the scheduler's next steps into requests, cancels and local copies."""
+        if not self.downloads:
+            return
+        self._apply_steps(self.scheduler.next_requests(self.engine.now()))
+        self.engine.kick()
+
+    def _apply_steps(self, steps: Iterable[Request | Cancel | LocalCopy]) -> None:
+        endpoint = self.engine.endpoint
+        for step in steps:
+            if isinstance(step, Request):
+                download = self.downloads.get(step.block.file_id)
+                if download is None:
+                    continue
+                index = self._block_index(download, step.block)
+                rid = endpoint.request_block(
+                    step.peer,
+                    self.folder_id,
+                    path=download.path,
+                    index=index,
+                    offset=step.block.offset,
+                    size=step.block.size,
+                    hash=step.block.hash,
+                    hash_algo=download.record.hash_algo,
+                )
+                self.requests[rid] = (step.peer, step.block)
+                self.outgoing[(step.peer, step.block)] = rid
+            elif isinstance(step, Cancel):
+                rid = self.outgoing.pop((step.peer, step.block), -1)
+                if rid >= 0:
+                    self.requests.pop(rid, None)
+                    endpoint.cancel(rid)
+            else:
+                self.engine.spawn(self._local_copy(step))
+
+    @staticmethod
+    def _block_index(download: Download, ref: BlockRef) -> int:
+        # The scheduler numbers only the blocks it was given (the missing ones).
+        return download.index_at[ref.offset]
+
+    async def _local_copy(self, copy: LocalCopy) -> None:
+        download = self.downloads.get(copy.target.file_id)
+        if download is None:
+            return
+        source = copy.source
+        algo = download.record.hash_algo
+        target = copy.target
+        block = Block(source.offset, target.size, target.hash)
+        data: bytes | None = None
+        if isinstance(source, LocalSource):
+            data = await asyncio.to_thread(self.store.read_block, source.path, block, algo)
+        else:
+            other = self.downloads.get(source.file_id)
+            if other is not None and other.assembly is not None:
+                rel = _temp_rel(other)
+                data = await asyncio.to_thread(self.store.read_block, rel, block, algo)
+        if data is None:
+            self._apply_steps(self.scheduler.on_block_failed(target, None, BlockFail.LOCAL, 0.0))
+            self.pump()
+            return
+        await self._write(download, target, data, peer=None)
+
+    async def block_received(self, event: BlockReceived) -> None:
+        owner = self.requests.pop(event.request_id, None)
+        if owner is None:
+            return
+        peer, ref = owner
+        self.outgoing.pop((peer, ref), None)
+        link = self.links.get(peer)
+        if link is not None:
+            self._measure(link, len(event.data))
+        download = self.downloads.get(ref.file_id)
+        if download is None:
+            return
+        await self._write(download, ref, event.data, peer=peer)
+
+    async def _write(
+        self, download: Download, ref: BlockRef, data: bytes, *, peer: bytes | None
+    ) -> None:
+        index = self._block_index(download, ref)
+        if index in download.done or download.assembly is None:
+            self._apply_steps(self.scheduler.on_block_done(ref, peer))
+            return
+        download.writing += 1
+        try:
+            async with self.engine.io_limit:
+                await asyncio.to_thread(self.store.write_block, download.assembly, index, data)
+                await asyncio.to_thread(
+                    self.engine.index.partial_mark_verified, self.info.id, download.path, [index]
+                )
+        except IntegrityError:
+            reason = BlockFail.INTEGRITY if peer is not None else BlockFail.LOCAL
+            if peer is not None:
+                self.engine.count_hostile(peer, f"block {index} of {download.path} failed its hash")
+            self._apply_steps(self.scheduler.on_block_failed(ref, peer, reason, self.engine.now()))
+            self.pump()
+            return
+        except LanshareError as exc:
+            self.problems[download.path] = str(exc)
+            logger.warning("folder %s: %s: %s", self.root, download.path, exc)
+            await self._abandon(download.path, discard=False)
+            return
+        finally:
+            download.writing -= 1
+        if index not in download.done:
+            download.done.add(index)
+            download.bytes_done += ref.size
+            self.need_bytes = max(0, self.need_bytes - ref.size)
+        self._apply_steps(self.scheduler.on_block_done(ref, peer))
+        self._queue_have(ref.hash)
+        if download.complete:
+            self._finish_soon(download)
+        self.pump()
+
+    def _finish_soon(self, download: Download) -> None:
+        if not download.finishing:
+            download.finishing = True
+            self.engine.spawn(self._finish(download))
+
+    async def _finish(self, download: Download) -> None:
+        assert download.assembly is not None
+        record = download.record
+        try:
+            await self._own_write(record.path)
+            await asyncio.to_thread(
+                self.store.commit, download.assembly, download.planned, time.time()
+            )
+        except LocalChangeError as exc:
+            logger.info("folder %s: %s", self.root, exc)
+            await self._abandon(record.path, discard=True)
+            self.dirty.set()
+            return
+        except IntegrityError as exc:
+            logger.warning("folder %s: %s; fetching it again", self.root, exc)
+            await self._abandon(record.path, discard=True)
+            self.dirty.set()
+            return
+        except LanshareError as exc:
+            self.problems[record.path] = str(exc)
+            await self._abandon(record.path, discard=False)
+            return
+        self.downloads.pop(record.path, None)
+        self.scheduler.remove_file(record.path)
+        await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, record.path)
+        await self._commit(record)
+        self.problems.pop(record.path, None)
+        self.dirty.set()
+
+    async def _abandon(self, path: str, *, discard: bool) -> None:
+        download = self.downloads.pop(path, None)
+        if download is None:
+            return
+        self._apply_steps(self.scheduler.remove_file(path))
+        for rid, (_, ref) in list(self.requests.items()):
+            if ref.file_id == path:
+                del self.requests[rid]
+        if download.assembly is not None:
+            download.assembly.close()
+        if discard:
+            await asyncio.to_thread(self.store.discard, download.record)
+            await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
+
+    def request_failed(self, event: RequestFailed) -> None:
+        owner = self.requests.pop(event.request_id, None)
+        if owner is None:
+            for link in self.links.values():
+                if link.manifest_request == event.request_id:
+                    link.manifest_request = None
+            return
+        peer, ref = owner
+        self.outgoing.pop((peer, ref), None)
+        reason = {
+            FailReason.INTEGRITY: BlockFail.INTEGRITY,
+            FailReason.PEER_GONE: BlockFail.GONE,
+        }.get(event.reason, BlockFail.TIMEOUT)
+        if reason is BlockFail.INTEGRITY:
+            self.engine.count_hostile(peer, "sent a block that failed its hash")
+        self._apply_steps(self.scheduler.on_block_failed(ref, peer, reason, self.engine.now()))
+        self.pump()
+
+    def _measure(self, link: PeerLink, size: int) -> None:
+        now = self.engine.now()
+        link.window_bytes += size
+        elapsed = now - link.window_start
+        if elapsed >= RATE_WINDOW:
+            link.rate = link.window_bytes / elapsed
+            link.window_bytes, link.window_start = 0, now
+            self.scheduler.update_rate(link.peer, link.rate)
+
+    def _queue_have(self, block_hash: bytes) -> None:
+        self.pending_have.append(block_hash)
+        if self.have_flush is None:
+            loop = asyncio.get_running_loop()
+            self.have_flush = loop.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
+
+    def _flush_have(self) -> None:
+        self.have_flush = None
+        hashes, self.pending_have = self.pending_have, []
+        sequence = self.info_sequence()
+        for start in range(0, len(hashes), MAX_HAVE_PER_NOTIFY):
+            chunk = hashes[start : start + MAX_HAVE_PER_NOTIFY]
+            for link in self.links.values():
+                self.engine.endpoint.notify(link.peer, self.folder_id, sequence, chunk)
+        self.engine.kick()
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def serve_block(self, event: BlockRequested) -> None:
+        data = await self._find_block(event)
+        endpoint = self.engine.endpoint
+        if data is None:
+            endpoint.reject(event.request_id, FailReason.NOT_FOUND)
+        else:
+            endpoint.send_block(event.request_id, data)
+        self.engine.kick()
+
+    async def _find_block(self, event: BlockRequested) -> bytes | None:
+        wanted = Block(event.offset, event.size, event.hash)
+        algo = event.hash_algo
+        async with self.engine.io_limit:
+            record = await asyncio.to_thread(self.engine.index.get, self.info.id, event.path)
+            if record is not None and not record.deleted and record.hash_algo == algo:
+                for block in record.blocks:
+                    if block.hash == event.hash and block.size == event.size:
+                        data = await asyncio.to_thread(
+                            self.store.read_block, event.path, block, algo
+                        )
+                        if data is not None:
+                            return data
+                        break
+            for download in list(self.downloads.values()):
+                for i in download.done:
+                    block = download.record.blocks[i]
+                    if block.hash == event.hash and block.size == event.size:
+                        data = await asyncio.to_thread(
+                            self.store.read_block, _temp_rel(download), block, algo
+                        )
+                        if data is not None:
+                            return data
+            locations = await asyncio.to_thread(
+                self.engine.index.find_block, event.hash, self.info.id
+            )
+            for location in locations[:4]:
+                if location.size != wanted.size:
+                    continue
+                block = Block(location.offset, location.size, event.hash)
+                data = await asyncio.to_thread(self.store.read_block, location.path, block, algo)
+                if data is not None:
+                    return data
+        return None
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        peers = []
+        for link in self.links.values():
+            name = self.engine.peer_names.get(link.peer, "")
+            peers.append(
+                {
+                    "id": link.peer.hex(),
+                    "name": name,
+                    "address": f"{link.addr[0]}:{link.addr[1]}",
+                    "rate": round(link.rate),
+                    "need_bytes": self._need_from(link.peer),
+                }
+            )
+        return {
+            "path": str(self.root),
+            "state": self.state,
+            "reason": self.reason or self._why_not_in_sync(),
+            "need_files": len(self.downloads),
+            "need_bytes": sum(d.record.size - d.bytes_done for d in self.downloads.values()),
+            "conflicts": self.conflicts,
+            "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
+            "sequence": self.info_sequence(),
+            "peers": peers,
+        }
+
+    def _need_from(self, peer: bytes) -> int:
+        return sum(
+            d.record.size - d.bytes_done for d in self.downloads.values() if peer in d.sources
+        )
+
+    def _why_not_in_sync(self) -> str:
+        if self.state != "syncing":
+            return ""
+        stalled = self.scheduler.stalled(self.engine.now())
+        if stalled:
+            return f"no connected peer has {len(stalled)} of the blocks needed"
+        if not self.links:
+            return "no peer connected"
+        return ""
+
+
+class Engine:
+    """Every folder of one node; fed by the transport's events and the watchers."""
+
+    def __init__(
+        self,
+        config: Config,
+        index: Index,
+        node_id: NodeId,
+        endpoint: Endpoint,
+        *,
+        kick: Callable[[], None],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.node_id = node_id
+        self.short_id = short_id(node_id)
+        self.endpoint = endpoint
+        self.kick = kick
+        self.now = clock or asyncio.get_running_loop().time
+        self.io_limit = asyncio.Semaphore(max(1, config.transfer.io_workers))
+        self.folders: dict[bytes, FolderSync] = {}
+        self.addresses: dict[Addr, set[bytes]] = {}
+        self.peer_names: dict[bytes, str] = {}
+        self.watchers: dict[int, Callable[[str], None]] = {}
+        self.strikes: dict[bytes, int] = {}
+        self.on_sequence: Callable[[int], None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._group: asyncio.TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def add_folder(self, folder: FolderConfig) -> FolderSync:
+        folder_id = keys.folder_id(keys.parse_key(folder.key))
+        info = await asyncio.to_thread(self.index.add_folder, folder.path, folder_id.hex())
+        sync = FolderSync(self, folder, info)
+        self.folders[folder_id] = sync
+        self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
+        if self._group is not None:
+            self._start_folder(sync)
+        return sync
+
+    async def remove_folder(self, folder_id: bytes) -> None:
+        sync = self.folders.pop(folder_id, None)
+        if sync is None:
+            return
+        self.endpoint.close(folder=folder_id)
+        self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
+        for download in list(sync.downloads):
+            await sync._abandon(download, discard=False)
+        self.kick()
+
+    async def run(self) -> None:
+        """Run until cancelled: scans, planning, reconnects, scheduler ticks."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for sync in self.folders.values():
+                self._start_folder(sync)
+            group.create_task(self._maintenance())
+
+    def _start_folder(self, sync: FolderSync) -> None:
+        assert self._group is not None
+        self.spawn(sync.scan())
+        self.spawn(sync.plan_loop())
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` in the engine's task group; its errors are logged, never fatal."""
+        if self._group is None:
+            raise RuntimeError("engine is not running")
+        task = self._group.create_task(self._guard(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, work: Awaitable[Any]) -> None:
+        try:
+            await work
+        except LanshareError as exc:
+            logger.warning("%s", exc)
+        except Exception:
+            logger.exception("internal error in the sync engine")
+
+    async def _maintenance(self) -> None:
+        last_connect = -RECONNECT_INTERVAL
+        last_prune = -3600.0
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            now = self.now()
+            for sync in self.folders.values():
+                sync.pump()
+            if now - last_connect >= RECONNECT_INTERVAL:
+                last_connect = now
+                self._connect_known()
+            if now - last_prune >= 3600.0:
+                last_prune = now
+                for sync in self.folders.values():
+                    self.spawn(
+                        asyncio.to_thread(
+                            sync.store.prune_versions, time.time(), VERSIONS_KEEP_SECONDS
+                        )
+                    )
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def add_address(self, addr: Addr, folder_ids: Iterable[bytes] | None = None) -> None:
+        """A peer may be reached at ``addr`` (discovery, static peers); connect for the
+        given folders (every folder when None)."""
+        folders = set(self.folders) if folder_ids is None else set(folder_ids) & set(self.folders)
+        self.addresses.setdefault(addr, set()).update(folders)
+        self._connect(addr, folders)
+
+    def remove_address(self, addr: Addr) -> None:
+        self.addresses.pop(addr, None)
+
+    def _connect_known(self) -> None:
+        connected = {(a, f) for _, f, a in self.endpoint.peers()}
+        for addr, folders in self.addresses.items():
+            self._connect(addr, {f for f in folders if (addr, f) not in connected})
+
+    def _connect(self, addr: Addr, folders: Iterable[bytes]) -> None:
+        for folder in folders:
+            if folder in self.folders:
+                self.endpoint.connect(addr, folder)
+        self.kick()
+
+    def handle_event(self, event: Event) -> None:
+        """Called on the loop by the transport for every protocol event."""
+        sync = self.folders.get(bytes(event.folder))
+        if sync is None:
+            if isinstance(event, BlockRequested | ManifestRequested):
+                self.endpoint.reject(event.request_id, FailReason.NOT_FOUND)
+            return
+        if isinstance(event, SessionEstablished):
+            logger.info("session with %s for %s up", event.peer.hex(), sync.root)
+            sync.session_up(event.peer, event.addr)
+        elif isinstance(event, SessionClosed):
+            if event.peer is not None:
+                logger.info(
+                    "session with %s for %s closed: %s",
+                    event.peer.hex(),
+                    sync.root,
+                    event.reason.name,
+                )
+                sync.session_down(event.peer)
+        elif isinstance(event, ManifestRequested):
+            self.spawn(sync.answer_manifest(event))
+        elif isinstance(event, ManifestReceived):
+            self.spawn(sync.manifest_received(event))
+        elif isinstance(event, BlockRequested):
+            self.spawn(sync.serve_block(event))
+        elif isinstance(event, BlockReceived):
+            self.spawn(sync.block_received(event))
+        elif isinstance(event, RequestFailed):
+            sync.request_failed(event)
+        elif isinstance(event, NotificationReceived):
+            sync.notified(event)
+        elif isinstance(event, RequestCancelled):
+            pass
+
+    def count_hostile(self, peer: bytes, what: str) -> None:
+        self.strikes[peer] = self.strikes.get(peer, 0) + 1
+        logger.warning("peer %s: %s (%d strikes)", peer.hex(), what, self.strikes[peer])
+
+    def sequence_changed(self) -> None:
+        if self.on_sequence is not None:
+            total = sum(s.info_sequence() for s in self.folders.values())
+            self.on_sequence(total)
+
+    # -- queries for the control socket ---------------------------------------------------
+
+    def folder_for(self, path: Path) -> tuple[FolderSync, str]:
+        """The folder holding ``path`` and the path relative to it ('' for the root)."""
+        target = Path(os.path.abspath(path))
+        for sync in self.folders.values():
+            if target == sync.root:
+                return sync, ""
+            if sync.root in target.parents:
+                return sync, target.relative_to(sync.root).as_posix()
+        raise UsageError(f"{target} is not inside any shared folder")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": {"id": self.node_id.hex(), "name": self.config.node.name},
+            "folders": [sync.status() for sync in self.folders.values()],
+        }
+
+
+def _prioritised(path: str, priority: Collection[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") or p == "" for p in priority)
+
+
+def _same_content(a: FileRecord, b: FileRecord) -> bool:
+    return a.type == b.type and a.file_hash == b.file_hash and a.deleted == b.deleted
+
+
+def _temp_rel(download: Download) -> str:
+    parent = download.path.rpartition("/")[0]
+    name = FolderStore.temp_name(download.record)
+    return f"{parent}/{name}" if parent else name
+
+
+def _in_progress_entry(download: Download) -> bytes:
+    encoded = encode_record(download.record)
+    count = len(download.record.blocks)
+    bitmap = bytearray((count + 7) // 8)
+    for i in download.done:
+        bitmap[i // 8] |= 1 << (i % 8)
+    return bytes([_ENTRY_IN_PROGRESS]) + struct.pack("!I", len(encoded)) + encoded + bytes(bitmap)
+
+
+def _decode_in_progress(entry: bytes) -> tuple[FileRecord, list[int]]:
+    if len(entry) < 5:
+        raise DecodeError("in-progress entry too short")
+    (size,) = struct.unpack_from("!I", entry, 1)
+    if 5 + size > len(entry):
+        raise DecodeError("in-progress entry truncated")
+    record = decode_record(entry[5 : 5 + size])
+    bitmap = entry[5 + size :]
+    count = len(record.blocks)
+    if len(bitmap) != (count + 7) // 8 or record.deleted or record.type is not EntryType.FILE:
+        raise DecodeError("in-progress entry malformed")
+    blocks = [i for i in range(count) if bitmap[i // 8] >> (i % 8) & 1]
+    return record, blocks
+
+
+def _stat_cache(root: Path, record: FileRecord) -> tuple[int, int]:
+    """Inode and ctime of what was just written, so the next scan need not read it."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(root / record.path)
+        if record.deleted:
+            return 0, 0
+        return st.st_ino, st.st_ctime_ns
+    return 0, 0
