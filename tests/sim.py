@@ -49,6 +49,7 @@ class LinkStats:
     duplicated: int = 0
     bytes_sent: int = 0
     busy_until: float = 0.0
+    last_arrival: float = 0.0
 
 
 @dataclass(slots=True)
@@ -157,7 +158,9 @@ class Network:
             start = st.busy_until
         at = start + link.delay
         if link.jitter:
-            at += rng.random() * link.jitter
+            # Jitter varies the delay but a link stays FIFO: only ``reorder`` reorders.
+            at = max(at + rng.random() * link.jitter, st.last_arrival)
+        st.last_arrival = max(st.last_arrival, at)
         if link.reorder and rng.random() < link.reorder:
             at += rng.random() * link.reorder_delay
         self._push(at, src, dst, data)

@@ -1,0 +1,206 @@
+"""Seeded simulated networks: loss, duplication, reordering, queue limits, many peers.
+
+Every failure message names the seed; rerun one case with ``-k "seed-loss"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from lanshare.config import TransferConfig
+from lanshare.events import (
+    BlockReceived,
+    CloseReason,
+    FailReason,
+    ManifestReceived,
+    RequestFailed,
+    SessionClosed,
+    SessionEstablished,
+)
+from tests.sim import FOLDER, Link, Network, Node, make_endpoint
+
+A = ("10.0.0.1", 4000)
+B = ("10.0.0.2", 4000)
+C = ("10.0.0.3", 4000)
+IDS = {A: b"A" * 8, B: b"B" * 8, C: b"C" * 8}
+
+
+def lan(loss: float, *, dup: float = 0.01, reorder: float = 0.02) -> Link:
+    """A 100 MB/s link with 0.5 ms delay, a 512 KiB queue, some jitter."""
+    return Link(
+        loss=loss,
+        dup=dup,
+        reorder=reorder,
+        reorder_delay=0.001,
+        delay=0.0005,
+        jitter=0.0001,
+        bandwidth=100e6,
+        queue_size=512 * 1024,
+    )
+
+
+@dataclass
+class Outcome:
+    took: float
+    sent: int
+    drops: int
+    retransmitted: int
+
+
+def _blocks(seed: int, count: int, size: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.randint(size // 2, size)) for _ in range(count)]
+
+
+def _pair(seed: int, link: Link, **kwargs: object) -> tuple[Network, Node, Node]:
+    net = Network(seed, link)
+    a = net.add(make_endpoint(seed * 10 + 1, IDS[A], **kwargs), A)  # type: ignore[arg-type]
+    b = net.add(make_endpoint(seed * 10 + 2, IDS[B], **kwargs), B)  # type: ignore[arg-type]
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished) and b.of_type(SessionEstablished)), 60)
+    return net, a, b
+
+
+def _pull(net: Network, puller: Node, server: Node, blocks: list[bytes], deadline: float) -> float:
+    for blk in blocks:
+        server.blocks[hashlib.sha256(blk).digest()] = blk
+    ids = {}
+    peer = IDS[server.addr]
+    for i, blk in enumerate(blocks):
+        rid = puller.endpoint.request_block(
+            peer,
+            FOLDER,
+            path=f"f{i}",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+        ids[rid] = i
+    before = len(puller.of_type(BlockReceived)) + len(puller.of_type(RequestFailed))
+    took = net.run_until(
+        lambda: (
+            len(puller.of_type(BlockReceived)) + len(puller.of_type(RequestFailed))
+            == before + len(blocks)
+        ),
+        deadline,
+    )
+    got = {ids[e.request_id]: e.data for e in puller.of_type(BlockReceived) if e.request_id in ids}
+    failed = [e for e in puller.of_type(RequestFailed) if e.request_id in ids]
+    assert not failed, f"seed {net.seed}: requests failed: {failed[:3]}"
+    for i, blk in enumerate(blocks):
+        assert got[i] == blk, f"seed {net.seed}: block {i} differs"
+    return took
+
+
+def transfer(seed: int, link: Link, count: int = 48, size: int = 64 * 1024) -> Outcome:
+    net, a, b = _pair(seed, link)
+    blocks = _blocks(seed, count, size)
+    took = _pull(net, b, a, blocks, deadline=120)
+    st = net.stats(A, B)
+    return Outcome(
+        took, st.sent, st.lost + st.queue_drops, a.endpoint.stats.fragments_retransmitted
+    )
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.01, 0.1, 0.3])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_blocks_arrive_identical_with_loss_dup_and_reorder(seed: int, loss: float) -> None:
+    out = transfer(seed, lan(loss))
+    # Retransmissions follow real drops: at most 20 % more (probes, reordering), plus a little.
+    bound = 1.2 * out.drops + 0.02 * out.sent + 20
+    assert out.retransmitted <= bound, f"seed {seed}: {out}"
+    assert out.took < 30, f"seed {seed}: {out}"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_goodput_at_one_percent_loss_is_at_least_80_percent_of_lossless(seed: int) -> None:
+    lossless = transfer(seed, lan(0.0, dup=0, reorder=0), count=64, size=128 * 1024)
+    lossy = transfer(seed, lan(0.01, dup=0, reorder=0), count=64, size=128 * 1024)
+    assert lossless.took / lossy.took >= 0.8, f"seed {seed}: {lossless} vs {lossy}"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_three_peers_pull_from_each_other_at_once(seed: int) -> None:
+    net = Network(seed, lan(0.02))
+    nodes = {
+        addr: net.add(make_endpoint(seed * 10 + i, IDS[addr]), addr)
+        for i, addr in enumerate((A, B, C))
+    }
+    for src, dst in ((A, B), (B, C), (C, A)):
+        nodes[src].endpoint.connect(dst, FOLDER)
+    net.run_until(lambda: all(len(n.endpoint.peers()) == 2 for n in nodes.values()), 60)
+    wanted: dict[tuple, list[bytes]] = {}
+    ids: dict[tuple, dict[int, int]] = {}
+    for k, (puller, server) in enumerate(((C, A), (C, B), (A, B), (B, A))):
+        blocks = _blocks(seed * 100 + k, 12, 32 * 1024)
+        for blk in blocks:
+            nodes[server].blocks[hashlib.sha256(blk).digest()] = blk
+        wanted[(puller, server)] = blocks
+        ids[(puller, server)] = {
+            nodes[puller].endpoint.request_block(
+                IDS[server],
+                FOLDER,
+                path="f",
+                index=i,
+                offset=0,
+                size=len(blk),
+                hash=hashlib.sha256(blk).digest(),
+            ): i
+            for i, blk in enumerate(blocks)
+        }
+
+    def done() -> bool:
+        return sum(len(n.of_type(BlockReceived)) for n in nodes.values()) == 48
+
+    net.run_until(done, 60)
+    for (puller, _server), blocks in wanted.items():
+        got = {e.request_id: e.data for e in nodes[puller].of_type(BlockReceived)}
+        for rid, i in ids[(puller, _server)].items():
+            assert got[rid] == blocks[i], f"seed {seed}"
+    assert not any(n.of_type(RequestFailed) for n in nodes.values())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_peer_that_goes_silent_mid_transfer_is_detected(seed: int) -> None:
+    transfer_cfg = TransferConfig(idle_timeout=3.0, request_timeout=60.0)
+    net, a, b = _pair(seed, lan(0.01), transfer=transfer_cfg)
+    blocks = _blocks(seed, 32, 128 * 1024)
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            IDS[A],
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+    net.run_until(lambda: len(b.of_type(BlockReceived)) >= 4, 30)
+    silenced_at = net.now
+    net.filter = lambda data, src, dst: src != A  # A vanishes
+    net.run_until(lambda: bool(b.of_type(SessionClosed)), 30)
+    assert b.of_type(SessionClosed) == [SessionClosed(IDS[A], FOLDER, A, CloseReason.PEER_GONE)]
+    assert net.now - silenced_at <= 3.0 + 0.01, f"seed {seed}"
+    done = len(b.of_type(BlockReceived)) + len(b.of_type(RequestFailed))
+    assert done == len(blocks), f"seed {seed}: every request ends with an event"
+    assert all(e.reason is FailReason.PEER_GONE for e in b.of_type(RequestFailed))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_manifest_batches_over_a_lossy_link(seed: int) -> None:
+    net, a, b = _pair(seed, lan(0.1))
+    rng = random.Random(seed)
+    a.records = [rng.randbytes(rng.randint(50, 400)) for _ in range(2000)]
+    rid = b.endpoint.request_manifest(IDS[A], FOLDER, since_seq=0)
+    net.run_until(lambda: bool(b.of_type(ManifestReceived)), 30)
+    (event,) = b.of_type(ManifestReceived)
+    assert event.request_id == rid
+    assert list(event.records) == a.records, f"seed {seed}"
+    assert event.more is False

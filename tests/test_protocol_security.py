@@ -1,0 +1,263 @@
+"""Security properties: wrong key, replay, tampering, amplification, hostile input."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lanshare.events import (
+    BlockRequested,
+    CloseReason,
+    FailReason,
+    RequestFailed,
+    SessionClosed,
+    SessionEstablished,
+)
+from lanshare.protocol import wire
+from tests.sim import FOLDER, PSK, Link, Network, make_endpoint
+
+A = ("10.0.0.1", 4000)
+B = ("10.0.0.2", 4000)
+V = ("10.0.0.66", 4000)  # a victim whose address an attacker spoofs
+A_ID, B_ID = b"A" * 8, b"B" * 8
+OTHER_PSK = bytes(32)
+
+
+def _net(seed: int = 1, **a_knobs: object) -> tuple[Network, object, object]:
+    net = Network(seed, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID, **a_knobs), A)  # type: ignore[arg-type]
+    b = net.add(make_endpoint(2, B_ID), B)
+    return net, a, b
+
+
+def _established(net: Network, a, b) -> None:  # type: ignore[no-untyped-def]
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+
+
+def test_wrong_key_gets_no_session_no_data_and_no_answer() -> None:
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    b = net.add(make_endpoint(2, B_ID, folders={FOLDER: OTHER_PSK}), B)
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(b.of_type(SessionClosed)), 30)
+    assert b.of_type(SessionClosed) == [
+        SessionClosed(None, FOLDER, A, CloseReason.HANDSHAKE_TIMEOUT)
+    ]
+    assert net.stats(A, B).sent == 0  # not one byte back: nothing to learn
+    assert net.stats(B, A).sent >= 2
+    assert a.events == []
+    assert a.endpoint.peers() == []
+    assert a.endpoint.stats.handshakes_failed == net.stats(B, A).sent
+    rid = b.endpoint.request_block(
+        A_ID, FOLDER, path="f", index=0, offset=0, size=1, hash=bytes(32)
+    )
+    net.run_for(1.0)
+    assert b.of_type(RequestFailed) == [RequestFailed(rid, A_ID, FOLDER, FailReason.PEER_GONE)]
+    assert net.stats(A, B).sent == 0
+
+
+def test_unknown_folder_gets_nothing_either() -> None:
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    other_folder = b"\xee" * 16
+    b = net.add(make_endpoint(2, B_ID, folders={other_folder: PSK}), B)
+    b.endpoint.connect(A, other_folder)  # right PSK, but bound to another folder id
+    net.run_for(2.0)
+    assert net.stats(A, B).sent == 0
+    assert a.events == []
+
+
+def test_replayed_datagrams_are_dropped() -> None:
+    net, a, b = _net()
+    captured: list[bytes] = []
+    net.filter = lambda data, src, dst: src != B or not captured.append(data)  # type: ignore[func-returns-value]
+    _established(net, a, b)
+    b.endpoint.request_block(A_ID, FOLDER, path="f", index=0, offset=0, size=10, hash=bytes(32))
+    net.run_until(lambda: bool(a.of_type(BlockRequested)), 5)
+    net.run_for(0.01)  # everything captured has arrived
+    net.filter = None
+    replayed_before = a.endpoint.stats.replayed
+    data_packets = [d for d in captured if d[1] == wire.PacketType.DATA]
+    for data in data_packets:
+        net.inject(data, B, A)
+    net.run_for(0.5)
+    assert a.endpoint.stats.replayed - replayed_before == len(data_packets)
+    assert len(a.of_type(BlockRequested)) == 1  # the request was not served twice
+    # A replayed INITIAL: no second session, no extra event.
+    initial = next(d for d in captured if d[1] == wire.PacketType.INITIAL)
+    net.inject(initial, B, A)
+    net.run_for(0.5)
+    assert len(a.of_type(SessionEstablished)) == 1
+    assert len(a.endpoint.peers()) == 1
+
+
+def test_tampered_datagrams_are_dropped_and_the_session_survives() -> None:
+    net, a, b = _net()
+    _established(net, a, b)
+    captured: list[bytes] = []
+    net.filter = lambda data, src, dst: src != B or not captured.append(data)  # type: ignore[func-returns-value]
+    b.endpoint.request_block(A_ID, FOLDER, path="f", index=0, offset=0, size=10, hash=bytes(32))
+    net.run_for(0.0005)  # captured, not delivered
+    net.filter = None
+    (packet,) = captured
+    positions = list(range(0, len(packet), 3))
+    for pos in positions:
+        bad = bytearray(packet)
+        bad[pos] ^= 0x40
+        net.inject(bytes(bad), B, A)
+    net.run_for(0.0001)
+    assert not a.of_type(BlockRequested)
+    st_ = a.endpoint.stats
+    assert st_.auth_failed + st_.dropped + st_.replayed >= len(positions)
+    net.run_until(lambda: bool(a.of_type(BlockRequested)), 5)  # the probe gets through
+    assert len(a.endpoint.peers()) == 1
+
+
+def test_spoofed_initials_never_get_more_than_three_times_back() -> None:
+    """An attacker who holds the key replays INITIALs with a victim's source address."""
+    net, a, b = _net()
+    victim = net.add(make_endpoint(9, b"V" * 8), V)
+    victim.serve = False
+    captured: list[bytes] = []
+    # The attacker's own INITIAL never reaches A: it is only captured.
+    net.filter = lambda data, src, dst: src != B or bool(captured.append(data))  # type: ignore[func-returns-value]
+    b.endpoint.connect(A, FOLDER)
+    net.run_for(0.001)
+    b.endpoint.close()
+    initial = captured[0]
+    for i in range(20):
+        net.inject(initial, V, A, at=net.now + i * 0.05)
+    net.run_for(30.0)
+    received = 20 * len(initial)  # what A got "from" the victim
+    sent_to_victim = net.stats(A, V).bytes_sent
+    assert 0 < sent_to_victim <= 3 * received
+    assert sent_to_victim <= 20 * 150  # only small RESPONSE copies
+    assert not a.of_type(SessionEstablished)
+    assert victim.events == []
+
+
+def test_always_retry_answers_with_a_token_before_any_state() -> None:
+    net, a, b = _net(always_retry=True)
+    victim = net.add(make_endpoint(9, b"V" * 8), V)
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    assert a.endpoint.stats.retries_sent == 1
+    assert b.of_type(SessionEstablished)
+    # A spoofed INITIAL only ever gets a small RETRY, and A keeps no state for it.
+    captured: list[bytes] = []
+    other = make_endpoint(5, b"X" * 8)
+    other.connect(A, FOLDER)
+    for data, _ in other.datagrams_to_send(net.now):
+        captured.append(data)
+    net.inject(captured[0], V, A)
+    net.run_for(1.0)
+    assert net.stats(A, V).bytes_sent <= 3 * len(captured[0])
+    assert net.stats(A, V).sent == 1
+    assert len(a.endpoint.peers()) == 1
+    assert victim.events == []
+
+
+def test_half_open_limit_turns_on_retry() -> None:
+    net, a, b = _net(max_half_open=2)
+    for i in range(4):
+        spoofer = make_endpoint(20 + i, bytes([i]) * 8)
+        spoofer.connect(A, FOLDER)
+        (initial,) = [d for d, _ in spoofer.datagrams_to_send(net.now)]
+        net.inject(initial, ("10.9.9.9", 1000 + i), A)
+    net.run_for(0.01)
+    assert a.endpoint.stats.retries_sent == 2  # the 3rd and 4th had to prove their address
+    _established(net, a, b)  # a real peer still gets in (via a retry)
+    assert b.of_type(SessionEstablished)
+
+
+def test_short_initials_are_not_answered() -> None:
+    net, _a, b = _net()
+    b.endpoint.connect(A, FOLDER)
+    (initial,) = [d for d, _ in b.endpoint.datagrams_to_send(net.now)]
+    net.inject(initial[:1000], B, A)
+    net.run_for(0.01)
+    assert net.stats(A, B).sent == 0
+
+
+@given(
+    st.binary(max_size=1600),
+    st.sampled_from([b"", b"\x01\x01", b"\x01\x02", b"\x01\x03", b"\x01\x04"]),
+)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_arbitrary_datagrams_never_raise(data: bytes, prefix: bytes) -> None:
+    ep = _ESTABLISHED[0]
+    ep.receive_datagram(prefix + data, B, 2000.0)
+    ep.handle_timer(2000.0)
+    ep.datagrams_to_send(2000.0)
+
+
+@given(st.binary(max_size=1400))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_arbitrary_authenticated_frames_never_raise(payload: bytes) -> None:
+    """Hostile plaintext from a key holder: dropped or closes the session, never raises."""
+    net, a, b = _net()
+    _established(net, a, b)
+    session = next(iter(b.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    session._emit(payload, net.now, out, eliciting=False, items=None)
+    a.endpoint.receive_datagram(out[0][0], B, net.now)
+    net.run_for(0.1)
+
+
+def test_receive_path_allocates_within_a_bound() -> None:
+    net, a, b = _net()
+    _established(net, a, b)
+    session = next(iter(a.endpoint._sessions.values()))
+    garbage = [
+        wire.SHORT_HEADER.pack(1, 4, 0, session.local_cid, 10_000 + i) + bytes([i]) * 1436
+        for i in range(200)
+    ]
+    hostile = next(iter(b.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    notify = wire.encode_frame(wire.Notify(1, tuple(bytes([i]) * 32 for i in range(40))))
+    for _ in range(50):
+        hostile._emit(b"\x01" * 1400, net.now, out, eliciting=False, items=None)
+        hostile._emit(notify, net.now, out, eliciting=False, items=None)
+    a.endpoint.receive_datagram(garbage[0], B, net.now)  # warm caches
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for data in garbage:
+            a.endpoint.receive_datagram(data, B, net.now)
+        garbage_peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        for data, _ in out[:2]:
+            a.endpoint.receive_datagram(data, B, net.now)
+            while a.endpoint.next_event() is not None:
+                pass
+        frames_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert a.endpoint.stats.auth_failed >= 200
+    assert garbage_peak < 8 * 1024
+    assert frames_peak < 16 * 1024
+
+
+_ESTABLISHED: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _established_endpoint() -> None:
+    net, a, b = _net()
+    _established(net, a, b)
+    _ESTABLISHED.append(a.endpoint)
+
+
+def test_block_hash_is_checked_with_blake3_too() -> None:
+    data = b"x" * 5000
+    assert wire.block_digest("blake3", data) == wire.block_digest("blake3", bytearray(data))
+    assert wire.block_digest("sha256", data) == hashlib.sha256(data).digest()
+    assert wire.digest_size("blake3") == 32
+    with pytest.raises(ValueError, match="unsupported"):
+        wire.digest_size("md5")
