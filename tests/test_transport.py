@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["make_lab"]  # the netns fixture, used below
 
-BACKENDS = ["on", "off"]  # network.fast_path: the Linux fast path, the portable asyncio-dgram
+# The Linux fast path (GSO/GRO where the kernel has them), the same without GSO and GRO (one
+# datagram per syscall), and the portable asyncio-dgram backend.
+BACKENDS = ["on", "on-plain", "off"]
 LOOPBACK = NetworkConfig(port=0, bind=("127.0.0.1",))
 TRANSFER = TransferConfig()
 DEADLINE = 20.0  # seconds any one wait may take before the test fails
@@ -181,11 +183,13 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 async def opened(
-    endpoint: Any, on_event: Any, fast_path: str, network: NetworkConfig = LOOPBACK
+    endpoint: Any, on_event: Any, backend: str, network: NetworkConfig = LOOPBACK
 ) -> Transport[Any]:
+    fast_path, _, variant = backend.partition("-")
+    disable = ("gso", "gro") if variant == "plain" else ()
     try:
         return await open_transport(
-            endpoint, on_event, replace(network, fast_path=fast_path), TRANSFER
+            endpoint, on_event, replace(network, fast_path=fast_path), TRANSFER, disable=disable
         )
     except ConfigError as exc:
         pytest.skip(f"backend unavailable here: {exc}")
@@ -212,7 +216,10 @@ def test_datagrams_flow_both_ways(backend_a: str, backend_b: str) -> None:
             await opened(a, got_a.append, backend_a) as ta,
             await opened(b, got_b.append, backend_b) as tb,
         ):
-            assert ta.features.backend == ("fast" if backend_a == "on" else "dgram")
+            assert ta.features.backend == ("dgram" if backend_a == "off" else "fast")
+            if backend_a != "on":
+                assert not ta.features.gso
+                assert not ta.features.gro
             for i in range(20):
                 a.send(b"P" + payload(i), tb.local_address)
                 b.send(b"P" + payload(100 + i), ta.local_address)
@@ -229,7 +236,7 @@ def test_datagrams_flow_both_ways(backend_a: str, backend_b: str) -> None:
         assert {g.addr for g in got_a} == {tb.local_address}
         assert {g.addr for g in got_b} == {ta.local_address}
         assert ta.closed
-        assert ta.closed
+        assert tb.closed
 
     run(main)
 
@@ -640,7 +647,7 @@ BLAST_SIZE = 1200
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["on", "off"])
 def test_full_send_buffer_waits_and_drops_within_bounds(
     backend: str, make_lab: Callable[..., Lab]
 ) -> None:
@@ -688,5 +695,109 @@ async def _blast(backend: str, host: str, peer_host: str) -> dict[str, Any]:
         return result
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["blast"]:
-    print(json.dumps(asyncio.run(_blast(*sys.argv[2:5]))), flush=True)
+# -- GSO refused by the kernel, and datagrams over the MTU --------------------------------------
+
+SO_NO_CHECK = 11  # no UDP checksums on send: the kernel then refuses GSO with EINVAL
+
+
+@pytest.mark.parametrize("receiver_backend", BACKENDS)
+def test_gso_refused_falls_back_to_one_datagram_per_send(receiver_backend: str) -> None:
+    sizes = [1200] * 100 + [800] + [1300] * 10
+    rng = random.Random(5)
+    datagrams = [rng.randbytes(size) for size in sizes]
+
+    async def main() -> None:
+        sender, receiver = EchoEndpoint(), EchoEndpoint()
+        got: list[Got] = []
+        async with (
+            await opened(sender, lambda e: None, "on") as ts,
+            await opened(receiver, got.append, receiver_backend) as tr,
+        ):
+            started_with_gso = ts.features.gso
+            assert started_with_gso
+            with socket.fromfd(ts.fileno(), socket.AF_INET, socket.SOCK_DGRAM) as alias:
+                alias.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            for data in datagrams:
+                sender.send(data, tr.local_address)
+            ts.kick()
+            await wait_until(lambda: len(got) >= len(datagrams), "every datagram")
+            assert not ts.features.gso
+        assert [g.data for g in got] == datagrams
+        assert ts.stats.gso_sends == 0
+        assert ts.stats.send_calls == len(datagrams)
+        assert ts.stats.send_dropped == 0
+
+    run(main)
+
+
+RUN_COUNT = 120
+TOO_BIG, FITS = 1400, 1000
+
+
+@pytest.mark.netns
+def test_datagrams_over_the_mtu_are_dropped_never_fragmented(
+    make_lab: Callable[..., Lab],
+) -> None:
+    """A run whose segments exceed the interface MTU is refused (EMSGSIZE), resent one datagram
+    per call, each refused again (DF, no local fragmentation): dropped and counted. GSO stays
+    on, and the next run, which fits, is delivered in order."""
+    lab = make_lab(2)
+    sender, receiver = lab.hosts
+    sender.run("ip", "link", "set", "eth0", "mtu", "1280")
+    counter = receiver.python("-m", "tests.test_transport", "count", receiver.address)
+    port = counter.expect_json(lambda obj: "port" in obj, timeout=DEADLINE)["port"]
+    child = sender.python(
+        "-m", "tests.test_transport", "run", sender.address, receiver.address, str(port)
+    )
+    sent = child.expect_json(lambda obj: "sent" in obj, timeout=DEADLINE * 2)
+    got = counter.expect_json(lambda obj: "got" in obj, timeout=DEADLINE * 2)
+    assert child.popen.wait(DEADLINE) == 0
+    assert counter.popen.wait(DEADLINE) == 0
+    assert sent["gso_at_start"]
+    assert sent["gso_now"]
+    assert sent["gso_sends"] > 0
+    assert sent["dropped"] == RUN_COUNT  # the big ones
+    assert sent["sent"] == RUN_COUNT  # the ones that fit
+    assert got["got"] == [payload(i)[:FITS].hex() for i in range(RUN_COUNT)]
+
+
+async def _count(host: str) -> None:
+    endpoint = EchoEndpoint()
+    got: list[Got] = []
+    network = NetworkConfig(port=0, bind=(host,), fast_path="auto")
+    async with await open_transport(endpoint, got.append, network, TRANSFER) as transport:
+        print(json.dumps({"port": transport.port}), flush=True)
+        await wait_until(lambda: len(got) >= RUN_COUNT, "every datagram that fits")
+    print(json.dumps({"got": [g.data.hex() for g in got]}), flush=True)
+
+
+async def _run_to(host: str, peer_host: str, port: str) -> None:
+    endpoint = EchoEndpoint()
+    network = NetworkConfig(port=0, bind=(host,), fast_path="on")
+    async with await open_transport(endpoint, lambda e: None, network, TRANSFER) as transport:
+        gso_at_start = transport.features.gso
+        for data in [bytes(TOO_BIG)] * RUN_COUNT + [payload(i)[:FITS] for i in range(RUN_COUNT)]:
+            endpoint.send(data, (peer_host, int(port)))
+        transport.kick()
+        stats = transport.stats
+        await wait_until(
+            lambda: stats.datagrams_sent + stats.send_dropped >= 2 * RUN_COUNT, "the runs"
+        )
+        result = {
+            "gso_at_start": gso_at_start,
+            "gso_now": transport.features.gso,
+            "gso_sends": stats.gso_sends,
+            "dropped": stats.send_dropped,
+            "sent": stats.datagrams_sent,
+        }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    role, arguments = sys.argv[1], sys.argv[2:]
+    if role == "blast":
+        print(json.dumps(asyncio.run(_blast(*arguments))), flush=True)
+    elif role == "count":
+        asyncio.run(_count(*arguments))
+    elif role == "run":
+        asyncio.run(_run_to(*arguments))

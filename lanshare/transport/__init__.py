@@ -33,7 +33,7 @@ from lanshare.transport.dgram import DgramTransport
 from lanshare.transport.fast import FastTransport
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from lanshare.config import NetworkConfig, TransferConfig
 
@@ -56,6 +56,8 @@ async def open_transport(
     on_event: Callable[[E], None] | asyncio.Queue[E],
     network: NetworkConfig,
     transfer: TransferConfig,
+    *,
+    disable: Collection[str] = (),
 ) -> Transport[E]:
     """Bind the one UDP socket and start driving ``endpoint`` on the running loop.
 
@@ -66,6 +68,8 @@ async def open_transport(
             ``asyncio.Queue`` (when full, reading pauses until it has room).
         network: ``bind``, ``port`` (0 = any free port) and ``fast_path`` are used.
         transfer: ``socket_buffer_size`` sizes SO_RCVBUF/SO_SNDBUF and the send queue.
+        disable: fast-path features to leave off where the kernel has them (``"gso"``,
+            ``"gro"``), to measure what each brings.
 
     Returns:
         The running transport; close it with ``await transport.close()`` (or ``async with``).
@@ -83,10 +87,11 @@ async def open_transport(
         transport: Transport[E]
         missing = "it is off" if mode == "off" else _fast_path_missing(loop, sock)
         if missing is None:
-            gso = _try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0)
-            gro = _try_setsockopt(sock, SOL_UDP, UDP_GRO, 1)
-            if mode == "on" and not (gso and gro):
-                lacking = " and ".join(n for n, ok in (("GSO", gso), ("GRO", gro)) if not ok)
+            gso = "gso" not in disable and _try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0)
+            gro = "gro" not in disable and _try_setsockopt(sock, SOL_UDP, UDP_GRO, 1)
+            absent = [n for n, ok in (("gso", gso), ("gro", gro)) if not ok and n not in disable]
+            if mode == "on" and absent:
+                lacking = " and ".join(n.upper() for n in absent)
                 raise ConfigError(f'network.fast_path = "on" but this kernel has no UDP {lacking}')
             transport = FastTransport(sock, endpoint, on_event, loop, transfer, gso, gro)
         elif mode == "on":

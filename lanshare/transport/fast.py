@@ -180,14 +180,13 @@ class FastTransport(Transport[E]):
     def _send(self, datagrams: list[tuple[bytes, Addr]]) -> None:
         out = self._out
         limit = self._send_queue_limit
-        gso = self._gso
         count = len(datagrams)
         i = 0
         while i < count:
             data, addr = datagrams[i]
             segment = len(data)
             j = i + 1
-            if gso and segment:
+            if self._gso and segment:  # re-read: a refused send turns it off mid-batch
                 # A run: same address, equal sizes, the last one may be shorter (GSO rule).
                 total = segment
                 end = min(count, i + MAX_GSO_SEGMENTS)
