@@ -179,7 +179,9 @@ async def adapter_child(role: str, options: argparse.Namespace) -> dict[str, Any
         endpoint = BlastSender((options.peer, options.port), total, key)
     else:
         endpoint = BlastReceiver(key)
-    transport = await open_transport(endpoint, _ignore, network, transfer)
+    transport = await open_transport(
+        endpoint, _ignore, network, transfer, disable=_disabled(options)
+    )
     async with transport:
         _emit({"port": transport.port})
         started = time.monotonic()
@@ -310,7 +312,9 @@ async def protocol_child(role: str, options: argparse.Namespace) -> dict[str, An
         if transport is not None:
             transport.kick()
 
-    transport = await open_transport(endpoint, on_event, network, transfer)
+    transport = await open_transport(
+        endpoint, on_event, network, transfer, disable=_disabled(options)
+    )
     async with transport:
         _emit({"port": transport.port})
         cpu0 = _cpu()
@@ -349,9 +353,8 @@ async def protocol_child(role: str, options: argparse.Namespace) -> dict[str, An
 def run_one(
     engine: str,
     size: int,
-    block_size: int,
     fast_path: str,
-    loop: str,
+    tuning: Sequence[str],
     lab: netns.VethLab | None,
     profile: str | None,
     label: str,
@@ -360,7 +363,7 @@ def run_one(
     host_rx = lab.address_b if lab else "127.0.0.1"
     host_tx = lab.address_a if lab else "127.0.0.1"
     common = ["--engine", engine, "--size", str(size), "--key", key, "--fast-path", fast_path]
-    common += ["--block-size", str(block_size), "--loop", loop]
+    common += tuning
     common += ["--timeout", str(RUN_TIMEOUT)]
     receiver = _spawn(
         [*common, "--role", "recv", "--host", host_rx],
@@ -465,6 +468,7 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--cpu", type=int, default=-1)
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--disable", default="")
     options = parser.parse_args(argv)
     if 0 <= options.cpu < (os.cpu_count() or 1):
         with contextlib.suppress(OSError, AttributeError):
@@ -487,6 +491,10 @@ async def _wait(condition: Callable[[], bool], limit: float, transport: Transpor
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out after {limit} s: {asdict(transport.stats)}")
         await asyncio.sleep(0.01)
+
+
+def _disabled(options: argparse.Namespace) -> list[str]:
+    return [name.strip() for name in options.disable.split(",") if name.strip()]
 
 
 def _ignore(event: object) -> None:
@@ -515,9 +523,8 @@ def _veth_run(options: argparse.Namespace, lab: netns.VethLab) -> dict[str, Any]
     run = run_one(
         options.engine,
         options.size,
-        options.block_size,
         options.fast_path,
-        options.loop,
+        _tuning(options),
         lab,
         options.profile,
         label,
@@ -569,6 +576,15 @@ def _short_frame(frame: str) -> str:
     return f"{name} ({file})" if file else name
 
 
+def _tuning(options: argparse.Namespace) -> list[str]:
+    """The options both children get beyond engine, size and fast path."""
+    return [
+        *("--block-size", str(options.block_size)),
+        *("--loop", options.loop),
+        *("--disable", options.disable),
+    ]
+
+
 def _where(lab: netns.VethLab | None) -> str:
     if lab is None:
         return "loopback"
@@ -596,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["protocol", "adapter"], default="protocol")
     parser.add_argument("--block-size", type=_parse_size, default=BLOCK_SIZE)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument(
+        "--disable", default="", help="fast-path features to leave off: gso, gro or gso,gro"
+    )
     parser.add_argument("--fast-path", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0)
     parser.add_argument("--profile", metavar="PREFIX", nargs="?", const="/tmp/lanshare-profile")
@@ -605,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     print(
         f"transfer benchmark: engine {options.engine}, fast_path {options.fast_path}, "
-        f"{options.loop} loop, "
+        f"{options.loop} loop, disabled: {options.disable or 'nothing'}, "
         f"{options.size / 2**20:.0f} MiB, datagrams of {DATAGRAM_SIZE} bytes, "
         f"{os.cpu_count()} CPUs (sender on CPU{SENDER_CPU}, receiver on CPU{RECEIVER_CPU})",
         flush=True,
@@ -616,9 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = run_one(
             options.engine,
             options.size,
-            options.block_size,
             options.fast_path,
-            options.loop,
+            _tuning(options),
             None,
             options.profile,
             "loopback",
