@@ -6,6 +6,9 @@ import hashlib
 import random
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from lanshare.config import NetworkConfig, TransferConfig
 from lanshare.errors import LocalProtocolError
@@ -546,3 +549,138 @@ def test_psk_and_folder_validation() -> None:
         make_endpoint(1, A_ID, folders={b"short": PSK})
     with pytest.raises(LocalProtocolError):
         make_endpoint(1, b"toolongid")
+
+
+# -- stateful: random commands, loss, answers and time jumps ------------------------------------
+
+
+class ProtocolMachine(RuleBasedStateMachine):
+    """Random interleavings of requests, cancels, answers, rejects, corruption, loss and time.
+
+    Invariants: no delivered block ever differs from what was asked for; the requester never
+    has more answers outstanding than its credit; at the end every request that was not
+    cancelled has exactly one terminal event.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Network(7, Link(delay=0.001))
+        transfer = TransferConfig(
+            request_timeout=3.0,
+            idle_timeout=4.0,
+            keepalive_interval=1.0,
+            max_in_flight_size=64 * 1024,
+        )
+        self.a = self.net.add(make_endpoint(1, A_ID, transfer=transfer), A)
+        self.b = self.net.add(make_endpoint(2, B_ID, transfer=transfer), B)
+        self.a.serve = False
+        self.truth: dict[int, bytes] = {}
+        self.by_hash: dict[bytes, bytes] = {}
+        self.cancelled: set[int] = set()
+        self.answered: set[int] = set()
+        self.b.endpoint.connect(A, FOLDER)
+        self.net.run_until(lambda: bool(self.a.of_type(SessionEstablished)), 5)
+
+    def _link(self, loss: float) -> None:
+        link = Link(delay=0.001, loss=loss, dup=0.05, reorder=0.05)
+        self.net.set_link(A, B, link)
+        self.net.set_link(B, A, link)
+
+    @rule(size=st.integers(0, 40_000), seed=st.integers(0, 2**16))
+    def request(self, size: int, seed: int) -> None:
+        data = random.Random(seed).randbytes(size)
+        digest = hashlib.sha256(data).digest()
+        self.by_hash[digest] = data
+        rid = self.b.endpoint.request_block(
+            A_ID, FOLDER, path="p", index=seed, offset=0, size=size, hash=digest
+        )
+        self.truth[rid] = data
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        open_ids = sorted(set(self.truth) - self.cancelled - self._finished())
+        if open_ids:
+            rid = data.draw(st.sampled_from(open_ids))
+            self.b.endpoint.cancel(rid)
+            self.cancelled.add(rid)
+
+    @rule(action=st.sampled_from(["answer", "answer", "reject", "corrupt"]), data=st.data())
+    def serve(self, action: str, data: st.DataObject) -> None:
+        waiting = [
+            e
+            for e in self.a.of_type(BlockRequested)
+            if e.request_id not in self.answered  # type: ignore[attr-defined]
+        ]
+        if not waiting:
+            return
+        event = data.draw(st.sampled_from(waiting))
+        assert isinstance(event, BlockRequested)
+        self.answered.add(event.request_id)
+        block = self.by_hash[event.hash]
+        if action == "answer":
+            self.a.endpoint.send_block(event.request_id, block)
+        elif action == "reject":
+            self.a.endpoint.reject(event.request_id, FailReason.BUSY)
+        elif block:
+            self.a.endpoint.send_block(event.request_id, bytes(len(block) - 1) + b"\x01")
+        else:
+            self.a.endpoint.reject(event.request_id)
+
+    @rule(loss=st.sampled_from([0.0, 0.0, 0.1, 0.4]), duration=st.floats(0.0, 1.5))
+    def run(self, loss: float, duration: float) -> None:
+        self._link(loss)
+        self.net.run_for(duration)
+
+    @rule()
+    def reconnect(self) -> None:
+        if not self.b.endpoint.peers():
+            self.b.endpoint.connect(A, FOLDER)
+
+    def _finished(self) -> set[int]:
+        return {
+            e.request_id  # type: ignore[union-attr]
+            for e in self.b.events
+            if isinstance(e, (BlockReceived, RequestFailed))
+        }
+
+    @invariant()
+    def delivered_blocks_are_right(self) -> None:
+        for event in self.b.of_type(BlockReceived):
+            assert event.data == self.truth[event.request_id]  # type: ignore[attr-defined]
+            assert event.request_id not in self.cancelled  # type: ignore[attr-defined]
+
+    @invariant()
+    def credit_is_respected(self) -> None:
+        info = self.b.endpoint.session_info(A_ID, FOLDER)
+        if info is not None:
+            assert info["credit_used"] <= 64 * 1024  # type: ignore[operator]
+
+    def teardown(self) -> None:
+        self._link(0.0)
+        self.a.blocks = self.by_hash
+        self.a.serve = True
+        for event in self.a.of_type(BlockRequested):
+            if event.request_id not in self.answered:  # type: ignore[attr-defined]
+                self.a.endpoint.send_block(
+                    event.request_id,
+                    self.by_hash[event.hash],  # type: ignore[attr-defined]
+                )
+        self.net.run_for(10.0)  # long enough for every timeout to fire
+        counts: dict[int, int] = {}
+        for event in self.b.events:
+            if isinstance(event, (BlockReceived, RequestFailed)):
+                counts[event.request_id] = counts.get(event.request_id, 0) + 1
+        for rid in self.truth:
+            expected = 0 if rid in self.cancelled else 1
+            if rid in self.cancelled and counts.get(rid):
+                expected = 1  # it had already finished when it was cancelled
+            assert counts.get(rid, 0) == expected, (rid, counts.get(rid))
+
+
+ProtocolMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestProtocolMachine = ProtocolMachine.TestCase
