@@ -1,4 +1,4 @@
-"""Handshake (Noise NNpsk0), packet keys, replay window and retry tokens."""
+"""Handshake (Noise NNpsk0), packet keys and retry tokens."""
 
 from __future__ import annotations
 
@@ -117,38 +117,6 @@ def test_key_update_is_one_way_and_deterministic() -> None:
     assert nxt.secret != key.secret
     assert nxt.secret == crypto.PacketKey(bytes(32)).next().secret
     assert nxt.next().secret not in (key.secret, nxt.secret)
-
-
-def test_replay_window() -> None:
-    w = crypto.ReplayWindow(size=64)
-    assert w.check(0)
-    w.update(0)
-    assert not w.check(0)
-    for pn in (5, 3, 4):
-        assert w.check(pn)
-        w.update(pn)
-        assert not w.check(pn)
-    assert w.check(1)
-    w.update(200)
-    assert not w.check(136)  # too old
-    assert w.check(137)
-    assert not w.check(5)
-    w.update(137)
-    assert not w.check(137)
-    w.update(10_000)  # far jump clears the window
-    assert w.check(9_999)
-    assert not w.check(10_000)
-
-
-@given(st.lists(st.integers(0, 500), max_size=300))
-def test_replay_window_accepts_each_number_once(pns: list[int]) -> None:
-    w = crypto.ReplayWindow(size=1024)
-    seen: set[int] = set()
-    for pn in pns:
-        assert w.check(pn) == (pn not in seen)
-        if w.check(pn):
-            w.update(pn)
-            seen.add(pn)
 
 
 def test_retry_tokens() -> None:

@@ -68,7 +68,6 @@ from lanshare.protocol.congestion import NewReno, TokenBucket
 from lanshare.protocol.crypto import (
     InitiatorHandshake,
     PacketKey,
-    ReplayWindow,
     ResponderHandshake,
 )
 from lanshare.protocol.rangeset import RangeSet
@@ -312,7 +311,6 @@ class Session:
         self._rx_next: PacketKey | None = None
         self._rx_phase = 0
         self._rx_phase_start = 0
-        self._replay = ReplayWindow()
         self.key_updates = 0
         # buffers (sized when established)
         self._tx_buf = bytearray(0)
@@ -552,10 +550,13 @@ class Session:
             return
         stats = self.ctx.stats
         n = len(data)
-        replay = self._replay
-        if not replay.check(pn):
-            stats.replayed += 1
-            return
+        # Replay protection: the set of packet numbers received (the one ACKs are built
+        # from) is the window; below its lowest tracked number everything counts as old.
+        if pn <= self._rx_largest:
+            received = self._rx_ranges
+            if pn in received or pn < received.lowest:
+                stats.replayed += 1
+                return
         if n > self._dgram or n < _OVERHEAD + 1:
             stats.dropped += 1
             return
@@ -584,7 +585,6 @@ class Session:
         except InvalidTag:
             stats.auth_failed += 1
             return
-        replay.update(pn)
         if rotate:
             self._rx_prev = self._rx_key
             self._rx_key = self._rx_next
@@ -632,6 +632,7 @@ class Session:
         pos = 0
         eliciting = False
         requests = self._requests
+        frag = self._frag
         unpack = _DFR.unpack_from
         while pos < end:
             ftype = pt[pos]
@@ -645,7 +646,23 @@ class Session:
                 eliciting = True
                 req = requests.get(rid)
                 if req is not None:
-                    self._on_fragment(req, total, offset, length, mv[pos : pos + length], now)
+                    # Fast path: a fragment of an answer already under way.
+                    index = offset // frag
+                    if (
+                        req.total == total
+                        and index * frag == offset
+                        and length == (frag if total - offset > frag else total - offset)
+                    ):
+                        got = req.got
+                        if not got[index]:
+                            got[index] = 1
+                            req.buf[offset : offset + length] = mv[pos : pos + length]  # type: ignore[index]
+                            req.last_progress = now
+                            req.n_got += 1
+                            if req.n_got == req.n_frags:
+                                self._complete(req, now)
+                    else:
+                        self._on_fragment(req, total, offset, length, mv[pos : pos + length], now)
                 pos += length
             elif ftype == _PADDING:
                 break

@@ -1,4 +1,4 @@
-"""Session cryptography: the Noise NNpsk0 handshake, packet keys, replay window, retry tokens.
+"""Session cryptography: the Noise NNpsk0 handshake, packet keys, retry tokens.
 
 Pure: no I/O; randomness (ephemeral keys, secrets) is passed in by the caller. Built on the
 ``cryptography`` package (X25519, HKDF-SHA256, AES-256-GCM) following the Noise Protocol
@@ -219,36 +219,6 @@ class PacketKey:
 
     def next(self) -> PacketKey:
         return PacketKey(next_key(self.secret))
-
-
-class ReplayWindow:
-    """Sliding window of received packet numbers (WireGuard / RFC 6479 style)."""
-
-    __slots__ = ("_bits", "_mask", "largest", "size")
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self.largest = -1
-        self._bits = 0  # bit i set: packet number largest - i was received
-        self._mask = (1 << size) - 1
-
-    def check(self, pn: int) -> bool:
-        """True when ``pn`` is new and not too old. Does not record it."""
-        diff = self.largest - pn
-        if diff < 0:
-            return True
-        if diff >= self.size:
-            return False
-        return not (self._bits >> diff) & 1
-
-    def update(self, pn: int) -> None:
-        """Record ``pn`` as received (call only after the packet authenticated)."""
-        diff = pn - self.largest
-        if diff > 0:
-            self._bits = ((self._bits << diff) | 1) & self._mask if diff < self.size else 1
-            self.largest = pn
-        else:
-            self._bits |= 1 << -diff
 
 
 class RetryTokens:
