@@ -106,7 +106,9 @@ def make_endpoint(
 class Network:
     """Endpoints joined by lossy links, driven by a fake clock."""
 
-    def __init__(self, seed: int, default: Link | None = None, start: float = 1000.0) -> None:
+    def __init__(
+        self, seed: int, default: Link | None = None, start: float = 1000.0, views: bool = True
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = start
@@ -120,6 +122,10 @@ class Network:
         self.filter: Callable[[bytes, Addr, Addr], bool] | None = None
         """Return False to drop a datagram (scripted loss); runs before the link's loss."""
         self.sent_log: list[tuple[float, Addr, Addr, int]] = []
+        # Deliver datagrams as views of one reused buffer, scribbled over after each call,
+        # as the adapter hands over GRO segments: a reference kept past the call shows.
+        self.views = views
+        self._scratch = bytearray(70_000)
 
     def add(self, endpoint: Endpoint, addr: Addr, **kwargs: object) -> Node:
         node = Node(endpoint, addr, **kwargs)  # type: ignore[arg-type]
@@ -219,7 +225,13 @@ class Network:
             node = self.nodes.get(dst)
             if node is not None:
                 self.stats(src, dst).delivered += 1
-                node.endpoint.receive_datagram(data, src, self.now)
+                if self.views:
+                    n = len(data)
+                    self._scratch[:n] = data
+                    node.endpoint.receive_datagram(memoryview(self._scratch)[:n], src, self.now)
+                    self._scratch[:n] = b"\xa5" * n
+                else:
+                    node.endpoint.receive_datagram(data, src, self.now)
         for node in self.nodes.values():
             t = node.endpoint.get_timer()
             if t is not None and t <= self.now:

@@ -543,7 +543,7 @@ class Session:
 
     # ------------------------------------------------------------------ DATA input
 
-    def on_data_packet(self, data: bytes, flags: int, pn: int, now: float) -> None:
+    def on_data_packet(self, data: bytes | memoryview, flags: int, pn: int, now: float) -> None:
         """An authenticated-or-not DATA packet for this session; drops anything invalid."""
         state = self.state
         if state is State.CLOSED or state is State.HANDSHAKE:

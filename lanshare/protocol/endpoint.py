@@ -145,8 +145,12 @@ class Endpoint:
 
     # ------------------------------------------------------------------ adapter interface
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        """Handle one received datagram. Never raises: bad input is dropped and counted."""
+    def receive_datagram(self, data: bytes | memoryview, addr: Addr, now: float) -> None:
+        """Handle one received datagram. Never raises: bad input is dropped and counted.
+
+        ``data`` may be a memoryview into the adapter's receive buffer (e.g. one GRO
+        segment): nothing keeps a reference to it after the call returns.
+        """
         self._now = now
         stats = self._ctx.stats
         stats.datagrams_received += 1
@@ -407,7 +411,7 @@ class Endpoint:
         session.answer(rid, data)
         return True
 
-    def _on_initial(self, data: bytes, addr: Addr, now: float) -> None:
+    def _on_initial(self, data: bytes | memoryview, addr: Addr, now: float) -> None:
         stats = self._ctx.stats
         n = len(data)
         if n < wire.INITIAL_SIZE:
