@@ -10,16 +10,18 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from lanshare.config import NetworkConfig, TransferConfig
-from lanshare.events import Addr, BlockRequested, Event, ManifestRequested
+from lanshare.events import Addr, BlockRequested, Event, FolderId, ManifestRequested
 from lanshare.protocol import Endpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-FOLDER = bytes(range(16))
+E = TypeVar("E")
+
+FOLDER = FolderId(bytes(range(16)))
 PSK = bytes(range(100, 132))
 
 
@@ -80,7 +82,7 @@ class Node:
         elif isinstance(event, ManifestRequested):
             self.endpoint.send_manifest(event.request_id, self.records, more=False)
 
-    def of_type(self, kind: type) -> list[Event]:
+    def of_type(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
 
 

@@ -16,10 +16,12 @@ from lanshare.events import (
     BlockReceived,
     BlockRequested,
     CloseReason,
+    Event,
     FailReason,
     ManifestReceived,
     ManifestRequested,
     NotificationReceived,
+    PeerId,
     RequestCancelled,
     RequestFailed,
     SessionClosed,
@@ -30,8 +32,8 @@ from tests.sim import FOLDER, PSK, Link, Network, make_endpoint
 
 A = ("10.0.0.1", 4000)  # serves
 B = ("10.0.0.2", 4000)  # requests
-A_ID = b"A" * 8
-B_ID = b"B" * 8
+A_ID = PeerId(b"A" * 8)
+B_ID = PeerId(b"B" * 8)
 DELAY = 0.010  # one-way
 FRAG = wire.fragment_size(1452)  # 1405 bytes of block per DATA packet
 BLOCK = bytes(range(256)) * 11 + b"x" * 4  # 2820 bytes: 3 fragments (1405, 1405, 10)
@@ -42,11 +44,11 @@ class Pair:
     """Two endpoints and a clock; datagrams move only when a step says so."""
 
     def __init__(self, transfer: TransferConfig | None = None, **knobs: object) -> None:
-        self.a = make_endpoint(1, A_ID, transfer=transfer, **knobs)
-        self.b = make_endpoint(2, B_ID, transfer=transfer, **knobs)
+        self.a = make_endpoint(1, A_ID, transfer=transfer, **knobs)  # type: ignore[arg-type]
+        self.b = make_endpoint(2, B_ID, transfer=transfer, **knobs)  # type: ignore[arg-type]
         self.now = 100.0
-        self.a_events: list[object] = []
-        self.b_events: list[object] = []
+        self.a_events: list[Event] = []
+        self.b_events: list[Event] = []
 
     def out(self, ep: Endpoint) -> list[bytes]:
         return [data for data, _ in ep.datagrams_to_send(self.now)]
@@ -105,8 +107,8 @@ class Pair:
         )
 
 
-def _drain(ep: Endpoint) -> list[object]:
-    events = []
+def _drain(ep: Endpoint) -> list[Event]:
+    events: list[Event] = []
     while (event := ep.next_event()) is not None:
         events.append(event)
     return events
@@ -127,7 +129,7 @@ def test_handshake_and_block_transfer() -> None:
     assert pair.b.peers() == [(A_ID, FOLDER, A)]
     info = pair.b.session_info(A_ID, FOLDER)
     assert info is not None
-    assert info["srtt"] == pytest.approx(0.022)  # PING -> 10 ms + 2 ms ack delay + 10 ms
+    assert info.srtt == pytest.approx(0.022)  # PING -> 10 ms + 2 ms ack delay + 10 ms
     rid = pair.request()
     req = pair.out(pair.b)
     assert len(req) == 1
@@ -237,7 +239,9 @@ def test_ack_lost_costs_one_probe_and_no_duplicate_delivery() -> None:
     ack = pair.out(pair.b)
     pair.now += DELAY
     pair.to_a(ack)
-    assert pair.a.session_info(B_ID, FOLDER)["bytes_in_flight"] == 0  # type: ignore[index]
+    info = pair.a.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info.bytes_in_flight == 0
     assert pair.a.stats.fragments_retransmitted == 1
     assert [e for e in pair.b_events if isinstance(e, BlockReceived)] == [
         BlockReceived(rid, A_ID, FOLDER, BLOCK)
@@ -469,11 +473,11 @@ def test_key_updates_keep_the_session_working() -> None:
             hash=hashlib.sha256(blk).digest(),
         )
     net.run_until(lambda: len(b.of_type(BlockReceived)) == len(blocks), 10)
-    assert sorted(e.data for e in b.of_type(BlockReceived)) == sorted(blocks)  # type: ignore[attr-defined]
+    assert sorted(e.data for e in b.of_type(BlockReceived)) == sorted(blocks)
     assert b.endpoint.stats.auth_failed == a.endpoint.stats.auth_failed == 0
     info = a.endpoint.session_info(B_ID, FOLDER)
     assert info is not None
-    assert info["key_updates"] >= 3  # type: ignore[operator]
+    assert info.key_updates >= 3
 
 
 def test_flow_control_bounds_what_is_in_flight_towards_us() -> None:
@@ -503,10 +507,10 @@ def test_flow_control_bounds_what_is_in_flight_towards_us() -> None:
         nonlocal peak
         info = b.endpoint.session_info(A_ID, FOLDER)
         assert info is not None
-        assert info["credit_used"] <= credit  # type: ignore[operator]
+        assert info.credit_used <= credit
         served = a.endpoint.session_info(B_ID, FOLDER)
         assert served is not None
-        peak = max(peak, served["bytes_in_flight"])  # type: ignore[type-var]
+        peak = max(peak, served.bytes_in_flight)
         return len(b.of_type(BlockReceived)) == len(blocks)
 
     net.run_until(done, 10)
@@ -606,11 +610,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     @rule(action=st.sampled_from(["answer", "answer", "reject", "corrupt"]), data=st.data())
     def serve(self, action: str, data: st.DataObject) -> None:
-        waiting = [
-            e
-            for e in self.a.of_type(BlockRequested)
-            if e.request_id not in self.answered  # type: ignore[attr-defined]
-        ]
+        waiting = [e for e in self.a.of_type(BlockRequested) if e.request_id not in self.answered]
         if not waiting:
             return
         event = data.draw(st.sampled_from(waiting))
@@ -638,33 +638,28 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _finished(self) -> set[int]:
         return {
-            e.request_id  # type: ignore[union-attr]
-            for e in self.b.events
-            if isinstance(e, (BlockReceived, RequestFailed))
+            e.request_id for e in self.b.events if isinstance(e, (BlockReceived, RequestFailed))
         }
 
     @invariant()
     def delivered_blocks_are_right(self) -> None:
         for event in self.b.of_type(BlockReceived):
-            assert event.data == self.truth[event.request_id]  # type: ignore[attr-defined]
-            assert event.request_id not in self.cancelled  # type: ignore[attr-defined]
+            assert event.data == self.truth[event.request_id]
+            assert event.request_id not in self.cancelled
 
     @invariant()
     def credit_is_respected(self) -> None:
         info = self.b.endpoint.session_info(A_ID, FOLDER)
         if info is not None:
-            assert info["credit_used"] <= 64 * 1024  # type: ignore[operator]
+            assert info.credit_used <= 64 * 1024
 
     def teardown(self) -> None:
         self._link(0.0)
         self.a.blocks = self.by_hash
         self.a.serve = True
-        for event in self.a.of_type(BlockRequested):
-            if event.request_id not in self.answered:  # type: ignore[attr-defined]
-                self.a.endpoint.send_block(
-                    event.request_id,
-                    self.by_hash[event.hash],  # type: ignore[attr-defined]
-                )
+        for requested in self.a.of_type(BlockRequested):
+            if requested.request_id not in self.answered:
+                self.a.endpoint.send_block(requested.request_id, self.by_hash[requested.hash])
         self.net.run_for(10.0)  # long enough for every timeout to fire
         counts: dict[int, int] = {}
         for event in self.b.events:

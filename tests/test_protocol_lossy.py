@@ -13,10 +13,12 @@ import pytest
 
 from lanshare.config import TransferConfig
 from lanshare.events import (
+    Addr,
     BlockReceived,
     CloseReason,
     FailReason,
     ManifestReceived,
+    PeerId,
     RequestFailed,
     SessionClosed,
     SessionEstablished,
@@ -26,7 +28,7 @@ from tests.sim import FOLDER, Link, Network, Node, make_endpoint
 A = ("10.0.0.1", 4000)
 B = ("10.0.0.2", 4000)
 C = ("10.0.0.3", 4000)
-IDS = {A: b"A" * 8, B: b"B" * 8, C: b"C" * 8}
+IDS = {A: PeerId(b"A" * 8), B: PeerId(b"B" * 8), C: PeerId(b"C" * 8)}
 
 
 def lan(loss: float, *, dup: float = 0.01, reorder: float = 0.02) -> Link:
@@ -134,8 +136,8 @@ def test_three_peers_pull_from_each_other_at_once(seed: int) -> None:
     for src, dst in ((A, B), (B, C), (C, A)):
         nodes[src].endpoint.connect(dst, FOLDER)
     net.run_until(lambda: all(len(n.endpoint.peers()) == 2 for n in nodes.values()), 60)
-    wanted: dict[tuple, list[bytes]] = {}
-    ids: dict[tuple, dict[int, int]] = {}
+    wanted: dict[tuple[Addr, Addr], list[bytes]] = {}
+    ids: dict[tuple[Addr, Addr], dict[int, int]] = {}
     for k, (puller, server) in enumerate(((C, A), (C, B), (A, B), (B, A))):
         blocks = _blocks(seed * 100 + k, 12, 32 * 1024)
         for blk in blocks:

@@ -13,28 +13,29 @@ from lanshare.events import (
     BlockRequested,
     CloseReason,
     FailReason,
+    PeerId,
     RequestFailed,
     SessionClosed,
     SessionEstablished,
 )
-from lanshare.protocol import wire
-from tests.sim import FOLDER, PSK, Link, Network, make_endpoint
+from lanshare.protocol import Endpoint, wire
+from tests.sim import FOLDER, PSK, Link, Network, Node, make_endpoint
 
 A = ("10.0.0.1", 4000)
 B = ("10.0.0.2", 4000)
 V = ("10.0.0.66", 4000)  # a victim whose address an attacker spoofs
-A_ID, B_ID = b"A" * 8, b"B" * 8
+A_ID, B_ID = PeerId(b"A" * 8), PeerId(b"B" * 8)
 OTHER_PSK = bytes(32)
 
 
-def _net(seed: int = 1, **a_knobs: object) -> tuple[Network, object, object]:
+def _net(seed: int = 1, **a_knobs: object) -> tuple[Network, Node, Node]:
     net = Network(seed, Link(delay=0.001))
     a = net.add(make_endpoint(1, A_ID, **a_knobs), A)  # type: ignore[arg-type]
     b = net.add(make_endpoint(2, B_ID), B)
     return net, a, b
 
 
-def _established(net: Network, a, b) -> None:  # type: ignore[no-untyped-def]
+def _established(net: Network, a: Node, b: Node) -> None:
     b.endpoint.connect(A, FOLDER)
     net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
 
@@ -244,7 +245,7 @@ def test_receive_path_allocates_within_a_bound() -> None:
     assert frames_peak < 16 * 1024
 
 
-_ESTABLISHED: list = []
+_ESTABLISHED: list[Endpoint] = []
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,7 @@ No sockets, clock or files anywhere in this package: ``Endpoint`` takes datagram
 
 from __future__ import annotations
 
-from lanshare.protocol.connection import EndpointStats
+from lanshare.protocol.connection import EndpointStats, SessionInfo
 from lanshare.protocol.endpoint import Endpoint
 
-__all__ = ["Endpoint", "EndpointStats"]
+__all__ = ["Endpoint", "EndpointStats", "SessionInfo"]

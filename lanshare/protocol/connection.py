@@ -41,7 +41,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 
@@ -143,6 +143,29 @@ class EndpointStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A snapshot of one session (``Endpoint.session_info``)."""
+
+    state: str
+    srtt: float
+    rttvar: float
+    min_rtt: float
+    cwnd: int
+    bytes_in_flight: int
+    congestion_events: int
+    requests: int
+    """Our requests sent and not yet answered."""
+    pending_requests: int
+    """Our requests waiting for flow-control credit (or the receive-rate limit)."""
+    serving: int
+    """The peer's requests we are answering or waiting for the application to answer."""
+    credit_used: int
+    datagram_size: int
+    pto_count: int
+    key_updates: int
 
 
 class Context:
@@ -1421,21 +1444,22 @@ class Session:
     def datagram_size(self) -> int:
         return self._dgram
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> SessionInfo:
         """A snapshot for status displays and tests."""
-        return {
-            "state": self.state.name,
-            "srtt": self._rtt.srtt,
-            "rttvar": self._rtt.rttvar,
-            "min_rtt": self._rtt.min_rtt,
-            "cwnd": self._cc.cwnd,
-            "bytes_in_flight": self._sent.bytes_in_flight,
-            "congestion_events": self._cc.congestion_events,
-            "requests": len(self._requests),
-            "pending_requests": len(self._pending),
-            "serving": len(self._served),
-            "credit_used": self._credit_used,
-            "datagram_size": self._dgram,
-            "pto_count": self._pto_count,
-            "key_updates": self.key_updates,
-        }
+        rtt = self._rtt
+        return SessionInfo(
+            state=self.state.name,
+            srtt=rtt.srtt,
+            rttvar=rtt.rttvar,
+            min_rtt=rtt.min_rtt,
+            cwnd=self._cc.cwnd,
+            bytes_in_flight=self._sent.bytes_in_flight,
+            congestion_events=self._cc.congestion_events,
+            requests=len(self._requests),
+            pending_requests=len(self._pending),
+            serving=len(self._served),
+            credit_used=self._credit_used,
+            datagram_size=self._dgram,
+            pto_count=self._pto_count,
+            key_updates=self.key_updates,
+        )

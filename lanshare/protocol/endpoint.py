@@ -26,7 +26,14 @@ from lanshare.events import (
 )
 from lanshare.protocol import wire
 from lanshare.protocol.congestion import TokenBucket
-from lanshare.protocol.connection import Context, EndpointStats, Params, Session, State
+from lanshare.protocol.connection import (
+    Context,
+    EndpointStats,
+    Params,
+    Session,
+    SessionInfo,
+    State,
+)
 from lanshare.protocol.crypto import ResponderHandshake, RetryTokens
 
 if TYPE_CHECKING:
@@ -375,7 +382,8 @@ class Endpoint:
             if s.established and s.peer is not None
         ]
 
-    def session_info(self, peer: bytes, folder: bytes) -> dict[str, object] | None:
+    def session_info(self, peer: bytes, folder: bytes) -> SessionInfo | None:
+        """RTT, window, requests and credit of the session with ``peer`` for ``folder``."""
         session = self._by_peer.get((bytes(peer), bytes(folder)))
         return None if session is None else session.info()
 
