@@ -297,9 +297,17 @@ class Endpoint:
         max_size: int | None = None,
     ) -> int:
         """Ask ``peer`` for manifest records with sequence > ``since_seq``; one bounded batch
-        comes back as ``ManifestReceived`` (``more`` says whether to ask again)."""
-        limit = self.params.max_manifest_size if max_size is None else max_size
-        limit = max(wire.manifest_batch_size([]), min(limit, self.params.max_in_flight_size))
+        comes back as ``ManifestReceived`` (``more`` says whether to ask again).
+
+        ``max_size`` bounds the encoded batch (default: a quarter of ``max_in_flight_size``,
+        at most ``max_manifest_size``); the peer may answer with less.
+        """
+        p = self.params
+        if max_size is None:
+            # A batch reserves its size of the flow-control credit until it arrives: leave
+            # three quarters of it for blocks.
+            max_size = min(p.max_manifest_size, max(64 * 1024, p.max_in_flight_size // 4))
+        limit = max(wire.manifest_batch_size([]), min(max_size, p.max_in_flight_size))
         if not 0 <= since_seq < 1 << 64:
             raise LocalProtocolError("since_seq out of range")
 
