@@ -206,3 +206,40 @@ def test_manifest_batches_over_a_lossy_link(seed: int) -> None:
     assert event.request_id == rid
     assert list(event.records) == a.records, f"seed {seed}"
     assert event.more is False
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_credit_is_shared_by_every_peer_of_an_endpoint(seed: int) -> None:
+    """Two servers answer one requester: together they never exceed its total credit."""
+    credit = 128 * 1024
+    transfer = TransferConfig(max_in_flight_size=credit)
+    net = Network(seed, lan(0.01))
+    c = net.add(make_endpoint(seed * 10, IDS[C], transfer=transfer), C)
+    servers = [
+        net.add(make_endpoint(seed * 10 + i, IDS[addr]), addr) for i, addr in enumerate((A, B), 1)
+    ]
+    for server in servers:
+        c.endpoint.connect(server.addr, FOLDER)
+    net.run_until(lambda: len(c.endpoint.peers()) == 2, 30)
+    expected: dict[int, bytes] = {}
+    for k, server in enumerate(servers):
+        for i, blk in enumerate(_blocks(seed * 7 + k, 16, 48 * 1024)):
+            server.blocks[hashlib.sha256(blk).digest()] = blk
+            rid = c.endpoint.request_block(
+                IDS[server.addr],
+                FOLDER,
+                path="f",
+                index=i,
+                offset=0,
+                size=len(blk),
+                hash=hashlib.sha256(blk).digest(),
+            )
+            expected[rid] = blk
+
+    def done() -> bool:
+        infos = [c.endpoint.session_info(IDS[s.addr], FOLDER) for s in servers]
+        assert sum(i.credit_used for i in infos if i is not None) <= credit, f"seed {seed}"
+        return len(c.of_type(BlockReceived)) == len(expected)
+
+    net.run_until(done, 60)
+    assert {e.request_id: e.data for e in c.of_type(BlockReceived)} == expected

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lanshare.config import TransferConfig
 from lanshare.events import (
     BlockRequested,
     CloseReason,
@@ -262,3 +263,22 @@ def test_block_hash_is_checked_with_blake3_too() -> None:
     assert wire.digest_size("blake3") == 32
     with pytest.raises(ValueError, match="unsupported"):
         wire.digest_size("md5")
+
+
+def test_a_peer_ignoring_its_credit_is_refused() -> None:
+    """Requests far beyond the requester's advertised credit get BUSY, not our memory."""
+    transfer = TransferConfig(max_in_flight_size=64 * 1024)
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    b = net.add(make_endpoint(2, B_ID, transfer=transfer), B)
+    _established(net, a, b)
+    hostile = next(iter(b.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    for rid in range(1000, 1040):  # 40 x 32 KiB = 1.25 MiB against 64 KiB of credit
+        frame = wire.encode_frame(wire.RequestBlock(rid, "f", 0, 0, 32 * 1024, "sha256", bytes(32)))
+        hostile._emit(frame, net.now, out, eliciting=False, items=None)
+    for data, _ in out:
+        a.endpoint.receive_datagram(data, B, net.now)
+    net.run_for(0.01)
+    assert len(a.of_type(BlockRequested)) == 4 * 64 // 32  # 4x the credit, then BUSY

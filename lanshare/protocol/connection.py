@@ -108,6 +108,7 @@ class Params:
     request_timeout: float = 10.0
     initial_rtt: float = 0.1
     max_in_flight_size: int = 4 * 1024 * 1024
+    max_total_in_flight: int = 0  # over all sessions; 0 = max_in_flight_size
     max_datagram_size: int = 1452
     max_recv_rate: int = 0
     max_ack_delay: float = 0.002
@@ -173,8 +174,11 @@ class Context:
 
     __slots__ = (
         "_next_handle",
+        "credit_used",
+        "credit_waiters",
         "events",
         "handles",
+        "max_credit",
         "node_id",
         "on_closed",
         "on_established",
@@ -203,8 +207,21 @@ class Context:
         #: handle -> (session, wire request id, True when we are the requester)
         self.handles: dict[int, tuple[Session, int, bool]] = {}
         self._next_handle = 1
+        #: Answers outstanding over every session, and the bound on them (socket buffer).
+        self.credit_used = 0
+        self.max_credit = params.max_total_in_flight or params.max_in_flight_size
+        self.credit_waiters: set[Session] = set()
         self.on_closed: Callable[[Session], None] = lambda s: None
         self.on_established: Callable[[Session], None] = lambda s: None
+
+    def release_credit(self, size: int) -> None:
+        """Answers of ``size`` bytes are no longer outstanding: wake sessions waiting."""
+        if not size:
+            return
+        self.credit_used -= size
+        for session in self.credit_waiters:
+            session.wake()
+        self.credit_waiters.clear()
 
     def new_handle(self) -> int:
         handle = self._next_handle
@@ -788,6 +805,7 @@ class Session:
         self.ctx.handles.pop(req.handle, None)
         if req.sent:
             self._credit_used -= req.size
+            self.ctx.release_credit(req.size)
         req.buf = None
         if self._pending:
             self._send_now = True  # credit freed: the next write releases more requests
@@ -837,12 +855,16 @@ class Session:
         if self.state is not State.ESTABLISHED:
             return
         pending = self._pending
-        credit = self.ctx.params.max_in_flight_size
-        limit = self.ctx.recv_limit
+        ctx = self.ctx
+        credit = ctx.params.max_in_flight_size
+        limit = ctx.recv_limit
         self._release_at = None
         while pending:
             req = pending[0]
             if self._credit_used and self._credit_used + req.size > credit:
+                return
+            if ctx.credit_used and ctx.credit_used + req.size > ctx.max_credit:
+                ctx.credit_waiters.add(self)  # woken when another session frees credit
                 return
             if limit is not None:
                 if limit.refill(now) <= 0:
@@ -853,6 +875,7 @@ class Session:
             req.sent = True
             req.last_progress = now
             self._credit_used += req.size
+            ctx.credit_used += req.size
             self._queue_ctrl(_K_REQUEST, req.rid, req.frame)
             deadline = now + self.ctx.params.request_timeout
             if self._request_check_at is None or deadline < self._request_check_at:
@@ -882,7 +905,7 @@ class Session:
         if frame.size > p.max_block_size:
             self._reject(rid, wire.RejectCode.REFUSED)
             return
-        if self._serving_bytes + frame.size > max(self._peer_credit, frame.size):
+        if self._serving_bytes + frame.size > self._serve_limit(frame.size):
             self._reject(rid, wire.RejectCode.BUSY)
             return
         assert self.peer is not None
@@ -913,7 +936,7 @@ class Session:
         if max_size < wire.manifest_batch_size([]):
             self._reject(rid, wire.RejectCode.REFUSED)
             return
-        if self._serving_bytes + max_size > max(self._peer_credit, max_size):
+        if self._serving_bytes + max_size > self._serve_limit(max_size):
             self._reject(rid, wire.RejectCode.BUSY)
             return
         assert self.peer is not None
@@ -924,6 +947,12 @@ class Session:
         self.ctx.events.append(
             ManifestRequested(handle, self.peer, self.folder, frame.since_seq, max_size)
         )
+
+    def _serve_limit(self, size: int) -> int:
+        # The requester keeps what it asked for within its credit, but it frees credit when
+        # an answer *arrives*, we when it is *acknowledged* (an RTT or a lost ACK later):
+        # only a peer far beyond its credit is refused, which bounds our memory per session.
+        return 4 * max(self._peer_credit, size)
 
     def _on_cancel(self, rid: int) -> None:
         served = self._served.pop(rid, None)
@@ -1391,6 +1420,9 @@ class Session:
             events.append(RequestFailed(req.handle, self.peer, self.folder, FailReason.PEER_GONE))
         self._requests.clear()
         self._pending.clear()
+        self.ctx.credit_waiters.discard(self)
+        self.ctx.release_credit(self._credit_used)
+        self._credit_used = 0
         for served in self._served.values():
             if served.msg is None:
                 self.ctx.handles.pop(served.handle, None)
@@ -1430,6 +1462,10 @@ class Session:
 
     def _queue_ctrl(self, kind: int, rid: int, frame: bytes) -> None:
         self._ctrl.append((kind, rid, frame))
+        self._send_now = True
+
+    def wake(self) -> None:
+        """Ask for a write soon (credit became available)."""
         self._send_now = True
 
     def queue_ping(self) -> None:

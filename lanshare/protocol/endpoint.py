@@ -79,6 +79,8 @@ class Endpoint:
         max_sessions: sessions (of every state) kept at once.
         max_half_open: unvalidated responder sessions before INITIALs must carry a token.
         always_retry: demand a retry token (address validation) before any handshake.
+        max_total_in_flight: answers outstanding over all sessions together (what the socket
+            buffer must hold); default ``max_in_flight_size``.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Endpoint:
         max_sessions: int = 256,
         max_half_open: int = 64,
         always_retry: bool = False,
+        max_total_in_flight: int | None = None,
     ) -> None:
         if len(node_id) != wire.NODE_ID_SIZE:
             raise LocalProtocolError("node id must be 8 bytes")
@@ -112,6 +115,7 @@ class Endpoint:
             request_timeout=transfer.request_timeout,
             initial_rtt=transfer.initial_rtt,
             max_in_flight_size=max(transfer.max_in_flight_size, dgram),
+            max_total_in_flight=max(max_total_in_flight or transfer.max_in_flight_size, dgram),
             max_datagram_size=dgram,
             max_recv_rate=network.max_recv_rate,
             max_ack_delay=max_ack_delay,
