@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -151,6 +152,8 @@ class Download:
     done: set[int] = field(default_factory=set)
     writing: int = 0
     finishing: bool = False
+    abandoned: bool = False
+    """No longer wanted; its descriptors close once no write or commit uses them."""
     bytes_done: int = 0
     index_at: dict[int, int] = field(default_factory=dict)
     """Block index by offset."""
@@ -183,11 +186,13 @@ class FolderSync:
         self.reason = ""
         self.links: dict[bytes, PeerLink] = {}
         self.downloads: dict[str, Download] = {}
-        self.scheduler = Scheduler(
+        self.scheduler = _Scheduler(
             random.Random(int.from_bytes(self.folder_id[:8], "big")),
             SchedulerConfig(request_timeout=engine.config.transfer.request_timeout),
         )
         self.requests: dict[int, tuple[bytes, BlockRef]] = {}
+        self.committing: set[str] = set()
+        """Paths whose finished download is being put in place right now."""
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.problems: dict[str, str] = {}
         self.priority: set[str] = set()
@@ -395,6 +400,9 @@ class FolderSync:
             except LanshareError as exc:
                 self.state, self.reason = "error", str(exc)
                 logger.warning("folder %s: %s", self.root, exc)
+            except Exception:
+                # A bug must not end planning for good: log it and plan again on the next change.
+                logger.exception("folder %s: internal error while planning", self.root)
 
     async def plan_and_apply(self) -> None:
         local, remotes = await asyncio.to_thread(self._load_records)
@@ -419,13 +427,22 @@ class FolderSync:
         if result.paused:
             self.state, self.reason = "paused", result.reason
         wanted: set[str] = set()
+        vacated: set[str] = set()
         for action in result.actions:
+            if action.path in vacated and isinstance(
+                action,
+                planner.Fetch | planner.BuildFromLocal | planner.MakeDir | planner.MakeSymlink,
+            ):
+                # The loser was moved aside by this plan's Conflict: nothing is there now.
+                action = dataclasses.replace(action, replaces=None)
             if isinstance(action, planner.Fetch):
                 wanted.add(action.path)
                 await self._want(action, remotes)
                 continue
             try:
                 await self._apply(action)
+                if isinstance(action, planner.Conflict):
+                    vacated.add(action.path)
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
                 self.dirty.set()
@@ -434,6 +451,7 @@ class FolderSync:
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
         for path in [p for p in self.downloads if p not in wanted]:
             await self._abandon(path, discard=True)
+        await self._drop_stale_partials()
         self.need_files = len(self.downloads)
         self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
         self.conflicts = sum(1 for a in result.actions if isinstance(a, planner.Conflict))
@@ -447,6 +465,21 @@ class FolderSync:
             self.synced.clear()
         self.allow_mass_delete = False
         self.pump()
+
+    async def _drop_stale_partials(self) -> None:
+        """Remove temporary files of downloads no plan wants any more (kept after a local
+        edit stopped them, or left by a crash for a version that has since been replaced)."""
+        index = self.engine.index
+        partials = await asyncio.to_thread(index.partials, self.info.id)
+        for partial in partials:
+            if partial.path in self.downloads or partial.path in self.committing:
+                continue
+            record = await asyncio.to_thread(index.get, self.info.id, partial.path)
+            if record is None:
+                continue  # nothing to derive the temporary file's place from; harmless
+            stale = dataclasses.replace(record, file_hash=partial.file_hash)
+            await asyncio.to_thread(self.store.discard, stale)
+            await asyncio.to_thread(index.partial_drop, self.info.id, partial.path)
 
     def _load_records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
         index = self.engine.index
@@ -462,7 +495,11 @@ class FolderSync:
         now = time.time()
         if isinstance(action, planner.Conflict):
             await asyncio.to_thread(store.rename_local, action.path, action.conflict_name)
-            await self._commit(action.copy_record)
+            # The path is empty until the winner arrives: record that (a tombstone under the
+            # loser's own version, so it neither wins nor looks like a deletion by anyone), or
+            # every later plan would see the loser still there and move it aside again.
+            vacated = action.loser.tombstone(action.loser.version, 0)
+            await self._commit(action.copy_record, vacated)
             return
         if isinstance(action, planner.MakeDir):
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
@@ -507,14 +544,13 @@ class FolderSync:
             assembly.close()
         await self._commit(record)
 
-    async def _commit(self, record: FileRecord) -> None:
-        """Record that ``record`` is now on disk (with a new local sequence)."""
-        inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
-        await asyncio.to_thread(
-            self.engine.index.commit_changes,
-            self.info.id,
-            [LocalChange(record, inode=inode, ctime_ns=ctime_ns)],
-        )
+    async def _commit(self, *records: FileRecord) -> None:
+        """Record that ``records`` are now on disk (each with a new local sequence)."""
+        changes = []
+        for record in records:
+            inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
+            changes.append(LocalChange(record, inode=inode, ctime_ns=ctime_ns))
+        await asyncio.to_thread(self.engine.index.commit_changes, self.info.id, changes)
         self.announce_sequence()
 
     async def _own_write(self, rel: str) -> None:
@@ -533,10 +569,18 @@ class FolderSync:
                 existing.record.version == action.record.version
             ):
                 return
-            await self._abandon(action.path, discard=True)
+            # Same content under a newer version: keep the verified blocks (same temp file).
+            same = existing.record.file_hash == action.record.file_hash
+            await self._abandon(action.path, discard=not same)
         record = action.record
         download = Download(record, LocalState.of(action.replaces), action.sources)
         try:
+            old = await asyncio.to_thread(self.engine.index.partial_get, self.info.id, record.path)
+            if old is not None and old.file_hash != record.file_hash:
+                # A download of another version of this path was left behind (a crash, a
+                # local edit): its temporary file goes, or it would stay forever.
+                stale = dataclasses.replace(record, file_hash=old.file_hash)
+                await asyncio.to_thread(self.store.discard, stale)
             download.assembly = await asyncio.to_thread(self.store.begin, record)
             partial = await asyncio.to_thread(
                 self.engine.index.partial_begin,
@@ -686,13 +730,17 @@ class FolderSync:
         self, download: Download, ref: BlockRef, data: bytes, *, peer: bytes | None
     ) -> None:
         index = self._block_index(download, ref)
-        if index in download.done or download.assembly is None:
+        if index in download.done or download.assembly is None or _gone(download):
             self._apply_steps(self.scheduler.on_block_done(ref, peer))
             return
         download.writing += 1
         try:
             async with self.engine.io_limit:
+                if _gone(download):
+                    return
                 await asyncio.to_thread(self.store.write_block, download.assembly, index, data)
+                if _gone(download):
+                    return
                 await asyncio.to_thread(
                     self.engine.index.partial_mark_verified, self.info.id, download.path, [index]
                 )
@@ -704,12 +752,18 @@ class FolderSync:
             self.pump()
             return
         except LanshareError as exc:
+            if _gone(download):
+                return
             self.problems[download.path] = str(exc)
             logger.warning("folder %s: %s: %s", self.root, download.path, exc)
             await self._abandon(download.path, discard=False)
             return
         finally:
             download.writing -= 1
+            if _gone(download):
+                _release(download)
+        if _gone(download):
+            return
         if index not in download.done:
             download.done.add(index)
             download.bytes_done += ref.size
@@ -728,29 +782,44 @@ class FolderSync:
     async def _finish(self, download: Download) -> None:
         assert download.assembly is not None
         record = download.record
+        self.committing.add(record.path)
         try:
             await self._own_write(record.path)
             await asyncio.to_thread(
                 self.store.commit, download.assembly, download.planned, time.time()
             )
-        except LocalChangeError as exc:
-            logger.info("folder %s: %s", self.root, exc)
-            await self._abandon(record.path, discard=True)
-            self.dirty.set()
-            return
-        except IntegrityError as exc:
-            logger.warning("folder %s: %s; fetching it again", self.root, exc)
-            await self._abandon(record.path, discard=True)
-            self.dirty.set()
-            return
         except LanshareError as exc:
-            self.problems[record.path] = str(exc)
-            await self._abandon(record.path, discard=False)
+            self.committing.discard(record.path)
+            download.finishing = False
+            discard = isinstance(exc, IntegrityError)
+            if isinstance(exc, LocalChangeError):
+                # Never clobber a local edit. Keep the verified temporary file (a later plan
+                # that still wants this version resumes from it) and rescan, so the next plan
+                # sees the edit and decides: a newer local version, or a conflict copy.
+                logger.info("folder %s: %s", self.root, exc)
+                self.engine.spawn(self.scan())
+            elif discard:
+                logger.warning("folder %s: %s; fetching it again", self.root, exc)
+            else:
+                self.problems[record.path] = str(exc)
+                logger.warning("folder %s: %s: %s", self.root, record.path, exc)
+            if self.downloads.get(record.path) is download:
+                await self._abandon(record.path, discard=discard)
+            else:  # abandoned while committing: the assembly is ours to close
+                _release(download)
+                if discard:
+                    await asyncio.to_thread(self.store.discard, record)
+            self.dirty.set()
             return
-        self.downloads.pop(record.path, None)
-        self.scheduler.remove_file(record.path)
-        await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, record.path)
-        await self._commit(record)
+        # The file is in place: whatever happened meanwhile, the index must say so.
+        try:
+            if self.downloads.get(record.path) is download:
+                del self.downloads[record.path]
+                self._apply_steps(self.scheduler.remove_file(record.path))
+                await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, record.path)
+            await self._commit(record)
+        finally:
+            self.committing.discard(record.path)
         self.problems.pop(record.path, None)
         self.dirty.set()
 
@@ -758,13 +827,15 @@ class FolderSync:
         download = self.downloads.pop(path, None)
         if download is None:
             return
+        download.abandoned = True
         self._apply_steps(self.scheduler.remove_file(path))
         for rid, (_, ref) in list(self.requests.items()):
             if ref.file_id == path:
                 del self.requests[rid]
-        if download.assembly is not None:
-            download.assembly.close()
-        if discard:
+        self.outgoing = {k: v for k, v in self.outgoing.items() if k[1].file_id != path}
+        # Writes in flight (or a commit) still use the descriptors: the last one closes them.
+        _release(download)
+        if discard and not download.finishing:
             await asyncio.to_thread(self.store.discard, download.record)
             await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
 
@@ -1086,12 +1157,40 @@ class Engine:
         }
 
 
+class _Scheduler(Scheduler):
+    """``Scheduler`` with a guard for ``remove_file`` of a partly done file.
+
+    The scheduler forgets a piece once every ref of it is done but keeps its key in the
+    file's entry, so removing a file with done blocks would look up a forgotten piece. Until
+    the scheduler itself skips those, drop the stale keys first.
+    """
+
+    def remove_file(self, file_id: str) -> list[Cancel]:
+        entry = self._files.get(file_id)
+        if entry is not None:
+            for key in [k for k in entry.pieces if k not in self._pieces]:
+                del entry.pieces[key]
+        return super().remove_file(file_id)
+
+
 def _prioritised(path: str, priority: Collection[str]) -> bool:
     return any(path == p or path.startswith(p + "/") or p == "" for p in priority)
 
 
 def _same_content(a: FileRecord, b: FileRecord) -> bool:
     return a.type == b.type and a.file_hash == b.file_hash and a.deleted == b.deleted
+
+
+def _gone(download: Download) -> bool:
+    """Whether the download was abandoned (re-read after every await)."""
+    return download.abandoned
+
+
+def _release(download: Download) -> None:
+    """Close an abandoned download's file once no thread can be using its descriptors
+    (closing under a running ``pwrite`` could let the number be reused by another file)."""
+    if download.assembly is not None and download.writing == 0 and not download.finishing:
+        download.assembly.close()
 
 
 def _temp_rel(download: Download) -> str:
