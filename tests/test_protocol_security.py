@@ -198,12 +198,25 @@ def test_arbitrary_datagrams_never_raise(data: bytes, prefix: bytes) -> None:
     ep.datagrams_to_send(2000.0)
 
 
-@given(st.binary(max_size=1400))
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-def test_arbitrary_authenticated_frames_never_raise(payload: bytes) -> None:
-    """Hostile plaintext from a key holder: dropped or closes the session, never raises."""
+@given(st.binary(max_size=1420), st.booleans(), st.booleans())
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_arbitrary_authenticated_frames_never_raise(
+    payload: bytes, full_size: bool, data_first: bool
+) -> None:
+    """Hostile plaintext from a key holder: dropped or closes the session, never raises.
+
+    Full-size packets take the receiver's in-order fast path, so they are tried too, also
+    starting with a DATA frame header (for a request that may exist)."""
     net, a, b = _net()
     _established(net, a, b)
+    b.serve = False
+    # A waits for request id 0 from B: hostile DATA frames for it hit the reassembly path.
+    a.endpoint.request_block(B_ID, FOLDER, path="f", index=0, offset=0, size=5000, hash=bytes(32))
+    net.run_until(lambda: bool(b.of_type(BlockRequested)), 5)
+    if data_first:
+        payload = bytes([wire.FrameType.DATA, 0, 0, 0, 0]) + payload
+    if full_size:
+        payload = (payload + bytes(1420))[:1420]
     session = next(iter(b.endpoint._sessions.values()))
     out: list[tuple[bytes, tuple[str, int]]] = []
     session._emit(payload, net.now, out, eliciting=False, items=None)

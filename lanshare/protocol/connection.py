@@ -237,6 +237,9 @@ class State(Enum):
     CLOSED = 5
 
 
+_ESTABLISHED = State.ESTABLISHED
+
+
 class _OutMessage:
     """An answer being sent: block data or an encoded manifest batch, cut into fragments."""
 
@@ -372,6 +375,7 @@ class Session:
         self._pacing_at: float | None = None
         # acknowledgements we owe
         self._rx_ranges = RangeSet(max_ranges=4 * p.ack_ranges)
+        self._rx_stops = self._rx_ranges._stops  # for the in-order fast path
         self._rx_largest = -1
         self._rx_largest_time = now
         self._ack_count = 0
@@ -585,6 +589,14 @@ class Session:
 
     def on_data_packet(self, data: bytes | memoryview, flags: int, pn: int, now: float) -> None:
         """An authenticated-or-not DATA packet for this session; drops anything invalid."""
+        if (
+            pn == self._rx_largest + 1
+            and len(data) == self._dgram
+            and flags & 1 == self._rx_phase
+            and self.state is _ESTABLISHED
+        ):
+            self._on_next_packet(data, pn, now)  # the bulk of a transfer: in order, full size
+            return
         state = self.state
         if state is State.CLOSED or state is State.HANDSHAKE:
             return
@@ -666,10 +678,74 @@ class Session:
             if not in_order:
                 self._ack_now = True  # a gap or a late packet: tell the sender at once
 
-    def _parse_frames(self, end: int, now: float) -> bool:
+    def _on_next_packet(self, data: bytes | memoryview, pn: int, now: float) -> None:
+        """``on_data_packet`` for the next packet number, full size, current key phase."""
+        key = self._rx_key
+        assert key is not None
+        self._rx_buf[:] = data
+        try:
+            key.aead.decrypt_into(self._rx_nonce, self._rx_body, self._rx_aad, self._rx_pt_full)
+        except InvalidTag:
+            self.ctx.stats.auth_failed += 1
+            return
+        self._rx_largest = pn
+        self._rx_largest_time = now
+        self._last_recv = now
+        self._last_now = now
+        stops = self._rx_stops
+        if stops and stops[-1] == pn:
+            stops[-1] = pn + 1  # in order: extend the highest range (RangeSet.add's fast path)
+        else:
+            self._rx_ranges.add(pn)
+        self._ack_unsent = True
+        end = self._dgram - _OVERHEAD
+        pt = self._rx_pt
+        try:
+            if pt[0] == _DATA:
+                # One DATA frame, maybe followed by PADDING: the packet of a bulk transfer.
+                _, rid, total, offset, length = _DFR.unpack_from(pt, 0)
+                pos = _DFR_SIZE + length
+                if pos > end or offset + length > total:
+                    raise DecodeError("DATA frame out of bounds")
+                req = self._requests.get(rid)
+                if req is not None:
+                    frag = self._frag
+                    index = offset // frag
+                    if (
+                        req.total == total
+                        and index * frag == offset
+                        and length == (frag if total - offset > frag else total - offset)
+                    ):
+                        got = req.got
+                        if not got[index]:
+                            got[index] = 1
+                            req.buf[offset : offset + length] = self._rx_pt_mv[_DFR_SIZE:pos]  # type: ignore[index]
+                            req.last_progress = now
+                            req.n_got += 1
+                            if req.n_got == req.n_frags:
+                                self._complete(req, now)
+                    else:
+                        chunk = self._rx_pt_mv[_DFR_SIZE:pos]
+                        self._on_fragment(req, total, offset, length, chunk, now)
+                if pos < end and pt[pos] != _PADDING:
+                    self._parse_frames(end, now, pos)
+                eliciting = True
+            else:
+                eliciting = self._parse_frames(end, now)
+        except DecodeError as exc:
+            logger.debug("protocol error from %s: %s", self.addr, exc)
+            self.ctx.stats.protocol_errors += 1
+            self.close(CloseReason.PROTOCOL_ERROR)
+            return
+        if eliciting:
+            if self._ack_count == 0:
+                self._ack_at = now + self.ctx.params.max_ack_delay
+            self._ack_count += 1
+
+    def _parse_frames(self, end: int, now: float, start: int = 0) -> bool:
         pt = self._rx_pt
         mv = self._rx_pt_mv
-        pos = 0
+        pos = start
         eliciting = False
         requests = self._requests
         frag = self._frag
