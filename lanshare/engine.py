@@ -205,6 +205,7 @@ class FolderSync:
         self.synced = asyncio.Event()
         self.pending_have: list[bytes] = []
         self.have_flush: asyncio.TimerHandle | None = None
+        self.announce_downloads = False
 
     # -- local side -----------------------------------------------------------------------
 
@@ -602,6 +603,7 @@ class FolderSync:
             return
         self.downloads[record.path] = download
         self.problems.pop(record.path, None)
+        self._downloads_changed()
         needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
         local_sources = await asyncio.to_thread(self._local_sources, needed)
         availability: dict[bytes, Collection[bytes] | None] = {}
@@ -868,6 +870,15 @@ class FolderSync:
 
     def _queue_have(self, block_hash: bytes) -> None:
         self.pending_have.append(block_hash)
+        self._schedule_flush()
+
+    def _downloads_changed(self) -> None:
+        """Our set of downloads changed: peers re-read our in-progress entries (a NOTIFY
+        without HAVE hashes asks them to), so they can pull from us what we still receive."""
+        self.announce_downloads = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self.have_flush is None:
             loop = asyncio.get_running_loop()
             self.have_flush = loop.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
@@ -876,6 +887,10 @@ class FolderSync:
         self.have_flush = None
         hashes, self.pending_have = self.pending_have, []
         sequence = self.info_sequence()
+        if self.announce_downloads:
+            self.announce_downloads = False
+            for link in self.links.values():
+                self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
         for start in range(0, len(hashes), MAX_HAVE_PER_NOTIFY):
             chunk = hashes[start : start + MAX_HAVE_PER_NOTIFY]
             for link in self.links.values():

@@ -564,3 +564,10 @@ def all_contents(root: Path) -> set[str]:
 async def scan_into(index: Index, folder: int, root: Path, short: int) -> None:
     """Scan ``root`` into ``index`` (to build a peer's records without an engine)."""
     await scanner.scan_path(index, folder, root, short)
+
+
+def random_bytes(seed: int, size: int) -> bytes:
+    """``size`` seeded pseudo-random bytes (no repeats, so every block is distinct)."""
+    rng = random.Random(seed)
+    step = 1 << 20
+    return b"".join(rng.randbytes(min(step, size - i)) for i in range(0, size, step))

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 from typing import TYPE_CHECKING
 
-from tests.enginesim import Cluster, converge
+import pytest
+
+from lanshare.index import Index
+from tests.enginesim import (
+    BlockCounters,
+    Cluster,
+    LinkSpec,
+    SimNode,
+    converge,
+    random_bytes,
+    temp_files,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,5 +36,294 @@ def test_two_nodes_sync_files_dirs_symlinks(tmp_path: Path) -> None:
             await cluster.start()
             await converge([a, b], 20)
             assert b.read("hello.txt") == b"hello"
+
+    asyncio.run(main())
+
+
+MiB = 1024 * 1024
+
+
+def _progress(node: SimNode, rel: str) -> int:
+    """Bytes of ``rel`` verified so far on ``node`` (the whole size once it is in place)."""
+    download = node.folder.downloads.get(rel)
+    if download is not None:
+        return download.bytes_done
+    return node.path(rel).stat().st_size if node.path(rel).exists() else 0
+
+
+def test_reshare_c_gets_half_from_b_before_b_is_complete(tmp_path: Path) -> None:
+    """A -> B -> C, C cannot reach A; A -> B is slow. C must hold half of the file, all of it
+    from B, while B's own copy is still incomplete (B serves blocks as soon as verified)."""
+    size = 32 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=2) as cluster:
+            a, b, c = cluster.add(), cluster.add(), cluster.add()
+            net = cluster.network
+            net.disconnect(a.addr, c.addr)
+            net.set_link(a.addr, b.addr, LinkSpec(rate=4 * MiB, queue_time=0.05))
+            data = random_bytes(2, size)
+            a.write("big.bin", data)
+            await cluster.start(mesh=False)
+            a.connect(b)
+            c.connect(b)
+            best_c_while_b_incomplete = 0
+            b_at_that_time = 0
+
+            def observe() -> bool:
+                nonlocal best_c_while_b_incomplete, b_at_that_time
+                b_done = _progress(b, "big.bin")
+                c_done = _progress(c, "big.bin")
+                incomplete = "big.bin" in b.folder.downloads and not b.path("big.bin").exists()
+                if incomplete and c_done > best_c_while_b_incomplete:
+                    best_c_while_b_incomplete, b_at_that_time = c_done, b_done
+                return b_done == size and c_done == size
+
+            await wait_for(observe, 90, "B and C to hold the whole file")
+            await converge([a, b, c], 30)
+            assert c.read("big.bin") == data
+            assert best_c_while_b_incomplete >= size // 2, (
+                f"C held only {best_c_while_b_incomplete} of {size} bytes while B was "
+                f"incomplete ({b_at_that_time})"
+            )
+            # Everything C has came from B (there is no route to A).
+            assert set(c.counters.received) == {b.node_id}
+            assert c.counters.received_total >= size
+
+    asyncio.run(main())
+
+
+def test_crash_mid_file_resumes_without_refetching_verified_blocks(tmp_path: Path) -> None:
+    """B is killed (tasks cancelled, memory dropped, disk and index kept) at two points of a
+    download and restarted from disk: the file completes byte-identical, no block verified
+    before a crash is received again, and the real name never shows a partial file."""
+    size = 16 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=3) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=3 * MiB))
+            data = random_bytes(3, size)
+            a.write("big.bin", data)
+            await cluster.start()
+            seen_partial: list[int] = []
+            stop = asyncio.Event()
+
+            async def watch_real_name() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(FileNotFoundError):
+                        st = os.stat(b.path("big.bin"))
+                        if st.st_size != size:
+                            seen_partial.append(st.st_size)
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.create_task(watch_real_name())
+            try:
+                rng = random.Random(3)
+                for fraction in (rng.uniform(0.15, 0.35), rng.uniform(0.5, 0.7)):
+                    await wait_for(
+                        lambda f=fraction: _progress(b, "big.bin") >= f * size,
+                        60,
+                        f"B at {fraction:.0%}",
+                    )
+                    await b.crash()
+                    index = await asyncio.to_thread(Index.open, b.state_dir / "index.sqlite3")
+                    try:
+                        partial = index.partial_get(index.folders()[0].id, "big.bin")
+                        record = index.remote_records_for_path(index.folders()[0].id, "big.bin")
+                    finally:
+                        index.close()
+                    assert partial is not None
+                    blocks = next(iter(record.values())).blocks
+                    verified = {blocks[i].hash for i in partial.verified}
+                    assert verified, "nothing was recorded as verified before the crash"
+                    b.counters = BlockCounters()
+                    await b.start()
+                    b.connect(a)
+                    await wait_for(
+                        lambda: (
+                            _progress(b, "big.bin") >= size * 0.75 or b.path("big.bin").exists()
+                        ),
+                        60,
+                        "B to resume",
+                    )
+                    again = verified & set(b.counters.received_hashes)
+                    assert not again, f"{len(again)} verified blocks fetched again"
+                await converge([a, b], 60)
+            finally:
+                stop.set()
+                await watcher
+            assert b.read("big.bin") == data
+            assert not seen_partial, f"partial file under the real name: sizes {seen_partial}"
+            # Every block was received at most once over all runs of B.
+            assert not temp_files(b.root)
+
+    asyncio.run(main())
+
+
+def _twins(cluster: Cluster, rel: str, data: bytes) -> None:
+    """The same file (content, mtime) on every node, as if copied there beforehand."""
+    for node in cluster.nodes:
+        node.write(rel, data, mtime_ns=1_600_000_000_000_000_000)
+
+
+def _wire_bytes(cluster: Cluster) -> int:
+    return sum(cluster.network.bytes_sent.values())
+
+
+@pytest.mark.slow
+def test_rename_of_100_mib_file_moves_with_no_block_data(tmp_path: Path) -> None:
+    size = 100 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=4) as cluster:
+            a, b = cluster.add(), cluster.add()
+            _twins(cluster, "old/name.bin", random_bytes(4, size))
+            await cluster.start()
+            await converge([a, b], 60)
+            received, wire = b.counters.received_total, _wire_bytes(cluster)
+            a.path("new").mkdir()
+            a.path("old/name.bin").rename(a.path("new/moved.bin"))
+            await a.scan()
+            await converge([a, b], 60)
+            assert not b.path("old/name.bin").exists()
+            assert b.path("new/moved.bin").stat().st_size == size
+            assert b.counters.received_total - received == 0
+            # Manifests and acknowledgements only: well under 1 % of the file.
+            assert _wire_bytes(cluster) - wire < size // 100
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_insertion_in_256_mib_file_resends_only_nearby_chunks(tmp_path: Path) -> None:
+    size = 256 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=5) as cluster:
+            a, b = cluster.add(), cluster.add()
+            data = random_bytes(5, size)
+            _twins(cluster, "big.bin", data)
+            await cluster.start()
+            await converge([a, b], 90)
+            received = b.counters.received_total
+            middle = size // 2
+            edited = data[:middle] + random.Random(6).randbytes(1024) + data[middle:]
+            a.write("big.bin", edited)
+            await a.scan()
+            await converge([a, b], 90)
+            assert b.read("big.bin") == edited
+            moved = b.counters.received_total - received
+            record = a.folder.engine.index.get(a.folder.info.id, "big.bin")
+            assert record is not None
+            largest = max(block.size for block in record.blocks)
+            # FastCDC re-cuts only around the insertion: one or two new chunks.
+            assert 1024 <= moved <= 3 * largest, (moved, largest)
+
+    asyncio.run(main())
+
+
+def test_multi_source_spreads_the_load_over_four_seeders(tmp_path: Path) -> None:
+    """One puller, links from each seeder limited to rate R.
+
+    Real time, so the primary assertion is on bytes: each of the 4 seeders served a fair
+    share of the file (the pull is spread >= 4 ways). The time ratio against one seeder,
+    measured in the same test on the same machine, is asserted only loosely (<= 1/2 where
+    the ideal is 1/4), because CPU contention on a shared machine adds noise; the bench
+    (bench/multisource.py) reports the measured figure.
+    """
+    size = 6 * MiB
+    rate = 1.5 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=7) as cluster:
+            seeders = [cluster.add() for _ in range(4)]
+            solo, multi = cluster.add(), cluster.add()
+            data = random_bytes(7, size)
+            for seeder in seeders:
+                seeder.write("f.bin", data, mtime_ns=1_600_000_000_000_000_000)
+            for seeder in seeders:
+                for puller in (solo, multi):
+                    cluster.network.set_link(seeder.addr, puller.addr, LinkSpec(rate=rate))
+            # The seeders agree on one version of the file first.
+            await cluster.start(seeders)
+            await converge(seeders, 30)
+            loop = asyncio.get_running_loop()
+
+            async def timed_pull(puller: SimNode, sources: list[SimNode]) -> float:
+                await puller.start()
+                started = loop.time()
+                puller.connect(*sources)
+                await wait_for(lambda: puller.path("f.bin").exists(), 60, "the pull")
+                elapsed = loop.time() - started
+                assert puller.read("f.bin") == data
+                await puller.stop()
+                return elapsed
+
+            one = await timed_pull(solo, seeders[:1])
+            four = await timed_pull(multi, seeders)
+            shares = {s.name: multi.counters.received[s.node_id] / size for s in seeders}
+            assert all(share >= 0.12 for share in shares.values()), shares
+            assert multi.counters.received_total <= size * 1.25  # little end-game waste
+            assert four <= one / 2, f"one seeder {one:.2f} s, four {four:.2f} s"
+
+    asyncio.run(main())
+
+
+def test_mass_delete_from_a_peer_pauses_until_resumed(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=8) as cluster:
+            a, b = cluster.add(), cluster.add()
+            for i in range(200):
+                a.write(f"d{i % 5}/f{i}.txt", f"file {i}".encode())
+            await cluster.start()
+            await converge([a, b], 60)
+            for i in range(150):
+                a.path(f"d{i % 5}/f{i}.txt").unlink()
+            await a.scan()
+            await wait_for(lambda: b.folder.state == "paused", 20, "B to pause")
+            assert "150 of 205 entries" in b.folder.reason  # 200 files, 5 directories
+            assert b.folder.status()["state"] == "paused"
+            await asyncio.sleep(0.5)  # another plan or two: still nothing deleted
+            assert b.folder.state == "paused"
+            assert len(list(b.root.glob("d*/f*.txt"))) == 200
+            b.folder.allow_mass_delete = True  # what `lanshare resume` does
+            b.folder.dirty.set()
+            await converge([a, b], 30)
+            assert len(list(b.root.glob("d*/f*.txt"))) == 50
+            assert b.folder.state == "in_sync"
+            kept = list((b.root / ".lanshare" / "versions").rglob("f*.txt"))
+            assert len(kept) == 150  # deleted files are kept, not lost
+
+    asyncio.run(main())
+
+
+def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:
+    size = 12 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=9) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=3 * MiB))
+            v1 = b"first version"
+            a.write("doc.bin", v1)
+            await cluster.start()
+            await converge([a, b], 20)
+            v2 = random_bytes(9, size)
+            a.write("doc.bin", v2)
+            await a.scan()
+            await wait_for(
+                lambda: _progress(b, "doc.bin") > size // 4 and "doc.bin" in b.folder.downloads,
+                30,
+                "B a quarter into the download",
+            )
+            mine = b"edited on B while the download ran"
+            b.write("doc.bin", mine)  # no rescan: the engine must notice by itself
+            await converge([a, b], 60)
+            for node in (a, b):
+                names = [p for p in node.root.iterdir() if p.name.startswith("doc")]
+                contents = {p.read_bytes() for p in names}
+                assert {mine, v2} <= contents, (node.name, [p.name for p in names])
+                assert any(".sync-conflict-" in p.name for p in names)
 
     asyncio.run(main())
