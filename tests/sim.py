@@ -40,6 +40,8 @@ class Link:
     """Bytes per second; 0 means infinitely fast."""
     queue_size: int = 0
     """Bytes the link may have waiting to be serialized; 0 means unlimited."""
+    mtu: int = 0
+    """Largest datagram the path carries (larger ones are lost, as with DF set); 0: any."""
 
 
 @dataclass(slots=True)
@@ -151,6 +153,9 @@ class Network:
             st.lost += 1
             return
         link = self.links.get((src, dst), self.default)
+        if link.mtu and len(data) > link.mtu:
+            st.lost += 1
+            return
         rng = self.rng
         if link.loss and rng.random() < link.loss:
             st.lost += 1

@@ -28,7 +28,7 @@ from lanshare.events import (
     SessionEstablished,
 )
 from lanshare.protocol import Endpoint, wire
-from tests.sim import FOLDER, PSK, Link, Network, make_endpoint
+from tests.sim import FOLDER, PSK, Link, Network, Node, make_endpoint
 
 A = ("10.0.0.1", 4000)  # serves
 B = ("10.0.0.2", 4000)  # requests
@@ -44,6 +44,8 @@ class Pair:
     """Two endpoints and a clock; datagrams move only when a step says so."""
 
     def __init__(self, transfer: TransferConfig | None = None, **knobs: object) -> None:
+        # Scripted steps count every datagram: no path MTU probe (tested on its own below).
+        knobs.setdefault("pmtu_probe", False)
         self.a = make_endpoint(1, A_ID, transfer=transfer, **knobs)  # type: ignore[arg-type]
         self.b = make_endpoint(2, B_ID, transfer=transfer, **knobs)  # type: ignore[arg-type]
         self.now = 100.0
@@ -441,7 +443,7 @@ def test_simultaneous_connect_gives_one_session_each_side() -> None:
 def test_restart_event_order() -> None:
     pair = Pair()
     pair.establish()
-    pair.b = make_endpoint(3, B_ID)
+    pair.b = make_endpoint(3, B_ID, pmtu_probe=False)
     pair.b.connect(A, FOLDER)
     pair.to_a(pair.out(pair.b))
     pair.to_b(pair.out(pair.a))
@@ -679,3 +681,105 @@ ProtocolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestProtocolMachine = ProtocolMachine.TestCase
+
+
+# -- path MTU: data starts at 1200 bytes and grows only after a probe got through ----------------
+
+
+def _pull_blocks(net: Network, a: Node, b: Node, count: int, size: int) -> list[bytes]:
+    blocks = [random.Random(i).randbytes(size) for i in range(count)]
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            A_ID,
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+    net.run_until(lambda: len(b.of_type(BlockReceived)) == count, 30)
+    assert [e.data for e in b.of_type(BlockReceived)] == blocks
+    return blocks
+
+
+def test_data_grows_to_the_negotiated_size_once_a_probe_gets_through() -> None:
+    net = Network(8, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    # A small credit, so that most answers start after the probe's ACK.
+    b = net.add(make_endpoint(2, B_ID, transfer=TransferConfig(max_in_flight_size=128 * 1024)), B)
+    _pull_blocks(net, a, b, 12, 64 * 1024)
+    sizes = [size for _, src, _, size in net.sent_log if src == A and size >= 1200]
+    assert sizes[0] == 1452  # the probe
+    assert 1200 in sizes  # the first data packets
+    assert sizes[-1] == 1452  # data after the probe was acknowledged
+    info = a.endpoint.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info.datagram_size == 1452
+
+
+def test_a_narrow_path_stays_at_1200_bytes_and_still_transfers() -> None:
+    net = Network(9, Link(delay=0.001, mtu=1400))  # e.g. a VPN or PPPoE hop
+    a = net.add(make_endpoint(1, A_ID), A)
+    b = net.add(make_endpoint(2, B_ID), B)
+    _pull_blocks(net, a, b, 12, 64 * 1024)
+    info = a.endpoint.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info.datagram_size == 1200
+    assert info.congestion_events == 0  # lost probes are not congestion
+    probes = [size for _, src, _, size in net.sent_log if src == A and size > 1400]
+    assert len(probes) == 3  # RFC 8899 MAX_PROBES, then it gives up
+    assert a.endpoint.stats.fragments_retransmitted == 0
+
+
+def test_fragments_smaller_than_a_datagram_are_malformed() -> None:
+    pair = Pair()
+    pair.establish()
+    # A asks B; B (hostile) answers with 100-byte pieces, which could make A keep
+    # thousands of ranges per block.
+    rid = pair.a.request_block(B_ID, FOLDER, path="f", index=0, offset=0, size=5000, hash=bytes(32))
+    pair.to_b(pair.out(pair.a))
+    hostile = next(iter(pair.b._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    frame = wire.encode_frame(wire.Data(0, 5000, 1000, b"x" * 100))
+    hostile._emit(frame, pair.now, out, eliciting=True, items=None)
+    pair.to_a([data for data, _ in out])
+    assert pair.a_events[-1] == RequestFailed(rid, B_ID, FOLDER, FailReason.MALFORMED)
+
+
+def test_answers_reassemble_from_fragments_of_any_size_in_any_order() -> None:
+    pair = Pair()
+    pair.establish()
+    data = random.Random(5).randbytes(10_000)
+    rid = pair.a.request_block(
+        B_ID,
+        FOLDER,
+        path="f",
+        index=0,
+        offset=0,
+        size=len(data),
+        hash=hashlib.sha256(data).digest(),
+    )
+    pair.to_b(pair.out(pair.a))
+    hostile = next(iter(pair.b._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    pieces = [
+        (0, 1300),
+        (8700, 10_000),
+        (2000, 3400),
+        (1300, 2600),
+        (4700, 6000),
+        (3400, 4700),
+        (7300, 8700),
+        (6000, 7300),
+        (0, 1200),
+    ]
+    for start, stop in pieces:  # overlapping, out of order, duplicated
+        frame = wire.encode_frame(wire.Data(0, len(data), start, data[start:stop]))
+        hostile._emit(frame, pair.now, out, eliciting=True, items=None)
+    pair.to_a([d for d, _ in out])
+    assert pair.a_events[-1] == BlockReceived(rid, B_ID, FOLDER, data)

@@ -91,6 +91,11 @@ _OVERHEAD = wire.DATA_OVERHEAD
 _PKT_DATA = wire.PacketType.DATA
 _VERSION = wire.VERSION
 _PING_FRAME = b"\x01"
+_MIN_FRAGMENT = wire.fragment_size(wire.MIN_DATAGRAM_SIZE)
+#: ``b`` of the sent record of a path MTU probe (data packets have a fragment index >= 0).
+_PROBE = -2
+#: RFC 8899 MAX_PROBES: give up on a larger datagram size after this many lost probes.
+_MAX_PROBES = 3
 _MAX_PTO_BACKOFF = 6
 _PACING_GAIN = 1.25
 #: Control frame kinds (what to do with one when its packet is lost).
@@ -121,6 +126,7 @@ class Params:
     burst_interval: float = 0.002
     max_datagrams_per_call: int = 256
     ack_ranges: int = 32
+    pmtu_probe: bool = True
 
 
 @dataclass(slots=True)
@@ -243,12 +249,27 @@ _ESTABLISHED = State.ESTABLISHED
 class _OutMessage:
     """An answer being sent: block data or an encoded manifest batch, cut into fragments."""
 
-    __slots__ = ("acked", "cancelled", "data", "n_acked", "n_frags", "next_frag", "rid", "total")
+    __slots__ = (
+        "acked",
+        "cancelled",
+        "data",
+        "frag",
+        "n_acked",
+        "n_frags",
+        "next_frag",
+        "rid",
+        "size",
+        "total",
+    )
 
-    def __init__(self, rid: int, data: memoryview, frag_size: int) -> None:
+    def __init__(self, rid: int, data: memoryview, datagram_size: int) -> None:
         self.rid = rid
         self.data = data
         self.total = len(data)
+        # The datagram size when the answer starts is kept for all its fragments (and their
+        # retransmissions): offsets stay fixed even if the path MTU probe succeeds meanwhile.
+        self.size = datagram_size
+        self.frag = frag_size = wire.fragment_size(datagram_size)
         self.n_frags = max(1, -(-self.total // frag_size))
         self.next_frag = 0
         self.acked = bytearray(self.n_frags)
@@ -265,11 +286,9 @@ class _Request:
         "buf",
         "digest",
         "frame",
-        "got",
         "handle",
         "last_progress",
-        "n_frags",
-        "n_got",
+        "ranges",
         "rid",
         "sent",
         "size",
@@ -287,10 +306,8 @@ class _Request:
         self.digest = digest
         self.algo = algo
         self.buf: bytearray | None = None
-        self.got = bytearray()
+        self.ranges = RangeSet()  # bytes of the answer received
         self.total = -1
-        self.n_frags = 0
-        self.n_got = 0
         self.sent = False
         self.last_progress = 0.0
 
@@ -367,6 +384,9 @@ class Session:
         self._pacer = TokenBucket(0.0, 0.0, now)
         self._pto_count = 0
         self._probes = 0
+        self._probe_due = False
+        self._probe_tries = 0
+        self._dgram_max = wire.MIN_DATAGRAM_SIZE
         self._ping = False
         self._last_eliciting = now
         self._last_recv = now
@@ -492,8 +512,13 @@ class Session:
         p = self.ctx.params
         self._tx_key = PacketKey(send_key)
         self._rx_key = PacketKey(recv_key)
-        self._dgram = dgram = max(wire.MIN_DATAGRAM_SIZE, min(p.max_datagram_size, peer_dgram))
-        self._frag = wire.fragment_size(dgram)
+        dgram = max(wire.MIN_DATAGRAM_SIZE, min(p.max_datagram_size, peer_dgram))
+        self._dgram_max = dgram
+        # Datagrams start at the size every IPv4/IPv6 LAN path carries; a padded probe
+        # (RFC 8899 style) lets data packets grow to the negotiated size once one arrives.
+        self._dgram = wire.MIN_DATAGRAM_SIZE if p.pmtu_probe else dgram
+        self._probe_due = self._dgram < dgram
+        self._frag = wire.fragment_size(self._dgram)
         self._peer_credit = peer_credit
         self._peer_rate = peer_rate
         self._tx_buf = bytearray(dgram)
@@ -511,12 +536,33 @@ class Session:
         self._rx_aad = rx[:16]
         self._rx_body = rx[16:]
         self._rx_pt_mv = memoryview(self._rx_pt)
-        self._rx_pt_full = self._rx_pt_mv[: dgram - _OVERHEAD]
-        self._cc = NewReno(dgram, max(2 * peer_credit, 4 * dgram), p.loss_threshold)
+        self._tx_views: dict[int, tuple[memoryview, memoryview, memoryview]] = {}
+        self._set_rx_fast(dgram)
+        self._cc = NewReno(self._dgram, max(2 * peer_credit, 4 * dgram), p.loss_threshold)
         self._update_pacer(now)
         self._pacer.tokens = self._pacer.capacity  # the initial window may go out at once
         self._last_recv = now
         self._last_eliciting = now
+
+    def _set_rx_fast(self, size: int) -> None:
+        """Prepare the views the receive fast path decrypts full packets of ``size`` with."""
+        rx = memoryview(self._rx_buf)
+        self._rx_fast = size
+        self._rx_body = rx[16:size]
+        self._rx_pt_full = self._rx_pt_mv[: size - _OVERHEAD]
+        self._rx_other_size = 0
+        self._rx_other_count = 0
+
+    def _tx_views_for(self, size: int) -> tuple[memoryview, memoryview, memoryview]:
+        """(encrypted body, plaintext, whole datagram) views of the send buffers for ``size``."""
+        views = self._tx_views.get(size)
+        if views is None:
+            views = self._tx_views[size] = (
+                self._tx_mv[16:size],
+                self._pt_mv[: size - _OVERHEAD],
+                self._tx_mv[:size],
+            )
+        return views
 
     # ------------------------------------------------------------------ handshake input
 
@@ -591,7 +637,7 @@ class Session:
         """An authenticated-or-not DATA packet for this session; drops anything invalid."""
         if (
             pn == self._rx_largest + 1
-            and len(data) == self._dgram
+            and len(data) == self._rx_fast
             and flags & 1 == self._rx_phase
             and self.state is _ESTABLISHED
         ):
@@ -609,7 +655,7 @@ class Session:
             if pn in received or pn < received.lowest:
                 stats.replayed += 1
                 return
-        if n > self._dgram or n < _OVERHEAD + 1:
+        if n > self._dgram_max or n < _OVERHEAD + 1:
             stats.dropped += 1
             return
         phase = flags & 1
@@ -628,10 +674,20 @@ class Session:
             return
         ptlen = n - _OVERHEAD
         try:
-            if n == self._dgram:
-                self._rx_buf[:] = data
+            if n == self._rx_fast:
+                self._rx_buf[:n] = data
                 key.aead.decrypt_into(self._rx_nonce, self._rx_body, self._rx_aad, self._rx_pt_full)
             else:
+                if n >= wire.MIN_DATAGRAM_SIZE:
+                    # The peer sends full packets of another size (its path MTU probe has
+                    # not, or has, succeeded): move the fast path to that size.
+                    if n == self._rx_other_size:
+                        self._rx_other_count += 1
+                        if self._rx_other_count >= 16:
+                            self._set_rx_fast(n)
+                    else:
+                        self._rx_other_size = n
+                        self._rx_other_count = 1
                 mv = memoryview(data)
                 key.aead.decrypt_into(mv[4:16], mv[16:], mv[:16], self._rx_pt_mv[:ptlen])
         except InvalidTag:
@@ -682,7 +738,8 @@ class Session:
         """``on_data_packet`` for the next packet number, full size, current key phase."""
         key = self._rx_key
         assert key is not None
-        self._rx_buf[:] = data
+        n = self._rx_fast
+        self._rx_buf[:n] = data
         try:
             key.aead.decrypt_into(self._rx_nonce, self._rx_body, self._rx_aad, self._rx_pt_full)
         except InvalidTag:
@@ -698,7 +755,7 @@ class Session:
         else:
             self._rx_ranges.add(pn)
         self._ack_unsent = True
-        end = self._dgram - _OVERHEAD
+        end = n - _OVERHEAD
         pt = self._rx_pt
         try:
             if pt[0] == _DATA:
@@ -709,21 +766,14 @@ class Session:
                     raise DecodeError("DATA frame out of bounds")
                 req = self._requests.get(rid)
                 if req is not None:
-                    frag = self._frag
-                    index = offset // frag
-                    if (
-                        req.total == total
-                        and index * frag == offset
-                        and length == (frag if total - offset > frag else total - offset)
-                    ):
-                        got = req.got
-                        if not got[index]:
-                            got[index] = 1
-                            req.buf[offset : offset + length] = self._rx_pt_mv[_DFR_SIZE:pos]  # type: ignore[index]
-                            req.last_progress = now
-                            req.n_got += 1
-                            if req.n_got == req.n_frags:
-                                self._complete(req, now)
+                    stops = req.ranges._stops
+                    if req.total == total and stops and stops[-1] == offset and length:
+                        # The next bytes of an answer under way (RangeSet.add's fast path).
+                        stops[-1] = stop = offset + length
+                        req.buf[offset:stop] = self._rx_pt_mv[_DFR_SIZE:pos]  # type: ignore[index]
+                        req.last_progress = now
+                        if stop == total and len(stops) == 1 and not req.ranges._starts[0]:
+                            self._complete(req, now)
                     else:
                         chunk = self._rx_pt_mv[_DFR_SIZE:pos]
                         self._on_fragment(req, total, offset, length, chunk, now)
@@ -748,7 +798,6 @@ class Session:
         pos = start
         eliciting = False
         requests = self._requests
-        frag = self._frag
         unpack = _DFR.unpack_from
         while pos < end:
             ftype = pt[pos]
@@ -762,23 +811,7 @@ class Session:
                 eliciting = True
                 req = requests.get(rid)
                 if req is not None:
-                    # Fast path: a fragment of an answer already under way.
-                    index = offset // frag
-                    if (
-                        req.total == total
-                        and index * frag == offset
-                        and length == (frag if total - offset > frag else total - offset)
-                    ):
-                        got = req.got
-                        if not got[index]:
-                            got[index] = 1
-                            req.buf[offset : offset + length] = mv[pos : pos + length]  # type: ignore[index]
-                            req.last_progress = now
-                            req.n_got += 1
-                            if req.n_got == req.n_frags:
-                                self._complete(req, now)
-                    else:
-                        self._on_fragment(req, total, offset, length, mv[pos : pos + length], now)
+                    self._on_fragment(req, total, offset, length, mv[pos : pos + length], now)
                 pos += length
             elif ftype == _PADDING:
                 break
@@ -831,29 +864,28 @@ class Session:
     def _on_fragment(
         self, req: _Request, total: int, offset: int, length: int, chunk: memoryview, now: float
     ) -> None:
-        frag = self._frag
         if req.buf is None:
             if (req.block and total != req.size) or total > req.size or not req.sent:
                 self._fail(req, FailReason.MALFORMED)
                 return
             req.total = total
             req.buf = bytearray(total)
-            req.n_frags = max(1, -(-total // frag))
-            req.got = bytearray(req.n_frags)
         elif total != req.total:
             self._fail(req, FailReason.MALFORMED)
             return
-        index, rem = divmod(offset, frag)
-        if rem or length != min(frag, total - offset):
+        stop = offset + length
+        # Every fragment but the one that ends the answer fills a smallest datagram: that
+        # bounds the ranges (and the work) a peer can make us keep to total / 1153.
+        if length < _MIN_FRAGMENT and stop != total:
             self._fail(req, FailReason.MALFORMED)
             return
-        if req.got[index]:
-            return
-        req.got[index] = 1
-        req.buf[offset : offset + length] = chunk
+        ranges = req.ranges
+        if ranges.covers(offset, stop) and total:
+            return  # a duplicate
+        ranges.add(offset, stop)
+        req.buf[offset:stop] = chunk
         req.last_progress = now
-        req.n_got += 1
-        if req.n_got == req.n_frags:
+        if not total or (len(ranges) == 1 and ranges.lowest == 0 and ranges.highest == total - 1):
             self._complete(req, now)
 
     def _complete(self, req: _Request, now: float) -> None:
@@ -1058,7 +1090,7 @@ class Session:
         if size > served.max_size:
             raise LocalProtocolError(f"answer of {size} bytes exceeds {served.max_size}")
         self.ctx.handles.pop(served.handle, None)
-        msg = _OutMessage(rid, memoryview(data).cast("B"), self._frag)
+        msg = _OutMessage(rid, memoryview(data).cast("B"), self._dgram)
         served.msg = msg
         self._queue.append(msg)
         self._send_now = True
@@ -1108,6 +1140,8 @@ class Session:
                     msg.n_acked += 1
                     if msg.n_acked == msg.n_frags:
                         self._message_done(msg)
+            elif fi == _PROBE:
+                self._probe_succeeded()
         last = acked[-1]
         self._cc.on_acked(acked_bytes, len(acked), last[1], last[0], sent.next_pn)
         self._detect_lost(now)
@@ -1124,9 +1158,14 @@ class Session:
         stats.packets_lost += len(lost)
         retx = self._retx
         largest_time = 0.0
+        congestion_losses = 0
         for rec in lost:
-            largest_time = max(largest_time, rec[1])
             fi = rec[4]
+            if fi == _PROBE:
+                self._probe_lost()
+                continue  # a lost probe says the path is too narrow, not congested
+            largest_time = max(largest_time, rec[1])
+            congestion_losses += 1
             if fi >= 0:
                 msg: _OutMessage = rec[3]
                 if not msg.cancelled and not msg.acked[fi]:
@@ -1139,7 +1178,22 @@ class Session:
                         if req is None or req.buf is not None:
                             continue  # finished, or the server evidently has it
                     self._ctrl.append(item)
-        self._cc.on_lost(len(lost), largest_time, now)
+        if congestion_losses:
+            self._cc.on_lost(congestion_losses, largest_time, now)
+
+    def _probe_succeeded(self) -> None:
+        if self._dgram < self._dgram_max:
+            logger.debug("path to %s carries %d-byte datagrams", self.addr, self._dgram_max)
+            self._dgram = self._dgram_max
+            self._frag = wire.fragment_size(self._dgram)
+            self._cc.mss = self._dgram
+
+    def _probe_lost(self) -> None:
+        self._probe_tries += 1
+        if self._probe_tries < _MAX_PROBES and self._dgram < self._dgram_max:
+            self._probe_due = True
+        else:
+            logger.debug("path to %s: staying at %d-byte datagrams", self.addr, self._dgram)
 
     def _update_pacer(self, now: float) -> None:
         p = self.ctx.params
@@ -1258,6 +1312,12 @@ class Session:
                 break
             self._emit(b"".join(parts), now, out, eliciting, items)
             written += 1
+        if self._probe_due and written < budget:
+            # Path MTU probe: a PING padded to the negotiated size; its ACK proves the path.
+            self._probe_due = False
+            probe = _PING_FRAME + bytes(self._dgram_max - _OVERHEAD - 1)
+            self._emit(probe, now, out, eliciting=True, items=None, probe=True)
+            written += 1
         return written
 
     def _ack_frame(self, now: float) -> bytes:
@@ -1282,6 +1342,7 @@ class Session:
         out: list[tuple[bytes, Addr]],
         eliciting: bool,
         items: list[tuple[int, int, bytes]] | None,
+        probe: bool = False,
     ) -> None:
         key = self._next_tx_key()
         sent = self._sent
@@ -1292,7 +1353,7 @@ class Session:
         key.aead.encrypt_into(self._tx_nonce, payload, self._tx_aad, mv[16:n])
         out.append((bytes(mv[:n]), self.addr))
         if eliciting:
-            sent.on_sent((pn, now, n, items, -1))
+            sent.on_sent((pn, now, n, items, _PROBE if probe else -1))
             self._last_eliciting = now
         else:
             sent.skip()
@@ -1316,8 +1377,6 @@ class Session:
         return key
 
     def _write_data(self, now: float, out: list[tuple[bytes, Addr]], budget: int) -> int:
-        size = self._dgram
-        frag = self._frag
         sent = self._sent
         cc = self._cc
         pacer = self._pacer
@@ -1328,13 +1387,13 @@ class Session:
         retx = self._retx
         queue = self._queue
         pt = self._pt_buf
-        pt_mv = self._pt_mv
-        body = self._tx_body
         nonce = self._tx_nonce
         aad = self._tx_aad
         tx = self._tx_buf
-        tx_mv = self._tx_mv
         addr = self.addr
+        size = 0
+        body = pt_mv = tx_mv = self._tx_mv
+        bytes_sent = 0
         stats = self.ctx.stats
         self._pacing_at = None
         written = 0
@@ -1357,6 +1416,9 @@ class Session:
                 is_retx = False
             else:
                 break
+            if msg.size != size:
+                size = msg.size
+                body, pt_mv, tx_mv = self._tx_views_for(size)
             if self._probes > 0:
                 self._probes -= 1
             else:
@@ -1378,6 +1440,7 @@ class Session:
                 limit.tokens -= size
             key = self._next_tx_key()
             pn = sent.next_pn
+            frag = msg.frag
             offset = fi * frag
             length = msg.total - offset
             if length > frag:
@@ -1387,15 +1450,17 @@ class Session:
             end = _DFR_SIZE + length
             pt[_DFR_SIZE:end] = msg.data[offset : offset + length]
             if length < frag:
-                pt[end:] = bytes(frag - length)  # PADDING keeps every data packet one size
+                # PADDING keeps every data packet of an answer one size (GSO runs).
+                pt[end : _DFR_SIZE + frag] = bytes(frag - length)
             key.aead.encrypt_into(nonce, pt_mv, aad, body)
             out.append((bytes(tx_mv), addr))
             sent.on_sent((pn, now, size, msg, fi))
             written += 1
+            bytes_sent += size
         if written:
             self._last_eliciting = now
             stats.datagrams_sent += written
-            stats.bytes_sent += written * size
+            stats.bytes_sent += bytes_sent
             stats.fragments_retransmitted += retransmitted
         return written
 

@@ -81,6 +81,8 @@ class Endpoint:
         always_retry: demand a retry token (address validation) before any handshake.
         max_total_in_flight: answers outstanding over all sessions together (what the socket
             buffer must hold); default ``max_in_flight_size``.
+        pmtu_probe: start data at 1200-byte datagrams and grow to the negotiated size only
+            once a padded probe got through; False uses the negotiated size at once.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Endpoint:
         max_half_open: int = 64,
         always_retry: bool = False,
         max_total_in_flight: int | None = None,
+        pmtu_probe: bool = True,
     ) -> None:
         if len(node_id) != wire.NODE_ID_SIZE:
             raise LocalProtocolError("node id must be 8 bytes")
@@ -128,6 +131,7 @@ class Endpoint:
             burst_interval=burst_interval,
             max_datagrams_per_call=max_datagrams_per_call,
             ack_ranges=max(1, min(ack_ranges, wire.MAX_ACK_RANGES)),
+            pmtu_probe=pmtu_probe,
         )
         send_limit = recv_limit = None
         if network.max_send_rate > 0:

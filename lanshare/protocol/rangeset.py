@@ -56,6 +56,11 @@ class RangeSet:
         i = bisect_right(self._starts, value) - 1
         return i >= 0 and value < self._stops[i]
 
+    def covers(self, start: int, stop: int) -> bool:
+        """True when every integer of ``[start, stop)`` is in the set."""
+        i = bisect_right(self._starts, start) - 1
+        return i >= 0 and stop <= self._stops[i]
+
     def __len__(self) -> int:
         return len(self._starts)
 
