@@ -783,3 +783,57 @@ def test_answers_reassemble_from_fragments_of_any_size_in_any_order() -> None:
         hostile._emit(frame, pair.now, out, eliciting=True, items=None)
     pair.to_a([d for d, _ in out])
     assert pair.a_events[-1] == BlockReceived(rid, B_ID, FOLDER, data)
+
+
+def test_closing_answers_stray_packets_then_forgets_the_session() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.request()
+    stray = pair.out(pair.b)  # B's request, delivered only after A closed
+    pair.a.close()
+    assert _drain(pair.a) == [SessionClosed(B_ID, FOLDER, B, CloseReason.CLOSED)]
+    (close,) = pair.out(pair.a)
+    assert len(pair.a.peers()) == 0
+    pair.to_a(stray)  # the closing side answers with CLOSE again, nothing else
+    (again,) = pair.out(pair.a)
+    assert len(again) == len(close)
+    pair.to_b([again])
+    assert pair.b_events[-1] == SessionClosed(A_ID, FOLDER, A, CloseReason.CLOSED)
+    # After three PTOs the closing state is gone: no timer, stray packets are just dropped.
+    for _ in range(5):
+        if pair.a.get_timer() is None:
+            break
+        pair.fire(pair.a)
+    assert pair.a.get_timer() is None
+    dropped = pair.a.stats.dropped
+    pair.to_a(stray)
+    assert pair.a.stats.dropped == dropped + 1
+    assert pair.out(pair.a) == []
+
+
+def test_packets_reordered_across_a_key_update_still_open() -> None:
+    net = Network(11, Link(delay=0.001, reorder=0.2, reorder_delay=0.003))
+    a = net.add(make_endpoint(1, A_ID, key_update_interval=40), A)
+    b = net.add(make_endpoint(2, B_ID, key_update_interval=40), B)
+    _pull_blocks(net, a, b, 16, 40_000)
+    assert a.endpoint.stats.auth_failed == b.endpoint.stats.auth_failed == 0
+    info = b.endpoint.session_info(A_ID, FOLDER)
+    assert info is not None
+    assert info.key_updates >= 3
+
+
+def test_unvalidated_responder_never_exceeds_three_times_what_it_received() -> None:
+    ep = make_endpoint(1, A_ID)
+    initiator = make_endpoint(2, B_ID)
+    initiator.connect(A, FOLDER)
+    (initial,) = [d for d, _ in initiator.datagrams_to_send(0.0)]
+    ep.receive_datagram(initial, B, 0.0)
+    session = next(iter(ep._sessions.values()))
+    assert not session.validated
+    (response,) = ep.datagrams_to_send(0.0)
+    # Pretend far less was received than the RESPONSE weighs: nothing may go out.
+    session.amp_received = len(response[0]) // 2
+    session.on_duplicate_initial(0)
+    assert ep.datagrams_to_send(0.0) == []
+    session.on_duplicate_initial(len(initial))  # a real repeat of the INITIAL: budget again
+    assert ep.datagrams_to_send(0.0) == [response]
