@@ -1394,6 +1394,17 @@ class Session:
         size = 0
         body = pt_mv = tx_mv = self._tx_mv
         bytes_sent = 0
+        # Local copies of what every packet touches; written back after the loop.
+        recs = sent._recs
+        pn = sent.next_pn
+        in_flight = sent.bytes_in_flight
+        cwnd = cc.cwnd
+        key_limit = self.ctx.params.key_update_interval
+        tx_count = self._tx_count
+        key = self._tx_key
+        assert key is not None
+        aead = key.aead
+        peer_cid = self.peer_cid
         stats = self.ctx.stats
         self._pacing_at = None
         written = 0
@@ -1422,7 +1433,7 @@ class Session:
             if self._probes > 0:
                 self._probes -= 1
             else:
-                if sent.bytes_in_flight + size > cc.cwnd:
+                if in_flight + size > cwnd:
                     break
                 if pacer.tokens < size:
                     self._pacing_at = pacer.ready_at(min(pacer.capacity, 4 * size))
@@ -1438,26 +1449,35 @@ class Session:
             pacer.tokens -= size
             if limit is not None:
                 limit.tokens -= size
-            key = self._next_tx_key()
-            pn = sent.next_pn
+            tx_count += 1
+            if tx_count > key_limit:
+                self._tx_count = tx_count - 1
+                aead = self._next_tx_key().aead  # a key update (rare)
+                tx_count = self._tx_count
             frag = msg.frag
             offset = fi * frag
             length = msg.total - offset
             if length > frag:
                 length = frag
-            pack_hdr(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, self.peer_cid, pn)
+            pack_hdr(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, pn)
             pack_frame(pt, 0, _DATA, msg.rid, msg.total, offset, length)
             end = _DFR_SIZE + length
             pt[_DFR_SIZE:end] = msg.data[offset : offset + length]
             if length < frag:
                 # PADDING keeps every data packet of an answer one size (GSO runs).
                 pt[end : _DFR_SIZE + frag] = bytes(frag - length)
-            key.aead.encrypt_into(nonce, pt_mv, aad, body)
+            aead.encrypt_into(nonce, pt_mv, aad, body)
             out.append((bytes(tx_mv), addr))
-            sent.on_sent((pn, now, size, msg, fi))
+            recs.append((pn, now, size, msg, fi))  # SentPackets.on_sent, inlined
+            pn += 1
+            in_flight += size
             written += 1
             bytes_sent += size
+        self._tx_count = tx_count
         if written:
+            sent.bytes_in_flight = in_flight
+            sent.in_flight += written
+            sent.last_sent_time = now
             self._last_eliciting = now
             stats.datagrams_sent += written
             stats.bytes_sent += bytes_sent
