@@ -837,3 +837,22 @@ def test_unvalidated_responder_never_exceeds_three_times_what_it_received() -> N
     assert ep.datagrams_to_send(0.0) == []
     session.on_duplicate_initial(len(initial))  # a real repeat of the INITIAL: budget again
     assert ep.datagrams_to_send(0.0) == [response]
+
+
+def test_connect_right_after_close_opens_a_new_session() -> None:
+    pair = Pair()
+    pair.establish()
+    pair.b.close()
+    assert [type(e) for e in _drain(pair.b)] == [SessionClosed]
+    pair.b.connect(A, FOLDER)  # while the old session still lingers in CLOSING
+    sent = pair.out(pair.b)
+    assert len(sent) == 2  # the CLOSE of the old session and a new INITIAL
+    assert len(sent[1]) == wire.INITIAL_SIZE
+    pair.to_a(sent)
+    pair.to_b(pair.out(pair.a))
+    pair.to_a(pair.out(pair.b))
+    assert pair.b_events[-1] == SessionEstablished(A_ID, FOLDER, A, initiator=True)
+    assert pair.a_events[-2:] == [
+        SessionClosed(B_ID, FOLDER, B, CloseReason.CLOSED),
+        SessionEstablished(B_ID, FOLDER, B, initiator=False),
+    ]

@@ -187,6 +187,7 @@ class Context:
         "max_credit",
         "node_id",
         "on_closed",
+        "on_detached",
         "on_established",
         "params",
         "recv_limit",
@@ -218,6 +219,7 @@ class Context:
         self.max_credit = params.max_total_in_flight or params.max_in_flight_size
         self.credit_waiters: set[Session] = set()
         self.on_closed: Callable[[Session], None] = lambda s: None
+        self.on_detached: Callable[[Session], None] = lambda s: None
         self.on_established: Callable[[Session], None] = lambda s: None
 
     def release_credit(self, size: int) -> None:
@@ -1606,6 +1608,7 @@ class Session:
             self._close_frame = bytes((_CLOSE, code))
             self._close_code = code
             self.state = State.CLOSING
+            self.ctx.on_detached(self)  # a new connect() to this peer may start at once
             self._closing_at = None  # set when the CLOSE frame goes out
             self._send_now = True
         else:

@@ -143,6 +143,7 @@ class Endpoint:
         self.node_id = bytes(node_id)
         self._ctx = Context(self.params, self.node_id, rng, send_limit, recv_limit)
         self._ctx.on_closed = self._on_closed
+        self._ctx.on_detached = self._detach
         self._ctx.on_established = self._on_established
         self._rng = rng
         self._folders: dict[bytes, bytes] = {}
@@ -521,6 +522,11 @@ class Endpoint:
 
     def _on_closed(self, session: Session) -> None:
         self._sessions.pop(session.local_cid, None)
+        self._detach(session)
+
+    def _detach(self, session: Session) -> None:
+        """Forget ``session`` as the one for its address, peer and INITIAL (it is closing;
+        its connection id still routes stray packets to it until it is closed)."""
         addr_key = (session.addr, bytes(session.folder))
         if self._by_addr.get(addr_key) is session:
             del self._by_addr[addr_key]
