@@ -335,7 +335,10 @@ class Endpoint:
 
     def send_block(self, request_id: int, data: bytes | bytearray | memoryview) -> bool:
         """Answer a ``BlockRequested``. Returns False when the request is gone (cancelled,
-        session closed). Raises ``LocalProtocolError`` when ``data`` has the wrong size."""
+        session closed). Raises ``LocalProtocolError`` when ``data`` has the wrong size.
+
+        ``data`` is referenced, not copied, until every fragment is acknowledged: do not
+        modify it afterwards (a changed retransmission fails the peer's hash check)."""
         return self._answer(request_id, data)
 
     def send_manifest(self, request_id: int, records: Iterable[bytes], more: bool) -> bool:
