@@ -278,7 +278,16 @@ class SimNode:
 
     async def start(self) -> None:
         """Open the index, build endpoint and engine, start the engine and its first scan."""
+        await self.start_idle()
+        assert self.engine is not None
+        self._task = asyncio.create_task(self.engine.run(), name=f"engine-{self.name}")
+        await asyncio.wait_for(self.folder.scanned.wait(), 30)
+
+    async def start_idle(self) -> None:
+        """Build the node from disk without running its engine: nothing is scanned, planned
+        or connected (what a node looks like between reading its index and planning)."""
         assert self._task is None
+        assert self.index is None
         config = self.config()
         self.starts += 1
         self.index = await asyncio.to_thread(Index.open, self.state_dir / "index.sqlite3")
@@ -293,8 +302,6 @@ class SimNode:
         self.transport.sink = self._on_event
         for folder in config.folders:
             await self.engine.add_folder(folder)
-        self._task = asyncio.create_task(self.engine.run(), name=f"engine-{self.name}")
-        await asyncio.wait_for(self.folder.scanned.wait(), 30)
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, BlockReceived):
@@ -318,7 +325,7 @@ class SimNode:
 
     async def stop(self) -> None:
         """A clean stop: sessions closed, engine cancelled, index closed."""
-        if self._task is None:
+        if self.index is None:
             return
         assert self.endpoint is not None
         assert self.transport is not None
@@ -334,13 +341,13 @@ class SimNode:
         await self._halt()
 
     async def _halt(self) -> None:
-        assert self._task is not None
         assert self.transport is not None
         self.transport.close()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
         engine = self.engine
         if engine is not None:
             for sync in engine.folders.values():

@@ -1,0 +1,132 @@
+"""``ls`` and ``pull`` (lanshare/listing.py): entries and their states over real engines."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from lanshare.index import Index
+from lanshare.listing import listing, pull
+from lanshare.manifest import VersionVector
+from tests.enginesim import Cluster, wait_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+PEER = b"\x70" * 8
+PEER_SHORT = int.from_bytes(PEER, "big")
+
+
+def _states(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {row["path"]: row["state"] for row in rows}
+
+
+def test_listing_states_from_records(tmp_path: Path) -> None:
+    """Every state, from a peer's records stored in the index (an engine that has not planned
+    yet, as a short-lived ``ls`` node sees the LAN)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=31) as cluster:
+            node = cluster.add(ignore=("*.log",))
+            for name in ("same.txt", "old.txt", "mine.txt", "only-here.txt"):
+                node.write(name, name.encode())
+            await node.start()
+            await node.stop()
+            db = Index.open(node.state_dir / "index.sqlite3")
+            try:
+                folder = db.folders()[0].id
+                local = {r.path: r for r in db.iter_records(folder)}
+                same, old, mine = local["same.txt"], local["old.txt"], local["mine.txt"]
+                theirs = [
+                    same,
+                    dataclasses.replace(
+                        old, file_hash=b"\x01" * 32, version=old.version.bump(PEER_SHORT)
+                    ),
+                    dataclasses.replace(
+                        mine,
+                        file_hash=b"\x02" * 32,
+                        mtime_ns=mine.mtime_ns + 10**9,
+                        version=VersionVector().bump(PEER_SHORT),
+                    ),
+                    dataclasses.replace(same, path="theirs.txt", file_hash=b"\x03" * 32),
+                    dataclasses.replace(same, path="debug.log"),
+                    dataclasses.replace(same, path="gone.txt").tombstone(
+                        VersionVector().bump(PEER_SHORT), 0
+                    ),
+                ]
+                theirs = [dataclasses.replace(r, sequence=i + 1) for i, r in enumerate(theirs)]
+                db.remote_reset(folder, PEER, b"\x09" * 8)
+                db.remote_upsert(folder, PEER, theirs)
+            finally:
+                db.close()
+            # What a node sees once it has read the peer's records and before it planned.
+            await node.start_idle()
+            rows = await listing(node.folder.engine, None)
+            assert _states(rows) == {
+                "same.txt": "in_sync",
+                "old.txt": "outdated",
+                "mine.txt": "conflict",
+                "only-here.txt": "local_only",
+                "theirs.txt": "missing",
+                "debug.log": "ignored",
+            }
+            by_path = {row["path"]: row for row in rows}
+            assert by_path["same.txt"]["peers"] == [PEER.hex()]
+            assert by_path["theirs.txt"]["peers"] == [PEER.hex()]
+            assert by_path["old.txt"]["hash"] == f"blake3:{'01' * 32}"
+            below = await listing(node.folder.engine, node.root / "same.txt")
+            assert [row["path"] for row in below] == ["same.txt"]
+
+    asyncio.run(main())
+
+
+def test_ls_and_pull_between_running_engines(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=32) as cluster:
+            a = cluster.add(ignore=("secret*",))
+            b = cluster.add(ignore=("*.tmp",))
+            a.write("common.txt", b"common")
+            a.write("scratch.tmp", b"only A shares it; B ignores it")
+            b.write("secret.txt", b"A ignores it")
+            await cluster.start()
+
+            async def states(node: Any) -> dict[str, str]:
+                return _states(await listing(node.folder.engine, None))
+
+            want_a = {"common.txt": "in_sync", "scratch.tmp": "local_only", "secret.txt": "ignored"}
+            want_b = {"common.txt": "in_sync", "scratch.tmp": "ignored", "secret.txt": "local_only"}
+            got: dict[str, dict[str, str]] = {}
+
+            async def settle() -> None:
+                for _ in range(200):
+                    got["a"], got["b"] = await states(a), await states(b)
+                    if got["a"] == want_a and got["b"] == want_b:
+                        return
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(settle(), 20)
+            assert (got["a"], got["b"]) == (want_a, want_b)
+            assert not b.path("scratch.tmp").exists()
+            assert not a.path("secret.txt").exists()
+            # pull: a new file on A, fetched on B on demand, with progress reports.
+            a.write("fresh/new.bin", b"x" * 300_000)
+            await a.scan()
+            reports: list[dict[str, Any]] = []
+
+            async def progress(report: dict[str, Any]) -> None:
+                reports.append(report)
+
+            rows = await asyncio.wait_for(pull(b.folder.engine, [b.root / "fresh"], progress), 20)
+            assert rows == [
+                {
+                    "path": f"{b.root}/fresh/new.bin",
+                    "state": "in_sync",
+                    "bytes": 300_000,
+                    "size": 300_000,
+                }
+            ]
+            assert b.read("fresh/new.bin") == b"x" * 300_000
+            await wait_for(lambda: not b.folder.priority, 5, "pull to drop its priority")
+
+    asyncio.run(main())
