@@ -5,6 +5,11 @@ and SIGINT stop it cleanly (goodbyes on mDNS, sessions closed, index closed), SI
 the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
 the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1`` pings at half
 ``WatchdogSec`` when asked.
+
+Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
+counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
+``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``.
+``peers`` merges discovery's table with the live sessions: one entry per peer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import random
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +39,7 @@ from lanshare.errors import (
     TransferError,
     UsageError,
 )
+from lanshare.events import SessionEstablished
 from lanshare.identity import load_or_create_node_id
 from lanshare.index import Index
 from lanshare.peertable import PeerDown, PeerUp, SharedFolder
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
 
     from lanshare.config import Config, FolderConfig
     from lanshare.control import Handler, Progress
+    from lanshare.events import Event
     from lanshare.peertable import PeerEvent
     from lanshare.transport import Transport
 
@@ -91,6 +99,8 @@ class Daemon:
         self._watchers: dict[Path, FolderWatcher] = {}
         self._watch_tasks: dict[Path, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
+        self._node_id = b""
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,9 +148,10 @@ class Daemon:
         )
         engine = Engine(config, index, node_id, endpoint, kick=self._kick)  # type: ignore[arg-type]
         self.engine = engine
+        self._node_id = node_id
         self._notifier.notify("STATUS=binding")
         self.transport = await open_transport(
-            endpoint, engine.handle_event, config.network, config.transfer
+            endpoint, self._on_event, config.network, config.transfer
         )
         control: ControlServer | None = None
         try:
@@ -149,15 +160,7 @@ class Daemon:
             if self._with_control:
                 control = ControlServer(config.node.control_socket, self._handlers())
                 await control.start()
-            self.discovery = Discovery(
-                node_id=node_id,  # type: ignore[arg-type]
-                name=config.node.name,
-                network=config.network,
-                folders=[SharedFolder(str(f.path), keys.parse_key(f.key)) for f in config.folders],
-                port=self.transport.port,
-                announce=self._announce,
-            )
-            engine.on_sequence = self.discovery.set_sequence
+            self.discovery = self._new_discovery()
             await self._serve(engine)
         finally:
             if control is not None:
@@ -182,8 +185,7 @@ class Daemon:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 group.create_task(engine.run())
-                group.create_task(self.discovery.run())
-                group.create_task(self._discovery_events())
+                self._discovery_task = group.create_task(self._run_discovery(self.discovery))
                 for path in self._watchers:
                     self._start_watch_task(path)
                 group.create_task(self._announce_ready())
@@ -230,10 +232,48 @@ class Daemon:
             self._notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _discovery_events(self) -> None:
-        assert self.discovery is not None
+    def _new_discovery(self) -> Discovery:
+        assert self.transport is not None
+        config = self.config
+        discovery = Discovery(
+            node_id=self._node_id,  # type: ignore[arg-type]
+            name=config.node.name,
+            network=config.network,
+            folders=[SharedFolder(str(f.path), keys.parse_key(f.key)) for f in config.folders],
+            port=self.transport.port,
+            announce=self._announce,
+        )
+        self._engine().on_sequence = discovery.set_sequence
+        self._engine().sequence_changed()
+        return discovery
+
+    async def _run_discovery(self, discovery: Discovery) -> None:
+        """Announce, browse and feed the engine until cancelled (then say goodbye)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(discovery.run())
+            group.create_task(self._discovery_events(discovery))
+
+    async def _restart_discovery(self) -> None:
+        """Announce and browse for a new set of folders (discovery's folders are fixed)."""
+        assert self._group is not None
+        old = self._discovery_task
+        if old is not None:
+            old.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await old
+        self.discovery = self._new_discovery()
+        self._discovery_task = self._group.create_task(self._run_discovery(self.discovery))
+
+    def _on_event(self, event: Event) -> None:
+        """Every protocol event: the engine's; a live session also outranks mDNS silence."""
+        self._engine().handle_event(event)
+        if isinstance(event, SessionEstablished) and self.discovery is not None:
+            self.discovery.mark_reachable(event.peer)  # type: ignore[arg-type]
+
+    async def _discovery_events(self, discovery: Discovery) -> None:
         while True:
-            event: PeerEvent = await self.discovery.events.get()
+            event: PeerEvent = await discovery.events.get()
+            _log_peer_event(event)
             engine = self._engine()
             ids = {str(s.root): fid for fid, s in engine.folders.items()}
             if isinstance(event, PeerUp | PeerDown) or hasattr(event, "peer"):
@@ -280,6 +320,10 @@ class Daemon:
             if self._group is not None and new[key].path in self._watchers:
                 self._start_watch_task(new[key].path)
             logger.info("folder %s added", new[key].path)
+        if old.keys() != new.keys() and self._group is not None:
+            # Discovery announces a token per folder: announce the new set (goodbye, then
+            # hello), and meet static peers again for the new folders.
+            await self._restart_discovery()
         logger.info("config reloaded from %s", source)
 
     async def _add_folder(self, folder: FolderConfig) -> None:
@@ -333,7 +377,10 @@ class Daemon:
         }
 
     async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
-        return self._engine().status()
+        status = self._engine().status()
+        status["pid"] = os.getpid()
+        status["transfer"] = self._engine().endpoint.stats.as_dict()
+        return status
 
     async def _peers(self, params: dict[str, Any], progress: Progress) -> Any:
         return peers_json(self)
@@ -376,33 +423,73 @@ class Daemon:
 
 
 def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
-    """The ``peers --json`` list: discovery's table with the transport's view of liveness."""
+    """The ``peers --json`` list: discovery's table merged with the live sessions.
+
+    One entry per peer: a configured ``host:port`` candidate (id null) whose address turned
+    out to be a connected peer is folded into that peer's entry. A peer with a session is
+    ``connected`` and was seen now; the others keep discovery's state and times.
+    """
     engine = daemon._engine()
-    connected = {bytes(peer) for peer, _, _ in engine.endpoint.peers()}
-    out = []
-    seen: set[str] = set()
-    for info in daemon.discovery.peers() if daemon.discovery else []:
-        entry = info.to_json()
-        if info.node_id is not None and bytes(info.node_id) in connected:
-            entry["state"] = "connected"
-        out.append(entry)
-        seen.add(str(entry["id"]))
+    now = round(time.time(), 3)
+    sessions: dict[str, dict[str, Any]] = {}
     for peer, folder, addr in engine.endpoint.peers():
-        if peer.hex() in seen:
-            continue
-        seen.add(peer.hex())
+        live = sessions.setdefault(bytes(peer).hex(), {"addresses": [], "folders": []})
+        _add_unique(live["addresses"], f"{addr[0]}:{addr[1]}")
         sync = engine.folders.get(bytes(folder))
-        out.append(
-            {
-                "id": peer.hex(),
-                "name": engine.peer_names.get(bytes(peer), ""),
-                "addresses": [f"{addr[0]}:{addr[1]}"],
-                "folders": [str(sync.root)] if sync else [],
-                "last_seen": None,
-                "state": "connected",
-            }
-        )
-    return out
+        if sync is not None:
+            _add_unique(live["folders"], str(sync.root))
+    owner_of = {a: peer for peer, live in sessions.items() for a in live["addresses"]}
+    entries: dict[str, dict[str, Any]] = {}
+    for info in daemon.discovery.peers() if daemon.discovery else []:
+        entry: dict[str, Any] = info.to_json()
+        addresses = [f"{a[0]}:{a[1]}" for a in info.addresses]
+        if entry["id"] is None:
+            owner = next((owner_of[a] for a in addresses if a in owner_of), None)
+            if owner is not None:
+                # The static candidate is this connected peer: keep one entry.
+                entries.setdefault(owner, {"id": owner, "addresses": []})
+                for a in addresses:
+                    _add_unique(entries[owner]["addresses"], a)
+                continue
+            key = addresses[0] if addresses else str(len(entries))
+        else:
+            key = str(entry["id"])
+        merged = entries.setdefault(key, {"id": entry["id"], "addresses": []})
+        for a in addresses:
+            _add_unique(merged["addresses"], a)
+        merged.update({k: v for k, v in entry.items() if k != "addresses"})
+    for hex_id, live in sessions.items():
+        entry = entries.setdefault(hex_id, {"id": hex_id, "addresses": []})
+        # The session's address first: it is the one in use.
+        entry["addresses"] = live["addresses"] + [
+            a for a in entry["addresses"] if a not in live["addresses"]
+        ]
+        folders: list[str] = list(entry.get("folders") or [])
+        for folder in live["folders"]:
+            _add_unique(folders, folder)
+        entry["folders"] = folders
+        if not entry.get("name"):
+            entry["name"] = engine.peer_names.get(bytes.fromhex(hex_id), "")
+        entry.setdefault("sequence", None)
+        entry.setdefault("first_seen", now)
+        entry["last_seen"] = now
+        entry["state"] = "connected"
+    return sorted(entries.values(), key=lambda e: (str(e.get("name") or ""), str(e["id"])))
+
+
+def _add_unique(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _log_peer_event(event: PeerEvent) -> None:
+    peer = event.peer
+    who = peer.node_id.hex() if peer.node_id is not None else "candidate"
+    where = ", ".join(f"{a[0]}:{a[1]}" for a in peer.addresses)
+    if isinstance(event, PeerDown):
+        logger.info("peer %s (%s) at %s down: %s", peer.name, who, where, event.reason.value)
+    elif isinstance(event, PeerUp):
+        logger.info("peer %s (%s) at %s up (%s)", peer.name, who, where, peer.state.value)
 
 
 async def _resolve(host: str, port: int) -> list[tuple[str, int]]:
