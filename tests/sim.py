@@ -119,6 +119,8 @@ class Network:
         self.default = default or Link()
         self.nodes: dict[Addr, Node] = {}
         self.links: dict[tuple[Addr, Addr], Link] = {}
+        self.shared: dict[Addr, Link] = {}
+        """Links into a destination that every source shares (one queue: a bottleneck)."""
         self.link_stats: dict[tuple[Addr, Addr], LinkStats] = {}
         self._heap: list[tuple[float, int, Addr, Addr, bytes]] = []
         self._seq = 0
@@ -139,6 +141,10 @@ class Network:
     def set_link(self, src: Addr, dst: Addr, link: Link) -> None:
         self.links[(src, dst)] = link
 
+    def share_link(self, dst: Addr, link: Link) -> None:
+        """Every datagram to ``dst`` (without a link of its own) queues on one ``link``."""
+        self.shared[dst] = link
+
     def stats(self, src: Addr, dst: Addr) -> LinkStats:
         return self.link_stats.setdefault((src, dst), LinkStats())
 
@@ -152,7 +158,12 @@ class Network:
         if self.filter is not None and not self.filter(data, src, dst):
             st.lost += 1
             return
-        link = self.links.get((src, dst), self.default)
+        link = self.links.get((src, dst))
+        queue = st
+        if link is None:
+            link = self.shared.get(dst, self.default)
+            if dst in self.shared:
+                queue = self.stats(("*", 0), dst)
         if link.mtu and len(data) > link.mtu:
             st.lost += 1
             return
@@ -162,18 +173,18 @@ class Network:
             return
         start = self.now
         if link.bandwidth:
-            start = max(self.now, st.busy_until)
+            start = max(self.now, queue.busy_until)
             queued = (start - self.now) * link.bandwidth
             if link.queue_size and queued + len(data) > link.queue_size:
                 st.queue_drops += 1
                 return
-            st.busy_until = start + len(data) / link.bandwidth
-            start = st.busy_until
+            queue.busy_until = start + len(data) / link.bandwidth
+            start = queue.busy_until
         at = start + link.delay
         if link.jitter:
             # Jitter varies the delay but a link stays FIFO: only ``reorder`` reorders.
-            at = max(at + rng.random() * link.jitter, st.last_arrival)
-        st.last_arrival = max(st.last_arrival, at)
+            at = max(at + rng.random() * link.jitter, queue.last_arrival)
+        queue.last_arrival = max(queue.last_arrival, at)
         if link.reorder and rng.random() < link.reorder:
             at += rng.random() * link.reorder_delay
         self._push(at, src, dst, data)

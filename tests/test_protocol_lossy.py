@@ -243,3 +243,72 @@ def test_credit_is_shared_by_every_peer_of_an_endpoint(seed: int) -> None:
 
     net.run_until(done, 60)
     assert {e.request_id: e.data for e in c.of_type(BlockReceived)} == expected
+
+
+# -- background mode (LEDBAT): yields to other traffic on a shared bottleneck -------------------
+
+R = ("10.0.0.9", 4000)
+R_ID = PeerId(b"R" * 8)
+
+
+def _share(
+    seed: int, senders: dict[Addr, bool], receiver_background: bool = False
+) -> dict[Addr, float]:
+    """Rates (MB/s) at which R receives from each sender over one shared 25 MB/s downlink."""
+    net = Network(seed, Link(delay=0.0005))
+    net.share_link(R, Link(delay=0.0005, bandwidth=25e6, queue_size=500_000))
+    r = net.add(make_endpoint(seed * 10, R_ID, background=receiver_background), R)
+    block = random.Random(seed).randbytes(128 * 1024)
+    digest = hashlib.sha256(block).digest()
+    nodes = []
+    for i, (addr, background) in enumerate(senders.items(), 1):
+        node = net.add(make_endpoint(seed * 10 + i, IDS[addr], background=background), addr)
+        node.blocks[digest] = block
+        nodes.append(node)
+        r.endpoint.connect(addr, FOLDER)
+    net.run_until(lambda: len(r.endpoint.peers()) == len(senders), 10)
+    received = dict.fromkeys(senders, 0)
+    outstanding: dict[int, Addr] = {}
+
+    def fill() -> None:
+        for addr in senders:
+            while list(outstanding.values()).count(addr) < 16:
+                rid = r.endpoint.request_block(
+                    IDS[addr], FOLDER, path="f", index=0, offset=0, size=len(block), hash=digest
+                )
+                outstanding[rid] = addr
+
+    def on_event(node: Node, event: object) -> None:
+        if isinstance(event, BlockReceived):
+            received[outstanding.pop(event.request_id)] += len(event.data)
+            fill()
+
+    r.on_event = on_event
+    fill()
+    net.run_for(0.6)  # past slow start
+    before = dict(received)
+    net.run_for(1.0)
+    modes = {n.addr: n.endpoint.session_info(R_ID, FOLDER) for n in nodes}
+    assert all(
+        m is not None and m.background == (senders[a] or receiver_background)
+        for a, m in modes.items()
+    ), f"seed {seed}"
+    return {addr: (received[addr] - before[addr]) / 1.0 / 1e6 for addr in senders}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_background_sender_yields_to_a_foreground_one(seed: int) -> None:
+    rates = _share(seed, {A: False, B: True})
+    assert rates[A] >= 0.8 * 25, f"seed {seed}: {rates}"
+    assert rates[B] <= 0.1 * 25, f"seed {seed}: {rates}"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_background_sender_alone_uses_the_link(seed: int) -> None:
+    rates = _share(seed, {B: True})
+    assert rates[B] >= 0.8 * 25, f"seed {seed}: {rates}"
+
+
+def test_a_receiver_can_ask_its_peers_for_background_mode() -> None:
+    rates = _share(3, {A: False, B: False}, receiver_background=True)
+    assert sum(rates.values()) >= 0.8 * 25, rates  # the link is still used when alone

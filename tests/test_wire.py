@@ -125,6 +125,7 @@ def test_manifest_batch_round_trip(records: list[bytes], more: bool) -> None:
         st.integers(wire.MIN_DATAGRAM_SIZE, wire.MAX_DATAGRAM_SIZE),
         st.integers(wire.MIN_DATAGRAM_SIZE, 2**32 - 1),
         u64,
+        st.integers(0, 255),
     ),
     st.integers(0, 1200),
 )
@@ -142,6 +143,7 @@ def test_initial_payload_round_trips(payload: wire.InitialPayload, pad: int) -> 
         st.integers(wire.MIN_DATAGRAM_SIZE, wire.MAX_DATAGRAM_SIZE),
         st.integers(wire.MIN_DATAGRAM_SIZE, 2**32 - 1),
         u64,
+        st.integers(0, 255),
     )
 )
 def test_response_payload_round_trips(payload: wire.ResponsePayload) -> None:

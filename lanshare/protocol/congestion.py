@@ -1,4 +1,4 @@
-"""Congestion control and rate limiting: NewReno window, pacer, token buckets.
+"""Congestion control and rate limiting: NewReno and LEDBAT windows, pacer, token buckets.
 
 Pure: no I/O; times are the caller's. The window follows RFC 9002 §7 (NewReno) with one
 LAN-minded change, documented in docs/protocol.md: a round trip's losses count as congestion
@@ -8,6 +8,17 @@ burst losses of an overflowing queue still do.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
+
+
+class RttSamples(Protocol):
+    """What ``Ledbat`` reads from the RTT estimator (``recovery.RttEstimator``)."""
+
+    has_sample: bool
+    latest_rtt: float
+    min_rtt: float
+
 
 #: RFC 9002 §7.2: initial window of 10 datagrams, minimum of 2.
 INITIAL_WINDOW_PACKETS = 10
@@ -139,3 +150,62 @@ class TokenBucket:
         self.capacity = capacity
         if self.tokens > capacity:
             self.tokens = capacity
+
+
+#: RFC 6817 GAIN (at most 1) and the smallest window (packets) LEDBAT goes down to.
+LEDBAT_GAIN = 1.0
+
+
+class Ledbat(NewReno):
+    """Background mode: LEDBAT (RFC 6817) on RTT samples, yielding to other traffic.
+
+    The window grows while the queueing delay we see (latest RTT minus the session's
+    minimum RTT, the "base delay") stays below ``target`` and shrinks in proportion when it
+    rises above it, so a competing flow that fills a queue pushes this one down to the
+    minimum window. Slow start ends once the queueing delay reaches half the target
+    (as LEDBAT++ does); losses are handled as by ``NewReno``. RTT samples count the reverse
+    path and the peer's processing too: conservative, which suits a background flow.
+    """
+
+    __slots__ = ("_rtt", "target")
+
+    def __init__(
+        self,
+        mss: int,
+        max_cwnd: int,
+        rtt: RttSamples,
+        target: float = 0.01,
+        loss_threshold: float = 0.05,
+    ) -> None:
+        super().__init__(mss, max_cwnd, loss_threshold)
+        self._rtt = rtt
+        self.target = target
+
+    def on_acked(
+        self,
+        acked_bytes: int,
+        acked_packets: int,
+        largest_sent_time: float,
+        largest_pn: int,
+        next_pn: int,
+    ) -> None:
+        rtt = self._rtt
+        if not rtt.has_sample:
+            super().on_acked(acked_bytes, acked_packets, largest_sent_time, largest_pn, next_pn)
+            return
+        self._acked_in_round += acked_packets
+        if largest_pn >= self._round_end_pn:
+            self._round_end_pn = next_pn
+            self._acked_in_round = 0
+            self._lost_in_round = 0
+        if largest_sent_time <= self._recovery_start:
+            return
+        queueing = max(rtt.latest_rtt - rtt.min_rtt, 0.0)
+        if self.cwnd < self.ssthresh:
+            if queueing < self.target / 2:
+                self.cwnd = min(self.cwnd + acked_bytes, self.max_cwnd)
+                return
+            self.ssthresh = self.cwnd  # the queue starts to build: leave slow start
+        off_target = (self.target - queueing) / self.target
+        cwnd = self.cwnd + LEDBAT_GAIN * off_target * acked_bytes * self.mss / self.cwnd
+        self.cwnd = int(min(max(cwnd, MINIMUM_WINDOW_PACKETS * self.mss), self.max_cwnd))

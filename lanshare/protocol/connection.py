@@ -64,7 +64,7 @@ from lanshare.events import (
     SessionEstablished,
 )
 from lanshare.protocol import wire
-from lanshare.protocol.congestion import NewReno, TokenBucket
+from lanshare.protocol.congestion import Ledbat, NewReno, TokenBucket
 from lanshare.protocol.crypto import (
     InitiatorHandshake,
     PacketKey,
@@ -127,6 +127,8 @@ class Params:
     max_datagrams_per_call: int = 256
     ack_ranges: int = 32
     pmtu_probe: bool = True
+    background: bool = False
+    background_target: float = 0.01
 
 
 @dataclass(slots=True)
@@ -173,6 +175,7 @@ class SessionInfo:
     datagram_size: int
     pto_count: int
     key_updates: int
+    background: bool
 
 
 class Context:
@@ -374,6 +377,7 @@ class Session:
         self._rx_phase = 0
         self._rx_phase_start = 0
         self.key_updates = 0
+        self.background = False
         # buffers (sized when established)
         self._tx_buf = bytearray(0)
         self._pt_buf = bytearray(0)
@@ -444,6 +448,7 @@ class Session:
             p.max_datagram_size,
             p.max_in_flight_size,
             p.max_recv_rate,
+            wire.FLAG_BACKGROUND if p.background else 0,
         )
         pad = wire.INITIAL_SIZE - wire.LONG_HEADER_SIZE - wire.KEY_SIZE - wire.TAG_SIZE
         s._initial_msg = s._hs_initiator.write_message1(wire.encode_initial_payload(payload, pad))
@@ -476,6 +481,7 @@ class Session:
                 p.max_datagram_size,
                 p.max_in_flight_size,
                 p.max_recv_rate,
+                wire.FLAG_BACKGROUND if p.background else 0,
             )
         )
         message, (send_key, recv_key) = hs.write_message2(ctx.rng.randbytes(32), payload)
@@ -488,6 +494,7 @@ class Session:
             initial.max_datagram_size,
             initial.max_in_flight_size,
             initial.max_recv_rate,
+            initial.flags,
             now,
         )
         s._hs_send = True
@@ -509,6 +516,7 @@ class Session:
         peer_dgram: int,
         peer_credit: int,
         peer_rate: int,
+        peer_flags: int,
         now: float,
     ) -> None:
         p = self.ctx.params
@@ -540,7 +548,15 @@ class Session:
         self._rx_pt_mv = memoryview(self._rx_pt)
         self._tx_views: dict[int, tuple[memoryview, memoryview, memoryview]] = {}
         self._set_rx_fast(dgram)
-        self._cc = NewReno(self._dgram, max(2 * peer_credit, 4 * dgram), p.loss_threshold)
+        max_cwnd = max(2 * peer_credit, 4 * dgram)
+        # Background mode when either side asks for it: what we send then yields (LEDBAT).
+        self.background = p.background or bool(peer_flags & wire.FLAG_BACKGROUND)
+        if self.background:
+            self._cc = Ledbat(
+                self._dgram, max_cwnd, self._rtt, p.background_target, p.loss_threshold
+            )
+        else:
+            self._cc = NewReno(self._dgram, max_cwnd, p.loss_threshold)
         self._update_pacer(now)
         self._pacer.tokens = self._pacer.capacity  # the initial window may go out at once
         self._last_recv = now
@@ -602,6 +618,7 @@ class Session:
             payload.max_datagram_size,
             payload.max_in_flight_size,
             payload.max_recv_rate,
+            payload.flags,
             now,
         )
         self._hs_out = None
@@ -1662,4 +1679,5 @@ class Session:
             datagram_size=self._dgram,
             pto_count=self._pto_count,
             key_updates=self.key_updates,
+            background=self.background,
         )

@@ -83,6 +83,9 @@ class Endpoint:
             buffer must hold); default ``max_in_flight_size``.
         pmtu_probe: start data at 1200-byte datagrams and grow to the negotiated size only
             once a padded probe got through; False uses the negotiated size at once.
+        background: yield to other traffic (LEDBAT, RFC 6817) in both directions: our
+            answers, and answers to us (peers are asked to in the handshake).
+        background_target: queueing delay (seconds) background mode keeps below.
     """
 
     def __init__(
@@ -108,6 +111,8 @@ class Endpoint:
         always_retry: bool = False,
         max_total_in_flight: int | None = None,
         pmtu_probe: bool = True,
+        background: bool = False,
+        background_target: float = 0.01,
     ) -> None:
         if len(node_id) != wire.NODE_ID_SIZE:
             raise LocalProtocolError("node id must be 8 bytes")
@@ -132,6 +137,8 @@ class Endpoint:
             max_datagrams_per_call=max_datagrams_per_call,
             ack_ranges=max(1, min(ack_ranges, wire.MAX_ACK_RANGES)),
             pmtu_probe=pmtu_probe,
+            background=background,
+            background_target=background_target,
         )
         send_limit = recv_limit = None
         if network.max_send_rate > 0:

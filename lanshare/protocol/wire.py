@@ -139,8 +139,10 @@ _CANCEL = struct.Struct("!BI")
 _REJECT = struct.Struct("!BIB")
 _NOTIFY = struct.Struct("!BQBB")
 _U16 = struct.Struct("!H")
-_INITIAL_PAYLOAD = struct.Struct("!8s16sIHIQ")
-_RESPONSE_PAYLOAD = struct.Struct("!8sIHIQ")
+_INITIAL_PAYLOAD = struct.Struct("!8s16sIHIQB")
+_RESPONSE_PAYLOAD = struct.Struct("!8sIHIQB")
+#: Handshake flag: "send to me in background mode" (LEDBAT, yielding to other traffic).
+FLAG_BACKGROUND = 0x01
 _BATCH_HEAD = struct.Struct("!BI")
 _U32 = struct.Struct("!I")
 
@@ -417,6 +419,7 @@ class InitialPayload:
     max_datagram_size: int
     max_in_flight_size: int
     max_recv_rate: int
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +431,7 @@ class ResponsePayload:
     max_datagram_size: int
     max_in_flight_size: int
     max_recv_rate: int
+    flags: int = 0
 
 
 INITIAL_PAYLOAD_SIZE = _INITIAL_PAYLOAD.size
@@ -442,6 +446,7 @@ def encode_initial_payload(p: InitialPayload, pad_to: int = 0) -> bytes:
         p.max_datagram_size,
         p.max_in_flight_size,
         p.max_recv_rate,
+        p.flags,
     )
     return body + bytes(max(0, pad_to - len(body)))
 
@@ -449,23 +454,23 @@ def encode_initial_payload(p: InitialPayload, pad_to: int = 0) -> bytes:
 def decode_initial_payload(data: bytes) -> InitialPayload:
     if len(data) < _INITIAL_PAYLOAD.size:
         raise DecodeError("short INITIAL payload")
-    node, folder, cid, dgram, credit, rate = _INITIAL_PAYLOAD.unpack_from(data)
+    node, folder, cid, dgram, credit, rate, flags = _INITIAL_PAYLOAD.unpack_from(data)
     _check_params(dgram, credit)
-    return InitialPayload(node, folder, cid, dgram, credit, rate)
+    return InitialPayload(node, folder, cid, dgram, credit, rate, flags)
 
 
 def encode_response_payload(p: ResponsePayload) -> bytes:
     return _RESPONSE_PAYLOAD.pack(
-        p.node_id, p.cid, p.max_datagram_size, p.max_in_flight_size, p.max_recv_rate
+        p.node_id, p.cid, p.max_datagram_size, p.max_in_flight_size, p.max_recv_rate, p.flags
     )
 
 
 def decode_response_payload(data: bytes) -> ResponsePayload:
     if len(data) < _RESPONSE_PAYLOAD.size:
         raise DecodeError("short RESPONSE payload")
-    node, cid, dgram, credit, rate = _RESPONSE_PAYLOAD.unpack_from(data)
+    node, cid, dgram, credit, rate, flags = _RESPONSE_PAYLOAD.unpack_from(data)
     _check_params(dgram, credit)
-    return ResponsePayload(node, cid, dgram, credit, rate)
+    return ResponsePayload(node, cid, dgram, credit, rate, flags)
 
 
 def _check_params(dgram: int, credit: int) -> None:
