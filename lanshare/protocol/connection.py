@@ -185,6 +185,7 @@ class Context:
         "_next_handle",
         "credit_used",
         "credit_waiters",
+        "dirty",
         "events",
         "handles",
         "max_credit",
@@ -220,7 +221,10 @@ class Context:
         #: Answers outstanding over every session, and the bound on them (socket buffer).
         self.credit_used = 0
         self.max_credit = params.max_total_in_flight or params.max_in_flight_size
-        self.credit_waiters: set[Session] = set()
+        self.credit_waiters: dict[Session, None] = {}
+        #: Sessions whose output or deadline may have changed since the endpoint last looked
+        #: (a dict as an ordered set: the order of output stays deterministic).
+        self.dirty: dict[Session, None] = {}
         self.on_closed: Callable[[Session], None] = lambda s: None
         self.on_detached: Callable[[Session], None] = lambda s: None
         self.on_established: Callable[[Session], None] = lambda s: None
@@ -592,7 +596,7 @@ class Session:
         self._token = token
         self._build_initial()
         self._hs_send = True
-        self._send_now = True
+        self._want_write()
         self._last_now = now
 
     def on_response(self, message: bytes, now: float) -> None:
@@ -625,7 +629,7 @@ class Session:
         self._hs_send = False
         self.state = State.ESTABLISHED
         self._ping = True  # proves to the responder that we got its answer
-        self._send_now = True
+        self._want_write()
         self._last_now = now
         self._established(now)
 
@@ -634,7 +638,7 @@ class Session:
         self.amp_received += size
         if self.state is State.HALF_OPEN:
             self._hs_send = True
-            self._send_now = True
+            self._want_write()
 
     def _established(self, now: float) -> None:
         self.owes_result = False
@@ -935,7 +939,7 @@ class Session:
             self.ctx.release_credit(req.size)
         req.buf = None
         if self._pending:
-            self._send_now = True  # credit freed: the next write releases more requests
+            self._want_write()  # credit freed: the next write releases more requests
 
     def _fail(self, req: _Request, reason: FailReason, cancel: bool = True) -> None:
         if (
@@ -966,7 +970,7 @@ class Session:
         self._requests[rid] = req
         self.ctx.handles[handle] = (self, rid, True)
         self._pending.append(req)
-        self._send_now = True
+        self._want_write()
 
     def cancel_request(self, rid: int) -> None:
         req = self._requests.get(rid)
@@ -991,7 +995,7 @@ class Session:
             if self._credit_used and self._credit_used + req.size > credit:
                 return
             if ctx.credit_used and ctx.credit_used + req.size > ctx.max_credit:
-                ctx.credit_waiters.add(self)  # woken when another session frees credit
+                ctx.credit_waiters[self] = None  # woken when another session frees credit
                 return
             if limit is not None:
                 if limit.refill(now) <= 0:
@@ -1112,7 +1116,7 @@ class Session:
         msg = _OutMessage(rid, memoryview(data).cast("B"), self._dgram)
         served.msg = msg
         self._queue.append(msg)
-        self._send_now = True
+        self._want_write()
 
     def reject(self, rid: int, code: int) -> None:
         served = self._served.pop(rid, None)
@@ -1270,7 +1274,7 @@ class Session:
             if budget > 0 and (self._retx or self._queue):
                 budget -= self._write_data(now, out, budget)
             if budget <= 0:
-                self._send_now = True
+                self._want_write()
             elif self._ctrl or self._ping:
                 self._write_control(now, out, budget)
             return
@@ -1600,7 +1604,7 @@ class Session:
             events.append(RequestFailed(req.handle, self.peer, self.folder, FailReason.PEER_GONE))
         self._requests.clear()
         self._pending.clear()
-        self.ctx.credit_waiters.discard(self)
+        self.ctx.credit_waiters.pop(self, None)
         self.ctx.release_credit(self._credit_used)
         self._credit_used = 0
         for served in self._served.values():
@@ -1627,13 +1631,13 @@ class Session:
             self.state = State.CLOSING
             self.ctx.on_detached(self)  # a new connect() to this peer may start at once
             self._closing_at = None  # set when the CLOSE frame goes out
-            self._send_now = True
+            self._want_write()
         else:
             self._set_closed()
 
     def _close_frame_resend(self) -> None:
         self._close_frame = bytes((_CLOSE, self._close_code))
-        self._send_now = True
+        self._want_write()
 
     def _set_closed(self) -> None:
         self.state = State.CLOSED
@@ -1643,15 +1647,19 @@ class Session:
 
     def _queue_ctrl(self, kind: int, rid: int, frame: bytes) -> None:
         self._ctrl.append((kind, rid, frame))
-        self._send_now = True
+        self._want_write()
 
     def wake(self) -> None:
         """Ask for a write soon (credit became available)."""
+        self._want_write()
+
+    def _want_write(self) -> None:
         self._send_now = True
+        self.ctx.dirty[self] = None
 
     def queue_ping(self) -> None:
         self._ping = True
-        self._send_now = True
+        self._want_write()
 
     @property
     def established(self) -> bool:

@@ -165,6 +165,10 @@ class Endpoint:
         self._by_initial: dict[tuple[Addr, int], Session] = {}
         self._stateless: list[tuple[bytes, Addr]] = []
         self._now = 0.0
+        # Deadlines of the sessions, recomputed only for sessions that changed ("stale"):
+        # with many idle peers, each adapter round costs O(active sessions), not O(all).
+        self._timers: dict[Session, float] = {}
+        self._stale: dict[Session, None] = {}
 
     # ------------------------------------------------------------------ adapter interface
 
@@ -194,6 +198,7 @@ class Endpoint:
                     stats.dropped += 1
                     return
                 session.on_data_packet(data, flags, pn, now)
+                self._ctx.dirty[session] = None
             elif ptype == _T_INITIAL:
                 self._on_initial(data, addr, now)
             elif ptype in (_T_RESPONSE, _T_RETRY):
@@ -202,6 +207,7 @@ class Endpoint:
                 if session is None or session.addr != addr:
                     stats.dropped += 1
                     return
+                self._ctx.dirty[session] = None
                 if ptype == _T_RESPONSE:
                     session.on_response(bytes(data[wire.LONG_HEADER_SIZE :]), now)
                 elif token_len == n - wire.LONG_HEADER_SIZE and token_len <= wire.MAX_TOKEN_SIZE:
@@ -220,26 +226,33 @@ class Endpoint:
         self._now = now
         out = self._stateless
         self._stateless = []
-        for session in list(self._sessions.values()):
-            session.write(now, out)
+        dirty = self._ctx.dirty
+        if dirty:
+            todo = list(dirty)
+            dirty.clear()  # a session that could not send everything marks itself again
+            self._stale.update(dict.fromkeys(todo))
+            for session in todo:
+                if session.state is not State.CLOSED:
+                    session.write(now, out)
         return out
 
     def get_timer(self) -> float | None:
         """The earliest deadline (caller's clock) at which ``handle_timer`` must run."""
-        earliest: float | None = None
-        for session in self._sessions.values():
-            t = session.next_timer()
-            if t is not None and (earliest is None or t < earliest):
-                earliest = t
-        return earliest
+        self._refresh_timers()
+        timers = self._timers
+        return min(timers.values()) if timers else None
 
     def handle_timer(self, now: float) -> None:
         """Run every deadline that has passed (call ``datagrams_to_send`` afterwards)."""
         self._now = now
-        for session in list(self._sessions.values()):
-            t = session.next_timer()
-            if t is not None and t <= now:
-                session.on_timer(now)
+        self._refresh_timers()
+        due = [session for session, t in self._timers.items() if t <= now]
+        dirty = self._ctx.dirty
+        for session in due:
+            session.on_timer(now)
+            if session.state is not State.CLOSED:
+                dirty[session] = None
+        self._stale.update(dict.fromkeys(due))
 
     def next_event(self) -> Event | None:
         """The next event for the application, or None."""
@@ -269,6 +282,7 @@ class Endpoint:
         session = Session.initiator(self._ctx, addr, bytes(folder), psk, self._new_cid(), self._now)
         self._sessions[session.local_cid] = session
         self._by_addr[key] = session
+        self._ctx.dirty[session] = None
 
     def request_block(
         self,
@@ -514,6 +528,7 @@ class Endpoint:
         session.initial_key = (addr, src_cid)
         self._sessions[session.local_cid] = session
         self._by_initial[(addr, src_cid)] = session
+        self._ctx.dirty[session] = None
         if current is None or not current.established:
             self._by_addr[key] = session
 
@@ -532,7 +547,24 @@ class Endpoint:
 
     def _on_closed(self, session: Session) -> None:
         self._sessions.pop(session.local_cid, None)
+        self._timers.pop(session, None)
+        self._stale.pop(session, None)
+        self._ctx.dirty.pop(session, None)
         self._detach(session)
+
+    def _refresh_timers(self) -> None:
+        stale = self._stale
+        stale.update(self._ctx.dirty)
+        if not stale:
+            return
+        timers = self._timers
+        for session in stale:
+            t = session.next_timer() if session.state is not State.CLOSED else None
+            if t is None:
+                timers.pop(session, None)
+            else:
+                timers[session] = t
+        stale.clear()
 
     def _detach(self, session: Session) -> None:
         """Forget ``session`` as the one for its address, peer and INITIAL (it is closing;
