@@ -878,3 +878,40 @@ def test_idle_sessions_cost_nothing_per_round() -> None:
     for data, _ in peers[3].endpoint.datagrams_to_send(net.now):
         hub.endpoint.receive_datagram(data, peers[3].addr, net.now)
     assert [s.addr for s in ctx.dirty] == [peers[3].addr]
+
+
+def test_a_path_that_narrows_mid_session_falls_back_to_1200_bytes() -> None:
+    """Black-hole detection: after the probe succeeded the path starts dropping 1452-byte
+    datagrams; the answers under way are re-sent in 1200-byte datagrams and complete."""
+    net = Network(13, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    b = net.add(make_endpoint(2, B_ID, transfer=TransferConfig(max_in_flight_size=256 * 1024)), B)
+    blocks = [random.Random(i).randbytes(100_000) for i in range(30)]
+    for blk in blocks:
+        a.blocks[hashlib.sha256(blk).digest()] = blk
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    for i, blk in enumerate(blocks):
+        b.endpoint.request_block(
+            A_ID,
+            FOLDER,
+            path="f",
+            index=i,
+            offset=0,
+            size=len(blk),
+            hash=hashlib.sha256(blk).digest(),
+        )
+
+    def grown() -> bool:
+        info = a.endpoint.session_info(B_ID, FOLDER)
+        return info is not None and info.datagram_size == 1452
+
+    net.run_until(grown, 5)
+    net.run_until(lambda: len(b.of_type(BlockReceived)) >= 5, 5)
+    net.default = Link(delay=0.001, mtu=1400)  # e.g. a VPN came up on the way
+    net.run_until(lambda: len(b.of_type(BlockReceived)) == len(blocks), 10)
+    assert [e.data for e in b.of_type(BlockReceived)] == blocks
+    assert not b.of_type(RequestFailed)
+    info = a.endpoint.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info.datagram_size == 1200

@@ -1137,8 +1137,9 @@ class Session:
             self._queue_ctrl(_K_OTHER, -1, wire.encode_frame(wire.Notify(seq, chunk)))
 
     def _message_done(self, msg: _OutMessage) -> None:
-        served = self._served.pop(msg.rid, None)
-        if served is not None:
+        served = self._served.get(msg.rid)
+        if served is not None and served.msg is msg:  # not a message already replaced
+            del self._served[msg.rid]
             self._serving_bytes -= served.size
 
     # ------------------------------------------------------------------ acknowledgements
@@ -1218,6 +1219,35 @@ class Session:
         else:
             logger.debug("path to %s: staying at %d-byte datagrams", self.addr, self._dgram)
 
+    def _black_hole(self) -> None:
+        """Nothing got through for three probe timeouts after the datagram size grew: the
+        path may have narrowed (RFC 8899 §4.3 black-hole detection). Go back to the smallest
+        size and send the unacknowledged answers again, cut into smaller fragments: the
+        receiver reassembles by byte ranges, so what it already has is simply skipped."""
+        logger.debug(
+            "no answer from %s at %d bytes: back to %d",
+            self.addr,
+            self._dgram,
+            wire.MIN_DATAGRAM_SIZE,
+        )
+        self._dgram = wire.MIN_DATAGRAM_SIZE
+        self._frag = wire.fragment_size(self._dgram)
+        self._cc.mss = self._dgram
+        self._probe_due = False  # no new probe in this session
+        replaced: list[_OutMessage] = []
+        for served in self._served.values():
+            old = served.msg
+            if old is None or old.cancelled or old.size <= self._dgram:
+                continue
+            if old.n_acked == old.n_frags:
+                continue
+            old.cancelled = True
+            new = _OutMessage(old.rid, old.data, self._dgram)
+            served.msg = new
+            replaced.append(new)
+        if replaced:
+            self._queue = deque(replaced + [m for m in self._queue if not m.cancelled])
+
     def _update_pacer(self, now: float) -> None:
         p = self.ctx.params
         cwnd = self._cc.cwnd
@@ -1239,6 +1269,8 @@ class Session:
         self._pto_count += 1
         if self._pto_count == 3:
             self._cc.on_persistent_congestion(now)
+            if self._dgram > wire.MIN_DATAGRAM_SIZE:
+                self._black_hole()
             self._update_pacer(now)
         # The probe repeats what the oldest outstanding packet carried (RFC 9002 §6.2.4),
         # without declaring it lost: a fragment, or its control frames, else a PING.
