@@ -368,7 +368,6 @@ class Session:
         self.amp_sent = 0
         # negotiated
         self._dgram = wire.MIN_DATAGRAM_SIZE
-        self._frag = wire.fragment_size(self._dgram)
         self._peer_credit = wire.MIN_DATAGRAM_SIZE
         self._peer_rate = 0
         # keys
@@ -532,7 +531,6 @@ class Session:
         # (RFC 8899 style) lets data packets grow to the negotiated size once one arrives.
         self._dgram = wire.MIN_DATAGRAM_SIZE if p.pmtu_probe else dgram
         self._probe_due = self._dgram < dgram
-        self._frag = wire.fragment_size(self._dgram)
         self._peer_credit = peer_credit
         self._peer_rate = peer_rate
         self._tx_buf = bytearray(dgram)
@@ -543,7 +541,6 @@ class Session:
         self._tx_mv = tx
         self._tx_nonce = tx[4:16]
         self._tx_aad = tx[:16]
-        self._tx_body = tx[16:]
         self._pt_mv = memoryview(self._pt_buf)
         rx = memoryview(self._rx_buf)
         self._rx_nonce = rx[4:16]
@@ -1209,7 +1206,6 @@ class Session:
         if self._dgram < self._dgram_max:
             logger.debug("path to %s carries %d-byte datagrams", self.addr, self._dgram_max)
             self._dgram = self._dgram_max
-            self._frag = wire.fragment_size(self._dgram)
             self._cc.mss = self._dgram
 
     def _probe_lost(self) -> None:
@@ -1231,7 +1227,6 @@ class Session:
             wire.MIN_DATAGRAM_SIZE,
         )
         self._dgram = wire.MIN_DATAGRAM_SIZE
-        self._frag = wire.fragment_size(self._dgram)
         self._cc.mss = self._dgram
         self._probe_due = False  # no new probe in this session
         replaced: list[_OutMessage] = []
@@ -1688,10 +1683,6 @@ class Session:
     def _want_write(self) -> None:
         self._send_now = True
         self.ctx.dirty[self] = None
-
-    def queue_ping(self) -> None:
-        self._ping = True
-        self._want_write()
 
     @property
     def established(self) -> bool:
