@@ -440,6 +440,7 @@ def _ask(
                 progress.update(value)
             elif kind == "result":
                 result = value
+                _final_progress(progress, result)
         return result
 
 
@@ -454,12 +455,21 @@ async def _ask_short_lived(
 
     async def work(node: Daemon) -> Any:
         handler = node.handler(method)
-        return await handler(params, report)
+        result = await handler(params, report)
+        _final_progress(progress, result)
+        return result
 
     if progress is None:
         return await run_short_lived(cfg, work)
     with progress:
         return await run_short_lived(cfg, work)
+
+
+def _final_progress(progress: _PullProgress | None, result: Any) -> None:
+    """Show the finished state: a pull that ends between two progress lines still draws
+    every file's bar complete."""
+    if progress is not None and isinstance(result, list):
+        progress.update({"files": [r for r in result if isinstance(r, dict) and "size" in r]})
 
 
 def _inside(cfg: Config, path: Path) -> Path:

@@ -645,3 +645,44 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(node.log_tail(200) for node in self.nodes)
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def start_all(nodes: Sequence[Node], timeout: float = READY_TIMEOUT) -> None:
+    """Start the daemons together, then wait until every one said READY=1."""
+    for node in nodes:
+        node.start(wait=False)
+    for node in nodes:
+        node.wait_ready(timeout)
+
+
+def propagation_latency(
+    source: Node, targets: Sequence[Node], rel: str, data: bytes, timeout: float
+) -> float:
+    """Seconds from saving ``rel`` on ``source`` until it is identical on every target."""
+    path = source.folder / rel
+    tmp = path.with_name(f"{path.name}.editing")
+    tmp.write_bytes(data)
+    start = time.monotonic()
+    os.replace(tmp, path)  # an editor's atomic save
+    wanted = [t.folder / rel for t in targets]
+    deadline = start + timeout
+    pending = list(wanted)
+    while pending:
+        with contextlib.suppress(OSError):
+            if pending[0].read_bytes() == data:
+                pending.pop(0)
+                continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pending[0]} not updated within {timeout} s")
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return ordered[rank - 1]
