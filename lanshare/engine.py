@@ -152,6 +152,8 @@ class Download:
     done: set[int] = field(default_factory=set)
     writing: int = 0
     finishing: bool = False
+    conflict: planner.Conflict | None = None
+    """The local loser to move aside under its conflict name when the download is placed."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
     bytes_done: int = 0
@@ -192,6 +194,8 @@ class FolderSync:
         )
         self.requests: dict[int, tuple[bytes, BlockRef]] = {}
         self.committing: set[str] = set()
+        self.archived_at: dict[str, float] = {}
+        """Last time handed to an action that may archive each path (``_archive_time``)."""
         """Paths whose finished download is being put in place right now."""
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.problems: dict[str, str] = {}
@@ -428,22 +432,24 @@ class FolderSync:
         if result.paused:
             self.state, self.reason = "paused", result.reason
         wanted: set[str] = set()
-        vacated: set[str] = set()
+        # A conflict is applied together with the winner's action on the same path: the
+        # loser leaves its name only when the winner takes it (for a fetch, when the download
+        # is complete), so no peer ever sees the path vacated and nothing waits half done.
+        conflicts: dict[str, planner.Conflict] = {}
         for action in result.actions:
-            if action.path in vacated and isinstance(
-                action,
-                planner.Fetch | planner.BuildFromLocal | planner.MakeDir | planner.MakeSymlink,
-            ):
-                # The loser was moved aside by this plan's Conflict: nothing is there now.
-                action = dataclasses.replace(action, replaces=None)
+            if isinstance(action, planner.Conflict):
+                conflicts[action.path] = action
+                continue
+            conflict = conflicts.pop(action.path, None)
             if isinstance(action, planner.Fetch):
                 wanted.add(action.path)
-                await self._want(action, remotes)
+                await self._want(action, remotes, conflict)
                 continue
             try:
-                await self._apply(action)
-                if isinstance(action, planner.Conflict):
-                    vacated.add(action.path)
+                if conflict is not None and not isinstance(action, planner.SetMetadata):
+                    await self._apply_with_conflict(conflict, action)
+                else:
+                    await self._apply(action)
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
                 self.dirty.set()
@@ -491,17 +497,36 @@ class FolderSync:
         }
         return local, remotes
 
-    async def _apply(self, action: planner.Action) -> None:
+    async def _apply_with_conflict(
+        self,
+        conflict: planner.Conflict,
+        action: planner.BuildFromLocal | planner.MakeDir | planner.MakeSymlink | planner.Delete,
+    ) -> None:
+        """Move the loser aside under its conflict name, then apply the winner's action
+        (which now replaces nothing); if that fails, the loser goes back to its name."""
+        if isinstance(action, planner.BuildFromLocal):
+            # Blocks the plan reads from the loser are now found under its conflict name.
+            copies = tuple(
+                dataclasses.replace(c, source_path=conflict.conflict_name)
+                if c.source_path == conflict.path
+                else c
+                for c in action.copies
+            )
+            action = dataclasses.replace(action, copies=copies)
+        await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
+        try:
+            await self._apply(dataclasses.replace(action, replaces=None))
+        except BaseException:
+            with contextlib.suppress(LanshareError):
+                await asyncio.to_thread(
+                    self.store.rename_local, conflict.conflict_name, conflict.path
+                )
+            raise
+        await self._commit(conflict.copy_record)
+
+    async def _apply(self, action: planner.Change) -> None:
         store = self.store
-        now = time.time()
-        if isinstance(action, planner.Conflict):
-            await asyncio.to_thread(store.rename_local, action.path, action.conflict_name)
-            # The path is empty until the winner arrives: record that (a tombstone under the
-            # loser's own version, so it neither wins nor looks like a deletion by anyone), or
-            # every later plan would see the loser still there and move it aside again.
-            vacated = action.loser.tombstone(action.loser.version, 0)
-            await self._commit(action.copy_record, vacated)
-            return
+        now = self._archive_time(action.path)
         if isinstance(action, planner.MakeDir):
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
@@ -539,11 +564,30 @@ class FolderSync:
                 )
             await self._own_write(record.path)
             await asyncio.to_thread(
-                self.store.commit, assembly, LocalState.of(action.replaces), time.time()
+                self.store.commit,
+                assembly,
+                LocalState.of(action.replaces),
+                self._archive_time(record.path),
             )
         finally:
             assembly.close()
         await self._commit(record)
+
+    def _archive_time(self, rel: str) -> float:
+        """The ``now`` for an action that may archive ``rel``.
+
+        ``store.archive`` names a kept version by the second, and a second archive of the
+        same path within that second would replace the first (a version lost). Until it
+        picks unique names itself, give each path a later second than its last archive.
+        """
+        now = time.time()
+        last = self.archived_at.get(rel)
+        if last is not None and int(now) <= int(last):
+            now = float(int(last) + 1)
+        if len(self.archived_at) > 4096:
+            self.archived_at = {p: t for p, t in self.archived_at.items() if t > now - 10}
+        self.archived_at[rel] = now
+        return now
 
     async def _commit(self, *records: FileRecord) -> None:
         """Record that ``records`` are now on disk (each with a new local sequence)."""
@@ -562,19 +606,24 @@ class FolderSync:
     # -- downloads ------------------------------------------------------------------------
 
     async def _want(
-        self, action: planner.Fetch, remotes: dict[bytes, dict[str, FileRecord]]
+        self,
+        action: planner.Fetch,
+        remotes: dict[bytes, dict[str, FileRecord]],
+        conflict: planner.Conflict | None = None,
     ) -> None:
         existing = self.downloads.get(action.path)
         if existing is not None:
             if existing.record.file_hash == action.record.file_hash and (
                 existing.record.version == action.record.version
             ):
+                existing.conflict = conflict
                 return
             # Same content under a newer version: keep the verified blocks (same temp file).
             same = existing.record.file_hash == action.record.file_hash
             await self._abandon(action.path, discard=not same)
         record = action.record
         download = Download(record, LocalState.of(action.replaces), action.sources)
+        download.conflict = conflict
         try:
             old = await asyncio.to_thread(self.engine.index.partial_get, self.info.id, record.path)
             if old is not None and old.file_hash != record.file_hash:
@@ -784,15 +833,31 @@ class FolderSync:
     async def _finish(self, download: Download) -> None:
         assert download.assembly is not None
         record = download.record
+        conflict = download.conflict
+        planned = download.planned
         self.committing.add(record.path)
+        moved = False
         try:
             await self._own_write(record.path)
-            await asyncio.to_thread(
-                self.store.commit, download.assembly, download.planned, time.time()
-            )
+            if conflict is not None:
+                await self._own_write(conflict.conflict_name)
+                try:
+                    await asyncio.to_thread(
+                        self.store.rename_local, conflict.path, conflict.conflict_name
+                    )
+                except StorageError as exc:  # gone or changed meanwhile: rescan, replan
+                    raise LocalChangeError(f"{conflict.path}: {exc}") from exc
+                moved, planned = True, LocalState(exists=False)
+            now = self._archive_time(record.path)
+            await asyncio.to_thread(self.store.commit, download.assembly, planned, now)
         except LanshareError as exc:
             self.committing.discard(record.path)
             download.finishing = False
+            if moved and conflict is not None:
+                with contextlib.suppress(LanshareError):
+                    await asyncio.to_thread(
+                        self.store.rename_local, conflict.conflict_name, conflict.path
+                    )
             discard = isinstance(exc, IntegrityError)
             if isinstance(exc, LocalChangeError):
                 # Never clobber a local edit. Keep the verified temporary file (a later plan
@@ -819,7 +884,10 @@ class FolderSync:
                 del self.downloads[record.path]
                 self._apply_steps(self.scheduler.remove_file(record.path))
                 await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, record.path)
-            await self._commit(record)
+            if conflict is not None:
+                await self._commit(conflict.copy_record, record)
+            else:
+                await self._commit(record)
         finally:
             self.committing.discard(record.path)
         self.problems.pop(record.path, None)

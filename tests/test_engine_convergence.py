@@ -8,6 +8,7 @@ Seeded: each case names its seed; a failure prints it (``converge`` does) with t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 from typing import TYPE_CHECKING
@@ -74,7 +75,7 @@ def _apply_round(
             node.write(rel, data)
             written.add(data)
             used.add(rel)
-            log.append(f"{node.name} create {rel} {len(data)}")
+            log.append(f"{node.name} create {rel} {len(data)} {_sha(data)[:8]}")
         elif op == "mkdir":
             parent = rng.choice(dirs)
             rel = f"{parent}/d{round_no}_{n}" if parent else f"d{round_no}_{n}"
@@ -109,24 +110,30 @@ def _apply_round(
                 continue
             else:  # concurrent edits of one file on two nodes before they sync
                 other = rng.choice([x for x in nodes if x is not node])
+                shas = []
                 for who in (node, other):
                     content = _content(rng) + who.name.encode()
                     who.write(rel, content)
                     written.add(content)
+                    shas.append(_sha(content)[:8])
                 touched.update((node.number, other.number))
-                log.append(f"{node.name}+{other.name} concurrent {rel}")
+                log.append(f"{node.name}+{other.name} concurrent {rel} {' '.join(shas)}")
                 continue
             if data is not None:
                 written.add(data)
-            log.append(f"{node.name} {op} {rel}")
+            log.append(f"{node.name} {op} {rel} {_sha(data)[:8] if data is not None else ''}")
         touched.add(node.number)
     return touched
 
 
 def _sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
+
+
+def _where(nodes: list[SimNode]) -> str:
+    """Path -> short content hash in the (identical) folders, for the failure log."""
+    snap = snapshot(nodes[0].root)
+    return " ".join(f"{p}={e.digest[:8]}" for p, e in sorted(snap.items()) if e.kind == "file")
 
 
 @pytest.mark.parametrize(("seed", "peers"), [(11, 3), (12, 4), (13, 5), (14, 3), (15, 4)])
@@ -145,6 +152,7 @@ def test_random_operations_converge_and_lose_nothing(tmp_path: Path, seed: int, 
             await cluster.start()
             await converge(nodes, CONVERGE_TIMEOUT)
             seen = set().union(*(all_contents(n.root) for n in nodes))
+            log.append(f"checkpoint: {_where(nodes)}")
             for round_no in range(ROUNDS):
                 touched = _apply_round(rng, nodes, round_no, log, written)
                 for node in nodes:
@@ -155,6 +163,7 @@ def test_random_operations_converge_and_lose_nothing(tmp_path: Path, seed: int, 
                 except AssertionError as exc:
                     raise AssertionError(f"{exc}\nops:\n" + "\n".join(log)) from None
                 seen |= set().union(*(all_contents(n.root) for n in nodes))
+                log.append(f"checkpoint: {_where(nodes)}")
             kept = set().union(*(all_contents(n.root) for n in nodes))
             lost = ({_sha(d) for d in written} | seen) - kept
             assert not lost, f"seed {seed}: {len(lost)} contents lost; ops:\n" + "\n".join(log)
