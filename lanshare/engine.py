@@ -188,14 +188,12 @@ class FolderSync:
         self.reason = ""
         self.links: dict[bytes, PeerLink] = {}
         self.downloads: dict[str, Download] = {}
-        self.scheduler = _Scheduler(
+        self.scheduler = Scheduler(
             random.Random(int.from_bytes(self.folder_id[:8], "big")),
             SchedulerConfig(request_timeout=engine.config.transfer.request_timeout),
         )
         self.requests: dict[int, tuple[bytes, BlockRef]] = {}
         self.committing: set[str] = set()
-        self.archived_at: dict[str, float] = {}
-        """Last time handed to an action that may archive each path (``_archive_time``)."""
         """Paths whose finished download is being put in place right now."""
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.problems: dict[str, str] = {}
@@ -526,7 +524,7 @@ class FolderSync:
 
     async def _apply(self, action: planner.Change) -> None:
         store = self.store
-        now = self._archive_time(action.path)
+        now = time.time()
         if isinstance(action, planner.MakeDir):
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
@@ -567,27 +565,11 @@ class FolderSync:
                 self.store.commit,
                 assembly,
                 LocalState.of(action.replaces),
-                self._archive_time(record.path),
+                time.time(),
             )
         finally:
             assembly.close()
         await self._commit(record)
-
-    def _archive_time(self, rel: str) -> float:
-        """The ``now`` for an action that may archive ``rel``.
-
-        ``store.archive`` names a kept version by the second, and a second archive of the
-        same path within that second would replace the first (a version lost). Until it
-        picks unique names itself, give each path a later second than its last archive.
-        """
-        now = time.time()
-        last = self.archived_at.get(rel)
-        if last is not None and int(now) <= int(last):
-            now = float(int(last) + 1)
-        if len(self.archived_at) > 4096:
-            self.archived_at = {p: t for p, t in self.archived_at.items() if t > now - 10}
-        self.archived_at[rel] = now
-        return now
 
     async def _commit(self, *records: FileRecord) -> None:
         """Record that ``records`` are now on disk (each with a new local sequence)."""
@@ -848,7 +830,7 @@ class FolderSync:
                 except StorageError as exc:  # gone or changed meanwhile: rescan, replan
                     raise LocalChangeError(f"{conflict.path}: {exc}") from exc
                 moved, planned = True, LocalState(exists=False)
-            now = self._archive_time(record.path)
+            now = time.time()
             await asyncio.to_thread(self.store.commit, download.assembly, planned, now)
         except LanshareError as exc:
             self.committing.discard(record.path)
@@ -1238,22 +1220,6 @@ class Engine:
             "node": {"id": self.node_id.hex(), "name": self.config.node.name},
             "folders": [sync.status() for sync in self.folders.values()],
         }
-
-
-class _Scheduler(Scheduler):
-    """``Scheduler`` with a guard for ``remove_file`` of a partly done file.
-
-    The scheduler forgets a piece once every ref of it is done but keeps its key in the
-    file's entry, so removing a file with done blocks would look up a forgotten piece. Until
-    the scheduler itself skips those, drop the stale keys first.
-    """
-
-    def remove_file(self, file_id: str) -> list[Cancel]:
-        entry = self._files.get(file_id)
-        if entry is not None:
-            for key in [k for k in entry.pieces if k not in self._pieces]:
-                del entry.pieces[key]
-        return super().remove_file(file_id)
 
 
 def _prioritised(path: str, priority: Collection[str]) -> bool:

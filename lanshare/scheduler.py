@@ -355,7 +355,9 @@ class Scheduler:
             return []
         cancels: list[Cancel] = []
         for key in entry.pieces:
-            piece = self._pieces[key]
+            piece = self._pieces.get(key)
+            if piece is None:
+                continue  # every block of that content is done: the piece is forgotten
             gone = [r for r in piece.waiting if r.file_id == file_id]
             piece.waiting = [r for r in piece.waiting if r.file_id != file_id]
             for ref in [r for r in piece.copying if r.file_id == file_id]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from lanshare import chunker
 from lanshare.errors import IntegrityError, LocalChangeError, StorageError, map_exceptions
 from lanshare.manifest import EntryType
-from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX, normalize
+from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, normalize
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -214,13 +214,14 @@ class FolderStore:
     def archive(self, rel: str, now: float) -> str | None:
         """Move the file at ``rel`` into ``.lanshare/versions/`` under a time-stamped name.
 
+        Two versions archived within the same second get ``-2``, ``-3``, … after the stamp:
+        an archive never replaces another one.
+
         Returns the archived relative path, or None when there was nothing to keep (missing,
         or not a regular file).
         """
         parent, name = _split(rel)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-        stem, dot, ext = name.rpartition(".")
-        archived_name = f"{stem}~{stamp}.{ext}" if dot and stem else f"{name}~{stamp}"
         archived_parent = f"{VERSIONS_DIR}/{parent}" if parent else VERSIONS_DIR
         with map_exceptions({OSError: StorageError}), self._dir(parent) as src_fd:
             try:
@@ -230,7 +231,8 @@ class FolderStore:
             if not stat.S_ISREG(st.st_mode):
                 return None
             with self._dir(archived_parent, create=True) as dst_fd:
-                os.rename(name, archived_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                archived_name = _link_unique(name, stamp, src_fd, dst_fd)
+                os.unlink(name, dir_fd=src_fd)
                 os.fsync(dst_fd)
             os.fsync(src_fd)
         return f"{archived_parent}/{archived_name}"
@@ -398,6 +400,30 @@ def _split(rel: str) -> tuple[str, str]:
     clean = normalize(rel)
     parent, _, name = clean.rpartition("/")
     return parent, name
+
+
+MAX_ARCHIVE_SUFFIX = 1000
+"""Archives of one name within one second before archiving gives up (never overwrites)."""
+
+
+def _link_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
+    """Hard-link ``name`` into the versions directory under the first free stamped name.
+
+    ``link`` fails when the target exists, unlike ``rename``, so a concurrent archive can
+    never be replaced.
+    """
+    stem, dot, ext = name.rpartition(".")
+    base, suffix = (stem, f".{ext}") if dot and stem else (name, "")
+    for n in range(1, MAX_ARCHIVE_SUFFIX + 1):
+        candidate = f"{base}~{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+        if len(candidate.encode()) > MAX_NAME_SIZE:
+            candidate = f"{base[:100]}~{stamp}{'' if n == 1 else f'-{n}'}{suffix[:20]}"
+        try:
+            os.link(name, candidate, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        return candidate
+    raise StorageError(f"too many archived versions of {name} in one second")
 
 
 def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:

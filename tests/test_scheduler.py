@@ -256,6 +256,16 @@ def test_remove_file_cancels_its_requests():
     assert s.next_requests(1.0) == []
 
 
+def test_remove_file_after_some_blocks_are_done():
+    s = scheduler(min_depth=3)
+    s.add_file("f", make_blocks(3), {P1: None})
+    first, *rest = sorted(requests(s.next_requests(0.0)), key=lambda r: r.block.index)
+    assert s.on_block_done(first.block, P1) == []
+    cancels = s.remove_file("f")
+    assert sorted(c.block.index for c in cancels) == [r.block.index for r in rest]
+    assert (s.outstanding, s.tracked, s.remaining("f")) == (0, 0, 0)
+
+
 def test_misuse_and_stale_events():
     s = scheduler()
     blocks = make_blocks(2)

@@ -242,3 +242,18 @@ def test_prune_versions_by_age(tmp_path: Path) -> None:
     remaining = [p.name for p in (tmp_path / VERSIONS_DIR).iterdir()]
     assert len(remaining) == 1
     assert remaining[0].startswith("new~")
+
+
+def test_two_archives_in_one_second_are_both_kept(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    for content in (b"first", b"second", b"third"):
+        (tmp_path / "a.txt").write_bytes(content)
+        assert store.archive("a.txt", NOW) is not None
+    kept = sorted((tmp_path / VERSIONS_DIR).iterdir())
+    assert [p.name for p in kept] == [
+        "a~20231114-221320-2.txt",
+        "a~20231114-221320-3.txt",
+        "a~20231114-221320.txt",
+    ]
+    assert sorted(p.read_bytes() for p in kept) == [b"first", b"second", b"third"]
+    assert not (tmp_path / "a.txt").exists()
