@@ -138,6 +138,22 @@ class FolderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncConfig:
+    max_delete_ratio: float = 0.5
+    """A change set deleting more than this share of a folder's entries pauses the folder …"""
+    max_delete_min: int = 100
+    """… when it also deletes at least this many entries (an unmounted disk, a stray rm -r)."""
+    versions_keep_days: float = 30.0
+    """Days replaced and deleted files stay in the folder's .lanshare/versions/."""
+    debounce_interval: float = 0.1
+    """Seconds a changed path must stay quiet before it is rescanned and announced."""
+    max_debounce_delay: float = 1.0
+    """Seconds after which a path that keeps changing is rescanned anyway."""
+    rescan_interval: float = 3600.0
+    """Seconds between full rescans that catch what the file watcher missed."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     """One of debug, info, warning, error."""
@@ -148,6 +164,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     folders: tuple[FolderConfig, ...] = ()
     source: Path | None = None
@@ -158,6 +175,7 @@ SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig,
     "network": NetworkConfig,
     "transfer": TransferConfig,
+    "sync": SyncConfig,
     "logging": LoggingConfig,
 }
 """The single tables of the file, by name. ``[[folder]]`` (an array of tables) comes on top."""
@@ -401,7 +419,7 @@ def _build(
         if name not in SECTIONS:
             raise ConfigError(
                 f"{where}:{name}: unknown table{_suggest(name, [*SECTIONS, 'folder'])}; "
-                f"the tables are [node], [network], [transfer], [logging] and [[folder]]"
+                f"the tables are [node], [network], [transfer], [sync], [logging] and [[folder]]"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{where}:{name}: expected a [{name}] table, got {_show(value)}")
@@ -432,6 +450,7 @@ def _build(
         node=sections["node"],
         network=sections["network"],
         transfer=sections["transfer"],
+        sync=sections["sync"],
         logging=sections["logging"],
         folders=folders,
         source=source,
@@ -562,6 +581,12 @@ def _positive_seconds(value: float) -> float:
     return value
 
 
+def _positive_days(value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"expected a number of days greater than 0, got {value:g}")
+    return value
+
+
 def _node_name(value: str) -> str:
     size = len(value.encode("utf-8", "surrogatepass"))
     if not value.strip() or size > MAX_NAME_SIZE:
@@ -603,6 +628,12 @@ def _static_peers(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _ratio(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"expected a share between 0 and 1 (0.5 = half); got {value:g}")
+    return value
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     def check(value: str) -> str:
         if value.lower() not in choices:
@@ -630,6 +661,12 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("transfer", "max_in_flight_size"): _int_range(1, None, " bytes"),
     ("transfer", "socket_buffer_size"): _int_range(1, None, " bytes"),
     ("transfer", "io_workers"): _int_range(1, 256),
+    ("sync", "max_delete_ratio"): _ratio,
+    ("sync", "max_delete_min"): _int_range(0, None, " entries"),
+    ("sync", "versions_keep_days"): _positive_days,
+    ("sync", "debounce_interval"): _positive_seconds,
+    ("sync", "max_debounce_delay"): _positive_seconds,
+    ("sync", "rescan_interval"): _positive_seconds,
     ("logging", "level"): _one_of(LOG_LEVELS),
 }
 

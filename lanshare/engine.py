@@ -115,8 +115,6 @@ HAVE_FLUSH_INTERVAL = 0.05
 MAX_HAVE_PER_NOTIFY = 32
 RATE_WINDOW = 1.0
 """Seconds over which a peer's delivery rate is measured."""
-VERSIONS_KEEP_SECONDS = 30 * 86400.0
-"""How long replaced and deleted files stay in ``.lanshare/versions/``."""
 MAX_IN_PROGRESS_ANNOUNCED = 64
 """Downloads announced to peers for re-sharing (the newest ones)."""
 
@@ -199,6 +197,8 @@ class FolderSync:
         self.problems: dict[str, str] = {}
         self.priority: set[str] = set()
         self.allow_mass_delete = False
+        self.local_pause = ""
+        """Why the last scan withheld local deletions (the folder stays paused)."""
         self.need_files = 0
         self.need_bytes = 0
         self.conflicts = 0
@@ -211,8 +211,12 @@ class FolderSync:
 
     # -- local side -----------------------------------------------------------------------
 
-    async def scan(self) -> None:
-        """Rescan the folder; tell peers and replan when anything changed."""
+    async def scan(self, *, allow_mass_delete: bool = False) -> None:
+        """Rescan the folder; tell peers and replan when anything changed.
+
+        Local deletions that trip the mass-deletion guard are withheld and pause the
+        folder, unless ``allow_mass_delete`` (the user confirmed with ``resume``).
+        """
         try:
             if not self.root.is_dir():
                 raise StorageError(
@@ -226,12 +230,18 @@ class FolderSync:
                 ignore=self.config.ignore,
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
+                max_delete_ratio=self.engine.config.sync.max_delete_ratio,
+                max_delete_min=self.engine.config.sync.max_delete_min,
+                allow_mass_delete=allow_mass_delete,
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
             return
-        if self.state in ("scanning", "error"):
+        self.local_pause = summary.paused_reason
+        if self.local_pause:
+            self.state, self.reason = "paused", self.local_pause
+        elif self.state in ("scanning", "error", "paused"):
             self.state, self.reason = "syncing", ""
         self.rules = await asyncio.to_thread(IgnoreRules.for_folder, self.root, self.config.ignore)
         self.scanned.set()
@@ -244,6 +254,13 @@ class FolderSync:
                 summary.deleted,
             )
             self.announce_sequence()
+        self.dirty.set()
+
+    async def resume(self) -> None:
+        """The user confirmed a paused mass deletion: record and apply it."""
+        if self.local_pause:
+            await self.scan(allow_mass_delete=True)
+        self.allow_mass_delete = True
         self.dirty.set()
 
     def announce_sequence(self) -> None:
@@ -422,13 +439,15 @@ class FolderSync:
             remotes,
             local_short_id=self.engine.short_id,
             priority=self.priority,
+            max_delete_ratio=self.engine.config.sync.max_delete_ratio,
+            max_delete_min=self.engine.config.sync.max_delete_min,
             allow_mass_delete=self.allow_mass_delete,
             ignored=self.rules.matches,
         )
         for problem in result.problems:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
-        if result.paused:
-            self.state, self.reason = "paused", result.reason
+        if result.paused or self.local_pause:
+            self.state, self.reason = "paused", result.reason or self.local_pause
         wanted: set[str] = set()
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
@@ -460,7 +479,7 @@ class FolderSync:
         self.need_files = len(self.downloads)
         self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
         self.conflicts = sum(1 for a in result.actions if isinstance(a, planner.Conflict))
-        if not result.paused:
+        if not result.paused and not self.local_pause:
             if self.downloads:
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
@@ -1133,7 +1152,9 @@ class Engine:
                 for sync in self.folders.values():
                     self.spawn(
                         asyncio.to_thread(
-                            sync.store.prune_versions, time.time(), VERSIONS_KEEP_SECONDS
+                            sync.store.prune_versions,
+                            time.time(),
+                            self.config.sync.versions_keep_days * 86400.0,
                         )
                     )
 

@@ -57,6 +57,11 @@ from lanshare.manifest import (
     FileRecord,
     VersionVector,
 )
+from lanshare.planner import (
+    DEFAULT_MAX_DELETE_MIN,
+    DEFAULT_MAX_DELETE_RATIO,
+    delete_guard_reason,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -115,6 +120,10 @@ class ScanSummary:
     """The first MAX_LOGGED_PROBLEMS problems, one line each."""
     collisions: tuple[tuple[str, str], ...] = ()
     """Pairs of paths that differ only in case (see ``paths.casefold_collisions``)."""
+    withheld: int = 0
+    """Deletions not recorded because they tripped the mass-deletion guard."""
+    paused_reason: str = ""
+    """Why deletions were withheld (empty when none were)."""
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -182,10 +191,16 @@ async def scan_path(
     io_workers: int = 4,
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
+    max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO,
+    max_delete_min: int = DEFAULT_MAX_DELETE_MIN,
+    allow_mass_delete: bool = False,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
     See :func:`scan_folder` for the arguments; ``ignore`` are the config's extra patterns.
+    Vanished entries that would trip the mass-deletion guard (``planner.delete_guard_reason``
+    with ``max_delete_ratio`` and ``max_delete_min``) are not turned into tombstones unless
+    ``allow_mass_delete``: the summary's ``paused_reason`` says why, and the records stay.
     """
     started = time.monotonic()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
@@ -210,6 +225,14 @@ async def scan_path(
     for rel, old in cache.items():
         if not old.deleted and rel not in present and not walk.is_protected(rel):
             run.gone.append(rel)
+    live = sum(1 for old in cache.values() if not old.deleted)
+    guard = delete_guard_reason(
+        len(run.gone), live, max_delete_ratio=max_delete_ratio, max_delete_min=max_delete_min
+    )
+    if guard is not None and not allow_mass_delete:
+        logger.warning("%s: %s; not recording the deletions until confirmed", root, guard)
+        run.withheld, run.paused_reason = len(run.gone), guard
+        run.gone = []
 
     groups = _groups(to_hash)
     pending_groups = iter(groups)
@@ -321,6 +344,8 @@ class _Run:
         self.gone: list[str] = []
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
+        self.withheld = 0
+        self.paused_reason = ""
         self.skipped = walk.skipped
         self.problems = list(walk.problems)
         self.collisions = walk.collisions
@@ -407,6 +432,8 @@ class _Run:
             skipped=self.skipped,
             problems=tuple(self.problems[:MAX_LOGGED_PROBLEMS]),
             collisions=tuple(self.collisions),
+            withheld=self.withheld,
+            paused_reason=self.paused_reason,
         )
 
 

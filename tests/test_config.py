@@ -741,3 +741,20 @@ def test_interface_names_are_accepted(write: Writer) -> None:
 def test_dates_are_named_in_type_errors(write: Writer) -> None:
     path = write("[network]\nport = 1979-05-27\n")
     assert _error(path).endswith("expected an integer, got a date")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("max_delete_ratio", 1.5, "between 0 and 1"),
+        ("max_delete_ratio", 0, "between 0 and 1"),
+        ("max_delete_min", -1, "at least 0"),
+        ("versions_keep_days", 0, "days greater than 0"),
+        ("debounce_interval", -0.1, "seconds greater than 0"),
+    ],
+)
+def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expected: str) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text(f"[sync]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=rf"config.toml:sync.{key}: .*{expected}"):
+        config.load(file)

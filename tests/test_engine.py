@@ -270,7 +270,7 @@ def test_multi_source_spreads_the_load_over_four_seeders(tmp_path: Path) -> None
     asyncio.run(main())
 
 
-def test_mass_delete_from_a_peer_pauses_until_resumed(tmp_path: Path) -> None:
+def test_mass_delete_pauses_locally_and_at_peers_until_resumed(tmp_path: Path) -> None:
     async def main() -> None:
         async with Cluster(tmp_path, seed=8) as cluster:
             a, b = cluster.add(), cluster.add()
@@ -278,17 +278,25 @@ def test_mass_delete_from_a_peer_pauses_until_resumed(tmp_path: Path) -> None:
                 a.write(f"d{i % 5}/f{i}.txt", f"file {i}".encode())
             await cluster.start()
             await converge([a, b], 60)
+            sequence = a.folder.info_sequence()
             for i in range(150):
                 a.path(f"d{i % 5}/f{i}.txt").unlink()
             await a.scan()
+            # Locally first: the deletions are not recorded, so nothing propagates.
+            assert a.folder.state == "paused"
+            assert "150 of 205 entries" in a.folder.reason
+            assert a.folder.info_sequence() == sequence
+            await a.scan()
+            assert a.folder.state == "paused"
+            await a.folder.resume()  # what `lanshare resume` does on A
+            assert a.folder.info_sequence() == sequence + 150
             await wait_for(lambda: b.folder.state == "paused", 20, "B to pause")
             assert "150 of 205 entries" in b.folder.reason  # 200 files, 5 directories
             assert b.folder.status()["state"] == "paused"
             await asyncio.sleep(0.5)  # another plan or two: still nothing deleted
             assert b.folder.state == "paused"
             assert len(list(b.root.glob("d*/f*.txt"))) == 200
-            b.folder.allow_mass_delete = True  # what `lanshare resume` does
-            b.folder.dirty.set()
+            await b.folder.resume()  # what `lanshare resume` does on B
             await converge([a, b], 30)
             assert len(list(b.root.glob("d*/f*.txt"))) == 50
             assert b.folder.state == "in_sync"

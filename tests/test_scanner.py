@@ -513,3 +513,24 @@ def test_unreadable_file_and_directory_are_skipped_and_never_tombstoned(tmp_path
     assert not recs["locked/inner.txt"].deleted
     assert recs["open.txt"].size == len("readable, changed")
     assert recs["locked"].mode == 0
+
+
+def test_local_mass_deletion_is_withheld_until_allowed(db: Index, root: Path) -> None:
+    for i in range(10):
+        (root / f"f{i}.txt").write_text(str(i))
+    scan(db, root)
+    for i in range(6):
+        (root / f"f{i}.txt").unlink()
+    held = scan(db, root, max_delete_ratio=0.5, max_delete_min=5)
+    assert (held.deleted, held.withheld) == (0, 6)
+    assert "6 of 10 entries" in held.paused_reason
+    assert not any(r.deleted for r in records(db, root).values())
+    below = scan(db, root, max_delete_ratio=0.5, max_delete_min=7)
+    assert (below.deleted, below.withheld, below.paused_reason) == (6, 0, "")
+    for i in range(6):
+        (root / f"f{i}.txt").write_text("back")
+    scan(db, root)
+    for i in range(6):
+        (root / f"f{i}.txt").unlink()
+    allowed = scan(db, root, max_delete_ratio=0.5, max_delete_min=5, allow_mass_delete=True)
+    assert (allowed.deleted, allowed.withheld) == (6, 0)
