@@ -539,6 +539,9 @@ def wait_same_tree(
         if time.monotonic() >= deadline:
             detail = tree_diff(want, snapshot(target))
             logs = "\n".join(n.log_tail(30) for n in nodes)
+            for node in nodes:
+                with contextlib.suppress(Exception):
+                    logs += f"\n{node.name} status: {node.status()}"
             raise AssertionError(
                 f"{target} differs from {source} after {timeout} s:\n{detail}\n{logs}"
             )
