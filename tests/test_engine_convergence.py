@@ -136,7 +136,10 @@ def _where(nodes: list[SimNode]) -> str:
     return " ".join(f"{p}={e.digest[:8]}" for p, e in sorted(snap.items()) if e.kind == "file")
 
 
-@pytest.mark.parametrize(("seed", "peers"), [(11, 3), (12, 4), (13, 5), (14, 3), (15, 4)])
+@pytest.mark.parametrize(
+    ("seed", "peers"),
+    [(11, 3), (12, 4), (13, 5), (14, 3), (15, 4), (16, 8), (17, 10), (19, 6)],
+)
 def test_random_operations_converge_and_lose_nothing(tmp_path: Path, seed: int, peers: int) -> None:
     async def main() -> None:
         rng = random.Random(seed)
