@@ -373,6 +373,32 @@ def peers(
         typer.echo(f"{peer['name'] or peer['id']:<24} {peer['state']:<10} {addresses}")
 
 
+@app.command()
+def resume(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="The paused folder (or a path inside it); default: every folder."),
+    ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Confirm the mass deletion that paused a folder, and let it sync again.
+
+    A folder pauses when a change would delete more than [sync] max_delete_ratio of its
+    entries; `lanshare status` says why. Restoring the files also ends the pause.
+    """
+    from lanshare.control import ControlClient
+
+    settings = _settings(ctx, config, debug)
+    cfg = _load(settings)
+    params = {"path": str(_inside(cfg, path))} if path is not None else {}
+    with ControlClient(cfg.node.control_socket) as client:
+        result = client.call("resume", params)
+    for folder in result["resumed"]:
+        typer.echo(f"resumed {folder}")
+
+
 class _PullProgress:
     """A rich progress bar per file and overall, fed by the daemon's progress lines."""
 

@@ -423,8 +423,7 @@ class Daemon:
             [engine.folder_for(Path(path))[0]] if isinstance(path, str) else engine.folders.values()
         )
         for sync in targets:
-            sync.allow_mass_delete = True
-            sync.dirty.set()
+            await sync.resume()
         return {"resumed": [str(s.root) for s in targets]}
 
 

@@ -28,7 +28,10 @@ class Notifier:
         self._address = _socket_address(address) if address else None
         self._socket: socket.socket | None = None
         if self._address is not None:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a service manager that stops reading must not stall the event loop.
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier:

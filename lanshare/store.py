@@ -292,9 +292,21 @@ class FolderStore:
             os.fsync(dir_fd)
 
     def set_metadata(self, rel: str, mode: int, mtime_ns: int, planned: LocalState) -> None:
-        """Change only mode and mtime of a file whose content is already right."""
+        """Change only the metadata of an entry whose content is already right.
+
+        A file gets mode and mtime; a directory its mode (its mtime moves with every entry
+        inside, so it is not synced); a symlink nothing (Linux has no link modes, and its
+        mtime is not synced either).
+        """
         parent, name = _split(rel)
         with map_exceptions({OSError: StorageError}), self._dir(parent) as dir_fd:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return
+            if stat.S_ISDIR(st.st_mode):
+                with self._dir(rel) as fd:
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                return
             self._check_unchanged(dir_fd, name, rel, planned)
             with self._open_file(rel, os.O_RDONLY) as fd:
                 os.fchmod(fd, stat.S_IMODE(mode))

@@ -17,7 +17,7 @@ from lanshare.cli import main
 if TYPE_CHECKING:
     from pathlib import Path
 
-COMMANDS = ["init", "key", "scan", "daemon", "ls", "pull", "status", "peers"]
+COMMANDS = ["init", "key", "scan", "daemon", "ls", "pull", "status", "peers", "resume"]
 
 
 @pytest.fixture

@@ -257,3 +257,14 @@ def test_two_archives_in_one_second_are_both_kept(tmp_path: Path) -> None:
     ]
     assert sorted(p.read_bytes() for p in kept) == [b"first", b"second", b"third"]
     assert not (tmp_path / "a.txt").exists()
+
+
+def test_metadata_of_directories_and_symlinks(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    store.make_dir("d", 0o755)
+    store.make_symlink("link", "d")
+    store.set_metadata("d", 0o700, 1, LocalState(True))
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+    store.set_metadata("link", 0o600, 1, LocalState(True))
+    assert os.readlink(tmp_path / "link") == "d"
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
