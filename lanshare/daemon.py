@@ -337,7 +337,14 @@ class Daemon:
         sync = await engine.add_folder(folder)
         if not self._watch:
             return
-        watcher = FolderWatcher(sync.root, ignore=sync.rules.matches)
+        timing = self.config.sync
+        watcher = FolderWatcher(
+            sync.root,
+            ignore=sync.rules.matches,
+            debounce_interval=timing.debounce_interval,
+            max_delay=timing.max_debounce_delay,
+            rescan_interval=timing.rescan_interval,
+        )
         try:
             await watcher.start()
         except LanshareError as exc:
