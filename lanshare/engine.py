@@ -202,6 +202,8 @@ class FolderSync:
         self.need_files = 0
         self.need_bytes = 0
         self.conflicts = 0
+        self.busy = asyncio.Lock()
+        """Held by a scan, a planning pass or a download's placement: they never overlap."""
         self.scanned = asyncio.Event()
         self.dirty = asyncio.Event()
         self.synced = asyncio.Event()
@@ -217,6 +219,12 @@ class FolderSync:
         Local deletions that trip the mass-deletion guard are withheld and pause the
         folder, unless ``allow_mass_delete`` (the user confirmed with ``resume``).
         """
+        # A scan walks the disk, then reads the index: an action landing in between (on
+        # disk and in the index) would look deleted, so scans and actions never overlap.
+        async with self.busy:
+            await self._scan(allow_mass_delete)
+
+    async def _scan(self, allow_mass_delete: bool) -> None:
         try:
             if not self.root.is_dir():
                 raise StorageError(
@@ -416,7 +424,8 @@ class FolderSync:
             await asyncio.sleep(PLAN_DEBOUNCE)
             self.dirty.clear()
             try:
-                await self.plan_and_apply()
+                async with self.busy:
+                    await self.plan_and_apply()
             except LanshareError as exc:
                 self.state, self.reason = "error", str(exc)
                 logger.warning("folder %s: %s", self.root, exc)
@@ -832,6 +841,10 @@ class FolderSync:
             self.engine.spawn(self._finish(download))
 
     async def _finish(self, download: Download) -> None:
+        async with self.busy:
+            await self._finish_download(download)
+
+    async def _finish_download(self, download: Download) -> None:
         assert download.assembly is not None
         record = download.record
         conflict = download.conflict
