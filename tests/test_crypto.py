@@ -76,6 +76,7 @@ def test_handshakes_are_fresh_per_session() -> None:
 
 def test_interoperates_with_the_reference_noise_implementation() -> None:
     from noise import connection as noise
+
     e_i, e_r = _keys(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns that fixed ephemerals are for testing only
