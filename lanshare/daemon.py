@@ -282,16 +282,15 @@ class Daemon:
             _log_peer_event(event)
             engine = self._engine()
             ids = {str(s.root): fid for fid, s in engine.folders.items()}
-            if isinstance(event, PeerUp | PeerDown) or hasattr(event, "peer"):
-                peer = event.peer
-                if peer.node_id is not None:
-                    engine.peer_names[bytes(peer.node_id)] = peer.name
-                folders = [ids[label] for label in peer.folders if label in ids]
-                for addr in peer.addresses:
-                    if isinstance(event, PeerDown):
-                        engine.remove_address(addr)
-                    else:
-                        engine.add_address(addr, folders or None)
+            peer = event.peer  # PeerUp, PeerChanged and PeerDown all carry it
+            if peer.node_id is not None:
+                engine.peer_names[bytes(peer.node_id)] = peer.name
+            folders = [ids[label] for label in peer.folders if label in ids]
+            for addr in peer.addresses:
+                if isinstance(event, PeerDown):
+                    engine.remove_address(addr)
+                else:
+                    engine.add_address(addr, folders or None)
 
     async def _reloader(self) -> None:
         while True:
