@@ -371,7 +371,10 @@ def test_same_name_on_two_hosts_is_renamed_not_crashed(
     watcher = _start(lab, 2, key, tmp_path, "--browse-only")
     try:
         ids = [_ready(p) for p in procs]
-        names = {watcher.expect_json(_event("up", i), timeout=FIND)["peer"]["name"] for i in ids}
+        # A name conflict costs extra probe rounds before the loser re-announces.
+        names = {
+            watcher.expect_json(_event("up", i), timeout=3 * FIND)["peer"]["name"] for i in ids
+        }
         assert len(names) == 2
         assert "twin" in names
     except TimeoutError as exc:
