@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
     from lanshare.config import Config, FolderConfig
     from lanshare.control import Handler, Progress
-    from lanshare.engine import FolderSync
     from lanshare.events import Event
     from lanshare.peertable import PeerEvent
     from lanshare.transport import Transport
@@ -269,12 +268,8 @@ class Daemon:
         """Every protocol event: the engine's; a live session also outranks mDNS silence."""
         engine = self._engine()
         engine.handle_event(event)
-        if isinstance(event, SessionEstablished):
-            if self.discovery is not None:
-                self.discovery.mark_reachable(event.peer)  # type: ignore[arg-type]
-            sync = engine.folders.get(bytes(event.folder))
-            if sync is not None:
-                _offer_downloads(sync, bytes(event.peer))
+        if isinstance(event, SessionEstablished) and self.discovery is not None:
+            self.discovery.mark_reachable(event.peer)  # type: ignore[arg-type]
 
     async def _discovery_events(self, discovery: Discovery) -> None:
         while True:
@@ -486,24 +481,6 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
         entry["last_seen"] = now
         entry["state"] = "connected"
     return sorted(entries.values(), key=lambda e: (str(e.get("name") or ""), str(e["id"])))
-
-
-def _offer_downloads(sync: FolderSync, peer: bytes) -> None:
-    """Tell the scheduler that a peer whose session just came up holds the downloads the
-    plan listed it as a source of.
-
-    A download planned while that peer had no session (a restart reads the peers' records
-    from the index, and the first plan can run before discovery finds them) was scheduled
-    with nobody to ask; a manifest answer with nothing new does not replan it, so without
-    this it would wait forever ("no connected peer has N of the blocks needed").
-    """
-    offered = False
-    for download in list(sync.downloads.values()):
-        if peer in download.sources:
-            sync.scheduler.peer_has(peer, {block.hash for block in download.record.blocks})
-            offered = True
-    if offered:
-        sync.pump()
 
 
 def _add_unique(items: list[str], item: str) -> None:

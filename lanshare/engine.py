@@ -157,6 +157,9 @@ class Download:
     bytes_done: int = 0
     index_at: dict[int, int] = field(default_factory=dict)
     """Block index by offset."""
+    offered: dict[bytes, bool] = field(default_factory=dict)
+    """Peers the scheduler was told hold this file: True for all of it, False for the
+    blocks they had verified while downloading it themselves."""
 
     def __post_init__(self) -> None:
         self.index_at = {block.offset: i for i, block in enumerate(self.record.blocks)}
@@ -298,6 +301,8 @@ class FolderSync:
                 del self.requests[rid]
         self.outgoing = {k: v for k, v in self.outgoing.items() if k[0] != peer}
         self._apply_steps(self.scheduler.peer_gone(peer))
+        for download in self.downloads.values():
+            download.offered.pop(peer, None)
         if link.in_progress:
             self.dirty.set()
         self.pump()
@@ -627,6 +632,7 @@ class FolderSync:
                 existing.record.version == action.record.version
             ):
                 existing.conflict = conflict
+                self._offer(existing, remotes)
                 return
             # Same content under a newer version: keep the verified blocks (same temp file).
             same = existing.record.file_hash == action.record.file_hash
@@ -665,18 +671,43 @@ class FolderSync:
         self._downloads_changed()
         needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
         local_sources = await asyncio.to_thread(self._local_sources, needed)
-        availability: dict[bytes, Collection[bytes] | None] = {}
-        for peer in self.links:
-            theirs = remotes.get(peer, {}).get(record.path)
-            if theirs is not None and _same_content(theirs, record):
-                link = self.links[peer]
-                in_progress = link.in_progress.get(record.path)
-                availability[peer] = link.have if in_progress is theirs else None
-            elif self.links[peer].have:
-                availability[peer] = self.links[peer].have
+        availability = self._availability(record, remotes)
+        download.offered = {peer: hashes is None for peer, hashes in availability.items()}
         self._schedule_file(download, needed, availability, local_sources)
         if download.complete:
             self._finish_soon(download)
+
+    def _availability(
+        self, record: FileRecord, remotes: dict[bytes, dict[str, FileRecord]]
+    ) -> dict[bytes, Collection[bytes] | None]:
+        """What each connected peer can serve of ``record``: None for all of it (it has
+        this version), else the blocks it announced (while downloading, of any file)."""
+        availability: dict[bytes, Collection[bytes] | None] = {}
+        for peer, link in self.links.items():
+            theirs = remotes.get(peer, {}).get(record.path)
+            if theirs is not None and _same_content(theirs, record):
+                in_progress = link.in_progress.get(record.path)
+                availability[peer] = link.have if in_progress is theirs else None
+            elif link.have:
+                availability[peer] = link.have
+        return availability
+
+    def _offer(self, download: Download, remotes: dict[bytes, dict[str, FileRecord]]) -> None:
+        """Tell the scheduler about peers that gained this download's file since it was
+        planned: a session that came up later (after a restart the first plan runs on the
+        peers' records in the index, before discovery finds them), or a peer that finished
+        its own copy."""
+        offered = False
+        for peer, hashes in self._availability(download.record, remotes).items():
+            full = hashes is None
+            if download.offered.get(peer) in (True, full):
+                continue
+            download.offered[peer] = full
+            blocks = download.record.blocks
+            self.scheduler.peer_has(peer, {b.hash for b in blocks} if full else hashes or ())
+            offered = True
+        if offered:
+            self.pump()
 
     def _schedule_file(
         self,

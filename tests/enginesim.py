@@ -83,6 +83,10 @@ class SimNetwork:
         """No datagram goes between ``a`` and ``b`` any more (either way)."""
         self.cut.add(frozenset((a, b)))
 
+    def reconnect(self, a: Addr, b: Addr) -> None:
+        """Undo ``disconnect``."""
+        self.cut.discard(frozenset((a, b)))
+
     def send(self, src: Addr, dst: Addr, data: bytes) -> None:
         self.datagrams["sent"] += 1
         if frozenset((src, dst)) in self.cut or dst not in self.ports:

@@ -161,6 +161,42 @@ def test_crash_mid_file_resumes_without_refetching_verified_blocks(tmp_path: Pat
     asyncio.run(main())
 
 
+def test_a_peer_whose_session_comes_up_after_the_plan_serves_the_download(
+    tmp_path: Path,
+) -> None:
+    """After a restart B plans from the peers' records in its index before any session is
+    up, so its download starts with nobody to ask; A's session coming up later (with nothing
+    new in its manifest) must put A to work on it."""
+    size = 8 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=5) as cluster:
+            a, b = cluster.add(), cluster.add()
+            net = cluster.network
+            net.set_link(a.addr, b.addr, LinkSpec(rate=3 * MiB))
+            data = random_bytes(5, size)
+            a.write("big.bin", data)
+            await cluster.start()
+            await wait_for(lambda: _progress(b, "big.bin") >= size // 4, 60, "B at 25 %")
+            await b.crash()
+            net.disconnect(a.addr, b.addr)
+            await b.start()
+            loop = asyncio.get_running_loop()
+            await wait_for(
+                lambda: bool(b.folder.scheduler.stalled(loop.time())),
+                30,
+                "B's resumed download to wait for a source",
+            )
+            assert not b.folder.links
+            net.reconnect(a.addr, b.addr)
+            b.connect(a)
+            await converge([a, b], 60)
+            assert b.read("big.bin") == data
+            assert not temp_files(b.root)
+
+    asyncio.run(main())
+
+
 def _twins(cluster: Cluster, rel: str, data: bytes) -> None:
     """The same file (content, mtime) on every node, as if copied there beforehand."""
     for node in cluster.nodes:
