@@ -512,11 +512,7 @@ class FolderSync:
         for partial in partials:
             if partial.path in self.downloads or partial.path in self.committing:
                 continue
-            record = await asyncio.to_thread(index.get, self.info.id, partial.path)
-            if record is None:
-                continue  # nothing to derive the temporary file's place from; harmless
-            stale = dataclasses.replace(record, file_hash=partial.file_hash)
-            await asyncio.to_thread(self.store.discard, stale)
+            await asyncio.to_thread(self.store.discard_temp, partial.temp_name)
             await asyncio.to_thread(index.partial_drop, self.info.id, partial.path)
 
     def _load_records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
@@ -642,17 +638,16 @@ class FolderSync:
         download.conflict = conflict
         try:
             old = await asyncio.to_thread(self.engine.index.partial_get, self.info.id, record.path)
-            if old is not None and old.file_hash != record.file_hash:
+            if old is not None and old.temp_name != self.store.temp_path(record):
                 # A download of another version of this path was left behind (a crash, a
                 # local edit): its temporary file goes, or it would stay forever.
-                stale = dataclasses.replace(record, file_hash=old.file_hash)
-                await asyncio.to_thread(self.store.discard, stale)
+                await asyncio.to_thread(self.store.discard_temp, old.temp_name)
             download.assembly = await asyncio.to_thread(self.store.begin, record)
             partial = await asyncio.to_thread(
                 self.engine.index.partial_begin,
                 self.info.id,
                 record.path,
-                self.store.temp_name(record),
+                self.store.temp_path(record),
                 record.file_hash,
             )
             if partial.verified:
@@ -796,7 +791,7 @@ class FolderSync:
         else:
             other = self.downloads.get(source.file_id)
             if other is not None and other.assembly is not None:
-                rel = _temp_rel(other)
+                rel = FolderStore.temp_path(other.record)
                 data = await asyncio.to_thread(self.store.read_block, rel, block, algo)
         if data is None:
             self._apply_steps(self.scheduler.on_block_failed(target, None, BlockFail.LOCAL, 0.0))
@@ -1040,7 +1035,10 @@ class FolderSync:
                     block = download.record.blocks[i]
                     if block.hash == event.hash and block.size == event.size:
                         data = await asyncio.to_thread(
-                            self.store.read_block, _temp_rel(download), block, algo
+                            self.store.read_block,
+                            FolderStore.temp_path(download.record),
+                            block,
+                            algo,
                         )
                         if data is not None:
                             return data
@@ -1305,12 +1303,6 @@ def _release(download: Download) -> None:
     (closing under a running ``pwrite`` could let the number be reused by another file)."""
     if download.assembly is not None and download.writing == 0 and not download.finishing:
         download.assembly.close()
-
-
-def _temp_rel(download: Download) -> str:
-    parent = download.path.rpartition("/")[0]
-    name = FolderStore.temp_name(download.record)
-    return f"{parent}/{name}" if parent else name
 
 
 def _in_progress_entry(download: Download) -> bytes:

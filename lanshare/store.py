@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from lanshare import chunker
 from lanshare.errors import IntegrityError, LocalChangeError, StorageError, map_exceptions
 from lanshare.manifest import EntryType
-from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, normalize
+from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, is_temporary, normalize
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -110,8 +111,19 @@ class FolderStore:
 
     @staticmethod
     def temp_name(record: FileRecord) -> str:
-        """The temporary file name for a download of ``record`` (stable, so a restart resumes)."""
-        return f"{TEMP_PREFIX}{record.file_hash[:12].hex()}"
+        """The temporary file name for a download of ``record``: stable, so a restart
+        resumes, and distinct for each path, as files with the same content (empty ones,
+        copies) download side by side in one directory."""
+        digest = hashlib.blake2b(record.file_hash, digest_size=12, person=b"lanshare-tmp")
+        digest.update(record.path.encode())
+        return f"{TEMP_PREFIX}{digest.hexdigest()}"
+
+    @classmethod
+    def temp_path(cls, record: FileRecord) -> str:
+        """Where :meth:`temp_name` lies, relative to the folder root."""
+        parent, _ = _split(record.path)
+        name = cls.temp_name(record)
+        return f"{parent}/{name}" if parent else name
 
     def begin(self, record: FileRecord) -> Assembly:
         """Open (or reopen, to resume) the temporary file for ``record``, sized to fit."""
@@ -205,9 +217,16 @@ class FolderStore:
 
     def discard(self, record: FileRecord) -> None:
         """Remove the temporary file of a download that will not finish."""
-        parent, _ = _split(record.path)
+        self.discard_temp(self.temp_path(record))
+
+    def discard_temp(self, rel: str) -> None:
+        """Remove the temporary file at ``rel`` (as the index recorded it); anything not
+        named as a temporary file is left alone."""
+        parent, name = _split(rel)
+        if not is_temporary(name):
+            return
         with contextlib.suppress(OSError, StorageError), self._dir(parent) as dir_fd:
-            os.unlink(self.temp_name(record), dir_fd=dir_fd)
+            os.unlink(name, dir_fd=dir_fd)
 
     # -- other actions -------------------------------------------------------------------
 

@@ -197,6 +197,31 @@ def test_a_peer_whose_session_comes_up_after_the_plan_serves_the_download(
     asyncio.run(main())
 
 
+def test_same_content_at_many_paths_downloads_side_by_side(tmp_path: Path) -> None:
+    """Empty files and copies of one content, several in each directory, all new at once:
+    every one is placed, and neither a temporary file nor a problem is left behind."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=6) as cluster:
+            a, b = cluster.add(), cluster.add()
+            copy = random_bytes(6, 300_000)
+            for d in ("x", "x/y", "z"):
+                for i in range(8):
+                    a.write(f"{d}/empty{i}", b"")
+                    a.write(f"{d}/copy{i}.bin", copy)
+            a.write("empty-at-root", b"")
+            await cluster.start()
+            await converge([a, b], 30)
+            assert b.read("x/y/copy7.bin") == copy
+            assert not temp_files(b.root)
+            assert not b.folder.problems
+            index = b.index
+            assert index is not None
+            assert not index.partials(b.folder.info.id)
+
+    asyncio.run(main())
+
+
 def _twins(cluster: Cluster, rel: str, data: bytes) -> None:
     """The same file (content, mtime) on every node, as if copied there beforehand."""
     for node in cluster.nodes:

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.enginesim import Cluster, Entry, LinkSpec, SimNode, all_contents, converge, snapshot
+from tests.enginesim import (
+    Cluster,
+    Entry,
+    LinkSpec,
+    SimNode,
+    all_contents,
+    converge,
+    snapshot,
+    temp_files,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -170,5 +179,8 @@ def test_random_operations_converge_and_lose_nothing(tmp_path: Path, seed: int, 
             kept = set().union(*(all_contents(n.root) for n in nodes))
             lost = ({_sha(d) for d in written} | seen) - kept
             assert not lost, f"seed {seed}: {len(lost)} contents lost; ops:\n" + "\n".join(log)
+            # Every download was placed or dropped: no temporary file stays behind.
+            leftovers = {n.name: temp_files(n.root) for n in nodes if temp_files(n.root)}
+            assert not leftovers, f"seed {seed}: temporary files left: {leftovers}"
 
     asyncio.run(main())

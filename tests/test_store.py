@@ -231,6 +231,32 @@ def test_discard_removes_the_temporary_file(tmp_path: Path) -> None:
     assert visible_names(tmp_path) == set()
 
 
+def test_same_content_at_two_paths_assembles_in_two_temporary_files(tmp_path: Path) -> None:
+    data = payload(5000)
+    first, second = record_for("d/a.bin", data), record_for("d/b.bin", data)
+    store = FolderStore(tmp_path)
+    assert store.temp_path(first) != store.temp_path(second)
+    assert store.temp_path(first) == store.temp_path(record_for("d/a.bin", data))  # resumes
+    assert store.temp_path(first).startswith("d/" + TEMP_PREFIX)
+    one, two = store.begin(first), store.begin(second)
+    for i, block in enumerate(first.blocks):
+        chunk = data[block.offset : block.offset + block.size]
+        store.write_block(one, i, chunk)
+        store.write_block(two, i, chunk)
+    store.commit(one, LocalState(exists=False), NOW)
+    store.commit(two, LocalState(exists=False), NOW)
+    assert (tmp_path / "d/a.bin").read_bytes() == data
+    assert (tmp_path / "d/b.bin").read_bytes() == data
+    assert visible_names(tmp_path) == {"d", "a.bin", "b.bin"}
+
+
+def test_discard_temp_leaves_files_not_named_as_temporary(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    store = FolderStore(tmp_path)
+    store.discard_temp("keep.txt")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
 def test_prune_versions_by_age(tmp_path: Path) -> None:
     store = FolderStore(tmp_path)
     for name, age in (("old.txt", 40 * 86400), ("new.txt", 3600)):

@@ -72,10 +72,9 @@ def test_three_daemons_converge_on_a_mixed_folder(cluster: Cluster, loss: float)
     assert want["private"] == ("dir", 0o700)
     assert len([e for e in want.values() if e[0] == "file"]) == tree.files
     for node in (b, c):
-        # Temp names are left out of the comparison: a partial file is never under a real
-        # name. (A download abandoned in a race may leave its temp file behind: an engine
-        # defect tracked separately, not part of what this test asserts.)
         wait_until(partial(_in_sync, node), SYNC_TIMEOUT, f"{node.name} reports in_sync")
+        # Every download was placed: no temporary file is left behind.
+        assert not temp_files(node.folder), f"{node.name}: {temp_files(node.folder)}"
     print(  # the closing note's figures; pytest -s shows them
         f"\nconverged {tree.files} files, {tree.bytes / MiB:.0f} MiB, loss {loss} %: "
         f"{seconds:.1f} s from start; RSS while syncing {rss_busy / MiB:.0f} MiB"
