@@ -80,16 +80,15 @@ class Daemon:
         config: Config,
         *,
         environ: Mapping[str, str] | None = None,
-        control: bool = True,
-        watch: bool = True,
-        announce: bool = True,
+        short_lived: bool = False,
     ) -> None:
+        """``short_lived``: a node for one ``ls``, ``pull`` or ``peers`` with no daemon
+        running; no control socket, signals, watcher or announcement, and it fetches only
+        what a pull asks for."""
         self.config = config
         self._environ = dict(os.environ if environ is None else environ)
-        self._with_control = control
-        self._watch = watch
-        self._announce = announce
-        self._notifier = Notifier.from_environ(self._environ) if control else Notifier(None)
+        self._short_lived = short_lived
+        self._notifier = Notifier(None) if short_lived else Notifier.from_environ(self._environ)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -100,6 +99,8 @@ class Daemon:
         self._watch_tasks: dict[Path, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._discovery_task: asyncio.Task[None] | None = None
+        self._peer_addresses: dict[str, tuple[tuple[str, int], ...]] = {}
+        """What each discovery entry (by ``PeerInfo.key``) told the engine to connect to."""
         self._node_id = b""
 
     def stop(self) -> None:
@@ -146,7 +147,14 @@ class Daemon:
         endpoint = Endpoint(
             config.transfer, config.network, node_id=node_id, folders={}, rng=random.SystemRandom()
         )
-        engine = Engine(config, index, node_id, endpoint, kick=self._kick)  # type: ignore[arg-type]
+        engine = Engine(
+            config,
+            index,
+            node_id,  # type: ignore[arg-type]
+            endpoint,
+            kick=self._kick,
+            whole_folders=not self._short_lived,
+        )
         self.engine = engine
         self._node_id = node_id
         self._notifier.notify("STATUS=binding")
@@ -157,7 +165,7 @@ class Daemon:
         try:
             for folder in config.folders:
                 await self._add_folder(folder)
-            if self._with_control:
+            if not self._short_lived:
                 control = ControlServer(config.node.control_socket, self._handlers())
                 await control.start()
             self.discovery = self._new_discovery()
@@ -177,7 +185,7 @@ class Daemon:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        if self._with_control:
+        if not self._short_lived:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload.set)
@@ -198,7 +206,7 @@ class Daemon:
         except* _Shutdown:
             pass
         finally:
-            if self._with_control:
+            if not self._short_lived:
                 for sig in signals:
                     loop.remove_signal_handler(sig)
 
@@ -241,7 +249,7 @@ class Daemon:
             network=config.network,
             folders=[SharedFolder(str(f.path), keys.parse_key(f.key)) for f in config.folders],
             port=self.transport.port,
-            announce=self._announce,
+            announce=not self._short_lived,
         )
         self._engine().on_sequence = discovery.set_sequence
         self._engine().sequence_changed()
@@ -281,11 +289,18 @@ class Daemon:
             if peer.node_id is not None:
                 engine.peer_names[bytes(peer.node_id)] = peer.name
             folders = [ids[label] for label in peer.folders if label in ids]
-            for addr in peer.addresses:
-                if isinstance(event, PeerDown):
+            # Addresses the peer no longer announces (moved, or down) are forgotten, unless
+            # another entry (a static candidate, say) still lists them.
+            before = self._peer_addresses.pop(peer.key, ())
+            current = () if isinstance(event, PeerDown) else peer.addresses
+            if current:
+                self._peer_addresses[peer.key] = current
+            kept = {a for addresses in self._peer_addresses.values() for a in addresses}
+            for addr in dict.fromkeys((*before, *peer.addresses)):
+                if addr not in kept:
                     engine.remove_address(addr)
-                else:
-                    engine.add_address(addr, folders or None)
+            for addr in current:
+                engine.add_address(addr, folders or None)
 
     async def _reloader(self) -> None:
         while True:
@@ -329,7 +344,7 @@ class Daemon:
     async def _add_folder(self, folder: FolderConfig) -> None:
         engine = self._engine()
         sync = await engine.add_folder(folder)
-        if not self._watch:
+        if self._short_lived:
             return
         timing = self.config.sync
         watcher = FolderWatcher(
@@ -535,7 +550,7 @@ async def run_short_lived(
 
     This is how ``ls``, ``pull`` and ``peers`` work on a machine with no daemon running.
     """
-    node = Daemon(config, control=False, watch=False, announce=False)
+    node = Daemon(config, short_lived=True)
     runner = asyncio.create_task(node.run())
     try:
         ready = asyncio.create_task(node.ready.wait())

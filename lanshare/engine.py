@@ -199,6 +199,9 @@ class FolderSync:
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.problems: dict[str, str] = {}
         self.priority: set[str] = set()
+        self.scope: set[str] | None = None if engine.whole_folders else set()
+        """None: the whole folder is kept in sync; else only these paths and what is under
+        them are fetched or changed here."""
         self.allow_mass_delete = False
         self.local_pause = ""
         """Why the last scan withheld local deletions (the folder stays paused)."""
@@ -462,12 +465,16 @@ class FolderSync:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
         if result.paused or self.local_pause:
             self.state, self.reason = "paused", result.reason or self.local_pause
+        actions = result.actions
+        if self.scope is not None:
+            scope = self.scope
+            actions = tuple(a for a in actions if _in_scope(a, scope))
         wanted: set[str] = set()
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
         conflicts: dict[str, planner.Conflict] = {}
-        for action in result.actions:
+        for action in actions:
             if isinstance(action, planner.Conflict):
                 conflicts[action.path] = action
                 continue
@@ -492,7 +499,7 @@ class FolderSync:
         await self._drop_stale_partials()
         self.need_files = len(self.downloads)
         self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
-        self.conflicts = sum(1 for a in result.actions if isinstance(a, planner.Conflict))
+        self.conflicts = sum(1 for a in actions if isinstance(a, planner.Conflict))
         if not result.paused and not self.local_pause:
             if self.downloads:
                 self.state, self.reason = "syncing", ""
@@ -1069,10 +1076,15 @@ class FolderSync:
                     "need_bytes": self._need_from(link.peer),
                 }
             )
+        state, reason = self.state, self.reason or self._why_not_in_sync()
+        reading = sum(1 for link in self.links.values() if link.manifest_request is not None)
+        if state == "in_sync" and reading:
+            # Not known to be in sync until every connected peer's file list was read.
+            state, reason = "syncing", f"reading the file list of {reading} peer(s)"
         return {
             "path": str(self.root),
-            "state": self.state,
-            "reason": self.reason or self._why_not_in_sync(),
+            "state": state,
+            "reason": reason,
             "need_files": len(self.downloads),
             "need_bytes": sum(d.record.size - d.bytes_done for d in self.downloads.values()),
             "conflicts": self.conflicts,
@@ -1109,8 +1121,12 @@ class Engine:
         *,
         kick: Callable[[], None],
         clock: Callable[[], float] | None = None,
+        whole_folders: bool = True,
     ) -> None:
+        """``whole_folders`` False: act only on the paths put in each folder's ``scope``
+        (a short-lived node pulling a few files, or only listing)."""
         self.config = config
+        self.whole_folders = whole_folders
         self.index = index
         self.node_id = node_id
         self.short_id = short_id(node_id)
@@ -1287,6 +1303,15 @@ class Engine:
 
 def _prioritised(path: str, priority: Collection[str]) -> bool:
     return any(path == p or path.startswith(p + "/") or p == "" for p in priority)
+
+
+def _in_scope(action: planner.Action, scope: Collection[str]) -> bool:
+    """The action is on a path in ``scope``, or makes a directory that leads to one."""
+    if _prioritised(action.path, scope):
+        return True
+    if isinstance(action, planner.MakeDir):
+        return any(p.startswith(action.path + "/") for p in scope)
+    return False
 
 
 def _same_content(a: FileRecord, b: FileRecord) -> bool:

@@ -110,6 +110,8 @@ async def pull(
     targets = [engine.folder_for(p) for p in paths]
     for sync, rel in targets:
         sync.priority.add(rel)
+        if sync.scope is not None:
+            sync.scope.add(rel)
         sync.dirty.set()
     loop = asyncio.get_running_loop()
     started = loop.time()

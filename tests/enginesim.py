@@ -236,8 +236,10 @@ class SimNode:
         ignore: Sequence[str] = (),
         max_send_rate: int = 0,
         transfer: TransferConfig | None = None,
+        whole_folders: bool = True,
     ) -> None:
         self.cluster = cluster
+        self.whole_folders = whole_folders
         self.number = number
         self.name = f"n{number}"
         self.addr: Addr = (f"10.0.0.{number}", PORT)
@@ -301,7 +303,12 @@ class SimNode:
         )
         self.transport = SimTransport(self.cluster.network, self.addr, self.endpoint)
         self.engine = Engine(
-            config, self.index, NodeId(self.node_id), self.endpoint, kick=self.transport.kick
+            config,
+            self.index,
+            NodeId(self.node_id),
+            self.endpoint,
+            kick=self.transport.kick,
+            whole_folders=self.whole_folders,
         )
         self.transport.sink = self._on_event
         for folder in config.folders:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lanshare.index import Index
 from lanshare.listing import listing, pull
 from lanshare.manifest import VersionVector
-from tests.enginesim import Cluster, wait_for
+from tests.enginesim import Cluster, LinkSpec, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -128,5 +128,69 @@ def test_ls_and_pull_between_running_engines(tmp_path: Path) -> None:
             ]
             assert b.read("fresh/new.bin") == b"x" * 300_000
             await wait_for(lambda: not b.folder.priority, 5, "pull to drop its priority")
+
+    asyncio.run(main())
+
+
+def test_a_node_keeping_no_whole_folder_fetches_only_what_is_pulled(tmp_path: Path) -> None:
+    """What a short-lived ``pull`` runs: it reads the peers' manifests, lists everything,
+    and fetches only the paths asked for (with the directories leading to them)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=33) as cluster:
+            a = cluster.add()
+            b = cluster.add(whole_folders=False)
+            a.write("docs/one/wanted.bin", b"w" * 200_000)
+            a.write("docs/one/other.bin", b"o" * 200_000)
+            a.write("top.txt", b"top")
+            await cluster.start()
+
+            async def listed() -> None:
+                for _ in range(200):
+                    entries = await listing(b.folder.engine, None)
+                    if _states(entries).get("top.txt") == "missing":
+                        return
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(listed(), 20)
+            sync = b.folder
+            await wait_for(
+                lambda: sync.state == "in_sync" and not sync.dirty.is_set(),
+                20,
+                "B's plan after reading A's manifest",
+            )
+            assert list(b.root.iterdir()) == []
+
+            async def progress(report: dict[str, Any]) -> None:
+                del report
+
+            wanted = b.root / "docs/one/wanted.bin"
+            rows = await asyncio.wait_for(pull(b.folder.engine, [wanted], progress), 20)
+            assert [r["state"] for r in rows] == ["in_sync"]
+            assert wanted.read_bytes() == b"w" * 200_000
+            assert not (b.root / "docs/one/other.bin").exists()
+            assert not (b.root / "top.txt").exists()
+
+    asyncio.run(main())
+
+
+def test_status_is_not_in_sync_before_a_peers_file_list_was_read(tmp_path: Path) -> None:
+    async def main() -> None:
+        slow = LinkSpec(delay=0.4)
+        async with Cluster(tmp_path, seed=34, link=slow) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("only-on-a.txt", b"a")
+            await cluster.start()
+            sync = b.folder
+            await wait_for(
+                lambda: any(link.manifest_request is not None for link in sync.links.values()),
+                20,
+                "B to ask A for its file list",
+            )
+            status = sync.status()
+            assert status["state"] == "syncing", status
+            assert "file list" in status["reason"]
+            await wait_for(lambda: b.path("only-on-a.txt").exists(), 20, "the file on B")
+            await wait_for(lambda: sync.status()["state"] == "in_sync", 20, "B in sync")
 
     asyncio.run(main())

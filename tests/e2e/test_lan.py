@@ -153,6 +153,9 @@ def test_ls_lists_the_lan_and_pull_works_without_a_daemon(cluster: Cluster) -> N
     assert "total" in result.stdout
     assert "all present and verified" in result.stdout
     assert file_digest(target) == file_digest(a.folder / "from-a" / "report.pdf")
+    # Only what was asked for: the rest of the folder stays on the LAN.
+    assert not (d.folder / "from-a" / "small.txt").exists()
+    assert not (d.folder / "from-b.txt").exists()
 
     rows = json.loads(d.cli("pull", str(d.folder / "from-b.txt"), "--json").stdout)
     assert rows == [
