@@ -50,6 +50,15 @@ PROPAGATION_BOUND = 10.0
 HEX_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
+LOCAL_CHANGES = re.compile(r"^.*: \d+ new, \d+ changed, \d+ deleted$", re.MULTILINE)
+
+
+def _echoed_changes(node: Node) -> list[str]:
+    """Scans of ``node`` that found local changes. On a host where nobody edits, each one
+    would be the daemon's own write seen again as an edit (and sent back to its peers)."""
+    return LOCAL_CHANGES.findall(node.log_text())
+
+
 def _three(cluster: Cluster, **lab_options: object) -> list[Node]:
     lab = cluster.lab(3, **lab_options)
     return [cluster.node(name, host) for name, host in zip("abc", lab.hosts, strict=True)]
@@ -75,6 +84,7 @@ def test_three_daemons_converge_on_a_mixed_folder(cluster: Cluster, loss: float)
         wait_until(partial(_in_sync, node), SYNC_TIMEOUT, f"{node.name} reports in_sync")
         # Every download was placed: no temporary file is left behind.
         assert not temp_files(node.folder), f"{node.name}: {temp_files(node.folder)}"
+        assert not _echoed_changes(node), f"{node.name} saw its own writes as changes"
     print(  # the closing note's figures; pytest -s shows them
         f"\nconverged {tree.files} files, {tree.bytes / MiB:.0f} MiB, loss {loss} %: "
         f"{seconds:.1f} s from start; RSS while syncing {rss_busy / MiB:.0f} MiB"
@@ -98,6 +108,9 @@ def test_a_small_saved_file_becomes_identical_on_the_others(cluster: Cluster) ->
     want = snapshot(a.folder)
     assert snapshot(b.folder) == want == snapshot(c.folder)  # mtime and mode came along
     print(f"\npropagation latencies: {', '.join(f'{x * 1000:.0f} ms' for x in latencies)}")
+    assert len(_echoed_changes(a)) >= len(latencies)  # the edits on A: real local changes
+    for node in (b, c):
+        assert not _echoed_changes(node), f"{node.name} saw its own writes as changes"
     for node in (a, b, c):
         assert node.stop(timeout=5.0) == 0
 
