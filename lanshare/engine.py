@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from lanshare import keys, planner, scanner
 from lanshare.errors import (
     DecodeError,
+    DiskFullError,
     IntegrityError,
     LanshareError,
     LocalChangeError,
@@ -108,6 +109,10 @@ TICK_INTERVAL = 0.25
 """Seconds between scheduler passes while downloads run (timeouts, stalled blocks)."""
 RECONNECT_INTERVAL = 5.0
 """Seconds between attempts to (re)connect to known peer addresses without a session."""
+SPACE_CHECK_INTERVAL = 2.0
+"""Seconds between free-space checks of a folder whose pulls a full disk paused."""
+SPACE_RESUME_MARGIN = 1024 * 1024
+"""Bytes that must be freed, beyond what was free when the disk filled, to resume pulls."""
 MANIFEST_RECORDS_PER_BATCH = 2000
 """Records read from the index for one manifest answer (then cut to the size limit)."""
 HAVE_FLUSH_INTERVAL = 0.05
@@ -205,6 +210,11 @@ class FolderSync:
         self.allow_mass_delete = False
         self.local_pause = ""
         """Why the last scan withheld local deletions (the folder stays paused)."""
+        self.disk_full = ""
+        """Why pulls are paused for want of space (empty: they are not)."""
+        self.free_at_pause = 0
+        self.waiting_for_space: dict[str, int] = {}
+        """Files (and their sizes) the plan wants but a full disk keeps from fetching."""
         self.need_files = 0
         self.need_bytes = 0
         self.conflicts = 0
@@ -271,7 +281,9 @@ class FolderSync:
         self.dirty.set()
 
     async def resume(self) -> None:
-        """The user confirmed a paused mass deletion: record and apply it."""
+        """The user confirmed a paused mass deletion: record and apply it. Pulls a full
+        disk paused are tried again at once."""
+        self.disk_full = ""
         if self.local_pause:
             await self.scan(allow_mass_delete=True)
         self.allow_mass_delete = True
@@ -443,6 +455,7 @@ class FolderSync:
 
     async def plan_and_apply(self) -> None:
         local, remotes = await asyncio.to_thread(self._load_records)
+        self.waiting_for_space.clear()
         for peer, link in self.links.items():
             if link.in_progress:
                 merged = dict(remotes.get(peer, {}))
@@ -463,8 +476,8 @@ class FolderSync:
         )
         for problem in result.problems:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
-        if result.paused or self.local_pause:
-            self.state, self.reason = "paused", result.reason or self.local_pause
+        if result.paused or self.local_pause or self.disk_full:
+            self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
         actions = result.actions
         if self.scope is not None:
             scope = self.scope
@@ -479,6 +492,9 @@ class FolderSync:
                 conflicts[action.path] = action
                 continue
             conflict = conflicts.pop(action.path, None)
+            if self.disk_full and isinstance(action, planner.Fetch | planner.BuildFromLocal):
+                self.waiting_for_space[action.path] = action.record.size
+                continue
             if isinstance(action, planner.Fetch):
                 wanted.add(action.path)
                 await self._want(action, remotes, conflict)
@@ -491,6 +507,8 @@ class FolderSync:
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
                 self.dirty.set()
+            except DiskFullError as exc:
+                await self._pause_for_space(exc)
             except LanshareError as exc:
                 self.problems[action.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
@@ -500,7 +518,7 @@ class FolderSync:
         self.need_files = len(self.downloads)
         self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
         self.conflicts = sum(1 for a in actions if isinstance(a, planner.Conflict))
-        if not result.paused and not self.local_pause:
+        if not result.paused and not self.local_pause and not self.disk_full:
             if self.downloads:
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
@@ -510,6 +528,35 @@ class FolderSync:
             self.synced.clear()
         self.allow_mass_delete = False
         self.pump()
+
+    async def _pause_for_space(self, exc: DiskFullError) -> None:
+        """The disk is full: stop every download (their verified blocks stay, to resume)
+        and fetch nothing until space is freed or the user runs ``resume``."""
+        if not self.disk_full:
+            self.disk_full = f"disk full ({exc}); pulls paused until space is freed"
+            logger.warning("folder %s: %s", self.root, self.disk_full)
+            try:
+                self.free_at_pause = await asyncio.to_thread(self.store.free_space)
+            except StorageError:
+                self.free_at_pause = 0
+        self.state, self.reason = "paused", self.disk_full
+        self.synced.clear()
+        for download in list(self.downloads.values()):
+            self.waiting_for_space[download.path] = download.record.size - download.bytes_done
+            await self._abandon(download.path, discard=False)
+
+    async def check_space(self) -> None:
+        """Resume pulls a full disk paused once space was freed."""
+        if not self.disk_full:
+            return
+        try:
+            free = await asyncio.to_thread(self.store.free_space)
+        except StorageError:
+            return
+        if free >= self.free_at_pause + SPACE_RESUME_MARGIN:
+            logger.info("folder %s: %d MiB free again; pulls resume", self.root, free >> 20)
+            self.disk_full = ""
+            self.dirty.set()
 
     async def _drop_stale_partials(self) -> None:
         """Remove temporary files of downloads no plan wants any more (kept after a local
@@ -665,6 +712,10 @@ class FolderSync:
         except LanshareError as exc:
             if download.assembly is not None:
                 download.assembly.close()
+            if isinstance(exc, DiskFullError):
+                await self._pause_for_space(exc)
+                self.waiting_for_space[record.path] = record.size
+                return
             self.problems[record.path] = str(exc)
             logger.warning("folder %s: cannot start %s: %s", self.root, record.path, exc)
             return
@@ -845,6 +896,10 @@ class FolderSync:
             self._apply_steps(self.scheduler.on_block_failed(ref, peer, reason, self.engine.now()))
             self.pump()
             return
+        except DiskFullError as exc:
+            if not _gone(download):
+                await self._pause_for_space(exc)
+            return
         except LanshareError as exc:
             if _gone(download):
                 return
@@ -914,7 +969,7 @@ class FolderSync:
                 self.engine.spawn(self.scan())
             elif discard:
                 logger.warning("folder %s: %s; fetching it again", self.root, exc)
-            else:
+            elif not isinstance(exc, DiskFullError):
                 self.problems[record.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, record.path, exc)
             if self.downloads.get(record.path) is download:
@@ -923,6 +978,9 @@ class FolderSync:
                 _release(download)
                 if discard:
                     await asyncio.to_thread(self.store.discard, record)
+            if isinstance(exc, DiskFullError):
+                await self._pause_for_space(exc)
+                self.waiting_for_space[record.path] = record.size
             self.dirty.set()
             return
         # The file is in place: whatever happened meanwhile, the index must say so.
@@ -1085,8 +1143,9 @@ class FolderSync:
             "path": str(self.root),
             "state": state,
             "reason": reason,
-            "need_files": len(self.downloads),
-            "need_bytes": sum(d.record.size - d.bytes_done for d in self.downloads.values()),
+            "need_files": len(self.downloads) + len(self.waiting_for_space),
+            "need_bytes": sum(d.record.size - d.bytes_done for d in self.downloads.values())
+            + sum(self.waiting_for_space.values()),
             "conflicts": self.conflicts,
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
             "sequence": self.info_sequence(),
@@ -1197,11 +1256,16 @@ class Engine:
     async def _maintenance(self) -> None:
         last_connect = -RECONNECT_INTERVAL
         last_prune = -3600.0
+        last_space = 0.0
         while True:
             await asyncio.sleep(TICK_INTERVAL)
             now = self.now()
             for sync in self.folders.values():
                 sync.pump()
+            if now - last_space >= SPACE_CHECK_INTERVAL:
+                last_space = now
+                for sync in self.folders.values():
+                    await sync.check_space()
             if now - last_connect >= RECONNECT_INTERVAL:
                 last_connect = now
                 self._connect_known()

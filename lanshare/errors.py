@@ -76,6 +76,10 @@ class StorageError(LanshareError):
     """The local filesystem or index failed (disk full, permission denied, …)."""
 
 
+class DiskFullError(StorageError):
+    """The filesystem has no space left (or the quota is used up)."""
+
+
 class ControlError(LanshareError):
     """The local control socket failed or answered with an error."""
 

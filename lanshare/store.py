@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lanshare import chunker
-from lanshare.errors import IntegrityError, LocalChangeError, StorageError, map_exceptions
+from lanshare.errors import (
+    DiskFullError,
+    IntegrityError,
+    LocalChangeError,
+    StorageError,
+    map_exceptions,
+)
 from lanshare.manifest import EntryType
 from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, is_temporary, normalize
 
@@ -129,7 +135,7 @@ class FolderStore:
         """Open (or reopen, to resume) the temporary file for ``record``, sized to fit."""
         parent, _ = _split(record.path)
         name = self.temp_name(record)
-        with map_exceptions({OSError: StorageError}):
+        with _os_errors():
             dir_fd = self._dir_fd(parent, create=True)
             try:
                 fd = os.open(
@@ -161,7 +167,7 @@ class FolderStore:
         view = memoryview(data)
         if view.nbytes != block.size or chunker.block_hash(view, record.hash_algo) != block.hash:
             raise IntegrityError(f"block {index} of {record.path} does not match its hash")
-        with map_exceptions({OSError: StorageError}):
+        with _os_errors():
             written = os.pwrite(assembly.fd, view, block.offset)
             while written < block.size:
                 written += os.pwrite(assembly.fd, view[written:], block.offset + written)
@@ -179,7 +185,7 @@ class FolderStore:
             if not 0 <= i < len(record.blocks):
                 continue
             block = record.blocks[i]
-            with map_exceptions({OSError: StorageError}):
+            with _os_errors():
                 data = os.pread(assembly.fd, block.size, block.offset)
             if len(data) == block.size and chunker.block_hash(data, record.hash_algo) == block.hash:
                 good.add(i)
@@ -199,7 +205,7 @@ class FolderStore:
         """
         record = assembly.record
         _, name = _split(record.path)
-        with map_exceptions({OSError: StorageError}):
+        with _os_errors():
             os.fsync(assembly.fd)
             if not _whole_file_matches(self.verified_blocks(assembly), record):
                 raise IntegrityError(f"assembled {record.path} does not match its file hash")
@@ -242,7 +248,7 @@ class FolderStore:
         parent, name = _split(rel)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
         archived_parent = f"{VERSIONS_DIR}/{parent}" if parent else VERSIONS_DIR
-        with map_exceptions({OSError: StorageError}), self._dir(parent) as src_fd:
+        with _os_errors(), self._dir(parent) as src_fd:
             try:
                 st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -264,7 +270,7 @@ class FolderStore:
             LocalChangeError: the file changed since the deletion was planned.
         """
         parent, name = _split(rel)
-        with map_exceptions({OSError: StorageError}), self._dir(parent) as dir_fd:
+        with _os_errors(), self._dir(parent) as dir_fd:
             if entry is EntryType.FILE:
                 self._check_unchanged(dir_fd, name, rel, planned)
                 self.archive(rel, now)
@@ -288,7 +294,7 @@ class FolderStore:
 
     def make_dir(self, rel: str, mode: int) -> None:
         """Create directory ``rel`` (and its parents) if missing and set its mode."""
-        with map_exceptions({OSError: StorageError}), self._dir(rel, create=True) as fd:
+        with _os_errors(), self._dir(rel, create=True) as fd:
             if mode:
                 os.fchmod(fd, stat.S_IMODE(mode))
 
@@ -296,7 +302,7 @@ class FolderStore:
         """Point ``rel`` at ``target``, replacing an older link atomically; never a file."""
         parent, name = _split(rel)
         temp = f"{TEMP_PREFIX}link-{os.getpid()}"
-        with map_exceptions({OSError: StorageError}), self._dir(parent, create=True) as dir_fd:
+        with _os_errors(), self._dir(parent, create=True) as dir_fd:
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -318,7 +324,7 @@ class FolderStore:
         mtime is not synced either).
         """
         parent, name = _split(rel)
-        with map_exceptions({OSError: StorageError}), self._dir(parent) as dir_fd:
+        with _os_errors(), self._dir(parent) as dir_fd:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 return
@@ -336,7 +342,7 @@ class FolderStore:
         src_parent, src_name = _split(rel)
         dst_parent, dst_name = _split(new_rel)
         with (
-            map_exceptions({OSError: StorageError}),
+            _os_errors(),
             self._dir(src_parent) as src_fd,
             self._dir(dst_parent, create=True) as dst_fd,
         ):
@@ -349,6 +355,12 @@ class FolderStore:
             os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
             os.fsync(dst_fd)
             os.fsync(src_fd)
+
+    def free_space(self) -> int:
+        """Bytes an unprivileged writer may still use on the folder's filesystem."""
+        with _os_errors():
+            st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def prune_versions(self, now: float, keep_seconds: float) -> int:
         """Delete archived versions older than ``keep_seconds``; returns how many."""
@@ -470,3 +482,20 @@ def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:
     return offset == record.size and chunker.whole_file_hash(hashes, record.hash_algo) == (
         record.file_hash
     )
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """``OSError`` as ``StorageError``; a full disk or quota as ``DiskFullError``, which
+    pauses pulls rather than failing one file."""
+    try:
+        with map_exceptions({OSError: StorageError}):
+            yield
+    except StorageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            raise DiskFullError(str(exc)) from cause
+        raise

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import random
+import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,6 +24,7 @@ from tests.enginesim import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -218,6 +220,50 @@ def test_same_content_at_many_paths_downloads_side_by_side(tmp_path: Path) -> No
             index = b.index
             assert index is not None
             assert not index.partials(b.folder.info.id)
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, size: str) -> Iterator[None]:
+    """Mount a tmpfs of ``size`` on ``where``: a filesystem that really fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_pauses_pulls_and_they_resume_when_space_is_freed(tmp_path: Path) -> None:
+    size = 3 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=7) as cluster:
+            a, b = cluster.add(), cluster.add()
+            data = random_bytes(7, size)
+            a.write("big.bin", data)
+            filler = b.root / ".lanshare" / "filler"
+            with _small_disk(b.root, "5m"):
+                filler.parent.mkdir()
+                filler.write_bytes(b"\0" * 3 * MiB)
+                await cluster.start()
+                sync = b.folder
+                await wait_for(lambda: sync.state == "paused", 30, "B to pause its pulls")
+                status = sync.status()
+                assert "disk full" in status["reason"], status
+                assert status["need_files"] == 1
+                assert status["need_bytes"] > 0
+                assert not sync.downloads
+                assert not b.path("big.bin").exists()
+                assert not sync.problems  # one folder-wide reason, not a failure per file
+                filler.unlink()
+                await converge([a, b], 60)
+                assert b.read("big.bin") == data
+                assert b.folder.status()["state"] == "in_sync"
+                assert not temp_files(b.root)
+                await b.stop()
 
     asyncio.run(main())
 
