@@ -386,7 +386,9 @@ def resume(
     """Confirm the mass deletion that paused a folder, and let it sync again.
 
     A folder pauses when a change would delete more than [sync] max_delete_ratio of its
-    entries; `lanshare status` says why. Restoring the files also ends the pause.
+    entries; `lanshare status` says why. Restoring the files also ends the pause. Pulls
+    that a full disk paused are tried again at once (they also resume by themselves when
+    space is freed).
     """
     from lanshare.control import ControlClient
 
