@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lanshare.errors import TransferError
+from lanshare.errors import DiskFullError, TransferError
 from lanshare.manifest import EntryType, FileRecord, Ordering
 from lanshare.planner import global_winner
 
@@ -106,6 +106,7 @@ async def pull(
     Raises:
         UsageError: a path is outside every folder (from ``Engine.folder_for``).
         TransferError: no peer has a path. Bound the wait with ``asyncio.timeout``.
+        DiskFullError: the folder's disk is full (its pulls are paused).
     """
     targets = [engine.folder_for(p) for p in paths]
     for sync, rel in targets:
@@ -120,6 +121,9 @@ async def pull(
             rows, waiting, unknown = await _pull_state(targets)
             if not waiting and not unknown:
                 return rows
+            for sync, _ in targets:
+                if sync.disk_full and waiting:
+                    raise DiskFullError(f"{sync.root}: {sync.disk_full}")
             elapsed = loop.time() - started
             if unknown:
                 _check_findable(targets, unknown, elapsed)

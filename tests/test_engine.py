@@ -7,11 +7,13 @@ import contextlib
 import os
 import random
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from lanshare.errors import DiskFullError
 from lanshare.index import Index
+from lanshare.listing import pull
 from tests.enginesim import (
     BlockCounters,
     Cluster,
@@ -258,6 +260,12 @@ def test_a_full_disk_pauses_pulls_and_they_resume_when_space_is_freed(tmp_path: 
                 assert not sync.downloads
                 assert not b.path("big.bin").exists()
                 assert not sync.problems  # one folder-wide reason, not a failure per file
+
+                async def progress(report: dict[str, Any]) -> None:
+                    del report
+
+                with pytest.raises(DiskFullError, match="disk full"):
+                    await asyncio.wait_for(pull(b.folder.engine, [b.path("big.bin")], progress), 20)
                 filler.unlink()
                 await converge([a, b], 60)
                 assert b.read("big.bin") == data
