@@ -370,7 +370,7 @@ def peers(
         typer.echo("no peers found")
     for peer in found:
         addresses = ", ".join(peer["addresses"])
-        typer.echo(f"{peer['name'] or peer['id']:<24} {peer['state']:<10} {addresses}")
+        typer.echo(f"{peer['name'] or peer['id']:<24} {peer['state']:<12} {addresses}")
 
 
 @app.command()

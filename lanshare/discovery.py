@@ -24,6 +24,8 @@ How the pieces fit
 * Interfaces: ``[network].interfaces`` (names or IPv4 addresses; empty = every non-loopback IPv4
   address) is re-read from an ``ifaddr`` snapshot every ``INTERFACE_POLL_INTERVAL`` and zeroconf is
   told with ``async_update_interfaces``. IPv4 only for now.
+* A node announcing another protocol version is listed as ``incompatible`` (see ``peertable``)
+  and logged once; it never causes an event.
 """
 
 from __future__ import annotations
@@ -59,12 +61,14 @@ from lanshare.identity import NodeId, load_or_create_node_id
 from lanshare.keys import announce_token, generate_announce_nonce, parse_key
 from lanshare.peertable import (
     ACTIVE_STATES,
+    PROTOCOL_VERSION,
     Announcement,
     LivenessPolicy,
     PeerChanged,
     PeerDown,
     PeerEvent,
     PeerInfo,
+    PeerState,
     PeerTable,
     PeerUp,
     SharedFolder,
@@ -179,6 +183,7 @@ class Discovery:
         self._names: dict[str, str] = {}
         self._watched: dict[str, str] = {}
         self._heard: set[str] = set()
+        self._incompatible: set[tuple[NodeId, int | None]] = set()
         self._publish_wanted = asyncio.Event()
         self._interfaces: tuple[str, ...] = ()
         self._aiozc: AsyncZeroconf | None = None
@@ -311,6 +316,7 @@ class Discovery:
                     events = self._table.observe(
                         key, info.text or b"", addresses, info.port, loop.time()
                     )
+                    self._note_incompatible(key)
                     if key in self._table.services():
                         self._watched[key] = key
                         if info.server:
@@ -406,6 +412,26 @@ class Discovery:
             properties=encode_txt(self._announcement()),
             server=f"ls-{self.node_id.hex()}.local.",
             parsed_addresses=list(self._interfaces),
+        )
+
+    def _note_incompatible(self, key: str) -> None:
+        """Log once per node and version that a node speaks another protocol version."""
+        peer = self._table.by_service(key)
+        if peer is None or peer.node_id is None or peer.state is not PeerState.INCOMPATIBLE:
+            return
+        version = self._table.version(peer.node_id)
+        if (peer.node_id, version) in self._incompatible:
+            return
+        if len(self._incompatible) >= NAME_MEMORY:
+            self._incompatible.clear()
+        self._incompatible.add((peer.node_id, version))
+        logger.warning(
+            "peer %s (%s) speaks protocol version %s, this node %d: listed as incompatible "
+            "and not synced with until both run a lanshare that speaks the same version",
+            peer.name,
+            peer.node_id.hex(),
+            version,
+            PROTOCOL_VERSION,
         )
 
     def _request_resolve(self, key: str) -> None:
@@ -574,7 +600,8 @@ def _loop_time() -> float:
 async def browse_once(config: Config, seconds: float = 3.0) -> list[PeerInfo]:
     """Browse for ``seconds`` without announcing and return the present peers, by name.
 
-    Static peers are included (state ``static``): they are candidates, not confirmed peers.
+    Static peers are included (state ``static``): they are candidates, not confirmed peers;
+    so are nodes of another protocol version (state ``incompatible``).
     """
     discovery = Discovery.from_config(config, announce=False)
     async with asyncio.TaskGroup() as tg:
@@ -583,7 +610,8 @@ async def browse_once(config: Config, seconds: float = 3.0) -> list[PeerInfo]:
         await asyncio.sleep(seconds)
         runner.cancel()
         drainer.cancel()
-    return [p for p in discovery.peers() if p.state in ACTIVE_STATES]
+    listed = ACTIVE_STATES | {PeerState.INCOMPATIBLE}
+    return [p for p in discovery.peers() if p.state in listed]
 
 
 async def _drain(discovery: Discovery) -> None:

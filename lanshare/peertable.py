@@ -7,7 +7,7 @@ Theory of operation
 -------------------
 Each node announces one DNS-SD service whose TXT record (RFC 6763 §6) is, in this order::
 
-    v=1                 protocol version ("txtvers", RFC 6763 §6.7); anything else is refused
+    v=1                 protocol version ("txtvers", RFC 6763 §6.7), a decimal number
     id=<16 hex>         node id (8 bytes), lower-case hex
     n=<16 hex>          announce nonce (8 random bytes, renewed at every start)
     t=<16 hex>*k        k folder tokens, announce_token(folder key, nonce), concatenated
@@ -23,6 +23,13 @@ encrypted session.
 Every TXT value from the network is hostile until checked: the whole record is at most
 ``MAX_TXT_SIZE`` bytes, keys are printable ASCII, known values have exact formats and sizes,
 the first occurrence of a key wins (RFC 6763 §6.4) and unknown keys are ignored (room to grow).
+
+A record with another ``v=`` comes from a node speaking another protocol version. It is read
+only as far as listing it needs (``ForeignAnnouncement``): the framing and ``id=`` must be valid
+as above, ``n=``/``t=`` tell which folders it shares only if they happen to have this version's
+formats, and nothing else is read. The table lists such a node as ``INCOMPATIBLE`` and never
+emits an event for it, so nothing ever connects to it; a record that is malformed whatever its
+version is refused and counted, as before.
 
 The table keys mDNS peers by node id (the instance name is only a label: names can collide and
 be renamed). mDNS is a hint, not a liveness signal: a peer that crashes without a goodbye stays in
@@ -68,6 +75,7 @@ MAX_PEERS = 256
 _KEY_RE = re.compile(rb"[\x20-\x3c\x3e-\x7e]{1,32}")
 _HEX_RE = re.compile(rb"(?:[0-9a-f]{2})+")
 _SEQ_RE = re.compile(rb"0|[1-9][0-9]{0,18}")
+_VERSION_RE = re.compile(rb"[1-9][0-9]{0,3}")
 
 
 # --- announcements (the TXT record) -----------------------------------------------------------
@@ -113,18 +121,60 @@ def encode_txt(announcement: Announcement) -> bytes:
     return b"".join(bytes((len(item),)) + item for item in items)
 
 
+@dataclass(frozen=True, slots=True)
+class ForeignAnnouncement:
+    """What is read of a TXT record of another protocol version: enough to list the node.
+
+    ``nonce`` is None and ``tokens`` empty unless ``n=`` and ``t=`` have this version's formats.
+    """
+
+    version: int
+    node_id: NodeId
+    nonce: bytes | None
+    tokens: tuple[bytes, ...]
+
+
 def decode_txt(raw: bytes) -> Announcement:
     """Parse and validate a TXT record from the network.
 
     Raises:
         DecodeError: the record is oversized, malformed, or of another protocol version.
     """
+    ann = read_txt(raw)
+    if isinstance(ann, ForeignAnnouncement):
+        raise DecodeError(f"unsupported announcement version {ann.version}")
+    return ann
+
+
+def read_txt(raw: bytes) -> Announcement | ForeignAnnouncement:
+    """Parse a TXT record from the network: all of it for our protocol version, only the node
+    id (and the folder tokens, if readable) for another one.
+
+    Raises:
+        DecodeError: the record is oversized or malformed (whatever its version), or has no
+            valid ``v=`` (a decimal number from 1 to 9999).
+    """
     fields = _split_txt(raw)
     version = fields.get(b"v")
-    if version != b"%d" % PROTOCOL_VERSION:
-        raise DecodeError(f"unsupported announcement version {version!r}")
-    node_id = _hex_field(fields, b"id", NODE_ID_SIZE)
+    if version is None or not _VERSION_RE.fullmatch(version):
+        raise DecodeError(f"bad or missing v= {version!r}")
+    node_id = NodeId(_hex_field(fields, b"id", NODE_ID_SIZE))
+    if int(version) != PROTOCOL_VERSION:
+        try:
+            nonce = _hex_field(fields, b"n", ANNOUNCE_NONCE_SIZE)
+            tokens = _tokens(fields)
+        except DecodeError:
+            return ForeignAnnouncement(int(version), node_id, None, ())
+        return ForeignAnnouncement(int(version), node_id, nonce, tokens)
     nonce = _hex_field(fields, b"n", ANNOUNCE_NONCE_SIZE)
+    tokens = _tokens(fields)
+    seq = fields.get(b"seq")
+    if seq is None or not _SEQ_RE.fullmatch(seq) or int(seq) > MAX_SEQUENCE:
+        raise DecodeError(f"bad seq= {seq!r}")
+    return Announcement(node_id, nonce, tokens, int(seq))
+
+
+def _tokens(fields: dict[bytes, bytes | None]) -> tuple[bytes, ...]:
     token_hex = fields.get(b"t")
     if token_hex is None:
         raise DecodeError("announcement has no t= (folder tokens)")
@@ -133,14 +183,10 @@ def decode_txt(raw: bytes) -> Announcement:
     step = 2 * ANNOUNCE_TOKEN_SIZE
     if len(token_hex) % step or len(token_hex) > step * MAX_ANNOUNCED_FOLDERS:
         raise DecodeError(f"t= has a bad length ({len(token_hex)})")
-    tokens = tuple(
+    return tuple(
         bytes.fromhex(token_hex[i : i + step].decode("ascii"))
         for i in range(0, len(token_hex), step)
     )
-    seq = fields.get(b"seq")
-    if seq is None or not _SEQ_RE.fullmatch(seq) or int(seq) > MAX_SEQUENCE:
-        raise DecodeError(f"bad seq= {seq!r}")
-    return Announcement(NodeId(node_id), nonce, tokens, int(seq))
 
 
 def _split_txt(raw: bytes) -> dict[bytes, bytes | None]:
@@ -189,6 +235,8 @@ class PeerState(Enum):
     """A configured ``host:port`` candidate, for the transport to probe."""
     EXCHANGED = "exchanged"
     """A ``host:port`` candidate learned from another peer, for the transport to probe."""
+    INCOMPATIBLE = "incompatible"
+    """Announces another protocol version: listed, never connected to, no events."""
 
 
 ACTIVE_STATES = frozenset(
@@ -208,6 +256,8 @@ class DownReason(Enum):
     """It no longer announces any folder we share."""
     REMOVED = "removed"
     """The owner removed a candidate."""
+    INCOMPATIBLE = "incompatible"
+    """It now announces another protocol version."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +342,9 @@ class TableStats:
     """Counters of what the table refused; exposed for status and tests."""
 
     rejected: int = 0
-    """TXT records that failed validation (malformed, oversized, other version)."""
+    """TXT records that failed validation (malformed or oversized, whatever their version)."""
+    incompatible: int = 0
+    """Announcements of another protocol version (their node is listed, never connected to)."""
     bad_address: int = 0
     """Announcements with no usable address or port."""
     own: int = 0
@@ -319,6 +371,7 @@ class _Entry:
     service: str | None = None
     nonce: bytes = b""
     probed_at: float = float("-inf")
+    version: int = PROTOCOL_VERSION
 
 
 @dataclass(slots=True)
@@ -354,7 +407,7 @@ class PeerTable:
         label = instance_label(service)
         service = service.lower()
         try:
-            ann = decode_txt(txt)
+            ann = read_txt(txt)
         except DecodeError:
             self.stats.rejected += 1
             return []
@@ -365,9 +418,12 @@ class PeerTable:
         if not addrs:
             self.stats.bad_address += 1
             return []
+        if isinstance(ann, ForeignAnnouncement):
+            self.stats.incompatible += 1
+            return self._observe_foreign(service, label, ann, addrs, now)
         key = ann.node_id.hex()
         entry = self._entries.get(key)
-        folders = self._match(ann)
+        folders = self._match(ann.nonce, ann.tokens)
         if not folders:
             self.stats.unshared += 1
             if entry is None or entry.service not in (None, service):
@@ -391,7 +447,9 @@ class PeerTable:
         entry.sequence = ann.sequence
         entry.nonce = ann.nonce
         entry.heard_at = now
-        if entry.state is PeerState.LOST or (entry.state is PeerState.UNREACHABLE and restarted):
+        if entry.state in (PeerState.LOST, PeerState.INCOMPATIBLE) or (
+            entry.state is PeerState.UNREACHABLE and restarted
+        ):
             entry.state = PeerState.UP
             return [PeerUp(self._info(entry))]
         if entry.state is PeerState.UNREACHABLE:
@@ -399,6 +457,47 @@ class PeerTable:
         after = self._info(entry)
         if replace(after, last_seen=before.last_seen) != before:
             return [PeerChanged(after)]
+        return []
+
+    def _observe_foreign(
+        self,
+        service: str,
+        label: str,
+        ann: ForeignAnnouncement,
+        addrs: tuple[Addr, ...],
+        now: float,
+    ) -> list[PeerEvent]:
+        """A node of another protocol version: listed as INCOMPATIBLE, with no event (so the
+        owner never connects to it), except ``PeerDown`` if it was present until now."""
+        key = ann.node_id.hex()
+        entry = self._entries.get(key)
+        folders = () if ann.nonce is None else self._match(ann.nonce, ann.tokens)
+        if entry is None:
+            if not self._make_room():
+                self.stats.full += 1
+                return []
+            state = PeerState.INCOMPATIBLE
+            entry = _Entry(ann.node_id, label, addrs, folders, None, state, now, now)
+            self._entries[key] = entry
+            self._set_service(key, entry, service)
+            entry.nonce = ann.nonce or b""
+            entry.version = ann.version
+            return []
+        before = self._info(entry)
+        was_active = entry.state in ACTIVE_STATES
+        self._set_service(key, entry, service)
+        entry.name = label
+        entry.addresses = addrs
+        entry.folders = folders
+        entry.sequence = None
+        entry.nonce = ann.nonce or b""
+        entry.version = ann.version
+        entry.heard_at = now
+        entry.state = PeerState.INCOMPATIBLE
+        if was_active:
+            # The addresses the owner was given, so that it can forget them.
+            gone = replace(before, state=PeerState.INCOMPATIBLE)
+            return [PeerDown(gone, DownReason.INCOMPATIBLE)]
         return []
 
     def removed(self, service: str) -> list[PeerEvent]:
@@ -424,7 +523,7 @@ class PeerTable:
         for entry in self._entries.values():
             if entry.service is None:
                 continue
-            if entry.state is PeerState.UP:
+            if entry.state in (PeerState.UP, PeerState.INCOMPATIBLE):
                 interval = self.policy.probe_interval
                 quiet = now - entry.heard_at >= interval
             elif entry.state is PeerState.LOST:
@@ -438,12 +537,17 @@ class PeerTable:
         return due
 
     def expire(self, now: float) -> list[PeerEvent]:
-        """Declare lost every mDNS peer silent for ``silence_timeout``."""
+        """Declare lost every mDNS peer silent for ``silence_timeout`` (an incompatible one too,
+        silently: it was never up)."""
         events: list[PeerEvent] = []
         for entry in self._entries.values():
-            if entry.state is PeerState.UP and now - entry.heard_at >= self.policy.silence_timeout:
+            if now - entry.heard_at < self.policy.silence_timeout:
+                continue
+            if entry.state is PeerState.UP:
                 entry.state = PeerState.LOST
                 events.append(PeerDown(self._info(entry), DownReason.SILENT))
+            elif entry.state is PeerState.INCOMPATIBLE:
+                entry.state = PeerState.LOST
         return events
 
     # -- inputs from the owner (transport, configuration, peer exchange) --
@@ -457,9 +561,10 @@ class PeerTable:
         return [PeerDown(self._info(entry), DownReason.UNREACHABLE)]
 
     def mark_reachable(self, node_id: NodeId, now: float) -> list[PeerEvent]:
-        """The transport has a live session with this peer: it outranks mDNS silence."""
+        """The transport has a live session with this peer: it outranks mDNS silence (but not an
+        announcement of another protocol version)."""
         entry = self._entries.get(node_id.hex())
-        if entry is None or entry.state is PeerState.REACHABLE:
+        if entry is None or entry.state in (PeerState.REACHABLE, PeerState.INCOMPATIBLE):
             return []
         was_active = entry.state in ACTIVE_STATES
         entry.state = PeerState.REACHABLE
@@ -498,6 +603,17 @@ class PeerTable:
         entry = self._entries.get(node_id.hex())
         return None if entry is None else self._info(entry)
 
+    def version(self, node_id: NodeId) -> int | None:
+        """The protocol version ``node_id`` last announced over mDNS (None if unknown)."""
+        entry = self._entries.get(node_id.hex())
+        return None if entry is None or entry.service is None else entry.version
+
+    def by_service(self, service: str) -> PeerInfo | None:
+        """The entry announced under ``service`` (full instance name), if any."""
+        key = self._by_service.get(service.lower())
+        entry = None if key is None else self._entries.get(key)
+        return None if entry is None else self._info(entry)
+
     def services(self) -> dict[str, str]:
         """Service name (lower case) → table key, for every mDNS entry."""
         return dict(self._by_service)
@@ -532,7 +648,9 @@ class PeerTable:
         if other is not None and other != key:
             # The same instance name now announces another node id: the old node is gone.
             old = self._entries.get(other)
-            if old is not None:
+            if old is not None and old.state is PeerState.INCOMPATIBLE:
+                del self._entries[other]  # listed only for its announcement, now gone
+            elif old is not None:
                 old.service = None
                 old.state = PeerState.LOST if old.state is PeerState.UP else old.state
         entry.service = service
@@ -542,21 +660,21 @@ class PeerTable:
         if len(self._entries) < self.max_peers:
             return True
         for key, entry in self._entries.items():
-            if entry.state in (PeerState.LOST, PeerState.UNREACHABLE):
+            if entry.state in (PeerState.LOST, PeerState.UNREACHABLE, PeerState.INCOMPATIBLE):
                 self._drop(key, DownReason.REMOVED)
                 return True
         return False
 
-    def _match(self, ann: Announcement) -> tuple[str, ...]:
-        cache_key = (ann.nonce, ann.tokens)
+    def _match(self, nonce: bytes, tokens: tuple[bytes, ...]) -> tuple[str, ...]:
+        cache_key = (nonce, tokens)
         found = self._matches.get(cache_key)
         if found is None:
             found = tuple(
                 folder.label
                 for folder in self.folders
                 if any(
-                    hmac.compare_digest(self.token_function(folder.key, ann.nonce), token)
-                    for token in ann.tokens
+                    hmac.compare_digest(self.token_function(folder.key, nonce), token)
+                    for token in tokens
                 )
             )
             if len(self._matches) >= 4 * self.max_peers:

@@ -181,7 +181,9 @@ def _hostile_records(own: NodeId, key: bytes) -> dict[str, bytes | dict[str, str
     token = announce_token(key, nonce).hex()
     good = {"v": "1", "id": secrets.token_hex(8), "n": nonce.hex(), "t": token, "seq": "1"}
     return {
-        "bad-version": {**good, "v": "9"},
+        "bad-version": {**good, "v": "x"},
+        "no-version": {k: v for k, v in good.items() if k != "v"},
+        "other-version-bad-id": {**good, "v": "2", "id": "zz" * 8},
         "bad-id": {**good, "id": "zz" * 8},
         "short-nonce": {**good, "n": "00"},
         "bad-tokens": {**good, "t": token[:-1]},
@@ -199,6 +201,13 @@ def test_hostile_announcements_are_rejected_without_harm() -> None:
     key = generate_key()
     a, b = _node("alpha", key), _node("beta", key)
     hostile = _hostile_records(a.node_id, key)
+    # Well-formed but of another protocol version: listed as incompatible, never an event.
+    future = secrets.token_hex(8)
+    hostile["future"] = {"v": "2", "id": future, "caps": "x" * 100}
+
+    def only_b_up(event: PeerEvent) -> bool:
+        assert event.peer.node_id == b.node_id, event
+        return isinstance(event, PeerUp)
 
     async def scenario() -> None:
         attacker = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
@@ -217,10 +226,20 @@ def test_hostile_announcements_are_rejected_without_harm() -> None:
                     await attacker.async_register_service(info)
                 # A good peer is still found after all that, and nothing hostile got in.
                 async with _running(b):
-                    await _next(a, _up_of(b))
-                await _until(lambda: a.table_stats.rejected + a.table_stats.own >= len(hostile))
-                assert a.table_stats.own >= 1
+                    await _next(a, only_b_up)
+                stats = a.table_stats
+                await _until(lambda: stats.rejected + stats.own >= len(hostile) - 1)
+                await _until(lambda: stats.incompatible >= 1)
+                assert stats.own >= 1
                 assert [p.name for p in a.peers() if p.state is PeerState.UP] == []
+                listed = [p for p in a.peers() if p.state is PeerState.INCOMPATIBLE]
+                assert [(p.name, p.node_id.hex() if p.node_id else None) for p in listed] == [
+                    ("evil-future", future)
+                ]
+                assert listed[0].addresses == (("127.0.0.1", 41000 + len(hostile) - 1),)
+                # Every event was about b: none for the incompatible node nor the hostile ones.
+                while not a.events.empty():
+                    assert a.events.get_nowait().peer.node_id == b.node_id
         finally:
             await attacker.async_close()
 

@@ -18,6 +18,7 @@ from lanshare.peertable import (
     MAX_TXT_SIZE,
     Announcement,
     DownReason,
+    ForeignAnnouncement,
     LivenessPolicy,
     PeerChanged,
     PeerDown,
@@ -30,6 +31,7 @@ from lanshare.peertable import (
     format_addr,
     instance_label,
     parse_host_port,
+    read_txt,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +57,11 @@ def txt(
 
 def item(s: bytes) -> bytes:
     return bytes((len(s),)) + s
+
+
+def foreign_txt(version: bytes = b"2", node: bytes = PEER, *rest: bytes) -> bytes:
+    """A record of another protocol version: ``v=``, ``id=`` and whatever else it says."""
+    return item(b"v=" + version) + item(b"id=" + node.hex().encode()) + b"".join(map(item, rest))
 
 
 def table(**kw: Any) -> PeerTable:
@@ -141,6 +148,66 @@ def test_first_duplicate_wins_and_unknown_keys_are_ignored() -> None:
     raw = txt(seq=5) + item(b"seq=9") + item(b"future=thing") + item(b"flag")
     assert decode_txt(raw).sequence == 5
     assert decode_txt(item(b"V=1") + txt()[4:]).node_id == PEER  # keys are case-insensitive
+
+
+def test_a_record_of_another_version_is_read_only_as_far_as_listing_needs() -> None:
+    # Readable folder tokens (this version's formats) are kept, to tell which folders match.
+    same_shape = item(b"v=2") + txt(keys=(KEY_A,))[4:]
+    ann = read_txt(same_shape)
+    assert ann == ForeignAnnouncement(2, PEER, NONCE, (announce_token(KEY_A, NONCE),))
+    # Anything else a future version says is ignored: no seq=, other formats, other keys.
+    future = foreign_txt(b"17", PEER, b"n=not-hex", b"t=xyz", b"seq=-1", b"caps=quic,v6", b"flag")
+    assert read_txt(future) == ForeignAnnouncement(17, PEER, None, ())
+    assert read_txt(foreign_txt(b"2", PEER)) == ForeignAnnouncement(2, PEER, None, ())
+    # Our own version still goes through every check.
+    assert read_txt(txt(seq=3)) == decode_txt(txt(seq=3))
+    with pytest.raises(DecodeError, match="version 2"):
+        decode_txt(same_shape)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (foreign_txt(b"2", PEER)[:-1], "truncated"),
+        (item(b"v=2") + item(b"id=00"), "short id"),
+        (item(b"v=2") + item(b"id=" + PEER.hex().upper().encode()), "upper-case id"),
+        (item(b"v=2") + item(b"n=" + NONCE.hex().encode()), "no id"),
+        (item(b"v=2") + item(b"x" * 255) * 2, "oversized"),
+        (foreign_txt(b"2", PEER, b"\x01bad=1"), "control character in a key"),
+        (foreign_txt(b"2", PEER) + b"\x00", "empty string"),
+        (foreign_txt(b"0", PEER), "version 0"),
+        (foreign_txt(b"02", PEER), "leading zero"),
+        (foreign_txt(b"10000", PEER), "version too large"),
+        (foreign_txt(b"-2", PEER), "negative version"),
+        (foreign_txt(b"two", PEER), "version not a number"),
+        (foreign_txt(b"", PEER), "empty version"),
+        (item(b"v") + item(b"id=" + PEER.hex().encode()), "version without a value"),
+        (item(b"id=" + PEER.hex().encode()) + item(b"vers=2"), "no version"),
+    ],
+)
+def test_malformed_records_of_any_version_are_refused(raw: bytes, why: str) -> None:
+    with pytest.raises(DecodeError):
+        read_txt(raw)
+
+
+@given(st.binary(max_size=2 * MAX_TXT_SIZE))
+def test_read_raises_only_decode_error(raw: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        read_txt(raw)
+
+
+@given(st.integers(2, 9999), st.binary(max_size=MAX_TXT_SIZE), st.integers(0, 400))
+def test_foreign_records_with_hostile_tails_never_escape_decode_error(
+    version: int, tail: bytes, cut: int
+) -> None:
+    raw = foreign_txt(str(version).encode(), PEER) + tail
+    with contextlib.suppress(DecodeError):
+        ann = read_txt(raw[: len(raw) - cut % len(raw)])
+        assert isinstance(ann, ForeignAnnouncement)
+        assert ann.node_id == PEER
+        assert ann.version == version
+        assert ann.nonce is None or len(ann.nonce) == 8
+        assert len(ann.tokens) <= MAX_ANNOUNCED_FOLDERS
 
 
 def test_encode_refuses_what_it_cannot_announce() -> None:
@@ -337,6 +404,126 @@ def test_the_table_is_bounded_and_evicts_dead_entries_first() -> None:
     (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 100.0)
     assert up.peer.node_id == OTHER
     assert t.get(PEER) is None
+
+
+# --- nodes of another protocol version --------------------------------------------------------
+
+
+def test_a_node_of_another_version_is_listed_incompatible_without_events() -> None:
+    t = table()
+    raw = foreign_txt(b"2", PEER, b"n=zz", b"whatever=1")
+    assert t.observe(SERVICE, raw, ["10.0.0.2"], 4747, now=5.0) == []
+    (peer,) = t.peers()
+    assert peer.state is PeerState.INCOMPATIBLE
+    assert peer.to_json() == {
+        "id": PEER.hex(),
+        "name": "Peer One",
+        "addresses": ["10.0.0.2:4747"],
+        "folders": [],
+        "sequence": None,
+        "state": "incompatible",
+        "first_seen": 1005.0,
+        "last_seen": 1005.0,
+    }
+    assert t.version(PEER) == 2
+    assert t.by_service(SERVICE.upper()) == peer
+    assert (t.stats.incompatible, t.stats.rejected) == (1, 0)
+    # Repeats and changes of its record: still no event, the entry follows.
+    assert t.observe(SERVICE, raw, ["10.0.0.3"], 4747, now=6.0) == []
+    assert t.peers()[0].addresses == (("10.0.0.3", 4747),)
+    assert t.peers()[0].last_seen == 1006.0
+    # The transport's word does not make it a peer to sync with.
+    assert t.mark_reachable(PEER, 7.0) == []
+    assert t.mark_unreachable(PEER) == []
+    assert t.peers()[0].state is PeerState.INCOMPATIBLE
+
+
+def test_an_incompatible_node_shows_the_folders_its_tokens_still_match() -> None:
+    t = table()
+    raw = item(b"v=3") + txt(keys=(KEY_X, KEY_B))[4:]
+    assert t.observe(SERVICE, raw, ["10.0.0.2"], 1, 0.0) == []
+    assert t.peers()[0].folders == ("b",)
+    # It is listed even when nothing matches: its tokens may mean something else now.
+    other = item(b"v=3") + txt(node=OTHER, keys=(KEY_X,))[4:]
+    assert t.observe("x._lanshare._udp.local.", other, ["10.0.0.3"], 1, 0.0) == []
+    assert [(p.node_id, p.folders) for p in t.peers()] == [(PEER, ("b",)), (OTHER, ())]
+    assert t.stats.unshared == 0
+
+
+def test_incompatible_records_are_still_checked_like_any_other() -> None:
+    t = table()
+    assert t.observe(SERVICE, foreign_txt(b"2", OWN), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["224.0.0.251", "junk"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 0, 0.0) == []
+    assert t.observe(SERVICE, item(b"v=2") + item(b"id=zz"), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(b"x", PEER), ["10.0.0.2"], 1, 0.0) == []
+    assert t.peers() == []
+    s = t.stats
+    assert (s.own, s.bad_address, s.rejected, s.incompatible) == (1, 2, 2, 0)
+
+
+def test_a_peer_that_upgrades_goes_down_and_comes_back_when_it_speaks_ours_again() -> None:
+    t = table()
+    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    t.mark_reachable(PEER, 0.5)
+    (down,) = t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.9"], 1, 1.0)
+    assert isinstance(down, PeerDown)
+    assert down.reason is DownReason.INCOMPATIBLE
+    assert down.peer.state is PeerState.INCOMPATIBLE
+    assert down.peer.addresses == (("10.0.0.2", 1),)  # what the owner was told to use
+    assert t.peers()[0].addresses == (("10.0.0.9", 1),)
+    assert t.peers()[0].sequence is None
+    (up,) = t.observe(SERVICE, txt(nonce=b"\x07" * 8, seq=4), ["10.0.0.9"], 1, 2.0)
+    assert isinstance(up, PeerUp)
+    assert (up.peer.state, up.peer.sequence, up.peer.folders) == (PeerState.UP, 4, ("a",))
+    # Back to another version, then to ours without a shared folder: forgotten, no event.
+    assert len(t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.9"], 1, 3.0)) == 1
+    assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.9"], 1, 4.0) == []
+    assert t.peers() == []
+
+
+def test_a_silent_incompatible_node_is_probed_then_lost_quietly_and_revived() -> None:
+    t = table()
+    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 0.0)
+    assert t.due_probes(4.9) == []
+    assert t.due_probes(5.0) == [SERVICE.lower()]
+    assert t.heard(SERVICE, 6.0) is False
+    assert t.expire(20.9) == []
+    assert t.peers()[0].state is PeerState.INCOMPATIBLE
+    assert t.expire(21.0) == []  # lost, but it was never up: no event
+    assert t.peers()[0].state is PeerState.LOST
+    assert t.due_probes(40.0) == [SERVICE.lower()]
+    assert t.heard(SERVICE, 41.0) is True  # answering again: the owner re-resolves
+    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 41.5) == []
+    assert t.peers()[0].state is PeerState.INCOMPATIBLE
+
+
+def test_an_incompatible_node_leaves_on_goodbye_or_when_its_name_is_taken() -> None:
+    t = table()
+    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 0.0)
+    assert t.removed(SERVICE) == []
+    assert t.peers() == []
+    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 1.0)
+    (up,) = t.observe(SERVICE, txt(node=OTHER), ["10.0.0.3"], 1, 2.0)
+    assert up.peer.node_id == OTHER
+    assert [p.node_id for p in t.peers()] == [OTHER]
+
+
+def test_incompatible_nodes_never_crowd_out_peers() -> None:
+    t = table(max_peers=2)
+    for i in range(10):  # a flood of other-version records with fresh ids
+        node = NodeId(bytes(7) + bytes([0x10 + i]))
+        t.observe(f"f{i}._lanshare._udp.local.", foreign_txt(b"2", node), ["10.0.0.5"], 1, 0.0)
+    assert len(t.peers()) == 2
+    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    assert up.peer.node_id == PEER
+    (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 0.0)
+    assert [p.state for p in t.peers()] == [PeerState.UP, PeerState.UP]
+    # With the table full of peers, a newcomer of another version is refused and counted.
+    late = foreign_txt(b"2", NodeId(bytes(8)))
+    assert t.observe("late._lanshare._udp.local.", late, ["10.0.0.6"], 1, 0.0) == []
+    assert t.stats.full == 1
+    assert len(t.peers()) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,128 @@
+"""Discovery through real daemons: a node of another protocol version next to them.
+
+``lanshare daemon`` processes on 127.0.0.1 (mDNS on 127.0.0.1 only, no root) beside an
+independent python-zeroconf registration.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import select
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+from lanshare import keys
+from lanshare.discovery import SERVICE_TYPE
+from lanshare.engine import RECONNECT_INTERVAL
+from tests.e2e.conftest import cluster
+from tests.e2e.harness import wait_until
+
+if TYPE_CHECKING:
+    from tests.e2e.harness import Cluster, Node
+
+__all__ = ["cluster"]
+
+pytestmark = [pytest.mark.e2e, pytest.mark.mdns]
+
+SYNC_TIMEOUT = 30.0
+FIND_TIMEOUT = 30.0
+"""Seconds for mDNS to find something that takes a second or two."""
+
+
+def _peer(node: Node, name: str) -> dict[str, Any] | None:
+    return next((p for p in node.cli_json("peers") if p["name"] == name), None)
+
+
+def _connected(node: Node, other: Node) -> bool:
+    return any(p["state"] == "connected" and p["name"] == other.name for p in node.call("peers"))
+
+
+# --- a node speaking another protocol version --------------------------------------------------
+
+
+def test_a_node_of_another_protocol_version_is_listed_incompatible_and_left_alone(
+    cluster: Cluster,
+) -> None:
+    a = cluster.node("a")
+    b = cluster.node("b", static_peers=(a.endpoint,))
+    bystander = cluster.node("c")  # never started: `peers` browses by itself
+    a.start()
+    b.start()
+    wait_until(lambda: _connected(b, a), SYNC_TIMEOUT, "b connected to a")
+
+    # The newer node: a TXT record with v=2, an id, folder tokens in today's format for our
+    # key, and a field today's code has never heard of. Its advertised port is a socket of ours,
+    # so anything a daemon sends it is seen.
+    nonce = keys.generate_announce_nonce()
+    token = keys.announce_token(keys.parse_key(cluster.key), nonce)
+    future_id = secrets.token_hex(8)
+    name = f"future-{secrets.token_hex(3)}"
+    trap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    try:
+        trap.bind(("127.0.0.1", 0))
+        trap.setblocking(False)
+        port = trap.getsockname()[1]
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{name}.{SERVICE_TYPE}",
+            port=port,
+            properties={
+                "v": "2",
+                "id": future_id,
+                "n": nonce.hex(),
+                "t": token.hex(),
+                "seq": "7",
+                "caps": "multipath,quic-ish",
+            },
+            server=f"ls-{future_id}.local.",
+            parsed_addresses=["127.0.0.1"],
+        )
+        zc.register_service(info)
+        registered = time.monotonic()
+        listed = wait_until(lambda: _peer(b, name), FIND_TIMEOUT, "b lists the newer node")
+        assert listed == {
+            "id": future_id,
+            "name": name,
+            "addresses": [f"127.0.0.1:{port}"],
+            "folders": [str(b.folder)],
+            "sequence": None,
+            "state": "incompatible",
+            "first_seen": listed["first_seen"],
+            "last_seen": listed["last_seen"],
+        }
+        assert abs(listed["last_seen"] - time.time()) < 60
+        wait_until(lambda: _peer(a, name), FIND_TIMEOUT, "a lists the newer node")
+        human = b.cli("peers").stdout
+        assert any(name in line and "incompatible" in line for line in human.splitlines()), human
+        # Without a daemon, `peers` browses for itself and lists it the same way.
+        browsed = json.loads(bystander.cli("peers", "--json", "--seconds", "4").stdout)
+        assert [p["state"] for p in browsed if p["name"] == name] == ["incompatible"]
+
+        # The daemons stay healthy and keep syncing with each other...
+        (a.folder / "after.txt").write_text("written while a newer node is around\n")
+        wait_until(lambda: (b.folder / "after.txt").exists(), SYNC_TIMEOUT, "after.txt reaches b")
+        assert (b.folder / "after.txt").read_text() == "written while a newer node is around\n"
+        for node in (a, b):
+            assert node.cli_json("status")["folders"][0]["state"] in ("in_sync", "syncing")
+            assert node.alive()
+            node.wait_log("speaks protocol version 2", 10.0)
+            assert "Traceback" not in node.log_text()
+        # ...and neither sends the newer node a single datagram, though an engine retries every
+        # address it was given every RECONNECT_INTERVAL: watched for two of them at least.
+        window = registered + 2 * RECONNECT_INTERVAL - time.monotonic()
+        ready, _, _ = select.select([trap], [], [], max(0.0, window))
+        if ready:
+            data, sender = trap.recvfrom(2048)
+            raise AssertionError(f"a daemon sent {len(data)} bytes to the newer node: {sender}")
+        assert [p["state"] for p in b.cli_json("peers") if p["name"] == name] == ["incompatible"]
+    finally:
+        zc.close()
+        trap.close()
+    assert a.stop() == 0
+    assert b.stop() == 0
