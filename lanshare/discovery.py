@@ -22,8 +22,17 @@ How the pieces fit
 * Static peers (``[network].static_peers``) become ``PeerUp`` events in state ``static`` at start:
   candidates for the transport to probe (discovery cannot tell whether they are alive).
 * Interfaces: ``[network].interfaces`` (names or IPv4 addresses; empty = every non-loopback IPv4
-  address) is re-read from an ``ifaddr`` snapshot every ``INTERFACE_POLL_INTERVAL`` and zeroconf is
-  told with ``async_update_interfaces``. IPv4 only for now.
+  address) is re-read from an ``ifaddr`` snapshot whenever the kernel reports an IPv4 address
+  change (a netlink socket, on Linux; ``INTERFACE_SETTLE`` later, so that a burst of changes is
+  read once) and at least every ``INTERFACE_POLL_INTERVAL``. zeroconf gets one socket per interface
+  (``async_update_interfaces``); every address is announced in our address records, at once on a
+  change (not held back by the TXT coalescing), and an address that went away is retracted with
+  a goodbye. IPv4 only for now.
+* A peer's addresses: a new one makes the browser report the service as updated; one the peer
+  retracted (goodbye) or stopped announcing (flushed from the cache a second after the peer's
+  next announcement, RFC 6762 §10.2) is reported by no browser callback. So any address record
+  heard for a known peer's host has that peer re-resolved (from the cache) ``ADDRESS_SETTLE``
+  seconds later.
 * A node announcing another protocol version is listed as ``incompatible`` (see ``peertable``)
   and logged once; it never causes an event.
 """
@@ -37,6 +46,7 @@ import ipaddress
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +54,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ifaddr
-from zeroconf import (  # type: ignore[attr-defined]  # DNSOutgoing/DNSQuestion: not in __all__
+from zeroconf import (  # type: ignore[attr-defined]  # DNS*: not in __all__
+    DNSAddress,
     DNSOutgoing,
     DNSQuestion,
     IPVersion,
@@ -78,7 +89,7 @@ from lanshare.peertable import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from zeroconf import RecordUpdate
 
@@ -88,7 +99,15 @@ SERVICE_TYPE = "_lanshare._udp.local."
 TXT_UPDATE_INTERVAL = 5.0
 """Least time between two TXT updates (each is three multicast announcements)."""
 INTERFACE_POLL_INTERVAL = 15.0
-"""How often the interface list is compared with the last snapshot."""
+"""Longest time between two comparisons of the interface list with the last snapshot (the
+netlink monitor, where there is one, wakes the comparison up sooner)."""
+INTERFACE_SETTLE = 0.5
+"""Seconds between the kernel reporting an address change and the snapshot that reads it."""
+ADDRESS_SETTLE = 1.5
+"""Seconds between hearing an address record of a peer and re-resolving it: records that the
+peer stopped announcing are flushed from the cache one second after its announcement."""
+MAX_NETLINK_READS = 64
+"""Netlink messages read per wake-up (the rest wait for the next one)."""
 TICK_INTERVAL = 1.0
 """Granularity of liveness checks and probes."""
 RESOLVE_TIMEOUT = 3.0
@@ -110,9 +129,13 @@ MAX_INSTANCE_SIZE = 56
 """Bytes of the node name used as instance name (a DNS label is 63; room for ``-NN``)."""
 
 _TYPE_PTR = 12
+_TYPE_A = 1
 _TYPE_SRV = 33
+_RTMGRP_IPV4_IFADDR = 0x10
 _CLASS_IN = 1
 _FLAGS_QUERY = 0x0000
+_FLAGS_RESPONSE = 0x8400
+"""QR (a response) and AA (authoritative), as mDNS responses are (RFC 6762 §18.2, §18.4)."""
 
 
 @dataclass(slots=True)
@@ -183,9 +206,13 @@ class Discovery:
         self._names: dict[str, str] = {}
         self._watched: dict[str, str] = {}
         self._heard: set[str] = set()
+        self._addresses_heard: dict[str, float] = {}
         self._incompatible: set[tuple[NodeId, int | None]] = set()
         self._publish_wanted = asyncio.Event()
         self._interfaces: tuple[str, ...] = ()
+        """The addresses we announce."""
+        self._sockets: tuple[str, ...] = ()
+        """The addresses of zeroconf's sockets: one per interface."""
         self._aiozc: AsyncZeroconf | None = None
         self._registered: AsyncServiceInfo | None = None
 
@@ -239,8 +266,9 @@ class Discovery:
         self._table.unix_offset = time.time() - loop.time()
         snapshot = _adapter_snapshot()
         self._interfaces = choose_interfaces(self._network.interfaces, snapshot)
+        self._sockets = socket_addresses(self._interfaces, snapshot)
         logger.info("mDNS on %s", ", ".join(self._interfaces))
-        aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
+        aiozc = AsyncZeroconf(interfaces=list(self._sockets), ip_version=IPVersion.V4Only)
         self._aiozc = aiozc
         listener = _HeardListener(self)
         browser: AsyncServiceBrowser | None = None
@@ -336,12 +364,18 @@ class Discovery:
             for key in heard:
                 if self._table.heard(key, now):
                     self._request_resolve(key)
+            settled = [k for k, t in self._addresses_heard.items() if now - t >= ADDRESS_SETTLE]
+            for key in settled:
+                del self._addresses_heard[key]
+                if key in self._table.services():
+                    self._request_resolve(key)
             await self._emit(self._table.expire(now))
             due = self._table.due_probes(now)
             if due:
                 self._probe(due)
             known = set(self._table.services())
             self._watched = {k: v for k, v in self._watched.items() if v in known}
+            self._addresses_heard = {k: t for k, t in self._addresses_heard.items() if k in known}
             if len(self._names) > NAME_MEMORY:  # hostile name churn must not grow memory
                 keep = known | set(self._resolving)
                 self._names = {k: v for k, v in self._names.items() if k in keep}
@@ -360,8 +394,7 @@ class Discovery:
         logger.info("announced %s on port %d", info.name, self._port)
 
     async def _publish(self) -> None:
-        """Coalesce TXT/address changes: at most one update per TXT_UPDATE_INTERVAL."""
-        assert self._aiozc is not None
+        """Coalesce TXT changes: at most one update per TXT_UPDATE_INTERVAL."""
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
@@ -370,33 +403,70 @@ class Discovery:
             if wait > 0:
                 await asyncio.sleep(wait)
             self._publish_wanted.clear()
-            old = self._registered
-            assert old is not None
-            info = self._service_info(old.name)
-            if info.text == old.text and info.addresses == old.addresses:
-                continue
-            announced = await self._aiozc.async_update_service(info)
-            self._registered = info
-            last = loop.time()
-            self.stats.txt_updates += 1
-            await announced
+            announced = await self._update_registration()
+            if announced is not None:
+                last = loop.time()
+                await announced
+
+    async def _update_registration(self) -> Awaitable[object] | None:
+        """Give zeroconf our current TXT record and addresses if they changed; returns what
+        to await for the announcements to be sent (None if nothing changed)."""
+        assert self._aiozc is not None
+        old = self._registered
+        if old is None:
+            return None
+        info = self._service_info(old.name)
+        if info.text == old.text and info.addresses == old.addresses:
+            return None
+        announced = await self._aiozc.async_update_service(info)
+        self._registered = info
+        self.stats.txt_updates += 1
+        return announced
 
     async def _watch_interfaces(self, snapshot: tuple[tuple[str, str], ...]) -> None:
         assert self._aiozc is not None
-        while True:
-            await asyncio.sleep(INTERFACE_POLL_INTERVAL)
-            current = _adapter_snapshot()
-            if current == snapshot:
-                continue
-            snapshot = current
-            chosen = choose_interfaces(self._network.interfaces, current)
-            if chosen == self._interfaces:
-                continue
-            logger.info("interfaces changed: mDNS now on %s", ", ".join(chosen))
-            self.stats.interface_changes += 1
-            await self._aiozc.async_update_interfaces(interfaces=list(chosen))
-            self._interfaces = chosen
-            self._publish_wanted.set()  # our address records changed
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        monitor = _open_address_monitor()
+        if monitor is not None:
+            loop.add_reader(monitor.fileno(), _drain_address_monitor, monitor, changed)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(INTERFACE_POLL_INTERVAL):
+                        await changed.wait()
+                        await asyncio.sleep(INTERFACE_SETTLE)  # the rest of a burst
+                changed.clear()
+                current = _adapter_snapshot()
+                if current == snapshot:
+                    continue
+                snapshot = current
+                chosen = choose_interfaces(self._network.interfaces, current)
+                if chosen == self._interfaces:
+                    continue
+                logger.info("interfaces changed: mDNS now on %s", ", ".join(chosen))
+                self.stats.interface_changes += 1
+                gone = [ip for ip in self._interfaces if ip not in chosen]
+                self._interfaces = chosen
+                sockets = socket_addresses(chosen, current, self._sockets)
+                if sockets != self._sockets:
+                    # zeroconf re-announces the registration (still the old addresses) on
+                    # every socket it adds: the goodbyes below correct it.
+                    await self._aiozc.async_update_interfaces(interfaces=list(sockets))
+                    self._sockets = sockets
+                # At once, not held back by the TXT coalescing.
+                announced = await self._update_registration()
+                if announced is not None:
+                    # The announcement flushes older address records from the peers' caches,
+                    # but only those heard more than a second ago (RFC 6762 §10.2): a goodbye
+                    # (§10.1) retracts a gone address whenever it was last announced.
+                    self._say_goodbye_to_addresses(gone)
+                    await announced
+                self._publish_wanted.set()  # in case we were not registered yet
+        finally:
+            if monitor is not None:
+                loop.remove_reader(monitor.fileno())
+                monitor.close()
 
     # -- helpers --
 
@@ -433,6 +503,19 @@ class Discovery:
             version,
             PROTOCOL_VERSION,
         )
+
+    def _say_goodbye_to_addresses(self, addresses: Sequence[str]) -> None:
+        """Send our address records for ``addresses`` with a TTL of 0 (not cache-flush: that
+        would retract the other addresses too)."""
+        assert self._aiozc is not None
+        if not addresses:
+            return
+        out = DNSOutgoing(_FLAGS_RESPONSE)
+        server = f"ls-{self.node_id.hex()}.local."
+        for ip in addresses:
+            record = DNSAddress(server, _TYPE_A, _CLASS_IN, 0, socket.inet_aton(ip))
+            out.add_answer_at_time(record, 0)
+        self._aiozc.zeroconf.async_send(out)
 
     def _request_resolve(self, key: str) -> None:
         try:
@@ -529,12 +612,17 @@ class _HeardListener(RecordUpdateListener):
         self._owner = owner
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
-        watched = self._owner._watched
+        owner = self._owner
+        watched = owner._watched
         for update in records:
             record = update.new
             key = watched.get(record.key)
-            if key is not None and record.ttl:
-                self._owner._heard.add(key)
+            if key is None:
+                continue
+            if record.ttl and not record.is_expired(now):  # not the cache's own expiry
+                owner._heard.add(key)
+            if record.type == _TYPE_A:  # new, refreshed, flushed or expired: re-read them
+                owner._addresses_heard.setdefault(key, _loop_time())
 
 
 # --- pure helpers ----------------------------------------------------------------------------
@@ -572,6 +660,22 @@ def choose_interfaces(
     return tuple(sorted(chosen, key=lambda ip: ipaddress.IPv4Address(ip)))
 
 
+def socket_addresses(
+    chosen: Sequence[str], adapters: Sequence[tuple[str, str]], current: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The addresses of ``chosen`` to give zeroconf: one per interface, since a second socket
+    cannot join the mDNS group on an interface that already has one (zeroconf refuses it with a
+    warning). An address in ``current`` (the sockets in use) is kept while it is chosen.
+    """
+    interface_of: dict[str, str] = {}
+    for name, ip in adapters:
+        interface_of.setdefault(ip, name)
+    by_interface: dict[str, str] = {}
+    for ip in sorted(chosen, key=lambda ip: (ip not in current, ipaddress.IPv4Address(ip))):
+        by_interface.setdefault(interface_of.get(ip, ip), ip)
+    return tuple(sorted(by_interface.values(), key=ipaddress.IPv4Address))
+
+
 def _is_ipv4(text: str) -> bool:
     try:
         ipaddress.IPv4Address(text)
@@ -588,6 +692,39 @@ def _adapter_snapshot() -> tuple[tuple[str, str], ...]:
         if isinstance(ip.ip, str)
     }
     return tuple(sorted(pairs))
+
+
+def _open_address_monitor() -> socket.socket | None:
+    """A non-blocking netlink socket told of every IPv4 address change (Linux); else None."""
+    family = getattr(socket, "AF_NETLINK", None)
+    protocol = getattr(socket, "NETLINK_ROUTE", None)
+    if family is None or protocol is None:
+        return None
+    try:
+        monitor = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    except OSError as exc:
+        logger.debug("no netlink monitor (%s): interfaces are polled", exc)
+        return None
+    try:
+        monitor.setblocking(False)
+        monitor.bind((0, _RTMGRP_IPV4_IFADDR))
+    except OSError as exc:
+        monitor.close()
+        logger.debug("no netlink monitor (%s): interfaces are polled", exc)
+        return None
+    return monitor
+
+
+def _drain_address_monitor(monitor: socket.socket, changed: asyncio.Event) -> None:
+    """Read what the kernel reported (only its arrival matters) and wake the watcher."""
+    for _ in range(MAX_NETLINK_READS):
+        try:
+            monitor.recv(65536)
+        except BlockingIOError:
+            break
+        except OSError:  # ENOBUFS: messages were lost, which is a change too
+            break
+    changed.set()
 
 
 def _loop_time() -> float:

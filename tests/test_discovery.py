@@ -14,7 +14,14 @@ from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig
-from lanshare.discovery import SERVICE_TYPE, Discovery, browse_once, choose_interfaces, main
+from lanshare.discovery import (
+    SERVICE_TYPE,
+    Discovery,
+    browse_once,
+    choose_interfaces,
+    main,
+    socket_addresses,
+)
 from lanshare.identity import NodeId
 from lanshare.keys import announce_token, format_key, generate_key
 from lanshare.peertable import (
@@ -290,6 +297,20 @@ def test_bad_static_peers_fail_at_construction() -> None:
         _node("x", generate_key(), network=NetworkConfig(static_peers=("nohost",)))
 
 
+def test_one_socket_address_per_interface() -> None:
+    adapters = [
+        ("lo", "127.0.0.1"),
+        ("eth0", "10.0.0.9"),
+        ("eth0", "10.0.0.2"),
+        ("wlan0", "10.1.0.5"),
+    ]
+    chosen = ("10.0.0.2", "10.0.0.9", "10.1.0.5")
+    assert socket_addresses(chosen, adapters) == ("10.0.0.2", "10.1.0.5")
+    assert socket_addresses(chosen, adapters, ("10.0.0.9",)) == ("10.0.0.9", "10.1.0.5")
+    assert socket_addresses(("10.0.0.9",), adapters, ("10.0.0.2",)) == ("10.0.0.9",)
+    assert socket_addresses(("127.0.0.1",), []) == ("127.0.0.1",)
+
+
 def test_interface_choice() -> None:
     adapters = [("lo", "127.0.0.1"), ("eth0", "10.0.0.2"), ("wlan0", "192.168.1.5")]
     assert choose_interfaces([], adapters) == ("10.0.0.2", "192.168.1.5")
@@ -428,7 +449,7 @@ def test_static_peers_work_with_multicast_blocked(
 @pytest.mark.netns
 @pytest.mark.mdns
 @pytest.mark.slow
-def test_a_new_address_is_noticed_and_announced(
+def test_a_new_address_is_announced_and_a_gone_one_retracted(
     make_lab: Callable[..., Lab], tmp_path: Path
 ) -> None:
     lab = make_lab(2)
@@ -437,13 +458,19 @@ def test_a_new_address_is_noticed_and_announced(
     try:
         ids = [_ready(p) for p in procs]
         procs[1].expect_json(_event("up", ids[0]), timeout=FIND)
-        extra = f"{lab.subnet}.201"
-        lab.hosts[0].run("ip", "addr", "add", f"{extra}/24", "dev", "eth0")
-        # Polled every 15 s, then re-announced (TXT updates are at least 5 s apart).
+        host = lab.hosts[0]
+        old, new = f"{host.address}:47000", f"{lab.subnet}.201:47000"
+        host.run("ip", "addr", "add", f"{lab.subnet}.201/24", "dev", "eth0")
+        # The kernel says so at once (polled every 15 s where it cannot): re-announced then.
         changed = procs[1].expect_json(
-            lambda o: o.get("event") == "changed" and f"{extra}:47000" in o["peer"]["addresses"],
-            timeout=60,
+            lambda o: o.get("event") == "changed" and new in o["peer"]["addresses"], timeout=60
         )
-        assert f"{lab.hosts[0].address}:47000" in changed["peer"]["addresses"]
+        assert old in changed["peer"]["addresses"]
+        # The first address goes (its secondary stays: promote_secondaries): retracted.
+        host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
+        host.run("ip", "addr", "del", f"{host.address}/24", "dev", "eth0")
+        procs[1].expect_json(
+            lambda o: o.get("event") == "changed" and o["peer"]["addresses"] == [new], timeout=60
+        )
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc

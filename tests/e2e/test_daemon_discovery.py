@@ -1,12 +1,15 @@
-"""Discovery through real daemons: a node of another protocol version next to them.
+"""Discovery through real daemons: a node of another protocol version next to them, and a
+machine whose addresses change while it runs.
 
-``lanshare daemon`` processes on 127.0.0.1 (mDNS on 127.0.0.1 only, no root) beside an
-independent python-zeroconf registration.
+The first test runs ``lanshare daemon`` processes on 127.0.0.1 (mDNS on 127.0.0.1 only, no root)
+beside an independent python-zeroconf registration; the second runs them in a namespace lab and
+changes a host's addresses with ``ip``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import select
 import socket
@@ -126,3 +129,86 @@ def test_a_node_of_another_protocol_version_is_listed_incompatible_and_left_alon
         trap.close()
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+# --- a machine whose addresses change ----------------------------------------------------------
+
+
+ADDRESS_BOUND = 10.0
+"""Seconds for a peer to list a new address (measured: about 0.5 s; interfaces are polled only
+every 15 s where the kernel's notifications are missing, so this bound tells the two apart)."""
+STALE_BOUND = 15.0
+"""Seconds for a peer to drop an address that went away (measured: about 3 s)."""
+
+
+def _addresses_of(node: Node, other: Node) -> list[str]:
+    """The addresses ``node`` lists for ``other`` (its control socket: no CLI start-up)."""
+    for peer in node.call("peers"):
+        if peer["name"] == other.name:
+            return list(peer["addresses"])
+    return []
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_a_new_address_is_announced_within_seconds_and_a_lost_one_dropped(
+    cluster: Cluster,
+) -> None:
+    lab = cluster.lab(2)
+    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
+    a.start()
+    b.start()
+    wait_until(lambda: _connected(b, a), SYNC_TIMEOUT, "b connected to a")
+    host = a.host
+    assert host is not None
+    old = f"{host.address}:{a.port}"
+    new_ip = f"{lab.subnet}.201"
+    new = f"{new_ip}:{a.port}"
+    assert _addresses_of(b, a) == [old]
+
+    # A new address, as a new interface or a DHCP lease after resume would bring.
+    host.run("ip", "addr", "add", f"{new_ip}/24", "dev", "eth0")
+    started = time.monotonic()
+    wait_until(lambda: new in _addresses_of(b, a), ADDRESS_BOUND, "b lists a's new address", 0.05)
+    added = time.monotonic() - started
+    (entry,) = [p for p in b.cli_json("peers") if p["name"] == "a"]
+    assert entry["state"] == "connected"
+    assert set(entry["addresses"]) == {old, new}
+
+    # The old address goes away, as when a network is left. (The kernel deletes the other
+    # addresses of a subnet with its primary one, unless told to promote them.)
+    host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
+    host.run("ip", "addr", "del", f"{host.address}/24", "dev", "eth0")
+    started = time.monotonic()
+    wait_until(lambda: _addresses_of(b, a) == [new], STALE_BOUND, "b drops a's old address", 0.05)
+    dropped = time.monotonic() - started
+    print(  # pytest -s shows the figures
+        f"\nb listed a's new address {added:.1f} s after it was added "
+        f"and dropped the old one {dropped:.1f} s after it was removed"
+    )
+    (entry,) = [p for p in b.cli_json("peers") if p["name"] == "a"]
+    assert (entry["addresses"], entry["state"]) == ([new], "connected")
+
+    # Both still sync, both ways, over the new address only.
+    (a.folder / "from-a.txt").write_text("sent after the move\n")
+    (b.folder / "from-b.txt").write_text("sent to the moved machine\n")
+    wait_until(lambda: (b.folder / "from-a.txt").exists(), SYNC_TIMEOUT, "from-a.txt reaches b")
+    wait_until(lambda: (a.folder / "from-b.txt").exists(), SYNC_TIMEOUT, "from-b.txt reaches a")
+    assert (b.folder / "from-a.txt").read_text() == "sent after the move\n"
+    assert (a.folder / "from-b.txt").read_text() == "sent to the moved machine\n"
+    for node in (a, b):
+        assert _tracebacks_but_zeroconfs(node.log_text()) == []
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def _tracebacks_but_zeroconfs(log: str) -> list[str]:
+    """The lines before each traceback in ``log`` that are not zeroconf's warning about a
+    socket whose address vanished before it was told (logged once per socket, harmless)."""
+    lines = log.splitlines()
+    return [
+        lines[i - 1] if i else ""
+        for i, line in enumerate(lines)
+        if line.startswith("Traceback")
+        and not (i and re.match(r"WARNING zeroconf: Error with socket .*\] ", lines[i - 1]))
+    ]
