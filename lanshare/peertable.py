@@ -483,6 +483,10 @@ class PeerTable:
             entry.nonce = ann.nonce or b""
             entry.version = ann.version
             return []
+        if entry.service not in (None, service):
+            # Node ids are public: a record under another name claiming this id (a stale
+            # one, or a spoof) must not take a live peer down.
+            return []
         before = self._info(entry)
         was_active = entry.state in ACTIVE_STATES
         self._set_service(key, entry, service)

@@ -548,3 +548,20 @@ def test_bad_static_peers_are_config_errors(text: str) -> None:
 
 def test_instance_label() -> None:
     assert instance_label("a b._lanshare._udp.local.") == "a b"
+
+
+def test_a_record_of_another_version_under_another_name_cannot_take_a_peer_down() -> None:
+    """Node ids are public: a stale or spoofed record claiming a live peer's id under
+    another service name leaves the peer as it is."""
+    t = table()
+    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 4747, 0.0)
+    assert up.peer.state is PeerState.UP
+    spoof = foreign_txt(b"2", PEER, b"n=zz")
+    assert t.observe("impostor._lanshare._udp.local.", spoof, ["10.0.0.66"], 4747, 1.0) == []
+    (peer,) = t.peers()
+    assert peer.state is PeerState.UP
+    assert peer.addresses == (("10.0.0.2", 4747),)
+    # The same service moving to another version is a real upgrade: down, then listed.
+    (down,) = t.observe(SERVICE, spoof, ["10.0.0.2"], 4747, 2.0)
+    assert isinstance(down, PeerDown)
+    assert t.peers()[0].state is PeerState.INCOMPATIBLE
