@@ -77,7 +77,7 @@ from lanshare.events import (
 )
 from lanshare.identity import short_id
 from lanshare.ignore import IgnoreRules
-from lanshare.index import LocalChange
+from lanshare.index import LocalChange, Partial
 from lanshare.manifest import Block, EntryType, FileRecord, decode_record, encode_record
 from lanshare.protocol import wire
 from lanshare.scheduler import (
@@ -137,6 +137,8 @@ class PeerLink:
     known_sequence: int = 0
     manifest_request: int | None = None
     refetch: bool = False
+    listed: bool = False
+    """Its whole file list was read once since the session came up."""
     in_progress: dict[str, FileRecord] = field(default_factory=dict)
     have: set[bytes] = field(default_factory=set)
     window_bytes: int = 0
@@ -208,6 +210,8 @@ class FolderSync:
         """None: the whole folder is kept in sync; else only these paths and what is under
         them are fetched or changed here."""
         self.allow_mass_delete = False
+        self.mass_delete_pause = False
+        """The last plan withheld a mass deletion that came from peers."""
         self.local_pause = ""
         """Why the last scan withheld local deletions (the folder stays paused)."""
         self.disk_full = ""
@@ -283,10 +287,12 @@ class FolderSync:
     async def resume(self) -> None:
         """The user confirmed a paused mass deletion: record and apply it. Pulls a full
         disk paused are tried again at once."""
+        confirm = bool(self.local_pause) or self.mass_delete_pause
         self.disk_full = ""
         if self.local_pause:
             await self.scan(allow_mass_delete=True)
-        self.allow_mass_delete = True
+        if confirm:
+            self.allow_mass_delete = True
         self.dirty.set()
 
     def announce_sequence(self) -> None:
@@ -399,6 +405,8 @@ class FolderSync:
             self.scheduler.peer_has(event.peer, have)
         if event.more or link.refetch:
             self.ask_manifest(link)
+        else:
+            link.listed = True
         self.dirty.set()
 
     async def _check_index_id(self, link: PeerLink, entry: bytes) -> bool:
@@ -476,6 +484,7 @@ class FolderSync:
         )
         for problem in result.problems:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
+        self.mass_delete_pause = result.paused
         if result.paused or self.local_pause or self.disk_full:
             self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
         actions = result.actions
@@ -512,6 +521,7 @@ class FolderSync:
             except LanshareError as exc:
                 self.problems[action.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
+        wanted.update(self.waiting_for_space)
         for path in [p for p in self.downloads if p not in wanted]:
             await self._abandon(path, discard=True)
         await self._drop_stale_partials()
@@ -560,14 +570,22 @@ class FolderSync:
 
     async def _drop_stale_partials(self) -> None:
         """Remove temporary files of downloads no plan wants any more (kept after a local
-        edit stopped them, or left by a crash for a version that has since been replaced)."""
+        edit stopped them, or left by a crash for a version that has since been replaced).
+
+        Downloads a full disk stopped are kept to resume, and so is all a node acting on
+        a few paths only (a short-lived ``pull``) does not plan: a daemon's downloads."""
+        if self.disk_full:
+            return
         index = self.engine.index
         partials = await asyncio.to_thread(index.partials, self.info.id)
         for partial in partials:
-            if partial.path in self.downloads or partial.path in self.committing:
+            path = partial.path
+            if path in self.downloads or path in self.committing:
                 continue
-            await asyncio.to_thread(self.store.discard_temp, partial.temp_name)
-            await asyncio.to_thread(index.partial_drop, self.info.id, partial.path)
+            if self.scope is not None and not _prioritised(path, self.scope):
+                continue
+            await asyncio.to_thread(self.store.discard_temp, _temp_of(partial))
+            await asyncio.to_thread(index.partial_drop, self.info.id, path)
 
     def _load_records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
         index = self.engine.index
@@ -631,6 +649,7 @@ class FolderSync:
     async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
         record = action.record
         assembly = await asyncio.to_thread(self.store.begin, record)
+        placed = False
         try:
             index_at = {block.offset: i for i, block in enumerate(record.blocks)}
             for copy in action.copies:
@@ -650,8 +669,11 @@ class FolderSync:
                 LocalState.of(action.replaces),
                 time.time(),
             )
+            placed = True
         finally:
             assembly.close()
+            if not placed:  # no index row tracks this temporary file: it goes now
+                await asyncio.to_thread(self.store.discard, record)
         await self._commit(record)
 
     async def _commit(self, *records: FileRecord) -> None:
@@ -692,10 +714,10 @@ class FolderSync:
         download.conflict = conflict
         try:
             old = await asyncio.to_thread(self.engine.index.partial_get, self.info.id, record.path)
-            if old is not None and old.temp_name != self.store.temp_path(record):
+            if old is not None and _temp_of(old) != self.store.temp_path(record):
                 # A download of another version of this path was left behind (a crash, a
                 # local edit): its temporary file goes, or it would stay forever.
-                await asyncio.to_thread(self.store.discard_temp, old.temp_name)
+                await asyncio.to_thread(self.store.discard_temp, _temp_of(old))
             download.assembly = await asyncio.to_thread(self.store.begin, record)
             partial = await asyncio.to_thread(
                 self.engine.index.partial_begin,
@@ -718,6 +740,10 @@ class FolderSync:
                 return
             self.problems[record.path] = str(exc)
             logger.warning("folder %s: cannot start %s: %s", self.root, record.path, exc)
+            return
+        if self.disk_full:  # the disk filled while this one was being opened
+            download.assembly.close()
+            self.waiting_for_space[record.path] = record.size
             return
         self.downloads[record.path] = download
         self.problems.pop(record.path, None)
@@ -926,6 +952,9 @@ class FolderSync:
     def _finish_soon(self, download: Download) -> None:
         if not download.finishing:
             download.finishing = True
+            # Its temporary file is spoken for from now on, even if a plan abandons it
+            # before the placement gets its turn.
+            self.committing.add(download.path)
             self.engine.spawn(self._finish(download))
 
     async def _finish(self, download: Download) -> None:
@@ -937,7 +966,6 @@ class FolderSync:
         record = download.record
         conflict = download.conflict
         planned = download.planned
-        self.committing.add(record.path)
         moved = False
         try:
             await self._own_write(record.path)
@@ -1135,7 +1163,7 @@ class FolderSync:
                 }
             )
         state, reason = self.state, self.reason or self._why_not_in_sync()
-        reading = sum(1 for link in self.links.values() if link.manifest_request is not None)
+        reading = sum(1 for link in self.links.values() if not link.listed)
         if state == "in_sync" and reading:
             # Not known to be in sync until every connected peer's file list was read.
             state, reason = "syncing", f"reading the file list of {reading} peer(s)"
@@ -1367,6 +1395,15 @@ class Engine:
 
 def _prioritised(path: str, priority: Collection[str]) -> bool:
     return any(path == p or path.startswith(p + "/") or p == "" for p in priority)
+
+
+def _temp_of(partial: Partial) -> str:
+    """The partial's temporary file relative to the folder root (rows written before
+    temporary names were per path held the bare name, in the file's directory)."""
+    parent = partial.path.rpartition("/")[0]
+    if "/" in partial.temp_name or not parent:
+        return partial.temp_name
+    return f"{parent}/{partial.temp_name}"
 
 
 def _in_scope(action: planner.Action, scope: Collection[str]) -> bool:

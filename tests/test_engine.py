@@ -14,6 +14,7 @@ import pytest
 from lanshare.errors import DiskFullError
 from lanshare.index import Index
 from lanshare.listing import pull
+from lanshare.paths import TEMP_PREFIX
 from tests.enginesim import (
     BlockCounters,
     Cluster,
@@ -266,12 +267,49 @@ def test_a_full_disk_pauses_pulls_and_they_resume_when_space_is_freed(tmp_path: 
 
                 with pytest.raises(DiskFullError, match="disk full"):
                     await asyncio.wait_for(pull(b.folder.engine, [b.path("big.bin")], progress), 20)
+                # What was verified before the disk filled stays, through later plans too.
+                async with sync.busy:
+                    await sync.plan_and_apply()
+                assert sync.state == "paused"
+                assert temp_files(b.root)
+                index = b.index
+                assert index is not None
+                (partial,) = index.partials(sync.info.id)
+                blocks = index.remote_records_for_path(sync.info.id, "big.bin")[a.node_id].blocks
+                verified = {blocks[i].hash for i in partial.verified}
+                assert verified
+                b.counters = BlockCounters()
                 filler.unlink()
                 await converge([a, b], 60)
                 assert b.read("big.bin") == data
                 assert b.folder.status()["state"] == "in_sync"
                 assert not temp_files(b.root)
+                again = verified & set(b.counters.received_hashes)
+                assert not again, f"{len(again)} blocks verified before the pause fetched again"
+                # resume only confirms a mass deletion when one is withheld.
+                await b.folder.resume()
+                assert not b.folder.allow_mass_delete
                 await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_partial_download_recorded_by_an_older_release_is_cleaned_up(tmp_path: Path) -> None:
+    """Rows written before temporary names were per path hold the bare name; the file lies
+    in the directory of the path it was for."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=8) as cluster:
+            (b,) = (cluster.add(),)
+            await cluster.start()
+            index = b.index
+            assert index is not None
+            old_name = TEMP_PREFIX + "0123456789abcdef01234567"
+            b.write(f"sub/{old_name}", b"half a download")
+            index.partial_begin(b.folder.info.id, "sub/gone.bin", old_name, b"\x01" * 32)
+            b.folder.dirty.set()
+            await wait_for(lambda: not temp_files(b.root), 10, "the old temporary file to go")
+            assert not index.partials(b.folder.info.id)
 
     asyncio.run(main())
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lanshare.index import Index
 from lanshare.listing import listing, pull
 from lanshare.manifest import VersionVector
-from tests.enginesim import Cluster, LinkSpec, wait_for
+from tests.enginesim import Cluster, LinkSpec, random_bytes, temp_files, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -192,5 +192,48 @@ def test_status_is_not_in_sync_before_a_peers_file_list_was_read(tmp_path: Path)
             assert "file list" in status["reason"]
             await wait_for(lambda: b.path("only-on-a.txt").exists(), 20, "the file on B")
             await wait_for(lambda: sync.status()["state"] == "in_sync", 20, "B in sync")
+
+    asyncio.run(main())
+
+
+def test_a_node_acting_on_a_few_paths_keeps_the_daemons_partial_downloads(
+    tmp_path: Path,
+) -> None:
+    """A short-lived ``ls`` or ``pull`` on the folder of a stopped daemon leaves the
+    daemon's half-done downloads alone: the daemon resumes them later."""
+    size = 6 * 1024 * 1024
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=35) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=2 * 1024 * 1024))
+            a.write("big.bin", random_bytes(35, size))
+            a.write("small.txt", b"small")
+            await cluster.start()
+
+            def started() -> bool:
+                download = b.folder.downloads.get("big.bin")
+                return download is not None and download.bytes_done >= size // 4
+
+            await wait_for(started, 30, "B a quarter into big.bin")
+            await b.crash()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec())
+            b.whole_folders = False
+            await b.start()
+            b.connect(a)
+            sync = b.folder
+
+            async def progress(report: dict[str, Any]) -> None:
+                del report
+
+            rows = await asyncio.wait_for(pull(sync.engine, [b.path("small.txt")], progress), 20)
+            assert [r["state"] for r in rows] == ["in_sync"]
+            async with sync.busy:  # one more planning pass, with small.txt in scope
+                await sync.plan_and_apply()
+            index = b.index
+            assert index is not None
+            assert [p.path for p in index.partials(sync.info.id)] == ["big.bin"]
+            assert temp_files(b.root)
+            assert not b.path("big.bin").exists()
 
     asyncio.run(main())
