@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from lanshare.config import Config, FolderConfig
     from lanshare.control import Handler, Progress
-    from lanshare.events import Event
+    from lanshare.events import Addr, Event
     from lanshare.peertable import PeerEvent
     from lanshare.transport import Transport
 
@@ -70,6 +70,37 @@ PULL_PROGRESS_INTERVAL = 0.25
 
 class _Shutdown(Exception):
     """Raised inside the task group to stop every task."""
+
+
+class AddressBook:
+    """Which addresses the engine should keep trying: those discovery entries announce
+    now, and the static peers."""
+
+    def __init__(self) -> None:
+        self.static: set[Addr] = set()
+        """``[network] static_peers`` as resolved: never forgotten for mDNS news."""
+        self._by_entry: dict[str, tuple[Addr, ...]] = {}
+
+    def update(
+        self, key: str, addresses: tuple[Addr, ...], *, gone: tuple[Addr, ...] = ()
+    ) -> list[Addr]:
+        """Discovery entry ``key`` now announces ``addresses`` (none: it is down, and
+        ``gone`` are the addresses its last news named).
+
+        Returns the addresses to forget: announced before by this entry only (the peer
+        moved, or left), and neither another entry's (a static candidate, say) nor static.
+        """
+        before = self._by_entry.pop(key, ())
+        if addresses:
+            self._by_entry[key] = addresses
+        kept = {a for listed in self._by_entry.values() for a in listed} | self.static
+        return [a for a in dict.fromkeys((*before, *gone)) if a not in kept]
+
+    def forget_discovered(self) -> list[Addr]:
+        """Discovery starts afresh: every address only it had announced, to forget."""
+        gone = {a for listed in self._by_entry.values() for a in listed} - self.static
+        self._by_entry.clear()
+        return sorted(gone)
 
 
 class Daemon:
@@ -99,8 +130,7 @@ class Daemon:
         self._watch_tasks: dict[Path, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._discovery_task: asyncio.Task[None] | None = None
-        self._peer_addresses: dict[str, tuple[tuple[str, int], ...]] = {}
-        """What each discovery entry (by ``PeerInfo.key``) told the engine to connect to."""
+        self._addresses = AddressBook()
         self._node_id = b""
 
     def stop(self) -> None:
@@ -216,6 +246,7 @@ class Daemon:
         for peer in self.config.network.static_peers:
             host, port = configuration.parse_host_port(peer)
             for addr in await _resolve(host, port):
+                self._addresses.static.add(addr)
                 self._engine().add_address(addr)
         await self.discovery.ready.wait()
         self.ready.set()
@@ -269,6 +300,11 @@ class Daemon:
             old.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await old
+        # The new discovery reports its peers afresh: what the old one said is forgotten,
+        # or an address no peer announces any more would be tried for ever.
+        engine = self._engine()
+        for addr in self._addresses.forget_discovered():
+            engine.remove_address(addr)
         self.discovery = self._new_discovery()
         self._discovery_task = self._group.create_task(self._run_discovery(self.discovery))
 
@@ -289,16 +325,11 @@ class Daemon:
             if peer.node_id is not None:
                 engine.peer_names[bytes(peer.node_id)] = peer.name
             folders = [ids[label] for label in peer.folders if label in ids]
-            # Addresses the peer no longer announces (moved, or down) are forgotten, unless
-            # another entry (a static candidate, say) still lists them.
-            before = self._peer_addresses.pop(peer.key, ())
-            current = () if isinstance(event, PeerDown) else peer.addresses
-            if current:
-                self._peer_addresses[peer.key] = current
-            kept = {a for addresses in self._peer_addresses.values() for a in addresses}
-            for addr in dict.fromkeys((*before, *peer.addresses)):
-                if addr not in kept:
-                    engine.remove_address(addr)
+            down = isinstance(event, PeerDown)
+            current = () if down else peer.addresses
+            gone = peer.addresses if down else ()
+            for addr in self._addresses.update(peer.key, current, gone=gone):
+                engine.remove_address(addr)
             for addr in current:
                 engine.add_address(addr, folders or None)
 
