@@ -105,6 +105,10 @@ logger = logging.getLogger(__name__)
 
 PLAN_DEBOUNCE = 0.05
 """Seconds a burst of changes is collected before one planning pass."""
+PLAN_SPACING = 2.0
+"""A planning pass of T seconds is followed by at least PLAN_SPACING * T seconds of rest."""
+PUMP_EVERY_FETCHES = 32
+"""While a pass sets up many downloads, requests go out after every this many."""
 TICK_INTERVAL = 0.25
 """Seconds between scheduler passes while downloads run (timeouts, stalled blocks)."""
 RECONNECT_INTERVAL = 5.0
@@ -222,6 +226,8 @@ class FolderSync:
         self.need_files = 0
         self.need_bytes = 0
         self.conflicts = 0
+        self.planning_seconds = 0.0
+        """How long the last pass took to read the records and plan (not to act)."""
         self.busy = asyncio.Lock()
         """Held by a scan, a planning pass or a download's placement: they never overlap."""
         self.scanned = asyncio.Event()
@@ -447,13 +453,17 @@ class FolderSync:
 
     async def plan_loop(self) -> None:
         await self.scanned.wait()
+        next_pass = 0.0
         while True:
             await self.dirty.wait()
-            await asyncio.sleep(PLAN_DEBOUNCE)
+            await asyncio.sleep(max(PLAN_DEBOUNCE, next_pass - self.engine.now()))
             self.dirty.clear()
             try:
-                async with self.busy:
-                    await self.plan_and_apply()
+                await self.plan_and_apply()
+                # Planning reads every record of the folder: while changes keep coming
+                # (peers downloading from us), it may take a third of the time at most,
+                # leaving the rest to serving and receiving.
+                next_pass = self.engine.now() + PLAN_SPACING * self.planning_seconds
             except LanshareError as exc:
                 self.state, self.reason = "error", str(exc)
                 logger.warning("folder %s: %s", self.root, exc)
@@ -462,6 +472,46 @@ class FolderSync:
                 logger.exception("folder %s: internal error while planning", self.root)
 
     async def plan_and_apply(self) -> None:
+        """One planning pass: decide, change the folder, then set up the downloads.
+
+        Deciding and changing hold ``busy`` (a scan must never see an action half done);
+        setting up downloads touches only temporary files, so finished downloads are put
+        in place meanwhile.
+        """
+        async with self.busy:
+            result, fetches, remotes = await self._decide_and_change()
+        wanted = set(self.waiting_for_space)
+        for count, (action, conflict) in enumerate(fetches, 1):
+            wanted.add(action.path)
+            await self._want(action, remotes, conflict)
+            if count % PUMP_EVERY_FETCHES == 0:
+                self.pump()  # the first downloads start while the rest are set up
+        for path in [p for p in self.downloads if p not in wanted]:
+            await self._abandon(path, discard=True)
+        await self._drop_stale_partials()
+        self.need_files = len(self.downloads)
+        self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
+        if not result.paused and not self.local_pause and not self.disk_full:
+            if self.downloads:
+                self.state, self.reason = "syncing", ""
+            elif self.state != "error":
+                self.state, self.reason = "in_sync", ""
+                self.synced.set()
+        if self.downloads:
+            self.synced.clear()
+        self.allow_mass_delete = False
+        self.pump()
+
+    async def _decide_and_change(
+        self,
+    ) -> tuple[
+        planner.Plan,
+        list[tuple[planner.Fetch, planner.Conflict | None]],
+        dict[bytes, dict[str, FileRecord]],
+    ]:
+        """Plan, and apply every action but the fetches, which are returned (with the
+        conflict each settles when it is placed) together with the peers' records."""
+        started = self.engine.now()
         local, remotes = await asyncio.to_thread(self._load_records)
         self.waiting_for_space.clear()
         for peer, link in self.links.items():
@@ -482,6 +532,7 @@ class FolderSync:
             allow_mass_delete=self.allow_mass_delete,
             ignored=self.rules.matches,
         )
+        self.planning_seconds = self.engine.now() - started
         for problem in result.problems:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
         self.mass_delete_pause = result.paused
@@ -491,7 +542,8 @@ class FolderSync:
         if self.scope is not None:
             scope = self.scope
             actions = tuple(a for a in actions if _in_scope(a, scope))
-        wanted: set[str] = set()
+        self.conflicts = sum(1 for a in actions if isinstance(a, planner.Conflict))
+        fetches: list[tuple[planner.Fetch, planner.Conflict | None]] = []
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
@@ -505,8 +557,7 @@ class FolderSync:
                 self.waiting_for_space[action.path] = action.record.size
                 continue
             if isinstance(action, planner.Fetch):
-                wanted.add(action.path)
-                await self._want(action, remotes, conflict)
+                fetches.append((action, conflict))
                 continue
             try:
                 if conflict is not None and not isinstance(action, planner.SetMetadata):
@@ -521,23 +572,7 @@ class FolderSync:
             except LanshareError as exc:
                 self.problems[action.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
-        wanted.update(self.waiting_for_space)
-        for path in [p for p in self.downloads if p not in wanted]:
-            await self._abandon(path, discard=True)
-        await self._drop_stale_partials()
-        self.need_files = len(self.downloads)
-        self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
-        self.conflicts = sum(1 for a in actions if isinstance(a, planner.Conflict))
-        if not result.paused and not self.local_pause and not self.disk_full:
-            if self.downloads:
-                self.state, self.reason = "syncing", ""
-            elif self.state != "error":
-                self.state, self.reason = "in_sync", ""
-                self.synced.set()
-        if self.downloads:
-            self.synced.clear()
-        self.allow_mass_delete = False
-        self.pump()
+        return result, fetches, remotes
 
     async def _pause_for_space(self, exc: DiskFullError) -> None:
         """The disk is full: stop every download (their verified blocks stay, to resume)
