@@ -206,7 +206,9 @@ class FolderSync:
         )
         self.requests: dict[int, tuple[bytes, BlockRef]] = {}
         self.committing: set[str] = set()
-        """Paths whose finished download is being put in place right now."""
+        """Paths whose finished download waits to be put in place, or is being put."""
+        self.to_place: list[Download] = []
+        self.placing = False
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.problems: dict[str, str] = {}
         self.priority: set[str] = set()
@@ -990,13 +992,44 @@ class FolderSync:
             # Its temporary file is spoken for from now on, even if a plan abandons it
             # before the placement gets its turn.
             self.committing.add(download.path)
-            self.engine.spawn(self._finish(download))
+            self.to_place.append(download)
+            if not self.placing:
+                self.placing = True
+                self.engine.spawn(self._place_finished())
 
-    async def _finish(self, download: Download) -> None:
-        async with self.busy:
-            await self._finish_download(download)
+    async def _place_finished(self) -> None:
+        """Put finished downloads in place, all that are ready in one go: one index
+        transaction and one announcement for the lot (each announcement has every peer
+        read our file list again)."""
+        try:
+            async with self.busy:
+                while self.to_place:
+                    batch, self.to_place = self.to_place, []
+                    placed: list[tuple[Download, list[FileRecord]]] = []
+                    for download in batch:
+                        records = await self._finish_download(download)
+                        if records:
+                            placed.append((download, records))
+                    if not placed:
+                        continue
+                    paths = [d.path for d, _ in placed if not d.abandoned]
+                    try:
+                        await asyncio.to_thread(self._drop_partials, paths)
+                        await self._commit(*(r for _, records in placed for r in records))
+                    finally:
+                        for download, _ in placed:
+                            self.committing.discard(download.path)
+                    self.dirty.set()
+        finally:
+            self.placing = False
 
-    async def _finish_download(self, download: Download) -> None:
+    def _drop_partials(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.engine.index.partial_drop(self.info.id, path)
+
+    async def _finish_download(self, download: Download) -> list[FileRecord]:
+        """Put one finished download in place; the records to commit to the index (none
+        when it could not be placed: then it is replanned)."""
         assert download.assembly is not None
         record = download.record
         conflict = download.conflict
@@ -1045,21 +1078,13 @@ class FolderSync:
                 await self._pause_for_space(exc)
                 self.waiting_for_space[record.path] = record.size
             self.dirty.set()
-            return
+            return []
         # The file is in place: whatever happened meanwhile, the index must say so.
-        try:
-            if self.downloads.get(record.path) is download:
-                del self.downloads[record.path]
-                self._apply_steps(self.scheduler.remove_file(record.path))
-                await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, record.path)
-            if conflict is not None:
-                await self._commit(conflict.copy_record, record)
-            else:
-                await self._commit(record)
-        finally:
-            self.committing.discard(record.path)
+        if self.downloads.get(record.path) is download:
+            del self.downloads[record.path]
+            self._apply_steps(self.scheduler.remove_file(record.path))
         self.problems.pop(record.path, None)
-        self.dirty.set()
+        return [record] if conflict is None else [conflict.copy_record, record]
 
     async def _abandon(self, path: str, *, discard: bool) -> None:
         download = self.downloads.pop(path, None)
