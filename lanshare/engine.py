@@ -494,7 +494,7 @@ class FolderSync:
         self.need_files = len(self.downloads)
         self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
         if not result.paused and not self.local_pause and not self.disk_full:
-            if self.downloads:
+            if self.downloads or self.committing:
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
                 self.state, self.reason = "in_sync", ""
@@ -735,6 +735,10 @@ class FolderSync:
         remotes: dict[bytes, dict[str, FileRecord]],
         conflict: planner.Conflict | None = None,
     ) -> None:
+        if action.path in self.committing:
+            # A finished download of this path waits to be put in place: this plan was
+            # made before that is recorded, and the pass that follows it decides again.
+            return
         existing = self.downloads.get(action.path)
         if existing is not None:
             if existing.record.file_hash == action.record.file_hash and (
@@ -750,27 +754,8 @@ class FolderSync:
         download = Download(record, LocalState.of(action.replaces), action.sources)
         download.conflict = conflict
         try:
-            old = await asyncio.to_thread(self.engine.index.partial_get, self.info.id, record.path)
-            if old is not None and _temp_of(old) != self.store.temp_path(record):
-                # A download of another version of this path was left behind (a crash, a
-                # local edit): its temporary file goes, or it would stay forever.
-                await asyncio.to_thread(self.store.discard_temp, _temp_of(old))
-            download.assembly = await asyncio.to_thread(self.store.begin, record)
-            partial = await asyncio.to_thread(
-                self.engine.index.partial_begin,
-                self.info.id,
-                record.path,
-                self.store.temp_path(record),
-                record.file_hash,
-            )
-            if partial.verified:
-                download.done = await asyncio.to_thread(
-                    self.store.verified_blocks, download.assembly, set(partial.verified)
-                )
-                download.bytes_done = sum(record.blocks[i].size for i in download.done)
+            opened = await asyncio.to_thread(self._open_download, record)
         except LanshareError as exc:
-            if download.assembly is not None:
-                download.assembly.close()
             if isinstance(exc, DiskFullError):
                 await self._pause_for_space(exc)
                 self.waiting_for_space[record.path] = record.size
@@ -778,20 +763,46 @@ class FolderSync:
             self.problems[record.path] = str(exc)
             logger.warning("folder %s: cannot start %s: %s", self.root, record.path, exc)
             return
+        download.assembly, download.done, local_sources = opened
         if self.disk_full:  # the disk filled while this one was being opened
             download.assembly.close()
             self.waiting_for_space[record.path] = record.size
             return
+        download.bytes_done = sum(record.blocks[i].size for i in download.done)
         self.downloads[record.path] = download
         self.problems.pop(record.path, None)
         self._downloads_changed()
         needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
-        local_sources = await asyncio.to_thread(self._local_sources, needed)
         availability = self._availability(record, remotes)
         download.offered = {peer: hashes is None for peer, hashes in availability.items()}
         self._schedule_file(download, needed, availability, local_sources)
         if download.complete:
             self._finish_soon(download)
+
+    def _open_download(
+        self, record: FileRecord
+    ) -> tuple[Assembly, set[int], dict[bytes, LocalSource]]:
+        """Open (or reopen, to resume) the temporary file of ``record`` and record it in
+        the index. Blocking, one thread hop per download: the assembly, the blocks already
+        verified in it, and where contents still needed already lie in the folder."""
+        index = self.engine.index
+        temp = self.store.temp_path(record)
+        old = index.partial_get(self.info.id, record.path)
+        if old is not None and _temp_of(old) != temp:
+            # A download of another version of this path was left behind (a crash, a local
+            # edit): its temporary file goes, or it would stay forever.
+            self.store.discard_temp(_temp_of(old))
+        assembly = self.store.begin(record)
+        try:
+            partial = index.partial_begin(self.info.id, record.path, temp, record.file_hash)
+            done = set()
+            if partial.verified:
+                done = self.store.verified_blocks(assembly, set(partial.verified))
+            needed = [b for i, b in enumerate(record.blocks) if i not in done]
+            return assembly, done, self._local_sources(needed)
+        except BaseException:
+            assembly.close()
+            raise
 
     def _availability(
         self, record: FileRecord, remotes: dict[bytes, dict[str, FileRecord]]
