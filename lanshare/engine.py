@@ -225,8 +225,6 @@ class FolderSync:
         self.free_at_pause = 0
         self.waiting_for_space: dict[str, int] = {}
         """Files (and their sizes) the plan wants but a full disk keeps from fetching."""
-        self.need_files = 0
-        self.need_bytes = 0
         self.conflicts = 0
         self.planning_seconds = 0.0
         """How long the last pass took to read the records and plan (not to act)."""
@@ -491,8 +489,6 @@ class FolderSync:
         for path in [p for p in self.downloads if p not in wanted]:
             await self._abandon(path, discard=True)
         await self._drop_stale_partials()
-        self.need_files = len(self.downloads)
-        self.need_bytes = sum(d.record.size - d.bytes_done for d in self.downloads.values())
         if not result.paused and not self.local_pause and not self.disk_full:
             if self.downloads or self.committing:
                 self.state, self.reason = "syncing", ""
@@ -990,7 +986,6 @@ class FolderSync:
         if index not in download.done:
             download.done.add(index)
             download.bytes_done += ref.size
-            self.need_bytes = max(0, self.need_bytes - ref.size)
         self._apply_steps(self.scheduler.on_block_done(ref, peer))
         self._queue_have(ref.hash)
         if download.complete:
