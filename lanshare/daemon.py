@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from lanshare.config import Config, FolderConfig
     from lanshare.control import Handler, Progress
+    from lanshare.engine import FolderSync
     from lanshare.events import Addr, Event
     from lanshare.peertable import PeerEvent
     from lanshare.transport import Transport
@@ -377,6 +378,21 @@ class Daemon:
         sync = await engine.add_folder(folder)
         if self._short_lived:
             return
+        engine.on_folder_back = self._folder_back
+        await self._watch(sync)
+
+    def _folder_back(self, sync: FolderSync) -> None:
+        """A folder missing until now (an unmounted disk) is back: watch it from now on."""
+        if sync.root in self._watchers or self._group is None:
+            return
+        self._group.create_task(self._watch_again(sync))
+
+    async def _watch_again(self, sync: FolderSync) -> None:
+        await self._watch(sync)
+        if sync.root in self._watchers:
+            self._start_watch_task(sync.root)
+
+    async def _watch(self, sync: FolderSync) -> None:
         timing = self.config.sync
         watcher = FolderWatcher(
             sync.root,
@@ -390,8 +406,8 @@ class Daemon:
         except LanshareError as exc:
             logger.warning("not watching %s: %s", sync.root, exc)
             return
-        self._watchers[folder.path] = watcher
-        engine.watchers[sync.info.id] = watcher.expect_own_write
+        self._watchers[sync.root] = watcher
+        self._engine().watchers[sync.info.id] = watcher.expect_own_write
 
     def _start_watch_task(self, path: Path) -> None:
         assert self._group is not None

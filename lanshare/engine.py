@@ -114,7 +114,8 @@ TICK_INTERVAL = 0.25
 RECONNECT_INTERVAL = 5.0
 """Seconds between attempts to (re)connect to known peer addresses without a session."""
 SPACE_CHECK_INTERVAL = 2.0
-"""Seconds between free-space checks of a folder whose pulls a full disk paused."""
+"""Seconds between checks of what a folder waits for: free space after a full disk, or the
+folder itself after it went missing (an unmounted disk)."""
 SPACE_RESUME_MARGIN = 1024 * 1024
 """Bytes that must be freed, beyond what was free when the disk filled, to resume pulls."""
 MANIFEST_RECORDS_PER_BATCH = 2000
@@ -126,6 +127,15 @@ RATE_WINDOW = 1.0
 """Seconds over which a peer's delivery rate is measured."""
 MAX_IN_PROGRESS_ANNOUNCED = 64
 """Downloads announced to peers for re-sharing (the newest ones)."""
+RATE_IDLE = 2 * RATE_WINDOW
+"""Seconds without a delivered block after which a peer's rate shows as 0."""
+RETRY_FIRST = 2.0
+"""Seconds before a failed path is tried again; doubled after each failure."""
+RETRY_MAX = 300.0
+"""Longest wait between two attempts at a failing path (a change seen by a scan retries
+at once)."""
+MAX_CONFLICT_PATHS = 100
+"""Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
 
 _HEADER = struct.Struct("!B8sQ")
 _ENTRY_HEADER = 0x00
@@ -148,6 +158,17 @@ class PeerLink:
     window_bytes: int = 0
     window_start: float = 0.0
     rate: float = 0.0
+    last_block_at: float = float("-inf")
+
+
+@dataclass(slots=True)
+class Failure:
+    """A path whose action or download failed here, and when to try it again."""
+
+    message: str
+    attempts: int
+    retry_at: float
+    """Engine time of the next attempt; infinite while a retried download runs."""
 
 
 @dataclass(slots=True)
@@ -210,7 +231,17 @@ class FolderSync:
         self.to_place: list[Download] = []
         self.placing = False
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
-        self.problems: dict[str, str] = {}
+        self.failures: dict[str, Failure] = {}
+        """Paths that failed here (a directory not writable, …); they make the folder
+        ``error`` and are retried with backoff, and at once after a scan."""
+        self.plan_problems: dict[str, str] = {}
+        """Paths the last plan left out, and why (a structure no disk can hold, …)."""
+        self.deferred: dict[str, int] = {}
+        """Files (and sizes) the plan wants but the scheduler had no room for yet."""
+        self.conflict_paths: list[str] = []
+        """Conflict copies held here, by path (sorted)."""
+        self.missing = False
+        """The folder root was not there at the last scan (an unmounted disk?)."""
         self.priority: set[str] = set()
         self.scope: set[str] | None = None if engine.whole_folders else set()
         """None: the whole folder is kept in sync; else only these paths and what is under
@@ -225,7 +256,6 @@ class FolderSync:
         self.free_at_pause = 0
         self.waiting_for_space: dict[str, int] = {}
         """Files (and their sizes) the plan wants but a full disk keeps from fetching."""
-        self.conflicts = 0
         self.planning_seconds = 0.0
         """How long the last pass took to read the records and plan (not to act)."""
         self.busy = asyncio.Lock()
@@ -252,9 +282,10 @@ class FolderSync:
 
     async def _scan(self, allow_mass_delete: bool) -> None:
         try:
-            if not self.root.is_dir():
+            self.missing = not self.root.is_dir()
+            if self.missing:
                 raise StorageError(
-                    f"folder {self.root} is missing (unmounted disk?); paused until it is back"
+                    f"folder {self.root} is missing (unmounted disk?); waiting for it to be back"
                 )
             summary = await scanner.scan_path(
                 self.engine.index,
@@ -279,6 +310,10 @@ class FolderSync:
             self.state, self.reason = "syncing", ""
         self.rules = await asyncio.to_thread(IgnoreRules.for_folder, self.root, self.config.ignore)
         self.scanned.set()
+        # A scan follows every change the watcher sees (a permission fixed, space freed, a
+        # directory created): whatever failed may work now, so it is tried at once.
+        for failure in self.failures.values():
+            failure.retry_at = min(failure.retry_at, 0.0)
         if summary.new or summary.changed or summary.deleted:
             logger.info(
                 "folder %s: %d new, %d changed, %d deleted",
@@ -297,6 +332,8 @@ class FolderSync:
         self.disk_full = ""
         if self.local_pause:
             await self.scan(allow_mass_delete=True)
+        elif self.state == "error" or self.failures:
+            await self.scan()
         if confirm:
             self.allow_mass_delete = True
         self.dirty.set()
@@ -481,8 +518,13 @@ class FolderSync:
         async with self.busy:
             result, fetches, remotes = await self._decide_and_change()
         wanted = set(self.waiting_for_space)
+        self.deferred.clear()
+        now = self.engine.now()
         for count, (action, conflict) in enumerate(fetches, 1):
             wanted.add(action.path)
+            failure = self.failures.get(action.path)
+            if failure is not None and failure.retry_at > now:
+                continue  # failed lately: its retry is due later (or after a scan)
             await self._want(action, remotes, conflict)
             if count % PUMP_EVERY_FETCHES == 0:
                 self.pump()  # the first downloads start while the rest are set up
@@ -490,7 +532,7 @@ class FolderSync:
             await self._abandon(path, discard=True)
         await self._drop_stale_partials()
         if not result.paused and not self.local_pause and not self.disk_full:
-            if self.downloads or self.committing:
+            if self.downloads or self.committing or self.deferred:
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
                 self.state, self.reason = "in_sync", ""
@@ -531,8 +573,15 @@ class FolderSync:
             ignored=self.rules.matches,
         )
         self.planning_seconds = self.engine.now() - started
-        for problem in result.problems:
-            self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
+        self.plan_problems = {
+            problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
+            for problem in result.problems
+        }
+        self.conflict_paths = sorted(
+            path
+            for path, record in local.items()
+            if not record.deleted and planner.conflict_original(path) is not None
+        )
         self.mass_delete_pause = result.paused
         if result.paused or self.local_pause or self.disk_full:
             self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
@@ -540,7 +589,12 @@ class FolderSync:
         if self.scope is not None:
             scope = self.scope
             actions = tuple(a for a in actions if _in_scope(a, scope))
-        self.conflicts = sum(1 for a in actions if isinstance(a, planner.Conflict))
+        # A failure whose path no longer needs an action here was settled another way (a
+        # newer version, the path deleted): it is no problem any more.
+        needed = {a.path for a in actions} | set(self.downloads) | self.committing
+        for path in [p for p in self.failures if p not in needed]:
+            del self.failures[path]
+        now = self.engine.now()
         fetches: list[tuple[planner.Fetch, planner.Conflict | None]] = []
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
@@ -557,6 +611,9 @@ class FolderSync:
             if isinstance(action, planner.Fetch):
                 fetches.append((action, conflict))
                 continue
+            failure = self.failures.get(action.path)
+            if failure is not None and failure.retry_at > now:
+                continue
             try:
                 if conflict is not None and not isinstance(action, planner.SetMetadata):
                     await self._apply_with_conflict(conflict, action)
@@ -568,9 +625,46 @@ class FolderSync:
             except DiskFullError as exc:
                 await self._pause_for_space(exc)
             except LanshareError as exc:
-                self.problems[action.path] = str(exc)
-                logger.warning("folder %s: %s: %s", self.root, action.path, exc)
+                self._fail(action.path, exc)
+            else:
+                self.failures.pop(action.path, None)
         return result, fetches, remotes
+
+    def _fail(self, path: str, exc: LanshareError) -> None:
+        """``path`` failed here: keep why, for ``status``, and when to try it again."""
+        old = self.failures.get(path)
+        attempts = old.attempts + 1 if old is not None else 1
+        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(attempts - 1, 16))
+        message = str(exc)
+        self.failures[path] = Failure(message, attempts, self.engine.now() + delay)
+        if old is None or old.message != message:  # not once per retry
+            logger.warning(
+                "folder %s: %s: %s (tried again in %.0f s, or after a change)",
+                self.root,
+                path,
+                message,
+                delay,
+            )
+
+    def _log_conflict(self, conflict: planner.Conflict) -> None:
+        # Version vectors name devices by their short id (``identity.short_id``).
+        names = {int.from_bytes(peer, "big"): name for peer, name in self.engine.peer_names.items()}
+        names[self.engine.short_id] = f"{self.engine.config.node.name} (this machine)"
+
+        def origin(changed: FileRecord, other: FileRecord) -> str:
+            device = planner.change_origin(changed.version, other.version)
+            digits = f"{device:016x}"[: planner.CONFLICT_NODE_DIGITS]
+            return names.get(device) or f"device {digits}"
+
+        logger.info(
+            "folder %s: conflict on %s: the version from %s wins; the version from %s is "
+            "kept as %s",
+            self.root,
+            conflict.path,
+            origin(conflict.winner, conflict.loser),
+            origin(conflict.loser, conflict.winner),
+            conflict.conflict_name,
+        )
 
     async def _pause_for_space(self, exc: DiskFullError) -> None:
         """The disk is full: stop every download (their verified blocks stay, to resume)
@@ -655,6 +749,7 @@ class FolderSync:
                 )
             raise
         await self._commit(conflict.copy_record)
+        self._log_conflict(conflict)
 
     async def _apply(self, action: planner.Change) -> None:
         store = self.store
@@ -756,8 +851,7 @@ class FolderSync:
                 await self._pause_for_space(exc)
                 self.waiting_for_space[record.path] = record.size
                 return
-            self.problems[record.path] = str(exc)
-            logger.warning("folder %s: cannot start %s: %s", self.root, record.path, exc)
+            self._fail(record.path, exc)
             return
         download.assembly, download.done, local_sources = opened
         if self.disk_full:  # the disk filled while this one was being opened
@@ -766,7 +860,9 @@ class FolderSync:
             return
         download.bytes_done = sum(record.blocks[i].size for i in download.done)
         self.downloads[record.path] = download
-        self.problems.pop(record.path, None)
+        failure = self.failures.get(record.path)
+        if failure is not None:  # being retried: it stays a problem until it is in place
+            failure.retry_at = float("inf")
         self._downloads_changed()
         needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
         availability = self._availability(record, remotes)
@@ -849,8 +945,8 @@ class FolderSync:
             local_sources=local_sources,
             priority=priority,
         )
-        if not ok:
-            self.problems[download.path] = "waiting: too many blocks in flight"
+        if not ok:  # asked again by the plan that follows the next placement
+            self.deferred[download.path] = download.record.size
             del self.downloads[download.path]
             if download.assembly is not None:
                 download.assembly.close()
@@ -973,8 +1069,7 @@ class FolderSync:
         except LanshareError as exc:
             if _gone(download):
                 return
-            self.problems[download.path] = str(exc)
-            logger.warning("folder %s: %s: %s", self.root, download.path, exc)
+            self._fail(download.path, exc)
             await self._abandon(download.path, discard=False)
             return
         finally:
@@ -1072,8 +1167,7 @@ class FolderSync:
             elif discard:
                 logger.warning("folder %s: %s; fetching it again", self.root, exc)
             elif not isinstance(exc, DiskFullError):
-                self.problems[record.path] = str(exc)
-                logger.warning("folder %s: %s: %s", self.root, record.path, exc)
+                self._fail(record.path, exc)
             if self.downloads.get(record.path) is download:
                 await self._abandon(record.path, discard=discard)
             else:  # abandoned while committing: the assembly is ours to close
@@ -1089,8 +1183,11 @@ class FolderSync:
         if self.downloads.get(record.path) is download:
             del self.downloads[record.path]
             self._apply_steps(self.scheduler.remove_file(record.path))
-        self.problems.pop(record.path, None)
-        return [record] if conflict is None else [conflict.copy_record, record]
+        self.failures.pop(record.path, None)
+        if conflict is None:
+            return [record]
+        self._log_conflict(conflict)
+        return [conflict.copy_record, record]
 
     async def _abandon(self, path: str, *, discard: bool) -> None:
         download = self.downloads.pop(path, None)
@@ -1128,6 +1225,7 @@ class FolderSync:
 
     def _measure(self, link: PeerLink, size: int) -> None:
         now = self.engine.now()
+        link.last_block_at = now
         link.window_bytes += size
         elapsed = now - link.window_start
         if elapsed >= RATE_WINDOW:
@@ -1216,35 +1314,67 @@ class FolderSync:
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The folder's ``status --json`` object.
+
+        The state is ``in_sync`` only when nothing is needed, no path is failing, and the
+        file list of every connected peer was read since it connected; a failing path makes
+        the folder ``error`` (the paths and why are in ``problems``).
+        """
+        now = self.engine.now()
         peers = []
         for link in self.links.values():
             name = self.engine.peer_names.get(link.peer, "")
+            idle = now - link.last_block_at >= RATE_IDLE
             peers.append(
                 {
                     "id": link.peer.hex(),
                     "name": name,
                     "address": f"{link.addr[0]}:{link.addr[1]}",
-                    "rate": round(link.rate),
+                    "rate": 0 if idle else round(link.rate),
                     "need_bytes": self._need_from(link.peer),
                 }
             )
+        need_files = len(self.downloads) + len(self.waiting_for_space) + len(self.deferred)
+        need_bytes = (
+            sum(d.record.size - d.bytes_done for d in self.downloads.values())
+            + sum(self.waiting_for_space.values())
+            + sum(self.deferred.values())
+        )
         state, reason = self.state, self.reason or self._why_not_in_sync()
         reading = sum(1 for link in self.links.values() if not link.listed)
-        if state == "in_sync" and reading:
+        if state in ("in_sync", "syncing") and self.failures:
+            path, failure = min(self.failures.items())
+            more = len(self.failures) - 1
+            state = "error"
+            reason = f"{path}: {failure.message}" + (f" (and {more} more)" if more else "")
+        elif state == "in_sync" and need_files:
+            state = "syncing"
+        elif state == "in_sync" and reading:
             # Not known to be in sync until every connected peer's file list was read.
             state, reason = "syncing", f"reading the file list of {reading} peer(s)"
+        elif state == "in_sync" and not self.links:
+            reason = "no peer connected"
         return {
             "path": str(self.root),
             "state": state,
             "reason": reason,
-            "need_files": len(self.downloads) + len(self.waiting_for_space),
-            "need_bytes": sum(d.record.size - d.bytes_done for d in self.downloads.values())
-            + sum(self.waiting_for_space.values()),
-            "conflicts": self.conflicts,
+            "need_files": need_files,
+            "need_bytes": need_bytes,
+            "conflicts": len(self.conflict_paths),
+            "conflict_paths": self.conflict_paths[:MAX_CONFLICT_PATHS],
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
+            "connected_peers": len(self.links),
             "sequence": self.info_sequence(),
             "peers": peers,
         }
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """Every path out of sync for a reason other than waiting, and the reason."""
+        problems = {path: failure.message for path, failure in self.failures.items()}
+        for path, message in self.plan_problems.items():
+            problems.setdefault(path, message)
+        return problems
 
     def _need_from(self, peer: bytes) -> int:
         return sum(
@@ -1293,6 +1423,8 @@ class Engine:
         self.watchers: dict[int, Callable[[str], None]] = {}
         self.strikes: dict[bytes, int] = {}
         self.on_sequence: Callable[[int], None] | None = None
+        self.on_folder_back: Callable[[FolderSync], None] | None = None
+        """Called when a folder missing at its last scan is there again (to watch it)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._group: asyncio.TaskGroup | None = None
 
@@ -1356,10 +1488,18 @@ class Engine:
             now = self.now()
             for sync in self.folders.values():
                 sync.pump()
+                if any(f.retry_at <= now for f in sync.failures.values()):
+                    sync.dirty.set()
             if now - last_space >= SPACE_CHECK_INTERVAL:
                 last_space = now
                 for sync in self.folders.values():
                     await sync.check_space()
+                    if sync.missing and await asyncio.to_thread(sync.root.is_dir):
+                        logger.info("folder %s is back", sync.root)
+                        sync.missing = False
+                        self.spawn(sync.scan())
+                        if self.on_folder_back is not None:
+                            self.on_folder_back(sync)
             if now - last_connect >= RECONNECT_INTERVAL:
                 last_connect = now
                 self._connect_known()

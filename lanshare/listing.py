@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lanshare.errors import DiskFullError, TransferError
 from lanshare.manifest import EntryType, FileRecord, Ordering
-from lanshare.planner import global_winner
+from lanshare.planner import conflict_original, global_winner
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,6 +43,13 @@ async def listing(engine: Engine, path: Path | None) -> list[dict[str, Any]]:
 
 async def _folder_listing(sync: FolderSync, prefix: str) -> list[dict[str, Any]]:
     local, remotes = await asyncio.to_thread(sync._load_records)
+    # A conflict copy held here and the file it belongs to both show as a conflict, until
+    # the user deletes or renames the copy.
+    conflicted: set[str] = set()
+    for rel, record in local.items():
+        original = None if record.deleted else conflict_original(rel)
+        if original is not None:
+            conflicted.update((rel, original))
     by_path: dict[str, dict[bytes, FileRecord]] = {}
     for peer, records in remotes.items():
         for rel, record in records.items():
@@ -70,7 +77,7 @@ async def _folder_listing(sync: FolderSync, prefix: str) -> list[dict[str, Any]]
                 "hash": f"{shown.hash_algo}:{shown.file_hash.hex()}" if shown.file_hash else "",
                 "mtime_ns": shown.mtime_ns,
                 "peers": holders,
-                "state": _state(sync, rel, mine, winner, theirs),
+                "state": _state(sync, rel, mine, winner, theirs, conflicted),
             }
         )
     return entries
@@ -82,18 +89,20 @@ def _state(
     mine: FileRecord | None,
     winner: FileRecord,
     theirs: dict[bytes, FileRecord],
+    conflicted: set[str],
 ) -> str:
     if sync.rules.matches(rel, winner.type is EntryType.DIR):
         return "ignored"
+    # A conflict copy and the file it belongs to show as a conflict while both are here and
+    # current: the user has to decide (delete or rename the copy).
     if not theirs:
-        return "local_only"
+        return "conflict" if rel in conflicted else "local_only"
     if mine is None or mine.deleted:
         return "missing"
-    if _same(mine, winner) and not winner.deleted:
-        return "in_sync"
-    if mine.version.compare(winner.version) is Ordering.CONCURRENT:
-        return "conflict"
-    return "outdated"
+    if not (_same(mine, winner) and not winner.deleted):
+        concurrent = mine.version.compare(winner.version) is Ordering.CONCURRENT
+        return "conflict" if concurrent else "outdated"
+    return "conflict" if rel in conflicted else "in_sync"
 
 
 async def pull(

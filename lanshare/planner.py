@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeAlias
@@ -320,6 +321,30 @@ def conflict_name(path: str, loser: FileRecord, winner: FileRecord) -> str:
             ext = ext[:-1]
     name = stem + tag + ext
     return f"{head}/{name}" if head else name
+
+
+_CONFLICT_NAME = re.compile(
+    r"^(?P<stem>.+)" + re.escape(CONFLICT_MARKER) + r"\d{8}-\d{6}-[0-9a-f]{%d}(?P<ext>\.[^./]*)?$"
+    % CONFLICT_NODE_DIGITS
+)
+
+
+def conflict_original(path: str) -> str | None:
+    """The path a conflict copy named by :func:`conflict_name` belongs to, or None when
+    ``path`` is not a conflict copy. A copy is recognised by its name alone, so every node
+    that holds it counts it, until the user deletes or renames it."""
+    head, _, base = path.rpartition("/")
+    match = _CONFLICT_NAME.match(base)
+    if match is None:
+        return None
+    name = match["stem"] + (match["ext"] or "")
+    return f"{head}/{name}" if head else name
+
+
+def change_origin(changed: VersionVector, other: VersionVector) -> int:
+    """The short id of the device that made the change ``changed`` has and ``other`` lacks
+    (the one named in a conflict copy's name)."""
+    return _losing_device(changed, other)
 
 
 def delete_guard_reason(

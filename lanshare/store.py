@@ -135,7 +135,7 @@ class FolderStore:
         """Open (or reopen, to resume) the temporary file for ``record``, sized to fit."""
         parent, _ = _split(record.path)
         name = self.temp_name(record)
-        with _os_errors():
+        with _os_errors(), _name_directory(parent):
             dir_fd = self._dir_fd(parent, create=True)
             try:
                 fd = os.open(
@@ -485,6 +485,16 @@ def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _name_directory(rel_dir: str) -> Iterator[None]:
+    """A permission error names the directory the user can fix, not a temporary file in it."""
+    try:
+        yield
+    except PermissionError as exc:
+        where = f"directory {rel_dir}" if rel_dir else "the folder's top directory"
+        raise StorageError(f"cannot write in {where}: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
