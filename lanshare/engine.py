@@ -238,8 +238,8 @@ class FolderSync:
         """Paths the last plan left out, and why (a structure no disk can hold, …)."""
         self.deferred: dict[str, int] = {}
         """Files (and sizes) the plan wants but the scheduler had no room for yet."""
-        self.conflict_paths: list[str] = []
-        """Conflict copies held here, by path (sorted)."""
+        self.conflict_paths: set[str] = set()
+        """Conflict copies held here, by path."""
         self.missing = False
         """The folder root was not there at the last scan (an unmounted disk?)."""
         self.priority: set[str] = set()
@@ -577,11 +577,11 @@ class FolderSync:
             problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
             for problem in result.problems
         }
-        self.conflict_paths = sorted(
+        self.conflict_paths = {
             path
             for path, record in local.items()
             if not record.deleted and planner.conflict_original(path) is not None
-        )
+        }
         self.mass_delete_pause = result.paused
         if result.paused or self.local_pause or self.disk_full:
             self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
@@ -811,6 +811,12 @@ class FolderSync:
             inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
             changes.append(LocalChange(record, inode=inode, ctime_ns=ctime_ns))
         await asyncio.to_thread(self.engine.index.commit_changes, self.info.id, changes)
+        for record in records:
+            if planner.conflict_original(record.path) is not None:
+                if record.deleted:
+                    self.conflict_paths.discard(record.path)
+                else:
+                    self.conflict_paths.add(record.path)
         self.announce_sequence()
 
     async def _own_write(self, rel: str) -> None:
@@ -1361,7 +1367,7 @@ class FolderSync:
             "need_files": need_files,
             "need_bytes": need_bytes,
             "conflicts": len(self.conflict_paths),
-            "conflict_paths": self.conflict_paths[:MAX_CONFLICT_PATHS],
+            "conflict_paths": sorted(self.conflict_paths)[:MAX_CONFLICT_PATHS],
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
             "connected_peers": len(self.links),
             "sequence": self.info_sequence(),

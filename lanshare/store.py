@@ -485,6 +485,7 @@ def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @contextlib.contextmanager
@@ -492,7 +493,9 @@ def _name_directory(rel_dir: str) -> Iterator[None]:
     """A permission error names the directory the user can fix, not a temporary file in it."""
     try:
         yield
-    except PermissionError as exc:
+    except OSError as exc:
+        if exc.errno not in _NOT_WRITABLE:
+            raise
         where = f"directory {rel_dir}" if rel_dir else "the folder's top directory"
         raise StorageError(f"cannot write in {where}: {exc.strerror}") from exc
 

@@ -1,0 +1,177 @@
+"""What ``status`` and ``ls`` say: conflicts, failing paths and their recovery, peers, rates.
+
+Real engines, folders and indexes over the simulated network (``tests/enginesim.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+
+from lanshare.listing import listing
+from lanshare.planner import conflict_original
+from tests.enginesim import Cluster, converge, temp_files, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from tests.enginesim import SimNode
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make ``directory`` unwritable, for root too (a read-only bind mount), then restore it."""
+    if os.geteuid() != 0:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(mode)
+        return
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+async def _states(node: SimNode) -> dict[str, str]:
+    return {e["path"]: e["state"] for e in await listing(node.engine, None)}
+
+
+def test_conflict_name_parsing_round_trips() -> None:
+    assert conflict_original("a/b.sync-conflict-20260101-120000-abcdef12.txt") == "a/b.txt"
+    assert conflict_original("Makefile.sync-conflict-20260101-120000-abcdef12") == "Makefile"
+    assert conflict_original(".bashrc.sync-conflict-20260101-120000-abcdef12") == ".bashrc"
+    # A conflict of a conflict copy belongs to the copy.
+    nested = "x.sync-conflict-20260101-120000-abcdef12.sync-conflict-20260102-000000-0123abcd.t"
+    assert conflict_original(nested) == "x.sync-conflict-20260101-120000-abcdef12.t"
+    for plain in ("a/plain.txt", "a.sync-conflict-2026.txt", ".sync-conflict-20260101-120000-ab"):
+        assert conflict_original(plain) is None
+
+
+def test_a_conflict_is_counted_listed_and_logged_on_every_node_until_resolved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lanshare.engine")
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=21) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("doc.txt", b"first")
+            await cluster.start()
+            await converge([a, b], 20)
+            cluster.network.disconnect(a.addr, b.addr)
+            a.write("doc.txt", b"edited on a", mtime_ns=2_000_000_000_000_000_000)
+            b.write("doc.txt", b"edited on b", mtime_ns=1_900_000_000_000_000_000)
+            await a.scan()
+            await b.scan()
+            cluster.network.reconnect(a.addr, b.addr)
+            await converge([a, b], 30)
+            for node in (a, b):
+                copies = [p.name for p in node.root.iterdir() if ".sync-conflict-" in p.name]
+                assert len(copies) == 1, (node.name, copies)
+                assert node.read(copies[0]) == b"edited on b"
+                assert node.read("doc.txt") == b"edited on a"
+                status = node.folder.status()
+                assert status["conflicts"] == 1
+                assert status["conflict_paths"] == copies
+                states = await _states(node)
+                assert states["doc.txt"] == "conflict"
+                assert states[copies[0]] == "conflict"
+            logged = [r.getMessage() for r in caplog.records if "conflict on doc.txt" in r.message]
+            assert logged, "the conflict was not logged"
+            # B kept its own edit as the copy; A's is named by its id (no discovery names here).
+            assert a.engine is not None
+            a_id = a.engine.node_id.hex()[:8]
+            assert any(f"from device {a_id} wins" in m and "this machine" in m for m in logged)
+
+            # The user resolves it: deleting the copy on one node clears it everywhere.
+            (b.root / copies[0]).unlink()
+            await b.scan()
+            await converge([a, b], 30)
+            for node in (a, b):
+                assert node.folder.status()["conflicts"] == 0
+                assert (await _states(node))["doc.txt"] == "in_sync"
+
+    asyncio.run(main())
+
+
+def test_a_failing_path_is_an_error_naming_the_directory_and_recovers_by_itself(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=22) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("photos/old.jpg", b"old photo")
+            await cluster.start()
+            await converge([a, b], 20)
+            assert b.folder.status()["state"] == "in_sync"
+            with read_only(b.root / "photos"):
+                a.write("photos/new.jpg", b"new photo" * 1000)
+                await a.scan()
+                await wait_for(
+                    lambda: b.folder.status()["state"] == "error", 20, "B reports the failure"
+                )
+                status = b.folder.status()
+                assert status["problems"] == [
+                    {
+                        "path": "photos/new.jpg",
+                        "problem": status["problems"][0]["problem"],
+                    }
+                ]
+                problem = status["problems"][0]["problem"]
+                assert "directory photos" in problem, problem
+                assert ".lanshare-tmp" not in problem
+                assert "photos/new.jpg" in status["reason"]
+                # Retried with backoff while it fails: still an error, still one problem.
+                first = b.folder.failures["photos/new.jpg"].attempts
+                await wait_for(
+                    lambda: b.folder.failures["photos/new.jpg"].attempts > first,
+                    20,
+                    "a second attempt",
+                )
+                assert b.folder.status()["state"] == "error"
+            # Writable again: no `resume` and no rescan needed.
+            await wait_for(lambda: b.path("photos/new.jpg").exists(), 30, "the retry succeeds")
+            await converge([a, b], 30)
+            status = b.folder.status()
+            assert status["state"] == "in_sync", status
+            assert status["problems"] == []
+            assert not temp_files(b.root)
+
+    asyncio.run(main())
+
+
+def test_in_sync_needs_every_connected_peer_and_rates_fall_to_zero(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=23) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("big.bin", os.urandom(4 * 1024 * 1024))
+            await cluster.start()
+            await converge([a, b], 30)
+            status = b.folder.status()
+            assert status["state"] == "in_sync"
+            assert status["connected_peers"] == 1
+            assert status["reason"] == ""
+            await wait_for(
+                lambda: all(p["rate"] == 0 for p in b.folder.status()["peers"]),
+                10,
+                "rates fall to 0 once nothing moves",
+            )
+            await a.stop()
+            await wait_for(lambda: not b.folder.links, 60, "B notices A is gone")
+            status = b.folder.status()
+            assert status["connected_peers"] == 0
+            assert status["reason"] == "no peer connected"
+
+    asyncio.run(main())
