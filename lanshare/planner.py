@@ -324,9 +324,8 @@ def conflict_name(path: str, loser: FileRecord, winner: FileRecord) -> str:
 
 
 _CONFLICT_NAME = re.compile(
-    r"^(?P<stem>.+)"
-    + re.escape(CONFLICT_MARKER)
-    + r"\d{8}-\d{6}-[0-9a-f]{%d}(?P<ext>\.[^./]*)?$" % CONFLICT_NODE_DIGITS
+    rf"^(?P<stem>.+){re.escape(CONFLICT_MARKER)}"
+    rf"\d{{8}}-\d{{6}}-[0-9a-f]{{{CONFLICT_NODE_DIGITS}}}(?P<ext>\.[^./]*)?$"
 )
 
 

@@ -12,8 +12,6 @@ import os
 import subprocess
 from typing import TYPE_CHECKING
 
-import pytest
-
 from lanshare.listing import listing
 from lanshare.planner import conflict_original
 from tests.enginesim import Cluster, converge, temp_files, wait_for
@@ -21,6 +19,8 @@ from tests.enginesim import Cluster, converge, temp_files, wait_for
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    import pytest
 
     from tests.enginesim import SimNode
 
