@@ -93,8 +93,7 @@ class Machine:
         assert self.daemon is None
         with self.log.open("a") as log:
             self.daemon = subprocess.Popen(
-                ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "lanshare"]
-                + ["daemon"],
+                self.command("daemon"),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
