@@ -371,6 +371,9 @@ class Daemon:
             # Discovery announces a token per folder: announce the new set (goodbye, then
             # hello), and meet static peers again for the new folders.
             await self._restart_discovery()
+        for sync in engine.folders.values():
+            if sync.state == "error" or sync.failures:  # what failed may work now
+                engine.spawn(sync.scan())
         logger.info("config reloaded from %s", source)
 
     async def _add_folder(self, folder: FolderConfig) -> None:

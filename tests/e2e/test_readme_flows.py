@@ -58,12 +58,16 @@ class Machine:
         env.pop("NOTIFY_SOCKET", None)
         return env
 
+    def command(self, *args: str) -> list[str]:
+        """``lanshare ARGS`` in this machine's network namespace."""
+        return ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "lanshare", *args]
+
     def lanshare(
         self, *args: str, timeout: float = CLI_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
         """``lanshare ARGS`` typed in this machine's shell; any exit status is returned."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "lanshare", *args],
+            self.command(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
