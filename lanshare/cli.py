@@ -422,6 +422,7 @@ def peers(
     """
     import asyncio
 
+    from lanshare.daemon import own_state
     from lanshare.discovery import browse_once
 
     settings = _settings(ctx, config, debug, socket)
@@ -431,7 +432,10 @@ def peers(
             found = client.call("peers")
     except DaemonNotRunning:
         _need_folders(cfg)
-        found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
+        # A daemon that owns this config but does not answer knows its peers better
+        # than a browse from here: say so instead.
+        with own_state(cfg, daemon=False):
+            found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
     if as_json:
         _print_json(found)
         return
