@@ -163,10 +163,10 @@ PROBE = (
     "import socket, sys\n"
     "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10)\n"
     "s.connect(sys.argv[1])\n"
-    's.sendall(b\'{"id": 1, "method": "status", "params": {}}\\n\')\n'
     "try:\n"
+    '    s.sendall(b\'{"id": 1, "method": "status", "params": {}}\\n\')\n'
     "    answer = s.recv(4096)\n"
-    "except ConnectionResetError:\n"
+    "except (BrokenPipeError, ConnectionResetError):  # refused before the request was sent\n"
     "    answer = b''\n"
     "print('refused' if answer == b'' else 'answered')\n"
 )
