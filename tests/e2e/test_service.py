@@ -77,7 +77,12 @@ def test_scan_asks_the_daemon_and_every_outcome_has_its_exit_status(cluster: Clu
     a.state_dir.mkdir(parents=True)
     for name in STRAY_DATABASE_NAMES:
         (a.state_dir / name).write_bytes(b"an older index")
-    start_all([a, b])
+    # b's daemon binds the socket $LANSHARE_SOCKET names, not its config's.
+    b_socket = str(b.sockets / "b-elsewhere.sock")
+    a.start(wait=False)
+    b.start(wait=False, env={"LANSHARE_SOCKET": b_socket})
+    a.wait_ready()
+    b.wait_ready()
     wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
     a.wait_log("an older release left", SYNC_TIMEOUT)
     for name in STRAY_DATABASE_NAMES:
@@ -100,9 +105,17 @@ def test_scan_asks_the_daemon_and_every_outcome_has_its_exit_status(cluster: Clu
     # 0: in sync.
     wait_until(lambda: a.cli("status", check=False).returncode == 0, SYNC_TIMEOUT, "a exits 0")
     # 1: the operation failed: no peer has the path.
-    pulled = b.cli("pull", str(b.folder / "nobody-has-this.txt"), check=False)
+    nowhere = str(b.folder / "nobody-has-this.txt")
+    pulled = b.cli("--socket", b_socket, "pull", nowhere, check=False)
     assert pulled.returncode == 1, pulled.stderr
     assert "no peer has" in pulled.stderr
+    # 3: b's daemon owns its state, but nothing answers on the socket its config names:
+    # no second node beside it.
+    for args in (["status"], ["ls"], ["pull", nowhere]):
+        beside = b.cli(*args, check=False)
+        assert beside.returncode == 3, beside.stdout + beside.stderr
+    assert "a lanshare daemon runs with the state in" in beside.stderr
+    assert b.cli("status", "--socket", b_socket).returncode == 0
     # 2: a path outside every folder, judged by the daemon.
     outside = a.cli("ls", str(a.base / "elsewhere"), check=False)
     assert outside.returncode == 2, outside.stderr
