@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from lanshare import config as configuration
 from lanshare.control import ControlClient
 from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES
 from lanshare.identity import NODE_ID_FILE
@@ -53,9 +54,10 @@ SYNC_TIMEOUT = 60.0
 SERVICE_USER = "lanshare"
 MEMBER_USER = "lanshare-member"
 """Another user, in group ``lanshare``, with no lanshare config of their own."""
-SYSTEM_CONFIG = "/etc/lanshare/config.toml"
-SYSTEM_STATE = Path("/var/lib/lanshare")
-SYSTEM_SOCKET = Path("/run/lanshare/control.sock")
+SYSTEM_CONFIG = str(configuration.SYSTEM_CONFIG)
+SYSTEM_STATE = configuration.SYSTEM_STATE_DIR
+SYSTEM_SOCKET = configuration.SYSTEM_CONTROL_SOCKET
+UNIT = ROOT / "systemd" / "lanshare.service"
 # The service user cannot enter the virtualenv's interpreter below /root: the system Python
 # of the same minor version runs the checkout with the virtualenv's packages on its path.
 SYSTEM_PYTHON = shutil.which(f"python3.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
@@ -228,6 +230,20 @@ class _System:
         ]
 
 
+def _unit() -> tuple[dict[str, str], int, int]:
+    """The unit's ``Environment=``, ``StateDirectoryMode=`` and ``RuntimeDirectoryMode=``."""
+    env: dict[str, str] = {}
+    modes: dict[str, int] = {}
+    for line in UNIT.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == "Environment":
+            key, _, setting = value.partition("=")
+            env[key] = setting
+        elif name in ("StateDirectoryMode", "RuntimeDirectoryMode"):
+            modes[name] = int(value, 8)
+    return env, modes["StateDirectoryMode"], modes["RuntimeDirectoryMode"]
+
+
 def _login_env(account: pwd.struct_passwd, home: str | None = None) -> dict[str, str]:
     """What ``sudo -u USER`` leaves: the target's HOME, USER, LOGNAME and SHELL, no XDG_*."""
     return {
@@ -239,7 +255,7 @@ def _login_env(account: pwd.struct_passwd, home: str | None = None) -> dict[str,
 
 
 @pytest.fixture
-def system(tmp_path: Path) -> Iterator[_System]:
+def system() -> Iterator[_System]:
     base = short_dir("lss-")
     base.chmod(0o755)
     made = _System(base)
@@ -265,8 +281,11 @@ def test_the_system_service_is_reachable_by_root_and_the_lanshare_group(
     lanshare_gid = grp.getgrnam(SERVICE_USER).gr_gid
 
     # The README: `install -d -m 0750 -o lanshare -g lanshare /etc/lanshare`; the unit's
-    # StateDirectory= (0700) and RuntimeDirectory= (0750), owned by the service's user.
-    for directory, mode in ((system.etc, 0o750), (system.state, 0o700), (system.run, 0o750)):
+    # StateDirectory= and RuntimeDirectory=, which systemd makes the service user's.
+    unit_env, state_mode, runtime_mode = _unit()
+    assert unit_env == {"XDG_STATE_HOME": "/var/lib", "XDG_RUNTIME_DIR": "/run"}
+    directories = ((system.etc, 0o750), (system.state, state_mode), (system.run, runtime_mode))
+    for directory, mode in directories:
         directory.mkdir(mode=mode)
         os.chown(directory, service.pw_uid, lanshare_gid)
         directory.chmod(mode)
@@ -300,10 +319,10 @@ def test_the_system_service_is_reachable_by_root_and_the_lanshare_group(
     notify = NotifyListener(system.base / "notify.sock")
     try:
         notify.path.chmod(0o777)
-        unit_env = dict(
+        # What systemd gives a Type=notify unit with User= and WatchdogSec=30s.
+        service_env = dict(
             _login_env(service),
-            XDG_STATE_HOME="/var/lib",  # Environment= lines of systemd/lanshare.service
-            XDG_RUNTIME_DIR="/run",
+            **unit_env,
             NOTIFY_SOCKET=str(notify.path),
             WATCHDOG_USEC="30000000",
             LANG="C.UTF-8",
@@ -311,7 +330,7 @@ def test_the_system_service_is_reachable_by_root_and_the_lanshare_group(
         log_path = system.base / "service.log"
         with log_path.open("w") as log:
             popen = subprocess.Popen(
-                system.command(host, service, unit_env, "daemon", "--config", SYSTEM_CONFIG),
+                system.command(host, service, service_env, "daemon", "--config", SYSTEM_CONFIG),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
