@@ -66,7 +66,7 @@ SITE_PACKAGES = next(
 )
 
 
-# --- point 8 and the exit statuses, with daemons ------------------------------------------------
+# --- one index, and the exit statuses, with daemons -----------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -154,7 +154,7 @@ def test_scan_asks_the_daemon_and_every_outcome_has_its_exit_status(cluster: Clu
     assert not list(a.state_dir.glob("index.db*"))
 
 
-# --- point 9: the system service ----------------------------------------------------------------
+# --- the system service ---------------------------------------------------------------------------
 
 
 def _ensure_account(name: str, *, groups: Sequence[str] = ()) -> pwd.struct_passwd:
