@@ -236,9 +236,8 @@ def _scan_offline(cfg: Config, path: Path | None) -> list[dict[str, object]]:
     from lanshare import identity, index, scanner
     from lanshare.daemon import own_state
 
+    _need_folders(cfg)
     folders = [_pick_folder(cfg.folders, path)] if path is not None else list(cfg.folders)
-    if not folders:
-        raise UsageError("no shared folder is configured: run `lanshare init FOLDER` first")
     summaries = []
     with own_state(cfg, daemon=False) as database:
         node = identity.load_or_create_node_id(cfg.node.state_dir)
@@ -614,11 +613,13 @@ def _connect(settings: _Globals, cfg: Config, timeout: float | None = 30.0) -> C
 
 
 def _need_folders(cfg: Config) -> None:
-    """A usage error (exit 2) when no folder is configured, before any node starts."""
+    """No daemon answered: a usage error (exit 2) when no folder is configured either,
+    before any node starts."""
     if not cfg.folders:
         where = cfg.source or configuration.default_config_path()
         raise UsageError(
-            f"no shared folder is configured in {where}: run `lanshare init FOLDER` first"
+            f"no shared folder is configured in {where} and no lanshare daemon answers: "
+            "run `lanshare init FOLDER` first, or name a daemon's socket with --socket PATH"
         )
 
 
