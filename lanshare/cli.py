@@ -1,8 +1,16 @@
 """The ``lanshare`` command line: parse, call the library or the daemon, print.
 
 I/O shell. Every command maps its errors through ``main()``: a message on stderr and an exit
-status (1 general, 2 usage or configuration, 3 no daemon running); a traceback only with
-``--debug`` or ``LANSHARE_DEBUG=1``.
+status (``lanshare.errors``: 1 failed, 2 usage or configuration, 3 no daemon, 4 ``status`` of
+a folder in error or paused, 130 interrupted); a traceback only with ``--debug`` or
+``LANSHARE_DEBUG=1``.
+
+Finding the daemon: ``--socket PATH`` or ``$LANSHARE_SOCKET`` names its control socket;
+otherwise a config file of one's own names it (``[node] control_socket``); with no config
+file at all, the user's own socket is tried, then the system service's
+(``config.user_control_sockets``), so members of the service's group need no config. ``ls``,
+``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or the offline
+scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds it.
 """
 
 from __future__ import annotations
@@ -20,12 +28,19 @@ import typer
 
 from lanshare import __version__
 from lanshare import config as configuration
-from lanshare.errors import LanshareError, UsageError
+from lanshare.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_NOT_IN_SYNC,
+    DaemonNotRunning,
+    LanshareError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from lanshare.config import Config, FolderConfig
+    from lanshare.control import ControlClient
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +73,20 @@ DebugOption = Annotated[
     bool,
     typer.Option("--debug", help="Log debug messages and show tracebacks on errors."),
 ]
+SocketOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        envvar="LANSHARE_SOCKET",
+        help=(
+            "The daemon's control socket (default: $LANSHARE_SOCKET, else the config's "
+            "[node] control_socket; with no config file, yours, then /run/lanshare/control.sock)."
+        ),
+        dir_okay=False,
+        show_default=False,
+        show_envvar=False,
+    ),
+]
 JsonOption = Annotated[
     bool,
     typer.Option("--json", help="Print machine-readable JSON instead of text."),
@@ -70,11 +99,16 @@ class _Globals:
 
     config: Path | None = None
     debug: bool = False
+    socket: Path | None = None
 
 
-def _settings(ctx: typer.Context, config: Path | None, debug: bool) -> _Globals:
+def _settings(
+    ctx: typer.Context, config: Path | None, debug: bool, socket: Path | None = None
+) -> _Globals:
     given = ctx.obj if isinstance(ctx.obj, _Globals) else _Globals()
-    settings = _Globals(config=config or given.config, debug=debug or given.debug)
+    settings = _Globals(
+        config=config or given.config, debug=debug or given.debug, socket=socket or given.socket
+    )
     _setup_logging(settings.debug)
     return settings
 
@@ -90,6 +124,7 @@ def _root(
     ctx: typer.Context,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
     version: Annotated[
         bool,
         typer.Option(
@@ -97,7 +132,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    ctx.obj = _Globals(config=config, debug=debug)
+    ctx.obj = _Globals(config=config, debug=debug, socket=socket)
 
 
 @app.command()
@@ -168,36 +203,53 @@ def scan(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """Update the local index of shared folders and print what changed.
 
+    Asks the running daemon to scan; with none, scans into the index the daemon will use.
     Unchanged files (same size, mtime, inode and ctime) are not read again.
     """
-    import asyncio
-
-    from lanshare import identity, index, scanner
-
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
-    folders = [_pick_folder(cfg.folders, path)] if path is not None else list(cfg.folders)
-    if not folders:
-        raise UsageError("no shared folder is configured: run `lanshare init FOLDER` first")
-    node = identity.load_or_create_node_id(cfg.node.state_dir)
-    summaries = []
-    with index.Index.open(cfg.node.state_dir / index.DATABASE_NAME) as db:
-        for folder in folders:
-            summary = asyncio.run(
-                scanner.scan_folder(folder, db, identity.short_id(node), cfg.transfer.io_workers)
-            )
-            summaries.append(summary)
+    target = str(_absolute(path)) if path is not None else None
+    try:
+        with _connect(settings, cfg, timeout=None) as client:
+            summaries = client.call("scan", {"path": target} if target is not None else {})
+    except DaemonNotRunning:
+        summaries = _scan_offline(cfg, path)
     if as_json:
-        _print_json([s.as_json() for s in summaries])
+        _print_json(summaries)
         return
     for s in summaries:
         typer.echo(
-            f"{s.path}: {s.files} files, {s.dirs} dirs, {_size(s.bytes)} in {s.blocks} blocks; "
-            f"{s.new} new, {s.changed} changed, {s.deleted} deleted ({s.seconds:.2f} s)"
+            f"{s['path']}: {s['files']} files, {s['dirs']} dirs, {_size(s['bytes'])} in "
+            f"{s['blocks']} blocks; {s['new']} new, {s['changed']} changed, "
+            f"{s['deleted']} deleted ({s['seconds']:.2f} s)"
         )
+
+
+def _scan_offline(cfg: Config, path: Path | None) -> list[dict[str, object]]:
+    """``scan`` with no daemon: into the daemon's index, holding its lock meanwhile."""
+    import asyncio
+
+    from lanshare import identity, index, scanner
+    from lanshare.daemon import own_state
+
+    _need_folders(cfg)
+    folders = [_pick_folder(cfg.folders, path)] if path is not None else list(cfg.folders)
+    summaries = []
+    with own_state(cfg, daemon=False) as database:
+        node = identity.load_or_create_node_id(cfg.node.state_dir)
+        with index.Index.open(database) as db:
+            for folder in folders:
+                summary = asyncio.run(
+                    scanner.scan_folder(
+                        folder, db, identity.short_id(node), cfg.transfer.io_workers
+                    )
+                )
+                summaries.append(summary.as_json())
+    return summaries
 
 
 LogLevelOption = Annotated[
@@ -216,6 +268,7 @@ def daemon(
     log_level: LogLevelOption = "",
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """Run the sync daemon in the foreground (use the systemd units to run it as a service).
 
@@ -226,8 +279,13 @@ def daemon(
 
     from lanshare.daemon import Daemon
 
-    settings = _settings(ctx, config, debug)
-    overrides = {"logging.level": log_level or None}
+    settings = _settings(ctx, config, debug, socket)
+    overrides = {
+        "logging.level": log_level or None,
+        "node.control_socket": (
+            str(_absolute(settings.socket)) if settings.socket is not None else None
+        ),
+    }
     cfg, created = configuration.ensure_config(settings.config, overrides)
     if created:
         for folder in cfg.folders:
@@ -249,15 +307,16 @@ def ls(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """List what the LAN shares: files, which peers have them, and their local state.
 
     Asks the running daemon; with none, starts a short-lived node that finds peers first.
     """
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
-    target = str(_inside(cfg, path)) if path is not None else None
-    entries = _ask(cfg, "ls", {"path": target})
+    target = _absolute(path) if path is not None else None
+    entries = _ask(settings, cfg, "ls", {"path": str(target) if target else None}, [target])
     if as_json:
         _print_json(entries)
         return
@@ -280,17 +339,19 @@ def pull(
     ] = 0.0,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """Fetch these paths from the LAN now, with progress; exit 0 once all are verified.
 
     A directory means everything under it. Works with no daemon running: a short-lived
     node finds the peers, fetches, and exits.
     """
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
-    targets = [str(_inside(cfg, p)) for p in paths]
-    params = {"paths": targets, "timeout": timeout}
-    result = _ask(cfg, "pull", params, progress=None if as_json else _PullProgress())
+    targets = [_absolute(p) for p in paths]
+    params = {"paths": [str(t) for t in targets], "timeout": timeout}
+    progress = None if as_json else _PullProgress()
+    result = _ask(settings, cfg, "pull", params, targets, progress)
     if as_json:
         _print_json(result)
         return
@@ -304,20 +365,27 @@ def status(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """Show each folder's sync state, what it still needs, and why it is not in sync.
 
-    Needs a running daemon (exit status 3 when there is none).
+    Needs a running daemon (exit status 3 when there is none). Exit status 4 when a folder
+    is in error or paused (the status is printed all the same).
     """
-    from lanshare.control import ControlClient
-
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
-    with ControlClient(cfg.node.control_socket) as client:
+    with _connect(settings, cfg) as client:
         result = client.call("status")
+    troubled = any(f.get("state") in ("error", "paused") for f in result["folders"])
     if as_json:
         _print_json(result)
-        return
+    else:
+        _print_status(result)
+    if troubled:
+        raise typer.Exit(EXIT_NOT_IN_SYNC)
+
+
+def _print_status(result: dict[str, Any]) -> None:
     node = result.get("node", {})
     typer.echo(f"node {node.get('name', '?')} ({node.get('id', '?')})")
     for folder in result["folders"]:
@@ -345,6 +413,7 @@ def peers(
     ] = 3.0,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """List the peers seen on the LAN that share a folder with this machine.
 
@@ -352,17 +421,20 @@ def peers(
     """
     import asyncio
 
-    from lanshare.control import ControlClient
+    from lanshare.daemon import own_state
     from lanshare.discovery import browse_once
-    from lanshare.errors import DaemonNotRunning
 
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
     try:
-        with ControlClient(cfg.node.control_socket) as client:
+        with _connect(settings, cfg) as client:
             found = client.call("peers")
     except DaemonNotRunning:
-        found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
+        _need_folders(cfg)
+        # A daemon that owns this config but does not answer knows its peers better
+        # than a browse from here: say so instead.
+        with own_state(cfg, daemon=False):
+            found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
     if as_json:
         _print_json(found)
         return
@@ -382,6 +454,7 @@ def resume(
     ] = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
+    socket: SocketOption = None,
 ) -> None:
     """Confirm the mass deletion that paused a folder, and let it sync again.
 
@@ -390,12 +463,10 @@ def resume(
     that a full disk paused are tried again at once (they also resume by themselves when
     space is freed).
     """
-    from lanshare.control import ControlClient
-
-    settings = _settings(ctx, config, debug)
+    settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
-    params = {"path": str(_inside(cfg, path))} if path is not None else {}
-    with ControlClient(cfg.node.control_socket) as client:
+    params = {"path": str(_absolute(path))} if path is not None else {}
+    with _connect(settings, cfg) as client:
         result = client.call("resume", params)
     for folder in result["resumed"]:
         typer.echo(f"resumed {folder}")
@@ -446,20 +517,29 @@ class _PullProgress:
 
 
 def _ask(
-    cfg: Config, method: str, params: dict[str, Any], progress: _PullProgress | None = None
+    settings: _Globals,
+    cfg: Config,
+    method: str,
+    params: dict[str, Any],
+    paths: Sequence[Path | None],
+    progress: _PullProgress | None = None,
 ) -> Any:
-    """Call ``method`` on the running daemon, or on a short-lived node when none runs."""
+    """Call ``method`` on the running daemon, or on a short-lived node when none answers.
+
+    ``paths`` are checked against the config's folders only for a short-lived node: a
+    daemon knows its own folders (a member of the service's group has none configured).
+    """
     import asyncio
     import contextlib
 
-    from lanshare.control import ControlClient
-    from lanshare.errors import DaemonNotRunning
-
     guard = progress if progress is not None else contextlib.nullcontext()
     try:
-        client = ControlClient(cfg.node.control_socket, timeout=None)
-        client.connect()
+        client = _connect(settings, cfg, timeout=None)
     except DaemonNotRunning:
+        _need_folders(cfg)
+        for path in paths:
+            if path is not None:
+                _pick_folder(cfg.folders, path)
         return asyncio.run(_ask_short_lived(cfg, method, params, progress))
     with client, guard:
         result: Any = None
@@ -500,11 +580,47 @@ def _final_progress(progress: _PullProgress | None, result: Any) -> None:
         progress.update({"files": [r for r in result if isinstance(r, dict) and "size" in r]})
 
 
-def _inside(cfg: Config, path: Path) -> Path:
-    """``path`` made absolute; a usage error (exit 2) when it is outside every folder."""
-    folder = _pick_folder(cfg.folders, path)
-    del folder
+def _absolute(path: Path) -> Path:
     return path.expanduser().absolute()
+
+
+def _connect(settings: _Globals, cfg: Config, timeout: float | None = 30.0) -> ControlClient:
+    """A client connected to the first control socket that answers (module docstring).
+
+    Raises:
+        DaemonNotRunning: none answers; the message names every socket tried.
+    """
+    from lanshare.control import ControlClient
+
+    if settings.socket is not None:
+        candidates: Sequence[Path] = (settings.socket.expanduser(),)
+    elif cfg.source is not None:
+        candidates = (cfg.node.control_socket,)
+    else:
+        candidates = configuration.user_control_sockets()
+    for path in candidates:
+        client = ControlClient(path, timeout=timeout)
+        try:
+            client.connect()
+        except DaemonNotRunning:
+            continue
+        return client
+    tried = " or ".join(str(p) for p in candidates)
+    raise DaemonNotRunning(
+        f"no lanshare daemon is running (nothing answers on {tried}); start one with "
+        "`lanshare daemon`, or name its control socket with --socket PATH"
+    )
+
+
+def _need_folders(cfg: Config) -> None:
+    """No daemon answered: a usage error (exit 2) when no folder is configured either,
+    before any node starts."""
+    if not cfg.folders:
+        where = cfg.source or configuration.default_config_path()
+        raise UsageError(
+            f"no shared folder is configured in {where} and no lanshare daemon answers: "
+            "run `lanshare init FOLDER` first, or name a daemon's socket with --socket PATH"
+        )
 
 
 def _make_folder(path: Path) -> None:
@@ -527,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("lanshare: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _load(settings: _Globals) -> Config:

@@ -2,6 +2,13 @@
 
 Reads the one config file (``load``) and, for ``lanshare init`` and the daemon's first run,
 writes it atomically (``add_folder``, ``ensure_config``). Precedence: defaults < file < flags.
+
+The system service (``systemd/lanshare.service``) reads ``SYSTEM_CONFIG``. A new file created
+at that path names the service's ``state_dir``, ``control_socket`` and ``control_group`` in a
+``[node]`` table, so that whoever reads the file (the service, or root's ``lanshare status
+--config /etc/lanshare/config.toml``) finds the same index and the same socket, whatever their
+environment. Members of ``SYSTEM_GROUP`` use the service with no config of their own:
+``user_control_sockets`` ends with ``SYSTEM_CONTROL_SOCKET``.
 """
 
 from __future__ import annotations
@@ -74,6 +81,23 @@ def default_control_socket() -> Path:
     return default_state_dir() / "control.sock"
 
 
+SYSTEM_CONFIG = Path("/etc/lanshare/config.toml")
+"""The system service's config file (``systemd/lanshare.service``)."""
+SYSTEM_STATE_DIR = Path("/var/lib/lanshare")
+"""The service's ``StateDirectory=lanshare``."""
+SYSTEM_CONTROL_SOCKET = Path("/run/lanshare/control.sock")
+"""The service's control socket, in its ``RuntimeDirectory=lanshare``."""
+SYSTEM_GROUP = "lanshare"
+"""The service's group: its members may use the control socket."""
+
+
+def user_control_sockets() -> tuple[Path, ...]:
+    """Where a user with no config of their own looks for a daemon, in order: their own
+    (``default_control_socket()``), then the system service's."""
+    own = default_control_socket()
+    return (own,) if own == SYSTEM_CONTROL_SOCKET else (own, SYSTEM_CONTROL_SOCKET)
+
+
 def default_folder_path() -> Path:
     """``~/LanShare``: the folder ``lanshare init`` and the daemon's first run share."""
     return Path.home() / "LanShare"
@@ -87,6 +111,9 @@ class NodeConfig:
     """Where the index database and the node identity live."""
     control_socket: Path = field(default_factory=default_control_socket)
     """Unix socket the command line uses to talk to the daemon."""
+    control_group: str = ""
+    """Group whose members may use the control socket too (mode 0660); empty: only the
+    daemon's user and root (mode 0600)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +267,7 @@ def add_folder(config_path: Path, folder_path: Path, key_text: str) -> FolderCon
     with _directory_lock(target.parent):
         read = _read_config(target, must_exist=False)
         if read is None:
-            content = _NEW_FILE_HEADER + table
+            content = _new_file_text(file, table)
             config = _parse(content, file, 0o600, None)
             _create_exclusive(target, content.encode("utf-8"))
             return config.folders[-1]
@@ -283,7 +310,7 @@ def ensure_config(
         with _directory_lock(target.parent):
             if not os.path.exists(target):  # another process may have won the race
                 key = keys.format_key(keys.generate_key())
-                content = _NEW_FILE_HEADER + _folder_table(default_folder_path(), key)
+                content = _new_file_text(file, _folder_table(default_folder_path(), key))
                 _parse(content, file, 0o600, None)
                 _create_exclusive(target, content.encode("utf-8"))
                 created = True
@@ -604,6 +631,17 @@ def _socket_path(value: Path) -> Path:
     return value
 
 
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def _group_name(value: str) -> str:
+    # Whether the group exists is checked when the daemon binds the socket: the command
+    # line reads this file too, on machines that may not have the group.
+    if value and not _GROUP_NAME.fullmatch(value):
+        raise ConfigError(f'expected a group name such as "lanshare" (or ""), got "{value}"')
+    return value
+
+
 def _bind(value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
         raise ConfigError('expected at least one address, e.g. ["0.0.0.0"]')
@@ -646,6 +684,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
 _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("node", "name"): _node_name,
     ("node", "control_socket"): _socket_path,
+    ("node", "control_group"): _group_name,
     ("network", "port"): _int_range(0, 65535, " (0 picks any free port)"),
     ("network", "bind"): _bind,
     ("network", "interfaces"): _interfaces,
@@ -739,6 +778,23 @@ def _why(exc: OSError) -> str:
 
 
 # --- writing ------------------------------------------------------------------------------
+
+
+def _new_file_text(file: Path, folder_table: str) -> str:
+    """A new config file's text: the header, the service's ``[node]`` table when ``file`` is
+    the system service's config, and the first folder."""
+    if Path(os.path.abspath(file)) != SYSTEM_CONFIG:
+        return _NEW_FILE_HEADER + folder_table
+    node = (
+        "[node]\n"
+        "# The system service's paths (systemd/lanshare.service): every command run with this\n"
+        "# file finds the service's index and control socket here, whoever runs it.\n"
+        f"state_dir = {_toml_string(str(SYSTEM_STATE_DIR))}\n"
+        f"control_socket = {_toml_string(str(SYSTEM_CONTROL_SOCKET))}\n"
+        "# Members of this group may use the service: lanshare status, ls, pull, peers.\n"
+        f"control_group = {_toml_string(SYSTEM_GROUP)}\n\n"
+    )
+    return _NEW_FILE_HEADER + node + folder_table
 
 
 def _folder_table(folder: Path, key: str) -> str:

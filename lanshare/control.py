@@ -3,9 +3,12 @@
 I/O. The daemon runs ``ControlServer`` on its loop; the CLI uses the blocking ``ControlClient``.
 Each request is one line ``{"id": N, "method": "...", "params": {...}}``; the answer is zero
 or more ``{"id": N, "progress": {...}}`` lines followed by exactly one ``{"id": N, "result":
-...}`` or ``{"id": N, "error": {"message": "..."}}`` line. Only the daemon's own user, root,
-and (for the system service) members of the socket's group may connect: checked with
-SO_PEERCRED, not just with file modes.
+...}`` or ``{"id": N, "error": {"message": "...", "exit_code": N}}`` line (the exit status
+the command line gives the error, so a command fails alike with or without a daemon). Only
+the daemon's own user, root, and (for the system service, ``[node] control_group``) members
+of the socket's group may connect: checked with SO_PEERCRED, not just with file modes; the
+socket is then mode 0660 and of that group, and a socket directory the server creates is
+0750 and of that group, so the group can reach it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,14 @@ class ControlServer:
             ControlError: another daemon is running, or the socket cannot be created.
         """
         _remove_stale_socket(self._path)
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory = self._path.parent
+        if not directory.is_dir():
+            try:
+                directory.mkdir(parents=True, mode=0o700 if self._group is None else 0o750)
+                if self._group is not None:
+                    os.chown(directory, -1, self._group)
+            except OSError as exc:
+                raise ControlError(f"cannot create the directory {directory}: {exc}") from exc
         # Bind under a restrictive umask so the socket is never briefly open to others.
         old_umask = os.umask(0o177)
         try:
@@ -78,9 +88,15 @@ class ControlServer:
             raise ControlError(f"cannot create the control socket {self._path}: {exc}") from exc
         finally:
             os.umask(old_umask)
-        if self._group is not None:
-            os.chown(self._path, -1, self._group)
-        os.chmod(self._path, self._mode)
+        try:
+            if self._group is not None:
+                os.chown(self._path, -1, self._group)
+            os.chmod(self._path, self._mode)
+        except OSError as exc:
+            await self.close()
+            raise ControlError(
+                f"cannot give the control socket {self._path} to its group: {exc}"
+            ) from exc
 
     async def close(self) -> None:
         if self._server is not None:
@@ -146,7 +162,11 @@ class ControlServer:
             try:
                 result = await handler(params, progress)
             except LanshareError as exc:
-                error = {"message": str(exc), "kind": type(exc).__name__}
+                error = {
+                    "message": str(exc),
+                    "kind": type(exc).__name__,
+                    "exit_code": exc.exit_code,
+                }
                 await _send(writer, {"id": request_id, "error": error})
             else:
                 await _send(writer, {"id": request_id, "result": result})
@@ -224,9 +244,7 @@ class ControlClient:
                 if "progress" in message:
                     yield "progress", message["progress"]
                 elif "error" in message:
-                    error = message["error"]
-                    text = error.get("message") if isinstance(error, dict) else None
-                    raise ControlError(str(text or "the daemon reported an error"))
+                    raise _remote_error(message["error"])
                 else:
                     yield "result", message.get("result")
                     return
@@ -252,6 +270,16 @@ class ControlClient:
         if not isinstance(message, dict):
             raise ControlError("the daemon sent a malformed answer")
         return message
+
+
+def _remote_error(error: object) -> ControlError:
+    """The daemon's error answer as an exception with the daemon's exit status."""
+    fields = error if isinstance(error, dict) else {}
+    problem = ControlError(str(fields.get("message") or "the daemon reported an error"))
+    code = fields.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 126:
+        problem.exit_code = code
+    return problem
 
 
 def _parse_request(line: bytes) -> tuple[Any, str, dict[str, Any], str | None]:

@@ -10,6 +10,13 @@ Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
 ``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``.
 ``peers`` merges discovery's table with the live sessions: one entry per peer.
+``scan`` rescans folders through the engine and answers with the ``scan --json`` objects.
+
+One owner per state dir: every node (the daemon and a short-lived one) and an offline
+``lanshare scan`` hold ``LOCK_NAME`` in the state dir (``own_state``) while they use its one
+index, ``DATABASE_NAME``. A command that finds the lock held by a daemon it cannot reach
+says so and stops, rather than start a node of its own beside it (a second UDP port, a
+second identity).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from lanshare.engine import Engine
 from lanshare.errors import (
     ConfigError,
     ControlError,
+    DaemonOwnsState,
     LanshareError,
     StorageError,
     TransferError,
@@ -41,7 +49,7 @@ from lanshare.errors import (
 )
 from lanshare.events import SessionEstablished
 from lanshare.identity import load_or_create_node_id
-from lanshare.index import Index
+from lanshare.index import DATABASE_NAME, Index
 from lanshare.peertable import PeerDown, PeerUp, SharedFolder
 from lanshare.protocol.endpoint import Endpoint
 from lanshare.sdnotify import Notifier, watchdog_interval
@@ -49,7 +57,7 @@ from lanshare.transport import open_transport
 from lanshare.watcher import FolderWatcher
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
 
     from lanshare.config import Config, FolderConfig
     from lanshare.control import Handler, Progress
@@ -62,8 +70,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DATABASE_NAME = "index.sqlite3"
 LOCK_NAME = "daemon.lock"
+STRAY_DATABASE_NAMES = ("index.db", "index.db-wal", "index.db-shm")
+"""A second index that ``lanshare scan`` of older releases kept beside the daemon's."""
 STOP_TIMEOUT = 5.0
 """Seconds a clean stop may take before the rest is abandoned."""
 PULL_PROGRESS_INTERVAL = 0.25
@@ -164,10 +173,9 @@ class Daemon:
             LanshareError: it could not start (another daemon, a port in use, …).
         """
         config = self.config
-        config.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with _exclusive_lock(config.node.state_dir / LOCK_NAME):
+        with own_state(config, daemon=not self._short_lived) as database:
             node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
-            index = await asyncio.to_thread(Index.open, config.node.state_dir / DATABASE_NAME)
+            index = await asyncio.to_thread(Index.open, database)
             try:
                 await self._run(index, node_id)
             finally:
@@ -197,7 +205,13 @@ class Daemon:
             for folder in config.folders:
                 await self._add_folder(folder)
             if not self._short_lived:
-                control = ControlServer(config.node.control_socket, self._handlers())
+                group = _control_group(config)
+                control = ControlServer(
+                    config.node.control_socket,
+                    self._handlers(),
+                    mode=0o600 if group is None else 0o660,
+                    group=group,
+                )
                 await control.start()
             self.discovery = self._new_discovery()
             await self._serve(engine)
@@ -446,6 +460,7 @@ class Daemon:
             "pull": self._pull,
             "rescan": self._rescan,
             "resume": self._resume,
+            "scan": self._scan,
         }
 
     async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
@@ -481,6 +496,21 @@ class Daemon:
         for sync in self._engine().folders.values():
             await sync.scan()
         return self._engine().status()
+
+    async def _scan(self, params: dict[str, Any], progress: Progress) -> Any:
+        """``lanshare scan`` with a daemon running: the daemon's own scans, in its index."""
+        path = params.get("path")
+        engine = self._engine()
+        targets = (
+            [engine.folder_for(Path(path))[0]] if isinstance(path, str) else engine.folders.values()
+        )
+        summaries = []
+        for sync in list(targets):
+            summary = await sync.scan()
+            if summary is None:
+                raise StorageError(sync.reason)
+            summaries.append(summary.as_json())
+        return summaries
 
     async def _resume(self, params: dict[str, Any], progress: Progress) -> Any:
         path = params.get("path")
@@ -574,22 +604,110 @@ async def _resolve(host: str, port: int) -> list[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Any:
-    """Hold an flock on ``path`` so two daemons never share one index."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def own_state(config: Config, *, daemon: bool) -> Iterator[Path]:
+    """Be the one user of ``config``'s state dir while the block runs; yields the index path.
+
+    Holds ``LOCK_NAME`` (created with the dir if missing) and removes the stray databases of
+    older releases. ``daemon``: the daemon itself; otherwise a short-lived node or an
+    offline ``lanshare scan``, refused with ``DaemonOwnsState`` while a daemon holds the lock.
+
+    Raises:
+        ControlError: another daemon holds the lock (``daemon``).
+        DaemonOwnsState: a daemon holds the lock (not ``daemon``).
+        UsageError: the state dir belongs to another user (files made here would lock that
+            user's daemon out of its own index).
+        StorageError: the dir or its lock cannot be made.
+    """
+    state_dir = config.node.state_dir
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ControlError(
-                f"another lanshare daemon is already running with the state in {path.parent}; "
-                "stop it first (or give this one another config)"
-            ) from None
-        except OSError as exc:
-            raise StorageError(f"cannot lock {path}: {exc.strerror}") from exc
-        yield
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = state_dir.stat().st_uid
+    except OSError as exc:
+        raise StorageError(f"cannot use the state directory {state_dir}: {exc.strerror}") from exc
+    lock = state_dir / LOCK_NAME
+    mine = owner == os.geteuid()
+    try:
+        # Another user's lock is only looked at: creating it would leave a file its owner
+        # cannot open.
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if mine else 0), 0o600)
+    except FileNotFoundError:
+        fd = -1
+    except OSError as exc:
+        raise StorageError(f"cannot open the lock {lock}: {exc.strerror}") from exc
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _lock_held(config, daemon=daemon) from None
+            except OSError as exc:
+                raise StorageError(f"cannot lock {lock}: {exc.strerror}") from exc
+        if not mine:
+            user = _user_name(owner)
+            raise UsageError(
+                f"the state directory {state_dir} belongs to user {user}: run lanshare as "
+                f"that user (sudo -u {user} lanshare …), or start its daemon"
+            )
+        _remove_stray_databases(state_dir)
+        yield state_dir / DATABASE_NAME
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def _lock_held(config: Config, *, daemon: bool) -> LanshareError:
+    state_dir = config.node.state_dir
+    if daemon:
+        return ControlError(
+            f"another lanshare daemon is already running with the state in {state_dir}; "
+            "stop it first (or give this one another config)"
+        )
+    return DaemonOwnsState(
+        f"a lanshare daemon runs with the state in {state_dir} but does not answer on "
+        f"{config.node.control_socket}; name its control socket with --socket PATH"
+    )
+
+
+def _remove_stray_databases(state_dir: Path) -> None:
+    for name in STRAY_DATABASE_NAMES:
+        stray = state_dir / name
+        try:
+            stray.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot remove %s, left by an older release: %s", stray, exc.strerror)
+            continue
+        logger.warning(
+            "removed %s: a second index an older release left; %s is the only one",
+            stray,
+            state_dir / DATABASE_NAME,
+        )
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _control_group(config: Config) -> int | None:
+    """The gid of ``[node] control_group``, or None when only the daemon's user may connect."""
+    import grp
+
+    name = config.node.control_group
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"{config.source or 'config'}:node.control_group: there is no group {name!r} on "
+            "this machine"
+        ) from None
 
 
 async def run_short_lived(

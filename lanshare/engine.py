@@ -269,18 +269,20 @@ class FolderSync:
 
     # -- local side -----------------------------------------------------------------------
 
-    async def scan(self, *, allow_mass_delete: bool = False) -> None:
+    async def scan(self, *, allow_mass_delete: bool = False) -> scanner.ScanSummary | None:
         """Rescan the folder; tell peers and replan when anything changed.
 
         Local deletions that trip the mass-deletion guard are withheld and pause the
         folder, unless ``allow_mass_delete`` (the user confirmed with ``resume``).
+        Returns what the scan found, or None when it failed (``state`` is then ``error``
+        and ``reason`` says why).
         """
         # A scan walks the disk, then reads the index: an action landing in between (on
         # disk and in the index) would look deleted, so scans and actions never overlap.
         async with self.busy:
-            await self._scan(allow_mass_delete)
+            return await self._scan(allow_mass_delete)
 
-    async def _scan(self, allow_mass_delete: bool) -> None:
+    async def _scan(self, allow_mass_delete: bool) -> scanner.ScanSummary | None:
         try:
             self.missing = not self.root.is_dir()
             if self.missing:
@@ -302,7 +304,7 @@ class FolderSync:
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
-            return
+            return None
         self.local_pause = summary.paused_reason
         if self.local_pause:
             self.state, self.reason = "paused", self.local_pause
@@ -324,6 +326,7 @@ class FolderSync:
             )
             self.announce_sequence()
         self.dirty.set()
+        return summary
 
     async def resume(self) -> None:
         """The user confirmed a paused mass deletion: record and apply it. Pulls a full

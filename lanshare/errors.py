@@ -2,6 +2,13 @@
 
 Pure: no I/O. Every error that reaches a person is a ``LanshareError``; its message says what
 happened and, where there is one, what to do about it.
+
+Exit status, one rule for every command (the README's "Exit status" table): ``EXIT_FAILED``
+the operation failed (a transfer, the disk, no peer has the path); ``EXIT_USAGE`` usage or
+configuration (no config yet, a path outside every folder, a bad flag or file);
+``EXIT_NO_DAEMON`` no daemon answers for a command that needs one; ``EXIT_NOT_IN_SYNC``
+``status`` found a folder in ``error`` or ``paused`` (after printing it); ``EXIT_INTERRUPTED``
+Ctrl-C. Each error class carries its status as ``exit_code``.
 """
 
 from __future__ import annotations
@@ -13,23 +20,32 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+EXIT_NOT_IN_SYNC = 4
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as shells report a command stopped by Ctrl-C."""
+
+
 class LanshareError(Exception):
     """Something went wrong that a person can read about and act on."""
 
     #: Process exit status the command line uses for this kind of error.
-    exit_code: int = 1
+    exit_code: int = EXIT_FAILED
 
 
 class ConfigError(LanshareError):
     """The configuration (file, flags or key) is missing, unreadable or invalid."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UsageError(LanshareError):
     """A command was called with arguments that cannot work (e.g. a path outside every folder)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class KeyFormatError(ConfigError):
@@ -87,7 +103,12 @@ class ControlError(LanshareError):
 class DaemonNotRunning(ControlError):
     """No lanshare daemon answers on the control socket."""
 
-    exit_code = 3
+    exit_code = EXIT_NO_DAEMON
+
+
+class DaemonOwnsState(DaemonNotRunning):
+    """A daemon holds this config's state (its lock is taken) but its control socket does not
+    answer here: a command must not start a node of its own beside it."""
 
 
 class NotImplementedYet(LanshareError):

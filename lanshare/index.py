@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DATABASE_NAME: Final = "index.db"
+DATABASE_NAME: Final = "index.sqlite3"
 """File name of the index inside the node's ``state_dir``."""
 
 INDEX_ID_SIZE: Final = 8

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 
+from lanshare import config as configuration
 from lanshare import keys
 from lanshare.cli import main
+from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES, own_state
+from lanshare.index import DATABASE_NAME, Index
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -180,3 +186,175 @@ def test_console_entry_point_runs(home: Path) -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("lanshare ")
+
+
+# --- one index, one owner, and the exit status rule, without a daemon ----------------------
+
+
+def _state(home: Path) -> Path:
+    return home / "state" / "lanshare"
+
+
+def test_scan_without_daemon_uses_the_daemons_index_and_removes_strays(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = home / "A"
+    run(capsys, "init", str(folder))
+    (folder / "one.txt").write_text("one\n")
+    state = _state(home)
+    state.mkdir(parents=True)
+    # What `lanshare scan` of an older release left: an index of its own.
+    for name in STRAY_DATABASE_NAMES:
+        (state / name).write_bytes(b"old index")
+    code, out, err = run(capsys, "scan", "--json")
+    assert code == 0, err
+    [summary] = json.loads(out)
+    assert summary["files"] == 1
+    assert sorted(p.name for p in state.glob("index.db*")) == []
+    assert (state / DATABASE_NAME).is_file()
+    removed = [line for line in err.splitlines() if "an older release left" in line]
+    assert [line.split()[2] for line in removed] == [
+        f"{state / name}:" for name in STRAY_DATABASE_NAMES
+    ]
+    # The daemon will open the very index the scan wrote: it already knows the file.
+    with Index.open(state / DATABASE_NAME) as db:
+        [info] = db.folders()
+        assert db.get(info.id, "one.txt") is not None
+
+
+def test_scan_and_short_lived_node_stop_when_a_daemon_holds_the_state(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = home / "A"
+    run(capsys, "init", str(folder))
+    cfg = configuration.load()
+    # The lock a running daemon holds (a second open file description conflicts with it
+    # just as another process would).
+    with own_state(cfg, daemon=True):
+        for argv in (["scan"], ["ls"], ["pull", "--json", str(folder / "x")], ["peers"]):
+            code, out, err = run(capsys, *argv)
+            assert code == 3, (argv, err)
+            assert f"a lanshare daemon runs with the state in {_state(home)}" in err
+            assert "--socket" in err
+            assert out == ""
+    # Nothing was made beside the daemon's state: no second identity, no second index.
+    assert sorted(p.name for p in _state(home).iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the state to another user")
+def test_another_users_state_is_left_alone(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "init", str(home / "A"))
+    state = _state(home)
+    state.mkdir(parents=True)
+    os.chown(state, 65534, 65534)
+    code, _, err = run(capsys, "scan")
+    assert code == 2
+    assert f"the state directory {state} belongs to user" in err
+    assert "sudo -u" in err
+    assert list(state.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["pull", "/tmp/x"], ["peers"], ["scan"], ["key"]])
+def test_no_config_yet_is_exit_2_and_starts_nothing(
+    home: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert "no shared folder is configured" in err
+    assert "lanshare init" in err
+    assert out == ""
+    assert not (home / "state").exists()
+
+
+def test_without_a_config_the_user_socket_then_the_system_socket_is_tried(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "status")
+    assert code == 3
+    own = home / "run" / "lanshare" / "control.sock"
+    assert f"nothing answers on {own} or {configuration.SYSTEM_CONTROL_SOCKET}" in err
+    assert out == ""
+
+
+def test_a_config_of_ones_own_names_the_only_socket(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "init", str(home / "A"))
+    code, _, err = run(capsys, "status")
+    assert code == 3
+    assert f"nothing answers on {home / 'run' / 'lanshare' / 'control.sock'});" in err
+    assert f" or {configuration.SYSTEM_CONTROL_SOCKET}" not in err
+
+
+def test_socket_flag_and_environment_name_the_socket(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "init", str(home / "A"))
+    flag = home / "flag.sock"
+    for argv in (["status", "--socket", str(flag)], ["--socket", str(flag), "status"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 3
+        assert f"nothing answers on {flag});" in err
+    monkeypatch.setenv("LANSHARE_SOCKET", str(home / "env.sock"))
+    code, _, err = run(capsys, "resume")
+    assert code == 3
+    assert f"nothing answers on {home / 'env.sock'});" in err
+    # The flag wins over the environment.
+    code, _, err = run(capsys, "status", "--socket", str(flag))
+    assert f"nothing answers on {flag});" in err
+
+
+def _loopback_config(home: Path) -> Path:
+    """A config whose short-lived node stays on 127.0.0.1 (UDP and mDNS)."""
+    folder = home / "A"
+    folder.mkdir()
+    key = keys.format_key(keys.generate_key())
+    path = home / "loopback.toml"
+    path.write_text(
+        f'[node]\nstate_dir = "{home / "state"}"\ncontrol_socket = "{home / "ctl.sock"}"\n'
+        '[network]\nport = 0\nbind = ["127.0.0.1"]\ninterfaces = ["127.0.0.1"]\n'
+        f'[[folder]]\npath = "{folder}"\nkey = "{key}"\n'
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _lock_taken(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_exits_130(home: Path) -> None:
+    config_file = _loopback_config(home)
+    # A pull with no peer anywhere waits: the short-lived node is up once it holds the lock.
+    with subprocess.Popen(
+        [
+            *(sys.executable, "-m", "lanshare", "--config", str(config_file)),
+            *("pull", "--json", str(home / "A" / "wanted.bin")),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    ) as proc:
+        deadline = time.monotonic() + 60
+        while not _lock_taken(home / "state" / LOCK_NAME):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the short-lived node never took its lock"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert out == ""
+    assert not _lock_taken(home / "state" / LOCK_NAME)

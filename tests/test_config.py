@@ -249,6 +249,8 @@ def test_wrong_type_names_key_and_expectation(
         ("node", "name", '"a\\u0001b"', "control characters"),
         ("node", "state_dir", '"relative/dir"', "an absolute path"),
         ("node", "control_socket", '"/' + "s" * 107 + '"', "at most 107 bytes"),
+        ("node", "control_group", '"staff users"', "a group name"),
+        ("node", "control_group", "5", "expected a string"),
     ],
 )
 def test_bad_value_names_key_and_what_is_expected(
@@ -758,3 +760,56 @@ def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expecte
     file.write_text(f"[sync]\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=rf"config.toml:sync.{key}: .*{expected}"):
         config.load(file)
+
+
+# --- the system service's config and where the command line looks for a daemon ------------------
+
+
+def test_a_config_created_for_the_system_service_names_its_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "etc" / "lanshare" / "config.toml"
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    # Whoever creates or reads it (the service user, root), whatever their environment.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "somebody"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "somebody-run"))
+    config.add_folder(system, tmp_path / "Shared", KEY)
+    loaded = config.load(system)
+    assert loaded.node.state_dir == config.SYSTEM_STATE_DIR == Path("/var/lib/lanshare")
+    assert loaded.node.control_socket == Path("/run/lanshare/control.sock")
+    assert loaded.node.control_group == "lanshare"
+    assert stat.S_IMODE(system.stat().st_mode) == 0o600
+    # The daemon's first run creates the same file.
+    first_run = tmp_path / "first-run" / "config.toml"
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", first_run)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    created, made = config.ensure_config(first_run)
+    assert made
+    assert created.node == loaded.node
+
+
+def test_any_other_new_config_keeps_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    path = tmp_path / "config.toml"
+    config.add_folder(path, tmp_path / "Shared", KEY)
+    assert "[node]" not in path.read_text()
+    node = config.load(path).node
+    assert node.state_dir == tmp_path / "state" / "lanshare"
+    assert node.control_socket == tmp_path / "run" / "lanshare" / "control.sock"
+    assert node.control_group == ""
+
+
+def test_users_without_a_config_try_their_socket_then_the_services(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert config.user_control_sockets() == (
+        tmp_path / "run" / "lanshare" / "control.sock",
+        Path("/run/lanshare/control.sock"),
+    )
+    # The service's own user (the unit sets XDG_RUNTIME_DIR=/run) has one place to look.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run")
+    assert config.user_control_sockets() == (Path("/run/lanshare/control.sock"),)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from lanshare.control import ControlClient, ControlServer
-from lanshare.errors import ControlError, DaemonNotRunning, StorageError
+from lanshare.errors import ControlError, DaemonNotRunning, StorageError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +35,11 @@ async def _failing(params: dict[str, Any], progress: Any) -> Any:
     raise StorageError("disk full: /srv/share")
 
 
-HANDLERS = {"status": _status, "count": _counting, "fail": _failing}
+async def _misused(params: dict[str, Any], progress: Any) -> Any:
+    raise UsageError("/elsewhere is not inside any shared folder")
+
+
+HANDLERS = {"status": _status, "count": _counting, "fail": _failing, "misused": _misused}
 
 
 def _with_server(path: Path, client_work: Callable[[], Any], **server_args: Any) -> Any:
@@ -155,6 +159,17 @@ def test_regular_file_in_the_way_is_not_removed(tmp_path: Path) -> None:
 
 # The probe runs as "nobody", who cannot enter a virtualenv under /root: any system Python will do.
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+PROBE = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10)\n"
+    "s.connect(sys.argv[1])\n"
+    "try:\n"
+    '    s.sendall(b\'{"id": 1, "method": "status", "params": {}}\\n\')\n'
+    "    answer = s.recv(4096)\n"
+    "except (BrokenPipeError, ConnectionResetError):  # refused before the request was sent\n"
+    "    answer = b''\n"
+    "print('refused' if answer == b'' else 'answered')\n"
+)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
@@ -167,21 +182,9 @@ def test_other_users_are_refused_by_credentials() -> None:
 
 
 def _refuse_nobody(path: Path) -> None:
-    probe = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10)\n"
-        "s.connect(sys.argv[1])\n"
-        's.sendall(b\'{"id": 1, "method": "status", "params": {}}\\n\')\n'
-        "try:\n"
-        "    answer = s.recv(4096)\n"
-        "except ConnectionResetError:\n"
-        "    answer = b''\n"
-        "print('refused' if answer == b'' else 'answered')\n"
-    )
-
     def client() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(SYSTEM_PYTHON), "-c", probe, str(path)],
+            [str(SYSTEM_PYTHON), "-c", PROBE, str(path)],
             user=65534,
             capture_output=True,
             text=True,
@@ -193,3 +196,54 @@ def _refuse_nobody(path: Path) -> None:
     result = _with_server(path, client, mode=0o666)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "refused"
+
+
+def test_errors_keep_their_exit_status_over_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    def client() -> tuple[int, int]:
+        with ControlClient(path) as c:
+            with pytest.raises(ControlError) as failed:
+                c.call("fail")
+            with pytest.raises(ControlError, match="not inside any shared folder") as misused:
+                c.call("misused")
+            return failed.value.exit_code, misused.value.exit_code
+
+    assert _with_server(path, client) == (1, 2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="needs a system python3 runnable by nobody")
+def test_members_of_the_control_group_are_let_in() -> None:
+    group = 65534  # nogroup: nobody is in it, root (the server here) may give files to it
+    with tempfile.TemporaryDirectory(prefix="lanshare-control-") as public:
+        os.chmod(public, 0o755)
+        path = Path(public) / "run" / "control.sock"
+
+        def client() -> tuple[os.stat_result, os.stat_result, str, str]:
+            member = _probe(path, user=65534, group=group)
+            outsider = _probe(path, user=65534, group=65533)
+            return path.stat(), path.parent.stat(), member, outsider
+
+        sock, directory, member, outsider = _with_server(path, client, mode=0o660, group=group)
+    assert (stat.S_IMODE(sock.st_mode), sock.st_gid) == (0o660, group)
+    # The directory the server made lets the group reach the socket, and nobody else.
+    assert (stat.S_IMODE(directory.st_mode), directory.st_gid) == (0o750, group)
+    assert member == "answered"
+    assert outsider == "PermissionError: [Errno 13] Permission denied"  # the mode already
+
+
+def _probe(path: Path, *, user: int, group: int) -> str:
+    result = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", PROBE, str(path)],
+        user=user,
+        group=group,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        return result.stderr.strip().splitlines()[-1]
+    return result.stdout.strip()
