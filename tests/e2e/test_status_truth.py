@@ -31,7 +31,10 @@ SYNC_TIMEOUT = 60.0
 
 
 def _status(node: Node) -> dict[str, Any]:
-    folders: list[dict[str, Any]] = node.cli_json("status")["folders"]
+    """The folder's ``status --json`` (exit 4 when it is ``error`` or ``paused``)."""
+    result = node.cli("status", "--json", check=False)
+    assert result.returncode in (0, 4), result
+    folders: list[dict[str, Any]] = json.loads(result.stdout)["folders"]
     return folders[0]
 
 
