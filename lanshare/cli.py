@@ -402,6 +402,8 @@ def _print_status(result: dict[str, Any]) -> None:
             typer.echo(f"  peer {peer['name'] or peer['id']}: {rate}")
         for problem in folder.get("problems", [])[:10]:
             typer.echo(f"  ! {problem['path']}: {problem['problem']}")
+        for copy in folder.get("conflict_paths", [])[:10]:
+            typer.echo(f"  conflict copy: {copy} (delete or rename it once resolved)")
 
 
 @app.command()

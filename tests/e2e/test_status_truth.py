@@ -79,6 +79,7 @@ def test_a_conflict_is_visible_on_every_node_until_the_copy_is_removed(cluster: 
         assert states[copy] == "conflict"
         text = node.cli("status", check=False).stdout
         assert "1 conflict(s)" in text
+        assert f"conflict copy: {copy}" in text
     assert "conflict on notes.txt: the version from a wins" in b.log_text(), b.log_tail()
     assert f"kept as {copy}" in b.log_text()
 
