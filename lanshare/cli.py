@@ -453,23 +453,29 @@ def _ask(
     import contextlib
 
     from lanshare.control import ControlClient
-    from lanshare.errors import DaemonNotRunning
+    from lanshare.errors import DaemonNotRunning, Interrupted
 
     guard = progress if progress is not None else contextlib.nullcontext()
+    # Ctrl-C becomes an error of ours: typer would turn a KeyboardInterrupt into a silent
+    # exit. A short-lived node has stopped cleanly by then (asyncio.run cancels it, and
+    # its stop keeps the verified blocks of a partial download).
     try:
-        client = ControlClient(cfg.node.control_socket, timeout=None)
-        client.connect()
-    except DaemonNotRunning:
-        return asyncio.run(_ask_short_lived(cfg, method, params, progress))
-    with client, guard:
-        result: Any = None
-        for kind, value in client.stream(method, params):
-            if kind == "progress" and progress is not None:
-                progress.update(value)
-            elif kind == "result":
-                result = value
-                _final_progress(progress, result)
-        return result
+        try:
+            client = ControlClient(cfg.node.control_socket, timeout=None)
+            client.connect()
+        except DaemonNotRunning:
+            return asyncio.run(_ask_short_lived(cfg, method, params, progress))
+        with client, guard:
+            result: Any = None
+            for kind, value in client.stream(method, params):
+                if kind == "progress" and progress is not None:
+                    progress.update(value)
+                elif kind == "result":
+                    result = value
+                    _final_progress(progress, result)
+            return result
+    except KeyboardInterrupt:
+        raise Interrupted from None
 
 
 async def _ask_short_lived(

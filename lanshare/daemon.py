@@ -65,6 +65,8 @@ DATABASE_NAME = "index.sqlite3"
 LOCK_NAME = "daemon.lock"
 STOP_TIMEOUT = 5.0
 """Seconds a clean stop may take before the rest is abandoned."""
+ENGINE_GRACE = 3.0
+"""Of STOP_TIMEOUT, the seconds the engine's work in hand may take to reach a safe point."""
 PULL_PROGRESS_INTERVAL = 0.25
 
 
@@ -163,14 +165,24 @@ class Daemon:
             LanshareError: it could not start (another daemon, a port in use, …).
         """
         config = self.config
-        config.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with _exclusive_lock(config.node.state_dir / LOCK_NAME):
-            node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
-            index = await asyncio.to_thread(Index.open, config.node.state_dir / DATABASE_NAME)
-            try:
-                await self._run(index, node_id)
-            finally:
-                await asyncio.to_thread(index.close)
+        loop = asyncio.get_running_loop()
+        signals = () if self._short_lived else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        # From the very start: a signal during start-up is a stop like any other, never a
+        # KeyboardInterrupt or a kill in the middle of opening the index.
+        for sig in signals:
+            loop.add_signal_handler(sig, self._reload.set if sig == signal.SIGHUP else self.stop)
+        try:
+            config.node.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with _exclusive_lock(config.node.state_dir / LOCK_NAME):
+                node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
+                index = await asyncio.to_thread(Index.open, config.node.state_dir / DATABASE_NAME)
+                try:
+                    await self._run(index, node_id)
+                finally:
+                    await asyncio.to_thread(index.close)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     async def _run(self, index: Index, node_id: bytes) -> None:
         config = self.config
@@ -213,12 +225,6 @@ class Daemon:
     async def _serve(self, engine: Engine) -> None:
         assert self.discovery is not None
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        if not self._short_lived:
-            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-            loop.add_signal_handler(signal.SIGINT, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -232,13 +238,12 @@ class Daemon:
                 await self._stop.wait()
                 self._notifier.notify("STOPPING=1", "STATUS=stopping")
                 logger.info("stopping")
+                # The engine first, while sessions, discovery and watchers still run: its
+                # work in hand ends at a safe point instead of being cut mid-step.
+                await engine.stop(ENGINE_GRACE)
                 raise _Shutdown
         except* _Shutdown:
             pass
-        finally:
-            if not self._short_lived:
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
 
     async def _announce_ready(self) -> None:
         assert self.discovery is not None

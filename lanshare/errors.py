@@ -90,6 +90,15 @@ class DaemonNotRunning(ControlError):
     exit_code = 3
 
 
+class Interrupted(LanshareError):
+    """The user interrupted a command (Ctrl-C); what it had done so far is kept."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted") -> None:
+        super().__init__(message)
+
+
 class NotImplementedYet(LanshareError):
     """The command exists but its feature is not built in this version."""
 
