@@ -1,8 +1,11 @@
 """The daemon's lifecycle: wire index, transport, engine, watchers, discovery and control socket.
 
 I/O shell with no sync logic of its own. Everything runs in one asyncio TaskGroup; SIGTERM
-and SIGINT stop it cleanly (goodbyes on mDNS, sessions closed, index closed), SIGHUP reloads
-the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
+and SIGINT (heard from the first moment of ``run()``, start-up included) stop it cleanly and
+exit 0, in an order that leaves nothing half done: the engine first (no new work; the work
+in hand reaches a safe point, so the disk and the index agree), then the rest of the group
+(goodbyes on mDNS), the watchers, the sessions (CLOSE datagrams) and the index. SIGHUP
+reloads the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
 the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1`` pings at half
 ``WatchdogSec`` when asked.
 

@@ -37,6 +37,12 @@ Theory of operation
 * **Serving.** A block request is answered from the file that holds it, re-read and checked
   against its hash first (``store.read_block``), from a download's verified blocks, or from
   any local file with the same content.
+* **Stopping.** ``stop()`` ends ``run()`` at a safe point while the transport still delivers:
+  from then on ``spawn`` drops new work unstarted (a block that arrives is fetched again
+  after a restart), the work in hand finishes and every folder's ``busy`` lock is taken, so
+  no action is left between its disk step and its index step; only then are the loops,
+  which merely wait, cancelled. Work outliving a grace period is cancelled too, as a crash
+  would stop it.
 """
 
 from __future__ import annotations
