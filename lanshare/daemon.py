@@ -602,5 +602,7 @@ async def run_short_lived(
         return await work(node)
     finally:
         node.stop()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Past STOP_TIMEOUT the rest is abandoned (the index is crash-safe): the command's
+        # own outcome (its result, its error, or the user's Ctrl-C) is what the user sees.
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(runner, STOP_TIMEOUT)

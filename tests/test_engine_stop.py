@@ -251,4 +251,4 @@ def test_stop_lets_the_work_in_hand_finish_and_cancels_what_outlives_the_grace(
 
     asyncio.run(main())
     assert outcome.get("cancelled") is True
-    assert 0.9 <= outcome["took"] < 2.0
+    assert 0.9 <= outcome["took"] < 3.0  # the grace, not the endless work
