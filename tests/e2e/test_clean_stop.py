@@ -11,6 +11,7 @@ last one stopped and ends byte-identical.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import re
@@ -150,21 +151,11 @@ def test_a_daemon_stopped_at_random_points_of_a_transfer_stops_quietly_and_resum
         _quiet_stop(node, node.log_text(), seed, signal.SIGTERM)
 
 
-@pytest.mark.timeout(400)
-def test_ctrl_c_interrupts_a_pull_without_a_daemon_and_the_next_pull_resumes(
-    cluster: Cluster,
-) -> None:
-    a, b = _pair(cluster)
-    want = file_digest(a.folder / "big.iso")
-    real = b.folder / "big.iso"
-    seed = random.randrange(2**32)
-    fraction = random.Random(seed).uniform(0.35, 0.65)
-    a.start()
-    assert not b.alive()
-    pull = subprocess.Popen(
-        b.command(
-            sys.executable, "-m", "lanshare", "--config", str(b.config_path), "pull", str(real)
-        ),
+def _launch(node: Node, *args: str) -> subprocess.Popen[str]:
+    """``lanshare ARGS`` on ``node``'s host, as a user types it (no daemon runs there)."""
+    # `ip netns exec` runs the command in its own process: the pid is lanshare's.
+    return subprocess.Popen(
+        node.command(sys.executable, "-m", "lanshare", "--config", str(node.config_path), *args),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -172,23 +163,57 @@ def test_ctrl_c_interrupts_a_pull_without_a_daemon_and_the_next_pull_resumes(
         cwd=ROOT,
         env=_base_env(),
     )
+
+
+def _ctrl_c(command: subprocess.Popen[str], seed: int) -> None:
+    """Press Ctrl-C: one line, exit 130."""
     try:
-        # `ip netns exec` runs the command in its own process: the pid is lanshare's.
-        sent = wait_until(
-            lambda: (n := a.status()["transfer"]["bytes_sent"]) >= fraction * SIZE and n,
-            SYNC_TIMEOUT,
-            f"a sent {fraction:.0%} of the file",
-            interval=0.02,
-        )
-        assert pull.poll() is None, f"seed {seed}: the pull ended early: {pull.communicate()}"
-        pull.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = pull.communicate(timeout=STOP_BOUND)
+        assert command.poll() is None, f"seed {seed}: it ended early: {command.communicate()}"
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=STOP_BOUND)
     finally:
-        if pull.poll() is None:
-            pull.kill()
-            pull.wait(timeout=10)
-    assert pull.returncode == 130, f"seed {seed}: exit {pull.returncode}\n{out}\n{err}"
+        if command.poll() is None:
+            command.kill()
+            command.wait(timeout=10)
+    assert command.returncode == 130, f"seed {seed}: exit {command.returncode}\n{out}\n{err}"
     assert err.strip().splitlines() == ["lanshare: interrupted"], f"seed {seed}: {err}"
+
+
+def _node_running(node: Node) -> bool:
+    """Whether a lanshare process holds ``node``'s state (its lock is taken)."""
+    try:
+        fd = os.open(node.state_dir / "daemon.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.mark.timeout(400)
+def test_ctrl_c_interrupts_a_pull_or_ls_without_a_daemon_and_the_next_pull_resumes(
+    cluster: Cluster,
+) -> None:
+    a, b = _pair(cluster)
+    want = file_digest(a.folder / "big.iso")
+    real = b.folder / "big.iso"
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    fraction = rng.uniform(0.35, 0.65)
+    a.start()
+    assert not b.alive()
+    pull = _launch(b, "pull", str(real))
+    sent = wait_until(
+        lambda: (n := a.status()["transfer"]["bytes_sent"]) >= fraction * SIZE and n,
+        SYNC_TIMEOUT,
+        f"a sent {fraction:.0%} of the file",
+        interval=0.02,
+    )
+    _ctrl_c(pull, seed)
     assert not real.exists(), "a half file under its real name"
     assert temp_files(b.folder), "the partial download is kept under a temp name"
 
@@ -203,3 +228,11 @@ def test_ctrl_c_interrupts_a_pull_without_a_daemon_and_the_next_pull_resumes(
         f"seed {seed}: a sent {resent} bytes for the second pull, {sent} before Ctrl-C"
     )
     assert a.stop(timeout=STOP_BOUND) == 0
+
+    # With no peer left, `ls` waits a few seconds for one: Ctrl-C at a random moment of it.
+    listing = _launch(b, "ls")
+    wait_until(lambda: _node_running(b), SYNC_TIMEOUT, "b's short-lived node up")
+    time.sleep(rng.uniform(0.0, 1.0))  # a random moment, not a condition
+    _ctrl_c(listing, seed)
+    assert file_digest(real) == want
+    assert not temp_files(b.folder)
