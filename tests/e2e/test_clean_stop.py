@@ -11,7 +11,6 @@ last one stopped and ends byte-identical.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import re
@@ -24,7 +23,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.e2e.harness import ROOT, MiB, _base_env, file_digest, temp_files, wait_until
+from tests.e2e.harness import (
+    ROOT,
+    MiB,
+    _base_env,
+    file_digest,
+    state_locked,
+    temp_files,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from tests.e2e.harness import Cluster, Node
@@ -179,21 +186,6 @@ def _ctrl_c(command: subprocess.Popen[str], seed: int) -> None:
     assert err.strip().splitlines() == ["lanshare: interrupted"], f"seed {seed}: {err}"
 
 
-def _node_running(node: Node) -> bool:
-    """Whether a lanshare process holds ``node``'s state (its lock is taken)."""
-    try:
-        fd = os.open(node.state_dir / "daemon.lock", os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 @pytest.mark.timeout(400)
 def test_ctrl_c_interrupts_a_pull_or_ls_without_a_daemon_and_the_next_pull_resumes(
     cluster: Cluster,
@@ -231,7 +223,7 @@ def test_ctrl_c_interrupts_a_pull_or_ls_without_a_daemon_and_the_next_pull_resum
 
     # With no peer left, `ls` waits a few seconds for one: Ctrl-C at a random moment of it.
     listing = _launch(b, "ls")
-    wait_until(lambda: _node_running(b), SYNC_TIMEOUT, "b's short-lived node up")
+    wait_until(lambda: state_locked(b), SYNC_TIMEOUT, "b's short-lived node up")
     time.sleep(rng.uniform(0.0, 1.0))  # a random moment, not a condition
     _ctrl_c(listing, seed)
     assert file_digest(real) == want
