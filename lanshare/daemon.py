@@ -5,9 +5,9 @@ and SIGINT (heard from the first moment of ``run()``, start-up included) stop it
 exit 0, in an order that leaves nothing half done: the engine first (no new work; the work
 in hand reaches a safe point, so the disk and the index agree), then the rest of the group
 (goodbyes on mDNS), the watchers, the sessions (CLOSE datagrams) and the index. SIGHUP
-reloads the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
-the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1`` pings at half
-``WatchdogSec`` when asked.
+reloads the config. systemd is told ``READY=1`` only once the UDP and control sockets are
+bound and the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1``
+pings at half ``WatchdogSec`` when asked.
 
 Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,

@@ -1300,7 +1300,7 @@ class Engine:
         self.strikes: dict[bytes, int] = {}
         self.on_sequence: Callable[[int], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        """Work started by ``spawn``: each runs to its end, even when the engine stops."""
+        """Work started by ``spawn``: a stop lets it finish (within the stop's grace)."""
         self._loops: set[asyncio.Task[Any]] = set()
         """The folders' planning loops and the maintenance loop: they wait for ever, so a
         stop cancels them."""
