@@ -183,6 +183,7 @@ class Daemon:
                     await self._run(index, node_id)
                 finally:
                     await asyncio.to_thread(index.close)
+            logger.info("stopped")
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)

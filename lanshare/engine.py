@@ -1474,12 +1474,13 @@ class Engine:
             sync.session_up(event.peer, event.addr)
         elif isinstance(event, SessionClosed):
             if event.peer is not None:
-                logger.info(
-                    "session with %s for %s closed: %s",
-                    event.peer.hex(),
-                    sync.root,
-                    event.reason.name,
-                )
+                if not self._closing:  # a stop closes them all: its own line says so
+                    logger.info(
+                        "session with %s for %s closed: %s",
+                        event.peer.hex(),
+                        sync.root,
+                        event.reason.name,
+                    )
                 sync.session_down(event.peer)
         elif isinstance(event, ManifestRequested):
             self.spawn(sync.answer_manifest(event))

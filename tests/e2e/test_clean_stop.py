@@ -45,8 +45,8 @@ STOPS = 6
 SYNC_TIMEOUT = 60.0
 STOP_BOUND = 8.0
 """Seconds a stopped daemon may take to exit (its own stop budget is 5 s)."""
-AFTER_STOPPING = 5
-"""Log lines a daemon may write after "stopping" (session and peer goodbyes)."""
+AFTER_STOPPING = 3
+"""Log lines a daemon may write after "stopping" (the last one: "stopped")."""
 NOISE = re.compile(r"Traceback|never awaited|TaskGroup|Exception in callback|Task was destroyed")
 
 
@@ -79,6 +79,7 @@ def _quiet_stop(node: Node, log: str, seed: int, sig: int) -> None:
     assert len(after) <= AFTER_STOPPING, f"seed {seed}: {name}: {len(after)} lines after " + (
         "stopping:\n" + "\n".join(after[:40])
     )
+    assert lines[-1].endswith("stopped"), f"seed {seed}: {name} did not finish: {after}"
 
 
 @pytest.mark.slow
