@@ -125,7 +125,6 @@ def test_a_daemon_stopped_at_random_points_of_a_transfer_stops_quietly_and_resum
             assert done < SIZE, f"seed {seed}: the file finished before the stop"
             verified_before = done
         assert b.process is not None
-        started = time.monotonic()
         b.process.popen.send_signal(sig)
         try:
             b.process.popen.wait(timeout=STOP_BOUND)
@@ -133,11 +132,9 @@ def test_a_daemon_stopped_at_random_points_of_a_transfer_stops_quietly_and_resum
             raise AssertionError(
                 f"seed {seed}: {signal.Signals(sig).name} took over {STOP_BOUND} s\n" + b.log_tail()
             ) from None
-        took = time.monotonic() - started
         code = b.stop()
         assert code == 0, f"seed {seed}: {signal.Signals(sig).name} exited {code}\n{b.log_tail()}"
         _quiet_stop(b, b.log_text(), seed, sig)
-        assert took < STOP_BOUND
         with contextlib.closing(sqlite3.connect(b.state_dir / "index.sqlite3")) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert not real.exists(), f"seed {seed}: the file finished before the last stop"
