@@ -534,24 +534,32 @@ def _ask(
     import asyncio
     import contextlib
 
+    from lanshare.errors import Interrupted
+
     guard = progress if progress is not None else contextlib.nullcontext()
+    # Ctrl-C becomes an error of ours: typer would turn a KeyboardInterrupt into a silent
+    # exit. A short-lived node has stopped cleanly by then (asyncio.run cancels it, and
+    # its stop keeps the verified blocks of a partial download).
     try:
-        client = _connect(settings, cfg, timeout=None)
-    except DaemonNotRunning:
-        _need_folders(cfg)
-        for path in paths:
-            if path is not None:
-                _pick_folder(cfg.folders, path)
-        return asyncio.run(_ask_short_lived(cfg, method, params, progress))
-    with client, guard:
-        result: Any = None
-        for kind, value in client.stream(method, params):
-            if kind == "progress" and progress is not None:
-                progress.update(value)
-            elif kind == "result":
-                result = value
-                _final_progress(progress, result)
-        return result
+        try:
+            client = _connect(settings, cfg, timeout=None)
+        except DaemonNotRunning:
+            _need_folders(cfg)
+            for path in paths:
+                if path is not None:
+                    _pick_folder(cfg.folders, path)
+            return asyncio.run(_ask_short_lived(cfg, method, params, progress))
+        with client, guard:
+            result: Any = None
+            for kind, value in client.stream(method, params):
+                if kind == "progress" and progress is not None:
+                    progress.update(value)
+                elif kind == "result":
+                    result = value
+                    _final_progress(progress, result)
+            return result
+    except KeyboardInterrupt:
+        raise Interrupted from None
 
 
 async def _ask_short_lived(

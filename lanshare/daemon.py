@@ -1,10 +1,13 @@
 """The daemon's lifecycle: wire index, transport, engine, watchers, discovery and control socket.
 
 I/O shell with no sync logic of its own. Everything runs in one asyncio TaskGroup; SIGTERM
-and SIGINT stop it cleanly (goodbyes on mDNS, sessions closed, index closed), SIGHUP reloads
-the config. systemd is told ``READY=1`` only once the UDP and control sockets are bound and
-the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1`` pings at half
-``WatchdogSec`` when asked.
+and SIGINT (heard from the first moment of ``run()``, start-up included) stop it cleanly and
+exit 0, in an order that leaves nothing half done: the engine first (no new work; the work
+in hand reaches a safe point, so the disk and the index agree), then the rest of the group
+(goodbyes on mDNS), the watchers, the sessions (CLOSE datagrams) and the index. SIGHUP
+reloads the config. systemd is told ``READY=1`` only once the UDP and control sockets are
+bound and the mDNS service is registered; ``STATUS=`` shows what it does; ``WATCHDOG=1``
+pings at half ``WatchdogSec`` when asked.
 
 Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
@@ -75,6 +78,8 @@ STRAY_DATABASE_NAMES = ("index.db", "index.db-wal", "index.db-shm")
 """A second index that ``lanshare scan`` of older releases kept beside the daemon's."""
 STOP_TIMEOUT = 5.0
 """Seconds a clean stop may take before the rest is abandoned."""
+ENGINE_GRACE = 3.0
+"""Of STOP_TIMEOUT, the seconds the engine's work in hand may take to reach a safe point."""
 PULL_PROGRESS_INTERVAL = 0.25
 
 
@@ -173,13 +178,24 @@ class Daemon:
             LanshareError: it could not start (another daemon, a port in use, …).
         """
         config = self.config
-        with own_state(config, daemon=not self._short_lived) as database:
-            node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
-            index = await asyncio.to_thread(Index.open, database)
-            try:
-                await self._run(index, node_id)
-            finally:
-                await asyncio.to_thread(index.close)
+        loop = asyncio.get_running_loop()
+        signals = () if self._short_lived else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        # From the very start: a signal during start-up is a stop like any other, never a
+        # KeyboardInterrupt or a kill in the middle of opening the index.
+        for sig in signals:
+            loop.add_signal_handler(sig, self._reload.set if sig == signal.SIGHUP else self.stop)
+        try:
+            with own_state(config, daemon=not self._short_lived) as database:
+                node_id = await asyncio.to_thread(load_or_create_node_id, config.node.state_dir)
+                index = await asyncio.to_thread(Index.open, database)
+                try:
+                    await self._run(index, node_id)
+                finally:
+                    await asyncio.to_thread(index.close)
+            logger.info("stopped")
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     async def _run(self, index: Index, node_id: bytes) -> None:
         config = self.config
@@ -228,12 +244,6 @@ class Daemon:
     async def _serve(self, engine: Engine) -> None:
         assert self.discovery is not None
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        if not self._short_lived:
-            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-            loop.add_signal_handler(signal.SIGINT, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -247,13 +257,12 @@ class Daemon:
                 await self._stop.wait()
                 self._notifier.notify("STOPPING=1", "STATUS=stopping")
                 logger.info("stopping")
+                # The engine first, while sessions, discovery and watchers still run: its
+                # work in hand ends at a safe point instead of being cut mid-step.
+                await engine.stop(ENGINE_GRACE)
                 raise _Shutdown
         except* _Shutdown:
             pass
-        finally:
-            if not self._short_lived:
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
 
     async def _announce_ready(self) -> None:
         assert self.discovery is not None
@@ -731,5 +740,7 @@ async def run_short_lived(
         return await work(node)
     finally:
         node.stop()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Past STOP_TIMEOUT the rest is abandoned (the index is crash-safe): the command's
+        # own outcome (its result, its error, or the user's Ctrl-C) is what the user sees.
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(runner, STOP_TIMEOUT)

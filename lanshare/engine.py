@@ -37,6 +37,12 @@ Theory of operation
 * **Serving.** A block request is answered from the file that holds it, re-read and checked
   against its hash first (``store.read_block``), from a download's verified blocks, or from
   any local file with the same content.
+* **Stopping.** ``stop()`` ends ``run()`` at a safe point while the transport still delivers:
+  from then on ``spawn`` drops new work unstarted (a block that arrives is fetched again
+  after a restart), the work in hand finishes and every folder's ``busy`` lock is taken, so
+  no action is left between its disk step and its index step; only then are the loops,
+  which merely wait, cancelled. Work outliving a grace period is cancelled too, as a crash
+  would stop it.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ from lanshare.scheduler import FailReason as BlockFail
 from lanshare.store import Assembly, FolderStore, LocalState
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Iterable
+    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 
     from lanshare.config import Config, FolderConfig
     from lanshare.events import Addr, Event
@@ -1435,7 +1441,14 @@ class Engine:
         self.on_folder_back: Callable[[FolderSync], None] | None = None
         """Called when a folder missing at its last scan is there again (to watch it)."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        """Work started by ``spawn``: a stop lets it finish (within the stop's grace)."""
+        self._loops: set[asyncio.Task[Any]] = set()
+        """The folders' planning loops and the maintenance loop: they wait for ever, so a
+        stop cancels them."""
+        self._pending: list[Coroutine[Any, Any, Any]] = []
         self._group: asyncio.TaskGroup | None = None
+        self._closing = False
+        self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -1460,22 +1473,74 @@ class Engine:
         self.kick()
 
     async def run(self) -> None:
-        """Run until cancelled: scans, planning, reconnects, scheduler ticks."""
+        """Run until ``stop()`` (or cancelled): scans, planning, reconnects, scheduler ticks."""
+        if self._closing:
+            return
         async with asyncio.TaskGroup() as group:
             self._group = group
-            for sync in self.folders.values():
-                self._start_folder(sync)
-            group.create_task(self._maintenance())
+            try:
+                pending, self._pending = self._pending, []
+                for work in pending:
+                    self._start(work)
+                for sync in self.folders.values():
+                    self._start_folder(sync)
+                self._loops.add(group.create_task(self._maintenance()))
+                await self._stopped.wait()
+            finally:
+                # Before the group's exit: from now on nothing may enter it (a datagram
+                # handled while it unwinds would find it closed).
+                self._closing = True
+
+    async def stop(self, grace: float) -> None:
+        """End ``run()`` at a safe point: no new work starts; the work in hand (block writes,
+        placements, scans, actions) finishes, so the disk and the index agree; then the
+        loops, which only wait, are cancelled. Work still running after ``grace`` seconds is
+        cancelled too (a crash could stop it there as well: the index is crash-safe)."""
+        if self._closing:
+            return
+        self._closing = True
+        for work in self._pending:
+            work.close()
+        self._pending.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        # A planning pass holds ``busy`` while it changes the folder; holding every folder's
+        # lock from here on means none is half done and none starts.
+        for sync in self.folders.values():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await sync.busy.acquire()
+        left = self._tasks | self._loops
+        for task in left:
+            task.cancel()
+        self._stopped.set()
+        if left:
+            await asyncio.wait(left)
 
     def _start_folder(self, sync: FolderSync) -> None:
         assert self._group is not None
-        self.spawn(sync.scan())
-        self.spawn(sync.plan_loop())
+        if not self._closing:
+            self.spawn(sync.scan())
+            self._loops.add(self._group.create_task(self._guard(sync.plan_loop())))
 
-    def spawn(self, work: Awaitable[Any]) -> None:
-        """Run ``work`` in the engine's task group; its errors are logged, never fatal."""
-        if self._group is None:
-            raise RuntimeError("engine is not running")
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the engine's task group; its errors are logged, never fatal.
+
+        Work spawned before ``run()`` starts with it; once the engine is stopping, ``work``
+        is dropped unstarted (what it would have done is redone after the restart: a block
+        received is fetched again, a request is asked again).
+        """
+        if self._closing:
+            work.close()
+        elif self._group is None:
+            self._pending.append(work)
+        else:
+            self._start(work)
+
+    def _start(self, work: Coroutine[Any, Any, Any]) -> None:
+        assert self._group is not None
         task = self._group.create_task(self._guard(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1492,7 +1557,7 @@ class Engine:
         last_connect = -RECONNECT_INTERVAL
         last_prune = -3600.0
         last_space = 0.0
-        while True:
+        while not self._closing:
             await asyncio.sleep(TICK_INTERVAL)
             now = self.now()
             for sync in self.folders.values():
@@ -1558,12 +1623,13 @@ class Engine:
             sync.session_up(event.peer, event.addr)
         elif isinstance(event, SessionClosed):
             if event.peer is not None:
-                logger.info(
-                    "session with %s for %s closed: %s",
-                    event.peer.hex(),
-                    sync.root,
-                    event.reason.name,
-                )
+                if not self._closing:  # a stop closes them all: its own line says so
+                    logger.info(
+                        "session with %s for %s closed: %s",
+                        event.peer.hex(),
+                        sync.root,
+                        event.reason.name,
+                    )
                 sync.session_down(event.peer)
         elif isinstance(event, ManifestRequested):
             self.spawn(sync.answer_manifest(event))

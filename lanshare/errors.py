@@ -111,6 +111,15 @@ class DaemonOwnsState(DaemonNotRunning):
     answer here: a command must not start a node of its own beside it."""
 
 
+class Interrupted(LanshareError):
+    """The user interrupted a command (Ctrl-C); what it had done so far is kept."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted") -> None:
+        super().__init__(message)
+
+
 class NotImplementedYet(LanshareError):
     """The command exists but its feature is not built in this version."""
 

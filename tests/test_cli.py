@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -358,3 +361,48 @@ def test_ctrl_c_exits_130(home: Path) -> None:
     assert "Traceback" not in err
     assert out == ""
     assert not _lock_taken(home / "state" / LOCK_NAME)
+
+
+def test_ctrl_c_while_waiting_for_the_daemon_says_interrupted_and_exits_130(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon that takes its time (here: one that never answers) and a user who presses
+    Ctrl-C: one line, exit 130, not typer's silent exit and not a traceback."""
+    run(capsys, "init", str(home / "A"))
+    config = home / "config" / "lanshare" / "config.toml"
+    control = configuration.load(config).node.control_socket
+    control.parent.mkdir(parents=True, exist_ok=True)
+    accepted = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(control))
+        server.listen(1)
+        server.settimeout(60)
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                connection, _ = server.accept()
+                accepted.set()
+                with connection:
+                    connection.recv(65536)  # the request, never answered
+                    connection.recv(65536)  # until the client goes
+
+        listener = threading.Thread(target=accept)
+        listener.start()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "lanshare", "--config", str(config), "ls"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        try:
+            assert accepted.wait(60), "the command never reached the control socket"
+            cli.send_signal(signal.SIGINT)
+            out, err = cli.communicate(timeout=30)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+            listener.join(timeout=30)
+    assert cli.returncode == 130, (out, err)
+    assert err == "lanshare: interrupted\n"

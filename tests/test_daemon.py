@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.e2e.conftest import cluster
-from tests.e2e.harness import file_digest, new_key, wait_until
+from tests.e2e.harness import file_digest, new_key, state_locked, wait_until
 
 if TYPE_CHECKING:
     from tests.e2e.harness import Cluster, Node
@@ -212,3 +212,24 @@ def test_status_and_peers_json_contracts(cluster: Cluster) -> None:
     assert all(len(line) <= 80 for line in b.cli("peers").stdout.splitlines())
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def test_a_signal_during_start_up_is_a_clean_stop(cluster: Cluster) -> None:
+    """SIGTERM or SIGINT as soon as the daemon holds its state (index being opened, folders
+    and their watchers being set up, nothing announced yet): a stop like any other, exit 0,
+    not a kill by the signal or a KeyboardInterrupt."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        node = cluster.node(f"early-{sig.name.lower()}")
+        for i in range(5000):  # watches to set up: a start-up that takes a moment
+            (node.folder / f"d{i // 50}" / f"e{i}").mkdir(parents=True)
+        node.start(wait=False)
+        wait_until(
+            lambda n=node: state_locked(n), 60.0, f"{node.name} holds its state", interval=0.002
+        )
+        assert node.process is not None
+        node.process.popen.send_signal(sig)
+        assert node.stop(timeout=10.0) == 0, node.log_tail()
+        log = node.log_text()
+        assert "stopping" in log
+        assert "Traceback" not in log
+        assert "never awaited" not in log

@@ -453,6 +453,18 @@ def wait_until(
         time.sleep(interval)
 
 
+def state_locked(node: Node) -> bool:
+    """Whether a lanshare process (a daemon, or the short-lived node of a command) holds
+    ``node``'s state: its lock file is flocked. Read from /proc/locks, so that looking never
+    takes the lock from under a process that is about to."""
+    try:
+        inode = os.stat(node.state_dir / "daemon.lock").st_ino
+    except FileNotFoundError:
+        return False
+    with open("/proc/locks") as locks:
+        return any(line.split()[5].rsplit(":", 1)[1] == str(inode) for line in locks)
+
+
 # --- trees -------------------------------------------------------------------------------------
 
 
