@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import keys, planner, scanner
+from lanshare import deleteguard, keys, planner, scanner
 from lanshare.errors import (
     DecodeError,
     DiskFullError,
@@ -256,6 +256,8 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); paused until it is back"
                 )
+            now = time.time()
+            history = await asyncio.to_thread(self.engine.index.deletions, self.info.id)
             summary = await scanner.scan_path(
                 self.engine.index,
                 self.info.id,
@@ -264,15 +266,21 @@ class FolderSync:
                 ignore=self.config.ignore,
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
-                max_delete_ratio=self.engine.config.sync.max_delete_ratio,
-                max_delete_min=self.engine.config.sync.max_delete_min,
+                limits=self.engine.delete_limits,
+                delete_history=history,
+                now=now,
                 allow_mass_delete=allow_mass_delete,
             )
+            if allow_mass_delete:
+                await self._confirmed_deletions()
+            elif summary.deletion is not None:
+                await self._record_deletions([summary.deletion])
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
             return
-        self.local_pause = summary.paused_reason
+        verdict = summary.verdict
+        self.local_pause = verdict.reason(self.engine.peer_names) if verdict is not None else ""
         if self.local_pause:
             self.state, self.reason = "paused", self.local_pause
         elif self.state in ("scanning", "error", "paused"):
@@ -290,9 +298,19 @@ class FolderSync:
             self.announce_sequence()
         self.dirty.set()
 
+    async def _record_deletions(self, entries: list[deleteguard.Deletion]) -> None:
+        """Add deletions just made to the guard's history (kept in the index)."""
+        window = self.engine.config.sync.delete_window
+        await asyncio.to_thread(self.engine.index.deletions_record, self.info.id, entries, window)
+
+    async def _confirmed_deletions(self) -> None:
+        """The user confirmed the deletions made here: they no longer count, so the window
+        does not pause again for them (other nodes keep their own count)."""
+        await asyncio.to_thread(self.engine.index.deletions_clear, self.info.id)
+
     async def resume(self) -> None:
-        """The user confirmed a paused mass deletion: record and apply it. Pulls a full
-        disk paused are tried again at once."""
+        """The user confirmed a paused mass deletion: record and apply it, on this node only.
+        Pulls a full disk paused are tried again at once."""
         confirm = bool(self.local_pause) or self.mass_delete_pause
         self.disk_full = ""
         if self.local_pause:
@@ -510,7 +528,9 @@ class FolderSync:
         """Plan, and apply every action but the fetches, which are returned (with the
         conflict each settles when it is placed) together with the peers' records."""
         started = self.engine.now()
+        now = time.time()
         local, remotes = await asyncio.to_thread(self._load_records)
+        history = await asyncio.to_thread(self.engine.index.deletions, self.info.id)
         self.waiting_for_space.clear()
         for peer, link in self.links.items():
             if link.in_progress:
@@ -525,8 +545,9 @@ class FolderSync:
             remotes,
             local_short_id=self.engine.short_id,
             priority=self.priority,
-            max_delete_ratio=self.engine.config.sync.max_delete_ratio,
-            max_delete_min=self.engine.config.sync.max_delete_min,
+            limits=self.engine.delete_limits,
+            delete_history=history,
+            now=now,
             allow_mass_delete=self.allow_mass_delete,
             ignored=self.rules.matches,
         )
@@ -535,7 +556,8 @@ class FolderSync:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
         self.mass_delete_pause = result.paused
         if result.paused or self.local_pause or self.disk_full:
-            self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
+            remote_pause = result.verdict.reason(self.engine.peer_names) if result.verdict else ""
+            self.state, self.reason = "paused", remote_pause or self.local_pause or self.disk_full
         actions = result.actions
         if self.scope is not None:
             scope = self.scope
@@ -546,6 +568,7 @@ class FolderSync:
         # loser leaves its name only when the winner takes it (for a fetch, when the download
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
         conflicts: dict[str, planner.Conflict] = {}
+        deleted: dict[bytes, int] = {}
         for action in actions:
             if isinstance(action, planner.Conflict):
                 conflicts[action.path] = action
@@ -562,6 +585,9 @@ class FolderSync:
                     await self._apply_with_conflict(conflict, action)
                 else:
                     await self._apply(action)
+                if isinstance(action, planner.Delete):
+                    origin = planner.deletion_origin(action, self.engine.short_id)
+                    deleted[origin] = deleted.get(origin, 0) + 1
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
                 self.dirty.set()
@@ -570,6 +596,13 @@ class FolderSync:
             except LanshareError as exc:
                 self.problems[action.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
+        if self.allow_mass_delete and deleted:
+            await self._confirmed_deletions()
+        elif deleted:
+            live = result.live_entries
+            await self._record_deletions(
+                [deleteguard.Deletion(now, o, n, live) for o, n in sorted(deleted.items())]
+            )
         return result, fetches, remotes
 
     async def _pause_for_space(self, exc: DiskFullError) -> None:
@@ -1287,6 +1320,10 @@ class Engine:
         self.kick = kick
         self.now = clock or asyncio.get_running_loop().time
         self.io_limit = asyncio.Semaphore(max(1, config.transfer.io_workers))
+        sync = config.sync
+        self.delete_limits = deleteguard.Limits(
+            sync.max_delete_ratio, sync.max_delete_min, sync.delete_window
+        )
         self.folders: dict[bytes, FolderSync] = {}
         self.addresses: dict[Addr, set[bytes]] = {}
         self.peer_names: dict[bytes, str] = {}

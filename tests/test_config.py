@@ -749,6 +749,8 @@ def test_dates_are_named_in_type_errors(write: Writer) -> None:
         ("max_delete_ratio", 1.5, "between 0 and 1"),
         ("max_delete_ratio", 0, "between 0 and 1"),
         ("max_delete_min", -1, "at least 0"),
+        ("delete_window", 0, "seconds greater than 0"),
+        ("delete_window", -60, "seconds greater than 0"),
         ("versions_keep_days", 0, "days greater than 0"),
         ("debounce_interval", -0.1, "seconds greater than 0"),
     ],
@@ -758,3 +760,11 @@ def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expecte
     file.write_text(f"[sync]\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=rf"config.toml:sync.{key}: .*{expected}"):
         config.load(file)
+
+
+def test_the_delete_window_defaults_to_an_hour_and_takes_seconds(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text("[sync]\n")
+    assert config.load(file).sync.delete_window == 3600.0
+    file.write_text("[sync]\ndelete_window = 90\n")
+    assert config.load(file).sync.delete_window == 90.0
