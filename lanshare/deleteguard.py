@@ -20,9 +20,12 @@ Theory of operation
    never reaches the limit. Deletions that pause are withheld whole, none of them is made.
 3. **Who deleted.** Each entry names its origin, so the reason says which peer (by name, as
    discovery knows it, and by id) or this node made the deletions.
-4. **Confirmation** (``lanshare resume``) is the caller's: it makes the withheld deletions
-   and then clears this node's history, so the same deletions never pause again; other
-   nodes keep their own history and pause until their own users confirm.
+4. **A pause lasts** until the user confirms or the files come back, not until the window
+   slides on: once the guard trips, the caller keeps judging as of that moment (passes that
+   ``now``) while deletions are held back. **Confirmation** (``lanshare resume``) is the
+   caller's too: it makes the withheld deletions and then clears this node's history, so
+   the same deletions never pause again; other nodes keep their own history and stay
+   paused until their own users confirm.
 5. **Bounded.** Besides the window, an entry is merged into the newest one of the same
    origin when that one is younger than ``window / MERGE_SLOTS``, keeping the later time
    (a deletion then counts a little longer, never shorter): at most about ``MERGE_SLOTS``

@@ -28,6 +28,10 @@ Theory of operation
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
+* **Mass-deletion guard.** Scans and plans are judged with the folder's deletion history
+  from the index and the wall-clock time (that of the moment the guard tripped, while it
+  holds deletions back, so a pause lasts until resolved); deletions made are added to the
+  history. ``resume`` confirms on this node only: it applies them and clears the history.
 * **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
   disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
   has them (rarest first, pipelined by measured rate, end game, failover). Verified blocks
@@ -256,8 +260,8 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); paused until it is back"
                 )
-            now = time.time()
-            history = await asyncio.to_thread(self.engine.index.deletions, self.info.id)
+            history, held = await asyncio.to_thread(self._guard_inputs)
+            now = held if held is not None else time.time()
             summary = await scanner.scan_path(
                 self.engine.index,
                 self.info.id,
@@ -273,8 +277,10 @@ class FolderSync:
             )
             if allow_mass_delete:
                 await self._confirmed_deletions()
-            elif summary.deletion is not None:
-                await self._record_deletions([summary.deletion])
+            else:
+                if summary.deletion is not None:
+                    await self._record_deletions([summary.deletion])
+                await self._hold(held, summary.verdict is not None or self.mass_delete_pause, now)
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
@@ -298,6 +304,18 @@ class FolderSync:
             self.announce_sequence()
         self.dirty.set()
 
+    def _guard_inputs(self) -> tuple[list[deleteguard.Deletion], float | None]:
+        """The folder's deletion history, and since when the guard holds deletions back
+        (it then judges as of that moment, so a pause lasts until it is resolved)."""
+        index = self.engine.index
+        return index.deletions(self.info.id), index.deletions_held_since(self.info.id)
+
+    async def _hold(self, held: float | None, paused: bool, now: float) -> None:
+        """Record the guard's hold when a pause begins, and drop it when none is left."""
+        if paused != (held is not None):
+            since = now if paused else None
+            await asyncio.to_thread(self.engine.index.deletions_hold, self.info.id, since)
+
     async def _record_deletions(self, entries: list[deleteguard.Deletion]) -> None:
         """Add deletions just made to the guard's history (kept in the index)."""
         window = self.engine.config.sync.delete_window
@@ -305,7 +323,7 @@ class FolderSync:
 
     async def _confirmed_deletions(self) -> None:
         """The user confirmed the deletions made here: they no longer count, so the window
-        does not pause again for them (other nodes keep their own count)."""
+        does not pause again for them (other nodes keep their own count and hold)."""
         await asyncio.to_thread(self.engine.index.deletions_clear, self.info.id)
 
     async def resume(self) -> None:
@@ -515,7 +533,6 @@ class FolderSync:
                 self.synced.set()
         if self.downloads:
             self.synced.clear()
-        self.allow_mass_delete = False
         self.pump()
 
     async def _decide_and_change(
@@ -528,9 +545,10 @@ class FolderSync:
         """Plan, and apply every action but the fetches, which are returned (with the
         conflict each settles when it is placed) together with the peers' records."""
         started = self.engine.now()
-        now = time.time()
         local, remotes = await asyncio.to_thread(self._load_records)
-        history = await asyncio.to_thread(self.engine.index.deletions, self.info.id)
+        history, held = await asyncio.to_thread(self._guard_inputs)
+        now = held if held is not None else time.time()
+        allowed, self.allow_mass_delete = self.allow_mass_delete, False
         self.waiting_for_space.clear()
         for peer, link in self.links.items():
             if link.in_progress:
@@ -548,13 +566,15 @@ class FolderSync:
             limits=self.engine.delete_limits,
             delete_history=history,
             now=now,
-            allow_mass_delete=self.allow_mass_delete,
+            allow_mass_delete=allowed,
             ignored=self.rules.matches,
         )
         self.planning_seconds = self.engine.now() - started
         for problem in result.problems:
             self.problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
         self.mass_delete_pause = result.paused
+        if not allowed:
+            await self._hold(held, result.paused or bool(self.local_pause), now)
         if result.paused or self.local_pause or self.disk_full:
             remote_pause = result.verdict.reason(self.engine.peer_names) if result.verdict else ""
             self.state, self.reason = "paused", remote_pause or self.local_pause or self.disk_full
@@ -596,7 +616,7 @@ class FolderSync:
             except LanshareError as exc:
                 self.problems[action.path] = str(exc)
                 logger.warning("folder %s: %s: %s", self.root, action.path, exc)
-        if self.allow_mass_delete and deleted:
+        if allowed and deleted:
             await self._confirmed_deletions()
         elif deleted:
             live = result.live_entries

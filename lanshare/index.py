@@ -36,8 +36,9 @@ Theory of operation
   the indexes of its blocks verified and written so far, so a restart resumes without
   fetching them again.
 * **Deletion history.** ``deletions`` keeps, per folder, the recent deletions the
-  mass-deletion guard counts (``deleteguard``), bounded by its window: a restart does not
-  reset a wipe in progress, and ``lanshare resume`` clears it.
+  mass-deletion guard counts (``deleteguard``), bounded by its window, and
+  ``deletion_holds`` when the guard tripped for deletions it still holds back: a restart
+  does not reset a wipe in progress, and ``lanshare resume`` clears both.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan".
@@ -195,6 +196,14 @@ _V2: Final = (
     ) STRICT
     """,
     "CREATE INDEX deletions_folder ON deletions(folder, id)",
+    # While the guard holds deletions back, it judges as of the moment it tripped: the pause
+    # lasts until the user confirms or the files come back, not until the window slides.
+    """
+    CREATE TABLE deletion_holds (
+        folder INTEGER PRIMARY KEY REFERENCES folders(id) ON DELETE CASCADE,
+        since REAL NOT NULL                -- wall-clock seconds the guard tripped at
+    ) STRICT
+    """,
 )
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
@@ -807,10 +816,30 @@ class Index:
                 ((folder, d.at, d.origin, d.count, d.live_before) for d in history),
             )
 
+    def deletions_held_since(self, folder: int) -> float | None:
+        """When the guard tripped for deletions it still holds back, or None."""
+        with self._read("read the deletion hold") as conn:
+            row = conn.execute(
+                "SELECT since FROM deletion_holds WHERE folder = ?", (folder,)
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def deletions_hold(self, folder: int, since: float | None) -> None:
+        """Record that the guard holds deletions back since ``since`` (None: no longer)."""
+        with self._write("record the deletion hold") as conn:
+            if since is None:
+                conn.execute("DELETE FROM deletion_holds WHERE folder = ?", (folder,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO deletion_holds (folder, since) VALUES (?, ?)",
+                    (folder, since),
+                )
+
     def deletions_clear(self, folder: int) -> None:
-        """Forget the folder's deletion history (the user confirmed the deletions)."""
+        """Forget the folder's deletion history and hold (the user confirmed the deletions)."""
         with self._write("clear the deletion history") as conn:
             conn.execute("DELETE FROM deletions WHERE folder = ?", (folder,))
+            conn.execute("DELETE FROM deletion_holds WHERE folder = ?", (folder,))
 
     # -- partial downloads -------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -503,6 +504,21 @@ def test_deletions_in_batches_pause_each_node_until_its_own_user_confirms(tmp_pa
                 assert _files(node) == 201
             assert f"198 by peer alpha ({a.node_id.hex()})" in b.folder.reason
             assert f"198 by peer {a.node_id.hex()}" in c.folder.reason
+
+            # Two hours later, still unconfirmed: the pause does not expire with the window
+            # (C's history and hold moved back in time, as a clock moving on would leave them).
+            assert c.index is not None
+            index, folder = c.index, c.folder.info.id
+            since = index.deletions_held_since(folder)
+            assert since is not None
+            earlier = [dataclasses.replace(d, at=d.at - 7200) for d in index.deletions(folder)]
+            index.deletions_clear(folder)
+            index.deletions_record(folder, earlier, 3600.0)
+            index.deletions_hold(folder, since - 7200)
+            c.folder.dirty.set()
+            await wait_for(lambda: idle(c) and not c.folder.busy.locked(), 30, "C to replan")
+            assert c.folder.state == "paused"
+            assert _files(c) == 201
 
             await b.folder.resume()  # B's user confirms on B
             await wait_for(lambda: _files(b) == 102, 30, "B to apply the deletions")

@@ -447,11 +447,16 @@ def test_the_deletion_history_survives_a_reopen_and_is_pruned_to_the_window(
         db.deletions_record(folder, [Deletion(t0, PEER_A, 99, 300)], 3600.0)
         db.deletions_record(folder, [Deletion(t0 + 5, b"", 3, 201)], 3600.0)
         db.deletions_record(other, [Deletion(t0, PEER_B, 7, 10)], 3600.0)
+        db.deletions_hold(folder, t0 + 5)
+        db.deletions_hold(other, t0)
+        db.deletions_hold(other, None)
     with Index.open(path) as db:  # a restart does not reset a wipe in progress
         assert db.deletions(folder) == [
             Deletion(t0, PEER_A, 99, 300),
             Deletion(t0 + 5, b"", 3, 201),
         ]
+        assert db.deletions_held_since(folder) == t0 + 5
+        assert db.deletions_held_since(other) is None
         # Writing an hour later drops what left the window (and merges nothing across it).
         db.deletions_record(folder, [Deletion(t0 + 3601, PEER_A, 1, 198)], 3600.0)
         assert db.deletions(folder) == [
@@ -460,6 +465,7 @@ def test_the_deletion_history_survives_a_reopen_and_is_pruned_to_the_window(
         ]
         db.deletions_clear(folder)  # the user confirmed them
         assert db.deletions(folder) == []
+        assert db.deletions_held_since(folder) is None
         assert db.deletions(other) == [Deletion(t0, PEER_B, 7, 10)]
         db.remove_folder(other)
         conn = sqlite3.connect(path)
