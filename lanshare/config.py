@@ -170,6 +170,8 @@ class SyncConfig:
     """A change set deleting more than this share of a folder's entries pauses the folder …"""
     max_delete_min: int = 100
     """… when it also deletes at least this many entries (an unmounted disk, a stray rm -r)."""
+    delete_window: float = 3600.0
+    """Seconds over which deletions are added up for the two limits above."""
     versions_keep_days: float = 30.0
     """Days replaced and deleted files stay in the folder's .lanshare/versions/."""
     debounce_interval: float = 0.1
@@ -702,6 +704,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("transfer", "io_workers"): _int_range(1, 256),
     ("sync", "max_delete_ratio"): _ratio,
     ("sync", "max_delete_min"): _int_range(0, None, " entries"),
+    ("sync", "delete_window"): _positive_seconds,
     ("sync", "versions_keep_days"): _positive_days,
     ("sync", "debounce_interval"): _positive_seconds,
     ("sync", "max_debounce_delay"): _positive_seconds,

@@ -28,6 +28,10 @@ Theory of operation
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
+* **Mass-deletion guard.** Scans and plans are judged with the folder's deletion history
+  from the index and the wall-clock time (that of the moment the guard tripped, while it
+  holds deletions back, so a pause lasts until resolved); deletions made are added to the
+  history. ``resume`` confirms on this node only: it applies them and clears the history.
 * **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
   disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
   has them (rarest first, pipelined by measured rate, end game, failover). Verified blocks
@@ -59,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import keys, planner, scanner
+from lanshare import deleteguard, keys, planner, scanner
 from lanshare.errors import (
     DecodeError,
     DiskFullError,
@@ -295,6 +299,8 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); waiting for it to be back"
                 )
+            history, held = await asyncio.to_thread(self._guard_inputs)
+            now = held if held is not None else time.time()
             summary = await scanner.scan_path(
                 self.engine.index,
                 self.info.id,
@@ -303,15 +309,23 @@ class FolderSync:
                 ignore=self.config.ignore,
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
-                max_delete_ratio=self.engine.config.sync.max_delete_ratio,
-                max_delete_min=self.engine.config.sync.max_delete_min,
+                limits=self.engine.delete_limits,
+                delete_history=history,
+                now=now,
                 allow_mass_delete=allow_mass_delete,
             )
+            if allow_mass_delete:
+                await self._confirmed_deletions()
+            else:
+                if summary.deletion is not None:
+                    await self._record_deletions([summary.deletion])
+                await self._hold(held, summary.verdict is not None or self.mass_delete_pause, now)
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
             return None
-        self.local_pause = summary.paused_reason
+        verdict = summary.verdict
+        self.local_pause = verdict.reason(self.engine.peer_names) if verdict is not None else ""
         if self.local_pause:
             self.state, self.reason = "paused", self.local_pause
         elif self.state in ("scanning", "error", "paused"):
@@ -334,9 +348,31 @@ class FolderSync:
         self.dirty.set()
         return summary
 
+    def _guard_inputs(self) -> tuple[list[deleteguard.Deletion], float | None]:
+        """The folder's deletion history, and since when the guard holds deletions back
+        (it then judges as of that moment, so a pause lasts until it is resolved)."""
+        index = self.engine.index
+        return index.deletions(self.info.id), index.deletions_held_since(self.info.id)
+
+    async def _hold(self, held: float | None, paused: bool, now: float) -> None:
+        """Record the guard's hold when a pause begins, and drop it when none is left."""
+        if paused != (held is not None):
+            since = now if paused else None
+            await asyncio.to_thread(self.engine.index.deletions_hold, self.info.id, since)
+
+    async def _record_deletions(self, entries: list[deleteguard.Deletion]) -> None:
+        """Add deletions just made to the guard's history (kept in the index)."""
+        window = self.engine.config.sync.delete_window
+        await asyncio.to_thread(self.engine.index.deletions_record, self.info.id, entries, window)
+
+    async def _confirmed_deletions(self) -> None:
+        """The user confirmed the deletions made here: they no longer count, so the window
+        does not pause again for them (other nodes keep their own count and hold)."""
+        await asyncio.to_thread(self.engine.index.deletions_clear, self.info.id)
+
     async def resume(self) -> None:
-        """The user confirmed a paused mass deletion: record and apply it. Pulls a full
-        disk paused are tried again at once."""
+        """The user confirmed a paused mass deletion: record and apply it, on this node only.
+        Pulls a full disk paused are tried again at once."""
         confirm = bool(self.local_pause) or self.mass_delete_pause
         self.disk_full = ""
         if self.local_pause:
@@ -548,7 +584,6 @@ class FolderSync:
                 self.synced.set()
         if self.downloads:
             self.synced.clear()
-        self.allow_mass_delete = False
         self.pump()
 
     async def _decide_and_change(
@@ -562,6 +597,9 @@ class FolderSync:
         conflict each settles when it is placed) together with the peers' records."""
         started = self.engine.now()
         local, remotes = await asyncio.to_thread(self._load_records)
+        history, held = await asyncio.to_thread(self._guard_inputs)
+        now = held if held is not None else time.time()
+        allowed, self.allow_mass_delete = self.allow_mass_delete, False
         self.waiting_for_space.clear()
         for peer, link in self.links.items():
             if link.in_progress:
@@ -576,9 +614,10 @@ class FolderSync:
             remotes,
             local_short_id=self.engine.short_id,
             priority=self.priority,
-            max_delete_ratio=self.engine.config.sync.max_delete_ratio,
-            max_delete_min=self.engine.config.sync.max_delete_min,
-            allow_mass_delete=self.allow_mass_delete,
+            limits=self.engine.delete_limits,
+            delete_history=history,
+            now=now,
+            allow_mass_delete=allowed,
             ignored=self.rules.matches,
         )
         self.planning_seconds = self.engine.now() - started
@@ -592,8 +631,11 @@ class FolderSync:
             if not record.deleted and planner.conflict_original(path) is not None
         }
         self.mass_delete_pause = result.paused
+        if not allowed:
+            await self._hold(held, result.paused or bool(self.local_pause), now)
         if result.paused or self.local_pause or self.disk_full:
-            self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
+            remote_pause = result.verdict.reason(self.engine.peer_names) if result.verdict else ""
+            self.state, self.reason = "paused", remote_pause or self.local_pause or self.disk_full
         actions = result.actions
         if self.scope is not None:
             scope = self.scope
@@ -603,12 +645,13 @@ class FolderSync:
         needed = {a.path for a in actions} | set(self.downloads) | self.committing
         for path in [p for p in self.failures if p not in needed]:
             del self.failures[path]
-        now = self.engine.now()
+        tick = self.engine.now()
         fetches: list[tuple[planner.Fetch, planner.Conflict | None]] = []
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
         conflicts: dict[str, planner.Conflict] = {}
+        deleted: dict[bytes, int] = {}
         for action in actions:
             if isinstance(action, planner.Conflict):
                 conflicts[action.path] = action
@@ -621,13 +664,16 @@ class FolderSync:
                 fetches.append((action, conflict))
                 continue
             failure = self.failures.get(action.path)
-            if failure is not None and failure.retry_at > now:
-                continue
+            if failure is not None and failure.retry_at > tick:
+                continue  # failed lately: its retry is due later (or after a scan)
             try:
                 if conflict is not None and not isinstance(action, planner.SetMetadata):
                     await self._apply_with_conflict(conflict, action)
                 else:
                     await self._apply(action)
+                if isinstance(action, planner.Delete):
+                    origin = planner.deletion_origin(action, self.engine.short_id)
+                    deleted[origin] = deleted.get(origin, 0) + 1
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
                 self.dirty.set()
@@ -637,6 +683,13 @@ class FolderSync:
                 self._fail(action.path, exc)
             else:
                 self.failures.pop(action.path, None)
+        if allowed and deleted:
+            await self._confirmed_deletions()
+        elif deleted:
+            live = result.live_entries
+            await self._record_deletions(
+                [deleteguard.Deletion(now, o, n, live) for o, n in sorted(deleted.items())]
+            )
         return result, fetches, remotes
 
     def _fail(self, path: str, exc: LanshareError) -> None:
@@ -1432,6 +1485,10 @@ class Engine:
         self.kick = kick
         self.now = clock or asyncio.get_running_loop().time
         self.io_limit = asyncio.Semaphore(max(1, config.transfer.io_workers))
+        sync = config.sync
+        self.delete_limits = deleteguard.Limits(
+            sync.max_delete_ratio, sync.max_delete_min, sync.delete_window
+        )
         self.folders: dict[bytes, FolderSync] = {}
         self.addresses: dict[Addr, set[bytes]] = {}
         self.peer_names: dict[bytes, str] = {}

@@ -35,6 +35,10 @@ Theory of operation
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
   the indexes of its blocks verified and written so far, so a restart resumes without
   fetching them again.
+* **Deletion history.** ``deletions`` keeps, per folder, the recent deletions the
+  mass-deletion guard counts (``deleteguard``), bounded by its window, and
+  ``deletion_holds`` when the guard tripped for deletions it still holds back: a restart
+  does not reset a wipe in progress, and ``lanshare resume`` clears both.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan".
@@ -52,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from lanshare import deleteguard
+from lanshare.deleteguard import Deletion
 from lanshare.errors import DecodeError, StorageError
 from lanshare.manifest import (
     EntryType,
@@ -176,7 +182,31 @@ _V1: Final = (
     """,
 )
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1,)
+_V2: Final = (
+    # The mass-deletion guard's history (deleteguard.Deletion), kept across restarts so that
+    # restarting a daemon never forgets a wipe in progress; pruned to the window on write.
+    """
+    CREATE TABLE deletions (
+        id INTEGER PRIMARY KEY,            -- the order entries were recorded in
+        folder INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+        at REAL NOT NULL,                  -- wall-clock seconds of the latest deletion counted
+        origin BLOB NOT NULL,              -- node id of the deleting device; empty: this node
+        count INTEGER NOT NULL CHECK (count > 0),
+        live_before INTEGER NOT NULL CHECK (live_before >= 0)
+    ) STRICT
+    """,
+    "CREATE INDEX deletions_folder ON deletions(folder, id)",
+    # While the guard holds deletions back, it judges as of the moment it tripped: the pause
+    # lasts until the user confirms or the files come back, not until the window slides.
+    """
+    CREATE TABLE deletion_holds (
+        folder INTEGER PRIMARY KEY REFERENCES folders(id) ON DELETE CASCADE,
+        since REAL NOT NULL                -- wall-clock seconds the guard tripped at
+    ) STRICT
+    """,
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
 """Ordered schema migrations; migration ``n`` (0-based) takes ``user_version`` n to n + 1.
 Append only: a released migration is never edited."""
 
@@ -754,6 +784,62 @@ class Index:
                 (folder, path),
             ).fetchall()
         return {row[0]: _record(row[1:]) for row in rows}
+
+    # -- the mass-deletion guard's history ---------------------------------------------------
+
+    def deletions(self, folder: int) -> list[Deletion]:
+        """The folder's deletion history, in the order it was recorded."""
+        with self._read("read the deletion history") as conn:
+            rows = conn.execute(
+                "SELECT at, origin, count, live_before FROM deletions WHERE folder = ? ORDER BY id",
+                (folder,),
+            ).fetchall()
+        return [Deletion(*row) for row in rows]
+
+    def deletions_record(self, folder: int, entries: Sequence[Deletion], window: float) -> None:
+        """Add ``entries`` to the folder's deletion history (``deleteguard.record``: what
+        left the window is dropped, close entries of one origin merged), in one transaction."""
+        if not entries:
+            return
+        with self._write("record deletions") as conn:
+            rows = conn.execute(
+                "SELECT at, origin, count, live_before FROM deletions WHERE folder = ? ORDER BY id",
+                (folder,),
+            ).fetchall()
+            history = [Deletion(*row) for row in rows]
+            for entry in entries:
+                history = deleteguard.record(history, entry, window)
+            conn.execute("DELETE FROM deletions WHERE folder = ?", (folder,))
+            conn.executemany(
+                "INSERT INTO deletions (folder, at, origin, count, live_before) "
+                "VALUES (?, ?, ?, ?, ?)",
+                ((folder, d.at, d.origin, d.count, d.live_before) for d in history),
+            )
+
+    def deletions_held_since(self, folder: int) -> float | None:
+        """When the guard tripped for deletions it still holds back, or None."""
+        with self._read("read the deletion hold") as conn:
+            row = conn.execute(
+                "SELECT since FROM deletion_holds WHERE folder = ?", (folder,)
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def deletions_hold(self, folder: int, since: float | None) -> None:
+        """Record that the guard holds deletions back since ``since`` (None: no longer)."""
+        with self._write("record the deletion hold") as conn:
+            if since is None:
+                conn.execute("DELETE FROM deletion_holds WHERE folder = ?", (folder,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO deletion_holds (folder, since) VALUES (?, ?)",
+                    (folder, since),
+                )
+
+    def deletions_clear(self, folder: int) -> None:
+        """Forget the folder's deletion history and hold (the user confirmed the deletions)."""
+        with self._write("clear the deletion history") as conn:
+            conn.execute("DELETE FROM deletions WHERE folder = ?", (folder,))
+            conn.execute("DELETE FROM deletion_holds WHERE folder = ?", (folder,))
 
     # -- partial downloads -------------------------------------------------------------------
 

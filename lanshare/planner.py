@@ -30,10 +30,12 @@ Theory of operation
    directory holding live entries is not deleted, and nothing is created below a
    non-directory; each such case is reported as a :class:`Problem` instead of an action.
    Every path an action touches passed :func:`lanshare.paths.normalize` and is not internal.
-5. **Delete guard.** If the plan would delete at least ``max_delete_min`` entries and more than
-   ``max_delete_ratio`` of the live local entries, the deletions (and the actions that need
-   them first) are withheld and the plan is ``paused`` with a human reason, unless the caller
-   passes ``allow_mass_delete=True`` (after the user confirmed, e.g. ``lanshare resume``).
+5. **Delete guard.** The plan's deletions, each attributed to the device that made it
+   (:func:`deletion_origin`), are judged together with the folder's recent deletions
+   (``deleteguard.judge`` over the caller's history and ``now``): if they trip the guard, the
+   deletions (and the actions that need them first) are withheld and the plan is ``paused``
+   with the :class:`~lanshare.deleteguard.Verdict`, unless the caller passes
+   ``allow_mass_delete=True`` (after the user confirmed, e.g. ``lanshare resume``).
 6. **Order.** ``Plan.actions`` is the commit order: conflict renames, directories (parents
    first), builds from local data, symlinks, fetches (``priority`` paths first, then small
    files first), metadata, then deletions (deepest first, a directory after its contents).
@@ -53,20 +55,19 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeAlias
 
+from lanshare import deleteguard
 from lanshare.errors import PathError
 from lanshare.manifest import EntryType, FileRecord, Ordering, VersionVector
 from lanshare.paths import MAX_NAME_SIZE, is_internal, is_temporary, normalize
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Mapping
+    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
 PeerKey: TypeAlias = bytes
 """A peer's node id (``identity.NodeId``, 8 bytes), as the index keys remote records."""
 
-DEFAULT_MAX_DELETE_RATIO = 0.5
-DEFAULT_MAX_DELETE_MIN = 100
 CONFLICT_MARKER = ".sync-conflict-"
 CONFLICT_NODE_DIGITS = 8
 """NODE in a conflict name: the first 8 hex digits of the node id (``NodeId.hex()[:8]``)."""
@@ -195,6 +196,10 @@ class Plan:
     reason: str = ""
     withheld: tuple[Action, ...] = ()
     """Actions held back by the delete guard (empty unless ``paused``)."""
+    verdict: deleteguard.Verdict | None = None
+    """Why the delete guard paused the plan (``reason`` is its text without peer names)."""
+    live_entries: int = 0
+    """Live local entries the plan started from (the guard's history records it)."""
 
     @property
     def fetch_size(self) -> int:
@@ -208,8 +213,9 @@ def plan(
     *,
     local_short_id: int,
     priority: Collection[str] = (),
-    max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO,
-    max_delete_min: int = DEFAULT_MAX_DELETE_MIN,
+    limits: deleteguard.Limits = deleteguard.DEFAULT_LIMITS,
+    delete_history: Sequence[deleteguard.Deletion] = (),
+    now: float = 0.0,
     allow_mass_delete: bool = False,
     ignored: Callable[[str, bool], bool] | None = None,
 ) -> Plan:
@@ -220,7 +226,8 @@ def plan(
         remotes: each peer's records by path.
         local_short_id: ``identity.short_id`` of this node; versions conflict copies.
         priority: paths (or directories, meaning everything below) to fetch first.
-        max_delete_ratio, max_delete_min: the delete guard (see the module docstring).
+        limits, delete_history, now: the delete guard's settings, the folder's recent
+            deletions (oldest first) and the wall-clock time (see the module docstring).
         allow_mass_delete: skip the delete guard (the user confirmed).
         ignored: ``IgnoreRules.matches``-like predicate ``(path, is_dir)``; matching paths are
             left alone.
@@ -261,25 +268,29 @@ def plan(
     actions = [a for unit in units.values() for a in unit.actions()]
     plan_ = _order(actions, usable_local, priority)
 
-    deletions = [a for a in plan_ if isinstance(a, Delete)]
+    pending: dict[PeerKey, int] = {}
+    for action in plan_:
+        if isinstance(action, Delete):
+            origin = deletion_origin(action, local_short_id)
+            pending[origin] = pending.get(origin, 0) + 1
     live_count = sum(1 for r in usable_local.values() if not r.deleted)
-    reason = delete_guard_reason(
-        len(deletions), live_count, max_delete_ratio=max_delete_ratio, max_delete_min=max_delete_min
-    )
+    verdict = None
+    if not allow_mass_delete:
+        verdict = deleteguard.judge(delete_history, pending, live_count, now, limits)
     withheld: list[Action] = []
-    if reason is not None and not allow_mass_delete:
-        logger.warning("delete guard: %s", reason)
+    if verdict is not None:
+        logger.warning("delete guard: %s", verdict.reason())
         plan_, withheld = _withhold_deletions(plan_, usable_local)
-    else:
-        reason = None
     plan_ = _mark_moves(plan_)
     problems.sort(key=lambda p: (p.path, p.kind.value))
     return Plan(
         actions=tuple(plan_),
         problems=tuple(problems),
-        paused=reason is not None,
-        reason=reason or "",
+        paused=verdict is not None,
+        reason=verdict.reason() if verdict is not None else "",
         withheld=tuple(withheld),
+        verdict=verdict,
+        live_entries=live_count,
     )
 
 
@@ -347,26 +358,19 @@ def change_origin(changed: VersionVector, other: VersionVector) -> int:
     return _losing_device(changed, other)
 
 
-def delete_guard_reason(
-    deletions: int,
-    entries: int,
-    *,
-    max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO,
-    max_delete_min: int = DEFAULT_MAX_DELETE_MIN,
-) -> str | None:
-    """Why ``deletions`` out of ``entries`` live entries must pause the folder, or None.
+def deletion_origin(action: Delete, local_short_id: int) -> PeerKey:
+    """The node id of the device whose deletion ``action`` applies here
+    (``deleteguard.LOCAL`` for this node's own).
 
-    Pauses when ``deletions >= max_delete_min`` and ``deletions > max_delete_ratio * entries``.
-    Also usable by the scanner for local mass deletions.
+    That is the device whose counter in the tombstone's vector exceeds the local record's
+    (of several, the one with the highest counter, then the lowest id): the same whether the
+    tombstone came from that device itself or was passed on by another peer.
     """
-    if deletions >= max_delete_min and deletions > max_delete_ratio * entries:
-        share = deletions / entries if entries else 1.0
-        return (
-            f"{deletions} of {entries} entries ({share:.0%}) would be deleted, more than the "
-            f"limit of {max_delete_ratio:.0%}; the folder is paused (a disk not mounted or a "
-            "mistaken mass deletion?). Restore the files, or confirm with `lanshare resume`."
-        )
-    return None
+    mine = action.replaces.version if action.replaces is not None else VersionVector()
+    device = _losing_device(action.record.version, mine)
+    if device == local_short_id:
+        return deleteguard.LOCAL
+    return device.to_bytes(8, "big")
 
 
 # --- private helpers -----------------------------------------------------------------------

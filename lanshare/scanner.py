@@ -29,7 +29,8 @@ Theory of operation
    entry gets its version vector bumped with this node's short id and a new sequence number;
    a vanished one becomes a tombstone. Paths that exist but could not be read (permission
    denied, unreadable directory, changed too often) keep their old record: a read error never
-   turns into a deletion on the other peers.
+   turns into a deletion on the other peers. Vanished entries that, with the folder's recent
+   deletions, trip the mass-deletion guard (``deleteguard``) are all kept until confirmed.
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
@@ -43,11 +44,11 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from lanshare import chunker, keys, paths
+from lanshare import chunker, deleteguard, keys, paths
 from lanshare.errors import PathError, StorageError
 from lanshare.ignore import IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange
@@ -57,17 +58,13 @@ from lanshare.manifest import (
     FileRecord,
     VersionVector,
 )
-from lanshare.planner import (
-    DEFAULT_MAX_DELETE_MIN,
-    DEFAULT_MAX_DELETE_RATIO,
-    delete_guard_reason,
-)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
     from lanshare.chunker import FileHashes
     from lanshare.config import FolderConfig
+    from lanshare.deleteguard import Deletion, Verdict
     from lanshare.index import CacheEntry, Index
 
 logger = logging.getLogger(__name__)
@@ -124,6 +121,10 @@ class ScanSummary:
     """Deletions not recorded because they tripped the mass-deletion guard."""
     paused_reason: str = ""
     """Why deletions were withheld (empty when none were)."""
+    verdict: Verdict | None = None
+    """The guard's verdict when deletions were withheld (``paused_reason`` is its text)."""
+    deletion: Deletion | None = None
+    """The tombstones this scan wrote, as an entry of the guard's history (None if none)."""
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -191,16 +192,19 @@ async def scan_path(
     io_workers: int = 4,
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
-    max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO,
-    max_delete_min: int = DEFAULT_MAX_DELETE_MIN,
+    limits: deleteguard.Limits = deleteguard.DEFAULT_LIMITS,
+    delete_history: Sequence[Deletion] = (),
+    now: float = 0.0,
     allow_mass_delete: bool = False,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
     See :func:`scan_folder` for the arguments; ``ignore`` are the config's extra patterns.
-    Vanished entries that would trip the mass-deletion guard (``planner.delete_guard_reason``
-    with ``max_delete_ratio`` and ``max_delete_min``) are not turned into tombstones unless
-    ``allow_mass_delete``: the summary's ``paused_reason`` says why, and the records stay.
+    Vanished entries that would trip the mass-deletion guard (``deleteguard.judge`` with
+    ``limits``, the folder's recent ``delete_history`` and the wall-clock time ``now``) are
+    not turned into tombstones unless ``allow_mass_delete``: the summary's ``verdict`` says
+    why, and the records stay. The summary's ``deletion`` is what the caller adds to the
+    history.
     """
     started = time.monotonic()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
@@ -226,12 +230,13 @@ async def scan_path(
         if not old.deleted and rel not in present and not walk.is_protected(rel):
             run.gone.append(rel)
     live = sum(1 for old in cache.values() if not old.deleted)
-    guard = delete_guard_reason(
-        len(run.gone), live, max_delete_ratio=max_delete_ratio, max_delete_min=max_delete_min
-    )
-    if guard is not None and not allow_mass_delete:
-        logger.warning("%s: %s; not recording the deletions until confirmed", root, guard)
-        run.withheld, run.paused_reason = len(run.gone), guard
+    verdict = None
+    if not allow_mass_delete:
+        pending = {deleteguard.LOCAL: len(run.gone)}
+        verdict = deleteguard.judge(delete_history, pending, live, now, limits)
+    if verdict is not None:
+        logger.warning("%s: %s", root, verdict.reason())
+        run.withheld, run.verdict = len(run.gone), verdict
         run.gone = []
 
     groups = _groups(to_hash)
@@ -253,6 +258,9 @@ async def scan_path(
     await run.flush()
 
     summary = run.summary(str(root), time.monotonic() - started)
+    if summary.deleted:
+        made = deleteguard.Deletion(now, deleteguard.LOCAL, summary.deleted, live)
+        summary = replace(summary, deletion=made)
     logger.info(
         "scanned %s: %d files, %d dirs, %d bytes; %d new, %d changed, %d deleted, "
         "%d skipped (%.2f s)",
@@ -345,7 +353,7 @@ class _Run:
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
-        self.paused_reason = ""
+        self.verdict: Verdict | None = None
         self.skipped = walk.skipped
         self.problems = list(walk.problems)
         self.collisions = walk.collisions
@@ -433,7 +441,8 @@ class _Run:
             problems=tuple(self.problems[:MAX_LOGGED_PROBLEMS]),
             collisions=tuple(self.collisions),
             withheld=self.withheld,
-            paused_reason=self.paused_reason,
+            paused_reason=self.verdict.reason() if self.verdict is not None else "",
+            verdict=self.verdict,
         )
 
 

@@ -21,6 +21,7 @@ PURE_MODULES = [
     "lanshare.protocol.connection",
     "lanshare.protocol.endpoint",
     "lanshare.planner",
+    "lanshare.deleteguard",
     "lanshare.scheduler",
     "lanshare.peertable",
 ]

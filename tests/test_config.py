@@ -751,6 +751,8 @@ def test_dates_are_named_in_type_errors(write: Writer) -> None:
         ("max_delete_ratio", 1.5, "between 0 and 1"),
         ("max_delete_ratio", 0, "between 0 and 1"),
         ("max_delete_min", -1, "at least 0"),
+        ("delete_window", 0, "seconds greater than 0"),
+        ("delete_window", -60, "seconds greater than 0"),
         ("versions_keep_days", 0, "days greater than 0"),
         ("debounce_interval", -0.1, "seconds greater than 0"),
     ],
@@ -813,3 +815,11 @@ def test_users_without_a_config_try_their_socket_then_the_services(
     # The service's own user (the unit sets XDG_RUNTIME_DIR=/run) has one place to look.
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run")
     assert config.user_control_sockets() == (Path("/run/lanshare/control.sock"),)
+
+
+def test_the_delete_window_defaults_to_an_hour_and_takes_seconds(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text("[sync]\n")
+    assert config.load(file).sync.delete_window == 3600.0
+    file.write_text("[sync]\ndelete_window = 90\n")
+    assert config.load(file).sync.delete_window == 90.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ from tests.enginesim import (
     LinkSpec,
     SimNode,
     converge,
+    idle,
     random_bytes,
     temp_files,
     wait_for,
@@ -456,6 +458,90 @@ def test_mass_delete_pauses_locally_and_at_peers_until_resumed(tmp_path: Path) -
             assert len(kept) == 150  # deleted files are kept, not lost
 
     asyncio.run(main())
+
+
+def _files(node: SimNode) -> int:
+    return len(list(node.root.glob("f*.txt")))
+
+
+def test_deletions_in_batches_pause_each_node_until_its_own_user_confirms(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=12) as cluster:
+            a, b, c = cluster.add(), cluster.add(), cluster.add()
+            for i in range(300):
+                a.write(f"f{i:03}.txt", f"file {i}".encode())
+            await cluster.start()
+            await converge([a, b, c], 60)
+
+            def delete(batch: int) -> None:
+                for i in range(batch * 99, (batch + 1) * 99):
+                    a.path(f"f{i:03}.txt").unlink()
+
+            delete(0)  # 99 of 300: under the limit, applied everywhere
+            await a.scan()
+            assert a.folder.state != "paused"
+            await converge([a, b, c], 60)
+            assert _files(b) == _files(c) == 201
+            # A restart must not forget the deletions already counted.
+            await c.crash()
+            await c.start()
+            c.connect(a, b)
+            await converge([a, b, c], 60)
+
+            delete(1)  # 99 more: the window holds the first batch, so A pauses itself
+            await a.scan()
+            assert a.folder.state == "paused"
+            assert "198 of 300 entries" in a.folder.reason
+            assert "198 made here" in a.folder.reason
+            b.engine.peer_names[a.node_id] = "alpha"  # what discovery tells B
+            await a.folder.resume()  # A's user confirms: only A's own application
+            await a.scan()
+            assert a.folder.state != "paused"  # not again for the same deletions
+
+            for node in (b, c):
+                await wait_for(lambda n=node: n.folder.state == "paused", 30, f"{node.name} pauses")
+                assert "198 of 300 entries" in node.folder.reason
+                assert _files(node) == 201
+            assert f"198 by peer alpha ({a.node_id.hex()})" in b.folder.reason
+            assert f"198 by peer {a.node_id.hex()}" in c.folder.reason
+
+            # Two hours later, still unconfirmed: the pause does not expire with the window
+            # (C's history and hold moved back in time, as a clock moving on would leave them).
+            assert c.index is not None
+            index, folder = c.index, c.folder.info.id
+            since = index.deletions_held_since(folder)
+            assert since is not None
+            earlier = [dataclasses.replace(d, at=d.at - 7200) for d in index.deletions(folder)]
+            index.deletions_clear(folder)
+            index.deletions_record(folder, earlier, 3600.0)
+            index.deletions_hold(folder, since - 7200)
+            c.folder.dirty.set()
+            await wait_for(lambda: idle(c) and not c.folder.busy.locked(), 30, "C to replan")
+            assert c.folder.state == "paused"
+            assert _files(c) == 201
+
+            await b.folder.resume()  # B's user confirms on B
+            await wait_for(lambda: _files(b) == 102, 30, "B to apply the deletions")
+            await wait_for(
+                lambda: index_holds_tombstone(c, b, "f150.txt"), 30, "C to read B's tombstones"
+            )
+            # C planned again since (its pass clears ``dirty`` and holds ``busy`` at once).
+            await wait_for(lambda: idle(c) and not c.folder.busy.locked(), 30, "C to replan")
+            assert c.folder.state == "paused"
+            assert _files(c) == 201
+            assert b.node_id.hex() not in c.folder.reason  # B passed A's deletions on
+            a.write("new.txt", b"after the wipe")
+            await a.scan()
+            await wait_for(lambda: b.path("new.txt").exists(), 30, "B to fetch new.txt")
+            await wait_for(lambda: b.folder.state == "in_sync", 30, "B in sync")
+
+    asyncio.run(main())
+
+
+def index_holds_tombstone(node: SimNode, peer: SimNode, path: str) -> bool:
+    assert node.index is not None
+    record = node.index.remote_get(node.folder.info.id, peer.node_id, path)
+    return record is not None and record.deleted
 
 
 def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lanshare import index as index_module
+from lanshare.deleteguard import Deletion
 from lanshare.errors import StorageError
 from lanshare.index import SCHEMA_VERSION, CacheUpdate, Index, LocalChange
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
@@ -408,3 +409,67 @@ def test_transaction_groups_calls_and_rolls_back_as_one(db: Index) -> None:
             db.commit_changes(folder, [LocalChange(_file("f", b"6"))])
     assert set(db.get_many(folder, ["d", "e", "f"])) == {"d", "f"}
     assert db.max_sequence(folder) == 4
+
+
+# --- the mass-deletion guard's history ---------------------------------------------------------
+
+
+def test_an_index_of_schema_version_1_migrates_and_keeps_its_records(tmp_path: Path) -> None:
+    # An index as the previous release wrote it: schema 1 only, a folder with a record.
+    path = tmp_path / "index.db"
+    conn = sqlite3.connect(path)
+    for statement in index_module.MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO folders (path, folder_id, index_id) VALUES ('/s', 'ab', x'01')")
+    conn.commit()
+    conn.close()
+    with Index.open(path) as db:
+        (folder,) = db.folders()
+        db.commit_changes(folder.id, [LocalChange(_file("kept.txt", b"data"))])
+    with Index.open(path) as db:
+        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.get(folder.id, "kept.txt") is not None
+        assert db.deletions(folder.id) == []
+        entry = Deletion(1_800_000_000.0, PEER_A, 99, 300)
+        db.deletions_record(folder.id, [entry], 3600.0)
+        assert db.deletions(folder.id) == [entry]
+
+
+def test_the_deletion_history_survives_a_reopen_and_is_pruned_to_the_window(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "index.db"
+    t0 = 1_800_000_000.0
+    with Index.open(path) as db:
+        folder = db.add_folder("/s", "ab").id
+        other = db.add_folder("/t", "cd").id
+        db.deletions_record(folder, [Deletion(t0, PEER_A, 99, 300)], 3600.0)
+        db.deletions_record(folder, [Deletion(t0 + 5, b"", 3, 201)], 3600.0)
+        db.deletions_record(other, [Deletion(t0, PEER_B, 7, 10)], 3600.0)
+        db.deletions_hold(folder, t0 + 5)
+        db.deletions_hold(other, t0)
+        db.deletions_hold(other, None)
+    with Index.open(path) as db:  # a restart does not reset a wipe in progress
+        assert db.deletions(folder) == [
+            Deletion(t0, PEER_A, 99, 300),
+            Deletion(t0 + 5, b"", 3, 201),
+        ]
+        assert db.deletions_held_since(folder) == t0 + 5
+        assert db.deletions_held_since(other) is None
+        # Writing an hour later drops what left the window (and merges nothing across it).
+        db.deletions_record(folder, [Deletion(t0 + 3601, PEER_A, 1, 198)], 3600.0)
+        assert db.deletions(folder) == [
+            Deletion(t0 + 5, b"", 3, 201),
+            Deletion(t0 + 3601, PEER_A, 1, 198),
+        ]
+        db.deletions_clear(folder)  # the user confirmed them
+        assert db.deletions(folder) == []
+        assert db.deletions_held_since(folder) is None
+        assert db.deletions(other) == [Deletion(t0, PEER_B, 7, 10)]
+        db.remove_folder(other)
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT count(*) FROM deletions").fetchone()[0] == 0
+        finally:
+            conn.close()

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
+from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
 from lanshare.planner import (
     BuildFromLocal,
@@ -25,7 +26,7 @@ from lanshare.planner import (
     ProblemKind,
     SetMetadata,
     conflict_name,
-    delete_guard_reason,
+    deletion_origin,
     global_winner,
     plan,
 )
@@ -444,11 +445,50 @@ def test_delete_guard_can_be_overridden():
     assert len(p.actions) == 120
 
 
-def test_delete_guard_reason_bounds():
-    assert delete_guard_reason(100, 199) is not None
-    assert delete_guard_reason(100, 200) is None
-    assert delete_guard_reason(99, 99) is None
-    assert delete_guard_reason(3, 4, max_delete_min=2, max_delete_ratio=0.5) is not None
+def test_delete_guard_counts_the_window_so_batches_do_not_walk_around_it():
+    # 300 files; B deleted 99 of them a minute ago (already applied here) and 99 more now.
+    local = index(*(file(f"f{i:03}", b"x", vv(B=1)) for i in range(201)))
+    remote = dict(local)
+    for path in list(local)[:99]:
+        remote[path] = tomb(local[path], vv(B=2))
+    now = 1_800_000_000.0
+    alone = run(local, {PEER_B: remote}, now=now)
+    assert not alone.paused  # judged on its own, 99 deletions pass: the old walk-around
+    assert alone.live_entries == 201
+    history = [Deletion(now - 60, PEER_B, 99, 300)]
+    held = run(local, {PEER_B: remote}, delete_history=history, now=now)
+    assert held.paused
+    assert held.verdict is not None
+    assert (held.verdict.deleted, held.verdict.entries) == (198, 300)
+    assert held.verdict.origins == ((PEER_B, 198),)
+    assert "198 of 300 entries" in held.reason
+    assert PEER_B.hex() in held.reason
+    assert not any(isinstance(a, Delete) for a in held.actions)
+    assert len(held.withheld) == 99
+    # Once the earlier batch left the window, the same deletions go through.
+    later = run(local, {PEER_B: remote}, delete_history=history, now=now + 3600)
+    assert not later.paused
+    short = run(local, {PEER_B: remote}, delete_history=history, now=now, limits=Limits(window=30))
+    assert not short.paused
+    # The user confirmed (``lanshare resume``): the window is not consulted.
+    confirmed = run(
+        local, {PEER_B: remote}, delete_history=history, now=now, allow_mass_delete=True
+    )
+    assert not confirmed.paused
+    assert sum(isinstance(a, Delete) for a in confirmed.actions) == 99
+
+
+def test_a_deletion_is_attributed_to_the_device_that_made_it():
+    mine = file("a", b"x", vv(B=1, L=1))
+    by_c = tomb(mine, vv(B=1, L=1, C=1))
+    # C deleted it; B only passes C's tombstone on: the deletion is still C's.
+    p = run(index(mine), {PEER_B: index(by_c)})
+    (delete,) = [a for a in p.actions if isinstance(a, Delete)]
+    assert deletion_origin(delete, L) == PEER_C
+    ours = tomb(mine, vv(B=1, L=2))  # our own tombstone, come back (e.g. an index reset)
+    (delete,) = run(index(mine), {PEER_B: index(ours)}).actions
+    assert isinstance(delete, Delete)
+    assert deletion_origin(delete, L) == LOCAL
 
 
 # --- properties -------------------------------------------------------------------------------

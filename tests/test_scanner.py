@@ -19,6 +19,7 @@ import pytest
 
 from lanshare import chunker, keys, scanner
 from lanshare.config import FolderConfig
+from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
 from lanshare.index import Index
 from lanshare.manifest import EntryType
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from lanshare.manifest import FileRecord
 
 ME = 0x5EED
+T_NOW = 1_800_000_000.0
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -521,16 +523,50 @@ def test_local_mass_deletion_is_withheld_until_allowed(db: Index, root: Path) ->
     scan(db, root)
     for i in range(6):
         (root / f"f{i}.txt").unlink()
-    held = scan(db, root, max_delete_ratio=0.5, max_delete_min=5)
-    assert (held.deleted, held.withheld) == (0, 6)
+    held = scan(db, root, limits=Limits(ratio=0.5, minimum=5))
+    assert (held.deleted, held.withheld, held.deletion) == (0, 6, None)
     assert "6 of 10 entries" in held.paused_reason
+    assert held.verdict is not None
+    assert held.verdict.origins == ((LOCAL, 6),)
     assert not any(r.deleted for r in records(db, root).values())
-    below = scan(db, root, max_delete_ratio=0.5, max_delete_min=7)
+    below = scan(db, root, limits=Limits(ratio=0.5, minimum=7), now=T_NOW)
     assert (below.deleted, below.withheld, below.paused_reason) == (6, 0, "")
+    assert below.deletion == Deletion(T_NOW, LOCAL, 6, 10)
     for i in range(6):
         (root / f"f{i}.txt").write_text("back")
     scan(db, root)
     for i in range(6):
         (root / f"f{i}.txt").unlink()
-    allowed = scan(db, root, max_delete_ratio=0.5, max_delete_min=5, allow_mass_delete=True)
+    allowed = scan(db, root, limits=Limits(ratio=0.5, minimum=5), allow_mass_delete=True)
     assert (allowed.deleted, allowed.withheld) == (6, 0)
+
+
+def test_local_deletions_in_batches_add_up_in_the_window(db: Index, root: Path) -> None:
+    for i in range(300):
+        (root / f"f{i:03}.txt").write_text(str(i))
+    scan(db, root)
+    history: list[Deletion] = []
+    summaries = []
+    for batch in range(3):  # 99 files at a time, a few seconds apart
+        for i in range(batch * 99, (batch + 1) * 99):
+            (root / f"f{i:03}.txt").unlink()
+        now = T_NOW + 5 * batch
+        summary = scan(db, root, delete_history=history, now=now)
+        summaries.append(summary)
+        if summary.deletion is not None:
+            history.append(summary.deletion)
+    assert (summaries[0].deleted, summaries[0].withheld) == (99, 0)
+    assert summaries[0].deletion == Deletion(T_NOW, LOCAL, 99, 300)
+    # The second batch trips the guard with the first; the third is held with both.
+    assert (summaries[1].deleted, summaries[1].withheld) == (0, 99)
+    assert (summaries[2].deleted, summaries[2].withheld) == (0, 198)
+    assert "297 of 300 entries" in summaries[2].paused_reason
+    assert "made here" in summaries[2].paused_reason
+    assert sum(r.deleted for r in records(db, root).values()) == 99
+    # The third batch comes back; the second alone is held only while the first counts.
+    for i in range(198, 297):
+        (root / f"f{i:03}.txt").write_text(str(i))
+    again = scan(db, root, delete_history=history, now=T_NOW + 3599)
+    assert (again.deleted, again.withheld) == (0, 99)
+    late = scan(db, root, delete_history=history, now=T_NOW + 3600)
+    assert (late.deleted, late.withheld) == (99, 0)
