@@ -665,12 +665,12 @@ class FolderSync:
             await self._own_write(action.path)
             await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
         elif isinstance(action, planner.SetMetadata):
-            planned = LocalState.of(action.replaces)
+            planned = await self._planned(action.replaces)
             await asyncio.to_thread(
                 store.set_metadata, action.path, action.record.mode, action.record.mtime_ns, planned
             )
         elif isinstance(action, planner.Delete):
-            planned = LocalState.of(action.replaces)
+            planned = await self._planned(action.replaces)
             entry = action.replaces.type if action.replaces is not None else action.record.type
             await self._own_write(action.path)
             await asyncio.to_thread(store.delete, action.path, entry, planned, now)
@@ -695,13 +695,9 @@ class FolderSync:
                 await asyncio.to_thread(
                     self.store.write_block, assembly, index_at[copy.offset], data
                 )
+            planned = await self._planned(action.replaces)
             await self._own_write(record.path)
-            await asyncio.to_thread(
-                self.store.commit,
-                assembly,
-                LocalState.of(action.replaces),
-                time.time(),
-            )
+            await asyncio.to_thread(self.store.commit, assembly, planned, time.time())
             placed = True
         finally:
             assembly.close()
@@ -717,6 +713,16 @@ class FolderSync:
             changes.append(LocalChange(record, inode=inode, ctime_ns=ctime_ns))
         await asyncio.to_thread(self.engine.index.commit_changes, self.info.id, changes)
         self.announce_sequence()
+
+    async def _planned(self, replaces: FileRecord | None) -> LocalState:
+        """What the plan saw at a path, with the index's scan cache of that record, so
+        the store need not read the file again to know it is unchanged."""
+        if replaces is None:
+            return LocalState.of(None)
+        cache = await asyncio.to_thread(
+            self.engine.index.stat_cache, self.info.id, replaces.path, replaces.sequence
+        )
+        return LocalState.of(replaces, *cache)
 
     async def _own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
@@ -747,7 +753,7 @@ class FolderSync:
             same = existing.record.file_hash == action.record.file_hash
             await self._abandon(action.path, discard=not same)
         record = action.record
-        download = Download(record, LocalState.of(action.replaces), action.sources)
+        download = Download(record, await self._planned(action.replaces), action.sources)
         download.conflict = conflict
         try:
             opened = await asyncio.to_thread(self._open_download, record)

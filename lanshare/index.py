@@ -557,6 +557,17 @@ class Index:
             for row in rows
         }
 
+    def stat_cache(self, folder: int, path: str, sequence: int) -> tuple[int, int]:
+        """The scan cache (``inode``, ``ctime_ns``) of the local record of ``path`` while it
+        is still the one with ``sequence``; (0, 0), nothing to trust, once it moved on."""
+        with self._read("read the scan cache") as conn:
+            row = conn.execute(
+                "SELECT inode, ctime_ns FROM local_files "
+                "WHERE folder = ? AND path = ? AND sequence = ?",
+                (folder, path, sequence),
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+
     def commit_changes(
         self,
         folder: int,
