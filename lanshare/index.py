@@ -37,7 +37,8 @@ Theory of operation
   fetching them again.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
-  read the file at the next scan".
+  read the file at the next scan". The store uses the same cache (:meth:`Index.stat_cache`)
+  to tell whether a file is still what the plan saw before it replaces or deletes it.
 """
 
 from __future__ import annotations

@@ -628,7 +628,9 @@ def _by_rename(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
 
 def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
     """Copy ``name`` with its mode and mtime into the new file ``candidate``, then unlink
-    it. The original goes only once the copy is on disk; a copy that fails is removed."""
+    it. The original goes only once the copy is on disk; a copy that fails is removed. (A
+    crash in the middle can leave a partial copy among the versions, never a lost file: the
+    original is still in its place and is archived again when the action is retried.)"""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
     try:
         st = os.fstat(src)
