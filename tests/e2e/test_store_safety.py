@@ -8,7 +8,10 @@ conflict copy. A file a peer replaces or deletes stays in ``.lanshare/versions/`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import time
 from typing import TYPE_CHECKING
 
@@ -17,9 +20,10 @@ import pytest
 from tests.e2e.harness import INTERNAL_DIR, start_all, wait_same_tree, wait_until
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
-    from tests.e2e.harness import Cluster
+    from tests.e2e.harness import Cluster, Node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.mdns]
 
@@ -54,22 +58,11 @@ def _archives(folder: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-@pytest.mark.timeout(300)
-def test_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
-    cluster: Cluster,
-) -> None:
-    lab = cluster.lab(2)
-    a = cluster.node("a", lab.hosts[0])
-    b = cluster.node("b", lab.hosts[1], extra=SLOW_WATCHER)
-    original = b"the plan, as everyone has it\n" * 40
-    old_ns = time.time_ns() - 3 * DAY_NS
-    (a.folder / "plan.txt").write_bytes(original)
-    os.utime(a.folder / "plan.txt", ns=(old_ns, old_ns))
-    start_all([a, b])
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
-    wait_until(lambda: b.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "b in sync")
-
-    # On B, a restore with `cp -p`: other bytes of the same size, the same mtime.
+def _edit_on_b_while_a_saves_a_newer_version(a: Node, b: Node, original: bytes) -> None:
+    """On B, a restore with ``cp -p`` (other bytes, same size, same mtime); meanwhile A saves
+    a newer version, which reaches B before B's watcher rescans. Both must survive, on both
+    nodes: the newer as the file, B's as a conflict copy (or the other way round)."""
+    old_ns = (b.folder / "plan.txt").stat().st_mtime_ns
     restored = b"the plan, as B restored it!!\n" * 40
     assert len(restored) == len(original)
     with (b.folder / "plan.txt").open("r+b") as handle:
@@ -77,7 +70,6 @@ def test_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
     os.utime(b.folder / "plan.txt", ns=(old_ns, old_ns))
     assert (b.folder / "plan.txt").stat().st_mtime_ns == old_ns
 
-    # Meanwhile A saves a newer version, which reaches B before B's watcher rescans.
     newer = b"the plan, version 2 from A\n" * 50
     (a.folder / "plan.txt.editing").write_bytes(newer)
     os.replace(a.folder / "plan.txt.editing", a.folder / "plan.txt")
@@ -88,13 +80,86 @@ def test_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
         )
 
     wait_until(both_versions_everywhere, SYNC_TIMEOUT, "B's restore and A's edit on both nodes")
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
-    on_a = _contents(a.folder, "plan.txt")
-    assert len(on_a) == 2, on_a  # the file and one conflict copy: the winner and the loser
-    assert any(CONFLICT_MARKER in name for name in on_a)
+    for node in (a, b):
+        on_node = _contents(node.folder, "plan.txt")
+        assert len(on_node) == 2, on_node  # the file and one conflict copy
+        assert any(CONFLICT_MARKER in name for name in on_node)
     assert "was changed locally meanwhile (same size and mtime)" in b.log_text()
+
+
+def _original_at_rest(a: Node) -> bytes:
+    original = b"the plan, as everyone has it\n" * 40
+    old_ns = (time.time_ns() - 3 * DAY_NS) // 10**9 * 10**9  # whole seconds: FAT keeps no more
+    (a.folder / "plan.txt").write_bytes(original)
+    os.utime(a.folder / "plan.txt", ns=(old_ns, old_ns))
+    return original
+
+
+@pytest.mark.timeout(300)
+def test_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
+    cluster: Cluster,
+) -> None:
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1], extra=SLOW_WATCHER)
+    original = _original_at_rest(a)
+    start_all([a, b])
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    wait_until(lambda: b.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "b in sync")
+    _edit_on_b_while_a_saves_a_newer_version(a, b, original)
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
     for node in (a, b):
         assert node.stop(timeout=10.0) == 0
+
+
+@contextlib.contextmanager
+def _exfat_mounted(image: Path, where: Path) -> Iterator[None]:
+    """A real exFAT image mounted on ``where``. This kernel has no exFAT driver built in, so
+    exfat-fuse serves the same on-disk format from user space (through a loop device)."""
+    tools = ("mkfs.exfat", "mount.exfat-fuse", "losetup")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing or not os.path.exists("/dev/fuse"):
+        pytest.skip(f"an exFAT mount needs /dev/fuse and {', '.join(tools)}")
+    with image.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount.exfat-fuse", loop, str(where)], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(where)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_on_exfat_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
+    cluster: Cluster,
+) -> None:
+    """On exFAT the ctime is the mtime and nothing else tells an edit that kept both: the
+    store must read the file before it replaces it."""
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1], extra=SLOW_WATCHER)
+    original = _original_at_rest(a)
+    with _exfat_mounted(b.base / "exfat.img", b.folder):
+        try:
+            start_all([a, b])
+            wait_until(
+                lambda: (b.folder / "plan.txt").read_bytes() == original,
+                SYNC_TIMEOUT,
+                "b has the plan",
+            )
+            wait_until(lambda: b.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "b in sync")
+            _edit_on_b_while_a_saves_a_newer_version(a, b, original)
+            for node in (a, b):
+                assert node.stop(timeout=10.0) == 0
+        finally:
+            b.stop()  # before the unmount: the daemon holds the folder open
 
 
 @pytest.mark.timeout(300)
