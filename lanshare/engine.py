@@ -77,7 +77,7 @@ from lanshare.events import (
 )
 from lanshare.identity import short_id
 from lanshare.ignore import IgnoreRules
-from lanshare.index import LocalChange, Partial
+from lanshare.index import CacheUpdate, LocalChange, Partial
 from lanshare.manifest import Block, EntryType, FileRecord, decode_record, encode_record
 from lanshare.protocol import wire
 from lanshare.scheduler import (
@@ -564,6 +564,7 @@ class FolderSync:
                     await self._apply(action)
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
+                await self._local_change(action.path)
                 self.dirty.set()
             except DiskFullError as exc:
                 await self._pause_for_space(exc)
@@ -723,6 +724,15 @@ class FolderSync:
             self.engine.index.stat_cache, self.info.id, replaces.path, replaces.sequence
         )
         return LocalState.of(replaces, *cache)
+
+    async def _local_change(self, path: str) -> None:
+        """The store refused to touch ``path``, changed since the plan: rescan, reading
+        ``path`` again whatever its stat says (an edit that kept size and mtime on FAT,
+        whose ctime is its mtime, leaves the scan cache as it was)."""
+        await asyncio.to_thread(
+            self.engine.index.commit_changes, self.info.id, [], [CacheUpdate(path, 0, 0)]
+        )
+        self.engine.spawn(self.scan())
 
     async def _own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
@@ -1074,7 +1084,7 @@ class FolderSync:
                 # that still wants this version resumes from it) and rescan, so the next plan
                 # sees the edit and decides: a newer local version, or a conflict copy.
                 logger.info("folder %s: %s", self.root, exc)
-                self.engine.spawn(self.scan())
+                await self._local_change(record.path)
             elif discard:
                 logger.warning("folder %s: %s; fetching it again", self.root, exc)
             elif not isinstance(exc, DiskFullError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -87,10 +88,11 @@ def _edit_on_b_while_a_saves_a_newer_version(a: Node, b: Node, original: bytes) 
     assert "was changed locally meanwhile (same size and mtime)" in b.log_text()
 
 
-def _original_at_rest(a: Node) -> bytes:
+def _original_at_rest(a: Node, mode: int = 0o644) -> bytes:
     original = b"the plan, as everyone has it\n" * 40
     old_ns = (time.time_ns() - 3 * DAY_NS) // 10**9 * 10**9  # whole seconds: FAT keeps no more
     (a.folder / "plan.txt").write_bytes(original)
+    os.chmod(a.folder / "plan.txt", mode)
     os.utime(a.folder / "plan.txt", ns=(old_ns, old_ns))
     return original
 
@@ -141,12 +143,16 @@ def test_on_exfat_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version
     cluster: Cluster,
 ) -> None:
     """On exFAT the ctime is the mtime and nothing else tells an edit that kept both: the
-    store must read the file before it replaces it."""
+    store must read the file before it replaces it, and the rescan that follows must read
+    it too (its stat is what the scan cache holds: the file has the mode exFAT shows)."""
     lab = cluster.lab(2)
     a = cluster.node("a", lab.hosts[0])
     b = cluster.node("b", lab.hosts[1], extra=SLOW_WATCHER)
-    original = _original_at_rest(a)
     with _exfat_mounted(b.base / "exfat.img", b.folder):
+        (b.folder / "probe").write_bytes(b"")
+        exfat_mode = stat.S_IMODE((b.folder / "probe").stat().st_mode)
+        (b.folder / "probe").unlink()
+        original = _original_at_rest(a, exfat_mode)
         try:
             start_all([a, b])
             wait_until(
