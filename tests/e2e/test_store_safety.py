@@ -114,6 +114,36 @@ def test_an_edit_keeping_size_and_mtime_survives_a_newer_remote_version(
         assert node.stop(timeout=10.0) == 0
 
 
+@pytest.mark.timeout(300)
+def test_an_edit_keeping_size_and_mtime_survives_a_remote_deletion(cluster: Cluster) -> None:
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1], extra=SLOW_WATCHER)
+    original = _original_at_rest(a)
+    start_all([a, b])
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    wait_until(lambda: b.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "b in sync")
+    old_ns = (b.folder / "plan.txt").stat().st_mtime_ns
+    restored = b"the plan, as B restored it!!\n" * 40
+    assert len(restored) == len(original)
+    with (b.folder / "plan.txt").open("r+b") as handle:
+        handle.write(restored)
+    os.utime(b.folder / "plan.txt", ns=(old_ns, old_ns))
+
+    (a.folder / "plan.txt").unlink()
+    # A modification is never lost to a concurrent delete: B's restore comes back to A.
+    wait_until(
+        lambda: (a.folder / "plan.txt").read_bytes() == restored,
+        SYNC_TIMEOUT,
+        "B's restore back on A",
+    )
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    assert (b.folder / "plan.txt").read_bytes() == restored
+    assert "was changed locally meanwhile (same size and mtime)" in b.log_text()
+    for node in (a, b):
+        assert node.stop(timeout=10.0) == 0
+
+
 @contextlib.contextmanager
 def _exfat_mounted(image: Path, where: Path) -> Iterator[None]:
     """A real exFAT image mounted on ``where``. This kernel has no exFAT driver built in, so
