@@ -1,9 +1,10 @@
 """Nothing a peer replaces is lost: real daemons in a namespace lab, real files.
 
 A local edit that keeps the file's size and mtime (``cp -p``, ``rsync -t``) is never
-overwritten by a peer's newer version: it survives, on every node, as the file or as a
-conflict copy. A file a peer replaces or deletes stays in ``.lanshare/versions/`` for
-``versions_keep_days`` after it was archived, however old the file itself is.
+overwritten by a peer's newer version or removed by a peer's deletion: it survives, on every
+node, as the file or as a conflict copy, on ext4 as on exFAT (where the ctime is the mtime).
+A file a peer replaces or deletes stays in ``.lanshare/versions/`` for ``versions_keep_days``
+after it was archived, however old the file itself is.
 """
 
 from __future__ import annotations
