@@ -559,6 +559,7 @@ _NO_RENAME_NOREPLACE = frozenset(
 """``renameat2(RENAME_NOREPLACE)`` errors where only a copy can keep the file."""
 _RENAME_NOREPLACE = 1
 COPY_CHUNK = 8 * 1024 * 1024
+"""Bytes read and written at a time when an archive has to be a copy."""
 
 
 def archived_at(name: str) -> float | None:
@@ -591,14 +592,16 @@ def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
     A hard link first (nothing moves until the archive exists; ``link`` fails when the
     target exists), then a rename that refuses to replace, then a copy into a new file:
     each one where the one before cannot work on this file system. Every way fails with
-    ``FileExistsError`` on a taken name, so a concurrent archive can never be replaced.
+    ``FileExistsError`` on a taken name, so a concurrent archive can never be replaced, and
+    tells whether the original is still to be unlinked (only then: an error removing it is
+    not taken for a file system without links).
     """
-    ways: list[Callable[[str, str, int, int], None]] = [_by_link, _by_rename, _by_copy]
+    ways: list[Callable[[str, str, int, int], bool]] = [_by_link, _by_rename, _by_copy]
     unsupported = [_NO_LINK, _NO_RENAME_NOREPLACE]
     for candidate in _archive_names(name, stamp):
         while True:
             try:
-                ways[0](name, candidate, src_fd, dst_fd)
+                original_left = ways[0](name, candidate, src_fd, dst_fd)
             except FileExistsError:
                 break
             except OSError as exc:
@@ -608,29 +611,32 @@ def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
                 ways.pop(0)
                 unsupported.pop(0)
                 continue
+            if original_left:
+                os.unlink(name, dir_fd=src_fd)
             return candidate
     raise StorageError(f"too many archived versions of {name} in one second")
 
 
-def _by_link(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
+def _by_link(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
     os.link(name, candidate, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-    os.unlink(name, dir_fd=src_fd)
+    return True
 
 
-def _by_rename(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
+def _by_rename(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
     renameat2 = _renameat2()
     if renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     if renameat2(src_fd, os.fsencode(name), dst_fd, os.fsencode(candidate), _RENAME_NOREPLACE):
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), candidate)
+    return False
 
 
-def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
-    """Copy ``name`` with its mode and mtime into the new file ``candidate``, then unlink
-    it. The original goes only once the copy is on disk; a copy that fails is removed. (A
-    crash in the middle can leave a partial copy among the versions, never a lost file: the
-    original is still in its place and is archived again when the action is retried.)"""
+def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
+    """Copy ``name`` with its mode and mtime into the new file ``candidate``, on disk
+    before the original goes; a copy that fails is removed. (A crash in the middle can
+    leave a partial copy among the versions, never a lost file: the original is still in
+    its place and is archived again when the action is retried.)"""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
     try:
         st = os.fstat(src)
@@ -653,7 +659,7 @@ def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
         os.close(dst)
     finally:
         os.close(src)
-    os.unlink(name, dir_fd=src_fd)
+    return True
 
 
 @functools.cache
