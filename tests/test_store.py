@@ -341,7 +341,8 @@ def test_archive_renames_when_the_file_cannot_take_another_link(tmp_path: Path) 
         except OSError as exc:
             refused = exc
             break
-    assert refused is not None
+    if refused is None:
+        pytest.skip("this file system takes 70 000 links to one file (ext4 stops at 65 000)")
     assert refused.errno == errno.EMLINK, refused
     store = FolderStore(tmp_path)
     (tmp_path / VERSIONS_DIR).mkdir(parents=True)
