@@ -87,7 +87,7 @@ from lanshare.events import (
 )
 from lanshare.identity import short_id
 from lanshare.ignore import IgnoreRules
-from lanshare.index import LocalChange, Partial
+from lanshare.index import CacheUpdate, LocalChange, Partial
 from lanshare.manifest import Block, EntryType, FileRecord, decode_record, encode_record
 from lanshare.protocol import wire
 from lanshare.scheduler import (
@@ -676,6 +676,7 @@ class FolderSync:
                     deleted[origin] = deleted.get(origin, 0) + 1
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
+                await self._local_change(action.path)
                 self.dirty.set()
             except DiskFullError as exc:
                 await self._pause_for_space(exc)
@@ -822,12 +823,12 @@ class FolderSync:
             await self._own_write(action.path)
             await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
         elif isinstance(action, planner.SetMetadata):
-            planned = LocalState.of(action.replaces)
+            planned = await self._planned(action.replaces)
             await asyncio.to_thread(
                 store.set_metadata, action.path, action.record.mode, action.record.mtime_ns, planned
             )
         elif isinstance(action, planner.Delete):
-            planned = LocalState.of(action.replaces)
+            planned = await self._planned(action.replaces)
             entry = action.replaces.type if action.replaces is not None else action.record.type
             await self._own_write(action.path)
             await asyncio.to_thread(store.delete, action.path, entry, planned, now)
@@ -852,13 +853,9 @@ class FolderSync:
                 await asyncio.to_thread(
                     self.store.write_block, assembly, index_at[copy.offset], data
                 )
+            planned = await self._planned(action.replaces)
             await self._own_write(record.path)
-            await asyncio.to_thread(
-                self.store.commit,
-                assembly,
-                LocalState.of(action.replaces),
-                time.time(),
-            )
+            await asyncio.to_thread(self.store.commit, assembly, planned, time.time())
             placed = True
         finally:
             assembly.close()
@@ -880,6 +877,25 @@ class FolderSync:
                 else:
                     self.conflict_paths.add(record.path)
         self.announce_sequence()
+
+    async def _planned(self, replaces: FileRecord | None) -> LocalState:
+        """What the plan saw at a path, with the index's scan cache of that record, so
+        the store need not read the file again to know it is unchanged."""
+        if replaces is None:
+            return LocalState.of(None)
+        cache = await asyncio.to_thread(
+            self.engine.index.stat_cache, self.info.id, replaces.path, replaces.sequence
+        )
+        return LocalState.of(replaces, *cache)
+
+    async def _local_change(self, path: str) -> None:
+        """The store refused to touch ``path``, changed since the plan: rescan, reading
+        ``path`` again whatever its stat says (an edit that kept size and mtime on FAT,
+        whose ctime is its mtime, leaves the scan cache as it was)."""
+        await asyncio.to_thread(
+            self.engine.index.commit_changes, self.info.id, [], [CacheUpdate(path, 0, 0)]
+        )
+        self.engine.spawn(self.scan())
 
     async def _own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
@@ -910,7 +926,7 @@ class FolderSync:
             same = existing.record.file_hash == action.record.file_hash
             await self._abandon(action.path, discard=not same)
         record = action.record
-        download = Download(record, LocalState.of(action.replaces), action.sources)
+        download = Download(record, await self._planned(action.replaces), action.sources)
         download.conflict = conflict
         try:
             opened = await asyncio.to_thread(self._open_download, record)
@@ -1231,7 +1247,7 @@ class FolderSync:
                 # that still wants this version resumes from it) and rescan, so the next plan
                 # sees the edit and decides: a newer local version, or a conflict copy.
                 logger.info("folder %s: %s", self.root, exc)
-                self.engine.spawn(self.scan())
+                await self._local_change(record.path)
             elif discard:
                 logger.warning("folder %s: %s; fetching it again", self.root, exc)
             elif not isinstance(exc, DiskFullError):

@@ -41,7 +41,8 @@ Theory of operation
   does not reset a wipe in progress, and ``lanshare resume`` clears both.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
-  read the file at the next scan".
+  read the file at the next scan". The store uses the same cache (:meth:`Index.stat_cache`)
+  to tell whether a file is still what the plan saw before it replaces or deletes it.
 """
 
 from __future__ import annotations
@@ -586,6 +587,17 @@ class Index:
             )
             for row in rows
         }
+
+    def stat_cache(self, folder: int, path: str, sequence: int) -> tuple[int, int]:
+        """The scan cache (``inode``, ``ctime_ns``) of the local record of ``path`` while it
+        is still the one with ``sequence``; (0, 0), nothing to trust, once it moved on."""
+        with self._read("read the scan cache") as conn:
+            row = conn.execute(
+                "SELECT inode, ctime_ns FROM local_files "
+                "WHERE folder = ? AND path = ? AND sequence = ?",
+                (folder, path, sequence),
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row is not None else (0, 0)
 
     def commit_changes(
         self,

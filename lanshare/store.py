@@ -8,18 +8,43 @@ name), each block checked against its hash before it is written, the whole file 
 again, then fsynced and renamed into place atomically, and the directory fsynced.
 Anything a remote change would overwrite or delete is first moved to
 ``.lanshare/versions/`` so a mistake on one machine can be undone on the others.
+
+Theory of operation
+-------------------
+* **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
+  must still be what the index recorded when the action was planned (``LocalState``). Size
+  and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite
+  within one timestamp tick keep both. Where the file system keeps inode numbers and ctimes
+  (ext4, xfs, btrfs, tmpfs, …: not FAT, exFAT, SMB or FUSE, whose inode numbers change on
+  remount and whose ctime follows the mtime), an unchanged inode and ctime prove nothing was
+  written since the index recorded them, unless the cache is racy: recorded as untrusted
+  (``ctime_ns = 0``), or with an mtime within ``chunker.RACY_WINDOW_NS`` of that ctime, so a
+  write in the same tick could hide. In every other case the file is read again and compared
+  with the recorded block hashes. Any difference raises ``LocalChangeError``: the engine
+  rescans and the planner keeps the edit (a newer local version or a conflict copy).
+* **Archives.** A file to be replaced or deleted is hard-linked into
+  ``.lanshare/versions/<dir>/<stem>~<UTC stamp>[-n]<ext>`` (its own mtime and mode kept, for
+  a restore) and unlinked. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
+  many links, another mount) it is renamed there (``RENAME_NOREPLACE``); where that fails
+  too, it is copied with its mode and mtime (``O_EXCL``) and then unlinked. No way ever
+  replaces an existing archive. The stamp in the name is the archive time: the pruning
+  keeps an archive ``versions_keep_days`` after it was archived, however old the file is.
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import logging
 import os
+import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +60,7 @@ from lanshare.manifest import EntryType
 from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, is_temporary, normalize
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from lanshare.manifest import Block, BytesLike, FileRecord
 
@@ -49,18 +74,49 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass(frozen=True, slots=True)
 class LocalState:
-    """What a path was on disk when an action was planned: it must still be so when applied."""
+    """What a path was on disk when an action was planned: it must still be so when applied.
+
+    For a regular file (``file``): its size, mtime and content (block hashes), and the scan
+    cache the index holds for it (``inode``, ``ctime_ns``; 0 when there is none to trust).
+    Of anything else only whether it exists is checked. Build it with :meth:`of`.
+    """
 
     exists: bool
+    _: KW_ONLY
     size: int = 0
     mtime_ns: int = 0
+    inode: int = 0
+    ctime_ns: int = 0
+    blocks: tuple[Block, ...] = ()
+    hash_algo: str = ""
+    file: bool = False
 
     @classmethod
-    def of(cls, record: FileRecord | None) -> LocalState:
-        """The state the index recorded for a path (absent for None or a tombstone)."""
+    def of(cls, record: FileRecord | None, inode: int = 0, ctime_ns: int = 0) -> LocalState:
+        """The state the index recorded for a path (absent for None or a tombstone), with
+        the scan cache of that record (``inode``, ``ctime_ns``) when the index has one."""
         if record is None or record.deleted or record.type is not EntryType.FILE:
             return cls(exists=record is not None and not record.deleted)
-        return cls(exists=True, size=record.size, mtime_ns=record.mtime_ns)
+        return cls(
+            exists=True,
+            size=record.size,
+            mtime_ns=record.mtime_ns,
+            inode=inode,
+            ctime_ns=ctime_ns,
+            blocks=record.blocks,
+            hash_algo=record.hash_algo,
+            file=True,
+        )
+
+    def stat_proves_unchanged(self, st: os.stat_result) -> bool:
+        """True when ``st`` alone shows the file was not written since the index recorded
+        it (on a file system whose inode numbers and ctimes can be trusted)."""
+        racy = self.mtime_ns > self.ctime_ns - chunker.RACY_WINDOW_NS
+        return (
+            self.ctime_ns != 0
+            and not racy
+            and (st.st_ino, st.st_ctime_ns) == (self.inode, self.ctime_ns)
+        )
 
 
 class Assembly:
@@ -237,7 +293,8 @@ class FolderStore:
     # -- other actions -------------------------------------------------------------------
 
     def archive(self, rel: str, now: float) -> str | None:
-        """Move the file at ``rel`` into ``.lanshare/versions/`` under a time-stamped name.
+        """Move the file at ``rel`` into ``.lanshare/versions/`` under a name stamped with
+        ``now`` (UTC), keeping its mtime and mode.
 
         Two versions archived within the same second get ``-2``, ``-3``, … after the stamp:
         an archive never replaces another one.
@@ -246,7 +303,7 @@ class FolderStore:
         or not a regular file).
         """
         parent, name = _split(rel)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+        stamp = time.strftime(_STAMP_FORMAT, time.gmtime(now))
         archived_parent = f"{VERSIONS_DIR}/{parent}" if parent else VERSIONS_DIR
         with _os_errors(), self._dir(parent) as src_fd:
             try:
@@ -256,8 +313,7 @@ class FolderStore:
             if not stat.S_ISREG(st.st_mode):
                 return None
             with self._dir(archived_parent, create=True) as dst_fd:
-                archived_name = _link_unique(name, stamp, src_fd, dst_fd)
-                os.unlink(name, dir_fd=src_fd)
+                archived_name = _archive_unique(name, stamp, src_fd, dst_fd)
                 os.fsync(dst_fd)
             os.fsync(src_fd)
         return f"{archived_parent}/{archived_name}"
@@ -363,7 +419,10 @@ class FolderStore:
         return st.f_bavail * st.f_frsize
 
     def prune_versions(self, now: float, keep_seconds: float) -> int:
-        """Delete archived versions older than ``keep_seconds``; returns how many."""
+        """Delete versions archived more than ``keep_seconds`` before ``now``; returns how
+        many. The archive time is the stamp in the name, not the file's own mtime (that is
+        the file's, kept for a restore); a file whose name bears no stamp (not put there by
+        the store) counts from its last change."""
         versions = self.root / VERSIONS_DIR
         removed = 0
         cutoff = now - keep_seconds
@@ -371,14 +430,26 @@ class FolderStore:
             for filename in filenames:
                 path = Path(dirpath) / filename
                 with contextlib.suppress(OSError):
-                    if path.lstat().st_mtime < cutoff:
+                    archived = archived_at(filename)
+                    if archived is None:
+                        st = path.lstat()
+                        archived = max(st.st_mtime, st.st_ctime)
+                    if archived < cutoff:
                         path.unlink()
                         removed += 1
+        if removed:
+            logger.info(
+                "%s: removed %d archived versions older than %g days",
+                self.root,
+                removed,
+                keep_seconds / 86400,
+            )
         return removed
 
     # -- private -------------------------------------------------------------------------
 
     def _check_unchanged(self, dir_fd: int, name: str, rel: str, planned: LocalState) -> None:
+        """Raise ``LocalChangeError`` unless ``name`` is still what ``planned`` recorded."""
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -387,11 +458,28 @@ class FolderStore:
             return
         if not planned.exists:
             raise LocalChangeError(f"{rel} was created locally meanwhile; kept it")
-        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) != (
-            planned.size,
-            planned.mtime_ns,
-        ):
+        if not planned.file:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise LocalChangeError(f"{rel} is no longer a regular file here; kept it")
+        if (st.st_size, st.st_mtime_ns) != (planned.size, planned.mtime_ns):
             raise LocalChangeError(f"{rel} was changed locally meanwhile; kept it")
+        if planned.stat_proves_unchanged(st) and self._stat_cache_trusted(st.st_dev):
+            return
+        if not _same_content(dir_fd, name, planned):
+            raise LocalChangeError(
+                f"{rel} was changed locally meanwhile (same size and mtime); kept it"
+            )
+
+    def _stat_cache_trusted(self, device: int) -> bool:
+        """True if the file system holding ``device`` (inside this folder) keeps stable
+        inode numbers and a ctime that every write moves.
+
+        Read from the mount table at each call (cheap beside the fsyncs of the action that
+        asks): a removable disk may be swapped for another file system under the same path.
+        """
+        fs_type = _fs_type(device, self.root)
+        return fs_type is not None and fs_type in STABLE_STAT_FILESYSTEMS
 
     def _dir_fd(self, rel_dir: str, *, create: bool = False) -> int:
         """An O_NOFOLLOW descriptor of directory ``rel_dir`` below the root ('' = root)."""
@@ -448,25 +536,207 @@ def _split(rel: str) -> tuple[str, str]:
 MAX_ARCHIVE_SUFFIX = 1000
 """Archives of one name within one second before archiving gives up (never overwrites)."""
 
+_STAMP_FORMAT = "%Y%m%d-%H%M%S"
+# ``<base>~<stamp>[-n][.<ext>]``: the extension holds no dot, so the stamp is the one that
+# only a counter and an extension follow (a stamp-like part of the name itself is not).
+_ARCHIVED_NAME = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^.]*)?$")
 
-def _link_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
-    """Hard-link ``name`` into the versions directory under the first free stamped name.
+STABLE_STAT_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "f2fs", "jfs", "nilfs2", "reiserfs"}
+    | {"zfs", "tmpfs", "ramfs", "overlay", "nfs", "nfs4"}
+)
+"""File systems whose inode numbers stay with a file and whose ctime moves with every write
+or metadata change. Elsewhere (vfat, exfat, ntfs, cifs, FUSE, unknown) the content is read
+again before a file whose size and mtime match is replaced."""
 
-    ``link`` fails when the target exists, unlike ``rename``, so a concurrent archive can
-    never be replaced.
-    """
+_NO_LINK = frozenset(
+    {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV, errno.ENOSYS}
+)
+"""``link`` errors of a file system (or pair of mounts) that cannot hard-link this file."""
+_NO_RENAME_NOREPLACE = frozenset(
+    {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+)
+"""``renameat2(RENAME_NOREPLACE)`` errors where only a copy can keep the file."""
+_RENAME_NOREPLACE = 1
+COPY_CHUNK = 8 * 1024 * 1024
+"""Bytes read and written at a time when an archive has to be a copy."""
+
+
+def archived_at(name: str) -> float | None:
+    """When a file in the versions directory was archived (the UTC stamp in its name), or
+    None for a name the store did not make."""
+    match = _ARCHIVED_NAME.search(name)
+    if match is None:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(match.group(1), _STAMP_FORMAT)))
+    except ValueError:
+        return None
+
+
+def _archive_names(name: str, stamp: str) -> Iterator[str]:
     stem, dot, ext = name.rpartition(".")
     base, suffix = (stem, f".{ext}") if dot and stem else (name, "")
     for n in range(1, MAX_ARCHIVE_SUFFIX + 1):
-        candidate = f"{base}~{stamp}{'' if n == 1 else f'-{n}'}{suffix}"
+        counter = "" if n == 1 else f"-{n}"
+        candidate = f"{base}~{stamp}{counter}{suffix}"
         if len(candidate.encode()) > MAX_NAME_SIZE:
-            candidate = f"{base[:100]}~{stamp}{'' if n == 1 else f'-{n}'}{suffix[:20]}"
-        try:
-            os.link(name, candidate, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-        except FileExistsError:
-            continue
-        return candidate
+            candidate = f"{base[:100]}~{stamp}{counter}{suffix[:20]}"
+        yield candidate
+
+
+def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
+    """Move the file ``name`` into the versions directory under the first free stamped
+    name; returns that name.
+
+    A hard link first (nothing moves until the archive exists; ``link`` fails when the
+    target exists), then a rename that refuses to replace, then a copy into a new file:
+    each one where the one before cannot work on this file system. Every way fails with
+    ``FileExistsError`` on a taken name, so a concurrent archive can never be replaced, and
+    tells whether the original is still to be unlinked (only then: an error removing it is
+    not taken for a file system without links).
+    """
+    ways: list[Callable[[str, str, int, int], bool]] = [_by_link, _by_rename, _by_copy]
+    unsupported = [_NO_LINK, _NO_RENAME_NOREPLACE]
+    for candidate in _archive_names(name, stamp):
+        while True:
+            try:
+                original_left = ways[0](name, candidate, src_fd, dst_fd)
+            except FileExistsError:
+                break
+            except OSError as exc:
+                if len(ways) == 1 or exc.errno not in unsupported[0]:
+                    raise
+                logger.debug("archiving %s: %s; trying another way", name, exc)
+                ways.pop(0)
+                unsupported.pop(0)
+                continue
+            if original_left:
+                os.unlink(name, dir_fd=src_fd)
+            return candidate
     raise StorageError(f"too many archived versions of {name} in one second")
+
+
+def _by_link(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
+    os.link(name, candidate, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    return True
+
+
+def _by_rename(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(src_fd, os.fsencode(name), dst_fd, os.fsencode(candidate), _RENAME_NOREPLACE):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), candidate)
+    return False
+
+
+def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
+    """Copy ``name`` with its mode and mtime into the new file ``candidate``, on disk
+    before the original goes; a copy that fails is removed. (A crash in the middle can
+    leave a partial copy among the versions, never a lost file: the original is still in
+    its place and is archived again when the action is retried.)"""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        st = os.fstat(src)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(candidate, flags, 0o600, dir_fd=dst_fd)
+        try:
+            while chunk := os.read(src, COPY_CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst, view) :]
+            with contextlib.suppress(OSError):  # FAT and exFAT keep no Unix modes
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(dst)
+        except BaseException:
+            os.close(dst)
+            with contextlib.suppress(OSError):
+                os.unlink(candidate, dir_fd=dst_fd)
+            raise
+        os.close(dst)
+    finally:
+        os.close(src)
+    return True
+
+
+@functools.cache
+def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    """libc's ``renameat2`` (Python has no binding), or None where libc lacks it."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    renameat2: Callable[[int, bytes, int, bytes, int], int] = func
+    return renameat2
+
+
+def _same_content(dir_fd: int, name: str, planned: LocalState) -> bool:
+    """True if the file ``name`` holds exactly the blocks ``planned`` recorded (read again,
+    block by block, stopping at the first difference), unchanged while it was read."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except FileNotFoundError:
+        return False
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or before.st_size != planned.size:
+            return False
+        offset = 0
+        for block in planned.blocks:
+            if block.offset != offset:
+                return False
+            data = os.pread(fd, block.size, block.offset)
+            if len(data) != block.size or chunker.block_hash(data, planned.hash_algo) != block.hash:
+                return False
+            offset += block.size
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return offset == planned.size and (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+        before.st_ino,
+    ) == (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino)
+
+
+def _fs_type(device: int, root: Path) -> str | None:
+    """The type of the mounted file system with device number ``device``, as the mount
+    table names it; where no mount has that number (btrfs subvolumes report their own),
+    the type of the mount holding ``root``. None if the table cannot be read."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            mounts = [line.split() for line in table]
+        where = os.path.realpath(root)
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for fields in mounts:
+        # id parent major:minor root mount-point options [optional…] - type source super
+        try:
+            fs_type = fields[fields.index("-", 6) + 1]
+            point = _unescape(fields[4])
+        except (ValueError, IndexError):
+            continue
+        if fields[2] == wanted:
+            return fs_type
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fs_type)
+    return best[1] if best is not None else None
+
+
+def _unescape(field: str) -> str:
+    """A mount table field with its octal escapes (``\\040`` for a space, …) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:

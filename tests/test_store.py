@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import random
+import shutil
 import stat
+import subprocess
+import time
 from typing import TYPE_CHECKING
 
 import pytest
 
 from lanshare import chunker
 from lanshare.errors import IntegrityError, LocalChangeError, StorageError
-from lanshare.manifest import EntryType, FileRecord
+from lanshare.index import Index, LocalChange
+from lanshare.manifest import EntryType, FileRecord, VersionVector
 from lanshare.paths import TEMP_PREFIX
-from lanshare.store import VERSIONS_DIR, FolderStore, LocalState
+from lanshare.store import VERSIONS_DIR, FolderStore, LocalState, archived_at
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 NOW = 1_700_000_000.0
+DAY = 86400
 
 
 def record_for(path: str, data: bytes, mode: int = 0o640, mtime_ns: int = 1_600_000_000 * 10**9):
@@ -33,6 +41,15 @@ def record_for(path: str, data: bytes, mode: int = 0o640, mtime_ns: int = 1_600_
         file_hash=hashes.file_hash,
         hash_algo=hashes.hash_algo,
     )
+
+
+def state_of(root: Path, rel: str, *, cache: bool = True) -> LocalState:
+    """What the index holds for the file at ``rel`` as it is now: its record and, with
+    ``cache``, the inode and ctime a scan of the file at rest would store."""
+    path = root / rel
+    st = path.stat()
+    record = record_for(rel, path.read_bytes(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    return LocalState.of(record, st.st_ino, st.st_ctime_ns) if cache else LocalState.of(record)
 
 
 def payload(size: int, seed: int = 1) -> bytes:
@@ -111,8 +128,7 @@ def test_resume_finds_blocks_already_written(tmp_path: Path) -> None:
 def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:
     old = b"old content\n"
     (tmp_path / "notes.txt").write_bytes(old)
-    st = (tmp_path / "notes.txt").stat()
-    planned = LocalState(exists=True, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    planned = state_of(tmp_path, "notes.txt")
     new = payload(300_000)
     record = record_for("notes.txt", new)
     store = FolderStore(tmp_path)
@@ -129,13 +145,13 @@ def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:
 def test_replaced_file_is_archived(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "photo.jpg").write_bytes(b"version one")
-    st = (tmp_path / "sub" / "photo.jpg").stat()
+    planned = state_of(tmp_path, "sub/photo.jpg")
     new = payload(1000)
     record = record_for("sub/photo.jpg", new)
     store = FolderStore(tmp_path)
     assembly = store.begin(record)
     store.write_block(assembly, 0, new)
-    store.commit(assembly, LocalState(True, st.st_size, st.st_mtime_ns), NOW)
+    store.commit(assembly, planned, NOW)
     assert (tmp_path / "sub" / "photo.jpg").read_bytes() == new
     archived = list((tmp_path / VERSIONS_DIR / "sub").iterdir())
     assert [p.name for p in archived] == ["photo~20231114-221320.jpg"]
@@ -175,10 +191,10 @@ def test_serving_rechecks_the_bytes_on_disk(tmp_path: Path) -> None:
 def test_delete_archives_files_and_keeps_unknown_content(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.txt").write_bytes(b"keep me")
-    st = (tmp_path / "d" / "f.txt").stat()
+    planned = state_of(tmp_path, "d/f.txt")
     store = FolderStore(tmp_path)
     (tmp_path / "d" / "extra.txt").write_bytes(b"unknown to peers")
-    store.delete("d/f.txt", EntryType.FILE, LocalState(True, st.st_size, st.st_mtime_ns), NOW)
+    store.delete("d/f.txt", EntryType.FILE, planned, NOW)
     assert not (tmp_path / "d" / "f.txt").exists()
     assert (tmp_path / VERSIONS_DIR / "d" / "f~20231114-221320.txt").read_bytes() == b"keep me"
     with pytest.raises(LocalChangeError):
@@ -191,7 +207,7 @@ def test_delete_archives_files_and_keeps_unknown_content(tmp_path: Path) -> None
 
 def test_delete_of_a_locally_changed_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_bytes(b"one")
-    planned = LocalState(True, 3, (tmp_path / "f.txt").stat().st_mtime_ns)
+    planned = state_of(tmp_path, "f.txt")
     (tmp_path / "f.txt").write_bytes(b"changed!")
     with pytest.raises(LocalChangeError):
         FolderStore(tmp_path).delete("f.txt", EntryType.FILE, planned, NOW)
@@ -209,8 +225,7 @@ def test_symlinks_dirs_metadata_and_renames(tmp_path: Path) -> None:
     (tmp_path / "a" / "file").write_bytes(b"x")
     with pytest.raises(LocalChangeError):
         store.make_symlink("a/file", "b")
-    st = (tmp_path / "a" / "file").stat()
-    store.set_metadata("a/file", 0o600, 42 * 10**9, LocalState(True, 1, st.st_mtime_ns))
+    store.set_metadata("a/file", 0o600, 42 * 10**9, state_of(tmp_path, "a/file"))
     st = (tmp_path / "a" / "file").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 42 * 10**9)
     store.rename_local("a/file", "a/file.sync-conflict")
@@ -257,17 +272,120 @@ def test_discard_temp_leaves_files_not_named_as_temporary(tmp_path: Path) -> Non
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-def test_prune_versions_by_age(tmp_path: Path) -> None:
+def test_prune_versions_by_archive_time_not_by_the_files_mtime(tmp_path: Path) -> None:
     store = FolderStore(tmp_path)
-    for name, age in (("old.txt", 40 * 86400), ("new.txt", 3600)):
+    # An old file archived an hour ago stays; a new file archived 40 days ago goes.
+    for name, mtime, archived_ago in (
+        ("old.txt", NOW - 40 * DAY, 3600),
+        ("new.txt", NOW, 40 * DAY),
+    ):
         (tmp_path / name).write_bytes(name.encode())
-        archived = store.archive(name, NOW - age)
-        assert archived is not None
-        os.utime(tmp_path / archived, (NOW - age, NOW - age))
-    assert store.prune_versions(NOW, keep_seconds=30 * 86400) == 1
-    remaining = [p.name for p in (tmp_path / VERSIONS_DIR).iterdir()]
-    assert len(remaining) == 1
-    assert remaining[0].startswith("new~")
+        os.utime(tmp_path / name, (mtime, mtime))
+        assert store.archive(name, NOW - archived_ago) is not None
+    assert store.prune_versions(NOW, keep_seconds=30 * DAY) == 1
+    remaining = list((tmp_path / VERSIONS_DIR).iterdir())
+    assert [p.name for p in remaining] == ["old~20231114-211320.txt"]
+    assert remaining[0].read_bytes() == b"old.txt"
+    assert remaining[0].stat().st_mtime == NOW - 40 * DAY  # kept as it was, for a restore
+
+
+def test_an_old_file_is_kept_keep_days_after_it_was_archived(tmp_path: Path) -> None:
+    (tmp_path / "tax-2019.pdf").write_bytes(b"old but precious")
+    os.chmod(tmp_path / "tax-2019.pdf", 0o640)
+    mtime_ns = int(NOW - 40 * DAY) * 10**9
+    os.utime(tmp_path / "tax-2019.pdf", ns=(mtime_ns, mtime_ns))
+    store = FolderStore(tmp_path)
+    archived = store.archive("tax-2019.pdf", NOW)
+    assert archived is not None
+    kept = tmp_path / archived
+    assert (kept.stat().st_mtime_ns, stat.S_IMODE(kept.stat().st_mode)) == (mtime_ns, 0o640)
+    for later in (0, 3600, 29 * DAY):
+        assert store.prune_versions(NOW + later, keep_seconds=30 * DAY) == 0
+        assert kept.read_bytes() == b"old but precious"
+    assert store.prune_versions(NOW + 30 * DAY + 1, keep_seconds=30 * DAY) == 1
+    assert not kept.exists()
+
+
+def test_archive_time_is_read_from_the_archived_name() -> None:
+    assert archived_at("photo~20231114-221320.jpg") == NOW
+    assert archived_at("a~20231114-221320-3.txt") == NOW
+    assert archived_at("Makefile~20231114-221320") == NOW
+    # A stamp-like part of the file's own name is not the archive time.
+    assert archived_at("log~20200101-000000~20231114-221320.txt") == NOW
+    assert archived_at(".rc~20200101-000000~20231114-221320") == NOW
+    assert archived_at("x~20231114-221320.tar~bak") == NOW
+    assert archived_at("notes.txt") is None
+    assert archived_at("x~20231399-999999.txt") is None
+
+
+def test_files_not_named_by_the_store_are_pruned_by_their_last_change(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    (tmp_path / VERSIONS_DIR).mkdir(parents=True)
+    (tmp_path / VERSIONS_DIR / "put-here-by-hand.txt").write_bytes(b"mine")
+    assert store.prune_versions(time.time(), keep_seconds=30 * DAY) == 0
+    assert store.prune_versions(time.time() + 31 * DAY, keep_seconds=30 * DAY) == 1
+
+
+def test_archive_renames_when_the_file_cannot_take_another_link(tmp_path: Path) -> None:
+    """ext4 refuses a 65001st link (EMLINK): the real error a file system without hard
+    links gives; archiving falls back to a rename that never replaces an archive."""
+    (tmp_path / "f.txt").write_bytes(b"linked too often")
+    os.chmod(tmp_path / "f.txt", 0o604)
+    os.utime(tmp_path / "f.txt", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    extra = tmp_path / "links"
+    extra.mkdir()
+    refused: OSError | None = None
+    for i in range(70_000):  # bounded: ext4 stops at 65 000 links
+        try:
+            os.link(tmp_path / "f.txt", extra / str(i))
+        except OSError as exc:
+            refused = exc
+            break
+    if refused is None:
+        pytest.skip("this file system takes 70 000 links to one file (ext4 stops at 65 000)")
+    assert refused.errno == errno.EMLINK, refused
+    store = FolderStore(tmp_path)
+    (tmp_path / VERSIONS_DIR).mkdir(parents=True)
+    (tmp_path / VERSIONS_DIR / "f~20231114-221320.txt").write_bytes(b"an earlier archive")
+    archived = store.archive("f.txt", NOW)
+    assert archived == f"{VERSIONS_DIR}/f~20231114-221320-2.txt"
+    assert (tmp_path / VERSIONS_DIR / "f~20231114-221320.txt").read_bytes() == b"an earlier archive"
+    st = (tmp_path / archived).stat()
+    assert (tmp_path / archived).read_bytes() == b"linked too often"
+    assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (1_600_000_000 * 10**9, 0o604)
+    assert not (tmp_path / "f.txt").exists()
+    assert (extra / "0").read_bytes() == b"linked too often"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_archive_copies_when_versions_lie_on_another_mount(tmp_path: Path) -> None:
+    """Neither a link nor a rename crosses mounts (EXDEV): the file is copied with its
+    mode and mtime, then removed."""
+    versions = tmp_path / VERSIONS_DIR
+    versions.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "lanshare-test", str(versions)], check=True
+    )
+    try:
+        (tmp_path / "d").mkdir()
+        data = payload(300_000)
+        (tmp_path / "d" / "f.bin").write_bytes(data)
+        os.chmod(tmp_path / "d" / "f.bin", 0o640)
+        os.utime(tmp_path / "d" / "f.bin", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+        with pytest.raises(OSError, match="Invalid cross-device link"):
+            os.link(tmp_path / "d" / "f.bin", versions / "probe")
+        store = FolderStore(tmp_path)
+        (versions / "d").mkdir()
+        (versions / "d" / "f~20231114-221320.bin").write_bytes(b"an earlier archive")
+        archived = store.archive("d/f.bin", NOW)
+        assert archived == f"{VERSIONS_DIR}/d/f~20231114-221320-2.bin"
+        st = (tmp_path / archived).stat()
+        assert (tmp_path / archived).read_bytes() == data
+        assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (1_600_000_000 * 10**9, 0o640)
+        assert (versions / "d" / "f~20231114-221320.bin").read_bytes() == b"an earlier archive"
+        assert not (tmp_path / "d" / "f.bin").exists()
+    finally:
+        subprocess.run(["umount", str(versions)], check=True)
 
 
 def test_two_archives_in_one_second_are_both_kept(tmp_path: Path) -> None:
@@ -294,3 +412,208 @@ def test_metadata_of_directories_and_symlinks(tmp_path: Path) -> None:
     store.set_metadata("link", 0o600, 1, LocalState(True))
     assert os.readlink(tmp_path / "link") == "d"
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+
+
+# -- a local edit that keeps size and mtime ----------------------------------------------------
+
+OLD_MTIME_NS = 1_600_000_000 * 10**9
+INDEXED = b"version one, as indexed\n"
+EDITED = b"version two, restored!!\n"
+
+
+def write_at_rest(path: Path, data: bytes) -> None:
+    """A file last modified long ago (so its stat cache is not racy)."""
+    path.write_bytes(data)
+    os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+
+
+def edit_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """What ``cp -p`` or ``rsync -t`` of another version does: other bytes, same size, the
+    old mtime put back."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with path.open("r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def replace_by_download(store: FolderStore, rel: str, planned: LocalState) -> None:
+    new = payload(5000, seed=99)
+    record = record_for(rel, new)
+    assembly = store.begin(record)
+    try:
+        for i, block in enumerate(record.blocks):
+            store.write_block(assembly, i, new[block.offset : block.offset + block.size])
+        store.commit(assembly, planned, NOW)
+    finally:
+        assembly.close()
+
+
+ACTIONS: dict[str, Callable[[FolderStore, str, LocalState], None]] = {
+    "download": replace_by_download,
+    "delete": lambda store, rel, planned: store.delete(rel, EntryType.FILE, planned, NOW),
+    "metadata": lambda store, rel, planned: store.set_metadata(rel, 0o600, 7 * 10**18, planned),
+}
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_an_edit_keeping_size_and_mtime_is_never_replaced(tmp_path: Path, action: str) -> None:
+    write_at_rest(tmp_path / "doc.txt", INDEXED)
+    planned = state_of(tmp_path, "doc.txt")
+    edit_keeping_size_and_mtime(tmp_path / "doc.txt", EDITED)
+    with pytest.raises(LocalChangeError, match="changed locally"):
+        ACTIONS[action](FolderStore(tmp_path), "doc.txt", planned)
+    st = (tmp_path / "doc.txt").stat()
+    assert (tmp_path / "doc.txt").read_bytes() == EDITED
+    assert st.st_mtime_ns == OLD_MTIME_NS
+    assert not (tmp_path / VERSIONS_DIR).exists()
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_an_unchanged_file_is_still_replaced(tmp_path: Path, action: str) -> None:
+    for cache in (True, False):  # a trusted stat cache, or none: the file is read again
+        write_at_rest(tmp_path / "doc.txt", INDEXED)
+        ACTIONS[action](
+            FolderStore(tmp_path), "doc.txt", state_of(tmp_path, "doc.txt", cache=cache)
+        )
+        if action == "metadata":
+            assert (tmp_path / "doc.txt").stat().st_mtime_ns == 7 * 10**18
+        else:
+            assert (tmp_path / "doc.txt").exists() is (action == "download")
+            archived = sorted((tmp_path / VERSIONS_DIR).iterdir())[-1]
+            assert archived.read_bytes() == INDEXED
+            shutil.rmtree(tmp_path / VERSIONS_DIR)
+
+
+def test_a_write_within_the_timestamp_tick_of_the_scan_is_caught_by_reading(tmp_path: Path) -> None:
+    """The scan read version one; a write in the same clock tick left mtime, ctime and inode
+    as the scan saw them (coarse timestamps). Only the content tells: a racy cache (the
+    mtime within ``RACY_WINDOW_NS`` of the ctime recorded) makes the store read it."""
+    path = tmp_path / "doc.txt"
+    path.write_bytes(b"version two, same tick\n")
+    st = path.stat()
+    assert st.st_ctime_ns - st.st_mtime_ns < chunker.RACY_WINDOW_NS
+    scanned = record_for("doc.txt", b"version one, scanned!!\n", mtime_ns=st.st_mtime_ns)
+    planned = LocalState.of(scanned, st.st_ino, st.st_ctime_ns)
+    assert planned.size == st.st_size
+    with pytest.raises(LocalChangeError):
+        replace_by_download(FolderStore(tmp_path), "doc.txt", planned)
+    assert path.read_bytes() == b"version two, same tick\n"
+
+
+def test_a_trusted_stat_cache_spares_reading_the_file(tmp_path: Path) -> None:
+    """On a file system that keeps inode numbers and ctimes, an unchanged stat of a file at
+    rest is proof enough: the store does not read it (here the record's block hashes are
+    not even this content's, which a reading would have caught)."""
+    write_at_rest(tmp_path / "big.bin", payload(4096, seed=5))
+    st = (tmp_path / "big.bin").stat()
+    other = record_for("big.bin", payload(4096, seed=6), mtime_ns=OLD_MTIME_NS)
+    replace_by_download(
+        FolderStore(tmp_path), "big.bin", LocalState.of(other, st.st_ino, st.st_ctime_ns)
+    )
+    assert (tmp_path / "big.bin").read_bytes() == payload(5000, seed=99)
+
+
+def test_a_file_replaced_by_a_directory_is_kept(tmp_path: Path) -> None:
+    write_at_rest(tmp_path / "thing", b"a file once")
+    planned = state_of(tmp_path, "thing")
+    (tmp_path / "thing").unlink()
+    (tmp_path / "thing").mkdir()
+    with pytest.raises(LocalChangeError, match="no longer a regular file"):
+        FolderStore(tmp_path).delete("thing", EntryType.FILE, planned, NOW)
+    assert (tmp_path / "thing").is_dir()
+
+
+def test_the_index_gives_the_scan_cache_of_the_record_the_plan_saw(tmp_path: Path) -> None:
+    with Index.open(tmp_path / "index.sqlite3") as index:
+        folder = index.add_folder(tmp_path / "share", "f" * 16).id
+        first = dataclasses.replace(record_for("a.txt", b"one"), version=VersionVector().bump(1))
+        (stored,) = index.commit_changes(folder, [LocalChange(first, inode=11, ctime_ns=22)])
+        assert index.stat_cache(folder, "a.txt", stored.sequence) == (11, 22)
+        assert index.stat_cache(folder, "missing.txt", stored.sequence) == (0, 0)
+        # A scan recorded a newer version meanwhile: its cache says nothing of the old one.
+        second = dataclasses.replace(first, size=3, version=first.version.bump(1))
+        (newer,) = index.commit_changes(folder, [LocalChange(second, inode=11, ctime_ns=33)])
+        assert index.stat_cache(folder, "a.txt", stored.sequence) == (0, 0)
+        assert index.stat_cache(folder, "a.txt", newer.sequence) == (11, 33)
+
+
+# -- FAT and exFAT -----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["exfat", "vfat"])
+def fat_mount(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A real exFAT or FAT image, mounted. This kernel has neither driver built in, so the
+    FUSE drivers (exfat-fuse, fusefat) serve the same on-disk formats from user space."""
+    kind: str = request.param
+    tools = (
+        ("mkfs.exfat", "mount.exfat-fuse", "losetup")
+        if kind == "exfat"
+        else ("mkfs.vfat", "fusefat")
+    )
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip(f"a {kind} mount needs root, /dev/fuse and {', '.join(tools)}")
+    image = tmp_path / f"{kind}.img"
+    with image.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    loop = ""
+    if kind == "exfat":
+        subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+        loop = subprocess.run(
+            ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(["mount.exfat-fuse", loop, str(mount)], check=True, capture_output=True)
+    else:
+        subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
+        subprocess.run(
+            ["fusefat", "-o", "rw+", str(image), str(mount)], check=True, capture_output=True
+        )
+    try:
+        assert os.path.ismount(mount)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_archive_keeps_the_file_where_hard_links_fail(fat_mount: Path) -> None:
+    (fat_mount / "probe").write_bytes(b"")
+    with pytest.raises(PermissionError):
+        os.link(fat_mount / "probe", fat_mount / "probe2")
+    (fat_mount / "probe").unlink()
+    store = FolderStore(fat_mount)
+    (fat_mount / "d").mkdir()
+    write_at_rest(fat_mount / "d" / "report.txt", b"kept on a FAT disk")
+    for expected in ("report~20231114-221320.txt", "report~20231114-221320-2.txt"):
+        archived = store.archive("d/report.txt", NOW)
+        assert archived == f"{VERSIONS_DIR}/d/{expected}"
+        assert (fat_mount / archived).read_bytes() == b"kept on a FAT disk"
+        assert (fat_mount / archived).stat().st_mtime_ns == OLD_MTIME_NS
+        assert not (fat_mount / "d" / "report.txt").exists()
+        write_at_rest(fat_mount / "d" / "report.txt", b"kept on a FAT disk")
+    assert store.prune_versions(NOW + 29 * DAY, keep_seconds=30 * DAY) == 0
+    assert len(list((fat_mount / VERSIONS_DIR / "d").iterdir())) == 2
+
+
+def test_an_edit_keeping_size_and_mtime_is_caught_on_fat(fat_mount: Path) -> None:
+    """FAT's ctime follows its mtime and its inode numbers are made up at mount: a stat
+    that did not move proves nothing there, so the store reads the file. (A delete: fusefat
+    cannot ``ftruncate`` the temporary file of a download; every action runs the same check.)"""
+    write_at_rest(fat_mount / "doc.txt", INDEXED)
+    before = (fat_mount / "doc.txt").stat()
+    planned = state_of(fat_mount, "doc.txt")
+    edit_keeping_size_and_mtime(fat_mount / "doc.txt", EDITED)
+    after = (fat_mount / "doc.txt").stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    with pytest.raises(LocalChangeError):
+        FolderStore(fat_mount).delete("doc.txt", EntryType.FILE, planned, NOW)
+    assert (fat_mount / "doc.txt").read_bytes() == EDITED
+    assert not (fat_mount / VERSIONS_DIR).exists()
