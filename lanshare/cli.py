@@ -124,7 +124,7 @@ def init(
     existing one is never overwritten). The key is printed alone on the last line: give it
     to your other machines (`lanshare init FOLDER --key KEY`).
     """
-    from lanshare import keys
+    from lanshare import keys, marker
 
     settings = _settings(ctx, config, debug)
     folder = path.expanduser().absolute()
@@ -133,6 +133,8 @@ def init(
     config_path = settings.config or configuration.default_config_path()
     _make_folder(folder)
     configuration.add_folder(config_path, folder, key_text)
+    # Only once the config holds it: a refused init must not re-mark another share's folder.
+    marker.write(folder, keys.folder_id(raw))
     verb = "Joined" if key is not None else "Created"
     typer.echo(f"{verb} shared folder {folder}")
     typer.echo(f"Config: {config_path}")

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import keys, planner, scanner
+from lanshare import keys, marker, planner, scanner
 from lanshare.errors import (
     DecodeError,
     DiskFullError,
@@ -220,6 +220,9 @@ class FolderSync:
         """The last plan withheld a mass deletion that came from peers."""
         self.local_pause = ""
         """Why the last scan withheld local deletions (the folder stays paused)."""
+        self.marker_missing = False
+        """The folder marker is not there (``marker.check``): an empty mount point, or
+        another disk, is no place to change anything until the folder's disk is back."""
         self.disk_full = ""
         """Why pulls are paused for want of space (empty: they are not)."""
         self.free_at_pause = 0
@@ -256,6 +259,8 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); paused until it is back"
                 )
+            if await self._marker_pause():
+                return
             summary = await scanner.scan_path(
                 self.engine.index,
                 self.info.id,
@@ -267,11 +272,18 @@ class FolderSync:
                 max_delete_ratio=self.engine.config.sync.max_delete_ratio,
                 max_delete_min=self.engine.config.sync.max_delete_min,
                 allow_mass_delete=allow_mass_delete,
+                fetch_only=not self.engine.whole_folders,
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
             return
+        if summary.forgotten:
+            logger.info(
+                "folder %s: %d paths no longer here; not deleted, the other machines keep them",
+                self.root,
+                summary.forgotten,
+            )
         self.local_pause = summary.paused_reason
         if self.local_pause:
             self.state, self.reason = "paused", self.local_pause
@@ -289,6 +301,24 @@ class FolderSync:
             )
             self.announce_sequence()
         self.dirty.set()
+
+    async def _marker_pause(self) -> bool:
+        """Check the folder marker before a scan; pause the folder (True) when it is not
+        this folder's disk, resume it when it is again."""
+        index = self.engine.index
+        held = await asyncio.to_thread(index.held_names, self.info.id)
+        reason = await asyncio.to_thread(marker.check, self.root, self.folder_id, held)
+        if reason:
+            if not self.marker_missing:
+                logger.warning("folder %s: %s", self.root, reason)
+            self.marker_missing = True
+            self.local_pause = reason
+            self.state, self.reason = "paused", reason
+            return True
+        if self.marker_missing:
+            logger.info("folder %s: the folder marker is back; resuming", self.root)
+            self.marker_missing = False
+        return False
 
     async def resume(self) -> None:
         """The user confirmed a paused mass deletion: record and apply it. Pulls a full
@@ -537,6 +567,8 @@ class FolderSync:
         if result.paused or self.local_pause or self.disk_full:
             self.state, self.reason = "paused", result.reason or self.local_pause or self.disk_full
         actions = result.actions
+        if self.marker_missing:
+            actions = ()
         if self.scope is not None:
             scope = self.scope
             actions = tuple(a for a in actions if _in_scope(a, scope))

@@ -623,6 +623,40 @@ class Index:
             conn.execute("UPDATE folders SET sequence = ? WHERE id = ?", (sequence, folder))
         return stored
 
+    def forget(self, folder: int, paths: Iterable[str]) -> int:
+        """Drop the local records of ``paths``: they are *not held here*, which is not a deletion.
+
+        No tombstone and no sequence number: peers learn nothing from it and keep their
+        copies. The local index then says what a node that never had the path says: the
+        planner fetches it again when this node wants it, and ``ls`` shows it ``missing``.
+        Peers that read the record before still count this node among its holders; a block
+        they ask for is refused (it is re-read and checked before it is served) and comes from
+        another peer. Live records and tombstones alike are dropped.
+
+        Returns:
+            How many records were dropped.
+        """
+        wanted = [(folder, path) for path in dict.fromkeys(paths)]
+        if not wanted:
+            return 0
+        with self._write("forget local records") as conn:
+            conn.executemany("DELETE FROM local_blocks WHERE folder = ? AND path = ?", wanted)
+            before = conn.total_changes
+            conn.executemany("DELETE FROM local_files WHERE folder = ? AND path = ?", wanted)
+            return conn.total_changes - before
+
+    def held_names(self, folder: int, limit: int = 64) -> list[str]:
+        """Up to ``limit`` distinct top-level names (first path components) of live local
+        records, in name order: what the folder's disk should show at its root."""
+        with self._read("read top-level names") as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT CASE WHEN instr(path, '/') > 0 "
+                "THEN substr(path, 1, instr(path, '/') - 1) ELSE path END AS name "
+                "FROM local_files WHERE folder = ? AND deleted = 0 ORDER BY name LIMIT ?",
+                (folder, limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def find_block(self, block_hash: bytes, folder: int | None = None) -> list[BlockLocation]:
         """Every live local file block with this hash (in ``folder``, or in any folder).
 

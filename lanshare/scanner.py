@@ -30,6 +30,10 @@ Theory of operation
    a vanished one becomes a tombstone. Paths that exist but could not be read (permission
    denied, unreadable directory, changed too often) keep their old record: a read error never
    turns into a deletion on the other peers.
+5. **Fetch only.** A node that only fetches (a short-lived ``ls`` or ``pull``) announces no
+   change of its own: a path it no longer finds, or finds changed, is *not held here*
+   (``Index.forget``: no tombstone, no new version), and a path it never recorded stays
+   unrecorded. Peers keep their copies; this node fetches the path again when it wants it.
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
@@ -124,6 +128,8 @@ class ScanSummary:
     """Deletions not recorded because they tripped the mass-deletion guard."""
     paused_reason: str = ""
     """Why deletions were withheld (empty when none were)."""
+    forgotten: int = 0
+    """Records dropped as not held here (a fetch-only scan; see ``Index.forget``)."""
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -194,6 +200,7 @@ async def scan_path(
     max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO,
     max_delete_min: int = DEFAULT_MAX_DELETE_MIN,
     allow_mass_delete: bool = False,
+    fetch_only: bool = False,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
@@ -201,17 +208,20 @@ async def scan_path(
     Vanished entries that would trip the mass-deletion guard (``planner.delete_guard_reason``
     with ``max_delete_ratio`` and ``max_delete_min``) are not turned into tombstones unless
     ``allow_mass_delete``: the summary's ``paused_reason`` says why, and the records stay.
+    ``fetch_only``: record no change of this node's own (see the module docstring, step 5).
     """
     started = time.monotonic()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
     rules = await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
     walk = await asyncio.to_thread(_walk, root, rules)
     cache = await asyncio.to_thread(index.scan_cache, folder)
-    run = _Run(index, folder, short_id, walk)
+    run = _Run(index, folder, short_id, walk, fetch_only=fetch_only)
 
     to_hash: list[_Entry] = []
     for entry in walk.entries:
         old = cache.get(entry.rel)
+        if fetch_only and (old is None or old.deleted):
+            continue  # never recorded here: a new version of ours, which this node never makes
         if entry.type is EntryType.FILE:
             if old is not None and _cache_hit(entry, old):
                 run.count_file(old.size, old.block_count)
@@ -225,6 +235,8 @@ async def scan_path(
     for rel, old in cache.items():
         if not old.deleted and rel not in present and not walk.is_protected(rel):
             run.gone.append(rel)
+    if fetch_only:
+        run.forget, run.gone = run.gone, []
     live = sum(1 for old in cache.values() if not old.deleted)
     guard = delete_guard_reason(
         len(run.gone), live, max_delete_ratio=max_delete_ratio, max_delete_min=max_delete_min
@@ -336,12 +348,18 @@ class _Walk:
 class _Run:
     """The state of one scan on the event loop: counts, problems, changes waiting for a commit."""
 
-    def __init__(self, index: Index, folder: int, short_id: int, walk: _Walk) -> None:
+    def __init__(
+        self, index: Index, folder: int, short_id: int, walk: _Walk, *, fetch_only: bool = False
+    ) -> None:
         self.index = index
         self.folder = folder
         self.short_id = short_id
         self.pending: list[_Observed] = []
         self.gone: list[str] = []
+        self.fetch_only = fetch_only
+        self.forget: list[str] = []
+        """Paths not held here any more (fetch only): forgotten, never tombstoned."""
+        self.forgotten = 0
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
@@ -384,6 +402,9 @@ class _Run:
             self.new += new
             self.changed += changed
             self.deleted += deleted
+        forget, self.forget = self.forget, []
+        if forget:
+            self.forgotten += await asyncio.to_thread(self.index.forget, self.folder, forget)
 
     def _commit(self, observed: list[_Observed], gone: list[str]) -> tuple[int, int, int]:
         """Compare with the full old records and store, in one transaction (in a thread)."""
@@ -397,6 +418,12 @@ class _Run:
                 if old is not None and not old.deleted and _same_state(old, obs):
                     if obs.type is EntryType.FILE:
                         updates.append(CacheUpdate(obs.rel, obs.inode, obs.ctime_ns))
+                    continue
+                if self.fetch_only:
+                    # Never a version of ours: a record whose content is no longer here is
+                    # simply not held; new metadata on the same content is not worth a fetch.
+                    if old is not None and not old.deleted and not _same_content(old, obs):
+                        self.forget.append(obs.rel)
                     continue
                 base = old.version if old is not None else VersionVector()
                 record = _record(obs, base.bump(self.short_id))
@@ -434,6 +461,7 @@ class _Run:
             collisions=tuple(self.collisions),
             withheld=self.withheld,
             paused_reason=self.paused_reason,
+            forgotten=self.forgotten,
         )
 
 
@@ -656,6 +684,22 @@ def _record(obs: _Observed, version: VersionVector) -> FileRecord:
         mode=obs.mode,
         symlink_target=obs.target,
         version=version,
+    )
+
+
+def _same_content(old: FileRecord, new: _Observed) -> bool:
+    """True if ``new`` holds what ``old`` records, whatever its mode and mtime."""
+    if old.type is not new.type:
+        return False
+    if new.type is EntryType.SYMLINK:
+        return old.symlink_target == new.target
+    if new.type is EntryType.DIR:
+        return True
+    assert new.hashes is not None
+    return (old.size, old.hash_algo, old.file_hash) == (
+        new.size,
+        new.hashes.hash_algo,
+        new.hashes.file_hash,
     )
 
 

@@ -20,14 +20,13 @@ import pytest
 from lanshare import chunker, keys, scanner
 from lanshare.config import FolderConfig
 from lanshare.errors import StorageError
-from lanshare.index import Index
-from lanshare.manifest import EntryType
+from lanshare.index import Index, LocalChange
+from lanshare.manifest import EntryType, FileRecord, VersionVector
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from lanshare.chunker import FileHashes
-    from lanshare.manifest import FileRecord
 
 ME = 0x5EED
 REPO = Path(__file__).resolve().parent.parent
@@ -534,3 +533,95 @@ def test_local_mass_deletion_is_withheld_until_allowed(db: Index, root: Path) ->
         (root / f"f{i}.txt").unlink()
     allowed = scan(db, root, max_delete_ratio=0.5, max_delete_min=5, allow_mass_delete=True)
     assert (allowed.deleted, allowed.withheld) == (6, 0)
+
+
+# --- a node that only fetches ------------------------------------------------------------------
+
+REMOTE = 0xA11CE  # the short id of the peer a fetched file came from
+
+
+def fetched(db: Index, root: Path, rel: str, data: bytes) -> FileRecord:
+    """Place ``rel`` as a finished download is placed: the file, then its record under the
+    version it was fetched at (the peer's, with none of ours), with the stat cache."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    hashes = chunker.hash_file(path)
+    st = path.stat()
+    record = FileRecord(
+        path=rel,
+        type=EntryType.FILE,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        mode=st.st_mode & 0o777,
+        blocks=hashes.blocks,
+        file_hash=hashes.file_hash,
+        hash_algo=hashes.hash_algo,
+        version=VersionVector().bump(REMOTE),
+    )
+    folder = db.add_folder(root, "ab" * 16).id
+    (stored,) = db.commit_changes(folder, [LocalChange(record, st.st_ino, st.st_ctime_ns)])
+    return stored
+
+
+def test_fetch_only_scan_forgets_a_removed_file_instead_of_deleting_it(
+    db: Index, root: Path
+) -> None:
+    big = fetched(db, root, "big.iso", os.urandom(200_000))
+    other = fetched(db, root, "sub/other.txt", b"kept")
+    folder = db.add_folder(root, "ab" * 16).id
+    sequence = db.max_sequence(folder)
+    (root / "big.iso").unlink()
+
+    summary = scan(db, root, fetch_only=True)
+
+    # Not held here: no tombstone, no new version, nothing new for the peers to read.
+    assert (summary.deleted, summary.forgotten, summary.withheld) == (0, 1, 0)
+    assert db.get(folder, "big.iso") is None
+    assert db.max_sequence(folder) == sequence
+    assert db.records_since(folder, sequence) == []
+    assert records(db, root)["sub/other.txt"] == other
+    # Fetched again later, it is recorded under the peer's version once more.
+    (again,) = db.commit_changes(folder, [LocalChange(big)])
+    assert again.version == big.version
+    assert not again.deleted
+
+
+def test_fetch_only_scan_records_no_version_of_its_own(db: Index, root: Path) -> None:
+    fetched(db, root, "edited.txt", b"as fetched")
+    same = fetched(db, root, "same.txt", b"untouched")
+    folder = db.add_folder(root, "ab" * 16).id
+    sequence = db.max_sequence(folder)
+    (root / "edited.txt").write_bytes(b"edited here, never announced")
+    (root / "new.txt").write_text("made here")
+    (root / "newdir").mkdir()
+    (root / "same.txt").touch()  # a new stat, the same content
+
+    summary = scan(db, root, fetch_only=True)
+
+    assert (summary.new, summary.changed, summary.deleted) == (0, 0, 0)
+    assert summary.forgotten == 1
+    recs = records(db, root)
+    # The edit is not announced as a new version: the version recorded is simply not held.
+    # The same content under a new mtime is still held, as fetched.
+    assert set(recs) == {"same.txt"}
+    assert recs["same.txt"] == same
+    assert all(r.version.get(ME) == 0 for r in recs.values())
+    assert db.max_sequence(folder) == sequence
+    # A full scan (a daemon) then records what is here as its own, as for any new file.
+    full = scan(db, root)
+    assert (full.new, full.changed, full.deleted) == (3, 1, 0)
+    assert records(db, root)["edited.txt"].version == VersionVector().bump(ME)
+
+
+def test_fetch_only_scan_of_an_emptied_folder_neither_deletes_nor_pauses(
+    db: Index, root: Path
+) -> None:
+    for i in range(6):
+        fetched(db, root, f"f{i}.bin", bytes([i]) * 100)
+    for i in range(6):
+        (root / f"f{i}.bin").unlink()
+    summary = scan(db, root, fetch_only=True, max_delete_ratio=0.5, max_delete_min=5)
+    assert (summary.deleted, summary.withheld, summary.paused_reason) == (0, 0, "")
+    assert summary.forgotten == 6
+    assert records(db, root) == {}

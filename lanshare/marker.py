@@ -1,0 +1,137 @@
+"""The folder marker, ``.lanshare/folder-id``: proof that a folder's own disk is there.
+
+Blocking file I/O (the engine calls it through ``asyncio.to_thread``).
+
+Theory of operation
+-------------------
+An empty mount point (the disk not mounted) looks to a scan exactly like a folder whose files
+were all deleted, and a scan that believed it would delete them on every peer. The marker
+tells the two apart:
+
+* ``lanshare init`` writes it, and so does a node that indexes the folder for the first time
+  (the index holds no live entry of it yet), so it is on the folder's own disk from the start.
+* Before every scan, :func:`check` looks for it. Present and naming this folder: the scan
+  goes on and what vanished counts. Naming another folder (another disk is mounted there):
+  the folder pauses. Missing while the index holds entries: if none of them is on disk
+  either, this is an empty mount point and the folder pauses; if some are, the disk is there
+  and only the marker is gone (a folder shared before markers existed, or ``.lanshare/``
+  removed by hand), so it is written again and the scan goes on.
+* A paused folder is not scanned: nothing is recorded, deleted or forgotten. The check runs
+  again at the next scan, so the folder resumes once its disk is back.
+
+The file holds a one-way tag of the folder id rather than the id itself: the id is meant for
+encrypted sessions only, and the folder may sit on a disk others can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+import secrets
+from typing import TYPE_CHECKING
+
+from lanshare.errors import StorageError
+from lanshare.paths import INTERNAL_DIR, MARKER
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PAUSE_REASON = "folder marker missing (disk not mounted?)"
+"""The start of the reason a folder without its marker is paused with."""
+
+_LABEL = b"lanshare/v1/folder-marker"
+_MAX_SIZE = 256
+
+
+class Found(enum.Enum):
+    """What :func:`read` found."""
+
+    THIS = "this folder's marker"
+    OTHER = "another folder's marker"
+    NONE = "no marker"
+
+
+def tag(folder_id: bytes) -> str:
+    """The text the marker of the folder with id ``folder_id`` holds."""
+    return hashlib.sha256(_LABEL + folder_id).hexdigest()
+
+
+def read(root: Path, folder_id: bytes) -> Found:
+    """Whether ``root`` holds the marker of the folder ``folder_id`` (an unreadable marker
+    counts as none: it proves nothing)."""
+    try:
+        with (root / MARKER).open("rb") as file:
+            text = file.read(_MAX_SIZE).decode("ascii", "replace").strip()
+    except OSError:
+        return Found.NONE
+    return Found.THIS if text == tag(folder_id) else Found.OTHER
+
+
+def write(root: Path, folder_id: bytes) -> None:
+    """Write the marker of ``folder_id`` into ``root`` (which must exist), atomically.
+
+    Raises:
+        StorageError: it cannot be written.
+    """
+    internal = root / INTERNAL_DIR
+    target = root / MARKER
+    temp = internal / f".folder-id.{secrets.token_hex(4)}"
+    try:
+        internal.mkdir(mode=0o755, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{tag(folder_id)}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+        dir_fd = os.open(internal, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise StorageError(
+            f"cannot write the folder marker {target}: {exc.strerror or exc}"
+        ) from exc
+
+
+def check(root: Path, folder_id: bytes, held: Iterable[str]) -> str:
+    """Make sure ``root`` is the folder's own disk before a scan: the reason to pause the
+    folder, or "" when the scan may go on (the marker written first if it was missing).
+
+    Args:
+        root: the folder root (an existing directory).
+        folder_id: the folder's id (``keys.folder_id``).
+        held: top-level names of live entries the index holds for the folder (a sample
+            is enough; empty when it holds none).
+
+    Raises:
+        StorageError: the marker was missing and cannot be written.
+    """
+    found = read(root, folder_id)
+    if found is Found.THIS:
+        return ""
+    if found is Found.OTHER:
+        return (
+            f"{PAUSE_REASON}: {root / MARKER} names another folder; nothing is changed here "
+            "until this folder's own disk is back"
+        )
+    names = list(held)
+    if names and not any(os.path.lexists(root / name) for name in names):
+        return (
+            f"{PAUSE_REASON}: neither {root / MARKER} nor any file indexed here is in the "
+            "folder; nothing is changed here until they are back"
+        )
+    if names:
+        logger.info("%s: the folder marker was missing; written again", root)
+    write(root, folder_id)
+    return ""

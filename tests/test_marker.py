@@ -1,0 +1,65 @@
+"""The folder marker on real directories: written once, found, and what its absence means."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+from lanshare import keys, marker
+from lanshare.errors import StorageError
+from lanshare.paths import MARKER
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+THIS = keys.folder_id(keys.generate_key())
+OTHER = keys.folder_id(keys.generate_key())
+
+
+def test_written_marker_is_found_and_names_its_folder_only(tmp_path: Path) -> None:
+    assert marker.read(tmp_path, THIS) is marker.Found.NONE
+    marker.write(tmp_path, THIS)
+    assert marker.read(tmp_path, THIS) is marker.Found.THIS
+    assert marker.read(tmp_path, OTHER) is marker.Found.OTHER
+    text = (tmp_path / MARKER).read_text()
+    assert THIS.hex() not in text  # the id itself never lands on the disk
+    assert [p.name for p in (tmp_path / ".lanshare").iterdir()] == ["folder-id"]  # no temp left
+    marker.write(tmp_path, OTHER)  # `init --key` over another share's folder re-marks it
+    assert marker.read(tmp_path, OTHER) is marker.Found.THIS
+
+
+def test_a_first_indexing_writes_the_marker(tmp_path: Path) -> None:
+    (tmp_path / "old-file.txt").write_text("here before")
+    assert marker.check(tmp_path, THIS, []) == ""
+    assert marker.read(tmp_path, THIS) is marker.Found.THIS
+
+
+def test_an_empty_mount_point_pauses_and_gets_no_marker(tmp_path: Path) -> None:
+    reason = marker.check(tmp_path, THIS, ["photos", "notes.txt"])
+    assert reason.startswith("folder marker missing (disk not mounted?)")
+    assert not (tmp_path / ".lanshare").exists()  # the real disk's marker is not hidden
+
+
+def test_another_folders_marker_pauses_and_is_kept(tmp_path: Path) -> None:
+    marker.write(tmp_path, OTHER)
+    (tmp_path / "photos").mkdir()
+    reason = marker.check(tmp_path, THIS, ["photos"])
+    assert reason.startswith("folder marker missing (disk not mounted?)")
+    assert "names another folder" in reason
+    assert marker.read(tmp_path, OTHER) is marker.Found.THIS
+
+
+def test_a_lost_marker_beside_the_indexed_files_is_written_again(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    assert marker.check(tmp_path, THIS, ["notes.txt", "photos"]) == ""
+    assert marker.read(tmp_path, THIS) is marker.Found.THIS
+    assert marker.check(tmp_path, THIS, ["notes.txt", "photos"]) == ""
+
+
+def test_an_unwritable_marker_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / ".lanshare").write_text("a file where the directory belongs")
+    with pytest.raises(StorageError, match="cannot write the folder marker"):
+        marker.check(tmp_path, THIS, [])
+    assert sorted(os.listdir(tmp_path)) == [".lanshare"]
