@@ -33,7 +33,10 @@ Theory of operation
 5. **Fetch only.** A node that only fetches (a short-lived ``ls`` or ``pull``) announces no
    change of its own: a path it no longer finds, or finds changed, is *not held here*
    (``Index.forget``: no tombstone, no new version), and a path it never recorded stays
-   unrecorded. Peers keep their copies; this node fetches the path again when it wants it.
+   unrecorded, unless it holds the content of the peers' current version of it: then it is
+   recorded as that version, as if it had been fetched (under no version at all when its
+   mode or mtime differ, so that the peers' metadata wins). Peers keep their copies; this
+   node fetches a path again when it wants it.
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -65,6 +69,7 @@ from lanshare.planner import (
     DEFAULT_MAX_DELETE_MIN,
     DEFAULT_MAX_DELETE_RATIO,
     delete_guard_reason,
+    global_winner,
 )
 
 if TYPE_CHECKING:
@@ -216,12 +221,17 @@ async def scan_path(
     walk = await asyncio.to_thread(_walk, root, rules)
     cache = await asyncio.to_thread(index.scan_cache, folder)
     run = _Run(index, folder, short_id, walk, fetch_only=fetch_only)
+    if fetch_only:
+        unrecorded = [
+            e.rel for e in walk.entries if e.type is EntryType.FILE and e.rel not in cache
+        ]
+        run.theirs = await asyncio.to_thread(_peer_files, index, folder, unrecorded)
 
     to_hash: list[_Entry] = []
     for entry in walk.entries:
         old = cache.get(entry.rel)
-        if fetch_only and (old is None or old.deleted):
-            continue  # never recorded here: a new version of ours, which this node never makes
+        if fetch_only and (old is None or old.deleted) and entry.rel not in run.theirs:
+            continue  # recording it would be a new version of ours, which this node never makes
         if entry.type is EntryType.FILE:
             if old is not None and _cache_hit(entry, old):
                 run.count_file(old.size, old.block_count)
@@ -359,6 +369,8 @@ class _Run:
         self.fetch_only = fetch_only
         self.forget: list[str] = []
         """Paths not held here any more (fetch only): forgotten, never tombstoned."""
+        self.theirs: dict[str, list[FileRecord]] = {}
+        """Peers' live records of files found here but never recorded (fetch only)."""
         self.forgotten = 0
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
@@ -424,6 +436,11 @@ class _Run:
                     # simply not held; new metadata on the same content is not worth a fetch.
                     if old is not None and not old.deleted and not _same_content(old, obs):
                         self.forget.append(obs.rel)
+                    elif old is None or old.deleted:
+                        adopted = _adopt(obs, self.theirs.get(obs.rel, []))
+                        if adopted is not None:
+                            changes.append(adopted)
+                            new += 1
                     continue
                 base = old.version if old is not None else VersionVector()
                 record = _record(obs, base.bump(self.short_id))
@@ -685,6 +702,38 @@ def _record(obs: _Observed, version: VersionVector) -> FileRecord:
         symlink_target=obs.target,
         version=version,
     )
+
+
+def _peer_files(index: Index, folder: int, rels: Iterable[str]) -> dict[str, list[FileRecord]]:
+    """Peers' records of those ``rels`` whose current version is a file (in a thread)."""
+    found: dict[str, list[FileRecord]] = {}
+    for rel in rels:
+        theirs = list(index.remote_records_for_path(folder, rel).values())
+        if theirs:
+            winner = global_winner(theirs)
+            if not winner.deleted and winner.type is EntryType.FILE:
+                found[rel] = theirs
+    return found
+
+
+def _adopt(obs: _Observed, theirs: Sequence[FileRecord]) -> LocalChange | None:
+    """The record of a file found here that holds the content of the peers' current version:
+    that version (joined with every other of the same content), as a download of it would be
+    recorded; None if it holds anything else, an older version included."""
+    winner = global_winner(theirs) if theirs else None
+    if winner is None or winner.deleted or not _same_content(winner, obs):
+        return None
+    version = winner.version
+    for other in theirs:
+        if not other.deleted and _same_content(other, obs):
+            version = version.merge(other.version)
+    if (obs.mtime_ns, obs.mode) == (winner.mtime_ns, winner.mode):
+        record = dataclasses.replace(winner, version=version, sequence=0)
+    else:
+        # The same bytes under other metadata: no version at all, below every peer's, so
+        # the peers' metadata is what the planner puts here and this one never spreads.
+        record = _record(obs, VersionVector())
+    return LocalChange(record, obs.inode, obs.ctime_ns)
 
 
 def _same_content(old: FileRecord, new: _Observed) -> bool:

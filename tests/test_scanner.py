@@ -625,3 +625,79 @@ def test_fetch_only_scan_of_an_emptied_folder_neither_deletes_nor_pauses(
     assert (summary.deleted, summary.withheld, summary.paused_reason) == (0, 0, "")
     assert summary.forgotten == 6
     assert records(db, root) == {}
+
+
+def test_fetch_only_scan_takes_the_peers_current_version_it_already_holds(
+    db: Index, root: Path
+) -> None:
+    # Files left from long ago, found by a node that joined with `init --key`.
+    stamp = 1_600_000_000_000_000_000
+    for name, text in (
+        ("same.txt", "the same everywhere"),
+        ("touched.txt", "the same bytes, another mtime"),
+        ("old-draft.txt", "an old draft"),
+        ("mine.txt", "only here"),
+    ):
+        (root / name).write_text(text)
+        os.utime(root / name, ns=(stamp, stamp))
+    os.utime(root / "touched.txt", ns=(stamp + 10**9, stamp + 10**9))
+    settle(root)
+    mode = (root / "same.txt").stat().st_mode & 0o777
+    folder = db.add_folder(root, "ab" * 16).id
+
+    def peer_record(rel: str, text: str, version: VersionVector) -> FileRecord:
+        path = root.parent / "peer" / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        hashes = chunker.hash_file(path)
+        return FileRecord(
+            path=rel,
+            type=EntryType.FILE,
+            size=len(text),
+            mtime_ns=stamp,
+            mode=mode,
+            blocks=hashes.blocks,
+            file_hash=hashes.file_hash,
+            hash_algo=hashes.hash_algo,
+            version=version,
+            sequence=1,
+        )
+
+    older = VersionVector().bump(REMOTE)
+    newer = older.bump(REMOTE + 1)
+    db.remote_upsert(
+        folder,
+        b"\xaa" * 8,
+        [
+            peer_record("same.txt", "the same everywhere", older),
+            peer_record("old-draft.txt", "an old draft", older),
+        ],
+    )
+    db.remote_upsert(
+        folder,
+        b"\xbb" * 8,
+        [
+            peer_record("same.txt", "the same everywhere", newer),
+            peer_record("touched.txt", "the same bytes, another mtime", newer),
+            peer_record("old-draft.txt", "the report as it is today", newer),
+        ],
+    )
+
+    summary = scan(db, root, fetch_only=True)
+
+    recs = records(db, root)
+    # An old version, or content no peer has, stays unrecorded: never a version of ours.
+    assert set(recs) == {"same.txt", "touched.txt"}
+    same = recs["same.txt"]
+    assert same.version == newer
+    assert same.file_hash == chunker.hash_file(root / "same.txt").file_hash
+    assert (same.mtime_ns, same.deleted) == (stamp, False)
+    # Other metadata: recorded under no version, below the peers', which the planner applies.
+    touched = recs["touched.txt"]
+    assert touched.version == VersionVector()
+    assert touched.mtime_ns == stamp + 10**9
+    assert (summary.new, summary.changed, summary.deleted) == (2, 0, 0)
+    # What it recorded matches the disk: the next scan reads neither file again.
+    hasher = CountingHasher()
+    assert scan(db, root, hasher, fetch_only=True).new == 0
+    assert not {"same.txt", "touched.txt"} & set(hasher.reads)

@@ -245,6 +245,17 @@ def test_joining_with_old_files_deletes_and_overwrites_nothing(cluster: Cluster)
     assert sequence == 0
     assert snapshot(c.folder) == before_c
     assert snapshot(a.folder) == before_a
+    # Pulling the file it already holds is done at once: it is recorded as the peers' current
+    # version (its own mtime yields to theirs), never as a version of C's.
+    c.cli("pull", str(c.folder / "same.txt"), timeout=CLI_TIMEOUT)
+    assert _ls_states(c)["same.txt"] == "in_sync"
+    records, _ = _local_records(c)
+    assert set(records) == {"same.txt"}
+    assert records["same.txt"].version.get(_short_id(c)) == 0
+    assert {k: v[:3] + v[4:] for k, v in snapshot(c.folder).items()} == {
+        k: v[:3] + v[4:] for k, v in before_c.items()
+    }
+    assert snapshot(a.folder) == before_a
 
     # C's daemon then shares its old files like any new ones: nothing is lost anywhere, the
     # identical file is one file, the two reports are both kept.
