@@ -305,9 +305,10 @@ class FolderSync:
     async def _marker_pause(self) -> bool:
         """Check the folder marker before a scan; pause the folder (True) when it is not
         this folder's disk, resume it when it is again."""
-        index = self.engine.index
-        held = await asyncio.to_thread(index.held_names, self.info.id)
-        reason = await asyncio.to_thread(marker.check, self.root, self.folder_id, held)
+        index, folder = self.engine.index, self.info.id
+        reason = await asyncio.to_thread(
+            marker.check, self.root, self.folder_id, lambda: index.held_names(folder)
+        )
         if reason:
             if not self.marker_missing:
                 logger.warning("folder %s: %s", self.root, reason)

@@ -37,7 +37,7 @@ from lanshare.errors import StorageError
 from lanshare.paths import INTERNAL_DIR, MARKER
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -104,15 +104,15 @@ def write(root: Path, folder_id: bytes) -> None:
         ) from exc
 
 
-def check(root: Path, folder_id: bytes, held: Iterable[str]) -> str:
+def check(root: Path, folder_id: bytes, held: Callable[[], Iterable[str]]) -> str:
     """Make sure ``root`` is the folder's own disk before a scan: the reason to pause the
     folder, or "" when the scan may go on (the marker written first if it was missing).
 
     Args:
         root: the folder root (an existing directory).
         folder_id: the folder's id (``keys.folder_id``).
-        held: top-level names of live entries the index holds for the folder (a sample
-            is enough; empty when it holds none).
+        held: gives top-level names of live entries the index holds for the folder (a
+            sample is enough; none when it holds none); called only if the marker is missing.
 
     Raises:
         StorageError: the marker was missing and cannot be written.
@@ -125,7 +125,7 @@ def check(root: Path, folder_id: bytes, held: Iterable[str]) -> str:
             f"{PAUSE_REASON}: {root / MARKER} names another folder; nothing is changed here "
             "until this folder's own disk is back"
         )
-    names = list(held)
+    names = list(held())
     if names and not any(os.path.lexists(root / name) for name in names):
         return (
             f"{PAUSE_REASON}: neither {root / MARKER} nor any file indexed here is in the "

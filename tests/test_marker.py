@@ -32,12 +32,12 @@ def test_written_marker_is_found_and_names_its_folder_only(tmp_path: Path) -> No
 
 def test_a_first_indexing_writes_the_marker(tmp_path: Path) -> None:
     (tmp_path / "old-file.txt").write_text("here before")
-    assert marker.check(tmp_path, THIS, []) == ""
+    assert marker.check(tmp_path, THIS, list) == ""
     assert marker.read(tmp_path, THIS) is marker.Found.THIS
 
 
 def test_an_empty_mount_point_pauses_and_gets_no_marker(tmp_path: Path) -> None:
-    reason = marker.check(tmp_path, THIS, ["photos", "notes.txt"])
+    reason = marker.check(tmp_path, THIS, lambda: ["photos", "notes.txt"])
     assert reason.startswith("folder marker missing (disk not mounted?)")
     assert not (tmp_path / ".lanshare").exists()  # the real disk's marker is not hidden
 
@@ -45,7 +45,7 @@ def test_an_empty_mount_point_pauses_and_gets_no_marker(tmp_path: Path) -> None:
 def test_another_folders_marker_pauses_and_is_kept(tmp_path: Path) -> None:
     marker.write(tmp_path, OTHER)
     (tmp_path / "photos").mkdir()
-    reason = marker.check(tmp_path, THIS, ["photos"])
+    reason = marker.check(tmp_path, THIS, lambda: ["photos"])
     assert reason.startswith("folder marker missing (disk not mounted?)")
     assert "names another folder" in reason
     assert marker.read(tmp_path, OTHER) is marker.Found.THIS
@@ -53,13 +53,20 @@ def test_another_folders_marker_pauses_and_is_kept(tmp_path: Path) -> None:
 
 def test_a_lost_marker_beside_the_indexed_files_is_written_again(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
-    assert marker.check(tmp_path, THIS, ["notes.txt", "photos"]) == ""
+    asked: list[int] = []
+
+    def held() -> list[str]:
+        asked.append(1)
+        return ["notes.txt", "photos"]
+
+    assert marker.check(tmp_path, THIS, held) == ""
     assert marker.read(tmp_path, THIS) is marker.Found.THIS
-    assert marker.check(tmp_path, THIS, ["notes.txt", "photos"]) == ""
+    assert marker.check(tmp_path, THIS, held) == ""
+    assert len(asked) == 1  # with the marker in place, the index is not asked
 
 
 def test_an_unwritable_marker_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / ".lanshare").write_text("a file where the directory belongs")
     with pytest.raises(StorageError, match="cannot write the folder marker"):
-        marker.check(tmp_path, THIS, [])
+        marker.check(tmp_path, THIS, list)
     assert sorted(os.listdir(tmp_path)) == [".lanshare"]
