@@ -35,6 +35,9 @@ Theory of operation
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
   the indexes of its blocks verified and written so far, so a restart resumes without
   fetching them again.
+* **Not held here.** :meth:`Index.forget` drops local records with no tombstone and no
+  sequence: the node lacks the path, which peers must never take for a deletion (a node
+  that only fetches and then frees the space). Only a tombstone deletes anything elsewhere.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan".

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from lanshare import chunker, keys, paths
+from lanshare import chunker, keys, marker, paths
 from lanshare.errors import PathError, StorageError
 from lanshare.ignore import IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange
@@ -175,11 +175,19 @@ async def scan_folder(
         limit: a semaphore shared with other disk work, instead of one of ``io_workers``.
 
     Raises:
-        StorageError: the folder root is missing or unreadable, or the index failed.
+        StorageError: the folder root is missing or unreadable, its marker is missing (see
+            ``marker.check``: nothing is recorded), or the index failed.
         KeyFormatError: the folder's key in the config is invalid.
     """
-    folder_id = keys.folder_id(keys.parse_key(folder.key)).hex()
-    info = await asyncio.to_thread(index.add_folder, folder.path, folder_id)
+    folder_id = keys.folder_id(keys.parse_key(folder.key))
+    info = await asyncio.to_thread(index.add_folder, folder.path, folder_id.hex())
+    root = Path(folder.path)
+    if await asyncio.to_thread(root.is_dir):  # else the walk says what is wrong
+        reason = await asyncio.to_thread(
+            marker.check, root, folder_id, lambda: index.held_names(info.id)
+        )
+        if reason:
+            raise StorageError(f"cannot scan {root}: {reason}")
     return await scan_path(
         index,
         info.id,

@@ -701,3 +701,25 @@ def test_fetch_only_scan_takes_the_peers_current_version_it_already_holds(
     hasher = CountingHasher()
     assert scan(db, root, hasher, fetch_only=True).new == 0
     assert not {"same.txt", "touched.txt"} & set(hasher.reads)
+
+
+def test_scan_folder_records_nothing_without_the_folder_marker(db: Index, root: Path) -> None:
+    make_tree(root)
+    key = keys.format_key(keys.generate_key())
+    folder = FolderConfig(path=root, key=key)
+    asyncio.run(scanner.scan_folder(folder, db, ME))  # the first indexing marks the folder
+    assert (root / ".lanshare" / "folder-id").is_file()
+    (info,) = db.folders()
+    before = list(db.iter_records(info.id))
+    # The disk is not mounted: an empty directory where the folder was.
+    shutil.move(root, root.parent / "disk")
+    root.mkdir()
+    with pytest.raises(StorageError, match=r"folder marker missing \(disk not mounted\?\)"):
+        asyncio.run(scanner.scan_folder(folder, db, ME))
+    assert list(db.iter_records(info.id)) == before
+    assert not any(r.deleted for r in before)
+    # Back in place, deletions found by a scan count again.
+    root.rmdir()
+    shutil.move(root.parent / "disk", root)
+    (root / "top.txt").unlink()
+    assert asyncio.run(scanner.scan_folder(folder, db, ME)).deleted == 1
