@@ -134,7 +134,10 @@ def init(
     _make_folder(folder)
     configuration.add_folder(config_path, folder, key_text)
     # Only once the config holds it: a refused init must not re-mark another share's folder.
-    marker.write(folder, keys.folder_id(raw))
+    try:
+        marker.write(folder, keys.folder_id(raw))
+    except LanshareError as exc:
+        typer.echo(f"lanshare: warning: {exc}", err=True)
     verb = "Joined" if key is not None else "Created"
     typer.echo(f"{verb} shared folder {folder}")
     typer.echo(f"Config: {config_path}")

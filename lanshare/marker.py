@@ -10,6 +10,7 @@ tells the two apart:
 
 * ``lanshare init`` writes it, and so does a node that indexes the folder for the first time
   (the index holds no live entry of it yet), so it is on the folder's own disk from the start.
+  A folder where it cannot be written (read-only) is still scanned.
 * Before every scan, :func:`check` looks for it. Present and naming this folder: the scan
   goes on and what vanished counts. Naming another folder (another disk is mounted there):
   the folder pauses. Missing while the index holds entries: if none of them is on disk
@@ -114,8 +115,8 @@ def check(root: Path, folder_id: bytes, held: Callable[[], Iterable[str]]) -> st
         held: gives top-level names of live entries the index holds for the folder (a
             sample is enough; none when it holds none); called only if the marker is missing.
 
-    Raises:
-        StorageError: the marker was missing and cannot be written.
+    A marker that cannot be written (a read-only folder) is logged and the scan goes on:
+    the folder's files are there, so it is no empty mount point.
     """
     found = read(root, folder_id)
     if found is Found.THIS:
@@ -131,7 +132,11 @@ def check(root: Path, folder_id: bytes, held: Callable[[], Iterable[str]]) -> st
             f"{PAUSE_REASON}: neither {root / MARKER} nor any file indexed here is in the "
             "folder; nothing is changed here until they are back"
         )
+    try:
+        write(root, folder_id)
+    except StorageError as exc:
+        logger.warning("%s; an empty mount point in its place would not be told apart", exc)
+        return ""
     if names:
         logger.info("%s: the folder marker was missing; written again", root)
-    write(root, folder_id)
     return ""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from lanshare import keys, marker
+from lanshare.cli import main
 from lanshare.errors import StorageError
 from lanshare.paths import MARKER
 
@@ -68,5 +69,41 @@ def test_a_lost_marker_beside_the_indexed_files_is_written_again(tmp_path: Path)
 def test_an_unwritable_marker_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / ".lanshare").write_text("a file where the directory belongs")
     with pytest.raises(StorageError, match="cannot write the folder marker"):
-        marker.check(tmp_path, THIS, list)
+        marker.write(tmp_path, THIS)
     assert sorted(os.listdir(tmp_path)) == [".lanshare"]
+
+
+def test_a_folder_where_no_marker_can_be_written_is_still_scanned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / ".lanshare").write_text("a file where the directory belongs")
+    (tmp_path / "photos").mkdir()
+    assert marker.check(tmp_path, THIS, list) == ""
+    assert marker.check(tmp_path, THIS, lambda: ["photos"]) == ""
+    assert "cannot write the folder marker" in caplog.text
+    # Its files gone too, it is paused all the same: nothing proves the disk is there.
+    (tmp_path / "photos").rmdir()
+    assert marker.check(tmp_path, THIS, lambda: ["photos"]).startswith(marker.PAUSE_REASON)
+
+
+def test_init_marks_the_folder_it_shares_and_a_refused_init_marks_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    folder = tmp_path / "Shared"
+    folder.mkdir()
+    marker.write(folder, OTHER)  # left by a share this folder once belonged to
+    key = keys.format_key(keys.generate_key())
+
+    def init(*argv: str) -> int:
+        with pytest.raises(SystemExit) as exited:
+            main(["init", *argv, "--config", str(config)])
+        capsys.readouterr()
+        return exited.value.code if isinstance(exited.value.code, int) else 1
+
+    assert init(str(folder), "--key", key) == 0
+    this = keys.folder_id(keys.parse_key(key))
+    assert marker.read(folder, this) is marker.Found.THIS
+    # Sharing the same folder again is refused, and its marker stays this folder's.
+    assert init(str(folder)) == 2
+    assert marker.read(folder, this) is marker.Found.THIS
