@@ -265,6 +265,7 @@ class FolderSync:
                 )
             if await self._marker_pause():
                 return
+            restored = await self._restored()
             summary = await scanner.scan_path(
                 self.engine.index,
                 self.info.id,
@@ -276,11 +277,12 @@ class FolderSync:
                 max_delete_ratio=self.engine.config.sync.max_delete_ratio,
                 max_delete_min=self.engine.config.sync.max_delete_min,
                 allow_mass_delete=allow_mass_delete,
-                fetch_only=not self.engine.whole_folders,
+                fetch_only=restored or not self.engine.whole_folders,
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
+            self._stamp_marker()  # for what the scan recorded before it failed
             return
         if summary.forgotten:
             logger.info(
@@ -288,6 +290,8 @@ class FolderSync:
                 self.root,
                 summary.forgotten,
             )
+        if restored:  # the index now says what this folder holds: later scans are as usual
+            self._stamp_marker()
         self.local_pause = summary.paused_reason
         if self.local_pause:
             self.state, self.reason = "paused", self.local_pause
@@ -325,6 +329,40 @@ class FolderSync:
             self.marker_missing = False
         return False
 
+    async def _restored(self) -> bool:
+        """Whether the folder went back to an earlier state than the index describes (its
+        marker's stamp is older): then this scan only fetches, so that what vanished or
+        changed since is fetched again or kept beside the newer version, never deleted or
+        replaced on the other machines."""
+        if not self.engine.whole_folders:
+            return False  # it only fetches anyway
+        info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
+        stamp = await asyncio.to_thread(marker.generation, self.root, self.folder_id)
+        if stamp is None or stamp.index_id != info.index_id or stamp.sequence >= info.sequence:
+            return False
+        logger.warning(
+            "folder %s holds an earlier state than its index (change %d, not %d: a backup "
+            "restored?); what is missing or older here is fetched again or kept beside the "
+            "newer version, and nothing is deleted on the other machines",
+            self.root,
+            stamp.sequence,
+            info.sequence,
+        )
+        return True
+
+    def _stamp_marker(self) -> None:
+        """Stamp the marker with the index's sequence after a local change (see ``marker``),
+        unless the marker there is not this folder's. On the loop, not in a thread: a stamp
+        left behind by a stop would make the next start take the folder for a restored one."""
+        if marker.read(self.root, self.folder_id) is not marker.Found.THIS:
+            return
+        info = self.engine.index.folder(self.info.id)
+        try:
+            stamp = marker.Generation(info.index_id, info.sequence)
+            marker.write(self.root, self.folder_id, stamp, durable=False)
+        except StorageError as exc:
+            logger.warning("folder %s: %s", self.root, exc)
+
     async def resume(self) -> None:
         """The user confirmed a paused mass deletion: record and apply it. Pulls a full
         disk paused are tried again at once."""
@@ -337,6 +375,7 @@ class FolderSync:
         self.dirty.set()
 
     def announce_sequence(self) -> None:
+        self._stamp_marker()
         sequence = self.engine.index.folder(self.info.id).sequence
         for link in self.links.values():
             self.engine.endpoint.notify(link.peer, self.folder_id, sequence)

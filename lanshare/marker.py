@@ -19,6 +19,11 @@ tells the two apart:
   removed by hand), so it is written again and the scan goes on.
 * A paused folder is not scanned: nothing is recorded, deleted or forgotten. The check runs
   again at the next scan, so the folder resumes once its disk is back.
+* After every local change the node stamps the marker with its index id and the index's
+  sequence (:class:`Generation`). A folder rolled back to an earlier state (a backup restored,
+  a snapshot rolled back) brings back an older stamp: what vanished or changed since is then
+  not taken for the user's deletions and edits (see ``FolderSync._restored``). A crash between
+  an index commit and its stamp looks the same once, and is handled the same safe way.
 
 The file holds a one-way tag of the folder id rather than the id itself: the id is meant for
 encrypted sessions only, and the folder may sit on a disk others can read.
@@ -31,8 +36,9 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from lanshare.errors import StorageError
 from lanshare.paths import INTERNAL_DIR, MARKER
@@ -48,6 +54,14 @@ PAUSE_REASON = "folder marker missing (disk not mounted?)"
 
 _LABEL = b"lanshare/v1/folder-marker"
 _MAX_SIZE = 256
+_TAG = re.compile("[0-9a-f]{64}")
+
+
+class Generation(NamedTuple):
+    """The index state a marker was last stamped with."""
+
+    index_id: bytes
+    sequence: int
 
 
 class Found(enum.Enum):
@@ -66,20 +80,37 @@ def tag(folder_id: bytes) -> str:
 def read(root: Path, folder_id: bytes) -> Found:
     """Whether ``root`` holds the marker of the folder ``folder_id`` (an unreadable marker
     counts as none: it proves nothing)."""
+    lines = _lines(root)
+    if not lines or not _TAG.fullmatch(lines[0]):
+        return Found.NONE  # a marker torn by a crash proves nothing either way
+    return Found.THIS if lines[0] == tag(folder_id) else Found.OTHER
+
+
+def generation(root: Path, folder_id: bytes) -> Generation | None:
+    """The stamp of the marker of ``folder_id`` in ``root``; None if there is none."""
+    lines = _lines(root)
+    if lines is None or lines[:1] != [tag(folder_id)] or len(lines) < 2:
+        return None
+    index_id, _, sequence = lines[1].partition(" ")
     try:
-        with (root / MARKER).open("rb") as file:
-            text = file.read(_MAX_SIZE).decode("ascii", "replace").strip()
-    except OSError:
-        return Found.NONE
-    return Found.THIS if text == tag(folder_id) else Found.OTHER
+        return Generation(bytes.fromhex(index_id), int(sequence))
+    except ValueError:
+        return None
 
 
-def write(root: Path, folder_id: bytes) -> None:
-    """Write the marker of ``folder_id`` into ``root`` (which must exist), atomically.
+def write(
+    root: Path, folder_id: bytes, stamp: Generation | None = None, *, durable: bool = True
+) -> None:
+    """Write the marker of ``folder_id`` into ``root`` (which must exist), atomically,
+    stamped with ``stamp`` if given; ``durable`` False skips the fsyncs (a stamp lost to a
+    power cut only makes the next start cautious, and a torn marker reads as none).
 
     Raises:
         StorageError: it cannot be written.
     """
+    text = tag(folder_id) + "\n"
+    if stamp is not None:
+        text += f"{stamp.index_id.hex()} {stamp.sequence}\n"
     internal = root / INTERNAL_DIR
     target = root / MARKER
     temp = internal / f".folder-id.{secrets.token_hex(4)}"
@@ -87,22 +118,33 @@ def write(root: Path, folder_id: bytes) -> None:
         internal.mkdir(mode=0o755, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, f"{tag(folder_id)}\n".encode("ascii"))
-            os.fsync(fd)
+            os.write(fd, text.encode("ascii"))
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, target)
-        dir_fd = os.open(internal, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            dir_fd = os.open(internal, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise StorageError(
             f"cannot write the folder marker {target}: {exc.strerror or exc}"
         ) from exc
+
+
+def _lines(root: Path) -> list[str] | None:
+    try:
+        with (root / MARKER).open("rb") as file:
+            text = file.read(_MAX_SIZE).decode("ascii", "replace")
+    except OSError:
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def check(root: Path, folder_id: bytes, held: Callable[[], Iterable[str]]) -> str:

@@ -188,16 +188,18 @@ async def scan_folder(
         )
         if reason:
             raise StorageError(f"cannot scan {root}: {reason}")
-    return await scan_path(
+    summary = await scan_path(
         index,
         info.id,
-        Path(folder.path),
+        root,
         short_id,
         ignore=folder.ignore,
         io_workers=io_workers,
         hash_file=hash_file,
         limit=limit,
     )
+    await asyncio.to_thread(_stamp, index, info.id, root, folder_id)
+    return summary
 
 
 async def scan_path(
@@ -710,6 +712,13 @@ def _record(obs: _Observed, version: VersionVector) -> FileRecord:
         symlink_target=obs.target,
         version=version,
     )
+
+
+def _stamp(index: Index, folder: int, root: Path, folder_id: bytes) -> None:
+    """Stamp the folder's marker with what the index now holds (see ``marker``)."""
+    if marker.read(root, folder_id) is marker.Found.THIS:
+        info = index.folder(folder)
+        marker.write(root, folder_id, marker.Generation(info.index_id, info.sequence))
 
 
 def _peer_files(index: Index, folder: int, rels: Iterable[str]) -> dict[str, list[FileRecord]]:

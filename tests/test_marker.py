@@ -107,3 +107,22 @@ def test_init_marks_the_folder_it_shares_and_a_refused_init_marks_nothing(
     # Sharing the same folder again is refused, and its marker stays this folder's.
     assert init(str(folder)) == 2
     assert marker.read(folder, this) is marker.Found.THIS
+
+
+def test_the_stamp_says_which_index_state_the_folder_was_last_in(tmp_path: Path) -> None:
+    marker.write(tmp_path, THIS)
+    assert marker.generation(tmp_path, THIS) is None  # as `init` leaves it
+    stamp = marker.Generation(bytes.fromhex("0011223344556677"), 42)
+    marker.write(tmp_path, THIS, stamp, durable=False)
+    assert marker.read(tmp_path, THIS) is marker.Found.THIS
+    assert marker.generation(tmp_path, THIS) == stamp
+    assert marker.generation(tmp_path, OTHER) is None
+
+
+def test_a_torn_marker_proves_nothing_and_is_written_again(tmp_path: Path) -> None:
+    marker.write(tmp_path, THIS)
+    (tmp_path / MARKER).write_bytes(b"")  # a power cut right after the rename
+    assert marker.read(tmp_path, THIS) is marker.Found.NONE
+    (tmp_path / "photos").mkdir()
+    assert marker.check(tmp_path, THIS, lambda: ["photos"]) == ""
+    assert marker.read(tmp_path, THIS) is marker.Found.THIS

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from lanshare import chunker, keys, scanner
+from lanshare import chunker, keys, marker, scanner
 from lanshare.config import FolderConfig
 from lanshare.errors import StorageError
 from lanshare.index import Index, LocalChange
@@ -723,3 +723,13 @@ def test_scan_folder_records_nothing_without_the_folder_marker(db: Index, root: 
     shutil.move(root.parent / "disk", root)
     (root / "top.txt").unlink()
     assert asyncio.run(scanner.scan_folder(folder, db, ME)).deleted == 1
+
+
+def test_scan_folder_stamps_the_marker_with_the_index_state(db: Index, root: Path) -> None:
+    make_tree(root)
+    key = keys.parse_key(keys.format_key(keys.generate_key()))
+    folder = FolderConfig(path=root, key=keys.format_key(key))
+    asyncio.run(scanner.scan_folder(folder, db, ME))
+    (info,) = db.folders()
+    stamp = marker.generation(root, keys.folder_id(key))
+    assert stamp == marker.Generation(info.index_id, info.sequence)

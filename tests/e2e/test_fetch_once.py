@@ -33,6 +33,8 @@ SYNC_TIMEOUT = 120.0
 CLI_TIMEOUT = 120.0
 MARKER_REASON = "folder marker missing (disk not mounted?)"
 OLD_MTIME_NS = 1_600_000_000_000_000_000  # September 2020: files left from long ago
+DELETION = re.compile(r"(?<![\w/.-])delet(?:e|ed|es|ing|ion|ions)\b", re.IGNORECASE)
+"""A word about a deletion in a log message (not inside a file or test name)."""
 
 
 def _cli_only_node(cluster: Cluster, name: str, host: object) -> Node:
@@ -71,7 +73,7 @@ def _deletions_logged(node: Node) -> list[str]:
     lines = []
     for run in range(1, node.runs + 1):
         for line in node.log_text(run).splitlines():
-            if re.search(r"delet", line, re.IGNORECASE) and not re.search(r"\b0 deleted\b", line):
+            if DELETION.search(line) and not re.search(r"\b0 deleted\b", line):
                 lines.append(line)
     return lines
 
@@ -277,4 +279,53 @@ def test_joining_with_old_files_deletes_and_overwrites_nothing(cluster: Cluster)
         assert not _deletions_logged(node), _deletions_logged(node)
     wait_until(lambda: c.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "c in sync")
     for node in (a, b, c):
+        assert node.stop(timeout=5.0) == 0
+
+
+@pytest.mark.timeout(600)
+def test_a_restored_backup_takes_nothing_from_the_other_machines(cluster: Cluster) -> None:
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1])
+    (a.folder / "report.txt").write_text("the report, first version\n")
+    for i in range(3):
+        (a.folder / f"kept{i}.txt").write_text(f"unchanged {i}\n")
+    start_all([a, b])
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    assert b.stop(timeout=5.0) == 0
+    backup = b.base / "backup"
+    shutil.copytree(b.folder, backup, symlinks=True)  # `cp -a`: marker and mtimes too
+
+    # Work goes on, B following it; then B's disk dies and the backup is restored.
+    b.start()
+    (a.folder / "new.txt").write_text("written after the backup\n")
+    (a.folder / "report.txt").write_text("the report, second version\n")
+    want = wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    assert b.stop(timeout=5.0) == 0
+    shutil.rmtree(b.folder)
+    shutil.copytree(backup, b.folder, symlinks=True)
+    assert not (b.folder / "new.txt").exists()
+
+    b.start()
+    # B takes the newer state back from A; A loses nothing and replaces nothing.
+    wait_until(
+        lambda: (
+            not (a.folder / "new.txt").exists()
+            or (
+                (b.folder / "new.txt").exists()
+                and (b.folder / "report.txt").read_text() == "the report, second version\n"
+            )
+        ),
+        SYNC_TIMEOUT,
+        "b fetched what changed since the backup (or a lost it)",
+    )
+    for rel, entry in want.items():
+        assert snapshot(a.folder).get(rel) == entry, rel
+    tree = wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    assert (a.folder / "report.txt").read_text() == "the report, second version\n"
+    assert set(tree) - set(want) <= {p for p in tree if p.startswith("report.sync-conflict-")}
+    assert _archived(a) == []
+    assert not _deletions_logged(a), _deletions_logged(a)
+    assert "earlier state than its index" in b.log_text()
+    for node in (a, b):
         assert node.stop(timeout=5.0) == 0
