@@ -10,9 +10,11 @@ Theory of operation
   ``rescan()``); a scan that changed anything bumps the folder's sequence, and every
   connected peer of the folder is told at once (a NOTIFY with the new sequence). Before each
   scan the folder marker is checked (``marker.check``): without it (an empty mount point)
-  the folder pauses and nothing is scanned or changed until it is back. A node that keeps
-  no whole folder (a short-lived ``ls`` or ``pull``) scans fetch-only: it records no
-  version of its own, and what it no longer holds is forgotten, never deleted.
+  the folder pauses and nothing is scanned or changed until it is back. Every local change
+  stamps the marker with the index's sequence; a folder found with an older stamp (a backup
+  restored) is scanned fetch-only once. A node that keeps no whole folder (a short-lived
+  ``ls`` or ``pull``) always scans fetch-only: it records no version of its own, and what
+  it no longer holds is forgotten, never deleted.
 * **Manifest exchange.** When a session comes up, we ask the peer for its records with a
   sequence above the highest we hold of it; answers come in bounded batches and are asked
   for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's

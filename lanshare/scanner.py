@@ -380,7 +380,8 @@ class _Run:
         self.forget: list[str] = []
         """Paths not held here any more (fetch only): forgotten, never tombstoned."""
         self.theirs: dict[str, list[FileRecord]] = {}
-        """Peers' live records of files found here but never recorded (fetch only)."""
+        """Peers' records of files found here but never recorded, where the peers' current
+        version is a file (fetch only)."""
         self.forgotten = 0
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0

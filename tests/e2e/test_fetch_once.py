@@ -2,8 +2,9 @@
 
 A node can come up holding less than the LAN: a machine that fetches one file with no daemon
 and removes it afterwards (the README's "fetch once"), a disk not mounted under the folder's
-path, a folder of old files joined with ``init --key``. Each test walks one of them with real
-``lanshare daemon`` processes and the real CLI, and checks every other machine kept its files.
+path, a folder of old files joined with ``init --key``, a folder restored from a backup. Each
+test walks one of them with real ``lanshare daemon`` processes and the real CLI, and checks
+every other machine kept its files.
 """
 
 from __future__ import annotations
