@@ -265,7 +265,7 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); paused until it is back"
                 )
-            if await self._marker_pause():
+            if await self._marker_pause(confirmed=allow_mass_delete):
                 return
             restored = await self._restored()
             summary = await scanner.scan_path(
@@ -312,13 +312,18 @@ class FolderSync:
             self.announce_sequence()
         self.dirty.set()
 
-    async def _marker_pause(self) -> bool:
+    async def _marker_pause(self, *, confirmed: bool) -> bool:
         """Check the folder marker before a scan; pause the folder (True) when it is not
-        this folder's disk, resume it when it is again."""
+        this folder's disk, resume it when it is again. ``confirmed``: the user said, with
+        ``lanshare resume``, that the folder is what it should be: it is marked again."""
         index, folder = self.engine.index, self.info.id
         reason = await asyncio.to_thread(
             marker.check, self.root, self.folder_id, lambda: index.held_names(folder)
         )
+        if reason and confirmed and self.marker_missing:
+            logger.warning("folder %s: marked again as the user confirmed it", self.root)
+            await asyncio.to_thread(marker.write, self.root, self.folder_id)
+            reason = ""
         if reason:
             if not self.marker_missing:
                 logger.warning("folder %s: %s", self.root, reason)

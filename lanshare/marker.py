@@ -18,7 +18,9 @@ tells the two apart:
   and only the marker is gone (a folder shared before markers existed, or ``.lanshare/``
   removed by hand), so it is written again and the scan goes on.
 * A paused folder is not scanned: nothing is recorded, deleted or forgotten. The check runs
-  again at the next scan, so the folder resumes once its disk is back.
+  again at the next scan, so the folder resumes once its disk is back. ``lanshare resume``
+  marks it again instead: the user says the folder is as it should be (emptied on purpose),
+  and what vanished is then deleted on the other machines too.
 * After every local change the node stamps the marker with its index id and the index's
   sequence (:class:`Generation`). A folder rolled back to an earlier state (a backup restored,
   a snapshot rolled back) brings back an older stamp: what vanished or changed since is then
@@ -166,13 +168,14 @@ def check(root: Path, folder_id: bytes, held: Callable[[], Iterable[str]]) -> st
     if found is Found.OTHER:
         return (
             f"{PAUSE_REASON}: {root / MARKER} names another folder; nothing is changed here "
-            "until this folder's own disk is back"
+            f"until this folder's own disk is back (`lanshare resume {root}` if it is)"
         )
     names = list(held())
     if names and not any(os.path.lexists(root / name) for name in names):
         return (
             f"{PAUSE_REASON}: neither {root / MARKER} nor any file indexed here is in the "
-            "folder; nothing is changed here until they are back"
+            "folder; nothing is changed here until they are back (if the folder really is "
+            f"empty now, `lanshare resume {root}` deletes them on the other machines too)"
         )
     try:
         write(root, folder_id)

@@ -330,3 +330,39 @@ def test_a_restored_backup_takes_nothing_from_the_other_machines(cluster: Cluste
     assert "earlier state than its index" in b.log_text()
     for node in (a, b):
         assert node.stop(timeout=5.0) == 0
+
+
+@pytest.mark.timeout(600)
+def test_a_folder_emptied_on_purpose_is_emptied_everywhere_once_confirmed(
+    cluster: Cluster,
+) -> None:
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1])
+    for i in range(3):
+        (a.folder / f"old{i}.txt").write_text(f"not wanted any more {i}\n")
+    start_all([a, b])
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    assert b.stop(timeout=5.0) == 0
+    shutil.rmtree(b.folder)  # everything, the internal directory too
+    b.folder.mkdir()
+    b.start()
+    wait_until(lambda: b.folder_status()["state"] == "paused", SYNC_TIMEOUT, "b paused")
+    assert f"lanshare resume {b.folder}" in b.folder_status()["reason"]
+    assert sorted(p.name for p in a.folder.iterdir() if p.name != INTERNAL_DIR) == [
+        "old0.txt",
+        "old1.txt",
+        "old2.txt",
+    ]
+
+    b.cli("resume", str(b.folder))
+    wait_until(
+        lambda: not any(a.folder.glob("old*.txt")),
+        SYNC_TIMEOUT,
+        "the confirmed deletion reached a",
+    )
+    assert sorted(name.split("~")[0] for name in _archived(a)) == ["old0", "old1", "old2"]
+    wait_until(lambda: b.folder_status()["state"] == "in_sync", SYNC_TIMEOUT, "b in sync")
+    assert (b.folder / INTERNAL_DIR / "folder-id").is_file()
+    for node in (a, b):
+        assert node.stop(timeout=5.0) == 0
