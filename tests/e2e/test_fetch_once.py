@@ -270,6 +270,7 @@ def test_joining_with_old_files_deletes_and_overwrites_nothing(cluster: Cluster)
     )
     tree = wait_same_tree(a.folder, [b.folder, c.folder], SYNC_TIMEOUT, [a, b, c])
     assert everything <= _digests(a.folder)
+    assert (a.folder / "report.txt").read_text() == "the report as it is today\n"
     conflicts = sorted(p for p in tree if ".sync-conflict-" in p)
     assert len(conflicts) == 1, conflicts
     assert conflicts[0].startswith("report.sync-conflict-")
