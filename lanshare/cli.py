@@ -159,7 +159,7 @@ def init(
     existing one is never overwritten). The key is printed alone on the last line: give it
     to your other machines (`lanshare init FOLDER --key KEY`).
     """
-    from lanshare import keys
+    from lanshare import keys, marker
 
     settings = _settings(ctx, config, debug)
     folder = path.expanduser().absolute()
@@ -168,6 +168,11 @@ def init(
     config_path = settings.config or configuration.default_config_path()
     _make_folder(folder)
     configuration.add_folder(config_path, folder, key_text)
+    # Only once the config holds it: a refused init must not re-mark another share's folder.
+    try:
+        marker.write(folder, keys.folder_id(raw))
+    except LanshareError as exc:
+        typer.echo(f"lanshare: warning: {exc}", err=True)
     verb = "Joined" if key is not None else "Created"
     typer.echo(f"{verb} shared folder {folder}")
     typer.echo(f"Config: {config_path}")

@@ -8,7 +8,13 @@ Theory of operation
 -------------------
 * **Local side.** A folder is scanned at start and after every batch of watcher changes (or
   ``rescan()``); a scan that changed anything bumps the folder's sequence, and every
-  connected peer of the folder is told at once (a NOTIFY with the new sequence).
+  connected peer of the folder is told at once (a NOTIFY with the new sequence). Before each
+  scan the folder marker is checked (``marker.check``): without it (an empty mount point)
+  the folder pauses and nothing is scanned or changed until it is back. Every local change
+  stamps the marker with the index's sequence; a folder found with an older stamp (a backup
+  restored) is scanned fetch-only once. A node that keeps no whole folder (a short-lived
+  ``ls`` or ``pull``) always scans fetch-only: it records no version of its own, and what
+  it no longer holds is forgotten, never deleted.
 * **Manifest exchange.** When a session comes up, we ask the peer for its records with a
   sequence above the highest we hold of it; answers come in bounded batches and are asked
   for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's
@@ -63,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import deleteguard, keys, planner, scanner
+from lanshare import deleteguard, keys, marker, planner, scanner
 from lanshare.errors import (
     DecodeError,
     DiskFullError,
@@ -261,6 +267,9 @@ class FolderSync:
         """The last plan withheld a mass deletion that came from peers."""
         self.local_pause = ""
         """Why the last scan withheld local deletions (the folder stays paused)."""
+        self.marker_missing = False
+        """The folder marker is not there (``marker.check``): an empty mount point, or
+        another disk, is no place to change anything until the folder's disk is back."""
         self.disk_full = ""
         """Why pulls are paused for want of space (empty: they are not)."""
         self.free_at_pause = 0
@@ -299,6 +308,9 @@ class FolderSync:
                 raise StorageError(
                     f"folder {self.root} is missing (unmounted disk?); waiting for it to be back"
                 )
+            if await self._marker_pause(confirmed=allow_mass_delete):
+                return None
+            restored = await self._restored()
             history, held = await asyncio.to_thread(self._guard_inputs)
             now = held if held is not None else time.time()
             summary = await scanner.scan_path(
@@ -313,6 +325,7 @@ class FolderSync:
                 delete_history=history,
                 now=now,
                 allow_mass_delete=allow_mass_delete,
+                fetch_only=restored or not self.engine.whole_folders,
             )
             if allow_mass_delete:
                 await self._confirmed_deletions()
@@ -323,7 +336,16 @@ class FolderSync:
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
+            self._stamp_marker()  # for what the scan recorded before it failed
             return None
+        if summary.forgotten:
+            logger.info(
+                "folder %s: %d paths no longer here; not deleted, the other machines keep them",
+                self.root,
+                summary.forgotten,
+            )
+        if restored:  # the index now says what this folder holds: later scans are as usual
+            self._stamp_marker()
         verdict = summary.verdict
         self.local_pause = verdict.reason(self.engine.peer_names) if verdict is not None else ""
         if self.local_pause:
@@ -370,6 +392,64 @@ class FolderSync:
         does not pause again for them (other nodes keep their own count and hold)."""
         await asyncio.to_thread(self.engine.index.deletions_clear, self.info.id)
 
+    async def _marker_pause(self, *, confirmed: bool) -> bool:
+        """Check the folder marker before a scan; pause the folder (True) when it is not
+        this folder's disk, resume it when it is again. ``confirmed``: the user said, with
+        ``lanshare resume``, that the folder is what it should be: it is marked again."""
+        index, folder = self.engine.index, self.info.id
+        reason = await asyncio.to_thread(
+            marker.check, self.root, self.folder_id, lambda: index.held_names(folder)
+        )
+        if reason and confirmed and self.marker_missing:
+            logger.warning("folder %s: marked again as the user confirmed it", self.root)
+            await asyncio.to_thread(marker.write, self.root, self.folder_id)
+            reason = ""
+        if reason:
+            if not self.marker_missing:
+                logger.warning("folder %s: %s", self.root, reason)
+            self.marker_missing = True
+            self.local_pause = reason
+            self.state, self.reason = "paused", reason
+            return True
+        if self.marker_missing:
+            logger.info("folder %s: the folder marker is back; resuming", self.root)
+            self.marker_missing = False
+        return False
+
+    async def _restored(self) -> bool:
+        """Whether the folder went back to an earlier state than the index describes (its
+        marker's stamp is older): then this scan only fetches, so that what vanished or
+        changed since is fetched again or kept beside the newer version, never deleted or
+        replaced on the other machines."""
+        if not self.engine.whole_folders:
+            return False  # it only fetches anyway
+        info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
+        stamp = await asyncio.to_thread(marker.generation, self.root, self.folder_id)
+        if stamp is None or stamp.index_id != info.index_id or stamp.sequence >= info.sequence:
+            return False
+        logger.warning(
+            "folder %s holds an earlier state than its index (change %d, not %d: a backup "
+            "restored?); what is missing or older here is fetched again or kept beside the "
+            "newer version, and nothing is deleted on the other machines",
+            self.root,
+            stamp.sequence,
+            info.sequence,
+        )
+        return True
+
+    def _stamp_marker(self) -> None:
+        """Stamp the marker with the index's sequence after a local change (see ``marker``),
+        unless the marker there is not this folder's. On the loop, not in a thread: a stamp
+        left behind by a stop would make the next start take the folder for a restored one."""
+        if marker.read(self.root, self.folder_id) is not marker.Found.THIS:
+            return
+        info = self.engine.index.folder(self.info.id)
+        try:
+            stamp = marker.Generation(info.index_id, info.sequence)
+            marker.write(self.root, self.folder_id, stamp, durable=False)
+        except StorageError as exc:
+            logger.warning("folder %s: %s", self.root, exc)
+
     async def resume(self) -> None:
         """The user confirmed a paused mass deletion: record and apply it, on this node only.
         Pulls a full disk paused are tried again at once."""
@@ -384,6 +464,7 @@ class FolderSync:
         self.dirty.set()
 
     def announce_sequence(self) -> None:
+        self._stamp_marker()
         sequence = self.engine.index.folder(self.info.id).sequence
         for link in self.links.values():
             self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
@@ -637,6 +718,8 @@ class FolderSync:
             remote_pause = result.verdict.reason(self.engine.peer_names) if result.verdict else ""
             self.state, self.reason = "paused", remote_pause or self.local_pause or self.disk_full
         actions = result.actions
+        if self.marker_missing:
+            actions = ()
         if self.scope is not None:
             scope = self.scope
             actions = tuple(a for a in actions if _in_scope(a, scope))

@@ -39,6 +39,9 @@ Theory of operation
   mass-deletion guard counts (``deleteguard``), bounded by its window, and
   ``deletion_holds`` when the guard tripped for deletions it still holds back: a restart
   does not reset a wipe in progress, and ``lanshare resume`` clears both.
+* **Not held here.** :meth:`Index.forget` drops local records with no tombstone and no
+  sequence: the node lacks the path, which peers must never take for a deletion (a node
+  that only fetches and then frees the space). Only a tombstone deletes anything elsewhere.
 * **Scan cache.** Local rows also hold the ``inode`` and ``ctime_ns`` the scanner saw; they
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan". The store uses the same cache (:meth:`Index.stat_cache`)
@@ -664,6 +667,40 @@ class Index:
             )
             conn.execute("UPDATE folders SET sequence = ? WHERE id = ?", (sequence, folder))
         return stored
+
+    def forget(self, folder: int, paths: Iterable[str]) -> int:
+        """Drop the local records of ``paths``: they are *not held here*, which is not a deletion.
+
+        No tombstone and no sequence number: peers learn nothing from it and keep their
+        copies. The local index then says what a node that never had the path says: the
+        planner fetches it again when this node wants it, and ``ls`` shows it ``missing``.
+        Peers that read the record before still count this node among its holders; a block
+        they ask for is refused (it is re-read and checked before it is served) and comes from
+        another peer. Live records and tombstones alike are dropped.
+
+        Returns:
+            How many records were dropped.
+        """
+        wanted = [(folder, path) for path in dict.fromkeys(paths)]
+        if not wanted:
+            return 0
+        with self._write("forget local records") as conn:
+            conn.executemany("DELETE FROM local_blocks WHERE folder = ? AND path = ?", wanted)
+            before = conn.total_changes
+            conn.executemany("DELETE FROM local_files WHERE folder = ? AND path = ?", wanted)
+            return conn.total_changes - before
+
+    def held_names(self, folder: int, limit: int = 64) -> list[str]:
+        """Up to ``limit`` distinct top-level names (first path components) of live local
+        records, in name order: what the folder's disk should show at its root."""
+        with self._read("read top-level names") as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT CASE WHEN instr(path, '/') > 0 "
+                "THEN substr(path, 1, instr(path, '/') - 1) ELSE path END AS name "
+                "FROM local_files WHERE folder = ? AND deleted = 0 ORDER BY name LIMIT ?",
+                (folder, limit),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def find_block(self, block_hash: bytes, folder: int | None = None) -> list[BlockLocation]:
         """Every live local file block with this hash (in ``folder``, or in any folder).

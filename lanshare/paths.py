@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 INTERNAL_DIR = ".lanshare"
 """Folder inside every share that holds lanshare's own data; never synced."""
 
+MARKER = f"{INTERNAL_DIR}/folder-id"
+"""The folder marker: names the folder it belongs to, so a scan can tell the folder's disk
+from an empty mount point in its place (see ``lanshare.marker``)."""
+
 TEMP_PREFIX = ".lanshare-tmp-"
 """Name prefix of temporary files written while a download is assembled; never synced."""
 

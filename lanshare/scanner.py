@@ -31,6 +31,13 @@ Theory of operation
    denied, unreadable directory, changed too often) keep their old record: a read error never
    turns into a deletion on the other peers. Vanished entries that, with the folder's recent
    deletions, trip the mass-deletion guard (``deleteguard``) are all kept until confirmed.
+5. **Fetch only.** A node that only fetches (a short-lived ``ls`` or ``pull``) announces no
+   change of its own: a path it no longer finds, or finds changed, is *not held here*
+   (``Index.forget``: no tombstone, no new version), and a path it never recorded stays
+   unrecorded, unless it holds the content of the peers' current version of it: then it is
+   recorded as that version, as if it had been fetched (under no version at all when its
+   mode or mtime differ, so that the peers' metadata wins). Peers keep their copies; this
+   node fetches a path again when it wants it.
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -48,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from lanshare import chunker, deleteguard, keys, paths
+from lanshare import chunker, deleteguard, keys, marker, paths
 from lanshare.errors import PathError, StorageError
 from lanshare.ignore import IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange
@@ -58,6 +66,7 @@ from lanshare.manifest import (
     FileRecord,
     VersionVector,
 )
+from lanshare.planner import global_winner
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -125,6 +134,8 @@ class ScanSummary:
     """The guard's verdict when deletions were withheld (``paused_reason`` is its text)."""
     deletion: Deletion | None = None
     """The tombstones this scan wrote, as an entry of the guard's history (None if none)."""
+    forgotten: int = 0
+    """Records dropped as not held here (a fetch-only scan; see ``Index.forget``)."""
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -165,21 +176,31 @@ async def scan_folder(
         limit: a semaphore shared with other disk work, instead of one of ``io_workers``.
 
     Raises:
-        StorageError: the folder root is missing or unreadable, or the index failed.
+        StorageError: the folder root is missing or unreadable, its marker is missing (see
+            ``marker.check``: nothing is recorded), or the index failed.
         KeyFormatError: the folder's key in the config is invalid.
     """
-    folder_id = keys.folder_id(keys.parse_key(folder.key)).hex()
-    info = await asyncio.to_thread(index.add_folder, folder.path, folder_id)
-    return await scan_path(
+    folder_id = keys.folder_id(keys.parse_key(folder.key))
+    info = await asyncio.to_thread(index.add_folder, folder.path, folder_id.hex())
+    root = Path(folder.path)
+    if await asyncio.to_thread(root.is_dir):  # else the walk says what is wrong
+        reason = await asyncio.to_thread(
+            marker.check, root, folder_id, lambda: index.held_names(info.id)
+        )
+        if reason:
+            raise StorageError(f"cannot scan {root}: {reason}")
+    summary = await scan_path(
         index,
         info.id,
-        Path(folder.path),
+        root,
         short_id,
         ignore=folder.ignore,
         io_workers=io_workers,
         hash_file=hash_file,
         limit=limit,
     )
+    await asyncio.to_thread(_stamp, index, info.id, root, folder_id)
+    return summary
 
 
 async def scan_path(
@@ -196,6 +217,7 @@ async def scan_path(
     delete_history: Sequence[Deletion] = (),
     now: float = 0.0,
     allow_mass_delete: bool = False,
+    fetch_only: bool = False,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
@@ -205,17 +227,25 @@ async def scan_path(
     not turned into tombstones unless ``allow_mass_delete``: the summary's ``verdict`` says
     why, and the records stay. The summary's ``deletion`` is what the caller adds to the
     history.
+    ``fetch_only``: record no change of this node's own (see the module docstring, step 5).
     """
     started = time.monotonic()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
     rules = await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
     walk = await asyncio.to_thread(_walk, root, rules)
     cache = await asyncio.to_thread(index.scan_cache, folder)
-    run = _Run(index, folder, short_id, walk)
+    run = _Run(index, folder, short_id, walk, fetch_only=fetch_only)
+    if fetch_only:
+        unrecorded = [
+            e.rel for e in walk.entries if e.type is EntryType.FILE and e.rel not in cache
+        ]
+        run.theirs = await asyncio.to_thread(_peer_files, index, folder, unrecorded)
 
     to_hash: list[_Entry] = []
     for entry in walk.entries:
         old = cache.get(entry.rel)
+        if fetch_only and (old is None or old.deleted) and entry.rel not in run.theirs:
+            continue  # recording it would be a new version of ours, which this node never makes
         if entry.type is EntryType.FILE:
             if old is not None and _cache_hit(entry, old):
                 run.count_file(old.size, old.block_count)
@@ -229,6 +259,8 @@ async def scan_path(
     for rel, old in cache.items():
         if not old.deleted and rel not in present and not walk.is_protected(rel):
             run.gone.append(rel)
+    if fetch_only:
+        run.forget, run.gone = run.gone, []
     live = sum(1 for old in cache.values() if not old.deleted)
     verdict = None
     if not allow_mass_delete:
@@ -344,12 +376,21 @@ class _Walk:
 class _Run:
     """The state of one scan on the event loop: counts, problems, changes waiting for a commit."""
 
-    def __init__(self, index: Index, folder: int, short_id: int, walk: _Walk) -> None:
+    def __init__(
+        self, index: Index, folder: int, short_id: int, walk: _Walk, *, fetch_only: bool = False
+    ) -> None:
         self.index = index
         self.folder = folder
         self.short_id = short_id
         self.pending: list[_Observed] = []
         self.gone: list[str] = []
+        self.fetch_only = fetch_only
+        self.forget: list[str] = []
+        """Paths not held here any more (fetch only): forgotten, never tombstoned."""
+        self.theirs: dict[str, list[FileRecord]] = {}
+        """Peers' records of files found here but never recorded, where the peers' current
+        version is a file (fetch only)."""
+        self.forgotten = 0
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
@@ -392,6 +433,9 @@ class _Run:
             self.new += new
             self.changed += changed
             self.deleted += deleted
+        forget, self.forget = self.forget, []
+        if forget:
+            self.forgotten += await asyncio.to_thread(self.index.forget, self.folder, forget)
 
     def _commit(self, observed: list[_Observed], gone: list[str]) -> tuple[int, int, int]:
         """Compare with the full old records and store, in one transaction (in a thread)."""
@@ -405,6 +449,17 @@ class _Run:
                 if old is not None and not old.deleted and _same_state(old, obs):
                     if obs.type is EntryType.FILE:
                         updates.append(CacheUpdate(obs.rel, obs.inode, obs.ctime_ns))
+                    continue
+                if self.fetch_only:
+                    # Never a version of ours: a record whose content is no longer here is
+                    # simply not held; new metadata on the same content is not worth a fetch.
+                    if old is not None and not old.deleted and not _same_content(old, obs):
+                        self.forget.append(obs.rel)
+                    elif old is None or old.deleted:
+                        adopted = _adopt(obs, self.theirs.get(obs.rel, []))
+                        if adopted is not None:
+                            changes.append(adopted)
+                            new += 1
                     continue
                 base = old.version if old is not None else VersionVector()
                 record = _record(obs, base.bump(self.short_id))
@@ -443,6 +498,7 @@ class _Run:
             withheld=self.withheld,
             paused_reason=self.verdict.reason() if self.verdict is not None else "",
             verdict=self.verdict,
+            forgotten=self.forgotten,
         )
 
 
@@ -665,6 +721,61 @@ def _record(obs: _Observed, version: VersionVector) -> FileRecord:
         mode=obs.mode,
         symlink_target=obs.target,
         version=version,
+    )
+
+
+def _stamp(index: Index, folder: int, root: Path, folder_id: bytes) -> None:
+    """Stamp the folder's marker with what the index now holds (see ``marker``)."""
+    if marker.read(root, folder_id) is marker.Found.THIS:
+        info = index.folder(folder)
+        marker.write(root, folder_id, marker.Generation(info.index_id, info.sequence))
+
+
+def _peer_files(index: Index, folder: int, rels: Iterable[str]) -> dict[str, list[FileRecord]]:
+    """Peers' records of those ``rels`` whose current version is a file (in a thread)."""
+    found: dict[str, list[FileRecord]] = {}
+    for rel in rels:
+        theirs = list(index.remote_records_for_path(folder, rel).values())
+        if theirs:
+            winner = global_winner(theirs)
+            if not winner.deleted and winner.type is EntryType.FILE:
+                found[rel] = theirs
+    return found
+
+
+def _adopt(obs: _Observed, theirs: Sequence[FileRecord]) -> LocalChange | None:
+    """The record of a file found here that holds the content of the peers' current version:
+    that version (joined with every other of the same content), as a download of it would be
+    recorded; None if it holds anything else, an older version included."""
+    winner = global_winner(theirs) if theirs else None
+    if winner is None or winner.deleted or not _same_content(winner, obs):
+        return None
+    version = winner.version
+    for other in theirs:
+        if not other.deleted and _same_content(other, obs):
+            version = version.merge(other.version)
+    if (obs.mtime_ns, obs.mode) == (winner.mtime_ns, winner.mode):
+        record = dataclasses.replace(winner, version=version, sequence=0)
+    else:
+        # The same bytes under other metadata: no version at all, below every peer's, so
+        # the peers' metadata is what the planner puts here and this one never spreads.
+        record = _record(obs, VersionVector())
+    return LocalChange(record, obs.inode, obs.ctime_ns)
+
+
+def _same_content(old: FileRecord, new: _Observed) -> bool:
+    """True if ``new`` holds what ``old`` records, whatever its mode and mtime."""
+    if old.type is not new.type:
+        return False
+    if new.type is EntryType.SYMLINK:
+        return old.symlink_target == new.target
+    if new.type is EntryType.DIR:
+        return True
+    assert new.hashes is not None
+    return (old.size, old.hash_algo, old.file_hash) == (
+        new.size,
+        new.hashes.hash_algo,
+        new.hashes.file_hash,
     )
 
 

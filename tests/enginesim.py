@@ -26,7 +26,7 @@ from lanshare.engine import Engine, FolderSync
 from lanshare.events import BlockReceived, BlockRequested, Event
 from lanshare.identity import NodeId
 from lanshare.index import Index
-from lanshare.paths import INTERNAL_DIR, is_temporary
+from lanshare.paths import INTERNAL_DIR, MARKER, is_temporary
 from lanshare.protocol import Endpoint
 
 if TYPE_CHECKING:
@@ -567,12 +567,13 @@ async def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> 
 
 
 def all_contents(root: Path) -> set[str]:
-    """sha256 of every regular file anywhere below ``root``, ``.lanshare/versions`` included."""
+    """sha256 of every regular file anywhere below ``root``, ``.lanshare/versions`` included
+    (not the folder marker: lanshare's own state, rewritten as the folder changes)."""
     out = set()
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             full = Path(dirpath) / name
-            if is_temporary(name) or full.is_symlink():
+            if is_temporary(name) or full.is_symlink() or full == root / MARKER:
                 continue
             with contextlib.suppress(OSError):
                 out.add(hashlib.sha256(full.read_bytes()).hexdigest())

@@ -473,3 +473,56 @@ def test_the_deletion_history_survives_a_reopen_and_is_pruned_to_the_window(
             assert conn.execute("SELECT count(*) FROM deletions").fetchone()[0] == 0
         finally:
             conn.close()
+
+
+def test_forget_drops_records_without_a_tombstone_or_a_sequence(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    other = db.add_folder("/srv/b", "11" * 16).id
+    big = _file("big.iso", b"AAAABBBB", VersionVector().bump(0xA))
+    keep = _file("keep.txt", b"CCCC", VersionVector().bump(0xA))
+    db.commit_changes(folder, [LocalChange(big), LocalChange(keep)])
+    db.commit_changes(other, [LocalChange(_file("big.iso", b"AAAA"))])
+    sequence = db.max_sequence(folder)
+
+    assert db.forget(folder, ["big.iso", "big.iso", "never-held"]) == 1
+
+    # Not held here: no record at all, not a tombstone, and nothing for peers to read.
+    assert db.get(folder, "big.iso") is None
+    assert db.max_sequence(folder) == sequence
+    assert db.records_since(folder, sequence) == []
+    assert "big.iso" not in db.scan_cache(folder)
+    assert db.find_block(hashlib.sha256(b"BBBB").digest(), folder) == []
+    # The rest of the folder, and the other folder's path of the same name, stay.
+    assert db.get(folder, "keep.txt") is not None
+    assert db.get(other, "big.iso") is not None
+    assert db.forget(folder, []) == 0
+
+
+def test_forgotten_path_is_recorded_again_under_the_fetched_version(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    remote = _file("big.iso", b"AAAABBBB", VersionVector().bump(0xA).bump(0xB))
+    db.commit_changes(folder, [LocalChange(remote)])
+    db.forget(folder, ["big.iso"])
+    (again,) = db.commit_changes(folder, [LocalChange(remote)])
+    assert again.version == remote.version
+    assert not again.deleted
+    assert [b.path for b in db.find_block(hashlib.sha256(b"AAAA").digest(), folder)] == ["big.iso"]
+
+
+def test_held_names_are_the_top_level_names_of_live_records(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    assert db.held_names(folder) == []
+    photos = FileRecord(path="photos", type=EntryType.DIR, mode=0o755, version=VersionVector())
+    gone = _file("gone.txt", b"x")
+    db.commit_changes(
+        folder,
+        [
+            LocalChange(photos),
+            LocalChange(_file("photos/a.jpg", b"a")),
+            LocalChange(_file("photos/2024/b.jpg", b"b")),
+            LocalChange(_file("notes.txt", b"n")),
+            LocalChange(gone.tombstone(gone.version.bump(ME), 0)),
+        ],
+    )
+    assert db.held_names(folder) == ["notes.txt", "photos"]
+    assert db.held_names(folder, limit=1) == ["notes.txt"]

@@ -17,18 +17,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from lanshare import chunker, keys, scanner
+from lanshare import chunker, keys, marker, scanner
 from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
-from lanshare.index import Index
-from lanshare.manifest import EntryType
+from lanshare.index import Index, LocalChange
+from lanshare.manifest import EntryType, FileRecord, VersionVector
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from lanshare.chunker import FileHashes
-    from lanshare.manifest import FileRecord
 
 ME = 0x5EED
 T_NOW = 1_800_000_000.0
@@ -570,3 +569,203 @@ def test_local_deletions_in_batches_add_up_in_the_window(db: Index, root: Path) 
     assert (again.deleted, again.withheld) == (0, 99)
     late = scan(db, root, delete_history=history, now=T_NOW + 3600)
     assert (late.deleted, late.withheld) == (99, 0)
+
+
+# --- a node that only fetches ------------------------------------------------------------------
+
+REMOTE = 0xA11CE  # the short id of the peer a fetched file came from
+
+
+def fetched(db: Index, root: Path, rel: str, data: bytes) -> FileRecord:
+    """Place ``rel`` as a finished download is placed: the file, then its record under the
+    version it was fetched at (the peer's, with none of ours), with the stat cache."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    hashes = chunker.hash_file(path)
+    st = path.stat()
+    record = FileRecord(
+        path=rel,
+        type=EntryType.FILE,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        mode=st.st_mode & 0o777,
+        blocks=hashes.blocks,
+        file_hash=hashes.file_hash,
+        hash_algo=hashes.hash_algo,
+        version=VersionVector().bump(REMOTE),
+    )
+    folder = db.add_folder(root, "ab" * 16).id
+    (stored,) = db.commit_changes(folder, [LocalChange(record, st.st_ino, st.st_ctime_ns)])
+    return stored
+
+
+def test_fetch_only_scan_forgets_a_removed_file_instead_of_deleting_it(
+    db: Index, root: Path
+) -> None:
+    big = fetched(db, root, "big.iso", os.urandom(200_000))
+    other = fetched(db, root, "sub/other.txt", b"kept")
+    folder = db.add_folder(root, "ab" * 16).id
+    sequence = db.max_sequence(folder)
+    (root / "big.iso").unlink()
+
+    summary = scan(db, root, fetch_only=True)
+
+    # Not held here: no tombstone, no new version, nothing new for the peers to read.
+    assert (summary.deleted, summary.forgotten, summary.withheld) == (0, 1, 0)
+    assert db.get(folder, "big.iso") is None
+    assert db.max_sequence(folder) == sequence
+    assert db.records_since(folder, sequence) == []
+    assert records(db, root)["sub/other.txt"] == other
+    # Fetched again later, it is recorded under the peer's version once more.
+    (again,) = db.commit_changes(folder, [LocalChange(big)])
+    assert again.version == big.version
+    assert not again.deleted
+
+
+def test_fetch_only_scan_records_no_version_of_its_own(db: Index, root: Path) -> None:
+    fetched(db, root, "edited.txt", b"as fetched")
+    same = fetched(db, root, "same.txt", b"untouched")
+    folder = db.add_folder(root, "ab" * 16).id
+    sequence = db.max_sequence(folder)
+    (root / "edited.txt").write_bytes(b"edited here, never announced")
+    (root / "new.txt").write_text("made here")
+    (root / "newdir").mkdir()
+    (root / "same.txt").touch()  # a new stat, the same content
+
+    summary = scan(db, root, fetch_only=True)
+
+    assert (summary.new, summary.changed, summary.deleted) == (0, 0, 0)
+    assert summary.forgotten == 1
+    recs = records(db, root)
+    # The edit is not announced as a new version: the version recorded is simply not held.
+    # The same content under a new mtime is still held, as fetched.
+    assert set(recs) == {"same.txt"}
+    assert recs["same.txt"] == same
+    assert all(r.version.get(ME) == 0 for r in recs.values())
+    assert db.max_sequence(folder) == sequence
+    # A full scan (a daemon) then records what is here as its own, as for any new file.
+    full = scan(db, root)
+    assert (full.new, full.changed, full.deleted) == (3, 1, 0)
+    assert records(db, root)["edited.txt"].version == VersionVector().bump(ME)
+
+
+def test_fetch_only_scan_of_an_emptied_folder_neither_deletes_nor_pauses(
+    db: Index, root: Path
+) -> None:
+    for i in range(6):
+        fetched(db, root, f"f{i}.bin", bytes([i]) * 100)
+    for i in range(6):
+        (root / f"f{i}.bin").unlink()
+    summary = scan(db, root, fetch_only=True, limits=Limits(ratio=0.5, minimum=5))
+    assert (summary.deleted, summary.withheld, summary.paused_reason) == (0, 0, "")
+    assert summary.forgotten == 6
+    assert records(db, root) == {}
+
+
+def test_fetch_only_scan_takes_the_peers_current_version_it_already_holds(
+    db: Index, root: Path
+) -> None:
+    # Files left from long ago, found by a node that joined with `init --key`.
+    stamp = 1_600_000_000_000_000_000
+    for name, text in (
+        ("same.txt", "the same everywhere"),
+        ("touched.txt", "the same bytes, another mtime"),
+        ("old-draft.txt", "an old draft"),
+        ("mine.txt", "only here"),
+    ):
+        (root / name).write_text(text)
+        os.utime(root / name, ns=(stamp, stamp))
+    os.utime(root / "touched.txt", ns=(stamp + 10**9, stamp + 10**9))
+    settle(root)
+    mode = (root / "same.txt").stat().st_mode & 0o777
+    folder = db.add_folder(root, "ab" * 16).id
+
+    def peer_record(rel: str, text: str, version: VersionVector) -> FileRecord:
+        path = root.parent / "peer" / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        hashes = chunker.hash_file(path)
+        return FileRecord(
+            path=rel,
+            type=EntryType.FILE,
+            size=len(text),
+            mtime_ns=stamp,
+            mode=mode,
+            blocks=hashes.blocks,
+            file_hash=hashes.file_hash,
+            hash_algo=hashes.hash_algo,
+            version=version,
+            sequence=1,
+        )
+
+    older = VersionVector().bump(REMOTE)
+    newer = older.bump(REMOTE + 1)
+    db.remote_upsert(
+        folder,
+        b"\xaa" * 8,
+        [
+            peer_record("same.txt", "the same everywhere", older),
+            peer_record("old-draft.txt", "an old draft", older),
+        ],
+    )
+    db.remote_upsert(
+        folder,
+        b"\xbb" * 8,
+        [
+            peer_record("same.txt", "the same everywhere", newer),
+            peer_record("touched.txt", "the same bytes, another mtime", newer),
+            peer_record("old-draft.txt", "the report as it is today", newer),
+        ],
+    )
+
+    summary = scan(db, root, fetch_only=True)
+
+    recs = records(db, root)
+    # An old version, or content no peer has, stays unrecorded: never a version of ours.
+    assert set(recs) == {"same.txt", "touched.txt"}
+    same = recs["same.txt"]
+    assert same.version == newer
+    assert same.file_hash == chunker.hash_file(root / "same.txt").file_hash
+    assert (same.mtime_ns, same.deleted) == (stamp, False)
+    # Other metadata: recorded under no version, below the peers', which the planner applies.
+    touched = recs["touched.txt"]
+    assert touched.version == VersionVector()
+    assert touched.mtime_ns == stamp + 10**9
+    assert (summary.new, summary.changed, summary.deleted) == (2, 0, 0)
+    # What it recorded matches the disk: the next scan reads neither file again.
+    hasher = CountingHasher()
+    assert scan(db, root, hasher, fetch_only=True).new == 0
+    assert not {"same.txt", "touched.txt"} & set(hasher.reads)
+
+
+def test_scan_folder_records_nothing_without_the_folder_marker(db: Index, root: Path) -> None:
+    make_tree(root)
+    key = keys.format_key(keys.generate_key())
+    folder = FolderConfig(path=root, key=key)
+    asyncio.run(scanner.scan_folder(folder, db, ME))  # the first indexing marks the folder
+    assert (root / ".lanshare" / "folder-id").is_file()
+    (info,) = db.folders()
+    before = list(db.iter_records(info.id))
+    # The disk is not mounted: an empty directory where the folder was.
+    shutil.move(root, root.parent / "disk")
+    root.mkdir()
+    with pytest.raises(StorageError, match=r"folder marker missing \(disk not mounted\?\)"):
+        asyncio.run(scanner.scan_folder(folder, db, ME))
+    assert list(db.iter_records(info.id)) == before
+    assert not any(r.deleted for r in before)
+    # Back in place, deletions found by a scan count again.
+    root.rmdir()
+    shutil.move(root.parent / "disk", root)
+    (root / "top.txt").unlink()
+    assert asyncio.run(scanner.scan_folder(folder, db, ME)).deleted == 1
+
+
+def test_scan_folder_stamps_the_marker_with_the_index_state(db: Index, root: Path) -> None:
+    make_tree(root)
+    key = keys.parse_key(keys.format_key(keys.generate_key()))
+    folder = FolderConfig(path=root, key=keys.format_key(key))
+    asyncio.run(scanner.scan_folder(folder, db, ME))
+    (info,) = db.folders()
+    stamp = marker.generation(root, keys.folder_id(key))
+    assert stamp == marker.Generation(info.index_id, info.sequence)
