@@ -238,7 +238,7 @@ def _scan_offline(cfg: Config, path: Path | None) -> list[dict[str, object]]:
     """``scan`` with no daemon: into the daemon's index, holding its lock meanwhile."""
     import asyncio
 
-    from lanshare import identity, index, scanner
+    from lanshare import deleteguard, identity, index, scanner
     from lanshare.daemon import own_state
 
     _need_folders(cfg)
@@ -250,7 +250,11 @@ def _scan_offline(cfg: Config, path: Path | None) -> list[dict[str, object]]:
             for folder in folders:
                 summary = asyncio.run(
                     scanner.scan_folder(
-                        folder, db, identity.short_id(node), cfg.transfer.io_workers
+                        folder,
+                        db,
+                        identity.short_id(node),
+                        cfg.transfer.io_workers,
+                        limits=deleteguard.Limits.of(cfg.sync),
                     )
                 )
                 summaries.append(summary.as_json())

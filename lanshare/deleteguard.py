@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from lanshare.config import SyncConfig
+
 LOCAL: Final = b""
 """The origin of deletions made on this node (a peer's origin is its 8-byte node id)."""
 
@@ -57,6 +59,11 @@ class Limits:
     ratio: float = DEFAULT_RATIO
     minimum: int = DEFAULT_MINIMUM
     window: float = DEFAULT_WINDOW
+
+    @classmethod
+    def of(cls, sync: SyncConfig) -> Limits:
+        """The limits the config's ``[sync]`` table sets."""
+        return cls(sync.max_delete_ratio, sync.max_delete_min, sync.delete_window)
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -1584,10 +1584,7 @@ class Engine:
         self.kick = kick
         self.now = clock or asyncio.get_running_loop().time
         self.io_limit = asyncio.Semaphore(max(1, config.transfer.io_workers))
-        sync = config.sync
-        self.delete_limits = deleteguard.Limits(
-            sync.max_delete_ratio, sync.max_delete_min, sync.delete_window
-        )
+        self.delete_limits = deleteguard.Limits.of(config.sync)
         self.folders: dict[bytes, FolderSync] = {}
         self.addresses: dict[Addr, set[bytes]] = {}
         self.peer_names: dict[bytes, str] = {}

@@ -164,8 +164,13 @@ async def scan_folder(
     *,
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
+    limits: deleteguard.Limits = deleteguard.DEFAULT_LIMITS,
 ) -> ScanSummary:
     """Scan a configured folder into ``index`` (adding the folder to it if new).
+
+    This is ``lanshare scan`` with no daemon: its deletions are judged by the mass-deletion
+    guard with ``limits`` and the folder's deletion history, and added to that history,
+    exactly as a daemon's scan would (a wipe made of offline scans is no way around it).
 
     Args:
         folder: the folder's config (path, key, extra ignore patterns).
@@ -174,6 +179,7 @@ async def scan_folder(
         io_workers: most files hashed at once.
         hash_file: the hashing function (default ``chunker.hash_file``).
         limit: a semaphore shared with other disk work, instead of one of ``io_workers``.
+        limits: the mass-deletion guard's settings (the config's ``[sync]`` keys).
 
     Raises:
         StorageError: the folder root is missing or unreadable, its marker is missing (see
@@ -189,6 +195,9 @@ async def scan_folder(
         )
         if reason:
             raise StorageError(f"cannot scan {root}: {reason}")
+    history = await asyncio.to_thread(index.deletions, info.id)
+    held = await asyncio.to_thread(index.deletions_held_since, info.id)
+    now = held if held is not None else time.time()
     summary = await scan_path(
         index,
         info.id,
@@ -198,7 +207,15 @@ async def scan_folder(
         io_workers=io_workers,
         hash_file=hash_file,
         limit=limit,
+        limits=limits,
+        delete_history=history,
+        now=now,
     )
+    if summary.deletion is not None:
+        await asyncio.to_thread(index.deletions_record, info.id, [summary.deletion], limits.window)
+    if summary.verdict is not None and held is None:
+        # Held from now on, as a daemon would: the pause lasts until ``lanshare resume``.
+        await asyncio.to_thread(index.deletions_hold, info.id, now)
     await asyncio.to_thread(_stamp, index, info.id, root, folder_id)
     return summary
 

@@ -225,6 +225,34 @@ def test_scan_without_daemon_uses_the_daemons_index_and_removes_strays(
         assert db.get(info.id, "one.txt") is not None
 
 
+def test_offline_scans_add_up_in_the_mass_deletion_window(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = home / "A"
+    run(capsys, "init", str(folder))
+    config_path = configuration.default_config_path()
+    with config_path.open("a") as f:
+        f.write("\n[sync]\nmax_delete_min = 5\n")
+    for i in range(10):
+        (folder / f"f{i}.txt").write_text(str(i))
+    assert run(capsys, "scan")[0] == 0
+    for i in range(4):  # under the minimum on its own
+        (folder / f"f{i}.txt").unlink()
+    code, out, err = run(capsys, "scan", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["deleted"] == 4
+    for i in range(4, 6):  # 6 of 10 within the window: withheld, as a daemon would
+        (folder / f"f{i}.txt").unlink()
+    code, out, err = run(capsys, "scan", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["deleted"] == 0
+    assert "6 of 10 entries" in err
+    with Index.open(_state(home) / DATABASE_NAME) as db:
+        [info] = db.folders()
+        assert not db.get(info.id, "f5.txt").deleted  # type: ignore[union-attr]
+        assert db.deletions_held_since(info.id) is not None
+
+
 def test_scan_and_short_lived_node_stop_when_a_daemon_holds_the_state(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
