@@ -467,12 +467,13 @@ def resume(
     debug: DebugOption = False,
     socket: SocketOption = None,
 ) -> None:
-    """Confirm the mass deletion that paused a folder, and let it sync again.
+    """Confirm what paused a folder, and let it sync again; retry what failed.
 
-    A folder pauses when a change would delete more than [sync] max_delete_ratio of its
-    entries; `lanshare status` says why. Restoring the files also ends the pause. Pulls
-    that a full disk paused are tried again at once (they also resume by themselves when
-    space is freed).
+    A folder pauses when deletions added up over [sync] delete_window would remove more
+    than [sync] max_delete_ratio of its entries, or when its marker (.lanshare/folder-id)
+    is missing; `lanshare status` says why. Confirming applies to this machine only.
+    Restoring the files (or mounting the disk) also ends the pause. Pulls that a full disk
+    paused, and paths that failed, are tried again at once.
     """
     settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
