@@ -424,15 +424,17 @@ class FolderSync:
         if not self.engine.whole_folders:
             return False  # it only fetches anyway
         info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
-        stamp = await asyncio.to_thread(marker.generation, self.root, self.folder_id)
-        if stamp is None or stamp.index_id != info.index_id or stamp.sequence >= info.sequence:
+        was = await asyncio.to_thread(
+            marker.restored_from, self.root, self.folder_id, info.index_id, info.sequence
+        )
+        if was is None:
             return False
         logger.warning(
             "folder %s holds an earlier state than its index (change %d, not %d: a backup "
             "restored?); what is missing or older here is fetched again or kept beside the "
             "newer version, and nothing is deleted on the other machines",
             self.root,
-            stamp.sequence,
+            was,
             info.sequence,
         )
         return True

@@ -100,6 +100,16 @@ def generation(root: Path, folder_id: bytes) -> Generation | None:
         return None
 
 
+def restored_from(root: Path, folder_id: bytes, index_id: bytes, sequence: int) -> int | None:
+    """The index sequence the folder was at, when its marker's stamp says it went back to an
+    earlier state than the index (``index_id`` at ``sequence``) describes: a backup restored.
+    None when it did not (or nothing tells)."""
+    stamp = generation(root, folder_id)
+    if stamp is None or stamp.index_id != index_id or stamp.sequence >= sequence:
+        return None
+    return stamp.sequence
+
+
 def write(
     root: Path, folder_id: bytes, stamp: Generation | None = None, *, durable: bool = True
 ) -> None:

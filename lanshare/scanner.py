@@ -195,6 +195,17 @@ async def scan_folder(
         )
         if reason:
             raise StorageError(f"cannot scan {root}: {reason}")
+    # A folder gone back to an earlier state (a backup restored) is only read, as a daemon
+    # would: recording it would push its older contents and deletions to every peer.
+    restored = await asyncio.to_thread(
+        marker.restored_from, root, folder_id, info.index_id, info.sequence
+    )
+    if restored is not None:
+        raise StorageError(
+            f"cannot scan {root}: it holds an earlier state than its index (change "
+            f"{restored}, not {info.sequence}: a backup restored?); start the daemon, which "
+            "fetches what is missing or newer and keeps older contents beside it"
+        )
     history = await asyncio.to_thread(index.deletions, info.id)
     held = await asyncio.to_thread(index.deletions_held_since, info.id)
     now = held if held is not None else time.time()

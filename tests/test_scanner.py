@@ -23,6 +23,7 @@ from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
 from lanshare.index import Index, LocalChange
 from lanshare.manifest import EntryType, FileRecord, VersionVector
+from lanshare.paths import MARKER
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -769,3 +770,29 @@ def test_scan_folder_stamps_the_marker_with_the_index_state(db: Index, root: Pat
     (info,) = db.folders()
     stamp = marker.generation(root, keys.folder_id(key))
     assert stamp == marker.Generation(info.index_id, info.sequence)
+
+
+def test_scan_folder_records_nothing_in_a_folder_restored_from_a_backup(
+    db: Index, root: Path
+) -> None:
+    """Recording a restored folder would push its older contents and deletions to every
+    peer: ``lanshare scan`` refuses it and leaves it to the daemon's fetch-only scan."""
+    key = keys.format_key(keys.generate_key())
+    folder = FolderConfig(path=root, key=key)
+    (root / "doc.txt").write_text("v1\n")
+    asyncio.run(scanner.scan_folder(folder, db, ME))
+    backup = (root / MARKER).read_bytes()  # taken with the folder
+    (root / "doc.txt").write_text("v2, a day of work\n")
+    (root / "new.txt").write_text("made after the backup\n")
+    asyncio.run(scanner.scan_folder(folder, db, ME))
+    (info,) = db.folders()
+    # The backup comes back: the old file, the old marker, nothing newer.
+    (root / "doc.txt").write_text("v1\n")
+    (root / "new.txt").unlink()
+    (root / MARKER).write_bytes(backup)
+    with pytest.raises(StorageError, match="backup restored"):
+        asyncio.run(scanner.scan_folder(folder, db, ME))
+    assert db.folder(info.id).sequence == info.sequence
+    kept = {r.path: r for r in db.iter_records(info.id)}
+    assert not kept["new.txt"].deleted
+    assert kept["doc.txt"].size == len("v2, a day of work\n")
