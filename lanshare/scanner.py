@@ -262,7 +262,8 @@ async def scan_path(
     rules = await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
     walk = await asyncio.to_thread(_walk, root, rules)
     cache = await asyncio.to_thread(index.scan_cache, folder)
-    run = _Run(index, folder, short_id, walk, fetch_only=fetch_only)
+    peers = await asyncio.to_thread(index.remote_peers, folder)
+    run = _Run(index, folder, short_id, walk, fetch_only=fetch_only, has_peers=bool(peers))
     if fetch_only:
         unrecorded = [
             e.rel for e in walk.entries if e.type is EntryType.FILE and e.rel not in cache
@@ -405,7 +406,14 @@ class _Run:
     """The state of one scan on the event loop: counts, problems, changes waiting for a commit."""
 
     def __init__(
-        self, index: Index, folder: int, short_id: int, walk: _Walk, *, fetch_only: bool = False
+        self,
+        index: Index,
+        folder: int,
+        short_id: int,
+        walk: _Walk,
+        *,
+        fetch_only: bool = False,
+        has_peers: bool = False,
     ) -> None:
         self.index = index
         self.folder = folder
@@ -419,6 +427,7 @@ class _Run:
         """Peers' records of files found here but never recorded, where the peers' current
         version is a file (fetch only)."""
         self.forgotten = 0
+        self.has_peers = has_peers
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
@@ -489,7 +498,7 @@ class _Run:
                             changes.append(adopted)
                             new += 1
                     continue
-                base = old.version if old is not None else VersionVector()
+                base = old.version if old is not None else self._fresh_base(obs.rel)
                 record = _record(obs, base.bump(self.short_id))
                 changes.append(LocalChange(record, obs.inode, obs.ctime_ns))
                 if old is None or old.deleted:
@@ -505,6 +514,19 @@ class _Run:
                 deleted += 1
             self.index.commit_changes(self.folder, changes, updates)
         return new, changed, deleted
+
+    def _fresh_base(self, rel: str) -> VersionVector:
+        """The version a path recorded here for the first time builds on.
+
+        Peers may hold versions of it that carry our own counter (we held it once, then
+        forgot it: ``Index.forget``). A new version must not start below those, or it would
+        lose to an older one and be replaced: it starts above our highest counter there, and
+        so is concurrent with them (a conflict copy keeps both) unless it is the same."""
+        if not self.has_peers:
+            return VersionVector()
+        theirs = self.index.remote_records_for_path(self.folder, rel).values()
+        ours = max((r.version.get(self.short_id) for r in theirs), default=0)
+        return VersionVector.of({self.short_id: ours}) if ours else VersionVector()
 
     def summary(self, path: str, seconds: float) -> ScanSummary:
         if self.skipped > len(self.problems):

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from lanshare import chunker, keys, marker, scanner
+from lanshare import chunker, keys, marker, planner, scanner
 from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
 from lanshare.index import Index, LocalChange
-from lanshare.manifest import EntryType, FileRecord, VersionVector
+from lanshare.manifest import EntryType, FileRecord, Ordering, VersionVector
 from lanshare.paths import MARKER
 
 if TYPE_CHECKING:
@@ -575,6 +575,7 @@ def test_local_deletions_in_batches_add_up_in_the_window(db: Index, root: Path) 
 # --- a node that only fetches ------------------------------------------------------------------
 
 REMOTE = 0xA11CE  # the short id of the peer a fetched file came from
+PEER = REMOTE.to_bytes(8, "big")
 
 
 def fetched(db: Index, root: Path, rel: str, data: bytes) -> FileRecord:
@@ -796,3 +797,26 @@ def test_scan_folder_records_nothing_in_a_folder_restored_from_a_backup(
     kept = {r.path: r for r in db.iter_records(info.id)}
     assert not kept["new.txt"].deleted
     assert kept["doc.txt"].size == len("v2, a day of work\n")
+
+
+def test_a_file_recorded_again_after_it_was_forgotten_never_loses_to_an_older_version(
+    db: Index, root: Path
+) -> None:
+    """We edited doc.txt twice, the peer holds that version ({A:1, ME:2}); a fetch-only run
+    forgot our record; a later edit recorded from nothing must not start at {ME:1}, which
+    the peer's version dominates (the edit would be replaced), but above it."""
+    folder = db.add_folder(root, "ab" * 16).id
+    theirs = dataclasses.replace(
+        fetched(db, root, "doc.txt", b"our second edit"),
+        version=VersionVector.of({REMOTE: 1, ME: 2}),
+    )
+    db.remote_reset(folder, PEER, b"\x01" * 8)
+    db.remote_upsert(folder, PEER, [theirs])
+    db.forget(folder, ["doc.txt"])
+    (root / "doc.txt").write_bytes(b"an edit made while the daemon was stopped")
+    scan(db, root)
+    mine = records(db, root)["doc.txt"]
+    assert mine.version.compare(theirs.version) is Ordering.CONCURRENT
+    result = planner.plan({"doc.txt": mine}, {PEER: {"doc.txt": theirs}}, local_short_id=ME)
+    # A conflict keeps both; never a plain replacement of our edit by the older version.
+    assert [type(a) for a in result.actions if a.path == "doc.txt"] != [planner.Fetch]
