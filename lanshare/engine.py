@@ -153,6 +153,10 @@ at once)."""
 MAX_CONFLICT_PATHS = 100
 """Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
 
+_OTHER_CONTENT = (
+    "{} holds other content here than on the LAN; move it away to pull the LAN's version"
+)
+
 _HEADER = struct.Struct("!B8sQ")
 _ENTRY_HEADER = 0x00
 _ENTRY_IN_PROGRESS = 0x02
@@ -1332,7 +1336,12 @@ class FolderSync:
                 # that still wants this version resumes from it) and rescan, so the next plan
                 # sees the edit and decides: a newer local version, or a conflict copy.
                 logger.info("folder %s: %s", self.root, exc)
-                await self._local_change(record.path)
+                if self.engine.whole_folders:
+                    await self._local_change(record.path)
+                else:
+                    # A node that only fetches never records what it finds here as a version
+                    # of its own, so a rescan would change nothing: the path fails instead.
+                    self._fail(record.path, LocalChangeError(_OTHER_CONTENT.format(record.path)))
             elif discard:
                 logger.warning("folder %s: %s; fetching it again", self.root, exc)
             elif not isinstance(exc, DiskFullError):

@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lanshare.errors import DiskFullError, TransferError
+from lanshare.errors import DiskFullError, StorageError, TransferError
 from lanshare.manifest import EntryType, FileRecord, Ordering
 from lanshare.planner import conflict_original, global_winner
 
@@ -130,9 +130,10 @@ async def pull(
             rows, waiting, unknown = await _pull_state(targets)
             if not waiting and not unknown:
                 return rows
-            for sync, _ in targets:
+            for sync, prefix in targets:
                 if sync.disk_full and waiting:
                     raise DiskFullError(f"{sync.root}: {sync.disk_full}")
+                _check_not_failing(sync, prefix)
             elapsed = loop.time() - started
             if unknown:
                 _check_findable(targets, unknown, elapsed)
@@ -191,6 +192,16 @@ def _check_findable(
         idle = all(link.manifest_request is None for link in sync.links.values())
         if sync.links and idle and elapsed > 1.0:
             raise TransferError(f"no peer has {', '.join(unknown)}")
+
+
+def _check_not_failing(sync: FolderSync, prefix: str) -> None:
+    """A pull ends with the reason as soon as a path it wants fails here (a directory not
+    writable, other content in the way), or its folder cannot be synced at all."""
+    if sync.missing or sync.marker_missing:
+        raise StorageError(f"{sync.root}: {sync.reason}")
+    for path, failure in sorted(sync.failures.items()):
+        if _under(path, prefix):
+            raise TransferError(f"{sync.root / path}: {failure.message}")
 
 
 def _under(rel: str, prefix: str) -> bool:

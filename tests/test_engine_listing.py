@@ -6,6 +6,9 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
+from lanshare.errors import TransferError
 from lanshare.index import Index
 from lanshare.listing import listing, pull
 from lanshare.manifest import VersionVector
@@ -234,5 +237,30 @@ def test_a_node_acting_on_a_few_paths_keeps_the_daemons_partial_downloads(
             assert [p.path for p in index.partials(sync.info.id)] == ["big.bin"]
             assert temp_files(b.root)
             assert not b.path("big.bin").exists()
+
+    asyncio.run(main())
+
+
+def test_a_pull_onto_other_content_here_fails_with_the_reason_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A node that only fetches finds a file of its own where the pulled one goes: it never
+    replaces it, and the pull ends with why instead of fetching and rescanning for ever."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=34) as cluster:
+            a = cluster.add()
+            b = cluster.add(whole_folders=False)
+            a.write("doc.txt", b"the LAN's version" * 1000)
+            b.write("doc.txt", b"mine, never recorded")
+            await cluster.start()
+
+            async def progress(report: dict[str, Any]) -> None:
+                del report
+
+            with pytest.raises(TransferError, match="holds other content here"):
+                await asyncio.wait_for(pull(b.folder.engine, [b.root / "doc.txt"], progress), 30)
+            assert b.read("doc.txt") == b"mine, never recorded"
+            assert b.folder.status()["state"] == "error"
 
     asyncio.run(main())
