@@ -471,7 +471,8 @@ def resume(
 
     A folder pauses when deletions added up over [sync] delete_window would remove more
     than [sync] max_delete_ratio of its entries, or when its marker (.lanshare/folder-id)
-    is missing; `lanshare status` says why. Confirming applies to this machine only.
+    is missing; `lanshare status` says why. Confirming applies to this machine only, and
+    only to the folder named: without PATH, nothing is confirmed.
     Restoring the files (or mounting the disk) also ends the pause. Pulls that a full disk
     paused, and paths that failed, are tried again at once.
     """
@@ -480,8 +481,15 @@ def resume(
     params = {"path": str(_absolute(path))} if path is not None else {}
     with _connect(settings, cfg) as client:
         result = client.call("resume", params)
+    waiting = {str(f["path"]): str(f["reason"]) for f in result.get("unconfirmed", [])}
     for folder in result["resumed"]:
-        typer.echo(f"resumed {folder}")
+        if folder not in waiting:
+            typer.echo(f"resumed {folder}")
+    for folder, reason in waiting.items():
+        typer.echo(
+            f"{folder} stays paused ({reason}); to confirm, name it: lanshare resume {folder}",
+            err=True,
+        )
 
 
 class _PullProgress:

@@ -527,9 +527,14 @@ class Daemon:
         targets = (
             [engine.folder_for(Path(path))[0]] if isinstance(path, str) else engine.folders.values()
         )
+        # Confirming deletes files: only in a folder the user named, never in every folder
+        # at once (a `resume` meant for a full disk must not wipe an unmounted one).
+        confirm = isinstance(path, str)
+        unconfirmed = []
         for sync in targets:
-            await sync.resume()
-        return {"resumed": [str(s.root) for s in targets]}
+            if await sync.resume(confirm=confirm):
+                unconfirmed.append({"path": str(sync.root), "reason": sync.reason})
+        return {"resumed": [str(s.root) for s in targets], "unconfirmed": unconfirmed}
 
 
 def peers_json(daemon: Daemon) -> list[dict[str, Any]]:

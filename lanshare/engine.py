@@ -456,18 +456,21 @@ class FolderSync:
         except StorageError as exc:
             logger.warning("folder %s: %s", self.root, exc)
 
-    async def resume(self) -> None:
-        """The user confirmed a paused mass deletion: record and apply it, on this node only.
-        Pulls a full disk paused are tried again at once."""
-        confirm = bool(self.local_pause) or self.mass_delete_pause
+    async def resume(self, *, confirm: bool) -> bool:
+        """``lanshare resume``: pulls a full disk paused and paths that failed are tried
+        again at once. With ``confirm`` (the user named this folder), a paused mass deletion
+        or a missing marker is confirmed too, on this node only: the deletions are recorded
+        and applied. Returns whether such a pause is left, waiting for a confirmation."""
+        pending = bool(self.local_pause) or self.mass_delete_pause
         self.disk_full = ""
-        if self.local_pause:
+        if self.local_pause and confirm:
             await self.scan(allow_mass_delete=True)
         elif self.state == "error" or self.failures:
             await self.scan()
-        if confirm:
+        if pending and confirm:
             self.allow_mass_delete = True
         self.dirty.set()
+        return pending and not confirm
 
     def announce_sequence(self) -> None:
         self._stamp_marker()

@@ -288,7 +288,7 @@ def test_a_full_disk_pauses_pulls_and_they_resume_when_space_is_freed(tmp_path: 
                 again = verified & set(b.counters.received_hashes)
                 assert not again, f"{len(again)} blocks verified before the pause fetched again"
                 # resume only confirms a mass deletion when one is withheld.
-                await b.folder.resume()
+                await b.folder.resume(confirm=True)
                 assert not b.folder.allow_mass_delete
                 await b.stop()
 
@@ -442,7 +442,7 @@ def test_mass_delete_pauses_locally_and_at_peers_until_resumed(tmp_path: Path) -
             assert a.folder.info_sequence() == sequence
             await a.scan()
             assert a.folder.state == "paused"
-            await a.folder.resume()  # what `lanshare resume` does on A
+            await a.folder.resume(confirm=True)  # what `lanshare resume` does on A
             assert a.folder.info_sequence() == sequence + 150
             await wait_for(lambda: b.folder.state == "paused", 20, "B to pause")
             assert "150 of 205 entries" in b.folder.reason  # 200 files, 5 directories
@@ -450,7 +450,7 @@ def test_mass_delete_pauses_locally_and_at_peers_until_resumed(tmp_path: Path) -
             await asyncio.sleep(0.5)  # another plan or two: still nothing deleted
             assert b.folder.state == "paused"
             assert len(list(b.root.glob("d*/f*.txt"))) == 200
-            await b.folder.resume()  # what `lanshare resume` does on B
+            await b.folder.resume(confirm=True)  # what `lanshare resume` does on B
             await converge([a, b], 30)
             assert len(list(b.root.glob("d*/f*.txt"))) == 50
             assert b.folder.state == "in_sync"
@@ -494,7 +494,7 @@ def test_deletions_in_batches_pause_each_node_until_its_own_user_confirms(tmp_pa
             assert "198 of 300 entries" in a.folder.reason
             assert "198 made here" in a.folder.reason
             b.engine.peer_names[a.node_id] = "alpha"  # what discovery tells B
-            await a.folder.resume()  # A's user confirms: only A's own application
+            await a.folder.resume(confirm=True)  # A's user confirms: only A's own application
             await a.scan()
             assert a.folder.state != "paused"  # not again for the same deletions
 
@@ -520,7 +520,7 @@ def test_deletions_in_batches_pause_each_node_until_its_own_user_confirms(tmp_pa
             assert c.folder.state == "paused"
             assert _files(c) == 201
 
-            await b.folder.resume()  # B's user confirms on B
+            await b.folder.resume(confirm=True)  # B's user confirms on B
             await wait_for(lambda: _files(b) == 102, 30, "B to apply the deletions")
             await wait_for(
                 lambda: index_holds_tombstone(c, b, "f150.txt"), 30, "C to read B's tombstones"

@@ -356,6 +356,14 @@ def test_a_folder_emptied_on_purpose_is_emptied_everywhere_once_confirmed(
         "old2.txt",
     ]
 
+    # `resume` with no folder named retries what it can but confirms nothing (it may have
+    # been meant for a full disk elsewhere).
+    unnamed = b.cli("resume")
+    assert "stays paused" in unnamed.stderr
+    assert f"lanshare resume {b.folder}" in unnamed.stderr
+    assert b.folder_status()["state"] == "paused"
+    assert len(list(a.folder.glob("old*.txt"))) == 3
+
     b.cli("resume", str(b.folder))
     wait_until(
         lambda: not any(a.folder.glob("old*.txt")),
