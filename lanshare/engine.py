@@ -801,6 +801,14 @@ class FolderSync:
                 delay,
             )
 
+    def _retry_due(self, path: str) -> None:
+        """A retried download of a failing path stopped without failing again (deferred,
+        paused for space, fetched again after a bad block): the next plan may try it, or
+        nothing would ever retry it and the folder would stay ``error``."""
+        failure = self.failures.get(path)
+        if failure is not None and failure.retry_at == float("inf"):
+            failure.retry_at = self.engine.now()
+
     def _log_conflict(self, conflict: planner.Conflict) -> None:
         # Version vectors name devices by their short id (``identity.short_id``).
         names = {int.from_bytes(peer, "big"): name for peer, name in self.engine.peer_names.items()}
@@ -1124,6 +1132,7 @@ class FolderSync:
         if not ok:  # asked again by the plan that follows the next placement
             self.deferred[download.path] = download.record.size
             del self.downloads[download.path]
+            self._retry_due(download.path)
             if download.assembly is not None:
                 download.assembly.close()
 
@@ -1375,6 +1384,7 @@ class FolderSync:
         if download is None:
             return
         download.abandoned = True
+        self._retry_due(path)
         self._apply_steps(self.scheduler.remove_file(path))
         for rid, (_, ref) in list(self.requests.items()):
             if ref.file_id == path:
@@ -1729,7 +1739,10 @@ class Engine:
             now = self.now()
             for sync in self.folders.values():
                 sync.pump()
-                if any(f.retry_at <= now for f in sync.failures.values()):
+                # A paused folder (a full disk, a deletion to confirm) plans again when the
+                # pause ends; until then a due retry would only re-plan on every tick.
+                paused = sync.disk_full or sync.local_pause or sync.mass_delete_pause
+                if not paused and any(f.retry_at <= now for f in sync.failures.values()):
                     sync.dirty.set()
             if now - last_space >= SPACE_CHECK_INTERVAL:
                 last_space = now

@@ -12,9 +12,10 @@ import os
 import subprocess
 from typing import TYPE_CHECKING
 
+from lanshare.errors import DiskFullError
 from lanshare.listing import listing
 from lanshare.planner import conflict_original
-from tests.enginesim import Cluster, converge, temp_files, wait_for
+from tests.enginesim import Cluster, LinkSpec, converge, temp_files, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -173,5 +174,40 @@ def test_in_sync_needs_every_connected_peer_and_rates_fall_to_zero(tmp_path: Pat
             status = b.folder.status()
             assert status["connected_peers"] == 0
             assert status["reason"] == "no peer connected"
+
+    asyncio.run(main())
+
+
+def test_a_retried_download_stopped_by_a_full_disk_is_retried_once_space_is_back(
+    tmp_path: Path,
+) -> None:
+    """A retry in progress never fails again if a pause stops it: the pause must not leave
+    the failure waiting for ever (the folder would stay ``error``, the file never come)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=24) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=2 * 1024 * 1024))
+            a.write("photos/old.jpg", b"old")
+            await cluster.start()
+            await converge([a, b], 20)
+            size = 6 * 1024 * 1024
+            with read_only(b.root / "photos"):
+                a.write("photos/new.jpg", os.urandom(size))
+                await a.scan()
+                await wait_for(lambda: "photos/new.jpg" in b.folder.failures, 20, "a failure")
+            await b.scan()  # the watcher's scan after the fix: retried at once
+            await wait_for(
+                lambda: "photos/new.jpg" in b.folder.downloads, 20, "the retry under way"
+            )
+            # The disk fills while the retry runs (what a write's ENOSPC does), then is freed.
+            await b.folder._pause_for_space(DiskFullError("No space left on device"))
+            assert b.folder.status()["state"] == "paused"
+            b.folder.disk_full = ""  # what check_space does once space is back
+            b.folder.dirty.set()
+            await wait_for(lambda: b.path("photos/new.jpg").exists(), 30, "the file arrives")
+            await converge([a, b], 30)
+            assert b.folder.failures == {}
+            assert b.folder.status()["state"] == "in_sync"
 
     asyncio.run(main())
