@@ -408,12 +408,18 @@ class Daemon:
         await self._watch(sync)
 
     def _folder_back(self, sync: FolderSync) -> None:
-        """A folder missing until now (an unmounted disk) is back: watch it from now on."""
-        if sync.root in self._watchers or self._group is None:
-            return
-        self._group.create_task(self._watch_again(sync))
+        """A folder missing until now (an unmounted disk) is back: watch it from now on,
+        afresh (a watch set on the empty mount point sees nothing of the disk over it)."""
+        if self._group is not None:
+            self._group.create_task(self._watch_again(sync))
 
     async def _watch_again(self, sync: FolderSync) -> None:
+        old = self._watchers.pop(sync.root, None)
+        task = self._watch_tasks.pop(sync.root, None)
+        if task is not None:
+            task.cancel()
+        if old is not None:
+            await old.stop()
         await self._watch(sync)
         if sync.root in self._watchers:
             self._start_watch_task(sync.root)

@@ -443,6 +443,22 @@ class FolderSync:
         )
         return True
 
+    async def is_back(self) -> bool:
+        """Whether the folder, missing or paused for its marker, is there again (a disk
+        mounted): it is scanned at once, and watched afresh (a watch set on the empty mount
+        point sees nothing of the disk mounted over it)."""
+        if self.missing and await asyncio.to_thread(self.root.is_dir):
+            logger.info("folder %s is back", self.root)
+            self.missing = False
+            return True
+        if self.marker_missing:
+            found = await asyncio.to_thread(marker.read, self.root, self.folder_id)
+            if found is marker.Found.THIS:
+                logger.info("folder %s: the folder marker is back; resuming", self.root)
+                self.marker_missing = False  # the scan that follows checks it again
+                return True
+        return False
+
     def _stamp_marker(self) -> None:
         """Stamp the marker with the index's sequence after a local change (see ``marker``),
         unless the marker there is not this folder's. On the loop, not in a thread: a stamp
@@ -1748,9 +1764,7 @@ class Engine:
                 last_space = now
                 for sync in self.folders.values():
                     await sync.check_space()
-                    if sync.missing and await asyncio.to_thread(sync.root.is_dir):
-                        logger.info("folder %s is back", sync.root)
-                        sync.missing = False
+                    if await sync.is_back():
                         self.spawn(sync.scan())
                         if self.on_folder_back is not None:
                             self.on_folder_back(sync)

@@ -191,3 +191,35 @@ def test_status_names_the_connected_peers_and_says_when_there_is_none(cluster: C
     assert _status(b)["reason"] == "no peer connected"
     assert "no peer connected" in b.cli("status").stdout
     assert b.stop() == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_disk_mounted_while_paused_resumes_and_is_watched(cluster: Cluster) -> None:
+    """The folder is a mount point whose disk is not mounted at start (paused for its
+    marker); mounting it resumes the folder within seconds, and edits on the disk are seen
+    at once (a watch on the empty mount point would see nothing of the disk over it)."""
+    lab = cluster.lab(2)
+    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
+    (a.folder / "one.txt").write_text("one\n")
+    start_all([a, b])
+    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    b.stop()
+    disk = b.base / "disk"
+    shutil.move(b.folder, disk)  # the folder's contents live on the disk, marker included
+    b.folder.mkdir()  # the empty mount point
+    b.start()
+    wait_until(lambda: _state_is(b, "paused"), SYNC_TIMEOUT, "B paused for its marker")
+    assert "folder marker missing" in _status(b)["reason"]
+    enter = ["nsenter", "-t", str(b.pid), "-m"]
+    subprocess.run([*enter, "mount", "--bind", str(disk), str(b.folder)], check=True)
+    wait_until(lambda: _state_is(b, "in_sync"), 30, "B resumes by itself once mounted")
+    (disk / "from-b.txt").write_text("saved on b's disk\n")  # what B's user sees in the folder
+    (a.folder / "from-a.txt").write_text("saved on a\n")
+    wait_until(
+        lambda: (a.folder / "from-b.txt").exists() and (disk / "from-a.txt").exists(),
+        SYNC_TIMEOUT,
+        "changes flow both ways through the mounted disk",
+    )
+    assert not (b.folder / "from-a.txt").exists()  # nothing was written onto the mount point
+    for node in (a, b):
+        assert node.stop() == 0
