@@ -18,10 +18,11 @@ Theory of operation
   (ext4, xfs, btrfs, tmpfs, …: not FAT, exFAT, SMB or FUSE, whose inode numbers change on
   remount and whose ctime follows the mtime), an unchanged inode and ctime prove nothing was
   written since the index recorded them, unless the cache is racy: recorded as untrusted
-  (``ctime_ns = 0``), or with an mtime within ``chunker.RACY_WINDOW_NS`` of that ctime, so a
-  write in the same tick could hide. In every other case the file is read again and compared
-  with the recorded block hashes. Any difference raises ``LocalChangeError``: the engine
-  rescans and the planner keeps the edit (a newer local version or a conflict copy).
+  (``ctime_ns = 0``) by a scan that ran within ``chunker.RACY_WINDOW_NS`` of the file's
+  last write, when a write in the same tick could hide. In every other case the file is
+  read again and compared with the recorded block hashes. Any difference raises
+  ``LocalChangeError``: the engine rescans and the planner keeps the edit (a newer local
+  version or a conflict copy).
 * **Archives.** A file to be replaced or deleted is hard-linked into
   ``.lanshare/versions/<dir>/<stem>~<UTC stamp>[-n]<ext>`` (its own mtime and mode kept, for
   a restore) and unlinked. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
@@ -111,12 +112,10 @@ class LocalState:
     def stat_proves_unchanged(self, st: os.stat_result) -> bool:
         """True when ``st`` alone shows the file was not written since the index recorded
         it (on a file system whose inode numbers and ctimes can be trusted)."""
-        racy = self.mtime_ns > self.ctime_ns - chunker.RACY_WINDOW_NS
-        return (
-            self.ctime_ns != 0
-            and not racy
-            and (st.st_ino, st.st_ctime_ns) == (self.inode, self.ctime_ns)
-        )
+        # A cache recorded within the racy window of a write is stored untrusted (0) by the
+        # scanner: a write in the same timestamp tick could hide behind it. Any other write
+        # since moves the ctime.
+        return self.ctime_ns != 0 and (st.st_ino, st.st_ctime_ns) == (self.inode, self.ctime_ns)
 
 
 class Assembly:

@@ -487,14 +487,15 @@ def test_an_unchanged_file_is_still_replaced(tmp_path: Path, action: str) -> Non
 
 def test_a_write_within_the_timestamp_tick_of_the_scan_is_caught_by_reading(tmp_path: Path) -> None:
     """The scan read version one; a write in the same clock tick left mtime, ctime and inode
-    as the scan saw them (coarse timestamps). Only the content tells: a racy cache (the
-    mtime within ``RACY_WINDOW_NS`` of the ctime recorded) makes the store read it."""
+    as the scan saw them (coarse timestamps). Only the content tells: the scan ran within
+    ``RACY_WINDOW_NS`` of the write, so it stored its cache as untrusted (``ctime_ns = 0``),
+    and the store reads the file."""
     path = tmp_path / "doc.txt"
     path.write_bytes(b"version two, same tick\n")
     st = path.stat()
     assert st.st_ctime_ns - st.st_mtime_ns < chunker.RACY_WINDOW_NS
     scanned = record_for("doc.txt", b"version one, scanned!!\n", mtime_ns=st.st_mtime_ns)
-    planned = LocalState.of(scanned, st.st_ino, st.st_ctime_ns)
+    planned = LocalState.of(scanned, st.st_ino, 0)
     assert planned.size == st.st_size
     with pytest.raises(LocalChangeError):
         replace_by_download(FolderStore(tmp_path), "doc.txt", planned)
@@ -512,6 +513,23 @@ def test_a_trusted_stat_cache_spares_reading_the_file(tmp_path: Path) -> None:
         FolderStore(tmp_path), "big.bin", LocalState.of(other, st.st_ino, st.st_ctime_ns)
     )
     assert (tmp_path / "big.bin").read_bytes() == payload(5000, seed=99)
+
+
+def test_a_file_written_here_is_not_read_again_when_its_stat_is_trusted(
+    tmp_path: Path,
+) -> None:
+    """A file saved here has its mtime equal to its ctime: that alone is no reason to read
+    it again before replacing it. The scan that recorded it already stores an untrusted
+    cache (``ctime_ns = 0``) when it ran within the racy window of the write."""
+    (tmp_path / "edited.bin").write_bytes(payload(4096, seed=7))
+    st = (tmp_path / "edited.bin").stat()
+    assert abs(st.st_mtime_ns - st.st_ctime_ns) < chunker.RACY_WINDOW_NS
+    # The record's blocks are not this content's: a reading would have refused.
+    other = record_for("edited.bin", payload(4096, seed=8), mtime_ns=st.st_mtime_ns)
+    replace_by_download(
+        FolderStore(tmp_path), "edited.bin", LocalState.of(other, st.st_ino, st.st_ctime_ns)
+    )
+    assert (tmp_path / "edited.bin").read_bytes() == payload(5000, seed=99)
 
 
 def test_a_file_replaced_by_a_directory_is_kept(tmp_path: Path) -> None:
