@@ -89,6 +89,12 @@ SYSTEM_CONTROL_SOCKET = Path("/run/lanshare/control.sock")
 """The service's control socket, in its ``RuntimeDirectory=lanshare``."""
 SYSTEM_GROUP = "lanshare"
 """The service's group: its members may use the control socket."""
+_SYSTEM_NODE: dict[str, object] = {
+    "state_dir": SYSTEM_STATE_DIR,
+    "control_socket": SYSTEM_CONTROL_SOCKET,
+    "control_group": SYSTEM_GROUP,
+}
+"""What ``SYSTEM_CONFIG`` means for [node] keys it does not set."""
 
 
 def user_control_sockets() -> tuple[Path, ...]:
@@ -457,6 +463,11 @@ def _build(
     for table in SECTIONS:
         for key, raw in data.get(table, {}).items():
             values[table][key] = (_field_value(where, table, key, raw), where)
+    if source is not None and Path(os.path.abspath(source)) == SYSTEM_CONFIG:
+        # A system config written before [node] named the service's paths: whoever reads
+        # it (the service, root's CLI) still finds the service's index and socket.
+        for key, value in _SYSTEM_NODE.items():
+            values["node"].setdefault(key, (value, "the system service's default"))
     for dotted, raw in (overrides or {}).items():
         if raw is None:
             continue

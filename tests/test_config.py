@@ -790,6 +790,31 @@ def test_a_config_created_for_the_system_service_names_its_paths(
     assert created.node == loaded.node
 
 
+def test_a_system_config_from_before_the_node_table_still_names_the_service_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config the previous release wrote for the service has no [node] table: read as
+    the system config, it still leads to the service's index, socket and group."""
+    system = tmp_path / "etc" / "lanshare" / "config.toml"
+    system.parent.mkdir(parents=True)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "root-state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "root-run"))
+    fd = os.open(system, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'[[folder]]\npath = "{tmp_path / "Shared"}"\nkey = "{KEY}"\n')
+    loaded = config.load(system)
+    assert loaded.node.state_dir == Path("/var/lib/lanshare")
+    assert loaded.node.control_socket == Path("/run/lanshare/control.sock")
+    assert loaded.node.control_group == "lanshare"
+    # What the file says still wins, and so does the command line.
+    with system.open("a") as f:
+        f.write('[node]\ncontrol_socket = "/run/elsewhere.sock"\n')
+    assert config.load(system).node.control_socket == Path("/run/elsewhere.sock")
+    other = config.load(system, {"node.control_group": "staff"})
+    assert other.node.control_group == "staff"
+
+
 def test_any_other_new_config_keeps_the_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
