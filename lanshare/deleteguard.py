@@ -108,8 +108,13 @@ class Verdict:
 
 
 def in_window(history: Iterable[Deletion], now: float, window: float) -> list[Deletion]:
-    """The entries of ``history`` that still count at ``now``, in their order."""
-    return [d for d in history if d.at > now - window]
+    """The entries of ``history`` that still count at ``now``, in their order.
+
+    A clock set back by up to a window keeps counting what it recorded (a wipe must not get
+    through because NTP corrected the clock); an entry stamped more than a window ahead was
+    written under a clock far wrong (a Raspberry Pi without a clock, a year ahead) and would
+    pause every deletion until the clock caught up with it, so it no longer counts."""
+    return [d for d in history if now - window < d.at <= now + window]
 
 
 def judge(

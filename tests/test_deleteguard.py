@@ -90,6 +90,13 @@ def test_a_clock_set_back_keeps_counting_what_it_recorded() -> None:
     assert judge(history, {PEER_A: 99}, 201, T0, DEFAULT_LIMITS) is not None
 
 
+def test_what_a_clock_far_ahead_recorded_stops_counting_once_it_is_fixed() -> None:
+    """A year ahead, then corrected: those deletions must not pause every later one."""
+    history = [Deletion(T0 + 365 * 24 * HOUR, LOCAL, 140, 150)]
+    assert judge(history, {LOCAL: 10}, 150, T0, Limits(minimum=5)) is None
+    assert judge([], {LOCAL: 10}, 150, T0, Limits(minimum=5)) is None
+
+
 def test_the_reason_names_who_deleted_by_name_and_id_and_says_what_was_made_here() -> None:
     history = [Deletion(T0, PEER_A, 120, 400), Deletion(T0 + 1, LOCAL, 30, 280)]
     verdict = judge(history, {PEER_B: 60, PEER_A: 10}, 250, T0 + 2, DEFAULT_LIMITS)
