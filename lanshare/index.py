@@ -827,9 +827,12 @@ class Index:
     def remote_records_for_path(self, folder: int, path: str) -> dict[bytes, FileRecord]:
         """Every peer's record of one path, by peer."""
         with self._read("read remote records") as conn:
+            # Left to itself, SQLite walks every remote record of the folder by primary key
+            # (folder, peer, path) for this: one path's records cost O(records), a scan of
+            # many new paths O(records²).
             rows = conn.execute(
                 f"SELECT peer, {_RECORD_COLUMNS} FROM remote_files "
-                "WHERE folder = ? AND path = ? ORDER BY peer",
+                "INDEXED BY remote_files_path WHERE folder = ? AND path = ? ORDER BY peer",
                 (folder, path),
             ).fetchall()
         return {row[0]: _record(row[1:]) for row in rows}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
 import subprocess
@@ -526,3 +527,32 @@ def test_held_names_are_the_top_level_names_of_live_records(db: Index) -> None:
     )
     assert db.held_names(folder) == ["notes.txt", "photos"]
     assert db.held_names(folder, limit=1) == ["notes.txt"]
+
+
+def test_one_paths_remote_records_are_found_by_the_path_index(tmp_path: Path) -> None:
+    """Read by path for every path a scan records for the first time: walking all the
+    folder's remote records each time made such a scan quadratic (20,000 new files: 30 s
+    instead of 2 s). The plan of each statement it runs must search the path index."""
+    with Index.open(tmp_path / "index.sqlite3") as db:
+        folder = db.add_folder(tmp_path / "share", "ab" * 16).id
+        peer = b"\x01" * 8
+        db.remote_reset(folder, peer, b"\x02" * 8)
+        records = [
+            dataclasses.replace(
+                _file(f"f{i:04}.txt", b"x", VersionVector().bump(7)), sequence=i + 1
+            )
+            for i in range(2000)
+        ]
+        db.remote_upsert(folder, peer, records)
+        statements: list[str] = []
+        conn = db._conn
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+        try:
+            found = db.remote_records_for_path(folder, "f0042.txt")
+        finally:
+            conn.set_trace_callback(None)
+        assert [r.path for r in found.values()] == ["f0042.txt"]
+        (select,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        plan = conn.execute("EXPLAIN QUERY PLAN " + select).fetchall()
+        assert any("INDEX remote_files_path" in str(row[-1]) for row in plan), plan
