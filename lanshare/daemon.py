@@ -143,6 +143,7 @@ class Daemon:
         self.discovery: Discovery | None = None
         self._watchers: dict[Path, FolderWatcher] = {}
         self._watch_tasks: dict[Path, asyncio.Task[None]] = {}
+        self._rewatching: dict[Path, asyncio.Lock] = {}
         self._group: asyncio.TaskGroup | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         self._addresses = AddressBook()
@@ -414,15 +415,20 @@ class Daemon:
             self._group.create_task(self._watch_again(sync))
 
     async def _watch_again(self, sync: FolderSync) -> None:
-        old = self._watchers.pop(sync.root, None)
-        task = self._watch_tasks.pop(sync.root, None)
-        if task is not None:
-            task.cancel()
-        if old is not None:
-            await old.stop()
-        await self._watch(sync)
-        if sync.root in self._watchers:
-            self._start_watch_task(sync.root)
+        # One replacement at a time per folder, or two would each start a watcher and one
+        # would run on untracked.
+        async with self._rewatching.setdefault(sync.root, asyncio.Lock()):
+            old = self._watchers.pop(sync.root, None)
+            task = self._watch_tasks.pop(sync.root, None)
+            if old is not None:
+                await old.stop()
+            if task is not None:
+                # Its iteration ends once the old watcher stopped; a scan it runs finishes
+                # whole (cut short after its commit, it would skip announcing the change).
+                await task
+            await self._watch(sync)
+            if sync.root in self._watchers:
+                self._start_watch_task(sync.root)
 
     async def _watch(self, sync: FolderSync) -> None:
         timing = self.config.sync

@@ -274,6 +274,8 @@ class FolderSync:
         self.marker_missing = False
         """The folder marker is not there (``marker.check``): an empty mount point, or
         another disk, is no place to change anything until the folder's disk is back."""
+        self.marker_seen_back = False
+        """The marker was seen back and a scan asked for, which ends the pause."""
         self.disk_full = ""
         """Why pulls are paused for want of space (empty: they are not)."""
         self.free_at_pause = 0
@@ -408,6 +410,7 @@ class FolderSync:
             logger.warning("folder %s: marked again as the user confirmed it", self.root)
             await asyncio.to_thread(marker.write, self.root, self.folder_id)
             reason = ""
+        self.marker_seen_back = False
         if reason:
             if not self.marker_missing:
                 logger.warning("folder %s: %s", self.root, reason)
@@ -451,12 +454,12 @@ class FolderSync:
             logger.info("folder %s is back", self.root)
             self.missing = False
             return True
-        if self.marker_missing:
+        if self.marker_missing and not self.marker_seen_back:
             found = await asyncio.to_thread(marker.read, self.root, self.folder_id)
-            if found is marker.Found.THIS:
-                logger.info("folder %s: the folder marker is back; resuming", self.root)
-                self.marker_missing = False  # the scan that follows checks it again
-                return True
+            # Only the scan, under ``busy``, ends the pause: it first checks whether the disk
+            # is a restored backup, which a plan acting on it meanwhile would hide.
+            self.marker_seen_back = found is marker.Found.THIS
+            return self.marker_seen_back
         return False
 
     def _stamp_marker(self) -> None:
@@ -818,9 +821,10 @@ class FolderSync:
             )
 
     def _retry_due(self, path: str) -> None:
-        """A retried download of a failing path stopped without failing again (deferred,
-        paused for space, fetched again after a bad block): the next plan may try it, or
-        nothing would ever retry it and the folder would stay ``error``."""
+        """A retried download of a failing path stopped without failing again (paused for
+        space, fetched again after a bad block): the next plan may try it, or nothing would
+        ever retry it and the folder would stay ``error``. (A deferred one is asked again
+        by the plan after the next placement, its wait unchanged.)"""
         failure = self.failures.get(path)
         if failure is not None and failure.retry_at == float("inf"):
             failure.retry_at = self.engine.now()
@@ -1148,7 +1152,6 @@ class FolderSync:
         if not ok:  # asked again by the plan that follows the next placement
             self.deferred[download.path] = download.record.size
             del self.downloads[download.path]
-            self._retry_due(download.path)
             if download.assembly is not None:
                 download.assembly.close()
 
@@ -1755,10 +1758,11 @@ class Engine:
             now = self.now()
             for sync in self.folders.values():
                 sync.pump()
-                # A paused folder (a full disk, a deletion to confirm) plans again when the
-                # pause ends; until then a due retry would only re-plan on every tick.
-                paused = sync.disk_full or sync.local_pause or sync.mass_delete_pause
-                if not paused and any(f.retry_at <= now for f in sync.failures.values()):
+                # While the disk is full or the marker missing nothing is fetched or changed,
+                # and the folder plans again when that ends: a due retry would only re-plan
+                # on every tick. (A deletion to confirm holds back deletions only.)
+                stalled = sync.disk_full or sync.marker_missing
+                if not stalled and any(f.retry_at <= now for f in sync.failures.values()):
                     sync.dirty.set()
             if now - last_space >= SPACE_CHECK_INTERVAL:
                 last_space = now

@@ -118,10 +118,17 @@ async def pull(
         DiskFullError: the folder's disk is full (its pulls are paused).
     """
     targets = [engine.folder_for(p) for p in paths]
+    # Paths that failed before this pull are tried again now; the pull ends with the reason
+    # only when one fails again (or a new one fails), not on an old failure since fixed.
+    failed_before: dict[tuple[int, str], int] = {}
     for sync, rel in targets:
         sync.priority.add(rel)
         if sync.scope is not None:
             sync.scope.add(rel)
+        for path, failure in sync.failures.items():
+            if _under(path, rel):
+                failed_before[(sync.info.id, path)] = failure.attempts
+                failure.retry_at = min(failure.retry_at, 0.0)
         sync.dirty.set()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -133,7 +140,7 @@ async def pull(
             for sync, prefix in targets:
                 if sync.disk_full and waiting:
                     raise DiskFullError(f"{sync.root}: {sync.disk_full}")
-                _check_not_failing(sync, prefix)
+                _check_not_failing(sync, prefix, failed_before)
             elapsed = loop.time() - started
             if unknown:
                 _check_findable(targets, unknown, elapsed)
@@ -194,13 +201,17 @@ def _check_findable(
             raise TransferError(f"no peer has {', '.join(unknown)}")
 
 
-def _check_not_failing(sync: FolderSync, prefix: str) -> None:
-    """A pull ends with the reason as soon as a path it wants fails here (a directory not
-    writable, other content in the way), or its folder cannot be synced at all."""
+def _check_not_failing(
+    sync: FolderSync, prefix: str, failed_before: dict[tuple[int, str], int]
+) -> None:
+    """A pull ends with the reason as soon as a path it wants fails here during the pull
+    (a directory not writable, other content in the way), or its folder cannot be synced
+    at all."""
     if sync.missing or sync.marker_missing:
         raise StorageError(f"{sync.root}: {sync.reason}")
     for path, failure in sorted(sync.failures.items()):
-        if _under(path, prefix):
+        before = failed_before.get((sync.info.id, path), 0)
+        if _under(path, prefix) and failure.attempts > before:
             raise TransferError(f"{sync.root / path}: {failure.message}")
 
 

@@ -12,16 +12,16 @@ import os
 import subprocess
 from typing import TYPE_CHECKING
 
-from lanshare.errors import DiskFullError
-from lanshare.listing import listing
+import pytest
+
+from lanshare.errors import DiskFullError, TransferError
+from lanshare.listing import listing, pull
 from lanshare.planner import conflict_original
 from tests.enginesim import Cluster, LinkSpec, converge, temp_files, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
-
-    import pytest
 
     from tests.enginesim import SimNode
 
@@ -209,5 +209,69 @@ def test_a_retried_download_stopped_by_a_full_disk_is_retried_once_space_is_back
             await converge([a, b], 30)
             assert b.folder.failures == {}
             assert b.folder.status()["state"] == "in_sync"
+
+    asyncio.run(main())
+
+
+def test_a_pull_retries_a_path_that_failed_before_it_instead_of_failing_at_once(
+    tmp_path: Path,
+) -> None:
+    """The directory was fixed since the last attempt: `pull` tries it again and succeeds
+    (it ends with the reason only when the path fails again during the pull)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=25) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("photos/old.jpg", b"old")
+            await cluster.start()
+            await converge([a, b], 20)
+            with read_only(b.root / "photos"):
+                a.write("photos/new.jpg", b"new photo" * 1000)
+                await a.scan()
+                await wait_for(lambda: "photos/new.jpg" in b.folder.failures, 20, "a failure")
+                b.folder.failures["photos/new.jpg"].retry_at = float("inf")  # not due soon
+
+            async def progress(report: dict[str, object]) -> None:
+                del report
+
+            rows = await asyncio.wait_for(pull(b.engine, [b.root / "photos/new.jpg"], progress), 30)
+            assert [r["state"] for r in rows] == ["in_sync"]
+            assert b.read("photos/new.jpg") == b"new photo" * 1000
+            with read_only(b.root / "photos"):
+                a.write("photos/newer.jpg", b"newer" * 1000)
+                await a.scan()
+                with pytest.raises(TransferError, match="directory photos"):
+                    await asyncio.wait_for(
+                        pull(b.engine, [b.root / "photos/newer.jpg"], progress), 30
+                    )
+
+    asyncio.run(main())
+
+
+def test_a_failed_path_is_retried_while_a_mass_deletion_waits_for_confirmation(
+    tmp_path: Path,
+) -> None:
+    """A paused mass deletion holds back deletions only: a failed download is retried on
+    its backoff all the same (no scan, no `resume`)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=26) as cluster:
+            a, b = cluster.add(), cluster.add()
+            for i in range(150):
+                a.write(f"many/f{i:03}.txt", b"%d" % i)
+            a.write("photos/old.jpg", b"old")
+            await cluster.start()
+            await converge([a, b], 60)
+            with read_only(b.root / "photos"):
+                a.write("photos/new.jpg", b"new photo" * 1000)
+                for i in range(120):
+                    a.path(f"many/f{i:03}.txt").unlink()
+                await a.scan()  # A's own guard holds them: confirm there, as its user would
+                await a.folder.resume(confirm=True)
+                await wait_for(lambda: b.folder.mass_delete_pause, 30, "B pauses A's deletion")
+                await wait_for(lambda: "photos/new.jpg" in b.folder.failures, 30, "a failure")
+            await wait_for(lambda: b.path("photos/new.jpg").exists(), 30, "retried, paused")
+            assert b.folder.status()["state"] == "paused"
+            assert len(list((b.root / "many").iterdir())) == 150
 
     asyncio.run(main())
