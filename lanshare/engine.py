@@ -352,6 +352,8 @@ class FolderSync:
             )
         if restored:  # the index now says what this folder holds: later scans are as usual
             self._stamp_marker()
+        if summary.orphans and self.engine.whole_folders:
+            await self._keep_orphans(summary.orphans)
         verdict = summary.verdict
         self.local_pause = verdict.reason(self.engine.peer_names) if verdict is not None else ""
         if self.local_pause:
@@ -375,6 +377,30 @@ class FolderSync:
             self.announce_sequence()
         self.dirty.set()
         return summary
+
+    async def _keep_orphans(self, orphans: Iterable[tuple[str, str]]) -> None:
+        """Move files this node lost track of (``ScanSummary.orphans``) to their conflict
+        names: kept beside the version the LAN holds, which the next plan fetches into the
+        name, and recorded as new files by the scan that follows."""
+        moved = 0
+        for path, name in orphans:
+            await self._own_write(path)
+            await self._own_write(name)
+            try:
+                await asyncio.to_thread(self.store.rename_local, path, name)
+            except LanshareError as exc:
+                logger.warning("folder %s: cannot keep %s as %s: %s", self.root, path, name, exc)
+                continue
+            moved += 1
+            logger.info(
+                "folder %s: %s differs from the LAN's version and its history here was lost "
+                "(a restore?); kept as %s",
+                self.root,
+                path,
+                name,
+            )
+        if moved:
+            self.engine.spawn(self.scan())
 
     def _guard_inputs(self) -> tuple[list[deleteguard.Deletion], float | None]:
         """The folder's deletion history, and since when the guard holds deletions back

@@ -38,6 +38,11 @@ Theory of operation
    recorded as that version, as if it had been fetched (under no version at all when its
    mode or mtime differ, so that the peers' metadata wins). Peers keep their copies; this
    node fetches a path again when it wants it.
+6. **Lost track.** A file recorded for the first time whose path the peers hold in versions
+   that carry this node's counter (its record was forgotten, or the index or the folder
+   was restored) and whose content differs from theirs has no known place in the history:
+   it is not recorded but reported as an *orphan*, with a conflict name to keep it under
+   beside the LAN's version (the engine moves it there).
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
@@ -66,7 +71,7 @@ from lanshare.manifest import (
     FileRecord,
     VersionVector,
 )
-from lanshare.planner import global_winner
+from lanshare.planner import conflict_name, global_winner
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -136,6 +141,9 @@ class ScanSummary:
     """The tombstones this scan wrote, as an entry of the guard's history (None if none)."""
     forgotten: int = 0
     """Records dropped as not held here (a fetch-only scan; see ``Index.forget``)."""
+    orphans: tuple[tuple[str, str], ...] = ()
+    """Files this node lost track of, holding other content than the LAN's version (see
+    ``_Run._lost_track``): not recorded; each with the conflict name to move it to."""
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -222,6 +230,13 @@ async def scan_folder(
         delete_history=history,
         now=now,
     )
+    if summary.orphans:
+        logger.warning(
+            "%s: %d file(s) differ from the LAN's version and their history here was lost "
+            "(a restore?); not recorded: the daemon keeps them as conflict copies",
+            root,
+            len(summary.orphans),
+        )
     if summary.deletion is not None:
         await asyncio.to_thread(index.deletions_record, info.id, [summary.deletion], limits.window)
     if summary.verdict is not None and held is None:
@@ -428,6 +443,8 @@ class _Run:
         version is a file (fetch only)."""
         self.forgotten = 0
         self.has_peers = has_peers
+        self.orphans: list[tuple[str, str]] = []
+        """Files this node lost track of, not recorded, with the names to keep them under."""
         self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
@@ -498,7 +515,9 @@ class _Run:
                             changes.append(adopted)
                             new += 1
                     continue
-                base = old.version if old is not None else self._fresh_base(obs.rel)
+                if old is None and self._lost_track(obs):
+                    continue
+                base = old.version if old is not None else VersionVector()
                 record = _record(obs, base.bump(self.short_id))
                 changes.append(LocalChange(record, obs.inode, obs.ctime_ns))
                 if old is None or old.deleted:
@@ -515,18 +534,26 @@ class _Run:
             self.index.commit_changes(self.folder, changes, updates)
         return new, changed, deleted
 
-    def _fresh_base(self, rel: str) -> VersionVector:
-        """The version a path recorded here for the first time builds on.
+    def _lost_track(self, obs: _Observed) -> bool:
+        """Whether ``obs``, a file recorded here for the first time, is one this node held
+        once and lost track of (peers' versions of it carry our counter: its record was
+        forgotten, or the index or the folder restored) and now holds other content.
 
-        Peers may hold versions of it that carry our own counter (we held it once, then
-        forgot it: ``Index.forget``). A new version must not start below those, or it would
-        lose to an older one and be replaced: it starts above our highest counter there, and
-        so is concurrent with them (a conflict copy keeps both) unless it is the same."""
-        if not self.has_peers:
-            return VersionVector()
-        theirs = self.index.remote_records_for_path(self.folder, rel).values()
-        ours = max((r.version.get(self.short_id) for r in theirs), default=0)
-        return VersionVector.of({self.short_id: ours}) if ours else VersionVector()
+        Its place in the history is unknown: any version recorded for it would either lose
+        to the peers' (and it would be replaced) or beat theirs (an old backup pushed over
+        newer work). So it is not recorded; it goes to ``orphans`` with a conflict name, and
+        the engine moves it there, beside the version the LAN holds."""
+        if not self.has_peers or obs.type is not EntryType.FILE:
+            return False
+        theirs = list(self.index.remote_records_for_path(self.folder, obs.rel).values())
+        if not any(r.version.get(self.short_id) for r in theirs):
+            return False
+        winner = global_winner(theirs)
+        if not winner.deleted and _same_content(winner, obs):
+            return False
+        mine = _record(obs, VersionVector().bump(self.short_id))
+        self.orphans.append((obs.rel, conflict_name(obs.rel, mine, winner)))
+        return True
 
     def summary(self, path: str, seconds: float) -> ScanSummary:
         if self.skipped > len(self.problems):
@@ -549,6 +576,7 @@ class _Run:
             paused_reason=self.verdict.reason() if self.verdict is not None else "",
             verdict=self.verdict,
             forgotten=self.forgotten,
+            orphans=tuple(self.orphans),
         )
 
 

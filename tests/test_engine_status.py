@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -273,5 +274,46 @@ def test_a_failed_path_is_retried_while_a_mass_deletion_waits_for_confirmation(
             await wait_for(lambda: b.path("photos/new.jpg").exists(), 30, "retried, paused")
             assert b.folder.status()["state"] == "paused"
             assert len(list((b.root / "many").iterdir())) == 150
+
+    asyncio.run(main())
+
+
+def test_a_restored_backup_of_the_only_writer_keeps_both_versions_everywhere(
+    tmp_path: Path,
+) -> None:
+    """A writes every version of doc.txt, B only mirrors it. A's folder comes back from a
+    backup: the backup's older content is kept beside the newer one as a conflict copy, on
+    both machines, and the newer one keeps the name (it never loses to the old backup)."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=27) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("doc.txt", b"v1\n")
+            a.write("other.txt", b"x\n")
+            await cluster.start()
+            await converge([a, b], 20)
+            backup = tmp_path / "backup"
+            shutil.copytree(a.root, backup, copy_function=shutil.copy2)
+            a.write("doc.txt", b"v2: a day of work\n")
+            await a.scan()
+            await converge([a, b], 20)
+            shutil.rmtree(a.root)
+            shutil.copytree(backup, a.root, copy_function=shutil.copy2)  # the restore
+            await a.scan()
+            await wait_for(
+                lambda: all(
+                    n.path("doc.txt").exists()
+                    and n.read("doc.txt") == b"v2: a day of work\n"
+                    and [p for p in n.root.iterdir() if ".sync-conflict-" in p.name]
+                    for n in (a, b)
+                ),
+                30,
+                "the newer version by its name and the backup's beside it, on both",
+            )
+            await converge([a, b], 30)
+            for node in (a, b):
+                (copy,) = [p for p in node.root.iterdir() if ".sync-conflict-" in p.name]
+                assert copy.read_bytes() == b"v1\n"
+                assert node.folder.status()["conflicts"] == 1
 
     asyncio.run(main())

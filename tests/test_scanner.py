@@ -22,7 +22,7 @@ from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
 from lanshare.index import Index, LocalChange
-from lanshare.manifest import EntryType, FileRecord, Ordering, VersionVector
+from lanshare.manifest import EntryType, FileRecord, VersionVector
 from lanshare.paths import MARKER
 
 if TYPE_CHECKING:
@@ -799,24 +799,38 @@ def test_scan_folder_records_nothing_in_a_folder_restored_from_a_backup(
     assert kept["doc.txt"].size == len("v2, a day of work\n")
 
 
-def test_a_file_recorded_again_after_it_was_forgotten_never_loses_to_an_older_version(
+def test_a_file_this_node_lost_track_of_is_not_recorded_but_kept_aside(
     db: Index, root: Path
 ) -> None:
-    """We edited doc.txt twice, the peer holds that version ({A:1, ME:2}); a fetch-only run
-    forgot our record; a later edit recorded from nothing must not start at {ME:1}, which
-    the peer's version dominates (the edit would be replaced), but above it."""
+    """We edited doc.txt twice; the peer holds that version ({A:1, ME:2}). Our record was
+    forgotten, and doc.txt now holds other content. No version recorded for it could be
+    right (below theirs it is replaced, above theirs an old backup wins), so it is not
+    recorded: it is an orphan, with the conflict name to keep it under. The same content
+    as the peers' is recorded as usual."""
     folder = db.add_folder(root, "ab" * 16).id
     theirs = dataclasses.replace(
         fetched(db, root, "doc.txt", b"our second edit"),
         version=VersionVector.of({REMOTE: 1, ME: 2}),
     )
+    same = dataclasses.replace(
+        fetched(db, root, "same.txt", b"identical"), version=VersionVector.of({ME: 3})
+    )
     db.remote_reset(folder, PEER, b"\x01" * 8)
-    db.remote_upsert(folder, PEER, [theirs])
-    db.forget(folder, ["doc.txt"])
+    db.remote_upsert(folder, PEER, [theirs, same])
+    db.forget(folder, ["doc.txt", "same.txt"])
     (root / "doc.txt").write_bytes(b"an edit made while the daemon was stopped")
-    scan(db, root)
-    mine = records(db, root)["doc.txt"]
-    assert mine.version.compare(theirs.version) is Ordering.CONCURRENT
-    result = planner.plan({"doc.txt": mine}, {PEER: {"doc.txt": theirs}}, local_short_id=ME)
-    # A conflict keeps both; never a plain replacement of our edit by the older version.
-    assert [type(a) for a in result.actions if a.path == "doc.txt"] != [planner.Fetch]
+    summary = scan(db, root)
+    ((path, name),) = summary.orphans
+    assert path == "doc.txt"
+    assert planner.conflict_original(name) == "doc.txt"
+    held = records(db, root)
+    assert "doc.txt" not in held
+    assert held["same.txt"].file_hash == same.file_hash
+    # A node that never held the path records its file as usual (a conflict if it differs).
+    never_ours = VersionVector.of({REMOTE: 5})
+    db.remote_upsert(
+        folder, PEER, [dataclasses.replace(theirs, path="new.txt", version=never_ours)]
+    )
+    (root / "new.txt").write_bytes(b"mine")
+    assert [path for path, _ in scan(db, root).orphans] == ["doc.txt"]  # still, not new.txt
+    assert records(db, root)["new.txt"].version == VersionVector().bump(ME)
