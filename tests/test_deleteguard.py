@@ -33,7 +33,7 @@ def test_one_mass_deletion_pauses_above_the_ratio_and_from_the_minimum() -> None
 
 
 def test_batches_under_the_limit_add_up_within_the_window() -> None:
-    # 300 files deleted 99 at a time, a few seconds apart: the batched walk-around the window closes.
+    # 300 files deleted 99 at a time, a few seconds apart: what the window must catch.
     history: list[Deletion] = []
     live = 300
     verdicts = []
