@@ -43,7 +43,7 @@ from tests.e2e.harness import (
 from tests.lab import ROOT, Process
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from tests.e2e.harness import Cluster
     from tests.lab import Host
@@ -157,8 +157,25 @@ def test_scan_asks_the_daemon_and_every_outcome_has_its_exit_status(cluster: Clu
 # --- the system service ---------------------------------------------------------------------------
 
 
-def _ensure_account(name: str, *, groups: Sequence[str] = ()) -> pwd.struct_passwd:
-    """The system account ``name`` (made as the README makes the service user if missing)."""
+@pytest.fixture
+def accounts() -> Iterator[Callable[..., pwd.struct_passwd]]:
+    """``ensure(name, groups=...)``: a system account, made if missing; the ones made here
+    are removed again at the end (with their groups), newest first."""
+    made: list[str] = []
+
+    def ensure(name: str, *, groups: Sequence[str] = ()) -> pwd.struct_passwd:
+        return _ensure_account(name, groups=groups, made=made)
+
+    try:
+        yield ensure
+    finally:
+        for name in reversed(made):
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def _ensure_account(name: str, *, groups: Sequence[str] = (), made: list[str]) -> pwd.struct_passwd:
+    """The system account ``name`` (made as the README makes the service user if missing,
+    and then added to ``made``)."""
     try:
         account = pwd.getpwnam(name)
     except KeyError:
@@ -171,6 +188,7 @@ def _ensure_account(name: str, *, groups: Sequence[str] = ()) -> pwd.struct_pass
             check=True,
             capture_output=True,
         )
+        made.append(name)
         account = pwd.getpwnam(name)
     for group in groups:
         if name not in grp.getgrnam(group).gr_mem:
@@ -272,12 +290,12 @@ def system() -> Iterator[_System]:
 @pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd (passwd)")
 @pytest.mark.skipif(SYSTEM_PYTHON is None, reason="needs a system python3 of the same version")
 def test_the_system_service_is_reachable_by_root_and_the_lanshare_group(
-    cluster: Cluster, system: _System
+    cluster: Cluster, system: _System, accounts: Callable[..., pwd.struct_passwd]
 ) -> None:
     lab = cluster.lab(2)  # skips without root: everything below needs it
     host, peer_host = lab.hosts
-    service = _ensure_account(SERVICE_USER)
-    member = _ensure_account(MEMBER_USER, groups=[SERVICE_USER])
+    service = accounts(SERVICE_USER)
+    member = accounts(MEMBER_USER, groups=[SERVICE_USER])
     lanshare_gid = grp.getgrnam(SERVICE_USER).gr_gid
 
     # The README: `install -d -m 0750 -o lanshare -g lanshare /etc/lanshare`; the unit's
