@@ -317,28 +317,19 @@ class FolderSync:
             if await self._marker_pause(confirmed=allow_mass_delete):
                 return None
             restored = await self._restored()
-            history, held = await asyncio.to_thread(self._guard_inputs)
-            now = held if held is not None else time.time()
-            summary = await scanner.scan_path(
+            summary = await scanner.scan_guarded(
                 self.engine.index,
                 self.info.id,
                 self.root,
                 self.engine.short_id,
+                limits=self.engine.delete_limits,
+                allow_mass_delete=allow_mass_delete,
+                held_by_peers=self.mass_delete_pause,
                 ignore=self.config.ignore,
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
-                limits=self.engine.delete_limits,
-                delete_history=history,
-                now=now,
-                allow_mass_delete=allow_mass_delete,
                 fetch_only=restored or not self.engine.whole_folders,
             )
-            if allow_mass_delete:
-                await self._confirmed_deletions()
-            else:
-                if summary.deletion is not None:
-                    await self._record_deletions([summary.deletion])
-                await self._hold(held, summary.verdict is not None or self.mass_delete_pause, now)
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
@@ -856,14 +847,13 @@ class FolderSync:
             failure.retry_at = self.engine.now()
 
     def _log_conflict(self, conflict: planner.Conflict) -> None:
-        # Version vectors name devices by their short id (``identity.short_id``).
-        names = {int.from_bytes(peer, "big"): name for peer, name in self.engine.peer_names.items()}
-        names[self.engine.short_id] = f"{self.engine.config.node.name} (this machine)"
-
         def origin(changed: FileRecord, other: FileRecord) -> str:
             device = planner.change_origin(changed.version, other.version)
-            digits = f"{device:016x}"[: planner.CONFLICT_NODE_DIGITS]
-            return names.get(device) or f"device {digits}"
+            if device == self.engine.short_id:
+                return f"{self.engine.config.node.name} (this machine)"
+            # A version vector names a device by its short id: the node id as a number.
+            name = self.engine.peer_names.get(device.to_bytes(8, "big"))
+            return name or f"device {device:016x}"[: 7 + planner.CONFLICT_NODE_DIGITS]
 
         logger.info(
             "folder %s: conflict on %s: the version from %s wins; the version from %s is "

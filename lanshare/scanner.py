@@ -214,21 +214,16 @@ async def scan_folder(
             f"{restored}, not {info.sequence}: a backup restored?); start the daemon, which "
             "fetches what is missing or newer and keeps older contents beside it"
         )
-    history = await asyncio.to_thread(index.deletions, info.id)
-    held = await asyncio.to_thread(index.deletions_held_since, info.id)
-    now = held if held is not None else time.time()
-    summary = await scan_path(
+    summary = await scan_guarded(
         index,
         info.id,
         root,
         short_id,
+        limits=limits,
         ignore=folder.ignore,
         io_workers=io_workers,
         hash_file=hash_file,
         limit=limit,
-        limits=limits,
-        delete_history=history,
-        now=now,
     )
     if summary.orphans:
         logger.warning(
@@ -237,12 +232,60 @@ async def scan_folder(
             root,
             len(summary.orphans),
         )
-    if summary.deletion is not None:
-        await asyncio.to_thread(index.deletions_record, info.id, [summary.deletion], limits.window)
-    if summary.verdict is not None and held is None:
-        # Held from now on, as a daemon would: the pause lasts until ``lanshare resume``.
-        await asyncio.to_thread(index.deletions_hold, info.id, now)
     await asyncio.to_thread(_stamp, index, info.id, root, folder_id)
+    return summary
+
+
+async def scan_guarded(
+    index: Index,
+    folder: int,
+    root: Path,
+    short_id: int,
+    *,
+    limits: deleteguard.Limits,
+    allow_mass_delete: bool = False,
+    held_by_peers: bool | None = None,
+    ignore: Sequence[str] = (),
+    io_workers: int = 4,
+    hash_file: HashFile | None = None,
+    limit: asyncio.Semaphore | None = None,
+    fetch_only: bool = False,
+) -> ScanSummary:
+    """:func:`scan_path` judged by the folder's deletion history, kept in the index: read
+    before, and after it the deletions made added (or, ``allow_mass_delete``: the user
+    confirmed, the history cleared) and the guard's hold kept (see ``deleteguard``).
+
+    ``held_by_peers``: whether a plan holds back deletions that came from peers, which
+    keeps the hold too; None when the caller cannot tell (no daemon): the hold is then only
+    ever set, never dropped. The other arguments are :func:`scan_path`'s.
+    """
+    history = await asyncio.to_thread(index.deletions, folder)
+    held = await asyncio.to_thread(index.deletions_held_since, folder)
+    # While the guard holds deletions back it judges as of the moment it tripped.
+    now = held if held is not None else time.time()
+    summary = await scan_path(
+        index,
+        folder,
+        root,
+        short_id,
+        limits=limits,
+        delete_history=history,
+        now=now,
+        allow_mass_delete=allow_mass_delete,
+        ignore=ignore,
+        io_workers=io_workers,
+        hash_file=hash_file,
+        limit=limit,
+        fetch_only=fetch_only,
+    )
+    if allow_mass_delete:
+        await asyncio.to_thread(index.deletions_clear, folder)
+        return summary
+    if summary.deletion is not None:
+        await asyncio.to_thread(index.deletions_record, folder, [summary.deletion], limits.window)
+    holding = summary.verdict is not None or bool(held_by_peers)
+    if holding != (held is not None) and (holding or held_by_peers is not None):
+        await asyncio.to_thread(index.deletions_hold, folder, now if holding else None)
     return summary
 
 
