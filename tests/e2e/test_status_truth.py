@@ -46,13 +46,21 @@ def _state_is(node: Node, state: str) -> bool:
     return bool(node.call("status")["folders"][0]["state"] == state)
 
 
-@pytest.mark.timeout(300)
-def test_a_conflict_is_visible_on_every_node_until_the_copy_is_removed(cluster: Cluster) -> None:
+def _synced_pair(cluster: Cluster, files: dict[str, bytes]) -> tuple[Node, Node]:
+    """Daemons A and B on two lab hosts, A saving ``files`` first; once both hold them."""
     lab = cluster.lab(2)
     a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
-    (a.folder / "notes.txt").write_text("first\n")
+    for rel, data in files.items():
+        (a.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a.folder / rel).write_bytes(data)
     start_all([a, b])
     wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    return a, b
+
+
+@pytest.mark.timeout(300)
+def test_a_conflict_is_visible_on_every_node_until_the_copy_is_removed(cluster: Cluster) -> None:
+    a, b = _synced_pair(cluster, {"notes.txt": b"first\n"})
     b.stop()
     # Both edit while apart: A's edit is the newer one and wins.
     (b.folder / "notes.txt").write_text("edited on b\n")
@@ -106,12 +114,7 @@ def read_only(node: Node, directory: Path) -> Iterator[None]:
 
 @pytest.mark.timeout(300)
 def test_a_failing_path_is_an_error_and_recovers_once_fixed(cluster: Cluster) -> None:
-    lab = cluster.lab(2)
-    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
-    (a.folder / "photos").mkdir()
-    (a.folder / "photos" / "old.jpg").write_bytes(os.urandom(10_000))
-    start_all([a, b])
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    a, b = _synced_pair(cluster, {"photos/old.jpg": os.urandom(10_000)})
     wait_until(lambda: _state_is(b, "in_sync"), SYNC_TIMEOUT, "B in sync")
     with read_only(b, b.folder / "photos"):
         (a.folder / "photos" / "new.jpg").write_bytes(os.urandom(200_000))
@@ -143,11 +146,7 @@ def test_a_failing_path_is_an_error_and_recovers_once_fixed(cluster: Cluster) ->
 def test_a_folder_missing_at_start_resumes_within_seconds_of_coming_back(
     cluster: Cluster,
 ) -> None:
-    lab = cluster.lab(2)
-    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
-    (a.folder / "one.txt").write_text("one\n")
-    start_all([a, b])
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    a, b = _synced_pair(cluster, {"one.txt": b"one\n"})
     b.stop()
     away = b.base / "unmounted"
     shutil.move(b.folder, away)  # the disk is not mounted when the daemon starts
@@ -172,11 +171,7 @@ def test_a_folder_missing_at_start_resumes_within_seconds_of_coming_back(
 
 @pytest.mark.timeout(300)
 def test_status_names_the_connected_peers_and_says_when_there_is_none(cluster: Cluster) -> None:
-    lab = cluster.lab(2)
-    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
-    (a.folder / "big.bin").write_bytes(os.urandom(16 * 1024 * 1024))
-    start_all([a, b])
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    a, b = _synced_pair(cluster, {"big.bin": os.urandom(16 * 1024 * 1024)})
     wait_until(lambda: _state_is(b, "in_sync"), SYNC_TIMEOUT, "B in sync")
     status = _status(b)
     assert status["connected_peers"] == 1
@@ -198,11 +193,7 @@ def test_a_disk_mounted_while_paused_resumes_and_is_watched(cluster: Cluster) ->
     """The folder is a mount point whose disk is not mounted at start (paused for its
     marker); mounting it resumes the folder within seconds, and edits on the disk are seen
     at once (a watch on the empty mount point would see nothing of the disk over it)."""
-    lab = cluster.lab(2)
-    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts, strict=True))
-    (a.folder / "one.txt").write_text("one\n")
-    start_all([a, b])
-    wait_same_tree(a.folder, [b.folder], SYNC_TIMEOUT, [a, b])
+    a, b = _synced_pair(cluster, {"one.txt": b"one\n"})
     b.stop()
     disk = b.base / "disk"
     shutil.move(b.folder, disk)  # the folder's contents live on the disk, marker included
