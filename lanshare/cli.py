@@ -80,7 +80,7 @@ SocketOption = Annotated[
         envvar="LANSHARE_SOCKET",
         help=(
             "The daemon's control socket (default: $LANSHARE_SOCKET, else the config's "
-            "[node] control_socket; with no config file, yours, then /run/lanshare/control.sock)."
+            "\\[node] control_socket; with no config file, yours, then /run/lanshare/control.sock)."
         ),
         dir_okay=False,
         show_default=False,
@@ -469,8 +469,8 @@ def resume(
 ) -> None:
     """Confirm what paused a folder, and let it sync again; retry what failed.
 
-    A folder pauses when deletions added up over [sync] delete_window would remove more
-    than [sync] max_delete_ratio of its entries, or when its marker (.lanshare/folder-id)
+    A folder pauses when deletions added up over \\[sync] delete_window would remove more
+    than \\[sync] max_delete_ratio of its entries, or when its marker (.lanshare/folder-id)
     is missing; `lanshare status` says why. Confirming applies to this machine only, and
     only to the folder named: without PATH, nothing is confirmed.
     Restoring the files (or mounting the disk) also ends the pause. Pulls that a full disk

@@ -56,6 +56,18 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in out
 
 
+def test_help_shows_config_tables_by_name(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[sync]`` in a help text is not taken for markup and dropped."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, "resume", "--help")
+    assert code == 0
+    assert "[sync] delete_window" in out
+    code, out, _ = run(capsys, "status", "--help")
+    assert "[node] control_socket" in out
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
     code, out, _ = run(capsys, command, "--help")
