@@ -308,12 +308,8 @@ class Pair(Protocol):
     """Two daemons, A (sender) and B (receiver), sharing one folder in the lab."""
 
     product: str
-
-    @property
-    def folder_a(self) -> Path: ...
-
-    @property
-    def folder_b(self) -> Path: ...
+    folder_a: Path
+    folder_b: Path
 
     def start(self) -> None:
         """Start both and wait, bounded, until they are connected and in sync."""
@@ -344,14 +340,7 @@ class LansharePair:
         self.b = self.cluster.node(
             "b", _lab_host(lab, 2), static_peers=(f"{lab.address_a}:{LANSHARE_PORT}",)
         )
-
-    @property
-    def folder_a(self) -> Path:
-        return self.a.folder
-
-    @property
-    def folder_b(self) -> Path:
-        return self.b.folder
+        self.folder_a, self.folder_b = self.a.folder, self.b.folder
 
     def start(self) -> None:
         for node in (self.a, self.b):
@@ -565,14 +554,7 @@ class SyncthingPair:
         one, two = identities
         self.a = SyncthingNode(one, two, base / "a", lab, 1)
         self.b = SyncthingNode(two, one, base / "b", lab, 2)
-
-    @property
-    def folder_a(self) -> Path:
-        return self.a.folder
-
-    @property
-    def folder_b(self) -> Path:
-        return self.b.folder
+        self.folder_a, self.folder_b = self.a.folder, self.b.folder
 
     def start(self) -> None:
         self.a.start()
