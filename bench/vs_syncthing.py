@@ -663,9 +663,10 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self)
-        unit = "files_per_s" if self.per_file else "mb_per_s"
         for name, side in (("lanshare", self.lanshare), ("syncthing", self.syncthing)):
-            out[name][unit] = self.rate(side)
+            seconds = side.seconds
+            out[name]["mb_per_s"] = self.bytes / 1e6 / seconds if seconds else None
+            out[name]["files_per_s"] = self.files / seconds if seconds else None
             out[name]["cpu_sender_s_per_gb"] = self.cpu_per_gb(side.cpu_sender_s)
             out[name]["cpu_receiver_s_per_gb"] = self.cpu_per_gb(side.cpu_receiver_s)
         out["ratio"] = self.ratio
