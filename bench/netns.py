@@ -70,11 +70,17 @@ def unavailable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def veth_lab(mtu: int = 1500, loss_percent: float = 0.0, routed: bool = False) -> Iterator[VethLab]:
+def veth_lab(
+    mtu: int = 1500,
+    loss_percent: float = 0.0,
+    routed: bool = False,
+    loss_protocols: Sequence[str] = ("udp",),
+) -> Iterator[VethLab]:
     """Hosts A and B on veth pairs at ``mtu``, set up like real NICs.
 
     Direct: A and B on one veth pair. Routed: A - R - B, where R forwards without GRO (a plain
-    switch) and drops ``loss_percent`` of the UDP datagrams it forwards, in both directions.
+    switch) and drops ``loss_percent`` of the packets of ``loss_protocols`` (UDP unless told,
+    e.g. ``("udp", "tcp")`` to compare with a TCP peer) it forwards, in both directions.
     Loss needs the routed shape: at B's own input, GRO has already merged ~45 datagrams into
     one packet, so a rule there would drop bursts of 45, not single datagrams.
     """
@@ -115,7 +121,7 @@ def veth_lab(mtu: int = 1500, loss_percent: float = 0.0, routed: bool = False) -
             _ethtool(ns, INTERFACE, NIC_FEATURES, notes)
             _ethtool(ns, INTERFACE, NIC_FEATURES_OPTIONAL, notes, required=False)
         if loss_percent > 0:
-            _add_loss(ns_r, loss_percent)
+            _add_loss(ns_r, loss_percent, loss_protocols)
         yield VethLab(
             ns_a, ns_b, ns_r if routed else None, address_a, address_b, loss_percent, tuple(notes)
         )
@@ -144,14 +150,15 @@ def remove_stale() -> None:
             _run(["ip", "netns", "del", name], check=False)
 
 
-def _add_loss(namespace: str, loss_percent: float) -> None:
+def _add_loss(namespace: str, loss_percent: float, protocols: Sequence[str]) -> None:
     # Per-mille resolution: numgen gives a uniform number per packet.
     per_mille = round(loss_percent * 10)
+    match = ", ".join(protocols)
     ruleset = (
         "table inet lsbench {\n"
         "  chain forward {\n"
         "    type filter hook forward priority 0; policy accept;\n"
-        f"    meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n"
+        f"    meta l4proto {{ {match} }} numgen random mod 1000 < {per_mille} counter drop\n"
         "  }\n"
         "}\n"
     )

@@ -2,12 +2,13 @@
 
 Needs root. Does I/O: builds the bench.netns veth lab (two namespaces, MTU 1500, NIC-like
 offloads; ``--loss PCT`` puts bench.netns's router between them, dropping that share of the UDP
-datagrams it forwards), writes workloads, starts daemons inside the namespaces only, and removes
-all of it on every exit path (Ctrl-C and SIGTERM included).
+datagrams and TCP segments it forwards, lanshare's and Syncthing's alike; ``--routed`` is the
+same router without loss, the baseline of a loss run), writes workloads, starts daemons inside
+the namespaces only, and removes all of it on every exit path (Ctrl-C and SIGTERM included).
 
 For each workload, two ``lanshare daemon`` processes (A, B) share one folder (static peers on
 the lab addresses, mDNS on the lab only). Once both are connected and in sync, a probe file is
-sent through and deleted again (so the watchers and the session are live), then the workload,
+sent through and deleted again (so the watchers and the connection are live), then the workload,
 written beforehand into a staging directory on the same file system outside the folder, is
 moved into A's folder with one ``rename`` of its top entry. The clock starts right after that
 rename and stops when B holds every file byte-identical and every symlink and directory: sizes
@@ -30,6 +31,7 @@ the big file's size, and the lanshare big-file figure is given as a fraction of 
 
     python -m bench.vs_syncthing --quick                  # smoke run: small workloads
     python -m bench.vs_syncthing                          # 512 MiB, 2,000 x 64 KiB, ...
+    python -m bench.vs_syncthing --workload big --routed       # baseline of the loss run
     python -m bench.vs_syncthing --workload big --loss 1 --repeat 3 --json
     python -m bench.vs_syncthing --workload big --py-spy /tmp/profiles
 """
@@ -590,7 +592,7 @@ class Side:
 
 
 def probe(pair: Pair) -> None:
-    """A small file through and its deletion: the watchers and the session are live."""
+    """A small file through and its deletion: the watchers and the connection are live."""
     source, target = pair.folder_a / PROBE, pair.folder_b / PROBE
     source.write_text("probe\n")
     wait_until(lambda: target.is_file() and target.read_text() == "probe\n", SETUP_TIMEOUT, "probe")
@@ -906,11 +908,16 @@ def run_all(options: argparse.Namespace) -> list[Run]:
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="lsvs-", dir=options.workdir))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        lab = stack.enter_context(netns.veth_lab(loss_percent=options.loss))
+        lab = stack.enter_context(
+            netns.veth_lab(
+                loss_percent=options.loss, routed=options.routed, loss_protocols=("udp", "tcp")
+            )
+        )
         stack.callback(kill_lab_processes, lab)
         _say(
             f"lanshare vs {syncthing_version()}: veth MTU 1500, NIC-like offloads, "
-            f"loss {options.loss:g} %, {os.cpu_count()} CPUs shared by both daemons"
+            f"{'routed' if lab.ns_router else 'direct'}, loss {options.loss:g} % (UDP and TCP), "
+            f"{os.cpu_count()} CPUs shared by both daemons"
         )
         for note in lab.notes:
             _say(f"  note: {note}")
@@ -958,7 +965,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only these (repeatable; default: all four)",
     )
     parser.add_argument("--quick", action="store_true", help="small workloads, for a smoke run")
-    parser.add_argument("--loss", type=float, default=0.0, help="percent of UDP datagrams lost")
+    parser.add_argument("--loss", type=float, default=0.0, help="percent of packets lost")
+    parser.add_argument(
+        "--routed", action="store_true", help="through the loss router, without loss"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs, then the median")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per workload side")
     parser.add_argument("--json", action="store_true", help="JSON on stdout (text on stderr)")
@@ -990,6 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json:
         document = {
             "loss_percent": options.loss,
+            "routed": options.routed or options.loss > 0,
             "quick": options.quick,
             "runs": [
                 {"rows": [r.as_json() for r in run.rows], "protocol": asdict(run.protocol)}
