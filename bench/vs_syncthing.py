@@ -390,19 +390,23 @@ def syncthing_env(home: Path) -> dict[str, str]:
 
 
 def generate_identity(name: str, home: Path, lab: netns.VethLab) -> Identity:
-    # Inside the lab: `generate` probes its default ports by binding them.
-    result = subprocess.run(
-        lab.command(lab.ns_a, ["syncthing", "generate", "--home", str(home)]),
-        capture_output=True,
-        text=True,
-        env=syncthing_env(home),
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-    match = re.search(r"Device ID:\s*([A-Z0-9-]{50,})", result.stdout + result.stderr)
-    if result.returncode != 0 or match is None:
-        raise BenchError(f"syncthing generate failed: {(result.stderr or result.stdout).strip()}")
-    return Identity(name, home, match.group(1))
+    # Both inside the lab: `generate` probes its default ports by binding them.
+    for args in (["generate", "--home", str(home)], ["--device-id", "--home", str(home)]):
+        result = subprocess.run(
+            lab.command(lab.ns_a, ["syncthing", *args]),
+            capture_output=True,
+            text=True,
+            env=syncthing_env(home),
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            raise BenchError(f"syncthing {args[0]} failed: {lines[-1] if lines else '?'}")
+        match = re.search(r"\b([A-Z0-9]{7}(?:-[A-Z0-9]{7}){7})\b", result.stdout + result.stderr)
+        if match is not None:
+            return Identity(name, home, match.group(1))
+    raise BenchError(f"no device ID from syncthing for {home}")
 
 
 def syncthing_config(
