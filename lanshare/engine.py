@@ -2,7 +2,8 @@
 
 Async coordination, no sockets: it issues commands on the sans-IO ``Endpoint`` (then asks the
 transport to send with ``kick``), reads the endpoint's events, and does every disk operation
-through ``asyncio.to_thread`` (index, scanner, store).
+in worker threads: through ``asyncio.to_thread`` (index, scanner, store), and in batches
+for serving (``serving.BlockServer``).
 
 Theory of operation
 -------------------
@@ -51,10 +52,11 @@ Theory of operation
   a path's record, and every scan that changed something, invalidates what it keeps.
 * **Stopping.** ``stop()`` ends ``run()`` at a safe point while the transport still delivers:
   from then on ``spawn`` drops new work unstarted (a block that arrives is fetched again
-  after a restart), the work in hand finishes and every folder's ``busy`` lock is taken, so
-  no action is left between its disk step and its index step; only then are the loops,
-  which merely wait, cancelled. Work outliving a grace period is cancelled too, as a crash
-  would stop it.
+  after a restart) and block requests are no longer answered (the batch being read is,
+  then every served file is closed); the work in hand finishes and every folder's ``busy``
+  lock is taken, so no action is left between its disk step and its index step; only then
+  are the loops, which merely wait, cancelled. Work outliving a grace period is cancelled
+  too, as a crash would stop it.
 """
 
 from __future__ import annotations
