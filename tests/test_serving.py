@@ -10,14 +10,14 @@ import random
 import threading
 from typing import TYPE_CHECKING, Any
 
-from lanshare import keys, serving
+from lanshare import chunker, keys, serving
 from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig, TransferConfig
 from lanshare.engine import Engine, FolderSync
 from lanshare.events import BlockRequested, FolderId, PeerId
 from lanshare.identity import NodeId
 from lanshare.index import Index
 from lanshare.manifest import Block, EntryType, FileRecord
-from lanshare.protocol import Endpoint
+from lanshare.protocol import Endpoint, wire
 from lanshare.serving import BlockTable, TableCache
 from tests.enginesim import random_bytes, wait_for
 
@@ -171,7 +171,8 @@ def test_serving_every_block_of_a_file_reads_its_record_once_in_few_thread_hops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """N blocks asked together: the index is read O(1) times (not once per block), the
-    blocks are read in far fewer thread hops than N, and each arrives intact."""
+    blocks are read in far fewer thread hops than N, each is hashed once on its way out,
+    and each arrives intact."""
 
     async def main() -> None:
         data = _write_big(tmp_path / "folder", "big.bin", 48 * MiB, seed=1)
@@ -180,7 +181,7 @@ def test_serving_every_block_of_a_file_reads_its_record_once_in_few_thread_hops(
             n = len(record.blocks)
             assert n >= 128
             assert node.index is not None
-            counts = {"get": 0, "get_many": 0, "find_block": 0, "hops": 0}
+            counts = {"get": 0, "get_many": 0, "find_block": 0, "hops": 0, "hash": 0, "digest": 0}
             for name in ("get", "get_many", "find_block"):
                 monkeypatch.setattr(
                     node.index, name, _counting(counts, name, getattr(node.index, name))
@@ -189,12 +190,19 @@ def test_serving_every_block_of_a_file_reads_its_record_once_in_few_thread_hops(
             monkeypatch.setattr(
                 loop, "run_in_executor", _counting(counts, "hops", loop.run_in_executor)
             )
+            monkeypatch.setattr(
+                chunker, "block_hash", _counting(counts, "hash", chunker.block_hash)
+            )
+            monkeypatch.setattr(
+                wire, "block_digest", _counting(counts, "digest", wire.block_digest)
+            )
             kicks = node.kicks
             got = await node.answers(node.ask_all(record))
             monkeypatch.undo()
             assert got == _blocks_of(data, record)
             assert counts["get"] + counts["get_many"] <= 2, counts
             assert counts["find_block"] == 0, counts
+            assert (counts["hash"], counts["digest"]) == (n, 0), "each block hashed once"
             assert counts["hops"] <= n // 8, f"{counts['hops']} thread hops for {n} blocks"
             assert node.kicks - kicks <= counts["hops"], "one kick per batch, not per block"
 
