@@ -79,7 +79,7 @@ MAX_ELSEWHERE = 4
 """Other local places of a block's content tried before giving up on them."""
 
 
-class Partial(Protocol):
+class Downloading(Protocol):
     """What serving needs of a download in progress (the engine's ``Download``)."""
 
     @property
@@ -286,7 +286,7 @@ class BlockReader:
     def read(
         self,
         requests: Sequence[BlockRequested],
-        downloads: Mapping[str, Partial],
+        downloads: Mapping[str, Downloading],
         invalid: Invalidation,
     ) -> list[bytes | None]:
         """The checked bytes of each requested block, or None where it is found nowhere.
@@ -314,7 +314,7 @@ class BlockReader:
             self.descriptors.clear()
 
     def _find(
-        self, request: BlockRequested, downloads: Mapping[str, Partial], batch: _Batch
+        self, request: BlockRequested, downloads: Mapping[str, Downloading], batch: _Batch
     ) -> bytes | None:
         data = self._from_file(request, batch)
         if data is None:
@@ -364,7 +364,7 @@ class BlockReader:
         return table
 
     def _from_download(
-        self, download: Partial, request: BlockRequested, batch: _Batch
+        self, download: Downloading, request: BlockRequested, batch: _Batch
     ) -> bytes | None:
         record = download.record
         if record.hash_algo != request.hash_algo:
@@ -419,7 +419,7 @@ class BlockServer:
         reject: Callable[[int], object],
         kick: Callable[[], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
-        downloads: Callable[[], Mapping[str, Partial]],
+        downloads: Callable[[], Mapping[str, Downloading]],
     ) -> None:
         """``send``/``reject`` answer a request by its id, ``kick`` makes the transport send,
         ``spawn`` runs the server's work (the engine's task group), ``downloads`` are the
@@ -434,11 +434,6 @@ class BlockServer:
         self._invalid = Invalidation()
         self._running = False
         self._closed = False
-
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
 
     def request(self, event: BlockRequested) -> None:
         """Answer ``event`` as soon as it can be read (on the loop)."""
