@@ -209,6 +209,47 @@ def test_serving_every_block_of_a_file_reads_its_record_once_in_few_thread_hops(
     asyncio.run(main())
 
 
+def test_whatever_is_queued_one_batch_of_bounded_size_is_read_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data the server holds is bounded by its own batch size, not by how much peers
+    ask for: requests wait in the queue, and one batch is read at a time."""
+
+    async def main() -> None:
+        data = _write_big(tmp_path / "folder", "big.bin", 32 * MiB, seed=11)
+        async with served(tmp_path) as node:
+            record = node.record("big.bin")
+            batches: list[tuple[int, int]] = []
+            reading = 0
+            most_at_once = 0
+            lock = threading.Lock()
+            read = serving.BlockReader.read
+
+            def counted(self: serving.BlockReader, requests: Any, *args: Any) -> Any:
+                nonlocal reading, most_at_once
+                with lock:
+                    reading += 1
+                    most_at_once = max(most_at_once, reading)
+                    batches.append((len(requests), sum(r.size for r in requests)))
+                try:
+                    return read(self, requests, *args)
+                finally:
+                    with lock:
+                        reading -= 1
+
+            monkeypatch.setattr(serving.BlockReader, "read", counted)
+            rids = node.ask_all(record) + node.ask_all(record)  # two peers' worth at once
+            got = await node.answers(rids)
+            monkeypatch.undo()
+            assert got == _blocks_of(data, record) * 2
+            assert most_at_once == 1
+            assert sum(count for count, _ in batches) == len(rids)
+            assert all(count <= serving.BATCH_BLOCKS for count, _ in batches)
+            assert all(size <= serving.BATCH_BYTES for _, size in batches)
+
+    asyncio.run(main())
+
+
 def test_no_sqlite_and_no_file_io_on_the_event_loop_thread_while_serving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
