@@ -2,7 +2,8 @@
 
 Async coordination, no sockets: it issues commands on the sans-IO ``Endpoint`` (then asks the
 transport to send with ``kick``), reads the endpoint's events, and does every disk operation
-through ``asyncio.to_thread`` (index, scanner, store).
+in worker threads: through ``asyncio.to_thread`` (index, scanner, store), and in batches
+for serving (``serving.BlockServer``).
 
 Theory of operation
 -------------------
@@ -44,15 +45,18 @@ Theory of operation
   are recorded in the index as they are written, so a crash resumes without fetching them
   again. A finished file is verified whole and renamed into place only if the local file is
   still what the plan saw; otherwise the download is discarded and the next plan decides.
-* **Serving.** A block request is answered from the file that holds it, re-read and checked
-  against its hash first (``store.read_block``), from a download's verified blocks, or from
-  any local file with the same content.
+* **Serving.** Each folder's block server (``serving.BlockServer``) answers block requests
+  in batches read in a worker thread: from the file that holds the block (its block table
+  kept decoded, its descriptor kept open, every block checked against its hash once), from a
+  download's verified blocks, or from any local file with the same content. Every commit of
+  a path's record, and every scan that changed something, invalidates what it keeps.
 * **Stopping.** ``stop()`` ends ``run()`` at a safe point while the transport still delivers:
   from then on ``spawn`` drops new work unstarted (a block that arrives is fetched again
-  after a restart), the work in hand finishes and every folder's ``busy`` lock is taken, so
-  no action is left between its disk step and its index step; only then are the loops,
-  which merely wait, cancelled. Work outliving a grace period is cancelled too, as a crash
-  would stop it.
+  after a restart) and block requests are no longer answered (the batch being read is,
+  then every served file is closed); the work in hand finishes and every folder's ``busy``
+  lock is taken, so no action is left between its disk step and its index step; only then
+  are the loops, which merely wait, cancelled. Work outliving a grace period is cancelled
+  too, as a crash would stop it.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ from lanshare.scheduler import (
     SchedulerConfig,
 )
 from lanshare.scheduler import FailReason as BlockFail
+from lanshare.serving import BlockReader, BlockServer
 from lanshare.store import Assembly, FolderStore, LocalState
 
 if TYPE_CHECKING:
@@ -241,6 +246,14 @@ class FolderSync:
         self.reason = ""
         self.links: dict[bytes, PeerLink] = {}
         self.downloads: dict[str, Download] = {}
+        self.server = BlockServer(
+            BlockReader(self.store, engine.index, info.id),
+            send=engine.endpoint.send_block,
+            reject=engine.endpoint.reject,
+            kick=engine.kick,
+            spawn=engine.spawn,
+            downloads=lambda: self.downloads,
+        )
         self.scheduler = Scheduler(
             random.Random(int.from_bytes(self.folder_id[:8], "big")),
             SchedulerConfig(request_timeout=engine.config.transfer.request_timeout),
@@ -334,7 +347,10 @@ class FolderSync:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
             self._stamp_marker()  # for what the scan recorded before it failed
+            self.server.invalidate()
             return None
+        if summary.new or summary.changed or summary.deleted or summary.forgotten:
+            self.server.invalidate()
         if summary.forgotten:
             logger.info(
                 "folder %s: %d paths no longer here; not deleted, the other machines keep them",
@@ -1006,6 +1022,7 @@ class FolderSync:
             inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
             changes.append(LocalChange(record, inode=inode, ctime_ns=ctime_ns))
         await asyncio.to_thread(self.engine.index.commit_changes, self.info.id, changes)
+        self.server.invalidate(record.path for record in records)
         for record in records:
             if planner.conflict_original(record.path) is not None:
                 if record.deleted:
@@ -1031,6 +1048,7 @@ class FolderSync:
         await asyncio.to_thread(
             self.engine.index.commit_changes, self.info.id, [], [CacheUpdate(path, 0, 0)]
         )
+        self.server.invalidate([path])
         self.engine.spawn(self.scan())
 
     async def _own_write(self, rel: str) -> None:
@@ -1488,55 +1506,6 @@ class FolderSync:
                 self.engine.endpoint.notify(link.peer, self.folder_id, sequence, chunk)
         self.engine.kick()
 
-    # -- serving --------------------------------------------------------------------------
-
-    async def serve_block(self, event: BlockRequested) -> None:
-        data = await self._find_block(event)
-        endpoint = self.engine.endpoint
-        if data is None:
-            endpoint.reject(event.request_id, FailReason.NOT_FOUND)
-        else:
-            endpoint.send_block(event.request_id, data)
-        self.engine.kick()
-
-    async def _find_block(self, event: BlockRequested) -> bytes | None:
-        wanted = Block(event.offset, event.size, event.hash)
-        algo = event.hash_algo
-        async with self.engine.io_limit:
-            record = await asyncio.to_thread(self.engine.index.get, self.info.id, event.path)
-            if record is not None and not record.deleted and record.hash_algo == algo:
-                for block in record.blocks:
-                    if block.hash == event.hash and block.size == event.size:
-                        data = await asyncio.to_thread(
-                            self.store.read_block, event.path, block, algo
-                        )
-                        if data is not None:
-                            return data
-                        break
-            for download in list(self.downloads.values()):
-                for i in download.done:
-                    block = download.record.blocks[i]
-                    if block.hash == event.hash and block.size == event.size:
-                        data = await asyncio.to_thread(
-                            self.store.read_block,
-                            FolderStore.temp_path(download.record),
-                            block,
-                            algo,
-                        )
-                        if data is not None:
-                            return data
-            locations = await asyncio.to_thread(
-                self.engine.index.find_block, event.hash, self.info.id
-            )
-            for location in locations[:4]:
-                if location.size != wanted.size:
-                    continue
-                block = Block(location.offset, location.size, event.hash)
-                data = await asyncio.to_thread(self.store.read_block, location.path, block, algo)
-                if data is not None:
-                    return data
-        return None
-
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -1682,6 +1651,7 @@ class Engine:
         self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
         for download in list(sync.downloads):
             await sync._abandon(download, discard=False)
+        await sync.server.close()
         self.kick()
 
     async def run(self) -> None:
@@ -1714,6 +1684,9 @@ class Engine:
         for work in self._pending:
             work.close()
         self._pending.clear()
+        # Serving ends first: it would otherwise go on taking the requests peers still send.
+        for sync in self.folders.values():
+            await sync.server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self._tasks:
@@ -1850,7 +1823,7 @@ class Engine:
         elif isinstance(event, ManifestReceived):
             self.spawn(sync.manifest_received(event))
         elif isinstance(event, BlockRequested):
-            self.spawn(sync.serve_block(event))
+            sync.server.request(event)
         elif isinstance(event, BlockReceived):
             self.spawn(sync.block_received(event))
         elif isinstance(event, RequestFailed):

@@ -155,11 +155,11 @@ class FolderStore:
     def read_block(self, rel: str, block: Block, algo: str) -> bytes | None:
         """The bytes of ``block`` of ``rel`` if they still match its hash, else None.
 
-        Serving and local copies both go through here: a file changed since it was indexed
-        must never be sent under its old hash.
+        Local copies go through here: a file changed since it was indexed must never be
+        copied under its old hash.
         """
         try:
-            with self._open_file(rel, os.O_RDONLY) as fd:
+            with self._open_file(rel) as fd:
                 data = os.pread(fd, block.size, block.offset)
         except (OSError, StorageError) as exc:
             logger.debug("cannot read %s at %d: %s", rel, block.offset, exc)
@@ -388,7 +388,7 @@ class FolderStore:
                     os.fchmod(fd, stat.S_IMODE(mode))
                 return
             self._check_unchanged(dir_fd, name, rel, planned)
-            with self._open_file(rel, os.O_RDONLY) as fd:
+            with self._open_file(rel) as fd:
                 os.fchmod(fd, stat.S_IMODE(mode))
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
 
@@ -512,14 +512,30 @@ class FolderStore:
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
-    def _open_file(self, rel: str, flags: int) -> Iterator[int]:
+    def open_for_reading(self, rel: str) -> int:
+        """A read-only descriptor of the regular file ``rel``, reached without following any
+        symlink; the caller closes it.
+
+        Raises:
+            OSError: ``rel`` cannot be opened.
+            StorageError: ``rel`` is not a regular file, or a symlink lies on the way.
+        """
         parent, name = _split(rel)
         with self._dir(parent) as dir_fd:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(name, flags, dir_fd=dir_fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise StorageError(f"{rel} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def _open_file(self, rel: str) -> Iterator[int]:
+        fd = self.open_for_reading(rel)
+        try:
             yield fd
         finally:
             os.close(fd)
