@@ -34,8 +34,6 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 class Hasher(Protocol):
     """What a hash constructor returns (``hashlib`` objects and ``blake3`` alike)."""
 
-    def update(self, data: BytesLike, /) -> object: ...
-
     def digest(self) -> bytes: ...
 
 
