@@ -425,7 +425,10 @@ def decode_entry(data: BytesLike) -> ManifestEntry:
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes, not {type(data).__name__}")
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:  # a strided view
+        raise DecodeError(f"unreadable manifest entry: {exc}") from exc
     if len(view) > MAX_ENTRY_SIZE:
         raise DecodeError(f"manifest entry longer than {MAX_ENTRY_SIZE} bytes")
     if not view:

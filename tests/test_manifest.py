@@ -459,9 +459,10 @@ def _in_progress(record: FileRecord, bitmap: bytes) -> bytes:
         (_in_progress(_file(), b"\x08"), "past the last"),
         (_in_progress(FileRecord(path="d", type=EntryType.DIR), b""), "not a live file"),
         (_in_progress(_file(), b"\x01") + bytes(MAX_ENTRY_SIZE), "longer than"),
+        (memoryview(bytes(34))[::2], "unreadable"),
     ],
 )
-def test_decode_entry_rejects(data: bytes, why: str) -> None:
+def test_decode_entry_rejects(data: bytes | memoryview, why: str) -> None:
     with pytest.raises(DecodeError, match=why):
         decode_entry(data)
 
