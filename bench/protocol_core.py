@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from lanshare import hashes
 from lanshare.config import NetworkConfig, TransferConfig
 from lanshare.events import BlockReceived, BlockRequested, RequestFailed, SessionEstablished
 from lanshare.protocol import Endpoint, wire
@@ -50,7 +51,7 @@ def run(mib: int, block_kib: int, algo: str, profile: str | None) -> dict[str, A
     server = Side("server", b"S" * 8, 1, network)
     client = Side("client", b"C" * 8, 2, network)
     block = random.Random(3).randbytes(block_kib * 1024)
-    digest = wire.block_digest(algo, block)
+    digest = hashes.digest(algo, block)
     count = mib * 1024 // block_kib
     received = 0
     failed = 0
@@ -149,7 +150,7 @@ def raw_aead(count: int, size: int) -> float:
     nonce, aad, body = mv[4:16], mv[:16], mv[16:]
     t0 = time.perf_counter()
     for pn in range(count):
-        wire.SHORT_HEADER.pack_into(packet, 0, 1, 4, 0, 7, pn)
+        wire.SHORT_HEADER.pack_into(packet, 0, wire.VERSION, 4, 0, 7, pn)
         aead.encrypt_into(nonce, payload, aad, body)
         wire.SHORT_HEADER.unpack_from(packet)
         aead.decrypt_into(nonce, body, aad, opened)
@@ -160,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--block-kib", type=int, default=256)
-    parser.add_argument("--algo", default="blake3", choices=sorted(wire.HASH_CODES))
+    parser.add_argument("--algo", default="blake3", choices=sorted(hashes.BY_NAME))
     parser.add_argument("--profile", choices=["server", "client"])
     args = parser.parse_args()
     result = run(args.mib, args.block_kib, args.algo, args.profile)

@@ -29,7 +29,8 @@ it, so :func:`hash_file` runs at ~1.5x a plain ``hashlib.sha256`` loop over the 
 (0.38x a plain BLAKE3 loop: cutting and hashing run one after the other in one thread).
 The whole-file hash is the hash of the concatenated block hashes, so the data is read and
 hashed once. The algorithm's name is stored in each record (``hash_algo``); ``sha256`` stays
-supported. ``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL.
+supported; algorithms and their hash functions come from one registry, :mod:`lanshare.hashes`.
+``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL.
 
 Chunk sizes (:func:`chunk_params`): FastCDC with min = avg/4 and max = 4·avg; the actual mean
 chunk is ~1.25·avg. avg is 256 KiB (an edit re-sends little, per-block overhead stays small)
@@ -42,18 +43,17 @@ chunks could exceed ``manifest.MAX_BLOCKS``, fixed 16 MiB blocks take over.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import blake3
 from pyfastcdc import FastCDC
 
+from lanshare import hashes
 from lanshare.errors import StorageError, map_exceptions
 from lanshare.manifest import MAX_BLOCK_SIZE, MAX_BLOCKS, Block
 
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from pathlib import Path
 
+    from lanshare.hashes import Hasher
     from lanshare.manifest import BytesLike
 
 DEFAULT_ALGO = "blake3"
@@ -136,12 +137,12 @@ def block_hash(data: BytesLike, algo: str = DEFAULT_ALGO) -> bytes:
     Raises:
         ValueError: unknown algorithm.
     """
-    return _hasher(algo)(data).digest()
+    return hashes.digest(algo, data)
 
 
 def whole_file_hash(block_hashes: Iterable[bytes], algo: str = DEFAULT_ALGO) -> bytes:
     """The whole-file hash: the hash of the concatenated block hashes."""
-    return _hasher(algo)(b"".join(block_hashes)).digest()
+    return hashes.digest(algo, b"".join(block_hashes))
 
 
 def split_blocks(
@@ -153,7 +154,7 @@ def split_blocks(
     """
     view = memoryview(data).cast("B")
     params = params or chunk_params(len(view))
-    new_hash = _hasher(algo)
+    new_hash = hashes.get(algo).new
     return tuple(
         Block(offset, size, new_hash(view[offset : offset + size]).digest())
         for offset, size in _cuts(view, params, eof=True)
@@ -189,7 +190,7 @@ def hash_file(
         StorageError: cannot open or read, a symlink, not a regular file or too large.
         ValueError: unknown algorithm.
     """
-    new_hash = _hasher(algo)
+    new_hash = hashes.get(algo).new
     started_ns = time.time_ns()
     with map_exceptions({OSError: StorageError}):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -214,23 +215,7 @@ def hash_file(
 # --- private -----------------------------------------------------------------------------------
 
 
-class _Hash(Protocol):
-    def digest(self) -> bytes: ...
-
-
-_HASHERS: dict[str, Callable[[BytesLike], _Hash]] = {
-    "sha256": hashlib.sha256,
-    "blake3": blake3.blake3,
-}
-
 _local = threading.local()  # one reusable read buffer per hashing thread
-
-
-def _hasher(algo: str) -> Callable[[BytesLike], _Hash]:
-    try:
-        return _HASHERS[algo]
-    except KeyError:
-        raise ValueError(f"unknown hash algorithm {algo!r}") from None
 
 
 def _cutter(params: ChunkParams) -> FastCDC:
@@ -268,7 +253,7 @@ def _hash_stream(
     handle: io.FileIO,
     expected_size: int,
     params: ChunkParams,
-    new_hash: Callable[[BytesLike], _Hash],
+    new_hash: Callable[[BytesLike], Hasher],
     read_size: int,
 ) -> tuple[list[Block], int]:
     """Read up to ``expected_size + 1`` bytes, cutting and hashing as the data arrives."""

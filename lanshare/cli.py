@@ -434,6 +434,7 @@ def peers(
 
     from lanshare.daemon import own_state
     from lanshare.discovery import browse_once
+    from lanshare.peertable import PROTOCOL_VERSION
 
     settings = _settings(ctx, config, debug, socket)
     cfg = _load(settings)
@@ -453,7 +454,10 @@ def peers(
         typer.echo("no peers found")
     for peer in found:
         addresses = ", ".join(peer["addresses"])
-        typer.echo(f"{peer['name'] or peer['id']:<24} {peer['state']:<12} {addresses}")
+        state = peer["state"]
+        if state == "incompatible":
+            state += f" (protocol {peer.get('protocol')}, this node {PROTOCOL_VERSION})"
+        typer.echo(f"{peer['name'] or peer['id']:<24} {state:<12} {addresses}")
 
 
 @app.command()

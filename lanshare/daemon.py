@@ -53,7 +53,7 @@ from lanshare.errors import (
 from lanshare.events import SessionEstablished
 from lanshare.identity import load_or_create_node_id
 from lanshare.index import DATABASE_NAME, Index
-from lanshare.peertable import PeerDown, PeerUp, SharedFolder
+from lanshare.peertable import PROTOCOL_VERSION, PeerDown, PeerUp, SharedFolder
 from lanshare.protocol.endpoint import Endpoint
 from lanshare.sdnotify import Notifier, watchdog_interval
 from lanshare.transport import open_transport
@@ -598,6 +598,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
         if not entry.get("name"):
             entry["name"] = engine.peer_names.get(bytes.fromhex(hex_id), "")
         entry.setdefault("sequence", None)
+        entry.setdefault("protocol", PROTOCOL_VERSION)  # a session speaks ours, by definition
         entry.setdefault("first_seen", now)
         entry["last_seen"] = now
         entry["state"] = "connected"

@@ -20,16 +20,17 @@ Theory of operation
   sequence above the highest we hold of it; answers come in bounded batches and are asked
   for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's
   8-byte index id and its current sequence): a peer whose index id changed (its database was
-  reset) is forgotten and read again from 0. Records are decoded and validated
-  (``manifest.decode_record`` checks paths, sizes and hashes) before they are stored per peer
+  reset) is forgotten and read again from 0. Entries are decoded and validated
+  (``manifest.decode_entry`` checks paths, sizes and hashes) before they are stored per peer
   in the index, so a restart costs only what changed. A NOTIFY whose sequence is above the
   stored one, or one that carries no HAVE hashes (a peer's set of downloads changed), asks
   for the news.
-* **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files it is
-  downloading right now: the record it is building and which blocks it already holds; every
-  block it verifies afterwards is announced with a HAVE. We plan with such a record as if
-  the peer had that version, but ask it only for the blocks it announced, so C can pull
-  from B what B is still receiving from A.
+* **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
+  one block it is downloading right now: the record it is building and which blocks it
+  already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
+  file has nothing to share until it is whole; it then travels as a record.) We plan with
+  such a record as if the peer had that version, but ask it only for the blocks it
+  announced, so C can pull from B what B is still receiving from A.
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
   records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
@@ -64,10 +65,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import random
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,14 @@ from lanshare.events import (
 from lanshare.identity import short_id
 from lanshare.ignore import IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange, Partial
-from lanshare.manifest import Block, EntryType, FileRecord, decode_record, encode_record
+from lanshare.manifest import (
+    BatchHeader,
+    Block,
+    FileRecord,
+    InProgress,
+    decode_entry,
+    encode_entry,
+)
 from lanshare.protocol import wire
 from lanshare.scheduler import (
     BlockRef,
@@ -147,7 +155,7 @@ MAX_HAVE_PER_NOTIFY = 32
 RATE_WINDOW = 1.0
 """Seconds over which a peer's delivery rate is measured."""
 MAX_IN_PROGRESS_ANNOUNCED = 64
-"""Downloads announced to peers for re-sharing (the newest ones)."""
+"""Downloads announced to peers for re-sharing (the newest of more than one block)."""
 RATE_IDLE = 2 * RATE_WINDOW
 """Seconds without a delivered block after which a peer's rate shows as 0."""
 RETRY_FIRST = 2.0
@@ -161,10 +169,6 @@ MAX_CONFLICT_PATHS = 100
 _OTHER_CONTENT = (
     "{} holds other content here than on the LAN; move it away to pull the LAN's version"
 )
-
-_HEADER = struct.Struct("!B8sQ")
-_ENTRY_HEADER = 0x00
-_ENTRY_IN_PROGRESS = 0x02
 
 
 @dataclass(slots=True)
@@ -573,12 +577,11 @@ class FolderSync:
 
     async def answer_manifest(self, event: ManifestRequested) -> None:
         info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
-        header = _HEADER.pack(_ENTRY_HEADER, info.index_id, info.sequence)
-        entries = [header]
+        entries = [encode_entry(BatchHeader(info.index_id, info.sequence))]
         size = wire.manifest_batch_size(entries)
         # In-progress downloads go first but may fill at most half of the batch.
-        for download in list(self.downloads.values())[-MAX_IN_PROGRESS_ANNOUNCED:]:
-            entry = _in_progress_entry(download)
+        for download in reversed(self._shared_downloads()):
+            entry = encode_entry(InProgress(download.record, tuple(sorted(download.done))))
             if size + 4 + len(entry) > event.max_size // 2:
                 break
             entries.append(entry)
@@ -591,7 +594,7 @@ class FolderSync:
         )
         more = len(records) == MANIFEST_RECORDS_PER_BATCH
         for record in records:
-            encoded = encode_record(record)
+            encoded = encode_entry(record)
             if size + 4 + len(encoded) > event.max_size:
                 more = True
                 break
@@ -608,19 +611,19 @@ class FolderSync:
         in_progress: dict[str, FileRecord] = {}
         have: set[bytes] = set()
         restart = False
-        for entry in event.records:
+        for raw in event.records:
             try:
-                kind = entry[0] if entry else -1
-                if kind == _ENTRY_HEADER:
-                    restart = await self._check_index_id(link, entry)
-                elif kind == _ENTRY_IN_PROGRESS:
-                    record, blocks = _decode_in_progress(entry)
-                    in_progress[record.path] = record
-                    have.update(record.blocks[i].hash for i in blocks)
-                else:
-                    records.append(decode_record(entry))
+                entry = decode_entry(raw)
             except DecodeError as exc:
                 self.engine.count_hostile(event.peer, f"bad manifest entry: {exc}")
+                continue
+            if isinstance(entry, BatchHeader):
+                restart = await self._check_index_id(link, entry)
+            elif isinstance(entry, InProgress):
+                in_progress[entry.record.path] = entry.record
+                have.update(entry.record.blocks[i].hash for i in entry.verified)
+            else:
+                records.append(entry)
         link.manifest_request = None
         if restart:
             self.ask_manifest(link)
@@ -639,10 +642,8 @@ class FolderSync:
             link.listed = True
         self.dirty.set()
 
-    async def _check_index_id(self, link: PeerLink, entry: bytes) -> bool:
-        if len(entry) != _HEADER.size:
-            raise DecodeError("manifest header has the wrong size")
-        _, index_id, _sequence = _HEADER.unpack(entry)
+    async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
+        index_id = header.index_id
         known = await asyncio.to_thread(self.engine.index.remote_peer, self.info.id, link.peer)
         if known is not None and known.index_id not in (b"", index_id):
             logger.info("peer %s reset its index; reading it again", link.peer.hex())
@@ -672,6 +673,42 @@ class FolderSync:
                 self.pump()
         if event.seq > link.known_sequence or not event.have:
             self.ask_manifest(link)
+
+    # -- for ls and pull (lanshare.listing) -------------------------------------------------
+
+    def records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
+        """This node's records and every peer's, by path. Blocking: call it in a thread."""
+        return self._load_records()
+
+    def want(self, rel: str) -> dict[str, int]:
+        """Fetch ``rel`` (a path or a directory) before anything else, even on a node that
+        keeps no whole folder; paths under it that failed are tried again at once. Returns
+        the attempts each failed path under it had made so far."""
+        self.priority.add(rel)
+        if self.scope is not None:
+            self.scope.add(rel)
+        attempts: dict[str, int] = {}
+        for path, failure in self.failures.items():
+            if path == rel or path.startswith(rel + "/") or not rel:
+                attempts[path] = failure.attempts
+                failure.retry_at = min(failure.retry_at, 0.0)
+        self.dirty.set()
+        return attempts
+
+    def unwant(self, rel: str) -> None:
+        """``rel`` no longer goes first (it stays in scope: what was pulled is kept)."""
+        self.priority.discard(rel)
+
+    def bytes_fetched(self, rel: str) -> int | None:
+        """Bytes of ``rel`` verified so far, or None when it is not being downloaded."""
+        download = self.downloads.get(rel)
+        return None if download is None else download.bytes_done
+
+    def peers_listed(self) -> tuple[int, bool]:
+        """How many peers are connected for this folder, and whether every one of them has
+        answered every manifest request (what they list is then all they have)."""
+        idle = all(link.manifest_request is None for link in self.links.values())
+        return len(self.links), idle
 
     # -- planning -------------------------------------------------------------------------
 
@@ -1481,9 +1518,21 @@ class FolderSync:
         self.pending_have.append(block_hash)
         self._schedule_flush()
 
+    def _shared_downloads(self) -> list[Download]:
+        """The downloads announced to peers for re-sharing, newest first: those of more than
+        one block. A one-block file has nothing to share before it is whole, and then it is
+        announced as a record: announcing it too would cost every manifest answer an entry
+        per small file in flight and a manifest round per file started."""
+        newest = reversed(self.downloads.values())
+        return list(itertools.islice(filter(_shareable, newest), MAX_IN_PROGRESS_ANNOUNCED))
+
     def _downloads_changed(self) -> None:
-        """Our set of downloads changed: peers re-read our in-progress entries (a NOTIFY
-        without HAVE hashes asks them to), so they can pull from us what we still receive."""
+        """A download started (it is the newest): if peers are told of it, they re-read our
+        in-progress entries (a NOTIFY without HAVE hashes asks them to), so they can pull from
+        us what we still receive."""
+        newest = next(reversed(self.downloads.values()), None)
+        if newest is None or not _shareable(newest):
+            return
         self.announce_downloads = True
         self._schedule_flush()
 
@@ -1892,35 +1941,15 @@ def _gone(download: Download) -> bool:
     return download.abandoned
 
 
+def _shareable(download: Download) -> bool:
+    return len(download.record.blocks) > 1
+
+
 def _release(download: Download) -> None:
     """Close an abandoned download's file once no thread can be using its descriptors
     (closing under a running ``pwrite`` could let the number be reused by another file)."""
     if download.assembly is not None and download.writing == 0 and not download.finishing:
         download.assembly.close()
-
-
-def _in_progress_entry(download: Download) -> bytes:
-    encoded = encode_record(download.record)
-    count = len(download.record.blocks)
-    bitmap = bytearray((count + 7) // 8)
-    for i in download.done:
-        bitmap[i // 8] |= 1 << (i % 8)
-    return bytes([_ENTRY_IN_PROGRESS]) + struct.pack("!I", len(encoded)) + encoded + bytes(bitmap)
-
-
-def _decode_in_progress(entry: bytes) -> tuple[FileRecord, list[int]]:
-    if len(entry) < 5:
-        raise DecodeError("in-progress entry too short")
-    (size,) = struct.unpack_from("!I", entry, 1)
-    if 5 + size > len(entry):
-        raise DecodeError("in-progress entry truncated")
-    record = decode_record(entry[5 : 5 + size])
-    bitmap = entry[5 + size :]
-    count = len(record.blocks)
-    if len(bitmap) != (count + 7) // 8 or record.deleted or record.type is not EntryType.FILE:
-        raise DecodeError("in-progress entry malformed")
-    blocks = [i for i in range(count) if bitmap[i // 8] >> (i % 8) & 1]
-    return record, blocks
 
 
 def _stat_cache(root: Path, record: FileRecord) -> tuple[int, int]:

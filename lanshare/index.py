@@ -64,6 +64,7 @@ from lanshare import deleteguard
 from lanshare.deleteguard import Deletion
 from lanshare.errors import DecodeError, StorageError
 from lanshare.manifest import (
+    INDEX_ID_SIZE,
     EntryType,
     FileRecord,
     decode_blocks,
@@ -80,9 +81,6 @@ logger = logging.getLogger(__name__)
 
 DATABASE_NAME: Final = "index.sqlite3"
 """File name of the index inside the node's ``state_dir``."""
-
-INDEX_ID_SIZE: Final = 8
-"""Bytes of a folder's random index id."""
 
 BUSY_TIMEOUT_MS: Final = 10_000
 """How long a write waits for another process's write transaction before failing."""

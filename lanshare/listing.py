@@ -1,6 +1,7 @@
 """What the LAN shares (``ls``) and fetching chosen paths now (``pull``), over a running engine.
 
 Async, reads the index through threads; the sync decisions stay in the planner and engine.
+It uses only the public side of ``FolderSync`` (``records``, ``want``, ``peers_listed`` …).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ async def listing(engine: Engine, path: Path | None) -> list[dict[str, Any]]:
 
 
 async def _folder_listing(sync: FolderSync, prefix: str) -> list[dict[str, Any]]:
-    local, remotes = await asyncio.to_thread(sync._load_records)
+    local, remotes = await asyncio.to_thread(sync.records)
     # A conflict copy held here and the file it belongs to both show as a conflict, until
     # the user deletes or renames the copy.
     conflicted: set[str] = set()
@@ -122,14 +123,8 @@ async def pull(
     # only when one fails again (or a new one fails), not on an old failure since fixed.
     failed_before: dict[tuple[int, str], int] = {}
     for sync, rel in targets:
-        sync.priority.add(rel)
-        if sync.scope is not None:
-            sync.scope.add(rel)
-        for path, failure in sync.failures.items():
-            if _under(path, rel):
-                failed_before[(sync.info.id, path)] = failure.attempts
-                failure.retry_at = min(failure.retry_at, 0.0)
-        sync.dirty.set()
+        for path, attempts in sync.want(rel).items():
+            failed_before[(sync.info.id, path)] = attempts
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -148,7 +143,7 @@ async def pull(
             await asyncio.sleep(PULL_POLL_INTERVAL)
     finally:
         for sync, rel in targets:
-            sync.priority.discard(rel)
+            sync.unwant(rel)
 
 
 async def _pull_state(
@@ -167,12 +162,12 @@ async def _pull_state(
             unknown.append(shown)
             continue
         for entry in entries:
-            download = sync.downloads.get(entry["path"])
+            fetched = sync.bytes_fetched(entry["path"])
             done = entry["size"] if entry["state"] == "in_sync" else 0
-            if download is not None:
-                done = download.bytes_done
+            if fetched is not None:
+                done = fetched
             state = entry["state"]
-            if state in ("missing", "outdated") and download is not None:
+            if state in ("missing", "outdated") and fetched is not None:
                 state = "downloading"
             if state not in ("in_sync", "local_only", "ignored", "conflict"):
                 waiting.append(f"{sync.root}/{entry['path']}")
@@ -191,13 +186,13 @@ def _check_findable(
     targets: list[tuple[FolderSync, str]], unknown: list[str], elapsed: float
 ) -> None:
     for sync, _ in targets:
-        if not sync.links and elapsed > NO_PEER_TIMEOUT:
+        peers, idle = sync.peers_listed()
+        if not peers and elapsed > NO_PEER_TIMEOUT:
             raise TransferError(
                 f"no peer sharing {sync.root} was found; is another machine running lanshare "
                 "with this folder's key?"
             )
-        idle = all(link.manifest_request is None for link in sync.links.values())
-        if sync.links and idle and elapsed > 1.0:
+        if peers and idle and elapsed > 1.0:
             raise TransferError(f"no peer has {', '.join(unknown)}")
 
 

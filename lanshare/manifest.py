@@ -17,8 +17,20 @@ byte length followed by that much UTF-8::
     blocks  = u8 FORMAT(1) | u8 hash size | bbody      (encode_blocks, for the index)
     version = u8 FORMAT(1) | vbody                      (encode_version, for the index)
 
-``file_hash`` and the block hashes have the fixed size of the record's algorithm
-(:data:`HASH_SIZES`); ``file_hash`` is present only for a live regular file. Every field is
+Manifest entries are the items of a manifest answer (``encode_entry``/``decode_entry``); the
+first byte tells the three kinds apart (a record's is FORMAT)::
+
+    header      = u8 0x00 | index_id (8 bytes) | u64 sequence       (big-endian; first of
+                                                                     every answer)
+    record      = record                                            (a record, as above)
+    in_progress = u8 0x02 | u32 n | record (n bytes) | bitmap        a file the peer is
+                                                                     downloading
+    bitmap      = ceil(blocks / 8) bytes; bit i % 8 of byte i // 8 is set when block i is
+                  verified; the unused high bits of the last byte are 0
+
+The hash algo id is the algorithm's ``wire_id`` in :mod:`lanshare.hashes` (0: no hash);
+``file_hash`` and the block hashes have that algorithm's digest size; ``file_hash`` is present
+only for a live regular file. Every field is
 bounded (``MAX_*`` below) and a record must be consistent (blocks cover ``size`` exactly);
 anything else is a :class:`~lanshare.errors.DecodeError` on decode and a ``ValueError`` on
 encode (a locally built invalid record is a bug).
@@ -27,9 +39,11 @@ encode (a locally built invalid record is a bug).
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias, cast
 
+from lanshare import hashes
 from lanshare.errors import DecodeError, PathError
 from lanshare.paths import MAX_PATH_SIZE, normalize
 
@@ -40,9 +54,6 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 FORMAT = 1
 """First byte of every encoding; a later layout gets a new number and decoders branch on it."""
-
-HASH_SIZES: Mapping[str, int] = {"sha256": 32, "blake3": 32}
-"""Digest size in bytes of each hash algorithm a record may name."""
 
 MAX_BLOCKS = 100_000
 """Most blocks in one file's list (the chunker stays far below: see lanshare.chunker)."""
@@ -60,14 +71,27 @@ MAX_RECORD_SIZE = 4 * 1024 * 1024
 """Longest input a decoder looks at; the largest valid record (MAX_BLOCKS blocks of 32-byte
 hashes, longest path and target, MAX_VERSION_ENTRIES devices) takes ~3.7 MB."""
 
+INDEX_ID_SIZE = 8
+"""Bytes of a folder's random index id (see lanshare.index)."""
+
+ENTRY_HEADER = 0x00
+"""First byte of a manifest answer's header entry."""
+ENTRY_IN_PROGRESS = 0x02
+"""First byte of an in-progress entry (a record's first byte is FORMAT)."""
+
+MAX_ENTRY_SIZE = 5 + MAX_RECORD_SIZE + (MAX_BLOCKS + 7) // 8
+"""Longest manifest entry: an in-progress entry of the largest record."""
+
 _U64 = (1 << 64) - 1
 _I64_MAX = (1 << 63) - 1
 _I64_MIN = -(1 << 63)
 _U32 = (1 << 32) - 1
-# Algorithm ids on the wire; 0 means "no hash" (directories, symlinks, tombstones).
-_ALGO_BY_ID: dict[int, str] = {0: "", 1: "sha256", 2: "blake3"}
+# Algorithm ids in a record; 0 means "no hash" (directories, symlinks, tombstones).
+_ALGO_BY_ID: dict[int, str] = {0: "", **{a.wire_id: a.name for a in hashes.ALGORITHMS}}
 _ID_BY_ALGO: dict[str, int] = {name: ident for ident, name in _ALGO_BY_ID.items()}
 _FLAG_DELETED = 0x01
+_HEADER = struct.Struct("!B8sQ")
+_IN_PROGRESS_HEAD = struct.Struct("!BI")
 
 
 class EntryType(enum.IntEnum):
@@ -175,8 +199,9 @@ class FileRecord:
     Conventions the codec enforces: ``size`` is the file's length and 0 for directories,
     symlinks and tombstones; ``symlink_target`` is ``""`` unless a live symlink;
     ``blocks``/``file_hash`` are empty unless a live regular file; ``hash_algo`` is ``""``
-    or a key of :data:`HASH_SIZES` (required for a live regular file); ``sequence`` is the
-    local sequence number of the last change (0 ≤ n < 2**63); ``mode`` fits in 32 bits.
+    or the name of an algorithm of :mod:`lanshare.hashes` (required for a live regular
+    file); ``sequence`` is the local sequence number of the last change (0 ≤ n < 2**63);
+    ``mode`` fits in 32 bits.
     """
 
     path: str
@@ -258,7 +283,7 @@ def decode_record(data: BytesLike) -> FileRecord:
     live_file = entry_type is EntryType.FILE and not deleted
     if live_file and not hash_algo:
         raise DecodeError("regular file without a hash algorithm")
-    hash_size = HASH_SIZES[hash_algo] if live_file else 0
+    hash_size = hashes.BY_NAME[hash_algo].digest_size if live_file else 0
     file_hash = reader.take(hash_size)
     blocks = _read_blocks(reader, hash_size)
     reader.finish()
@@ -290,7 +315,7 @@ def encode_blocks(blocks: Iterable[Block]) -> bytes:
     """
     blocks = tuple(blocks)
     hash_size = len(blocks[0].hash) if blocks else 0
-    if blocks and hash_size not in HASH_SIZES.values():
+    if blocks and hash_size not in hashes.DIGEST_SIZES:
         raise ValueError(f"unsupported block hash size {hash_size}")
     problem = _check_blocks(blocks, hash_size)
     if problem is not None:
@@ -311,7 +336,7 @@ def decode_blocks(data: BytesLike) -> tuple[Block, ...]:
     if fmt != FORMAT:
         raise DecodeError(f"unknown block list format {fmt}")
     blocks = _read_blocks(reader, hash_size)
-    if blocks and hash_size not in HASH_SIZES.values():
+    if blocks and hash_size not in hashes.DIGEST_SIZES:
         raise DecodeError(f"unsupported block hash size {hash_size}")
     if not blocks and hash_size != 0:
         raise DecodeError("empty block list with a hash size")
@@ -343,6 +368,100 @@ def decode_version(data: BytesLike) -> VersionVector:
     version = _read_version(reader)
     reader.finish()
     return version
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    """The first entry of every manifest answer: the answering node's index id for the folder
+    (a new one means its index was reset) and its current sequence number."""
+
+    index_id: bytes
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """A file the answering node is downloading: the record it builds and the indexes of the
+    blocks it has verified so far (ascending), which it can already serve."""
+
+    record: FileRecord
+    verified: tuple[int, ...]
+
+
+ManifestEntry: TypeAlias = BatchHeader | FileRecord | InProgress
+
+
+def encode_entry(entry: ManifestEntry) -> bytes:
+    """The binary form of one manifest entry.
+
+    Raises:
+        ValueError: a field breaks a bound (index id size, sequence, block index) or the
+            record is invalid (a bug in its builder).
+    """
+    if isinstance(entry, FileRecord):
+        return encode_record(entry)
+    if isinstance(entry, BatchHeader):
+        if len(entry.index_id) != INDEX_ID_SIZE or not 0 <= entry.sequence <= _I64_MAX:
+            raise ValueError(f"bad manifest header {entry!r}")
+        return _HEADER.pack(ENTRY_HEADER, entry.index_id, entry.sequence)
+    record = entry.record
+    if record.deleted or record.type is not EntryType.FILE:
+        raise ValueError(f"in-progress entry for {record.path!r}, not a live file")
+    encoded = encode_record(record)
+    count = len(record.blocks)
+    bitmap = bytearray((count + 7) // 8)
+    for index in entry.verified:
+        if not 0 <= index < count:
+            raise ValueError(f"verified block {index} of {count} in {record.path!r}")
+        bitmap[index >> 3] |= 1 << (index & 7)
+    return _IN_PROGRESS_HEAD.pack(ENTRY_IN_PROGRESS, len(encoded)) + encoded + bitmap
+
+
+def decode_entry(data: BytesLike) -> ManifestEntry:
+    """Parse and validate one manifest entry from a peer.
+
+    Raises:
+        DecodeError: ``data`` is not exactly one valid entry of a known kind.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, not {type(data).__name__}")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:  # a strided view
+        raise DecodeError(f"unreadable manifest entry: {exc}") from exc
+    if len(view) > MAX_ENTRY_SIZE:
+        raise DecodeError(f"manifest entry longer than {MAX_ENTRY_SIZE} bytes")
+    if not view:
+        raise DecodeError("empty manifest entry")
+    kind = view[0]
+    if kind == FORMAT:
+        return decode_record(view)
+    if kind == ENTRY_HEADER:
+        if len(view) != _HEADER.size:
+            raise DecodeError(f"manifest header of {len(view)} bytes, not {_HEADER.size}")
+        _, index_id, sequence = _HEADER.unpack(view)
+        if sequence > _I64_MAX:
+            raise DecodeError(f"manifest header sequence {sequence} out of range")
+        return BatchHeader(index_id, sequence)
+    if kind != ENTRY_IN_PROGRESS:
+        raise DecodeError(f"unknown manifest entry kind {kind:#x}")
+    if len(view) < _IN_PROGRESS_HEAD.size:
+        raise DecodeError("in-progress entry truncated")
+    _, size = _IN_PROGRESS_HEAD.unpack_from(view)
+    start = _IN_PROGRESS_HEAD.size
+    if size > len(view) - start:
+        raise DecodeError("in-progress entry truncated")
+    record = decode_record(view[start : start + size])
+    if record.deleted or record.type is not EntryType.FILE:
+        raise DecodeError(f"in-progress entry for {record.path!r}, not a live file")
+    bitmap = view[start + size :]
+    count = len(record.blocks)
+    if len(bitmap) != (count + 7) // 8:
+        raise DecodeError(f"in-progress bitmap of {len(bitmap)} bytes for {count} blocks")
+    if count % 8 and bitmap[-1] >> (count % 8):
+        raise DecodeError("in-progress bitmap marks blocks past the last")
+    verified = tuple(i for i in range(count) if bitmap[i >> 3] >> (i & 7) & 1)
+    return InProgress(record, verified)
 
 
 # --- private -----------------------------------------------------------------------------------
@@ -383,7 +502,7 @@ def _check_record(r: FileRecord) -> str | None:
     if r.type is EntryType.FILE and not r.deleted:
         if not r.hash_algo:
             return "regular file without a hash algorithm"
-        hash_size = HASH_SIZES[r.hash_algo]
+        hash_size = hashes.BY_NAME[r.hash_algo].digest_size
         if len(r.file_hash) != hash_size:
             return f"file hash of {len(r.file_hash)} bytes for {r.hash_algo}"
         problem = _check_blocks(r.blocks, hash_size)

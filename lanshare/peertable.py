@@ -7,7 +7,8 @@ Theory of operation
 -------------------
 Each node announces one DNS-SD service whose TXT record (RFC 6763 §6) is, in this order::
 
-    v=1                 protocol version ("txtvers", RFC 6763 §6.7), a decimal number
+    v=2                 protocol version ("txtvers", RFC 6763 §6.7), a decimal number:
+                        protocol.wire.VERSION, the version of the packets it speaks
     id=<16 hex>         node id (8 bytes), lower-case hex
     n=<16 hex>          announce nonce (8 random bytes, renewed at every start)
     t=<16 hex>*k        k folder tokens, announce_token(folder key, nonce), concatenated
@@ -27,9 +28,10 @@ the first occurrence of a key wins (RFC 6763 §6.4) and unknown keys are ignored
 A record with another ``v=`` comes from a node speaking another protocol version. It is read
 only as far as listing it needs (``ForeignAnnouncement``): the framing and ``id=`` must be valid
 as above, ``n=``/``t=`` tell which folders it shares only if they happen to have this version's
-formats, and nothing else is read. The table lists such a node as ``INCOMPATIBLE`` and never
-emits an event for it, so nothing ever connects to it; a record that is malformed whatever its
-version is refused and counted, as before.
+formats, and nothing else is read. The table lists such a node as ``INCOMPATIBLE``, with the
+version it speaks (``PeerInfo.protocol``), and never emits an event for it, so nothing ever
+connects to it; a record that is malformed whatever its version is refused and counted, as
+before.
 
 The table keys mDNS peers by node id (the instance name is only a label: names can collide and
 be renamed). mDNS is a hint, not a liveness signal: a peer that crashes without a goodbye stays in
@@ -52,12 +54,13 @@ from typing import TypeAlias
 from lanshare.errors import ConfigError, DecodeError
 from lanshare.identity import NODE_ID_SIZE, NodeId
 from lanshare.keys import ANNOUNCE_NONCE_SIZE, ANNOUNCE_TOKEN_SIZE, announce_token
+from lanshare.protocol.wire import VERSION
 
 Addr: TypeAlias = tuple[str, int]
 TokenFunction: TypeAlias = Callable[[bytes, bytes], bytes]
 
-PROTOCOL_VERSION = 1
-"""The ``v=`` value this code speaks."""
+PROTOCOL_VERSION = VERSION
+"""The ``v=`` value this code announces: the version of the transfer protocol it speaks."""
 MAX_TXT_SIZE = 400
 """Largest TXT record accepted (RFC 6763 §6.2: keep it small; ~400 B still fits 512 B)."""
 MAX_TXT_ITEM_SIZE = 255
@@ -281,6 +284,8 @@ class PeerInfo:
     state: PeerState
     first_seen: float
     last_seen: float
+    protocol: int | None = None
+    """The protocol version it announced over mDNS (None for a candidate never announced)."""
 
     @property
     def key(self) -> str:
@@ -300,6 +305,7 @@ class PeerInfo:
             "state": self.state.value,
             "first_seen": round(self.first_seen, 3),
             "last_seen": round(self.last_seen, 3),
+            "protocol": self.protocol,
         }
 
 
@@ -634,6 +640,7 @@ class PeerTable:
             state=entry.state,
             first_seen=entry.first_seen + self.unix_offset,
             last_seen=entry.heard_at + self.unix_offset,
+            protocol=None if entry.service is None else entry.version,
         )
 
     def _drop(self, key: str, reason: DownReason) -> list[PeerEvent]:

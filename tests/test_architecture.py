@@ -11,6 +11,7 @@ PURE_MODULES = [
     "lanshare.errors",
     "lanshare.paths",
     "lanshare.manifest",
+    "lanshare.hashes",
     "lanshare.chunker",
     "lanshare.keys",
     "lanshare.events",

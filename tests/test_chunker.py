@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lanshare import chunker
+from lanshare import chunker, hashes
 from lanshare.chunker import (
     DEFAULT_ALGO,
     MAX_FILE_SIZE,
@@ -27,7 +27,6 @@ from lanshare.chunker import (
 )
 from lanshare.errors import StorageError
 from lanshare.manifest import (
-    HASH_SIZES,
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
     Block,
@@ -55,9 +54,9 @@ def _check_cover(blocks: tuple[Block, ...], data: bytes, algo: str) -> None:
     assert offset == len(data)
 
 
-@pytest.mark.parametrize("algo", sorted(HASH_SIZES))
-def test_every_manifest_algorithm_is_supported(algo: str) -> None:
-    assert len(block_hash(b"x", algo)) == HASH_SIZES[algo]
+@pytest.mark.parametrize("algo", sorted(hashes.BY_NAME))
+def test_every_registered_algorithm_is_supported(algo: str) -> None:
+    assert len(block_hash(b"x", algo)) == hashes.get(algo).digest_size
 
 
 def test_hashes_are_the_named_algorithms() -> None:

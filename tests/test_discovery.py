@@ -25,6 +25,7 @@ from lanshare.discovery import (
 from lanshare.identity import NodeId
 from lanshare.keys import announce_token, format_key, generate_key
 from lanshare.peertable import (
+    PROTOCOL_VERSION,
     DownReason,
     LivenessPolicy,
     PeerChanged,
@@ -186,11 +187,17 @@ def test_a_quiet_live_peer_is_probed_and_stays_up() -> None:
 def _hostile_records(own: NodeId, key: bytes) -> dict[str, bytes | dict[str, str]]:
     nonce = secrets.token_bytes(8)
     token = announce_token(key, nonce).hex()
-    good = {"v": "1", "id": secrets.token_hex(8), "n": nonce.hex(), "t": token, "seq": "1"}
+    good = {
+        "v": str(PROTOCOL_VERSION),
+        "id": secrets.token_hex(8),
+        "n": nonce.hex(),
+        "t": token,
+        "seq": "1",
+    }
     return {
         "bad-version": {**good, "v": "x"},
         "no-version": {k: v for k, v in good.items() if k != "v"},
-        "other-version-bad-id": {**good, "v": "2", "id": "zz" * 8},
+        "other-version-bad-id": {**good, "v": "1", "id": "zz" * 8},
         "bad-id": {**good, "id": "zz" * 8},
         "short-nonce": {**good, "n": "00"},
         "bad-tokens": {**good, "t": token[:-1]},
@@ -204,13 +211,23 @@ def _hostile_records(own: NodeId, key: bytes) -> dict[str, bytes | dict[str, str
 
 
 @pytest.mark.mdns
-def test_hostile_announcements_are_rejected_without_harm() -> None:
+def test_hostile_announcements_are_rejected_without_harm(caplog: pytest.LogCaptureFixture) -> None:
     key = generate_key()
     a, b = _node("alpha", key), _node("beta", key)
     hostile = _hostile_records(a.node_id, key)
-    # Well-formed but of another protocol version: listed as incompatible, never an event.
+    # Well-formed but of another protocol version, newer or older (one sharing our folder):
+    # listed as incompatible, with the version it speaks, never an event.
     future = secrets.token_hex(8)
-    hostile["future"] = {"v": "2", "id": future, "caps": "x" * 100}
+    hostile["future"] = {"v": str(PROTOCOL_VERSION + 1), "id": future, "caps": "x" * 100}
+    older = secrets.token_hex(8)
+    nonce = secrets.token_bytes(8)
+    hostile["older"] = {
+        "v": "1",
+        "id": older,
+        "n": nonce.hex(),
+        "t": announce_token(key, nonce).hex(),
+        "seq": "3",
+    }
 
     def only_b_up(event: PeerEvent) -> bool:
         assert event.peer.node_id == b.node_id, event
@@ -235,18 +252,24 @@ def test_hostile_announcements_are_rejected_without_harm() -> None:
                 async with _running(b):
                     await _next(a, only_b_up)
                 stats = a.table_stats
-                await _until(lambda: stats.rejected + stats.own >= len(hostile) - 1)
-                await _until(lambda: stats.incompatible >= 1)
+                await _until(lambda: stats.rejected + stats.own >= len(hostile) - 2)
+                await _until(lambda: len(a.peers()) >= 2 and stats.incompatible >= 2)
                 assert stats.own >= 1
                 assert [p.name for p in a.peers() if p.state is PeerState.UP] == []
                 listed = [p for p in a.peers() if p.state is PeerState.INCOMPATIBLE]
-                assert [(p.name, p.node_id.hex() if p.node_id else None) for p in listed] == [
-                    ("evil-future", future)
-                ]
-                assert listed[0].addresses == (("127.0.0.1", 41000 + len(hostile) - 1),)
+                assert [
+                    (p.name, p.node_id.hex() if p.node_id else None, p.protocol) for p in listed
+                ] == [("evil-future", future, PROTOCOL_VERSION + 1), ("evil-older", older, 1)]
+                assert listed[0].addresses == (("127.0.0.1", 41000 + len(hostile) - 2),)
+                assert listed[1].folders == ("shared",)
                 # Every event was about b: none for the incompatible node nor the hostile ones.
                 while not a.events.empty():
                     assert a.events.get_nowait().peer.node_id == b.node_id
+                # The log names both versions (a and b each say it once).
+                said = [r.getMessage() for r in caplog.records if older in r.getMessage()]
+                both = f"speaks protocol version 1, this node {PROTOCOL_VERSION}"
+                assert 1 <= len(said) <= 2
+                assert all(both in line for line in said), said
         finally:
             await attacker.async_close()
 

@@ -11,22 +11,30 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from lanshare import hashes
 from lanshare.errors import DecodeError
 from lanshare.manifest import (
+    ENTRY_HEADER,
+    ENTRY_IN_PROGRESS,
     FORMAT,
-    HASH_SIZES,
+    INDEX_ID_SIZE,
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
+    MAX_ENTRY_SIZE,
     MAX_VERSION_ENTRIES,
+    BatchHeader,
     Block,
     EntryType,
     FileRecord,
+    InProgress,
     Ordering,
     VersionVector,
     decode_blocks,
+    decode_entry,
     decode_record,
     decode_version,
     encode_blocks,
+    encode_entry,
     encode_record,
     encode_version,
 )
@@ -138,7 +146,7 @@ def _blocks(sizes: list[int], algo: str = "sha256") -> tuple[Block, ...]:
     out = []
     offset = 0
     for index, size in enumerate(sizes):
-        digest = hashlib.sha256(index.to_bytes(4, "big")).digest()[: HASH_SIZES[algo]]
+        digest = hashlib.sha256(index.to_bytes(4, "big")).digest()[: hashes.get(algo).digest_size]
         out.append(Block(offset, size, digest))
         offset += size
     return tuple(out)
@@ -365,14 +373,14 @@ def _records(draw: st.DrawFn) -> FileRecord:
         "deleted": deleted,
     }
     if deleted or entry is EntryType.DIR:
-        algo = draw(st.sampled_from(["", "sha256", "blake3"]))
+        algo = draw(st.sampled_from(["", *sorted(hashes.BY_NAME)]))
         return FileRecord(hash_algo=algo, **common)
     if entry is EntryType.SYMLINK:
         target = draw(st.text(st.characters(exclude_categories=["Cs"]), min_size=1))
         assume("\x00" not in target)
         return FileRecord(symlink_target=target, **common)
-    algo = draw(st.sampled_from(sorted(HASH_SIZES)))
-    size = HASH_SIZES[algo]
+    algo = draw(st.sampled_from(sorted(hashes.BY_NAME)))
+    size = hashes.get(algo).digest_size
     sizes = draw(st.lists(st.integers(1, MAX_BLOCK_SIZE), max_size=6))
     blocks = []
     offset = 0
@@ -395,3 +403,109 @@ def test_record_round_trip(record: FileRecord) -> None:
     assert encode_record(decode_record(data)) == data
     if record.blocks:
         assert decode_blocks(encode_blocks(record.blocks)) == record.blocks
+
+
+# --- manifest entries (the items of a manifest answer) -----------------------------------------
+
+
+def test_entries_round_trip() -> None:
+    header = BatchHeader(b"\x01" * INDEX_ID_SIZE, (1 << 63) - 1)
+    assert encode_entry(header)[0] == ENTRY_HEADER
+    record = _file()
+    assert encode_entry(record) == encode_record(record)
+    partial = InProgress(record, (0, 2))
+    encoded = encode_entry(partial)
+    assert encoded[0] == ENTRY_IN_PROGRESS
+    assert encoded[-1] == 0b101  # one bitmap byte: blocks 0 and 2 of 3
+    for entry in (header, record, partial, InProgress(record, ())):
+        assert decode_entry(encode_entry(entry)) == entry
+        assert decode_entry(memoryview(bytearray(encode_entry(entry)))) == entry
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        BatchHeader(b"\x01" * (INDEX_ID_SIZE - 1), 0),
+        BatchHeader(b"\x01" * INDEX_ID_SIZE, -1),
+        BatchHeader(b"\x01" * INDEX_ID_SIZE, 1 << 63),
+        InProgress(_file(), (3,)),
+        InProgress(_file(), (-1,)),
+        InProgress(_file().tombstone(VersionVector.of({A: 4}), 43), ()),
+        InProgress(FileRecord(path="d", type=EntryType.DIR), ()),
+    ],
+)
+def test_encode_entry_refuses_what_no_peer_could_read(entry: InProgress | BatchHeader) -> None:
+    with pytest.raises(ValueError, match=r"manifest header|in-progress|verified block"):
+        encode_entry(entry)
+
+
+def _in_progress(record: FileRecord, bitmap: bytes) -> bytes:
+    encoded = encode_record(record)
+    return bytes((ENTRY_IN_PROGRESS,)) + len(encoded).to_bytes(4, "big") + encoded + bitmap
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty"),
+        (b"\x07" + bytes(20), "unknown manifest entry kind"),
+        (bytes((ENTRY_HEADER,)) + bytes(INDEX_ID_SIZE + 7), "header of 16 bytes"),
+        (bytes((ENTRY_HEADER,)) + bytes(INDEX_ID_SIZE + 9), "header of 18 bytes"),
+        (bytes((ENTRY_HEADER,)) + bytes(INDEX_ID_SIZE) + b"\xff" * 8, "sequence"),
+        (bytes((ENTRY_IN_PROGRESS, 0, 0)), "truncated"),
+        (_in_progress(_file(), b"\x01")[:-40], "truncated"),
+        (_in_progress(_file(), b""), "bitmap of 0 bytes"),
+        (_in_progress(_file(), b"\x01\x00"), "bitmap of 2 bytes"),
+        (_in_progress(_file(), b"\x08"), "past the last"),
+        (_in_progress(FileRecord(path="d", type=EntryType.DIR), b""), "not a live file"),
+        (_in_progress(_file(), b"\x01") + bytes(MAX_ENTRY_SIZE), "longer than"),
+        (memoryview(bytes(34))[::2], "unreadable"),
+    ],
+)
+def test_decode_entry_rejects(data: bytes | memoryview, why: str) -> None:
+    with pytest.raises(DecodeError, match=why):
+        decode_entry(data)
+
+
+@given(st.binary(max_size=600))
+def test_decode_entry_of_arbitrary_bytes_raises_only_decode_error(data: bytes) -> None:
+    for kind in (ENTRY_HEADER, ENTRY_IN_PROGRESS, FORMAT, data[:1] or b"\x00"):
+        prefix = bytes((kind,)) if isinstance(kind, int) else kind
+        with contextlib.suppress(DecodeError):
+            decode_entry(prefix + data)
+
+
+@given(
+    st.sampled_from(["header", "in_progress"]),
+    st.binary(min_size=1, max_size=40),
+    st.integers(0, 400),
+)
+def test_decode_mutated_entry_raises_only_decode_error(kind: str, noise: bytes, where: int) -> None:
+    if kind == "header":
+        good = encode_entry(BatchHeader(b"\x05" * INDEX_ID_SIZE, 77))
+    else:
+        good = encode_entry(InProgress(_file(), (1,)))
+    where %= len(good)
+    mutated = good[:where] + noise + good[where + len(noise) :]
+    try:
+        entry = decode_entry(mutated)
+    except DecodeError:
+        return
+    assert encode_entry(entry) == mutated  # whatever decodes is canonical
+
+
+@given(_records(), st.data())
+def test_in_progress_entries_round_trip(record: FileRecord, data: st.DataObject) -> None:
+    assume(record.type is EntryType.FILE and not record.deleted)
+    indexes = range(len(record.blocks))
+    verified = tuple(
+        sorted(data.draw(st.sets(st.sampled_from(indexes)) if indexes else st.just(set())))
+    )
+    entry = InProgress(record, verified)
+    assert decode_entry(encode_entry(entry)) == entry
+
+
+@given(st.binary(min_size=INDEX_ID_SIZE, max_size=INDEX_ID_SIZE), st.integers(0, (1 << 63) - 1))
+def test_headers_round_trip(index_id: bytes, sequence: int) -> None:
+    header = BatchHeader(index_id, sequence)
+    assert decode_entry(encode_entry(header)) == header

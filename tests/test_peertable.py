@@ -16,6 +16,7 @@ from lanshare.peertable import (
     MAX_ANNOUNCED_FOLDERS,
     MAX_SEQUENCE,
     MAX_TXT_SIZE,
+    PROTOCOL_VERSION,
     Announcement,
     DownReason,
     ForeignAnnouncement,
@@ -45,6 +46,8 @@ KEY_B = bytes(range(1, 33))
 KEY_X = bytes(range(2, 34))
 NONCE = bytes.fromhex("0102030405060708")
 SERVICE = "Peer One._lanshare._udp.local."
+OURS = str(PROTOCOL_VERSION).encode()
+OLD = b"1"  # the protocol before block hash algorithms had one numbering everywhere
 POLICY = LivenessPolicy(probe_interval=5.0, silence_timeout=15.0, lost_probe_interval=30.0)
 
 
@@ -59,7 +62,7 @@ def item(s: bytes) -> bytes:
     return bytes((len(s),)) + s
 
 
-def foreign_txt(version: bytes = b"2", node: bytes = PEER, *rest: bytes) -> bytes:
+def foreign_txt(version: bytes = OLD, node: bytes = PEER, *rest: bytes) -> bytes:
     """A record of another protocol version: ``v=``, ``id=`` and whatever else it says."""
     return item(b"v=" + version) + item(b"id=" + node.hex().encode()) + b"".join(map(item, rest))
 
@@ -106,7 +109,7 @@ def test_corrupted_records_never_escape_decode_error(
 
 def test_the_record_starts_with_the_version_and_keeps_the_port_out() -> None:
     raw = txt(seq=42)
-    assert raw.startswith(item(b"v=1"))
+    assert raw.startswith(item(b"v=" + OURS))
     assert b"port" not in raw
     assert item(b"seq=42") in raw
 
@@ -115,18 +118,18 @@ def test_the_record_starts_with_the_version_and_keeps_the_port_out() -> None:
     ("raw", "why"),
     [
         (b"", "empty"),
-        (item(b"v=2") + txt()[4:], "other version"),
+        (item(b"v=" + OLD) + txt()[4:], "other version"),
         (txt()[4:], "no version"),
         (txt().replace(b"id=", b"id=ZZ"), "truncated strings"),
         (txt().replace(PEER.hex().encode(), PEER.hex().upper().encode()), "upper-case hex"),
-        (item(b"v=1") + item(b"id=00") + item(b"n=" + NONCE.hex().encode()), "short id"),
+        (item(b"v=" + OURS) + item(b"id=00") + item(b"n=" + NONCE.hex().encode()), "short id"),
         (txt()[:-3], "truncated"),
         (txt() + b"\x00", "empty string"),
         (txt().replace(b"seq=0", b"seq=x"), "bad seq"),
         (txt().replace(b"\x05seq=0", b"\x06seq=01"), "leading zero"),
         (txt().replace(b"\x05seq=0", b"\x18seq=99999999999999999999"), "seq overflow"),
         (txt().replace(b"\x05seq=0", b""), "no seq"),
-        (item(b"v=1") + item(b"x" * 255) * 2, "oversized"),
+        (item(b"v=" + OURS) + item(b"x" * 255) * 2, "oversized"),
         (txt() + item(b"\x01bad=1"), "control character in a key"),
         (txt() + item(b"=1"), "empty key"),
     ],
@@ -147,34 +150,34 @@ def test_bad_token_lengths_are_refused() -> None:
 def test_first_duplicate_wins_and_unknown_keys_are_ignored() -> None:
     raw = txt(seq=5) + item(b"seq=9") + item(b"future=thing") + item(b"flag")
     assert decode_txt(raw).sequence == 5
-    assert decode_txt(item(b"V=1") + txt()[4:]).node_id == PEER  # keys are case-insensitive
+    assert decode_txt(item(b"V=" + OURS) + txt()[4:]).node_id == PEER  # keys are case-insensitive
 
 
 def test_a_record_of_another_version_is_read_only_as_far_as_listing_needs() -> None:
     # Readable folder tokens (this version's formats) are kept, to tell which folders match.
-    same_shape = item(b"v=2") + txt(keys=(KEY_A,))[4:]
+    same_shape = item(b"v=" + OLD) + txt(keys=(KEY_A,))[4:]
     ann = read_txt(same_shape)
-    assert ann == ForeignAnnouncement(2, PEER, NONCE, (announce_token(KEY_A, NONCE),))
+    assert ann == ForeignAnnouncement(1, PEER, NONCE, (announce_token(KEY_A, NONCE),))
     # Anything else a future version says is ignored: no seq=, other formats, other keys.
     future = foreign_txt(b"17", PEER, b"n=not-hex", b"t=xyz", b"seq=-1", b"caps=quic,v6", b"flag")
     assert read_txt(future) == ForeignAnnouncement(17, PEER, None, ())
-    assert read_txt(foreign_txt(b"2", PEER)) == ForeignAnnouncement(2, PEER, None, ())
+    assert read_txt(foreign_txt(OLD, PEER)) == ForeignAnnouncement(1, PEER, None, ())
     # Our own version still goes through every check.
     assert read_txt(txt(seq=3)) == decode_txt(txt(seq=3))
-    with pytest.raises(DecodeError, match="version 2"):
+    with pytest.raises(DecodeError, match="version 1"):
         decode_txt(same_shape)
 
 
 @pytest.mark.parametrize(
     ("raw", "why"),
     [
-        (foreign_txt(b"2", PEER)[:-1], "truncated"),
-        (item(b"v=2") + item(b"id=00"), "short id"),
-        (item(b"v=2") + item(b"id=" + PEER.hex().upper().encode()), "upper-case id"),
-        (item(b"v=2") + item(b"n=" + NONCE.hex().encode()), "no id"),
-        (item(b"v=2") + item(b"x" * 255) * 2, "oversized"),
-        (foreign_txt(b"2", PEER, b"\x01bad=1"), "control character in a key"),
-        (foreign_txt(b"2", PEER) + b"\x00", "empty string"),
+        (foreign_txt(OLD, PEER)[:-1], "truncated"),
+        (item(b"v=" + OLD) + item(b"id=00"), "short id"),
+        (item(b"v=" + OLD) + item(b"id=" + PEER.hex().upper().encode()), "upper-case id"),
+        (item(b"v=" + OLD) + item(b"n=" + NONCE.hex().encode()), "no id"),
+        (item(b"v=" + OLD) + item(b"x" * 255) * 2, "oversized"),
+        (foreign_txt(OLD, PEER, b"\x01bad=1"), "control character in a key"),
+        (foreign_txt(OLD, PEER) + b"\x00", "empty string"),
         (foreign_txt(b"0", PEER), "version 0"),
         (foreign_txt(b"02", PEER), "leading zero"),
         (foreign_txt(b"10000", PEER), "version too large"),
@@ -196,7 +199,11 @@ def test_read_raises_only_decode_error(raw: bytes) -> None:
         read_txt(raw)
 
 
-@given(st.integers(2, 9999), st.binary(max_size=MAX_TXT_SIZE), st.integers(0, 400))
+@given(
+    st.integers(1, 9999).filter(lambda v: v != PROTOCOL_VERSION),
+    st.binary(max_size=MAX_TXT_SIZE),
+    st.integers(0, 400),
+)
 def test_foreign_records_with_hostile_tails_never_escape_decode_error(
     version: int, tail: bytes, cut: int
 ) -> None:
@@ -253,6 +260,7 @@ def test_a_peer_sharing_a_folder_comes_up_with_what_we_share() -> None:
         "state": "up",
         "first_seen": 1005.0,
         "last_seen": 1005.0,
+        "protocol": PROTOCOL_VERSION,
     }
 
 
@@ -260,7 +268,7 @@ def test_ourselves_strangers_and_junk_are_ignored_and_counted() -> None:
     t = table()
     assert t.observe(SERVICE, txt(node=OWN), ["10.0.0.2"], 1, 0.0) == []
     assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.2"], 1, 0.0) == []
-    assert t.observe(SERVICE, b"\x03v=1", ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, item(b"v=" + OURS), ["10.0.0.2"], 1, 0.0) == []
     assert t.observe(SERVICE, txt(), ["10.0.0.2"], 0, 0.0) == []
     assert t.observe(SERVICE, txt(), ["224.0.0.251", "0.0.0.0", "junk", "fe80::1"], 1, 0.0) == []
     assert t.peers() == []
@@ -411,7 +419,7 @@ def test_the_table_is_bounded_and_evicts_dead_entries_first() -> None:
 
 def test_a_node_of_another_version_is_listed_incompatible_without_events() -> None:
     t = table()
-    raw = foreign_txt(b"2", PEER, b"n=zz", b"whatever=1")
+    raw = foreign_txt(OLD, PEER, b"n=zz", b"whatever=1")
     assert t.observe(SERVICE, raw, ["10.0.0.2"], 4747, now=5.0) == []
     (peer,) = t.peers()
     assert peer.state is PeerState.INCOMPATIBLE
@@ -424,8 +432,9 @@ def test_a_node_of_another_version_is_listed_incompatible_without_events() -> No
         "state": "incompatible",
         "first_seen": 1005.0,
         "last_seen": 1005.0,
+        "protocol": 1,
     }
-    assert t.version(PEER) == 2
+    assert t.version(PEER) == 1
     assert t.by_service(SERVICE.upper()) == peer
     assert (t.stats.incompatible, t.stats.rejected) == (1, 0)
     # Repeats and changes of its record: still no event, the entry follows.
@@ -452,10 +461,10 @@ def test_an_incompatible_node_shows_the_folders_its_tokens_still_match() -> None
 
 def test_incompatible_records_are_still_checked_like_any_other() -> None:
     t = table()
-    assert t.observe(SERVICE, foreign_txt(b"2", OWN), ["10.0.0.2"], 1, 0.0) == []
-    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["224.0.0.251", "junk"], 1, 0.0) == []
-    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 0, 0.0) == []
-    assert t.observe(SERVICE, item(b"v=2") + item(b"id=zz"), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(OLD, OWN), ["10.0.0.2"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(OLD, PEER), ["224.0.0.251", "junk"], 1, 0.0) == []
+    assert t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 0, 0.0) == []
+    assert t.observe(SERVICE, item(b"v=" + OLD) + item(b"id=zz"), ["10.0.0.2"], 1, 0.0) == []
     assert t.observe(SERVICE, foreign_txt(b"x", PEER), ["10.0.0.2"], 1, 0.0) == []
     assert t.peers() == []
     s = t.stats
@@ -466,7 +475,7 @@ def test_a_peer_that_upgrades_goes_down_and_comes_back_when_it_speaks_ours_again
     t = table()
     t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
     t.mark_reachable(PEER, 0.5)
-    (down,) = t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.9"], 1, 1.0)
+    (down,) = t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.9"], 1, 1.0)
     assert isinstance(down, PeerDown)
     assert down.reason is DownReason.INCOMPATIBLE
     assert down.peer.state is PeerState.INCOMPATIBLE
@@ -477,14 +486,14 @@ def test_a_peer_that_upgrades_goes_down_and_comes_back_when_it_speaks_ours_again
     assert isinstance(up, PeerUp)
     assert (up.peer.state, up.peer.sequence, up.peer.folders) == (PeerState.UP, 4, ("a",))
     # Back to another version, then to ours without a shared folder: forgotten, no event.
-    assert len(t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.9"], 1, 3.0)) == 1
+    assert len(t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.9"], 1, 3.0)) == 1
     assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.9"], 1, 4.0) == []
     assert t.peers() == []
 
 
 def test_a_silent_incompatible_node_is_probed_then_lost_quietly_and_revived() -> None:
     t = table()
-    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 0.0)
+    t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 1, 0.0)
     assert t.due_probes(4.9) == []
     assert t.due_probes(5.0) == [SERVICE.lower()]
     assert t.heard(SERVICE, 6.0) is False
@@ -494,16 +503,16 @@ def test_a_silent_incompatible_node_is_probed_then_lost_quietly_and_revived() ->
     assert t.peers()[0].state is PeerState.LOST
     assert t.due_probes(40.0) == [SERVICE.lower()]
     assert t.heard(SERVICE, 41.0) is True  # answering again: the owner re-resolves
-    assert t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 41.5) == []
+    assert t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 1, 41.5) == []
     assert t.peers()[0].state is PeerState.INCOMPATIBLE
 
 
 def test_an_incompatible_node_leaves_on_goodbye_or_when_its_name_is_taken() -> None:
     t = table()
-    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 0.0)
+    t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 1, 0.0)
     assert t.removed(SERVICE) == []
     assert t.peers() == []
-    t.observe(SERVICE, foreign_txt(b"2", PEER), ["10.0.0.2"], 1, 1.0)
+    t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 1, 1.0)
     (up,) = t.observe(SERVICE, txt(node=OTHER), ["10.0.0.3"], 1, 2.0)
     assert up.peer.node_id == OTHER
     assert [p.node_id for p in t.peers()] == [OTHER]
@@ -513,14 +522,14 @@ def test_incompatible_nodes_never_crowd_out_peers() -> None:
     t = table(max_peers=2)
     for i in range(10):  # a flood of other-version records with fresh ids
         node = NodeId(bytes(7) + bytes([0x10 + i]))
-        t.observe(f"f{i}._lanshare._udp.local.", foreign_txt(b"2", node), ["10.0.0.5"], 1, 0.0)
+        t.observe(f"f{i}._lanshare._udp.local.", foreign_txt(OLD, node), ["10.0.0.5"], 1, 0.0)
     assert len(t.peers()) == 2
     (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
     assert up.peer.node_id == PEER
     (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 0.0)
     assert [p.state for p in t.peers()] == [PeerState.UP, PeerState.UP]
     # With the table full of peers, a newcomer of another version is refused and counted.
-    late = foreign_txt(b"2", NodeId(bytes(8)))
+    late = foreign_txt(OLD, NodeId(bytes(8)))
     assert t.observe("late._lanshare._udp.local.", late, ["10.0.0.6"], 1, 0.0) == []
     assert t.stats.full == 1
     assert len(t.peers()) == 2
@@ -556,7 +565,7 @@ def test_a_record_of_another_version_under_another_name_cannot_take_a_peer_down(
     t = table()
     (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 4747, 0.0)
     assert up.peer.state is PeerState.UP
-    spoof = foreign_txt(b"2", PEER, b"n=zz")
+    spoof = foreign_txt(OLD, PEER, b"n=zz")
     assert t.observe("impostor._lanshare._udp.local.", spoof, ["10.0.0.66"], 4747, 1.0) == []
     (peer,) = t.peers()
     assert peer.state is PeerState.UP

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lanshare import hashes as registry
 from lanshare.errors import DecodeError
 from lanshare.protocol import wire
 from lanshare.protocol.rangeset import RangeSet
@@ -30,8 +31,10 @@ def ack_frames(draw: st.DrawFn) -> wire.Ack:
     return wire.Ack(tuple(reversed(ranges)), draw(u32))
 
 
-hashes = st.sampled_from(sorted(wire.HASH_CODES)).flatmap(
-    lambda algo: st.tuples(st.just(algo), st.binary(min_size=1, max_size=wire.MAX_HASH_SIZE))
+hashes = st.sampled_from(registry.ALGORITHMS).flatmap(
+    lambda algo: st.tuples(
+        st.just(algo.name), st.binary(min_size=algo.digest_size, max_size=algo.digest_size)
+    )
 )
 
 frames = st.one_of(

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 
+from lanshare import hashes
 from lanshare.errors import DecodeError, LocalProtocolError
 from lanshare.events import (
     Addr,
@@ -913,7 +914,7 @@ class Session:
         assert buf is not None
         assert self.peer is not None
         if req.block:
-            if wire.block_digest(req.algo, buf) != req.digest:
+            if hashes.digest(req.algo, buf) != req.digest:
                 self._fail(req, FailReason.INTEGRITY)
                 return
             self._finish(req)

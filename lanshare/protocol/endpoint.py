@@ -24,6 +24,7 @@ from lanshare.events import (
     RequestFailed,
     SessionClosed,
 )
+from lanshare.hashes import BY_NAME as HASH_ALGORITHMS
 from lanshare.protocol import wire
 from lanshare.protocol.congestion import TokenBucket
 from lanshare.protocol.connection import (
@@ -303,9 +304,10 @@ class Endpoint:
             raise LocalProtocolError(f"block size {size} out of range")
         if len(path.encode("utf-8")) > wire.MAX_PATH_SIZE:
             raise LocalProtocolError("path too long for a request")
-        if hash_algo not in wire.HASH_CODES:
+        algo = HASH_ALGORITHMS.get(hash_algo)
+        if algo is None:
             raise LocalProtocolError(f"unsupported hash algorithm {hash_algo!r}")
-        if len(hash) != wire.digest_size(hash_algo):
+        if len(hash) != algo.digest_size:
             raise LocalProtocolError("hash length does not match its algorithm")
         if not (0 <= index < 1 << 32 and 0 <= offset < 1 << 64):
             raise LocalProtocolError("block index or offset out of range")

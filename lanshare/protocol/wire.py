@@ -7,11 +7,11 @@ input's size. The full layout is in docs/protocol.md; the summary:
 Packets (all integers big-endian; ``|`` separates fields; the cleartext header of DATA is the
 AEAD associated data, and its bytes 4..16 (cid | pn) are the AEAD nonce)::
 
-    INITIAL  ver=1 | type=1 | token_len u16 | src_cid u32 | token | e(32) | AEAD(InitialPayload)
+    INITIAL  ver=2 | type=1 | token_len u16 | src_cid u32 | token | e(32) | AEAD(InitialPayload)
              padded inside the AEAD so that the datagram is INITIAL_SIZE (1200) bytes
-    RESPONSE ver=1 | type=2 | 0 u16       | dst_cid u32 | e(32) | AEAD(ResponsePayload)
-    RETRY    ver=1 | type=3 | token_len u16 | dst_cid u32 | token
-    DATA     ver=1 | type=4 | flags u16 (bit0 key phase) | dst_cid u32 | pn u64 | AEAD(frames)
+    RESPONSE ver=2 | type=2 | 0 u16       | dst_cid u32 | e(32) | AEAD(ResponsePayload)
+    RETRY    ver=2 | type=3 | token_len u16 | dst_cid u32 | token
+    DATA     ver=2 | type=4 | flags u16 (bit0 key phase) | dst_cid u32 | pn u64 | AEAD(frames)
 
 Frames (inside DATA, one after another; PADDING runs to the end)::
 
@@ -26,20 +26,24 @@ Frames (inside DATA, one after another; PADDING runs to the end)::
     0x22 CANCEL   request_id u32
     0x23 REJECT   request_id u32 | code u8
     0x24 NOTIFY   seq u64 | hash_len u8 | count u8 | count * hash
+
+``algo`` is the algorithm's ``wire_id`` in :mod:`lanshare.hashes` and ``hash_len`` its digest
+size. :data:`VERSION` (the first byte of every packet, and the ``v=`` of the mDNS announcement)
+changes with any change of this layout or of those ids: version 2 took the ids of that one
+registry, where version 1 numbered blake3 6.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from blake3 import blake3 as _blake3
-
+from lanshare import hashes
 from lanshare.errors import DecodeError
 
-VERSION = 1
+VERSION = 2
+"""The protocol version this code speaks; peers of another version are never talked to."""
 
 #: Every INITIAL is padded to this size, so that a responder may answer 3x that before the
 #: address is validated (RFC 9000 §8.1, §14.1) and so that it fits any IPv4/IPv6 LAN path.
@@ -95,34 +99,6 @@ class RejectCode(IntEnum):
     NOT_FOUND = 1
     BUSY = 2
     REFUSED = 3
-
-
-#: Block hash algorithms, by wire code; the names are ``chunker.block_hash``'s (``hash_algo``).
-HASH_ALGOS: dict[int, str] = {
-    1: "sha256",
-    2: "blake2b",
-    3: "sha512",
-    4: "blake2s",
-    5: "sha3_256",
-    6: "blake3",
-}
-HASH_CODES: dict[str, int] = {name: code for code, name in HASH_ALGOS.items()}
-
-
-def block_digest(algo: str, data: bytes | bytearray | memoryview) -> bytes:
-    """The hash the core checks a received block against (same as ``chunker.block_hash``)."""
-    if algo == "blake3":
-        return bytes(_blake3(data).digest())
-    if algo == "sha256":
-        return hashlib.sha256(data).digest()
-    return hashlib.new(algo, data).digest()
-
-
-def digest_size(algo: str) -> int:
-    """Bytes in a digest of ``algo``; raises ``ValueError`` for an unknown algorithm."""
-    if algo not in HASH_CODES:
-        raise ValueError(f"unsupported hash algorithm {algo!r}")
-    return 32 if algo == "blake3" else hashlib.new(algo).digest_size
 
 
 SHORT_HEADER = struct.Struct("!BBHIQ")  # version, type, flags, dst_cid, pn
@@ -243,8 +219,9 @@ def encode_frame(frame: Frame) -> bytes:
         )
     if isinstance(frame, RequestBlock):
         path = frame.path.encode("utf-8")
-        if len(path) > MAX_PATH_SIZE or len(frame.hash) > MAX_HASH_SIZE:
-            raise ValueError("path or hash too long")
+        algo = hashes.get(frame.hash_algo)
+        if len(path) > MAX_PATH_SIZE or len(frame.hash) != algo.digest_size:
+            raise ValueError("path too long or hash of the wrong size")
         return (
             _REQ_BLOCK.pack(
                 FrameType.REQ_BLOCK,
@@ -252,7 +229,7 @@ def encode_frame(frame: Frame) -> bytes:
                 frame.index,
                 frame.offset,
                 frame.size,
-                HASH_CODES[frame.hash_algo],
+                algo.wire_id,
                 len(frame.hash),
             )
             + frame.hash
@@ -334,7 +311,8 @@ def _decode_frame(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tu
         _need(pos, _REQ_BLOCK.size, end)
         _, rid, index, offset, size, algo, hash_len = _REQ_BLOCK.unpack_from(buf, pos)
         pos += _REQ_BLOCK.size
-        if hash_len > MAX_HASH_SIZE or algo not in HASH_ALGOS:
+        known = hashes.BY_WIRE_ID.get(algo)
+        if known is None or hash_len != known.digest_size:
             raise DecodeError("bad hash in REQ_BLOCK")
         _need(pos, hash_len + 2, end)
         digest = bytes(buf[pos : pos + hash_len])
@@ -345,7 +323,7 @@ def _decode_frame(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tu
             raise DecodeError("path too long")
         _need(pos, path_len, end)
         path = bytes(buf[pos : pos + path_len]).decode("utf-8")
-        frame = RequestBlock(rid, path, index, offset, size, HASH_ALGOS[algo], digest)
+        frame = RequestBlock(rid, path, index, offset, size, known.name, digest)
         return frame, pos + path_len
     if ftype == FrameType.REQ_MANIFEST:
         _need(pos, _REQ_MANIFEST.size, end)

@@ -1,4 +1,4 @@
-"""Discovery through real daemons: a node of another protocol version next to them, and a
+"""Discovery through real daemons: nodes of other protocol versions next to them, and a
 machine whose addresses change while it runs.
 
 The first test runs ``lanshare daemon`` processes on 127.0.0.1 (mDNS on 127.0.0.1 only, no root)
@@ -22,6 +22,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from lanshare import keys
 from lanshare.discovery import SERVICE_TYPE
 from lanshare.engine import RECONNECT_INTERVAL
+from lanshare.peertable import PROTOCOL_VERSION
 from tests.e2e.conftest import cluster
 from tests.e2e.harness import wait_until
 
@@ -48,7 +49,7 @@ def _connected(node: Node, other: Node) -> bool:
 # --- a node speaking another protocol version --------------------------------------------------
 
 
-def test_a_node_of_another_protocol_version_is_listed_incompatible_and_left_alone(
+def test_nodes_of_other_protocol_versions_are_listed_incompatible_and_left_alone(
     cluster: Cluster,
 ) -> None:
     a = cluster.node("a")
@@ -57,76 +58,95 @@ def test_a_node_of_another_protocol_version_is_listed_incompatible_and_left_alon
     a.start()
     b.start()
     wait_until(lambda: _connected(b, a), SYNC_TIMEOUT, "b connected to a")
+    assert [p["protocol"] for p in b.call("peers") if p["name"] == a.name] == [PROTOCOL_VERSION]
 
-    # The newer node: a TXT record with v=2, an id, folder tokens in today's format for our
-    # key, and a field today's code has never heard of. Its advertised port is a socket of ours,
-    # so anything a daemon sends it is seen.
-    nonce = keys.generate_announce_nonce()
-    token = keys.announce_token(keys.parse_key(cluster.key), nonce)
-    future_id = secrets.token_hex(8)
-    name = f"future-{secrets.token_hex(3)}"
-    trap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Two nodes sharing our folder: a newer one (a TXT record with the next version, folder
+    # tokens in today's format and a field today's code has never heard of) and an older one
+    # (protocol 1, before block hash algorithms had one numbering: its record looks just like
+    # ours). Each advertises a socket of ours as its port, so anything a daemon sends it is seen.
+    versions = {"future": PROTOCOL_VERSION + 1, "older": 1}
     zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    traps: dict[str, socket.socket] = {}
+    names: dict[str, str] = {}
     try:
-        trap.bind(("127.0.0.1", 0))
-        trap.setblocking(False)
-        port = trap.getsockname()[1]
-        info = ServiceInfo(
-            SERVICE_TYPE,
-            f"{name}.{SERVICE_TYPE}",
-            port=port,
-            properties={
-                "v": "2",
-                "id": future_id,
+        for kind, version in versions.items():
+            nonce = keys.generate_announce_nonce()
+            token = keys.announce_token(keys.parse_key(cluster.key), nonce)
+            node_id = secrets.token_hex(8)
+            names[kind] = f"{kind}-{secrets.token_hex(3)}"
+            trap = traps[kind] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            trap.bind(("127.0.0.1", 0))
+            trap.setblocking(False)
+            properties = {
+                "v": str(version),
+                "id": node_id,
                 "n": nonce.hex(),
                 "t": token.hex(),
                 "seq": "7",
-                "caps": "multipath,quic-ish",
-            },
-            server=f"ls-{future_id}.local.",
-            parsed_addresses=["127.0.0.1"],
-        )
-        zc.register_service(info)
+            }
+            if kind == "future":
+                properties["caps"] = "multipath,quic-ish"
+            info = ServiceInfo(
+                SERVICE_TYPE,
+                f"{names[kind]}.{SERVICE_TYPE}",
+                port=trap.getsockname()[1],
+                properties=properties,
+                server=f"ls-{node_id}.local.",
+                parsed_addresses=["127.0.0.1"],
+            )
+            zc.register_service(info)
+            listed = wait_until(
+                lambda kind=kind: _peer(b, names[kind]), FIND_TIMEOUT, f"b lists the {kind} node"
+            )
+            assert listed == {
+                "id": node_id,
+                "name": names[kind],
+                "addresses": [f"127.0.0.1:{trap.getsockname()[1]}"],
+                "folders": [str(b.folder)],
+                "sequence": None,
+                "state": "incompatible",
+                "first_seen": listed["first_seen"],
+                "last_seen": listed["last_seen"],
+                "protocol": version,
+            }
+            assert abs(listed["last_seen"] - time.time()) < 60
+            wait_until(lambda kind=kind: _peer(a, names[kind]), FIND_TIMEOUT, f"a lists {kind}")
         registered = time.monotonic()
-        listed = wait_until(lambda: _peer(b, name), FIND_TIMEOUT, "b lists the newer node")
-        assert listed == {
-            "id": future_id,
-            "name": name,
-            "addresses": [f"127.0.0.1:{port}"],
-            "folders": [str(b.folder)],
-            "sequence": None,
-            "state": "incompatible",
-            "first_seen": listed["first_seen"],
-            "last_seen": listed["last_seen"],
-        }
-        assert abs(listed["last_seen"] - time.time()) < 60
-        wait_until(lambda: _peer(a, name), FIND_TIMEOUT, "a lists the newer node")
         human = b.cli("peers").stdout
-        assert any(name in line and "incompatible" in line for line in human.splitlines()), human
-        # Without a daemon, `peers` browses for itself and lists it the same way.
+        for kind, version in versions.items():
+            both = f"incompatible (protocol {version}, this node {PROTOCOL_VERSION})"
+            assert any(names[kind] in line and both in line for line in human.splitlines()), human
+        # Without a daemon, `peers` browses for itself and lists them the same way.
         browsed = json.loads(bystander.cli("peers", "--json", "--seconds", "4").stdout)
-        assert [p["state"] for p in browsed if p["name"] == name] == ["incompatible"]
+        assert sorted(
+            (p["protocol"], p["state"]) for p in browsed if p["name"] in names.values()
+        ) == [(1, "incompatible"), (PROTOCOL_VERSION + 1, "incompatible")]
 
         # The daemons stay healthy and keep syncing with each other...
-        (a.folder / "after.txt").write_text("written while a newer node is around\n")
+        (a.folder / "after.txt").write_text("written while other versions are around\n")
         wait_until(lambda: (b.folder / "after.txt").exists(), SYNC_TIMEOUT, "after.txt reaches b")
-        assert (b.folder / "after.txt").read_text() == "written while a newer node is around\n"
+        assert (b.folder / "after.txt").read_text() == "written while other versions are around\n"
         for node in (a, b):
             assert node.cli_json("status")["folders"][0]["state"] in ("in_sync", "syncing")
             assert node.alive()
-            node.wait_log("speaks protocol version 2", 10.0)
+            for version in versions.values():
+                node.wait_log(
+                    f"speaks protocol version {version}, this node {PROTOCOL_VERSION}", 10
+                )
             assert "Traceback" not in node.log_text()
-        # ...and neither sends the newer node a single datagram, though an engine retries every
+        # ...and neither sends the other nodes a single datagram, though an engine retries every
         # address it was given every RECONNECT_INTERVAL: watched for two of them at least.
         window = registered + 2 * RECONNECT_INTERVAL - time.monotonic()
-        ready, _, _ = select.select([trap], [], [], max(0.0, window))
+        ready, _, _ = select.select(list(traps.values()), [], [], max(0.0, window))
         if ready:
-            data, sender = trap.recvfrom(2048)
-            raise AssertionError(f"a daemon sent {len(data)} bytes to the newer node: {sender}")
-        assert [p["state"] for p in b.cli_json("peers") if p["name"] == name] == ["incompatible"]
+            data, sender = ready[0].recvfrom(2048)
+            raise AssertionError(f"a daemon sent {len(data)} bytes to another version: {sender}")
+        peers = {p["name"]: p["state"] for p in b.cli_json("peers")}
+        assert [peers.get(name) for name in names.values()] == ["incompatible"] * 2
     finally:
         zc.close()
-        trap.close()
+        for trap in traps.values():
+            trap.close()
     assert a.stop() == 0
     assert b.stop() == 0
 

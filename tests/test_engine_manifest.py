@@ -1,0 +1,98 @@
+"""The manifest exchange between real engines: what it costs on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from lanshare.manifest import encode_record
+from lanshare.protocol import wire
+from lanshare.protocol.endpoint import Endpoint
+from tests.enginesim import Cluster, converge, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+    import pytest
+
+RECORDS = 10_000
+
+
+def test_a_manifest_costs_at_most_one_and_a_half_times_its_records(tmp_path: Path) -> None:
+    """10,000 records travel packed into full datagrams, not one datagram per record: every
+    byte both nodes send (handshake, requests, answers, acknowledgements, keep-alives) stays
+    within 1.5x the encoded records. The receiver fetches nothing (it keeps no whole folder),
+    so the manifest is all that moves."""
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=3) as cluster:
+            a = cluster.add()
+            b = cluster.add(whole_folders=False)
+            for i in range(RECORDS - 100):
+                a.write(f"d{i % 100:02d}/f{i:05d}.txt", b"%d\n" % i)
+            await cluster.start()
+            assert a.index is not None
+            records = a.index.records_since(a.folder.info.id, 0, 2 * RECORDS)
+            assert len(records) == RECORDS  # the files and their 100 directories
+            encoded = sum(len(encode_record(r)) for r in records)
+
+            def received() -> int:
+                assert b.index is not None
+                return sum(1 for _ in b.index.remote_records(b.folder.info.id, a.node_id))
+
+            await wait_for(lambda: received() == RECORDS, 120, "b holds every record of a")
+            await wait_for(
+                lambda: all(link.listed for link in b.folder.links.values()), 30, "b done"
+            )
+            assert b.index is not None
+            theirs = list(b.index.remote_records(b.folder.info.id, a.node_id))
+            assert {r.path: r for r in theirs} == {r.path: r for r in records}
+
+            network = cluster.network
+            sent = sum(network.bytes_sent.values())
+            ratio = sent / encoded
+            print(f"{RECORDS} records, {encoded} bytes encoded, {sent} bytes sent: {ratio:.3f}x")
+            assert ratio <= 1.5, f"{sent} bytes on the wire for {encoded} bytes of records"
+            # Packed: a datagram carries many records.
+            assert network.datagrams["sent"] < RECORDS / 5
+
+    asyncio.run(scenario())
+
+
+def test_syncing_many_small_files_sends_each_record_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While 1,000 one-block files move from a to b, the manifest answers both nodes send
+    (b's tell a about every file b places) stay within 1.5x the records both end up with:
+    a file in flight costs no in-progress entry and no manifest round of its own."""
+    answered: Counter[str] = Counter()
+    send_manifest = Endpoint.send_manifest
+
+    def counting(self: Endpoint, request_id: int, entries: Iterable[bytes], more: bool) -> bool:
+        entries = list(entries)
+        answered["answers"] += 1
+        answered["bytes"] += wire.manifest_batch_size(entries)
+        return send_manifest(self, request_id, entries, more)
+
+    monkeypatch.setattr(Endpoint, "send_manifest", counting)
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=4) as cluster:
+            a, b = cluster.add(), cluster.add()
+            for i in range(1000):
+                a.write(f"d{i % 10}/f{i:04d}.bin", bytes([i % 251]) * 4096 + b"%d" % i)
+            await cluster.start()
+            await converge([a, b], 300)
+            held = 0
+            for node in (a, b):
+                assert node.index is not None
+                records = node.index.records_since(node.folder.info.id, 0, 10_000)
+                assert len(records) == 1010
+                held += sum(len(encode_record(r)) for r in records)
+            ratio = answered["bytes"] / held
+            print(f"{answered['answers']} answers, {answered['bytes']} bytes: {ratio:.3f}x")
+            assert ratio <= 1.5, f"{answered} for {held} bytes of records"
+
+    asyncio.run(scenario())
