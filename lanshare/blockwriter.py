@@ -45,10 +45,12 @@ if TYPE_CHECKING:
 
 BATCH_BYTES = 8 * 1024 * 1024
 """Most bytes written in one thread hop, and held (queued or being written) at once."""
-MIN_BATCH_BYTES = 4 * 1024 * 1024
+MIN_BATCH_BYTES = 1024 * 1024
 """A hop that would write less waits up to ``LINGER`` for more blocks first."""
-LINGER = 0.02
-"""Seconds a small hop waits for company (a block's report is delayed at most that long)."""
+LINGER = 0.003
+"""Seconds a small hop waits for company. Short: blocks waiting here still count as
+outstanding for the scheduler, which asks for no more meanwhile (20 ms drained the
+pipeline at moderate rates and slowed whole transfers)."""
 
 
 @dataclass(slots=True, eq=False)

@@ -33,8 +33,12 @@ Theory of operation
   hand. The cost is one extra row per block on a content change (measured in ``bench/scan.py``
   as part of the cold scan); an unchanged rescan writes nothing.
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
-  the indexes of its blocks verified and written so far, so a restart resumes without
-  fetching them again.
+  the indexes of its blocks verified and written so far (many downloads' blocks in one
+  transaction, after their bytes are written), so a restart resumes without fetching them
+  again.
+* **Sequences in memory.** Each folder's sequence is kept as last read or committed
+  (emptied by any rollback), so the event loop reads it without SQLite and without waiting
+  for a thread's transaction (:meth:`Index.sequence`).
 * **Deletion history.** ``deletions`` keeps, per folder, the recent deletions the
   mass-deletion guard counts (``deleteguard``), bounded by its window, and
   ``deletion_holds`` when the guard tripped for deletions it still holds back: a restart
