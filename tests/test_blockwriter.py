@@ -402,3 +402,43 @@ def test_a_received_block_is_hashed_once_with_few_hops_and_no_io_on_the_loop(
             assert not probe.loop_io, "\n".join(probe.loop_io[:20])
 
     asyncio.run(main())
+
+
+def test_many_small_files_are_placed_with_few_directory_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files that finish together are placed together: the receiver fsyncs their
+    directory once per batch, not once per file."""
+    files = 200
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=12) as cluster:
+            a, b = cluster.add(), cluster.add()
+            contents = {f"docs/f{i:03d}.dat": random_bytes(i, 4096) for i in range(files)}
+            for rel, data in contents.items():
+                a.write(rel, data)
+            await a.start()
+            docs = str(b.root / "docs")
+            synced: list[int] = []
+            real_fsync = os.fsync
+
+            def counting(fd: int) -> None:
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/self/fd/{fd}") == docs:
+                        synced.append(fd)
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", counting)
+            await cluster.start([b], mesh=False)
+            a.connect(b)
+            b.connect(a)
+            await wait_for(
+                lambda: all(b.path(rel).exists() for rel in contents), 120, "B to hold them all"
+            )
+            monkeypatch.undo()
+            assert all(b.read(rel) == data for rel, data in contents.items())
+            assert synced, "the directory was never fsynced"
+            # Once per batch (how many finish together depends on the pace); before, per file.
+            assert len(synced) < files // 2, f"{len(synced)} directory fsyncs for {files} files"
+
+    asyncio.run(main())
