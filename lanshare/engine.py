@@ -42,10 +42,15 @@ Theory of operation
   history. ``resume`` confirms on this node only: it applies them and clears the history.
 * **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
   disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
-  has them (rarest first, pipelined by measured rate, end game, failover). Verified blocks
-  are recorded in the index as they are written, so a crash resumes without fetching them
-  again. A finished file is verified whole and renamed into place only if the local file is
-  still what the plan saw; otherwise the download is discarded and the next plan decides.
+  has them (rarest first, pipelined by measured rate, end game, failover). A block is hashed
+  once, where it arrives (the protocol) or is read (a local copy); the folder's
+  ``BlockWriter`` writes verified blocks and records them in the index in batches, one
+  thread hop each, and only then are they announced and counted done, so a crash resumes
+  without fetching them again. Finished files are placed in batches (``store.place``): each
+  checked whole from the block hashes verified in memory, fsynced, and renamed into place
+  only if the local file is still what the plan saw (otherwise the download is discarded and
+  the next plan decides); each directory is fsynced once, and the batch is one index
+  transaction and one announcement.
 * **Serving.** Each folder's block server (``serving.BlockServer``) answers block requests
   in batches read in a worker thread: from the file that holds the block (its block table
   kept decoded, its descriptor kept open, every block checked against its hash once), from a
@@ -75,6 +80,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lanshare import deleteguard, keys, marker, planner, scanner
+from lanshare.blockwriter import BlockWriter
 from lanshare.errors import (
     DecodeError,
     DiskFullError,
@@ -119,7 +125,7 @@ from lanshare.scheduler import (
 )
 from lanshare.scheduler import FailReason as BlockFail
 from lanshare.serving import BlockReader, BlockServer
-from lanshare.store import Assembly, FolderStore, LocalState
+from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
@@ -213,6 +219,8 @@ class Download:
     finishing: bool = False
     conflict: planner.Conflict | None = None
     """The local loser to move aside under its conflict name when the download is placed."""
+    conflict_moved: bool = False
+    """The loser is under its conflict name now (moved back if the placement fails)."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
     bytes_done: int = 0
@@ -245,6 +253,7 @@ class FolderSync:
         self.folder_id = keys.folder_id(self.raw_key)
         self.root = Path(config.path)
         self.store = FolderStore(self.root)
+        self.writer = BlockWriter(self.store, engine.index, info.id)
         self.rules = IgnoreRules(config.ignore)
         self.state = "scanning"
         self.reason = ""
@@ -505,9 +514,8 @@ class FolderSync:
         left behind by a stop would make the next start take the folder for a restored one."""
         if marker.read(self.root, self.folder_id) is not marker.Found.THIS:
             return
-        info = self.engine.index.folder(self.info.id)
         try:
-            stamp = marker.Generation(info.index_id, info.sequence)
+            stamp = marker.Generation(self.info.index_id, self.info_sequence())
             marker.write(self.root, self.folder_id, stamp, durable=False)
         except StorageError as exc:
             logger.warning("folder %s: %s", self.root, exc)
@@ -530,7 +538,7 @@ class FolderSync:
 
     def announce_sequence(self) -> None:
         self._stamp_marker()
-        sequence = self.engine.index.folder(self.info.id).sequence
+        sequence = self.info_sequence()
         for link in self.links.values():
             self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
         self.engine.sequence_changed()
@@ -563,7 +571,7 @@ class FolderSync:
         self.pump()
 
     def info_sequence(self) -> int:
-        return self.engine.index.folder(self.info.id).sequence
+        return self.engine.index.sequence(self.info.id)
 
     def ask_manifest(self, link: PeerLink) -> None:
         if link.manifest_request is not None:
@@ -1032,6 +1040,7 @@ class FolderSync:
         placed = False
         try:
             index_at = {block.offset: i for i, block in enumerate(record.blocks)}
+            written: set[int] = set()
             for copy in action.copies:
                 source = Block(copy.source_offset, copy.size, copy.hash)
                 data = await asyncio.to_thread(
@@ -1039,12 +1048,16 @@ class FolderSync:
                 )
                 if data is None:
                     raise LocalChangeError(f"{copy.source_path} changed; {record.path} replanned")
-                await asyncio.to_thread(
-                    self.store.write_block, assembly, index_at[copy.offset], data
-                )
+                block = VerifiedBlock(index_at[copy.offset], data)  # read_block checked it
+                await asyncio.to_thread(self.store.write_verified, assembly, block)
+                written.add(block.index)
             planned = await self._planned(action.replaces)
             await self._own_write(record.path)
-            await asyncio.to_thread(self.store.commit, assembly, planned, time.time())
+            (error,) = await asyncio.to_thread(
+                self.store.place, [Placement(assembly, planned, written)], time.time()
+            )
+            if error is not None:
+                raise error
             placed = True
         finally:
             assembly.close()
@@ -1052,13 +1065,19 @@ class FolderSync:
                 await asyncio.to_thread(self.store.discard, record)
         await self._commit(record)
 
-    async def _commit(self, *records: FileRecord) -> None:
-        """Record that ``records`` are now on disk (each with a new local sequence)."""
-        changes = []
-        for record in records:
-            inode, ctime_ns = await asyncio.to_thread(_stat_cache, self.root, record)
-            changes.append(LocalChange(record, inode=inode, ctime_ns=ctime_ns))
-        await asyncio.to_thread(self.engine.index.commit_changes, self.info.id, changes)
+    async def _commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
+        """Record that ``records`` are now on disk (each with a new local sequence), and
+        forget the partial downloads of the paths ``finished``, in one transaction."""
+
+        def store() -> None:
+            index = self.engine.index
+            changes = [LocalChange(r, *_stat_cache(self.root, r)) for r in records]
+            with index.transaction():
+                for path in finished:
+                    index.partial_drop(self.info.id, path)
+                index.commit_changes(self.info.id, changes)
+
+        await asyncio.to_thread(store)
         self.server.invalidate(record.path for record in records)
         for record in records:
             if planner.conflict_original(record.path) is not None:
@@ -1296,7 +1315,9 @@ class FolderSync:
             self._apply_steps(self.scheduler.on_block_failed(target, None, BlockFail.LOCAL, 0.0))
             self.pump()
             return
-        await self._write(download, target, data, peer=None)
+        # read_block checked the bytes against the hash as it read them.
+        verified = VerifiedBlock(self._block_index(download, target), data)
+        await self._write(download, target, verified, peer=None)
 
     async def block_received(self, event: BlockReceived) -> None:
         owner = self.requests.pop(event.request_id, None)
@@ -1310,26 +1331,20 @@ class FolderSync:
         download = self.downloads.get(ref.file_id)
         if download is None:
             return
-        await self._write(download, ref, event.data, peer=peer)
+        # The protocol delivers a block only once it matches the hash it was asked for.
+        verified = VerifiedBlock(self._block_index(download, ref), event.data)
+        await self._write(download, ref, verified, peer=peer)
 
     async def _write(
-        self, download: Download, ref: BlockRef, data: bytes, *, peer: bytes | None
+        self, download: Download, ref: BlockRef, block: VerifiedBlock, *, peer: bytes | None
     ) -> None:
-        index = self._block_index(download, ref)
+        index = block.index
         if index in download.done or download.assembly is None or _gone(download):
             self._apply_steps(self.scheduler.on_block_done(ref, peer))
             return
         download.writing += 1
         try:
-            async with self.engine.io_limit:
-                if _gone(download):
-                    return
-                await asyncio.to_thread(self.store.write_block, download.assembly, index, data)
-                if _gone(download):
-                    return
-                await asyncio.to_thread(
-                    self.engine.index.partial_mark_verified, self.info.id, download.path, [index]
-                )
+            await self.writer.write(download.assembly, block)
         except IntegrityError:
             reason = BlockFail.INTEGRITY if peer is not None else BlockFail.LOCAL
             if peer is not None:
@@ -1374,24 +1389,37 @@ class FolderSync:
                 self.engine.spawn(self._place_finished())
 
     async def _place_finished(self) -> None:
-        """Put finished downloads in place, all that are ready in one go: one index
-        transaction and one announcement for the lot (each announcement has every peer
-        read our file list again)."""
+        """Put finished downloads in place, all that are ready in one go: one thread hop
+        places them (``store.place``: fsync each file, rename each, fsync each directory
+        once), then one index transaction and one announcement for the lot (each
+        announcement has every peer read our file list again)."""
         try:
             async with self.busy:
                 while self.to_place:
                     batch, self.to_place = self.to_place, []
-                    placed: list[tuple[Download, list[FileRecord]]] = []
+                    ready: list[tuple[Download, Placement]] = []
                     for download in batch:
-                        records = await self._finish_download(download)
-                        if records:
-                            placed.append((download, records))
+                        assert download.assembly is not None
+                        planned = await self._prepare_placement(download)
+                        if planned is not None:
+                            done = frozenset(download.done)
+                            ready.append((download, Placement(download.assembly, planned, done)))
+                    if not ready:
+                        continue
+                    placements = [placement for _, placement in ready]
+                    errors = await asyncio.to_thread(self.store.place, placements, time.time())
+                    placed: list[tuple[Download, list[FileRecord]]] = []
+                    for (download, _), error in zip(ready, errors, strict=True):
+                        if error is None:
+                            placed.append((download, self._placed(download)))
+                        else:
+                            await self._not_placed(download, error)
                     if not placed:
                         continue
                     paths = [d.path for d, _ in placed if not d.abandoned]
                     try:
-                        await asyncio.to_thread(self._drop_partials, paths)
-                        await self._commit(*(r for _, records in placed for r in records))
+                        records = (r for _, records in placed for r in records)
+                        await self._commit(*records, finished=paths)
                     finally:
                         for download, _ in placed:
                             self.committing.discard(download.path)
@@ -1399,67 +1427,31 @@ class FolderSync:
         finally:
             self.placing = False
 
-    def _drop_partials(self, paths: Iterable[str]) -> None:
-        for path in paths:
-            self.engine.index.partial_drop(self.info.id, path)
+    async def _prepare_placement(self, download: Download) -> LocalState | None:
+        """Ready one finished download to be placed: the watcher told of our writes, the
+        local loser of a conflict moved aside. What the target must still be (None when
+        it cannot be placed: then it is replanned)."""
+        conflict = download.conflict
+        await self._own_write(download.path)
+        if conflict is None:
+            return download.planned
+        await self._own_write(conflict.conflict_name)
+        try:
+            await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
+        except StorageError as exc:  # gone or changed meanwhile: rescan, replan
+            await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
+            return None
+        except LanshareError as exc:
+            await self._not_placed(download, exc)
+            return None
+        download.conflict_moved = True
+        return LocalState(exists=False)
 
-    async def _finish_download(self, download: Download) -> list[FileRecord]:
-        """Put one finished download in place; the records to commit to the index (none
-        when it could not be placed: then it is replanned)."""
-        assert download.assembly is not None
+    def _placed(self, download: Download) -> list[FileRecord]:
+        """A download is in place: whatever happened meanwhile, the index must say so. The
+        records to commit."""
         record = download.record
         conflict = download.conflict
-        planned = download.planned
-        moved = False
-        try:
-            await self._own_write(record.path)
-            if conflict is not None:
-                await self._own_write(conflict.conflict_name)
-                try:
-                    await asyncio.to_thread(
-                        self.store.rename_local, conflict.path, conflict.conflict_name
-                    )
-                except StorageError as exc:  # gone or changed meanwhile: rescan, replan
-                    raise LocalChangeError(f"{conflict.path}: {exc}") from exc
-                moved, planned = True, LocalState(exists=False)
-            now = time.time()
-            await asyncio.to_thread(self.store.commit, download.assembly, planned, now)
-        except LanshareError as exc:
-            self.committing.discard(record.path)
-            download.finishing = False
-            if moved and conflict is not None:
-                with contextlib.suppress(LanshareError):
-                    await asyncio.to_thread(
-                        self.store.rename_local, conflict.conflict_name, conflict.path
-                    )
-            discard = isinstance(exc, IntegrityError)
-            if isinstance(exc, LocalChangeError):
-                # Never clobber a local edit. Keep the verified temporary file (a later plan
-                # that still wants this version resumes from it) and rescan, so the next plan
-                # sees the edit and decides: a newer local version, or a conflict copy.
-                logger.info("folder %s: %s", self.root, exc)
-                if self.engine.whole_folders:
-                    await self._local_change(record.path)
-                else:
-                    # A node that only fetches never records what it finds here as a version
-                    # of its own, so a rescan would change nothing: the path fails instead.
-                    self._fail(record.path, LocalChangeError(_OTHER_CONTENT.format(record.path)))
-            elif discard:
-                logger.warning("folder %s: %s; fetching it again", self.root, exc)
-            elif not isinstance(exc, DiskFullError):
-                self._fail(record.path, exc)
-            if self.downloads.get(record.path) is download:
-                await self._abandon(record.path, discard=discard)
-            else:  # abandoned while committing: the assembly is ours to close
-                _release(download)
-                if discard:
-                    await asyncio.to_thread(self.store.discard, record)
-            if isinstance(exc, DiskFullError):
-                await self._pause_for_space(exc)
-                self.waiting_for_space[record.path] = record.size
-            self.dirty.set()
-            return []
-        # The file is in place: whatever happened meanwhile, the index must say so.
         if self.downloads.get(record.path) is download:
             del self.downloads[record.path]
             self._apply_steps(self.scheduler.remove_file(record.path))
@@ -1468,6 +1460,45 @@ class FolderSync:
             return [record]
         self._log_conflict(conflict)
         return [conflict.copy_record, record]
+
+    async def _not_placed(self, download: Download, exc: LanshareError) -> None:
+        """A finished download could not be put in place; it is replanned."""
+        record = download.record
+        conflict = download.conflict
+        self.committing.discard(record.path)
+        download.finishing = False
+        if download.conflict_moved and conflict is not None:
+            download.conflict_moved = False
+            with contextlib.suppress(LanshareError):
+                await asyncio.to_thread(
+                    self.store.rename_local, conflict.conflict_name, conflict.path
+                )
+        discard = isinstance(exc, IntegrityError)
+        if isinstance(exc, LocalChangeError):
+            # Never clobber a local edit. Keep the verified temporary file (a later plan
+            # that still wants this version resumes from it) and rescan, so the next plan
+            # sees the edit and decides: a newer local version, or a conflict copy.
+            logger.info("folder %s: %s", self.root, exc)
+            if self.engine.whole_folders:
+                await self._local_change(record.path)
+            else:
+                # A node that only fetches never records what it finds here as a version
+                # of its own, so a rescan would change nothing: the path fails instead.
+                self._fail(record.path, LocalChangeError(_OTHER_CONTENT.format(record.path)))
+        elif discard:
+            logger.warning("folder %s: %s; fetching it again", self.root, exc)
+        elif not isinstance(exc, DiskFullError):
+            self._fail(record.path, exc)
+        if self.downloads.get(record.path) is download:
+            await self._abandon(record.path, discard=discard)
+        else:  # abandoned while committing: the assembly is ours to close
+            _release(download)
+            if discard:
+                await asyncio.to_thread(self.store.discard, record)
+        if isinstance(exc, DiskFullError):
+            await self._pause_for_space(exc)
+            self.waiting_for_space[record.path] = record.size
+        self.dirty.set()
 
     async def _abandon(self, path: str, *, discard: bool) -> None:
         download = self.downloads.pop(path, None)

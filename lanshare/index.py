@@ -33,8 +33,12 @@ Theory of operation
   hand. The cost is one extra row per block on a content change (measured in ``bench/scan.py``
   as part of the cold scan); an unchanged rescan writes nothing.
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
-  the indexes of its blocks verified and written so far, so a restart resumes without
-  fetching them again.
+  the indexes of its blocks verified and written so far (many downloads' blocks in one
+  transaction, after their bytes are written), so a restart resumes without fetching them
+  again.
+* **Sequences in memory.** Each folder's sequence is kept as last read or committed
+  (emptied by any rollback), so the event loop reads it without SQLite and without waiting
+  for a thread's transaction (:meth:`Index.sequence`).
 * **Deletion history.** ``deletions`` keeps, per folder, the recent deletions the
   mass-deletion guard counts (``deleteguard``), bounded by its window, and
   ``deletion_holds`` when the guard tripped for deletions it still holds back: a restart
@@ -309,6 +313,16 @@ class Partial:
     verified: frozenset[int]
 
 
+@dataclass(frozen=True, slots=True)
+class WrittenBlocks:
+    """Blocks (``indexes``) written to the temporary file of the download of ``path``
+    towards ``file_hash``, for :meth:`Index.partial_mark_verified`."""
+
+    path: str
+    file_hash: bytes
+    indexes: tuple[int, ...]
+
+
 # --- the index ----------------------------------------------------------------------------
 
 
@@ -325,6 +339,10 @@ class Index:
         self._path = path
         self._lock = threading.RLock()
         self._depth = 0  # > 0 while a transaction() block of the lock-holding thread is open
+        self._sequences: dict[int, int] = {}
+        """Each folder's sequence as last read or committed (only this process writes the
+        index while it is open: the daemon holds its lock), so the event loop can read it
+        without SQLite or the lock; emptied by any rollback."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -431,6 +449,7 @@ class Index:
                 conn.execute("COMMIT")
             except BaseException as exc:
                 _rollback(conn)
+                self._sequences.clear()
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(_explain(self._path, "commit", exc)) from exc
                 raise
@@ -466,6 +485,7 @@ class Index:
                     f"the index {self._path} holds {text} under another folder key; "
                     "remove the folder from the index first (its records will be rebuilt)"
                 )
+            self._sequences[row[0]] = row[4]
             return FolderInfo(*row)
 
     def folders(self) -> list[FolderInfo]:
@@ -491,8 +511,24 @@ class Index:
             raise StorageError(f"index {self._path}: no folder with id {folder}")
         return FolderInfo(*row)
 
+    def sequence(self, folder: int) -> int:
+        """The folder's local sequence, from memory once read or committed: cheap enough
+        for the event loop (no SQLite, no waiting for a thread's transaction).
+
+        Raises:
+            StorageError: no such folder.
+        """
+        cached = self._sequences.get(folder)
+        if cached is not None:
+            return cached
+        with self._lock:
+            sequence = self.folder(folder).sequence
+            self._sequences[folder] = sequence
+            return sequence
+
     def remove_folder(self, folder: int) -> None:
         """Forget a folder and everything recorded about it (local, remote, partials)."""
+        self._sequences.pop(folder, None)
         with self._write("remove a folder") as conn:
             # Children first, in bulk: cheaper than a cascade row by row.
             conn.execute("DELETE FROM local_blocks WHERE folder = ?", (folder,))
@@ -664,6 +700,7 @@ class Index:
                 ((u.inode, u.ctime_ns, folder, u.path) for u in cache_updates),
             )
             conn.execute("UPDATE folders SET sequence = ? WHERE id = ?", (sequence, folder))
+            self._sequences[folder] = sequence
         return stored
 
     def forget(self, folder: int, paths: Iterable[str]) -> int:
@@ -934,22 +971,33 @@ class Index:
             found = [self._partial(conn, folder, p) for p in paths]
         return [p for p in found if p is not None]
 
-    def partial_mark_verified(self, folder: int, path: str, indexes: Iterable[int]) -> None:
-        """Record blocks as verified and written to the temporary file (call after fsync).
+    def partial_mark_verified(self, folder: int, written: Iterable[WrittenBlocks]) -> set[str]:
+        """Record blocks as verified and written to their temporary files, for any number of
+        partial downloads in one transaction. Call it after the bytes are written: a crash
+        may then lose the record of a block, never list one whose bytes are not there (and
+        a resume reads the listed ones again before it trusts them).
 
-        Raises:
-            StorageError: there is no partial download of ``path``.
+        A download whose partial is gone or was begun again towards another file hash is
+        skipped: its blocks went to a temporary file that nobody resumes.
+
+        Returns:
+            The paths whose blocks were recorded.
         """
+        recorded: set[str] = set()
         with self._write("record verified blocks") as conn:
-            row = conn.execute(
-                "SELECT id FROM partials WHERE folder = ? AND path = ?", (folder, path)
-            ).fetchone()
-            if row is None:
-                raise StorageError(f"index {self._path}: no partial download of {path!r}")
-            conn.executemany(
-                "INSERT OR IGNORE INTO partial_blocks (partial, idx) VALUES (?, ?)",
-                ((row[0], i) for i in indexes),
-            )
+            for blocks in written:
+                row = conn.execute(
+                    "SELECT id FROM partials WHERE folder = ? AND path = ? AND file_hash = ?",
+                    (folder, blocks.path, blocks.file_hash),
+                ).fetchone()
+                if row is None:
+                    continue
+                conn.executemany(
+                    "INSERT OR IGNORE INTO partial_blocks (partial, idx) VALUES (?, ?)",
+                    ((row[0], i) for i in blocks.indexes),
+                )
+                recorded.add(blocks.path)
+        return recorded
 
     def partial_drop(self, folder: int, path: str) -> None:
         """Forget the partial download of ``path`` (finished, abandoned or superseded)."""
@@ -1002,6 +1050,7 @@ class Index:
                     _rollback_savepoint(conn)
                 else:
                     _rollback(conn)
+                self._sequences.clear()
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(_explain(self._path, action, exc)) from exc
                 if isinstance(exc, ValueError):  # a record the codec refuses

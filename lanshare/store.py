@@ -4,13 +4,26 @@ Blocking I/O (call through ``asyncio.to_thread``). Every path is resolved compon
 component from the folder root with ``O_NOFOLLOW`` directory descriptors, so nothing is ever
 read or written through a symlink, even one swapped in while we work. A download is built
 in a temporary file beside its target (``.lanshare-tmp-…``, never visible under the real
-name), each block checked against its hash before it is written, the whole file checked
-again, then fsynced and renamed into place atomically, and the directory fsynced.
+name) from blocks already checked against their hashes (:class:`VerifiedBlock`), checked whole
+against the record, then fsynced and renamed into place atomically, and the directory fsynced.
 Anything a remote change would overwrite or delete is first moved to
 ``.lanshare/versions/`` so a mistake on one machine can be undone on the others.
 
 Theory of operation
 -------------------
+* **Each block hashed once.** A block is checked against its hash where its bytes come from:
+  the protocol checks a received block as it completes, :meth:`FolderStore.read_block` a
+  local copy as it reads it. The store writes such a :class:`VerifiedBlock` as it is
+  (``pwrite``), and the final check of a download (:meth:`FolderStore.place`) needs no second
+  read of the file: every block of the record was verified as it was written (the caller
+  keeps their indexes) and the record's block hashes hash to its file hash. Blocks taken over
+  from a temporary file after a restart are the exception: :meth:`FolderStore.verified_blocks`
+  reads them again once, as nothing in memory vouches for them.
+* **Placing in batches.** :meth:`FolderStore.place` puts many finished downloads in place at
+  once: every temporary file is made whole and durable (mode, mtime, ``fsync``), then each
+  one still wanted is renamed over its target, then each directory that received one is
+  fsynced once. A crash before a directory's fsync may lose a rename (the temporary file or
+  the old file is what the next start finds), never leave a partial file under a real name.
 * **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
   must still be what the index recorded when the action was planned (``LocalState``). Size
   and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite
@@ -53,6 +66,7 @@ from lanshare import chunker
 from lanshare.errors import (
     DiskFullError,
     IntegrityError,
+    LanshareError,
     LocalChangeError,
     StorageError,
     map_exceptions,
@@ -61,9 +75,9 @@ from lanshare.manifest import EntryType
 from lanshare.paths import INTERNAL_DIR, MAX_NAME_SIZE, TEMP_PREFIX, is_temporary, normalize
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Collection, Iterator, Sequence
 
-    from lanshare.manifest import Block, BytesLike, FileRecord
+    from lanshare.manifest import Block, FileRecord
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +130,31 @@ class LocalState:
         # scanner: a write in the same timestamp tick could hide behind it. Any other write
         # since moves the ctime.
         return self.ctime_ns != 0 and (st.st_ino, st.st_ctime_ns) == (self.inode, self.ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBlock:
+    """The bytes of block ``index`` of a download's record, already checked against that
+    block's hash where they came from: by the protocol as they arrived (a ``BlockReceived``
+    carries only bytes that match the hash asked for), or by :meth:`FolderStore.read_block`
+    as they were read. They are written without hashing them again."""
+
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A finished download to put in place.
+
+    ``planned`` is what the target was when the download was planned; ``verified`` the
+    indexes of the blocks verified as they were written into the temporary file (in this
+    run, or read again when it resumed one).
+    """
+
+    assembly: Assembly
+    planned: LocalState
+    verified: Collection[int]
 
 
 class Assembly:
@@ -210,22 +249,24 @@ class FolderStore:
                 raise
         return Assembly(record, dir_fd, fd, name)
 
-    def write_block(self, assembly: Assembly, index: int, data: BytesLike) -> None:
-        """Check ``data`` against block ``index`` of the record, then write it in place.
+    def write_verified(self, assembly: Assembly, block: VerifiedBlock) -> None:
+        """Write ``block`` (verified already: not hashed again) in place in the temporary file.
 
         Raises:
-            IntegrityError: the data does not match the block's size or hash; nothing written.
+            IntegrityError: the bytes are not the block's size; nothing written.
             StorageError: the write failed (disk full, …).
         """
-        record = assembly.record
-        block = record.blocks[index]
-        view = memoryview(data)
-        if view.nbytes != block.size or chunker.block_hash(view, record.hash_algo) != block.hash:
-            raise IntegrityError(f"block {index} of {record.path} does not match its hash")
+        target = assembly.record.blocks[block.index]
+        view = memoryview(block.data)
+        if view.nbytes != target.size:
+            raise IntegrityError(
+                f"block {block.index} of {assembly.record.path} is {view.nbytes} bytes, "
+                f"not {target.size}"
+            )
         with _os_errors():
-            written = os.pwrite(assembly.fd, view, block.offset)
-            while written < block.size:
-                written += os.pwrite(assembly.fd, view[written:], block.offset + written)
+            written = os.pwrite(assembly.fd, view, target.offset)
+            while written < target.size:
+                written += os.pwrite(assembly.fd, view[written:], target.offset + written)
 
     def verified_blocks(self, assembly: Assembly, indexes: set[int] | None = None) -> set[int]:
         """Which blocks of the temporary file already hold the right bytes.
@@ -246,35 +287,74 @@ class FolderStore:
                 good.add(i)
         return good
 
-    def commit(self, assembly: Assembly, planned: LocalState, now: float) -> None:
-        """Verify the whole temporary file, then put it in place of the target.
+    def place(self, batch: Sequence[Placement], now: float) -> list[LanshareError | None]:
+        """Put finished downloads in place, each only whole, verified and over an unchanged
+        target.
 
-        ``planned`` is what the target was when the download was planned; if it changed
-        since (someone edited the file meanwhile) nothing is replaced and
-        ``LocalChangeError`` is raised, leaving the download to become a conflict copy.
+        First every temporary file is checked whole (every block verified as written, the
+        record's block hashes hashing to its file hash) and made durable (mode, mtime,
+        fsync); then each is renamed over its target if the target is still what
+        ``planned`` recorded (a replaced file is archived first); then every directory that
+        received a file is fsynced once. A target changed since the download was planned
+        (someone edited the file meanwhile) is not replaced: that download gets
+        ``LocalChangeError`` and becomes a conflict copy or waits for the next plan.
 
-        Raises:
-            IntegrityError: the assembled file does not hash to the record's file hash.
-            LocalChangeError: the target changed since the download was planned.
-            StorageError: the filesystem failed.
+        Returns, in the order given, None for each file placed (its assembly is closed),
+        else what kept it out: ``IntegrityError`` (not whole or not the record's content),
+        ``LocalChangeError``, ``DiskFullError`` or ``StorageError``.
         """
+        errors: list[LanshareError | None] = [None] * len(batch)
+        for i, item in enumerate(batch):
+            try:
+                self._seal(item)
+            except LanshareError as exc:
+                errors[i] = exc
+        directories: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        for i, item in enumerate(batch):
+            if errors[i] is not None:
+                continue
+            assembly = item.assembly
+            record = assembly.record
+            _, name = _split(record.path)
+            try:
+                with _os_errors():
+                    self._check_unchanged(assembly.dir_fd, name, record.path, item.planned)
+                    if item.planned.exists:
+                        self.archive(record.path, now)
+                    os.rename(
+                        assembly.temp_name,
+                        name,
+                        src_dir_fd=assembly.dir_fd,
+                        dst_dir_fd=assembly.dir_fd,
+                    )
+                    st = os.fstat(assembly.dir_fd)
+            except LanshareError as exc:
+                errors[i] = exc
+                continue
+            directories.setdefault((st.st_dev, st.st_ino), (assembly.dir_fd, []))[1].append(i)
+        for dir_fd, placed in directories.values():
+            try:
+                with _os_errors():
+                    os.fsync(dir_fd)
+            except LanshareError as exc:
+                for i in placed:
+                    errors[i] = exc
+        for item, error in zip(batch, errors, strict=True):
+            if error is None:
+                item.assembly.close()
+        return errors
+
+    @staticmethod
+    def _seal(item: Placement) -> None:
+        """Check a finished temporary file whole and make it durable with its metadata."""
+        assembly = item.assembly
         record = assembly.record
-        _, name = _split(record.path)
+        if not _whole_file_matches(item.verified, record):
+            raise IntegrityError(f"assembled {record.path} does not match its file hash")
         with _os_errors():
-            os.fsync(assembly.fd)
-            if not _whole_file_matches(self.verified_blocks(assembly), record):
-                raise IntegrityError(f"assembled {record.path} does not match its file hash")
             os.fchmod(assembly.fd, stat.S_IMODE(record.mode) or 0o644)
             os.utime(assembly.fd, ns=(record.mtime_ns, record.mtime_ns))
             os.fsync(assembly.fd)
-            self._check_unchanged(assembly.dir_fd, name, record.path, planned)
-            if planned.exists:
-                self.archive(record.path, now)
-            os.rename(
-                assembly.temp_name, name, src_dir_fd=assembly.dir_fd, dst_dir_fd=assembly.dir_fd
-            )
-            os.fsync(assembly.dir_fd)
-        assembly.close()
 
     def discard(self, record: FileRecord) -> None:
         """Remove the temporary file of a download that will not finish."""
@@ -754,9 +834,9 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _whole_file_matches(good_blocks: set[int], record: FileRecord) -> bool:
+def _whole_file_matches(good_blocks: Collection[int], record: FileRecord) -> bool:
     """True when every block is on disk and the blocks tile the file and hash to its hash."""
-    if len(good_blocks) != len(record.blocks):
+    if set(good_blocks) != set(range(len(record.blocks))):
         return False
     offset = 0
     for block in record.blocks:

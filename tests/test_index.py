@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from lanshare import index as index_module
 from lanshare.deleteguard import Deletion
 from lanshare.errors import StorageError
-from lanshare.index import SCHEMA_VERSION, CacheUpdate, Index, LocalChange
+from lanshare.index import SCHEMA_VERSION, CacheUpdate, Index, LocalChange, WrittenBlocks
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
 
 if TYPE_CHECKING:
@@ -296,10 +296,19 @@ def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) 
         folder = db.add_folder("/srv/a", "00" * 16).id
         p = db.partial_begin(folder, "big.iso", ".lanshare-tmp-big.iso.1", b"H" * 32)
         assert p.verified == frozenset()
-        db.partial_mark_verified(folder, "big.iso", [0, 3, 4])
-        db.partial_mark_verified(folder, "big.iso", [3, 5])
-        with pytest.raises(StorageError, match="no partial download"):
-            db.partial_mark_verified(folder, "other", [1])
+        db.partial_begin(folder, "small.iso", ".lanshare-tmp-small.iso.1", b"S" * 32)
+        recorded = db.partial_mark_verified(
+            folder,
+            [
+                WrittenBlocks("big.iso", b"H" * 32, (0, 3, 4)),
+                WrittenBlocks("small.iso", b"S" * 32, (1,)),
+                # No partial of this path, or one towards other content: nothing recorded.
+                WrittenBlocks("other", b"H" * 32, (1,)),
+                WrittenBlocks("small.iso", b"X" * 32, (2,)),
+            ],
+        )
+        assert recorded == {"big.iso", "small.iso"}
+        db.partial_mark_verified(folder, [WrittenBlocks("big.iso", b"H" * 32, (3, 5))])
     with Index.open(path) as db:
         (info,) = db.folders()
         got = db.partial_get(info.id, "big.iso")
@@ -317,7 +326,7 @@ def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) 
         }
         fresh = db.partial_begin(info.id, "big.iso", ".lanshare-tmp-big.iso.2", b"J" * 32)
         assert fresh.verified == frozenset()
-        assert [x.path for x in db.partials(info.id)] == ["big.iso"]
+        assert [x.path for x in db.partials(info.id)] == ["big.iso", "small.iso"]
         db.partial_drop(info.id, "big.iso")
         assert db.partial_get(info.id, "big.iso") is None
 
@@ -556,3 +565,22 @@ def test_one_paths_remote_records_are_found_by_the_path_index(tmp_path: Path) ->
         (select,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
         plan = conn.execute("EXPLAIN QUERY PLAN " + select).fetchall()
         assert any("INDEX remote_files_path" in str(row[-1]) for row in plan), plan
+
+
+def test_the_sequence_is_read_from_memory_and_follows_commits_and_rollbacks(
+    tmp_path: Path,
+) -> None:
+    with Index.open(tmp_path / "index.db") as db:
+        folder = db.add_folder("/srv/a", "00" * 16).id
+        assert db.sequence(folder) == 0
+        db.commit_changes(folder, [LocalChange(_file("a.txt", b"a"))])
+        assert db.sequence(folder) == 1 == db.folder(folder).sequence
+
+        def rolled_back() -> None:
+            with db.transaction():
+                db.commit_changes(folder, [LocalChange(_file("b.txt", b"b"))])
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError):
+            rolled_back()
+        assert db.sequence(folder) == 1 == db.folder(folder).sequence

@@ -19,11 +19,21 @@ from lanshare.errors import IntegrityError, LocalChangeError, StorageError
 from lanshare.index import Index, LocalChange
 from lanshare.manifest import EntryType, FileRecord, VersionVector
 from lanshare.paths import TEMP_PREFIX
-from lanshare.store import VERSIONS_DIR, FolderStore, LocalState, archived_at
+from lanshare.store import (
+    VERSIONS_DIR,
+    Assembly,
+    FolderStore,
+    LocalState,
+    Placement,
+    VerifiedBlock,
+    archived_at,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from pathlib import Path
+
+    from lanshare.manifest import BytesLike
 
 NOW = 1_700_000_000.0
 DAY = 86400
@@ -56,11 +66,33 @@ def payload(size: int, seed: int = 1) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def write(store: FolderStore, assembly: Assembly, data: bytes, indexes: Iterable[int]) -> set[int]:
+    """Write blocks ``indexes`` of ``data`` (the content of the assembly's record, so
+    verified by construction); the indexes written."""
+    written = set()
+    for i in indexes:
+        block = assembly.record.blocks[i]
+        store.write_verified(
+            assembly, VerifiedBlock(i, data[block.offset : block.offset + block.size])
+        )
+        written.add(i)
+    return written
+
+
+def write_all(store: FolderStore, assembly: Assembly, data: bytes) -> set[int]:
+    return write(store, assembly, data, range(len(assembly.record.blocks)))
+
+
+def place(store: FolderStore, assembly: Assembly, planned: LocalState, verified: set[int]) -> None:
+    """Place one download, raising what kept it out."""
+    (error,) = store.place([Placement(assembly, planned, verified)], NOW)
+    if error is not None:
+        raise error
+
+
 def assemble(store: FolderStore, record: FileRecord, data: bytes) -> None:
     assembly = store.begin(record)
-    for i, block in enumerate(record.blocks):
-        store.write_block(assembly, i, data[block.offset : block.offset + block.size])
-    store.commit(assembly, LocalState(exists=False), NOW)
+    place(store, assembly, LocalState(exists=False), write_all(store, assembly, data))
 
 
 def visible_names(root: Path) -> set[str]:
@@ -73,11 +105,11 @@ def test_download_lands_atomically_with_mode_and_mtime(tmp_path: Path) -> None:
     assert len(record.blocks) > 3
     store = FolderStore(tmp_path)
     assembly = store.begin(record)
+    verified = set()
     for i in reversed(range(len(record.blocks))):
-        block = record.blocks[i]
-        store.write_block(assembly, i, data[block.offset : block.offset + block.size])
+        verified |= write(store, assembly, data, [i])
         assert not (tmp_path / "docs" / "report.bin").exists()
-    store.commit(assembly, LocalState(exists=False), NOW)
+    place(store, assembly, LocalState(exists=False), verified)
     target = tmp_path / "docs" / "report.bin"
     assert target.read_bytes() == data
     st = target.stat()
@@ -86,23 +118,62 @@ def test_download_lands_atomically_with_mode_and_mtime(tmp_path: Path) -> None:
     assert not any(name.startswith(TEMP_PREFIX) for name in visible_names(tmp_path))
 
 
-def test_block_with_wrong_bytes_is_refused_and_not_written(tmp_path: Path) -> None:
+def test_a_block_of_the_wrong_size_is_refused_and_not_written(tmp_path: Path) -> None:
     data = payload(600_000)
     record = record_for("a.bin", data)
     store = FolderStore(tmp_path)
     assembly = store.begin(record)
     block = record.blocks[0]
-    forged = bytearray(data[: block.size])
-    forged[10] ^= 0xFF
     with pytest.raises(IntegrityError):
-        store.write_block(assembly, 0, forged)
-    with pytest.raises(IntegrityError):
-        store.write_block(assembly, 0, data[: block.size - 1])
+        store.write_verified(assembly, VerifiedBlock(0, data[: block.size - 1]))
     assert store.verified_blocks(assembly) == set()
-    with pytest.raises(IntegrityError):
-        store.commit(assembly, LocalState(exists=False), NOW)
     assembly.close()
+
+
+def test_a_download_is_placed_only_when_every_block_was_verified(tmp_path: Path) -> None:
+    data = payload(600_000)
+    record = record_for("a.bin", data)
+    assert len(record.blocks) > 1
+    store = FolderStore(tmp_path)
+    assembly = store.begin(record)
+    verified = write_all(store, assembly, data)
+    with pytest.raises(IntegrityError):
+        place(store, assembly, LocalState(exists=False), verified - {1})
+    forged = dataclasses.replace(record, file_hash=bytes(32))  # blocks that hash to another
+    other = store.begin(forged)
+    with pytest.raises(IntegrityError):
+        place(store, other, LocalState(exists=False), write_all(store, other, data))
+    for held in (assembly, other):
+        held.close()
     assert not (tmp_path / "a.bin").exists()
+
+
+def test_a_block_is_not_hashed_again_by_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks come verified (by the protocol, or by read_block): writing and placing them
+    hashes nothing, and resuming reads again only the blocks the index listed."""
+    data = payload(3 * 1024 * 1024, seed=3)
+    record = record_for("big.bin", data)
+    hashed: list[int] = []
+    real = chunker.block_hash
+
+    def counting(block: BytesLike, algo: str = chunker.DEFAULT_ALGO) -> bytes:
+        hashed.append(len(block))
+        return real(block, algo)
+
+    monkeypatch.setattr(chunker, "block_hash", counting)
+    store = FolderStore(tmp_path)
+    first = store.begin(record)
+    taken_over = write(store, first, data, [0, 1])
+    first.close()
+    second = store.begin(record)
+    assert store.verified_blocks(second, taken_over) == taken_over
+    assert len(hashed) == len(taken_over)
+    rest = write(store, second, data, range(2, len(record.blocks)))
+    place(store, second, LocalState(exists=False), taken_over | rest)
+    assert len(hashed) == len(taken_over)
+    assert (tmp_path / "big.bin").read_bytes() == data
 
 
 def test_resume_finds_blocks_already_written(tmp_path: Path) -> None:
@@ -110,18 +181,16 @@ def test_resume_finds_blocks_already_written(tmp_path: Path) -> None:
     record = record_for("big.bin", data)
     store = FolderStore(tmp_path)
     first = store.begin(record)
-    done = {0, 2}
-    for i in done:
-        block = record.blocks[i]
-        store.write_block(first, i, data[block.offset : block.offset + block.size])
+    done = write(store, first, data, [0, 2])
+    # Bytes the index would list but that are not the block's (a torn write at a crash).
+    garbage = VerifiedBlock(3, bytes(record.blocks[3].size))
+    store.write_verified(first, garbage)
     first.close()  # as a crash would leave it
     second = store.begin(record)
     assert store.verified_blocks(second) == done
-    assert store.verified_blocks(second, {0, 1, 2, 99}) == done
-    for i, block in enumerate(record.blocks):
-        if i not in done:
-            store.write_block(second, i, data[block.offset : block.offset + block.size])
-    store.commit(second, LocalState(exists=False), NOW)
+    assert store.verified_blocks(second, {0, 1, 2, 3, 99}) == done
+    rest = write(store, second, data, set(range(len(record.blocks))) - done)
+    place(store, second, LocalState(exists=False), done | rest)
     assert (tmp_path / "big.bin").read_bytes() == data
 
 
@@ -133,11 +202,10 @@ def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:
     record = record_for("notes.txt", new)
     store = FolderStore(tmp_path)
     assembly = store.begin(record)
-    for i, block in enumerate(record.blocks):
-        store.write_block(assembly, i, new[block.offset : block.offset + block.size])
+    verified = write_all(store, assembly, new)
     (tmp_path / "notes.txt").write_bytes(b"edited while downloading\n")
     with pytest.raises(LocalChangeError):
-        store.commit(assembly, planned, NOW)
+        place(store, assembly, planned, verified)
     assembly.close()
     assert (tmp_path / "notes.txt").read_bytes() == b"edited while downloading\n"
 
@@ -150,8 +218,7 @@ def test_replaced_file_is_archived(tmp_path: Path) -> None:
     record = record_for("sub/photo.jpg", new)
     store = FolderStore(tmp_path)
     assembly = store.begin(record)
-    store.write_block(assembly, 0, new)
-    store.commit(assembly, planned, NOW)
+    place(store, assembly, planned, write_all(store, assembly, new))
     assert (tmp_path / "sub" / "photo.jpg").read_bytes() == new
     archived = list((tmp_path / VERSIONS_DIR / "sub").iterdir())
     assert [p.name for p in archived] == ["photo~20231114-221320.jpg"]
@@ -254,12 +321,8 @@ def test_same_content_at_two_paths_assembles_in_two_temporary_files(tmp_path: Pa
     assert store.temp_path(first) == store.temp_path(record_for("d/a.bin", data))  # resumes
     assert store.temp_path(first).startswith("d/" + TEMP_PREFIX)
     one, two = store.begin(first), store.begin(second)
-    for i, block in enumerate(first.blocks):
-        chunk = data[block.offset : block.offset + block.size]
-        store.write_block(one, i, chunk)
-        store.write_block(two, i, chunk)
-    store.commit(one, LocalState(exists=False), NOW)
-    store.commit(two, LocalState(exists=False), NOW)
+    place(store, one, LocalState(exists=False), write_all(store, one, data))
+    place(store, two, LocalState(exists=False), write_all(store, two, data))
     assert (tmp_path / "d/a.bin").read_bytes() == data
     assert (tmp_path / "d/b.bin").read_bytes() == data
     assert visible_names(tmp_path) == {"d", "a.bin", "b.bin"}
@@ -442,9 +505,7 @@ def replace_by_download(store: FolderStore, rel: str, planned: LocalState) -> No
     record = record_for(rel, new)
     assembly = store.begin(record)
     try:
-        for i, block in enumerate(record.blocks):
-            store.write_block(assembly, i, new[block.offset : block.offset + block.size])
-        store.commit(assembly, planned, NOW)
+        place(store, assembly, planned, write_all(store, assembly, new))
     finally:
         assembly.close()
 
@@ -635,3 +696,46 @@ def test_an_edit_keeping_size_and_mtime_is_caught_on_fat(fat_mount: Path) -> Non
         FolderStore(fat_mount).delete("doc.txt", EntryType.FILE, planned, NOW)
     assert (fat_mount / "doc.txt").read_bytes() == EDITED
     assert not (fat_mount / VERSIONS_DIR).exists()
+
+
+def test_a_batch_is_placed_with_one_fsync_per_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small files: each file fsynced once, each directory once for the batch; a file
+    whose target changed meanwhile stays out, the others land."""
+    store = FolderStore(tmp_path)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "edited.txt").write_bytes(b"planned\n")
+    planned_edit = state_of(tmp_path, "b/edited.txt")
+    batch = []
+    contents = {}
+    for i in range(40):
+        rel = f"{'ab'[i % 2]}/f{i:02d}.dat"
+        contents[rel] = payload(100 + i, seed=i)
+        assembly = store.begin(record_for(rel, contents[rel]))
+        batch.append(
+            Placement(assembly, LocalState(exists=False), write_all(store, assembly, contents[rel]))
+        )
+    edit = record_for("b/edited.txt", payload(50))
+    assembly = store.begin(edit)
+    batch.append(Placement(assembly, planned_edit, write_all(store, assembly, payload(50))))
+    (tmp_path / "b" / "edited.txt").write_bytes(b"edited meanwhile\n")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    errors = store.place(batch, NOW)
+    monkeypatch.undo()
+    assert errors[:-1] == [None] * 40
+    assert isinstance(errors[-1], LocalChangeError)
+    batch[-1].assembly.close()
+    assert synced.count("dir") == 2  # a/ and b/, once each
+    assert synced.count("file") == 41
+    for rel, data in contents.items():
+        assert (tmp_path / rel).read_bytes() == data
+    assert (tmp_path / "b" / "edited.txt").read_bytes() == b"edited meanwhile\n"
+    assert not any(n.startswith(TEMP_PREFIX) for n in visible_names(tmp_path / "a"))
