@@ -216,7 +216,7 @@ def test_kill_9_mid_file_resumes_without_refetching_verified_blocks(cluster: Clu
     a = cluster.node("a", lab.hosts[0])
     # The receiver limits its download rate (an ordinary config key) so that the kills
     # land mid-file on any machine.
-    b = cluster.node("b", lab.hosts[1], extra={"network": {"max_recv_rate": 16_000_000}})
+    b = cluster.node("b", lab.hosts[1], extra={"network": {"max_recv_rate": 8_000_000}})
     (a.folder / "big.iso").write_bytes(os.urandom(size))
     want = file_digest(a.folder / "big.iso")
     real = b.folder / "big.iso"
