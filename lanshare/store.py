@@ -43,14 +43,18 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import stat
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lanshare import chunker
 from lanshare.errors import (
+    DescriptorsExhausted,
     DiskFullError,
     IntegrityError,
     LocalChangeError,
@@ -119,24 +123,76 @@ class LocalState:
 
 
 class Assembly:
-    """A download in progress: an open temporary file beside the target."""
+    """A download in progress: a temporary file beside the target.
 
-    def __init__(self, record: FileRecord, dir_fd: int, fd: int, temp_name: str) -> None:
+    Its descriptors (``fd``, ``dir_fd``) are opened on demand under the store's
+    :class:`OpenAssemblies` bound, and may be closed while the download waits: asking for
+    one reopens the same file (``O_NOFOLLOW`` from the folder root, the same inode). A
+    thread keeps the assembly whose descriptor it asked for last open until it asks for
+    another one's; :meth:`lease` holds them open explicitly for a block of work.
+    """
+
+    def __init__(self, store: FolderStore, record: FileRecord, temp_name: str) -> None:
         self.record = record
         self.temp_name = temp_name
-        self._dir_fd = dir_fd
-        self._fd = fd
+        self._store = store
+        self._fd = -1
+        self._dir_fd = -1
+        self._identity: tuple[int, int] | None = None
+        """Device and inode of the temporary file, checked on every reopen."""
+        self._leases = 0
+        self._closed = False
 
     @property
     def fd(self) -> int:
-        return self._fd
+        """The temporary file's descriptor, reopened if it was closed meanwhile (-1 once
+        the assembly is closed)."""
+        return self._store.assemblies.pin(self)[0]
 
     @property
     def dir_fd(self) -> int:
-        return self._dir_fd
+        """The descriptor of the directory that holds the temporary file (and the target)."""
+        return self._store.assemblies.pin(self)[1]
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[tuple[int, int]]:
+        """``(fd, dir_fd)``, never closed before the block ends, whoever else needs room."""
+        descriptors = self._store.assemblies.acquire(self)
+        try:
+            yield descriptors
+        finally:
+            self._store.assemblies.release(self)
 
     def close(self) -> None:
-        """Close the descriptors and keep the temporary file (a later start resumes it)."""
+        """Close the descriptors and keep the temporary file (a later start resumes it).
+        Under a lease they close when it ends."""
+        self._store.assemblies.close(self)
+
+    def _open(self, *, create: bool) -> None:
+        """Open the descriptors (creating and sizing the file when ``create``). Blocking."""
+        parent, _ = _split(self.record.path)
+        dir_fd = self._store._dir_fd(parent, create=create)
+        try:
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            fd = os.open(self.temp_name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                identity = (st.st_dev, st.st_ino)
+                if self._identity is not None and identity != self._identity:
+                    raise StorageError(
+                        f"the temporary file of {self.record.path} was replaced meanwhile"
+                    )
+                if create and st.st_size != self.record.size:
+                    os.ftruncate(fd, self.record.size)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._fd, self._dir_fd, self._identity = fd, dir_fd, identity
+
+    def _close_descriptors(self) -> None:
         for fd in (self._fd, self._dir_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -144,11 +200,140 @@ class Assembly:
         self._fd = self._dir_fd = -1
 
 
+def default_open_assemblies() -> int:
+    """How many downloads may keep their descriptors open at once: an eighth of the soft
+    ``RLIMIT_NOFILE`` (two descriptors each: a quarter of the limit), between 4 and
+    :data:`MAX_OPEN_ASSEMBLIES`. The rest is left to sockets, the index, serving and scans."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_ASSEMBLIES
+    return max(4, min(MAX_OPEN_ASSEMBLIES, soft // 8))
+
+
+MAX_OPEN_ASSEMBLIES = 256
+"""Open downloads at most, however high the descriptor limit."""
+
+DESCRIPTORS_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
+"""Errors of a process (or system) out of file descriptors: back-pressure, not a failure."""
+
+
+class OpenAssemblies:
+    """The descriptors of downloads in progress: at most ``capacity`` assemblies open,
+    least recently used closed first. Thread-safe.
+
+    An assembly is never closed from under a thread using it: not while leased
+    (:meth:`Assembly.lease`), nor while it is the last one a thread asked a descriptor of
+    (``Assembly.fd``: the caller holds a bare number, so it stays open until that thread
+    moves on to another assembly). Those are at most one per thread beyond ``capacity``.
+    A reopen that meets ``EMFILE``/``ENFILE`` closes every other idle assembly and tries
+    once more before it gives up.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = default_open_assemblies() if capacity is None else max(1, capacity)
+        self._lock = threading.Lock()
+        self._open: OrderedDict[Assembly, None] = OrderedDict()
+        self._pins: dict[int, Assembly] = {}
+        self.opened = 0
+        """Descriptor pairs opened so far (first opens and reopens)."""
+
+    @property
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def begin(self, assembly: Assembly) -> None:
+        """Create (or reopen, to resume) and size ``assembly``'s file and open it."""
+        with self._lock:
+            self._ensure_open(assembly, create=True)
+
+    def pin(self, assembly: Assembly) -> tuple[int, int]:
+        with self._lock:
+            if assembly._closed:
+                return -1, -1
+            self._ensure_open(assembly, create=False)
+            self._pins[threading.get_ident()] = assembly
+            return assembly._fd, assembly._dir_fd
+
+    def acquire(self, assembly: Assembly) -> tuple[int, int]:
+        with self._lock:
+            if assembly._closed:
+                raise StorageError(f"the download of {assembly.record.path} was closed")
+            self._ensure_open(assembly, create=False)
+            assembly._leases += 1
+            return assembly._fd, assembly._dir_fd
+
+    def release(self, assembly: Assembly) -> None:
+        with self._lock:
+            assembly._leases -= 1
+            if assembly._closed and assembly._leases == 0:
+                self._forget(assembly)
+
+    def close(self, assembly: Assembly) -> None:
+        with self._lock:
+            assembly._closed = True
+            if assembly._leases == 0:
+                self._forget(assembly)
+
+    def _forget(self, assembly: Assembly) -> None:
+        self._open.pop(assembly, None)
+        for thread in [t for t, a in self._pins.items() if a is assembly]:
+            del self._pins[thread]
+        assembly._close_descriptors()
+
+    def _ensure_open(self, assembly: Assembly, *, create: bool) -> None:
+        if assembly._fd >= 0:
+            self._open.move_to_end(assembly)
+            return
+        self._evict(self.capacity - 1, keep=assembly)
+        try:
+            assembly._open(create=create)
+        except OSError as exc:
+            if exc.errno not in DESCRIPTORS_EXHAUSTED:
+                raise
+            logger.debug(
+                "out of descriptors opening %s: closing idle downloads", assembly.temp_name
+            )
+            self._evict(0, keep=assembly)
+            assembly._open(create=create)
+        self.opened += 1
+        self._open[assembly] = None
+
+    def _evict(self, room: int, *, keep: Assembly) -> None:
+        """Close least recently used idle assemblies until at most ``room`` stay open."""
+        if len(self._open) <= room:
+            return
+        busy = set(self._pins.values())
+        for candidate in list(self._open):
+            if len(self._open) <= room:
+                break
+            if candidate is keep or candidate._leases or candidate in busy:
+                continue
+            del self._open[candidate]
+            candidate._close_descriptors()
+
+
+_shared_assemblies: OpenAssemblies | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_assemblies() -> OpenAssemblies:
+    """The process's one bound on open downloads (sized on first use: after the daemon
+    raised its descriptor limit)."""
+    global _shared_assemblies
+    with _shared_lock:
+        if _shared_assemblies is None:
+            _shared_assemblies = OpenAssemblies()
+        return _shared_assemblies
+
+
 class FolderStore:
     """Blocking file operations confined to the folder ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, assemblies: OpenAssemblies | None = None) -> None:
         self.root = root
+        self.assemblies = assemblies if assemblies is not None else shared_assemblies()
+        """Where the descriptors of this folder's downloads are bounded (one per process)."""
 
     # -- serving -------------------------------------------------------------------------
 
@@ -187,28 +372,17 @@ class FolderStore:
         return f"{parent}/{name}" if parent else name
 
     def begin(self, record: FileRecord) -> Assembly:
-        """Open (or reopen, to resume) the temporary file for ``record``, sized to fit."""
+        """Open (or reopen, to resume) the temporary file for ``record``, sized to fit.
+
+        Raises:
+            DescriptorsExhausted: the process has no descriptor left even after closing
+                the idle downloads' (wait for others to finish, then try again).
+        """
         parent, _ = _split(record.path)
-        name = self.temp_name(record)
+        assembly = Assembly(self, record, self.temp_name(record))
         with _os_errors(), _name_directory(parent):
-            dir_fd = self._dir_fd(parent, create=True)
-            try:
-                fd = os.open(
-                    name,
-                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dir_fd,
-                )
-                try:
-                    if os.fstat(fd).st_size != record.size:
-                        os.ftruncate(fd, record.size)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            except BaseException:
-                os.close(dir_fd)
-                raise
-        return Assembly(record, dir_fd, fd, name)
+            self.assemblies.begin(assembly)
+        return assembly
 
     def write_block(self, assembly: Assembly, index: int, data: BytesLike) -> None:
         """Check ``data`` against block ``index`` of the record, then write it in place.
@@ -772,7 +946,8 @@ def _name_directory(rel_dir: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _os_errors() -> Iterator[None]:
     """``OSError`` as ``StorageError``; a full disk or quota as ``DiskFullError``, which
-    pauses pulls rather than failing one file."""
+    pauses pulls rather than failing one file, and a process out of descriptors as
+    ``DescriptorsExhausted``, which holds new downloads back a while."""
     try:
         with map_exceptions({OSError: StorageError}):
             yield
@@ -780,4 +955,6 @@ def _os_errors() -> Iterator[None]:
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
             raise DiskFullError(str(exc)) from cause
+        if isinstance(cause, OSError) and cause.errno in DESCRIPTORS_EXHAUSTED:
+            raise DescriptorsExhausted(str(exc)) from cause
         raise
