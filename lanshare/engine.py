@@ -40,7 +40,13 @@ Theory of operation
   history. ``resume`` confirms on this node only: it applies them and clears the history.
 * **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
   disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
-  has them (rarest first, pipelined by measured rate, end game, failover). Verified blocks
+  has them (rarest first, pipelined by measured rate, end game, failover). Open files are
+  a bounded resource: at most half as many downloads are fetched at once as the store keeps
+  files open (``store.OpenAssemblies``, sized from ``RLIMIT_NOFILE``); the plan's other
+  fetches wait in its order and start as slots free, a batch at a time (one thread hop and
+  one index transaction for many files), so thousands of small files stream as one
+  workload. A process out of descriptors (``EMFILE``/``ENFILE``) holds new downloads back
+  for ``OPEN_RETRY``; no file ever fails for it. Verified blocks
   are recorded in the index as they are written, so a crash resumes without fetching them
   again. A finished file is verified whole and renamed into place only if the local file is
   still what the plan saw; otherwise the download is discarded and the next plan decides.
@@ -1050,10 +1056,7 @@ class FolderSync:
         the store need not read the file again to know it is unchanged."""
         if replaces is None:
             return LocalState.of(None)
-        cache = await asyncio.to_thread(
-            self.engine.index.stat_cache, self.info.id, replaces.path, replaces.sequence
-        )
-        return LocalState.of(replaces, *cache)
+        return await asyncio.to_thread(self._planned_now, replaces)
 
     async def _local_change(self, path: str) -> None:
         """The store refused to touch ``path``, changed since the plan: rescan, reading
@@ -1254,7 +1257,7 @@ class FolderSync:
         return outcomes
 
     def _planned_now(self, replaces: FileRecord | None) -> LocalState:
-        """:meth:`_planned`, blocking (for work already off the loop)."""
+        """:meth:`_planned`, blocking."""
         if replaces is None:
             return LocalState.of(None)
         cache = self.engine.index.stat_cache(self.info.id, replaces.path, replaces.sequence)

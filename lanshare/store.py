@@ -11,6 +11,14 @@ Anything a remote change would overwrite or delete is first moved to
 
 Theory of operation
 -------------------
+* **Bounded descriptors.** A download's temporary file and its directory stay open only
+  while there is room: ``OpenAssemblies`` (one per process, sized from ``RLIMIT_NOFILE``)
+  keeps the most recently used ones open and closes the others, which reopen on demand
+  (``O_NOFOLLOW`` from the root, and only if the file is still the same inode). An
+  assembly in use (leased, or the last one a thread asked a descriptor of) is never
+  closed, so a number is never reused for another file under a ``pwrite``. ``EMFILE`` or
+  ``ENFILE`` first closes every idle download; if that is not enough it surfaces as
+  ``DescriptorsExhausted``, a reason to wait, not a failure of the file.
 * **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
   must still be what the index recorded when the action was planned (``LocalState``). Size
   and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite

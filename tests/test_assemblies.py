@@ -161,8 +161,9 @@ def test_reopening_writes_to_the_same_file_and_refuses_a_swapped_one(tmp_path: P
         store.begin(third).close()
         assert moved_on._fd == -1
         temp = tmp_path / FolderStore.temp_path(other)
-        temp.unlink()
-        temp.write_bytes(b"someone else's file")
+        impostor = temp.with_name("impostor")  # made while the original still exists
+        impostor.write_bytes(b"someone else's file")
+        impostor.replace(temp)
         with pytest.raises(StorageError, match="replaced"):
             worker.submit(write, store, moved_on, 1, other_data).result(10)
         moved_on.close()
