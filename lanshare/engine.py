@@ -841,8 +841,6 @@ class FolderSync:
                 self.dirty.set()
             except DiskFullError as exc:
                 await self._pause_for_space(exc)
-            except DescriptorsExhausted as exc:
-                self._hold_opening(exc)
             except LanshareError as exc:
                 self._fail(action.path, exc)
             else:
@@ -857,7 +855,13 @@ class FolderSync:
         return result, fetches, remotes
 
     def _fail(self, path: str, exc: LanshareError) -> None:
-        """``path`` failed here: keep why, for ``status``, and when to try it again."""
+        """``path`` failed here: keep why, for ``status``, and when to try it again.
+
+        A process out of file descriptors is no failure of the file that met it: new
+        downloads wait a moment, and the plan that follows asks for the file again."""
+        if isinstance(exc, DescriptorsExhausted):
+            self._hold_opening(exc)
+            return
         old = self.failures.get(path)
         attempts = old.attempts + 1 if old is not None else 1
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(attempts - 1, 16))

@@ -208,3 +208,19 @@ def test_the_bound_follows_the_descriptor_limit() -> None:
         assert default_open_assemblies() <= 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_write_out_of_descriptors_is_back_pressure_not_a_storage_failure(
+    tmp_path: Path,
+) -> None:
+    pool = OpenAssemblies(capacity=1)
+    store = FolderStore(tmp_path, pool)
+    (evicted_record, data), (busy_record, _) = records(2)
+    evicted = store.begin(evicted_record)
+    busy = store.begin(busy_record)
+    assert evicted._fd == -1
+    with busy.lease(), descriptor_limit(headroom=0), pytest.raises(DescriptorsExhausted):
+        write(store, evicted, 0, data)
+    write(store, evicted, 0, data)  # descriptors back: it reopens and writes
+    for assembly in (evicted, busy):
+        assembly.close()

@@ -18,6 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lanshare.engine import FolderSync
+from lanshare.errors import DescriptorsExhausted
 from tests.enginesim import Cluster, converge, random_bytes
 
 if TYPE_CHECKING:
@@ -191,3 +192,26 @@ def test_out_of_descriptors_holds_downloads_back_never_fails_them(
     assert "Too many open files" not in "".join(
         r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
     )
+
+
+def test_a_file_that_meets_emfile_is_never_a_failure(tmp_path: Path) -> None:
+    """Wherever a download meets ``EMFILE`` (a write, a placement), the file is not failed:
+    new downloads are held back a moment and the next plan asks for it again."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=14) as cluster:
+            b = cluster.add()
+            await cluster.start()
+            sync = b.folder
+            sync._fail("d0/f00001.txt", DescriptorsExhausted("Too many open files"))
+            assert not sync.failures
+            assert sync.open_held is not None
+            assert sync.status()["problems"] == []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while sync.open_held is not None:
+                assert loop.time() < deadline, "new downloads held back for good"
+                await asyncio.sleep(0.02)
+            assert not sync.failures
+
+    asyncio.run(main())
