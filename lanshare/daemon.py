@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -179,6 +180,7 @@ class Daemon:
             LanshareError: it could not start (another daemon, a port in use, …).
         """
         config = self.config
+        raise_descriptor_limit()
         loop = asyncio.get_running_loop()
         signals = () if self._short_lived else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         # From the very start: a signal during start-up is a stop like any other, never a
@@ -603,6 +605,21 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
         entry["last_seen"] = now
         entry["state"] = "connected"
     return sorted(entries.values(), key=lambda e: (str(e.get("name") or ""), str(e["id"])))
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open files to the hard one (systemd and shells start at 1024
+    while the hard limit is far higher) and return the soft limit in force. Downloads size
+    their bound on open files from it (``store.default_open_assemblies``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # RLIM_INFINITY beyond the kernel's nr_open
+            logger.debug("cannot raise the open files limit to %s: %s", hard, exc)
+    logger.debug("open files limit: %s (hard %s)", soft, hard)
+    return soft
 
 
 def _add_unique(items: list[str], item: str) -> None:

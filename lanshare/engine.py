@@ -42,15 +42,20 @@ Theory of operation
   history. ``resume`` confirms on this node only: it applies them and clears the history.
 * **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
   disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
-  has them (rarest first, pipelined by measured rate, end game, failover). A block is hashed
-  once, where it arrives (the protocol) or is read (a local copy); the folder's
-  ``BlockWriter`` writes verified blocks and records them in the index in batches, one
-  thread hop each, and only then are they announced and counted done, so a crash resumes
-  without fetching them again. Finished files are placed in batches (``store.place``): each
-  checked whole from the block hashes verified in memory, fsynced, and renamed into place
-  only if the local file is still what the plan saw (otherwise the download is discarded and
-  the next plan decides); each directory is fsynced once, and the batch is one index
-  transaction and one announcement.
+  has them (rarest first, pipelined by measured rate, end game, failover). Open files are a
+  bounded resource: at most half as many downloads are fetched at once as the store keeps
+  files open (``store.OpenAssemblies``, sized from ``RLIMIT_NOFILE``); the plan's other
+  fetches wait in its order and start as slots free, a batch at a time (one thread hop and
+  one index transaction for many files), so thousands of small files stream as one workload.
+  A process out of descriptors (``EMFILE``/``ENFILE``) holds new downloads back for
+  ``OPEN_RETRY``; no file ever fails for it. A block is hashed once, where it arrives (the
+  protocol) or is read (a local copy); the folder's ``BlockWriter`` writes verified blocks
+  and records them in the index in batches, one thread hop each, and only then are they
+  announced and counted done, so a crash resumes without fetching them again. Finished files
+  are placed in batches (``store.place``): each checked whole from the block hashes verified
+  in memory, fsynced, and renamed into place only if the local file is still what the plan
+  saw (otherwise the download is discarded and the next plan decides); each directory is
+  fsynced once, and the batch is one index transaction and one announcement.
 * **Serving.** Each folder's block server (``serving.BlockServer``) answers block requests
   in batches read in a worker thread: from the file that holds the block (its block table
   kept decoded, its descriptor kept open, every block checked against its hash once), from a
@@ -83,6 +88,7 @@ from lanshare import deleteguard, keys, marker, planner, scanner
 from lanshare.blockwriter import BlockWriter
 from lanshare.errors import (
     DecodeError,
+    DescriptorsExhausted,
     DiskFullError,
     IntegrityError,
     LanshareError,
@@ -142,8 +148,10 @@ PLAN_DEBOUNCE = 0.05
 """Seconds a burst of changes is collected before one planning pass."""
 PLAN_SPACING = 2.0
 """A planning pass of T seconds is followed by at least PLAN_SPACING * T seconds of rest."""
-PUMP_EVERY_FETCHES = 32
-"""While a pass sets up many downloads, requests go out after every this many."""
+OPEN_RETRY = 0.5
+"""Seconds new downloads wait after the process ran out of file descriptors."""
+REFILL_FRACTION = 4
+"""Waiting downloads start once this fraction of the download slots is free."""
 TICK_INTERVAL = 0.25
 """Seconds between scheduler passes while downloads run (timeouts, stalled blocks)."""
 RECONNECT_INTERVAL = 5.0
@@ -242,6 +250,17 @@ class Download:
         return len(self.done) == len(self.record.blocks) and self.writing == 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A download opened off the loop: its file, what the plan saw at its path, the blocks
+    already verified in it (a resume) and where contents it needs already lie here."""
+
+    assembly: Assembly
+    planned: LocalState
+    done: set[int]
+    local_sources: dict[bytes, LocalSource]
+
+
 class FolderSync:
     """One shared folder: its scans, peers, plan, downloads and the blocks it serves."""
 
@@ -284,6 +303,16 @@ class FolderSync:
         """Paths the last plan left out, and why (a structure no disk can hold, …)."""
         self.deferred: dict[str, int] = {}
         """Files (and sizes) the plan wants but the scheduler had no room for yet."""
+        self.waiting: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
+        """Fetches of the last plan waiting for a download slot, in the plan's order."""
+        self.wanted: set[str] = set()
+        """Paths the last plan fetches (or waits for space to fetch)."""
+        self.remotes: dict[bytes, dict[str, FileRecord]] = {}
+        """The peers' records the last plan saw (for the downloads it starts later)."""
+        self.opening: set[str] = set()
+        """Paths whose downloads are being opened (off the loop) right now."""
+        self.open_held: asyncio.TimerHandle | None = None
+        """Set while new downloads wait for file descriptors to be freed."""
         self.conflict_paths: set[str] = set()
         """Conflict copies held here, by path."""
         self.missing = False
@@ -751,25 +780,28 @@ class FolderSync:
             result, fetches, remotes = await self._decide_and_change()
         wanted = set(self.waiting_for_space)
         self.deferred.clear()
+        self.remotes = remotes
+        waiting: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
         now = self.engine.now()
-        for count, (action, conflict) in enumerate(fetches, 1):
+        for action, conflict in fetches:
             wanted.add(action.path)
             failure = self.failures.get(action.path)
             if failure is not None and failure.retry_at > now:
                 continue  # failed lately: its retry is due later (or after a scan)
-            await self._want(action, remotes, conflict)
-            if count % PUMP_EVERY_FETCHES == 0:
-                self.pump()  # the first downloads start while the rest are set up
+            if await self._want(action, remotes, conflict):
+                waiting[action.path] = (action, conflict)
+        self.wanted, self.waiting = wanted, waiting
         for path in [p for p in self.downloads if p not in wanted]:
             await self._abandon(path, discard=True)
+        await self._start_waiting()
         await self._drop_stale_partials()
         if not result.paused and not self.local_pause and not self.disk_full:
-            if self.downloads or self.committing or self.deferred:
+            if self.downloads or self.committing or self.deferred or self.waiting:
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
                 self.state, self.reason = "in_sync", ""
                 self.synced.set()
-        if self.downloads:
+        if self.downloads or self.waiting:
             self.synced.clear()
         self.pump()
 
@@ -883,7 +915,13 @@ class FolderSync:
         return result, fetches, remotes
 
     def _fail(self, path: str, exc: LanshareError) -> None:
-        """``path`` failed here: keep why, for ``status``, and when to try it again."""
+        """``path`` failed here: keep why, for ``status``, and when to try it again.
+
+        A process out of file descriptors is no failure of the file that met it: new
+        downloads wait a moment, and the plan that follows asks for the file again."""
+        if isinstance(exc, DescriptorsExhausted):
+            self._hold_opening(exc)
+            return
         old = self.failures.get(path)
         attempts = old.attempts + 1 if old is not None else 1
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(attempts - 1, 16))
@@ -967,7 +1005,9 @@ class FolderSync:
         partials = await asyncio.to_thread(index.partials, self.info.id)
         for partial in partials:
             path = partial.path
-            if path in self.downloads or path in self.committing:
+            if path in self.downloads or path in self.committing or path in self.waiting:
+                continue
+            if path in self.opening:
                 continue
             if self.scope is not None and not _prioritised(path, self.scope):
                 continue
@@ -1092,10 +1132,7 @@ class FolderSync:
         the store need not read the file again to know it is unchanged."""
         if replaces is None:
             return LocalState.of(None)
-        cache = await asyncio.to_thread(
-            self.engine.index.stat_cache, self.info.id, replaces.path, replaces.sequence
-        )
-        return LocalState.of(replaces, *cache)
+        return await asyncio.to_thread(self._planned_now, replaces)
 
     async def _local_change(self, path: str) -> None:
         """The store refused to touch ``path``, changed since the plan: rescan, reading
@@ -1119,11 +1156,14 @@ class FolderSync:
         action: planner.Fetch,
         remotes: dict[bytes, dict[str, FileRecord]],
         conflict: planner.Conflict | None = None,
-    ) -> None:
-        if action.path in self.committing:
-            # A finished download of this path waits to be put in place: this plan was
-            # made before that is recorded, and the pass that follows it decides again.
-            return
+    ) -> bool:
+        """Whether ``action`` needs a new download; a running one of the same version
+        only learns which peers hold it now."""
+        if action.path in self.committing or action.path in self.opening:
+            # A finished download of this path waits to be put in place (or this path is
+            # being opened): this plan was made before that is recorded, and the pass that
+            # follows it decides again.
+            return False
         existing = self.downloads.get(action.path)
         if existing is not None:
             if existing.record.file_hash == action.record.file_hash and (
@@ -1131,27 +1171,81 @@ class FolderSync:
             ):
                 existing.conflict = conflict
                 self._offer(existing, remotes)
-                return
+                return False
             # Same content under a newer version: keep the verified blocks (same temp file).
             same = existing.record.file_hash == action.record.file_hash
             await self._abandon(action.path, discard=not same)
-        record = action.record
-        download = Download(record, await self._planned(action.replaces), action.sources)
-        download.conflict = conflict
-        try:
-            opened = await asyncio.to_thread(self._open_download, record)
-        except LanshareError as exc:
-            if isinstance(exc, DiskFullError):
-                await self._pause_for_space(exc)
-                self.waiting_for_space[record.path] = record.size
+        return True
+
+    def _slots(self) -> int:
+        """Downloads fetched at once: each one keeps its temporary file open, and the
+        store's bound on open files must hold them all with as many again being put in
+        place."""
+        return max(1, self.store.assemblies.capacity // 2)
+
+    def _free_slots(self) -> int:
+        fetching = sum(1 for d in self.downloads.values() if not d.finishing)
+        return self._slots() - fetching - len(self.opening)
+
+    def _refill_at(self) -> int:
+        """Free slots worth a thread hop: a batch, not one hop per finished file."""
+        return max(1, min(self._slots() // REFILL_FRACTION, len(self.waiting)))
+
+    async def _start_waiting(self, *, refill: bool = False) -> None:
+        """Open downloads for the waiting fetches while slots are free (``refill``: while
+        enough are free to be worth it): many per thread hop (and one index transaction),
+        then schedule them all and send requests."""
+        while self.waiting and not self.disk_full and self.open_held is None:
+            free = self._free_slots()
+            if free <= 0 or (refill and free < self._refill_at()):
                 return
-            self._fail(record.path, exc)
-            return
-        download.assembly, download.done, local_sources = opened
-        if self.disk_full:  # the disk filled while this one was being opened
-            download.assembly.close()
+            batch = []
+            for path in list(self.waiting)[:free]:
+                batch.append(self.waiting.pop(path))
+                self.opening.add(path)
+            try:
+                opened = await asyncio.to_thread(self._open_downloads, batch)
+            finally:
+                self.opening.difference_update(a.path for a, _ in batch)
+            again: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
+            for (action, conflict), outcome in zip(batch, opened, strict=True):
+                if self._started(action, conflict, outcome) and action.path in self.wanted:
+                    again[action.path] = (action, conflict)
+            if again:  # first in line again, as the plan ordered them
+                self.waiting = {**again, **self.waiting}
+            self.pump()
+
+    def _started(
+        self,
+        action: planner.Fetch,
+        conflict: planner.Conflict | None,
+        outcome: _Opened | LanshareError | None,
+    ) -> bool:
+        """Take a download opened off the loop into the transfer (or note why not); True
+        when it is to wait for a slot again (the process ran out of descriptors)."""
+        record = action.record
+        if outcome is None:  # out of descriptors before its turn
+            return True
+        if isinstance(outcome, DescriptorsExhausted):
+            self._hold_opening(outcome)
+            return True
+        if isinstance(outcome, DiskFullError):
+            self.engine.spawn(self._pause_for_space(outcome))
             self.waiting_for_space[record.path] = record.size
-            return
+            return False
+        if isinstance(outcome, LanshareError):
+            self._fail(record.path, outcome)
+            return False
+        if self.disk_full or record.path not in self.wanted or record.path in self.downloads:
+            # The disk filled, or a plan made meanwhile no longer wants this version (its
+            # temporary file stays for that plan's clean-up, or to resume).
+            outcome.assembly.close()
+            if self.disk_full:
+                self.waiting_for_space[record.path] = record.size
+            return False
+        download = Download(record, outcome.planned, action.sources)
+        download.conflict = conflict
+        download.assembly, download.done = outcome.assembly, outcome.done
         download.bytes_done = sum(record.blocks[i].size for i in download.done)
         self.downloads[record.path] = download
         failure = self.failures.get(record.path)
@@ -1159,36 +1253,92 @@ class FolderSync:
             failure.retry_at = float("inf")
         self._downloads_changed()
         needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
-        availability = self._availability(record, remotes)
+        availability = self._availability(record, self.remotes)
         download.offered = {peer: hashes is None for peer, hashes in availability.items()}
-        self._schedule_file(download, needed, availability, local_sources)
-        if download.complete:
+        self._schedule_file(download, needed, availability, outcome.local_sources)
+        if self.downloads.get(record.path) is download and download.complete:
             self._finish_soon(download)
+        return False
 
-    def _open_download(
-        self, record: FileRecord
-    ) -> tuple[Assembly, set[int], dict[bytes, LocalSource]]:
-        """Open (or reopen, to resume) the temporary file of ``record`` and record it in
-        the index. Blocking, one thread hop per download: the assembly, the blocks already
-        verified in it, and where contents still needed already lie in the folder."""
+    def _hold_opening(self, exc: DescriptorsExhausted) -> None:
+        """Out of file descriptors: start no download for a while (those running free
+        theirs as they finish), then carry on. Never a failure of the file that met it."""
+        if self.open_held is not None:
+            return
+        logger.info(
+            "folder %s: %s; new downloads wait %.1f s", self.root, exc.__cause__ or exc, OPEN_RETRY
+        )
+
+        def resume() -> None:
+            self.open_held = None
+            self.engine.spawn(self._start_waiting(refill=True))
+            self.dirty.set()  # an action the plan applies itself may have met it too
+
+        self.open_held = asyncio.get_running_loop().call_later(OPEN_RETRY, resume)
+
+    def _open_downloads(
+        self, batch: list[tuple[planner.Fetch, planner.Conflict | None]]
+    ) -> list[_Opened | LanshareError | None]:
+        """Open (or reopen, to resume) the temporary files of ``batch`` and record them in
+        the index, in one transaction. Blocking: one thread hop for the whole batch.
+
+        For each fetch: the download opened, the error that kept it from opening, or None
+        when the process ran out of descriptors before its turn (it waits for a slot).
+        """
         index = self.engine.index
-        temp = self.store.temp_path(record)
-        old = index.partial_get(self.info.id, record.path)
-        if old is not None and _temp_of(old) != temp:
-            # A download of another version of this path was left behind (a crash, a local
-            # edit): its temporary file goes, or it would stay forever.
-            self.store.discard_temp(_temp_of(old))
-        assembly = self.store.begin(record)
+        outcomes: list[_Opened | LanshareError | None] = [None] * len(batch)
+        assemblies: dict[int, tuple[Assembly, LocalState]] = {}
+        for i, (action, _) in enumerate(batch):
+            record = action.record
+            try:
+                planned = self._planned_now(action.replaces)
+                temp = self.store.temp_path(record)
+                old = index.partial_get(self.info.id, record.path)
+                if old is not None and _temp_of(old) != temp:
+                    # A download of another version of this path was left behind (a crash, a
+                    # local edit): its temporary file goes, or it would stay forever.
+                    self.store.discard_temp(_temp_of(old))
+                assemblies[i] = (self.store.begin(record), planned)
+            except DescriptorsExhausted as exc:
+                outcomes[i] = exc
+                break
+            except LanshareError as exc:
+                outcomes[i] = exc
         try:
-            partial = index.partial_begin(self.info.id, record.path, temp, record.file_hash)
-            done = set()
-            if partial.verified:
-                done = self.store.verified_blocks(assembly, set(partial.verified))
-            needed = [b for i, b in enumerate(record.blocks) if i not in done]
-            return assembly, done, self._local_sources(needed)
-        except BaseException:
-            assembly.close()
-            raise
+            with index.transaction():
+                partials = {
+                    i: index.partial_begin(
+                        self.info.id,
+                        batch[i][0].path,
+                        self.store.temp_path(batch[i][0].record),
+                        batch[i][0].record.file_hash,
+                    )
+                    for i in assemblies
+                }
+        except LanshareError as exc:
+            for i, (assembly, _) in assemblies.items():
+                assembly.close()
+                outcomes[i] = exc
+            return outcomes
+        for i, (assembly, planned) in assemblies.items():
+            record = assembly.record
+            try:
+                done: set[int] = set()
+                if partials[i].verified:
+                    done = self.store.verified_blocks(assembly, set(partials[i].verified))
+                needed = [b for n, b in enumerate(record.blocks) if n not in done]
+                outcomes[i] = _Opened(assembly, planned, done, self._local_sources(needed))
+            except LanshareError as exc:
+                assembly.close()
+                outcomes[i] = exc
+        return outcomes
+
+    def _planned_now(self, replaces: FileRecord | None) -> LocalState:
+        """:meth:`_planned`, blocking."""
+        if replaces is None:
+            return LocalState.of(None)
+        cache = self.engine.index.stat_cache(self.info.id, replaces.path, replaces.sequence)
+        return LocalState.of(replaces, *cache)
 
     def _availability(
         self, record: FileRecord, remotes: dict[bytes, dict[str, FileRecord]]
@@ -1256,7 +1406,11 @@ class FolderSync:
         return found
 
     def pump(self) -> None:
-        """Turn the scheduler's next steps into requests, cancels and local copies."""
+        """Turn the scheduler's next steps into requests, cancels and local copies, and
+        start waiting downloads when slots are free."""
+        startable = self.waiting and not self.opening and self.open_held is None
+        if startable and self._free_slots() >= self._refill_at():
+            self.engine.spawn(self._start_waiting(refill=True))
         if not self.downloads:
             return
         self._apply_steps(self.scheduler.next_requests(self.engine.now()))
@@ -1609,11 +1763,17 @@ class FolderSync:
                     "need_bytes": self._need_from(link.peer),
                 }
             )
-        need_files = len(self.downloads) + len(self.waiting_for_space) + len(self.deferred)
+        need_files = (
+            len(self.downloads)
+            + len(self.waiting_for_space)
+            + len(self.deferred)
+            + len(self.waiting)
+        )
         need_bytes = (
             sum(d.record.size - d.bytes_done for d in self.downloads.values())
             + sum(self.waiting_for_space.values())
             + sum(self.deferred.values())
+            + sum(action.record.size for action, _ in self.waiting.values())
         )
         state, reason = self.state, self.reason or self._why_not_in_sync()
         reading = sum(1 for link in self.links.values() if not link.listed)

@@ -96,6 +96,10 @@ class DiskFullError(StorageError):
     """The filesystem has no space left (or the quota is used up)."""
 
 
+class DescriptorsExhausted(StorageError):
+    """The process (or the system) has no file descriptor left: wait, then try again."""
+
+
 class ControlError(LanshareError):
     """The local control socket failed or answered with an error."""
 

@@ -16,10 +16,13 @@ twice (in two files, or twice in one) crosses the network once and is then copie
   number of peers holding them); each peer with room takes the first pieces it holds from the
   rarest bucket up. Within a bucket, pieces keep the order of a seeded shuffle made when their
   file is added (ties broken at random, reproducibly), then of their return to the bucket.
-* **Pipelining.** A peer gets requests while it has fewer than ``min_depth`` outstanding or
-  fewer outstanding bytes than ``rate * target_queue_time`` (its measured rate, fed through
-  :meth:`Scheduler.update_rate`), capped by ``max_outstanding_per_peer``; all peers together by
-  ``max_outstanding_total``. Better-scoring peers (rate * reliability) choose first.
+* **Pipelining.** A peer gets requests while it has fewer than ``min_depth`` outstanding,
+  fewer outstanding bytes than ``min_bytes``, or fewer than ``rate * target_queue_time`` (its
+  measured rate, fed through :meth:`Scheduler.update_rate`), capped by
+  ``max_outstanding_per_peer``; all peers together by ``max_outstanding_total``. Requests
+  are per piece, not per file: the pieces of many files (small files of one block each) are
+  outstanding at once, so a folder of many small files streams like one big file.
+  Better-scoring peers (rate * reliability) choose first.
 * **Failover.** A request that fails (timeout, integrity, peer gone) or stays outstanding longer
   than ``request_timeout`` puts its piece back in its bucket, avoiding that peer while another
   holder exists. Data that fails its hash counts a strike; at ``ban_threshold`` strikes the peer
@@ -73,6 +76,9 @@ class SchedulerConfig:
     """Outstanding data per peer, in seconds of its measured rate."""
     min_depth: int = 2
     """Requests kept outstanding per peer whatever its rate."""
+    min_bytes: int = 128 * 1024
+    """Bytes kept outstanding per peer whatever its rate (before it is measured): small
+    blocks, many small files, are asked for many at a time from the start."""
     max_outstanding_per_peer: int = 64
     max_outstanding_total: int = 512
     max_pending_blocks: int = 65_536
@@ -572,7 +578,8 @@ class Scheduler:
         budget = state.rate * cfg.target_queue_time - state.outstanding_size
         block = state.outstanding_size / count if count else self._block_hint
         want = count + math.ceil(budget / block) if budget > 0 else count
-        want = min(max(want, cfg.min_depth), cfg.max_outstanding_per_peer)
+        floor = max(cfg.min_depth, math.ceil(cfg.min_bytes / block))
+        want = min(max(want, floor), cfg.max_outstanding_per_peer)
         return min(want - count, cfg.max_outstanding_total - self._outstanding)
 
     def _candidates(self, state: _Peer, room: int) -> list[_Piece]:

@@ -24,6 +24,14 @@ Theory of operation
   one still wanted is renamed over its target, then each directory that received one is
   fsynced once. A crash before a directory's fsync may lose a rename (the temporary file or
   the old file is what the next start finds), never leave a partial file under a real name.
+* **Bounded descriptors.** A download's temporary file and its directory stay open only
+  while there is room: ``OpenAssemblies`` (one per process, sized from ``RLIMIT_NOFILE``)
+  keeps the most recently used ones open and closes the others, which reopen on demand
+  (``O_NOFOLLOW`` from the root, and only if the file is still the same inode). Descriptors
+  are handed out only under a lease, and a leased assembly is never closed, so a number is
+  never reused for another file under a ``pwrite``. ``EMFILE`` or
+  ``ENFILE`` first closes every idle download; if that is not enough it surfaces as
+  ``DescriptorsExhausted``, a reason to wait, not a failure of the file.
 * **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
   must still be what the index recorded when the action was planned (``LocalState``). Size
   and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite
@@ -56,14 +64,18 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import stat
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lanshare import chunker
 from lanshare.errors import (
+    DescriptorsExhausted,
     DiskFullError,
     IntegrityError,
     LanshareError,
@@ -158,24 +170,64 @@ class Placement:
 
 
 class Assembly:
-    """A download in progress: an open temporary file beside the target."""
+    """A download in progress: a temporary file beside the target.
 
-    def __init__(self, record: FileRecord, dir_fd: int, fd: int, temp_name: str) -> None:
+    Its descriptors are opened on demand under the store's :class:`OpenAssemblies`
+    bound, and may be closed while the download waits: :meth:`lease` reopens the same file
+    (``O_NOFOLLOW`` from the folder root, the same inode) and holds it open for a block of
+    work.
+    """
+
+    def __init__(self, store: FolderStore, record: FileRecord, temp_name: str) -> None:
         self.record = record
         self.temp_name = temp_name
-        self._dir_fd = dir_fd
-        self._fd = fd
+        self._store = store
+        self._fd = -1
+        self._dir_fd = -1
+        self._identity: tuple[int, int] | None = None
+        """Device and inode of the temporary file, checked on every reopen."""
+        self._leases = 0
+        self._closed = False
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    @property
-    def dir_fd(self) -> int:
-        return self._dir_fd
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[tuple[int, int]]:
+        """``(fd, dir_fd)``, never closed before the block ends, whoever else needs room."""
+        descriptors = self._store.assemblies.acquire(self)
+        try:
+            yield descriptors
+        finally:
+            self._store.assemblies.release(self)
 
     def close(self) -> None:
-        """Close the descriptors and keep the temporary file (a later start resumes it)."""
+        """Close the descriptors and keep the temporary file (a later start resumes it).
+        Under a lease they close when it ends."""
+        self._store.assemblies.close(self)
+
+    def _open(self, *, create: bool) -> None:
+        """Open the descriptors (creating and sizing the file when ``create``). Blocking."""
+        parent, _ = _split(self.record.path)
+        dir_fd = self._store._dir_fd(parent, create=create)
+        try:
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            fd = os.open(self.temp_name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                identity = (st.st_dev, st.st_ino)
+                if self._identity is not None and identity != self._identity:
+                    raise StorageError(
+                        f"the temporary file of {self.record.path} was replaced meanwhile"
+                    )
+                if create and st.st_size != self.record.size:
+                    os.ftruncate(fd, self.record.size)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._fd, self._dir_fd, self._identity = fd, dir_fd, identity
+
+    def _close_descriptors(self) -> None:
         for fd in (self._fd, self._dir_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -183,11 +235,127 @@ class Assembly:
         self._fd = self._dir_fd = -1
 
 
+def default_open_assemblies() -> int:
+    """How many downloads may keep their descriptors open at once: an eighth of the soft
+    ``RLIMIT_NOFILE`` (two descriptors each: a quarter of the limit), between 4 and
+    :data:`MAX_OPEN_ASSEMBLIES`. The rest is left to sockets, the index, serving and scans."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_ASSEMBLIES
+    return max(4, min(MAX_OPEN_ASSEMBLIES, soft // 8))
+
+
+MAX_OPEN_ASSEMBLIES = 256
+"""Open downloads at most, however high the descriptor limit."""
+
+DESCRIPTORS_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
+"""Errors of a process (or system) out of file descriptors: back-pressure, not a failure."""
+
+
+class OpenAssemblies:
+    """The descriptors of downloads in progress: at most ``capacity`` assemblies open,
+    least recently used closed first. Thread-safe.
+
+    An assembly is never closed from under a thread using it: not while leased
+    (:meth:`Assembly.lease`, the only way to its descriptors); leased ones may exceed
+    ``capacity`` (at most one per worker thread in practice).
+    A reopen that meets ``EMFILE``/``ENFILE`` closes every other idle assembly and tries
+    once more before it gives up.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = default_open_assemblies() if capacity is None else max(1, capacity)
+        self._lock = threading.Lock()
+        self._open: OrderedDict[Assembly, None] = OrderedDict()
+        self.opened = 0
+        """Descriptor pairs opened so far (first opens and reopens)."""
+
+    @property
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def begin(self, assembly: Assembly) -> None:
+        """Create (or reopen, to resume) and size ``assembly``'s file and open it."""
+        with self._lock:
+            self._ensure_open(assembly, create=True)
+
+    def acquire(self, assembly: Assembly) -> tuple[int, int]:
+        with self._lock:
+            if assembly._closed:
+                raise StorageError(f"the download of {assembly.record.path} was closed")
+            self._ensure_open(assembly, create=False)
+            assembly._leases += 1
+            return assembly._fd, assembly._dir_fd
+
+    def release(self, assembly: Assembly) -> None:
+        with self._lock:
+            assembly._leases -= 1
+            if assembly._closed and assembly._leases == 0:
+                self._forget(assembly)
+
+    def close(self, assembly: Assembly) -> None:
+        with self._lock:
+            assembly._closed = True
+            if assembly._leases == 0:
+                self._forget(assembly)
+
+    def _forget(self, assembly: Assembly) -> None:
+        self._open.pop(assembly, None)
+        assembly._close_descriptors()
+
+    def _ensure_open(self, assembly: Assembly, *, create: bool) -> None:
+        if assembly._fd >= 0:
+            self._open.move_to_end(assembly)
+            return
+        self._evict(self.capacity - 1, keep=assembly)
+        try:
+            assembly._open(create=create)
+        except OSError as exc:
+            if exc.errno not in DESCRIPTORS_EXHAUSTED:
+                raise
+            logger.debug(
+                "out of descriptors opening %s: closing idle downloads", assembly.temp_name
+            )
+            self._evict(0, keep=assembly)
+            assembly._open(create=create)
+        self.opened += 1
+        self._open[assembly] = None
+
+    def _evict(self, room: int, *, keep: Assembly) -> None:
+        """Close least recently used idle assemblies until at most ``room`` stay open."""
+        if len(self._open) <= room:
+            return
+        for candidate in list(self._open):
+            if len(self._open) <= room:
+                break
+            if candidate is keep or candidate._leases:
+                continue
+            del self._open[candidate]
+            candidate._close_descriptors()
+
+
+_shared_assemblies: OpenAssemblies | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_assemblies() -> OpenAssemblies:
+    """The process's one bound on open downloads (sized on first use: after the daemon
+    raised its descriptor limit)."""
+    global _shared_assemblies
+    with _shared_lock:
+        if _shared_assemblies is None:
+            _shared_assemblies = OpenAssemblies()
+        return _shared_assemblies
+
+
 class FolderStore:
     """Blocking file operations confined to the folder ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, assemblies: OpenAssemblies | None = None) -> None:
         self.root = root
+        self.assemblies = assemblies if assemblies is not None else shared_assemblies()
+        """Where the descriptors of this folder's downloads are bounded (one per process)."""
 
     # -- serving -------------------------------------------------------------------------
 
@@ -226,28 +394,17 @@ class FolderStore:
         return f"{parent}/{name}" if parent else name
 
     def begin(self, record: FileRecord) -> Assembly:
-        """Open (or reopen, to resume) the temporary file for ``record``, sized to fit."""
+        """Open (or reopen, to resume) the temporary file for ``record``, sized to fit.
+
+        Raises:
+            DescriptorsExhausted: the process has no descriptor left even after closing
+                the idle downloads' (wait for others to finish, then try again).
+        """
         parent, _ = _split(record.path)
-        name = self.temp_name(record)
+        assembly = Assembly(self, record, self.temp_name(record))
         with _os_errors(), _name_directory(parent):
-            dir_fd = self._dir_fd(parent, create=True)
-            try:
-                fd = os.open(
-                    name,
-                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dir_fd,
-                )
-                try:
-                    if os.fstat(fd).st_size != record.size:
-                        os.ftruncate(fd, record.size)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            except BaseException:
-                os.close(dir_fd)
-                raise
-        return Assembly(record, dir_fd, fd, name)
+            self.assemblies.begin(assembly)
+        return assembly
 
     def write_verified(self, assembly: Assembly, block: VerifiedBlock) -> None:
         """Write ``block`` (verified already: not hashed again) in place in the temporary file.
@@ -263,10 +420,10 @@ class FolderStore:
                 f"block {block.index} of {assembly.record.path} is {view.nbytes} bytes, "
                 f"not {target.size}"
             )
-        with _os_errors():
-            written = os.pwrite(assembly.fd, view, target.offset)
+        with _os_errors(), assembly.lease() as (fd, _):
+            written = os.pwrite(fd, view, target.offset)
             while written < target.size:
-                written += os.pwrite(assembly.fd, view[written:], target.offset + written)
+                written += os.pwrite(fd, view[written:], target.offset + written)
 
     def verified_blocks(self, assembly: Assembly, indexes: set[int] | None = None) -> set[int]:
         """Which blocks of the temporary file already hold the right bytes.
@@ -277,14 +434,17 @@ class FolderStore:
         record = assembly.record
         wanted = range(len(record.blocks)) if indexes is None else sorted(indexes)
         good: set[int] = set()
-        for i in wanted:
-            if not 0 <= i < len(record.blocks):
-                continue
-            block = record.blocks[i]
-            with _os_errors():
-                data = os.pread(assembly.fd, block.size, block.offset)
-            if len(data) == block.size and chunker.block_hash(data, record.hash_algo) == block.hash:
-                good.add(i)
+        with _os_errors(), assembly.lease() as (fd, _):
+            for i in wanted:
+                if not 0 <= i < len(record.blocks):
+                    continue
+                block = record.blocks[i]
+                data = os.pread(fd, block.size, block.offset)
+                if (
+                    len(data) == block.size
+                    and chunker.block_hash(data, record.hash_algo) == block.hash
+                ):
+                    good.add(i)
         return good
 
     def place(self, batch: Sequence[Placement], now: float) -> list[LanshareError | None]:
@@ -309,32 +469,29 @@ class FolderStore:
                 self._seal(item)
             except LanshareError as exc:
                 errors[i] = exc
-        directories: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        # A directory is fsynced through a descriptor of its own, opened once per directory:
+        # the assemblies' descriptors may be closed (and their numbers reused) meanwhile.
+        directories: dict[tuple[int, int], tuple[str, list[int]]] = {}
         for i, item in enumerate(batch):
             if errors[i] is not None:
                 continue
             assembly = item.assembly
             record = assembly.record
-            _, name = _split(record.path)
+            parent, name = _split(record.path)
             try:
-                with _os_errors():
-                    self._check_unchanged(assembly.dir_fd, name, record.path, item.planned)
+                with _os_errors(), assembly.lease() as (_, dir_fd):
+                    self._check_unchanged(dir_fd, name, record.path, item.planned)
                     if item.planned.exists:
                         self.archive(record.path, now)
-                    os.rename(
-                        assembly.temp_name,
-                        name,
-                        src_dir_fd=assembly.dir_fd,
-                        dst_dir_fd=assembly.dir_fd,
-                    )
-                    st = os.fstat(assembly.dir_fd)
+                    os.rename(assembly.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                    st = os.fstat(dir_fd)
             except LanshareError as exc:
                 errors[i] = exc
                 continue
-            directories.setdefault((st.st_dev, st.st_ino), (assembly.dir_fd, []))[1].append(i)
-        for dir_fd, placed in directories.values():
+            directories.setdefault((st.st_dev, st.st_ino), (parent, []))[1].append(i)
+        for parent, placed in directories.values():
             try:
-                with _os_errors():
+                with _os_errors(), self._dir(parent) as dir_fd:
                     os.fsync(dir_fd)
             except LanshareError as exc:
                 for i in placed:
@@ -351,10 +508,10 @@ class FolderStore:
         record = assembly.record
         if not _whole_file_matches(item.verified, record):
             raise IntegrityError(f"assembled {record.path} does not match its file hash")
-        with _os_errors():
-            os.fchmod(assembly.fd, stat.S_IMODE(record.mode) or 0o644)
-            os.utime(assembly.fd, ns=(record.mtime_ns, record.mtime_ns))
-            os.fsync(assembly.fd)
+        with _os_errors(), assembly.lease() as (fd, _):
+            os.fchmod(fd, stat.S_IMODE(record.mode) or 0o644)
+            os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
+            os.fsync(fd)
 
     def discard(self, record: FileRecord) -> None:
         """Remove the temporary file of a download that will not finish."""
@@ -868,7 +1025,8 @@ def _name_directory(rel_dir: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _os_errors() -> Iterator[None]:
     """``OSError`` as ``StorageError``; a full disk or quota as ``DiskFullError``, which
-    pauses pulls rather than failing one file."""
+    pauses pulls rather than failing one file, and a process out of descriptors as
+    ``DescriptorsExhausted``, which holds new downloads back a while."""
     try:
         with map_exceptions({OSError: StorageError}):
             yield
@@ -876,4 +1034,6 @@ def _os_errors() -> Iterator[None]:
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
             raise DiskFullError(str(exc)) from cause
+        if isinstance(cause, OSError) and cause.errno in DESCRIPTORS_EXHAUSTED:
+            raise DescriptorsExhausted(str(exc)) from cause
         raise

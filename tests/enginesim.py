@@ -28,6 +28,7 @@ from lanshare.identity import NodeId
 from lanshare.index import Index
 from lanshare.paths import INTERNAL_DIR, MARKER, is_temporary
 from lanshare.protocol import Endpoint
+from lanshare.store import OpenAssemblies
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -237,9 +238,12 @@ class SimNode:
         max_send_rate: int = 0,
         transfer: TransferConfig | None = None,
         whole_folders: bool = True,
+        open_assemblies: int | None = None,
     ) -> None:
         self.cluster = cluster
         self.whole_folders = whole_folders
+        self.open_assemblies = open_assemblies
+        """The bound on open downloads of this node alone (None: the process-wide one)."""
         self.number = number
         self.name = f"n{number}"
         self.addr: Addr = (f"10.0.0.{number}", PORT)
@@ -312,7 +316,9 @@ class SimNode:
         )
         self.transport.sink = self._on_event
         for folder in config.folders:
-            await self.engine.add_folder(folder)
+            sync = await self.engine.add_folder(folder)
+            if self.open_assemblies is not None:
+                sync.store.assemblies = OpenAssemblies(self.open_assemblies)
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, BlockReceived):
@@ -503,6 +509,7 @@ def idle(node: SimNode) -> bool:
     sync = node.folder
     return (
         not sync.downloads
+        and not sync.waiting
         and not sync.dirty.is_set()
         and all(link.manifest_request is None for link in sync.links.values())
     )

@@ -410,7 +410,8 @@ def test_many_small_files_are_placed_with_few_directory_fsyncs(
 
     async def main() -> None:
         async with Cluster(tmp_path, seed=12) as cluster:
-            a, b = cluster.add(), cluster.add()
+            # A slow sender, so that files still arrive once the folder lock is held.
+            a, b = cluster.add(max_send_rate=200_000), cluster.add()
             contents = {f"docs/f{i:03d}.dat": random_bytes(i, 4096) for i in range(files)}
             for rel, data in contents.items():
                 a.write(rel, data)

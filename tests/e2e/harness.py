@@ -149,6 +149,9 @@ class Node:
     static_peers: tuple[str, ...] = ()
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     folders: list[tuple[Path, str]] = field(default_factory=list)
+    nofile: int | None = None
+    """Start the daemon with this ``RLIMIT_NOFILE`` (soft and hard): a host with few open
+    files allowed."""
     process: Process | None = None
     notify: NotifyListener | None = None
     runs: int = 0
@@ -254,6 +257,8 @@ class Node:
         self.notify = NotifyListener(self.sockets / f"{self.name}-{self.runs}.notify")
         environ = dict(_base_env(), NOTIFY_SOCKET=str(self.notify.path), **(env or {}))
         args = [sys.executable, "-m", "lanshare", "daemon", "--config", str(self.config_path)]
+        if self.nofile is not None:
+            args = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--", *args]
         with self.log_path.open("w") as log:
             popen = subprocess.Popen(
                 self.command(*args),

@@ -1,0 +1,220 @@
+"""Downloads' open files are bounded: an LRU of open assemblies, leases, reopening, EMFILE.
+
+Real temporary files and real descriptors, counted in ``/proc/self/fd``; the descriptor
+limit is lowered for real (``resource.setrlimit``) and restored around the calls that
+must meet ``EMFILE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import pytest
+
+from lanshare.errors import DescriptorsExhausted, StorageError
+from lanshare.paths import TEMP_PREFIX
+from lanshare.store import (
+    FolderStore,
+    LocalState,
+    OpenAssemblies,
+    Placement,
+    VerifiedBlock,
+    default_open_assemblies,
+)
+from tests.test_store import NOW, payload, record_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from lanshare.manifest import FileRecord
+    from lanshare.store import Assembly
+
+MiB = 1024 * 1024
+
+
+def open_temp_files(root: Path) -> int:
+    """Descriptors of this process open on temporary files under ``root``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(root)) and os.path.basename(target).startswith(TEMP_PREFIX):
+                count += 1
+    return count
+
+
+def inode_of(assembly: Assembly, root: Path) -> int:
+    return (root / FolderStore.temp_path(assembly.record)).stat().st_ino
+
+
+@contextlib.contextmanager
+def descriptor_limit(headroom: int) -> Iterator[None]:
+    """Lower the soft ``RLIMIT_NOFILE`` so that only ``headroom`` more descriptors can be
+    opened now (the lowest free number is where the count starts), then restore it."""
+    probe = os.open("/dev/null", os.O_RDONLY)
+    os.close(probe)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def records(n: int, first: int = 0) -> list[tuple[FileRecord, bytes]]:
+    """``n`` files of several blocks each, in three directories."""
+    out = []
+    for i in range(first, first + n):
+        data = payload(MiB, seed=i)
+        record = record_for(f"d{i % 3}/f{i:03d}.bin", data)
+        assert len(record.blocks) >= 2
+        out.append((record, data))
+    return out
+
+
+def write(store: FolderStore, assembly: Assembly, index: int, data: bytes) -> None:
+    block = assembly.record.blocks[index]
+    store.write_verified(
+        assembly, VerifiedBlock(index, data[block.offset : block.offset + block.size])
+    )
+
+
+def place(store: FolderStore, assembly: Assembly) -> None:
+    (error,) = store.place(
+        [Placement(assembly, LocalState(exists=False), range(len(assembly.record.blocks)))], NOW
+    )
+    assert error is None
+
+
+def test_at_most_capacity_open_and_every_download_completes(tmp_path: Path) -> None:
+    """Ten downloads through a bound of four: never more than four temporary files open,
+    and each one, written block by block in turns (so each is closed and reopened), lands
+    byte for byte."""
+    pool = OpenAssemblies(capacity=4)
+    store = FolderStore(tmp_path, pool)
+    items = records(10)
+    assemblies = [store.begin(record) for record, _ in items]
+    assert pool.open_count <= 4
+    assert open_temp_files(tmp_path) <= 4
+    peak = 0
+    for index in range(max(len(record.blocks) for record, _ in items)):
+        for assembly, (record, data) in zip(assemblies, items, strict=True):
+            if index < len(record.blocks):
+                write(store, assembly, index, data)
+            peak = max(peak, open_temp_files(tmp_path))
+    assert peak <= 2 * 4  # a file descriptor and a directory descriptor each
+    assert pool.opened > len(items)  # evicted ones were reopened to be written
+    for assembly, (record, data) in zip(assemblies, items, strict=True):
+        place(store, assembly)
+        assert (tmp_path / record.path).read_bytes() == data
+    assert pool.open_count == 0
+    assert open_temp_files(tmp_path) == 0
+
+
+def test_a_lease_keeps_its_descriptors_open_however_many_others_open(tmp_path: Path) -> None:
+    pool = OpenAssemblies(capacity=1)
+    store = FolderStore(tmp_path, pool)
+    (first, _), *others = records(5)
+    leased = store.begin(first)
+    inode = inode_of(leased, tmp_path)
+    with leased.lease() as (fd, dir_fd):
+        opened = [store.begin(record) for record, _ in others]
+        # Still our file, not a number closed and given to another one.
+        assert os.fstat(fd).st_ino == inode
+        assert os.fstat(dir_fd).st_ino == (tmp_path / "d0").stat().st_ino
+        assert pool.open_count == 2  # the leased one beyond the bound, the newest one
+    opened.append(store.begin(records(6)[5][0]))
+    assert pool.open_count == 1  # released: the least recently used, evicted
+    for assembly in [leased, *opened]:
+        assembly.close()
+    assert open_temp_files(tmp_path) == 0
+
+
+def test_reopening_writes_to_the_same_file_and_refuses_a_swapped_one(tmp_path: Path) -> None:
+    pool = OpenAssemblies(capacity=1)
+    store = FolderStore(tmp_path, pool)
+    (record, data), (other, other_data), (third, _) = records(3)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        assembly = store.begin(record)
+        worker.submit(write, store, assembly, 0, data).result(10)
+        moved_on = store.begin(other)
+        worker.submit(write, store, moved_on, 0, other_data).result(10)
+        store.begin(third).close()
+        assert assembly._fd == -1  # evicted: the least recently used
+        for index in range(1, len(record.blocks)):
+            worker.submit(write, store, assembly, index, data).result(10)
+        worker.submit(place, store, assembly).result(10)
+        assert (tmp_path / record.path).read_bytes() == data
+
+        store.begin(third).close()
+        assert moved_on._fd == -1
+        temp = tmp_path / FolderStore.temp_path(other)
+        impostor = temp.with_name("impostor")  # made while the original still exists
+        impostor.write_bytes(b"someone else's file")
+        impostor.replace(temp)
+        with pytest.raises(StorageError, match="replaced"):
+            worker.submit(write, store, moved_on, 1, other_data).result(10)
+        moved_on.close()
+
+
+def test_out_of_descriptors_closes_idle_downloads_then_reports_back_pressure(
+    tmp_path: Path,
+) -> None:
+    """A real EMFILE: idle downloads give their descriptors back and the new one opens;
+    when every open download is in use, ``begin`` raises ``DescriptorsExhausted`` (a wait,
+    not a failure of the file) and nothing is left open by the attempt."""
+    pool = OpenAssemblies(capacity=100)
+    store = FolderStore(tmp_path, pool)
+    items = records(8)
+    idle = [store.begin(record) for record, _ in items[:4]]
+    with descriptor_limit(headroom=1):
+        fresh = store.begin(items[4][0])  # a directory walk and two descriptors kept
+    assert pool.open_count < 5
+    with fresh.lease() as (fd, _):
+        assert os.fstat(fd).st_size == items[4][0].size
+    for assembly in [*idle, fresh]:
+        assembly.close()
+
+    busy = [store.begin(record) for record, _ in items[:4]]
+    with contextlib.ExitStack() as leases:
+        for assembly in busy:
+            leases.enter_context(assembly.lease())
+        before = open_temp_files(tmp_path)
+        with descriptor_limit(headroom=1), pytest.raises(DescriptorsExhausted):
+            store.begin(items[5][0])
+        assert open_temp_files(tmp_path) == before
+    for assembly in busy:
+        assembly.close()
+    assert pool.open_count == 0
+
+
+def test_the_bound_follows_the_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert default_open_assemblies() == 32  # 64 descriptors: a quarter of the limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        assert default_open_assemblies() <= 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_write_out_of_descriptors_is_back_pressure_not_a_storage_failure(
+    tmp_path: Path,
+) -> None:
+    pool = OpenAssemblies(capacity=1)
+    store = FolderStore(tmp_path, pool)
+    (evicted_record, data), (busy_record, _) = records(2)
+    evicted = store.begin(evicted_record)
+    busy = store.begin(busy_record)
+    assert evicted._fd == -1
+    with busy.lease(), descriptor_limit(headroom=0), pytest.raises(DescriptorsExhausted):
+        write(store, evicted, 0, data)
+    write(store, evicted, 0, data)  # descriptors back: it reopens and writes
+    for assembly in (evicted, busy):
+        assembly.close()

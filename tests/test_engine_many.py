@@ -1,0 +1,217 @@
+"""Many small files as one stream of work: downloads opened in batches (one thread hop and
+one index transaction for many files), never more open than the descriptor bound allows,
+and a process out of descriptors holds new downloads back instead of failing files.
+
+Real engines, folders and indexes over the simulated network of ``tests.enginesim``; the
+descriptor limit is lowered for real around one batch. Patches only count or check calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import resource
+import threading
+from typing import TYPE_CHECKING, Any
+
+from lanshare.engine import FolderSync
+from lanshare.errors import DescriptorsExhausted
+from tests.enginesim import Cluster, converge, random_bytes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    import pytest
+
+    from tests.enginesim import SimNode
+
+
+def small_files(node: SimNode, count: int, size: int = 1500) -> None:
+    for i in range(count):
+        node.write(f"d{i % 7}/f{i:05d}.txt", random_bytes(i, size))
+
+
+def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 400
+    hops: list[str] = []
+    real_to_thread = asyncio.to_thread
+
+    def counting_to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", ""))
+        return real_to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    opening_threads: set[int] = set()
+    transactions: list[int] = []  # per batch: BEGINs issued by the thread opening it
+    batches: list[int] = []
+    real_open = FolderSync._open_downloads
+
+    @functools.wraps(real_open)
+    def watched_open(self: FolderSync, batch: list[Any]) -> list[Any]:
+        opening_threads.add(threading.get_ident())
+        transactions.append(0)
+        try:
+            return real_open(self, batch)
+        finally:
+            opening_threads.discard(threading.get_ident())
+            batches.append(len(batch))
+
+    monkeypatch.setattr(FolderSync, "_open_downloads", watched_open)
+
+    def trace(statement: str) -> None:
+        if threading.get_ident() in opening_threads and statement.startswith("BEGIN"):
+            transactions[-1] += 1
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=11) as cluster:
+            a, b = cluster.add(), cluster.add()
+            small_files(a, count)
+            await cluster.start()
+            assert b.index is not None
+            b.index._conn.set_trace_callback(trace)  # type: ignore[union-attr]
+            await converge([a, b], 240)
+
+    asyncio.run(main())
+    assert sum(batches) >= count
+    opening_hops = sum(1 for name in hops if name.startswith("_open_download"))
+    assert opening_hops == len(batches)
+    assert opening_hops / count < 0.1, f"{opening_hops} thread hops to open {count} downloads"
+    assert transactions
+    assert max(transactions) == 1, transactions
+
+
+def test_never_more_downloads_open_than_the_bound_allows(tmp_path: Path) -> None:
+    """A bound of 8 open assemblies (4 slots): 300 files wait their turn, start as slots
+    free (without a new plan for each), and all arrive."""
+    count = 300
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=12) as cluster:
+            a, b = cluster.add(), cluster.add(open_assemblies=8)
+            small_files(a, count)
+            await cluster.start()
+            peak_fetching = peak_open = 0
+            seen_waiting = False
+
+            def sample() -> None:
+                nonlocal peak_fetching, peak_open, seen_waiting
+                sync = b.folder
+                fetching = sum(1 for d in sync.downloads.values() if not d.finishing)
+                peak_fetching = max(peak_fetching, fetching + len(sync.opening))
+                peak_open = max(peak_open, sync.store.assemblies.open_count)
+                seen_waiting = seen_waiting or bool(sync.waiting)
+                assert not sync.failures, sync.failures
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 240
+            while len(list(b.root.rglob("f*.txt"))) < count:
+                assert loop.time() < deadline, "files did not arrive"
+                sample()
+                await asyncio.sleep(0.005)
+            await converge([a, b], 60)
+            assert seen_waiting
+            assert peak_fetching <= 4
+            # The writer threads may each keep the last one they wrote open.
+            assert peak_open <= 8 + (os.cpu_count() or 1) + 4
+
+    asyncio.run(main())
+
+
+def arrived(node: SimNode) -> int:
+    """Files in place on ``node`` (0 while this process has no descriptor to look)."""
+    try:
+        return len(list(node.root.rglob("f*.txt")))
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def no_free_descriptor() -> Any:
+    """Lower the soft ``RLIMIT_NOFILE`` to the lowest free descriptor number: the next
+    ``open`` of this process fails with ``EMFILE``. Restored on exit."""
+    probe = os.open("/dev/null", os.O_RDONLY)
+    os.close(probe)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_out_of_descriptors_holds_downloads_back_never_fails_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first batch B opens meets a real EMFILE: the files wait and start a moment
+    later, none is ever a failure in status, and all arrive."""
+    count = 60
+    squeezed: list[int] = []
+    real_open = FolderSync._open_downloads
+
+    def open_without_descriptors(self: FolderSync, batch: list[Any]) -> list[Any]:
+        if squeezed:
+            return real_open(self, batch)
+        squeezed.append(len(batch))
+        with no_free_descriptor():
+            return real_open(self, batch)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=13) as cluster:
+            a, b = cluster.add(), cluster.add()
+            small_files(a, count)
+            await cluster.start([a])
+            await b.start_idle()
+            monkeypatch.setattr(FolderSync, "_open_downloads", open_without_descriptors)
+            assert b.engine is not None
+            b._task = asyncio.create_task(b.engine.run())
+            await asyncio.wait_for(b.folder.scanned.wait(), 30)
+            a.connect(b)
+            b.connect(a)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 240
+            problems: list[Any] = []
+            while arrived(b) < count:
+                assert loop.time() < deadline, "files did not arrive"
+                status = b.folder.status()
+                if b.folder.failures or status["state"] == "error":
+                    problems.append((dict(b.folder.failures), status["state"]))
+                await asyncio.sleep(0.01)
+            await converge([a, b], 60)
+            assert not problems, problems[:3]
+
+    with caplog.at_level(logging.INFO, logger="lanshare.engine"):
+        asyncio.run(main())
+    assert squeezed, "no batch was opened"
+    assert "new downloads wait" in caplog.text
+    assert "Too many open files" not in "".join(
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+    )
+
+
+def test_a_file_that_meets_emfile_is_never_a_failure(tmp_path: Path) -> None:
+    """Wherever a download meets ``EMFILE`` (a write, a placement), the file is not failed:
+    new downloads are held back a moment and the next plan asks for it again."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=14) as cluster:
+            b = cluster.add()
+            await cluster.start()
+            sync = b.folder
+            sync._fail("d0/f00001.txt", DescriptorsExhausted("Too many open files"))
+            assert not sync.failures
+            assert sync.open_held is not None
+            assert sync.status()["problems"] == []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while sync.open_held is not None:
+                assert loop.time() < deadline, "new downloads held back for good"
+                await asyncio.sleep(0.02)
+            assert not sync.failures
+
+    asyncio.run(main())
