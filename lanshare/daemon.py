@@ -454,10 +454,10 @@ class Daemon:
 
     async def _follow(self, path: Path, watcher: FolderWatcher) -> None:
         engine = self._engine()
-        async for _batch in watcher:
+        async for batch in watcher:
             sync = next((s for s in engine.folders.values() if s.root == path), None)
             if sync is not None:
-                await sync.scan()
+                await sync.scan(None if batch.full_rescan else batch.paths)
 
     def _kick(self) -> None:
         if self.transport is not None:
