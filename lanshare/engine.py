@@ -325,8 +325,10 @@ class FolderSync:
             if await self._marker_pause(confirmed=allow_mass_delete):
                 return None
             restored = await self._restored()
-            if await asyncio.to_thread(self.rules.reload):
-                paths = None  # other paths are ignored, or no longer: look at them all
+            if await asyncio.to_thread(self.rules.reload) and paths is not None:
+                # Other paths are ignored now, or no longer: look at them all.
+                logger.info("folder %s: ignore rules changed; rescanning all of it", self.root)
+                paths = None
             summary = await scanner.scan_guarded(
                 self.engine.index,
                 self.info.id,

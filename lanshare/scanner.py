@@ -411,8 +411,7 @@ async def scan_path(
     if summary.deleted:
         made = deleteguard.Deletion(now, deleteguard.LOCAL, summary.deleted, live)
         summary = replace(summary, deletion=made)
-    logger.log(
-        logging.INFO if only is None else logging.DEBUG,
+    logger.info(
         "scanned %s%s: %d files, %d dirs, %d bytes; %d new, %d changed, %d deleted, "
         "%d skipped (%.2f s)",
         summary.path,

@@ -79,7 +79,8 @@ logger = logging.getLogger(__name__)
 #   so an owner busy scanning gets one batch of everything that changed meanwhile, not a queue
 #   of batches. The set is bounded in paths: past ``max_batch_paths`` it becomes one full
 #   rescan (nothing grows);
-# * full rescans: one right at start (changes made while the daemon was down), one every
+# * full rescans: one right at start (changes made while the daemon was down; unless the owner
+#   scans the whole folder itself once the watches are set up), one every
 #   ``rescan_interval`` as a safety net, one when the kernel's inotify queue overflowed (watchdog
 #   only logs it: a process-wide logging handler turns that record into a request);
 # * out of inotify watches (``ENOSPC``) or instances (``EMFILE``), at start or when a directory
@@ -199,6 +200,8 @@ class FolderWatcher:
         rescan_interval: seconds between safety-net full rescans (3600).
         fallback_rescan_interval: seconds between full rescans when inotify cannot watch (60).
         own_write_timeout: seconds an :meth:`expect_own_write` waits for its event (5).
+        initial_rescan: deliver a full rescan at start; False when the owner scans the whole
+            folder itself after :meth:`start` returned (the watches cover what changes later).
         ignore: ``ignore(rel, is_dir)`` is true for paths not to report, e.g.
             ``IgnoreRules.matches``; temporary files and ``.lanshare/`` are always left out.
         observer_factory: makes the watchdog observer (default: the platform's ``Observer``).
@@ -219,6 +222,7 @@ class FolderWatcher:
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         fallback_rescan_interval: float = DEFAULT_FALLBACK_RESCAN_INTERVAL,
         own_write_timeout: float = DEFAULT_OWN_WRITE_TIMEOUT,
+        initial_rescan: bool = True,
         ignore: Callable[[str, bool], bool] | None = None,
         observer_factory: Callable[[], BaseObserver] = Observer,
         watch_probe: Callable[[Path], bool] | None = None,
@@ -243,6 +247,7 @@ class FolderWatcher:
         self._rescan_interval = rescan_interval
         self._fallback_rescan_interval = fallback_rescan_interval
         self._own_write_timeout = own_write_timeout
+        self._initial_rescan = initial_rescan
         self._ignore = ignore
         self._observer_factory = observer_factory
         self._watch_probe = watch_probe if watch_probe is not None else inotify_watch_available
@@ -267,7 +272,7 @@ class FolderWatcher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start watching, then queue the first full-rescan batch.
+        """Start watching, then deliver the first full-rescan batch (unless not wanted).
 
         The watches are set up in a worker thread (one per directory: large trees take a
         while). Running out of inotify watches or instances is not an error: the watcher
@@ -294,7 +299,8 @@ class FolderWatcher:
             return
         if failure is not None:
             self._degrade(_limit_message(self.root, failure, self._fallback_rescan_interval))
-        self._emit_full_rescan("start")
+        if self._initial_rescan:
+            self._emit_full_rescan("start")
         self._arm_periodic()
         logger.debug("watching %s", self.root)
 

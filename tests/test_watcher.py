@@ -364,6 +364,46 @@ def test_a_placed_download_is_never_echoed_announced_or_not(tmp_path: Path) -> N
     run(scenario())
 
 
+def test_a_placement_is_not_echoed_after_its_announcement_lapsed(tmp_path: Path) -> None:
+    """A busy daemon may put a download in place long after it announced it: the move from
+    a temporary name is its own whatever the announcement became."""
+
+    def download() -> None:
+        temp = tmp_path / f"{TEMP_PREFIX}late"
+        write(temp, b"downloaded")
+        os.replace(temp, tmp_path / "late.txt")
+        write(tmp_path / "marker.txt")
+
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEBOUNCE, own_write_timeout=0.05
+        ) as watcher:
+            await started_batch(watcher)
+            watcher.expect_own_write("late.txt")
+            await asyncio.sleep(0.1)  # let the announcement lapse (the point of this test)
+            await in_thread(download)
+            seen: list[ChangeBatch] = []
+            await batch_with(watcher, "marker.txt", seen)
+            seen += await batches_within(watcher, QUIET)
+            assert not [b for b in seen if "late.txt" in b.paths]
+
+    run(scenario())
+
+
+def test_no_full_rescan_at_start_when_the_owner_scans_itself(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEBOUNCE, initial_rescan=False
+        ) as watcher:
+            await in_thread(lambda: write(tmp_path / "a"))
+            assert await next_batch(watcher) == ChangeBatch(
+                watcher.root, frozenset({"a"}), full_rescan=False
+            )
+            assert watcher.stats.full_rescans == 0
+
+    run(scenario())
+
+
 def test_own_write_announcement_lapses(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with FolderWatcher(
