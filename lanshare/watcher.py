@@ -69,10 +69,13 @@ logger = logging.getLogger(__name__)
 #   of the descriptor that wrote a placed file, when nothing else touched the path in
 #   between (the kernel names the file as it is called when the descriptor closes, after the
 #   rename);
-# * debounce per path: a path is ready once it has been quiet for ``debounce_interval``, or
-#   ``max_delay`` after its first event even if it never goes quiet (a log file written
-#   continuously still gets synced, about once per ``max_delay``). One loop timer, armed at the
-#   earliest deadline, collects every ready path into one ``ChangeBatch``;
+# * debounce per path: a path is ready once it has been quiet for ``debounce_interval`` (only
+#   ``settle_interval`` when its latest event ended a change: a file closed after writing, a
+#   rename, a deletion, attributes set; so an editor's save is taken at once, a file still
+#   being written is not), or ``max_delay`` after its first event even if it never goes
+#   quiet (a log file written continuously still gets synced, about once per ``max_delay``).
+#   One loop timer, armed at the earliest deadline, collects every ready path into one
+#   ``ChangeBatch``;
 # * escalate (Syncthing's ``maxFiles``): when more than ``max_batch_paths`` distinct paths pend,
 #   they are dropped for one full-rescan request, debounced the same way;
 # * hand over: ready paths join one set the owner takes whole when it asks for the next batch,
@@ -93,6 +96,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DEBOUNCE_INTERVAL: Final = 0.1
 """Seconds a path must stay quiet before it is reported (Syncthing waits 10 s)."""
+DEFAULT_SETTLE_INTERVAL: Final = 0.01
+"""Seconds a path must stay quiet when its latest event ended a change (closed after writing,
+renamed, deleted, attributes set): long enough to take the events of one save together."""
 DEFAULT_MAX_DELAY: Final = 1.0
 """Seconds after its first event a path is reported even if it keeps changing."""
 DEFAULT_MAX_BATCH_PATHS: Final = 512
@@ -128,6 +134,9 @@ _EVENT_FILTER: Final[list[type[FileSystemEvent]]] = [
     FileMovedEvent,
     DirMovedEvent,
 ]
+# The events that end a change: nothing more is on its way unless the path is written again.
+# A file created or modified is still being written; its close comes when it is done.
+_SETTLED_KINDS = frozenset({EVENT_TYPE_CLOSED, EVENT_TYPE_DELETED, EVENT_TYPE_ATTRIB})
 _CHANGE_KINDS = frozenset(
     {
         EVENT_TYPE_CREATED,
@@ -194,6 +203,9 @@ class FolderWatcher:
     Args:
         root: the folder to watch (made absolute; symlinks are not resolved).
         debounce_interval: seconds a path must be quiet before it is reported (0.1).
+        settle_interval: the same, when its latest event ended a change: a file closed
+            after writing, renamed, deleted, its attributes set (0.01; at most
+            ``debounce_interval``).
         max_delay: seconds after its first event a path is reported regardless (1.0).
         max_batch_paths: more distinct pending (or ready, unread) paths than this become a full
             rescan (512).
@@ -217,6 +229,7 @@ class FolderWatcher:
         root: Path,
         *,
         debounce_interval: float = DEFAULT_DEBOUNCE_INTERVAL,
+        settle_interval: float = DEFAULT_SETTLE_INTERVAL,
         max_delay: float = DEFAULT_MAX_DELAY,
         max_batch_paths: int = DEFAULT_MAX_BATCH_PATHS,
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
@@ -229,6 +242,7 @@ class FolderWatcher:
     ) -> None:
         for name, value in (
             ("debounce_interval", debounce_interval),
+            ("settle_interval", settle_interval),
             ("max_delay", max_delay),
             ("rescan_interval", rescan_interval),
             ("fallback_rescan_interval", fallback_rescan_interval),
@@ -242,6 +256,7 @@ class FolderWatcher:
         self._root_str = str(self.root)
         self._prefix = self._root_str.rstrip(os.sep) + os.sep
         self._debounce_interval = debounce_interval
+        self._settle_interval = min(settle_interval, debounce_interval)
         self._max_delay = max(max_delay, debounce_interval)
         self._max_batch_paths = max_batch_paths
         self._rescan_interval = rescan_interval
@@ -467,15 +482,16 @@ class FolderWatcher:
             dest_path = os.fsdecode(dest)
             if self._placement(src_path, dest_path, now):
                 return
-            self._note(src_path, is_dir, created=False, now=now)
-            self._note(dest_path, is_dir, created=True, now=now)
+            self._note(src_path, is_dir, created=False, now=now, settled=True)
+            self._note(dest_path, is_dir, created=True, now=now, settled=True)
             return
         if kind == EVENT_TYPE_CLOSED and self._placed:
             rel = self._relative(src_path)
             if rel is not None and self._placed.pop(rel, None) is not None:
                 self.stats.own_writes += 1  # the descriptor that wrote a placed file closed
                 return
-        self._note(src_path, is_dir, created=kind == EVENT_TYPE_CREATED, now=now)
+        settled = kind in _SETTLED_KINDS and not (kind == EVENT_TYPE_ATTRIB and is_dir)
+        self._note(src_path, is_dir, created=kind == EVENT_TYPE_CREATED, now=now, settled=settled)
 
     def _placement(self, src_path: str, dest_path: str, now: float) -> bool:
         """True if a move is lanshare's own: a temporary file put in place, or a path moved
@@ -496,7 +512,7 @@ class FolderWatcher:
             return True
         return False
 
-    def _note(self, path: str, is_dir: bool, *, created: bool, now: float) -> None:
+    def _note(self, path: str, is_dir: bool, *, created: bool, now: float, settled: bool) -> None:
         rel = self._relative(path)
         if (
             rel is None
@@ -515,6 +531,7 @@ class FolderWatcher:
             self._full_pending.last_at = now
         elif (pending := self._pending.get(rel)) is not None:
             pending.last_at = now
+            pending.settled = settled  # the latest event says whether a write is under way
         elif len(self._pending) >= self._max_batch_paths:
             first_at = min(p.first_at for p in self._pending.values())
             logger.debug(
@@ -525,8 +542,8 @@ class FolderWatcher:
             self._pending.clear()
             self._full_pending = _Pending(first_at, now)
         else:
-            self._pending[rel] = _Pending(now, now)
-        self._arm_flush(now + self._debounce_interval)
+            self._pending[rel] = _Pending(now, now, settled)
+        self._arm_flush(now + (self._settle_interval if settled else self._debounce_interval))
 
     def _on_flush(self) -> None:
         self._flush_handle = None
@@ -663,7 +680,8 @@ class FolderWatcher:
         return observer
 
     def _due(self, pending: _Pending) -> float:
-        return min(pending.last_at + self._debounce_interval, pending.first_at + self._max_delay)
+        quiet = self._settle_interval if pending.settled else self._debounce_interval
+        return min(pending.last_at + quiet, pending.first_at + self._max_delay)
 
     def _relative(self, path: str) -> str | None:
         if not path.startswith(self._prefix):
@@ -729,6 +747,8 @@ def inotify_watch_available(directory: Path) -> bool:
 class _Pending:
     first_at: float
     last_at: float
+    settled: bool = False
+    """The latest event ended a change (a file closed after writing, renamed, deleted)."""
 
 
 @dataclass(slots=True)

@@ -215,6 +215,25 @@ def test_rapid_writes_coalesce(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_finished_write_is_taken_before_one_still_under_way(tmp_path: Path) -> None:
+    """A file closed after writing is reported once it settles; one still open for writing
+    waits for the (long, here) debounce, until its writer closes it."""
+
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEADLINE * 3, max_delay=DEADLINE * 6
+        ) as watcher:
+            await started_batch(watcher)
+            with (tmp_path / "open.txt").open("wb") as still_open:
+                still_open.write(b"half")
+                still_open.flush()
+                await in_thread(lambda: write(tmp_path / "saved.txt", b"whole"))
+                assert (await next_batch(watcher)).paths == {"saved.txt"}
+            assert (await next_batch(watcher)).paths == {"open.txt"}  # closed: settled
+
+    run(scenario())
+
+
 def test_continuous_writes_are_flushed_before_they_stop(tmp_path: Path) -> None:
     target = tmp_path / "log.txt"
     stop_writing = threading.Event()
