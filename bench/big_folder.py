@@ -140,6 +140,9 @@ def measure(files: int, saves: int, idle: float) -> dict[str, float]:
             restart = time.monotonic() - started
             rss_restart = proc_field(a, "VmRSS")
             peak_restart = proc_field(a, "VmHWM")
+        except AssertionError:
+            print(cluster.logs(), file=sys.stderr)
+            raise
         finally:
             cluster.close()
     mb = 1024 * 1024

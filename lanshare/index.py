@@ -569,10 +569,15 @@ class Index:
         return self.folder(folder).sequence
 
     def scan_cache(
-        self, folder: int, paths: Iterable[str] | None = None, trees: Iterable[str] = ()
+        self,
+        folder: int,
+        paths: Iterable[str] | None = None,
+        trees: Iterable[str] = (),
+        levels: Iterable[str] = (),
     ) -> dict[str, CacheEntry]:
         """The stat-level view of every local record of the folder, in one query; or, when
-        ``paths`` is given, of those paths and of ``trees`` with everything below them."""
+        ``paths`` is given, of those paths, of ``trees`` with everything below them, and of
+        the entries right inside the directories ``levels`` ('' is the root)."""
         columns = (
             "SELECT path, type, size, mtime_ns, mode, symlink_target, deleted, inode, "
             "ctime_ns, block_count FROM local_files WHERE folder = ?"
@@ -594,6 +599,17 @@ class Index:
                     rows += conn.execute(
                         f"{columns} AND path >= ? AND path < ?", (folder, tree + "/", tree + "0")
                     ).fetchall()
+                for level in dict.fromkeys(levels):
+                    if level:
+                        rows += conn.execute(
+                            f"{columns} AND path >= ? AND path < ? "
+                            "AND instr(substr(path, ?), '/') = 0",
+                            (folder, level + "/", level + "0", len(level) + 2),
+                        ).fetchall()
+                    else:
+                        rows += conn.execute(
+                            f"{columns} AND instr(path, '/') = 0", (folder,)
+                        ).fetchall()
         return {
             row[0]: CacheEntry(
                 type=EntryType(row[1]),

@@ -49,9 +49,12 @@ case-insensitive peer could not hold both.
 
 **Scanning some paths** (``only``, a watcher's batch) is the same scan on a smaller tree: each
 named path that exists is read with everything below it (a directory created or moved in
-brings its subtree), each ancestor is read alone (its metadata), and the records compared
-are those of the named paths, everything the index holds below them, and the ancestors; so
-a path that vanished takes every record below it along. Ignore rules, unreadable paths,
+brings its subtree), each ancestor is read alone (its metadata), and the directory of a path
+that vanished is listed (not what is below its entries: an ``rm`` of many files reaches the
+scanner in several batches, and the mass-deletion guard must see at once all it did there).
+The records compared are those of the named paths, everything the index holds below them,
+the ancestors and the entries of those directories; so a path that vanished takes every
+record below it along. Ignore rules, unreadable paths,
 fetch-only, orphans and the mass-deletion guard (judged against the whole folder's live
 records) work as in a full scan; case-fold collisions are checked among the paths read.
 Nothing else of the folder is listed, stat'ed or loaded from the index.
@@ -346,8 +349,10 @@ async def scan_path(
         in_scope: Callable[[str], bool] = _everywhere
     else:
         walk = await asyncio.to_thread(_walk_paths, root, current, only)
-        cache = await asyncio.to_thread(index.scan_cache, folder, walk.singles, walk.trees)
-        in_scope = walk.in_trees
+        cache = await asyncio.to_thread(
+            index.scan_cache, folder, walk.singles, walk.trees, walk.levels
+        )
+        in_scope = walk.in_scope
     peers = await asyncio.to_thread(index.remote_peers, folder)
     run = _Run(index, folder, short_id, walk, fetch_only=fetch_only, has_peers=bool(peers))
     if fetch_only:
@@ -478,6 +483,12 @@ class _Walk:
     """A walk of some paths: those whose records, and everything below them, are compared."""
     singles: set[str] = field(default_factory=set)
     """A walk of some paths: ancestors, whose own records alone are compared."""
+    levels: set[str] = field(default_factory=set)
+    """A walk of some paths: directories ('' the root) whose entries' records are compared."""
+
+    def in_scope(self, rel: str) -> bool:
+        """Whether a record of ``rel`` not found by this walk is gone."""
+        return rel.rpartition("/")[0] in self.levels or self.in_trees(rel)
 
     def in_trees(self, rel: str) -> bool:
         while True:
@@ -698,6 +709,7 @@ def _walk_paths(root: Path, rules: IgnoreRules, targets: Iterable[str]) -> _Walk
     (blocking; runs in a thread)."""
     walk = _Walk()
     seen: set[str] = set()
+    gone_from: set[str] = set()
     for raw in sorted(set(targets)):
         try:
             rel = paths.normalize(raw)
@@ -722,37 +734,63 @@ def _walk_paths(root: Path, rules: IgnoreRules, targets: Iterable[str]) -> _Walk
         if rel not in seen and not walk.in_trees(rel):
             seen.add(rel)
             walk.trees.add(rel)
-            _add_path(walk, rules, root, rel, below=True)
+            if not _add_path(walk, rules, root, rel, below=True):
+                gone_from.add(rel.rpartition("/")[0])
+    # The siblings of what vanished are read too: an ``rm`` of many files reaches the
+    # scanner in several batches, and the mass-deletion guard must see all it already did.
+    for parent in sorted(gone_from):
+        if not walk.in_trees(parent):
+            _add_level(walk, rules, root, parent)
     # A target below another target's tree was read twice: keep one entry per path.
     walk.entries = list({entry.rel: entry for entry in walk.entries}.values())
     _collisions(walk)
     return walk
 
 
-def _add_path(walk: _Walk, rules: IgnoreRules, root: Path, rel: str, *, below: bool) -> None:
-    """Read ``rel`` into the walk (and, ``below``, everything under a directory there)."""
+def _add_path(walk: _Walk, rules: IgnoreRules, root: Path, rel: str, *, below: bool) -> bool:
+    """Read ``rel`` into the walk (and, ``below``, everything under a directory there);
+    false if it is not there."""
     abs_path = os.path.join(root, *rel.split("/"))
     try:
         st = os.lstat(abs_path)
     except (FileNotFoundError, NotADirectoryError):
-        return  # gone: its records (and those below it) become tombstones
+        return False  # gone: its records (and those below it) become tombstones
     except OSError as exc:
         walk.protected.add(rel)
         walk.problem(f"{rel!r}: cannot stat: {exc.strerror or exc}")
-        return
+        return True
     entry = _make_entry(walk, rules, rel, st, abs_path)
     if entry is None:
-        return
+        return True
     walk.entries.append(entry)
     if below and entry.type is EntryType.DIR:
-        try:
-            listing = list(os.scandir(abs_path))
-        except OSError as exc:
-            walk.protected.add(rel)
-            if not isinstance(exc, FileNotFoundError):
-                walk.problem(f"{rel}: cannot list the directory: {exc.strerror or exc}")
-            return
-        _walk_below(walk, rules, rel, listing)
+        listing = _listing(walk, rel, abs_path)
+        if listing is not None:
+            _walk_below(walk, rules, rel, listing)
+    return True
+
+
+def _add_level(walk: _Walk, rules: IgnoreRules, root: Path, rel_dir: str) -> None:
+    """Read the entries of directory ``rel_dir`` ('' for the root), not what is below them."""
+    abs_dir = os.path.join(root, *rel_dir.split("/")) if rel_dir else os.fspath(root)
+    listing = _listing(walk, rel_dir, abs_dir)
+    if listing is None:
+        return
+    walk.levels.add(rel_dir)
+    for item in listing:
+        entry = _entry(walk, rules, rel_dir, item)
+        if entry is not None:
+            walk.entries.append(entry)
+
+
+def _listing(walk: _Walk, rel: str, abs_path: str) -> list[os.DirEntry[str]] | None:
+    try:
+        return list(os.scandir(abs_path))
+    except OSError as exc:
+        walk.protected.add(rel)
+        if not isinstance(exc, FileNotFoundError):
+            walk.problem(f"{rel}: cannot list the directory: {exc.strerror or exc}")
+        return None
 
 
 def _walk_below(walk: _Walk, rules: IgnoreRules, top: str, listing: list[os.DirEntry[str]]) -> None:

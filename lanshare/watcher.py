@@ -70,12 +70,12 @@ logger = logging.getLogger(__name__)
 #   between (the kernel names the file as it is called when the descriptor closes, after the
 #   rename);
 # * debounce per path: a path is ready once it has been quiet for ``debounce_interval`` (only
-#   ``settle_interval`` when its latest event ended a change: a file closed after writing, a
-#   rename, a deletion, attributes set; so an editor's save is taken at once, a file still
-#   being written is not), or ``max_delay`` after its first event even if it never goes
-#   quiet (a log file written continuously still gets synced, about once per ``max_delay``).
-#   One loop timer, armed at the earliest deadline, collects every ready path into one
-#   ``ChangeBatch``;
+#   ``settle_interval`` when its latest event ended a change: a file closed after writing or
+#   renamed into place, attributes set; so an editor's save is taken at once, a file still being
+#   written is not, and a stream of deletions is taken together), or ``max_delay`` after its first
+#   event even if it never goes quiet (a log file written continuously still gets synced, about
+#   once per ``max_delay``). One loop timer, armed at the earliest deadline, collects every ready
+#   path into one ``ChangeBatch``;
 # * escalate (Syncthing's ``maxFiles``): when more than ``max_batch_paths`` distinct paths pend,
 #   they are dropped for one full-rescan request, debounced the same way;
 # * hand over: ready paths join one set the owner takes whole when it asks for the next batch,
@@ -98,7 +98,7 @@ DEFAULT_DEBOUNCE_INTERVAL: Final = 0.1
 """Seconds a path must stay quiet before it is reported (Syncthing waits 10 s)."""
 DEFAULT_SETTLE_INTERVAL: Final = 0.01
 """Seconds a path must stay quiet when its latest event ended a change (closed after writing,
-renamed, deleted, attributes set): long enough to take the events of one save together."""
+renamed into place, attributes set): long enough to take the events of one save together."""
 DEFAULT_MAX_DELAY: Final = 1.0
 """Seconds after its first event a path is reported even if it keeps changing."""
 DEFAULT_MAX_BATCH_PATHS: Final = 512
@@ -136,7 +136,9 @@ _EVENT_FILTER: Final[list[type[FileSystemEvent]]] = [
 ]
 # The events that end a change: nothing more is on its way unless the path is written again.
 # A file created or modified is still being written; its close comes when it is done.
-_SETTLED_KINDS = frozenset({EVENT_TYPE_CLOSED, EVENT_TYPE_DELETED, EVENT_TYPE_ATTRIB})
+# Deletions (and a move's source) keep the debounce: an ``rm`` of many files is a stream of
+# them, and taken together they meet the mass-deletion guard as one.
+_SETTLED_KINDS = frozenset({EVENT_TYPE_CLOSED, EVENT_TYPE_ATTRIB})
 _CHANGE_KINDS = frozenset(
     {
         EVENT_TYPE_CREATED,
@@ -204,7 +206,7 @@ class FolderWatcher:
         root: the folder to watch (made absolute; symlinks are not resolved).
         debounce_interval: seconds a path must be quiet before it is reported (0.1).
         settle_interval: the same, when its latest event ended a change: a file closed
-            after writing, renamed, deleted, its attributes set (0.01; at most
+            after writing or renamed into place, its attributes set (0.01; at most
             ``debounce_interval``).
         max_delay: seconds after its first event a path is reported regardless (1.0).
         max_batch_paths: more distinct pending (or ready, unread) paths than this become a full
@@ -482,7 +484,7 @@ class FolderWatcher:
             dest_path = os.fsdecode(dest)
             if self._placement(src_path, dest_path, now):
                 return
-            self._note(src_path, is_dir, created=False, now=now, settled=True)
+            self._note(src_path, is_dir, created=False, now=now, settled=False)
             self._note(dest_path, is_dir, created=True, now=now, settled=True)
             return
         if kind == EVENT_TYPE_CLOSED and self._placed:

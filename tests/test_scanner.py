@@ -906,8 +906,9 @@ def test_a_batch_takes_a_new_subtree_and_a_vanished_one_whole(
     counter = DiskCounter(monkeypatch, db, root)
     summary = scan(db, root, only={"d7", "new"})
     assert (summary.new, summary.deleted) == (3, 101)
-    assert sorted(counter.listed) == ["new", "new/deep"]
-    assert all(p.startswith(("d7", "new")) for p in counter.cached)
+    # The subtree that came, and the root, where d7 vanished: not the other directories.
+    assert sorted(counter.listed) == sorted([str(root), "new", "new/deep"])
+    assert all(p.startswith(("d7", "new")) or "/" not in p for p in counter.cached)
     recs = records(db, root)
     assert all(recs[f"d7/f{f:03}"].deleted for f in range(100))
     assert recs["d7"].deleted
@@ -944,4 +945,18 @@ def test_a_batch_keeps_the_ignore_rules_and_the_mass_deletion_guard(db: Index, r
     assert held.deleted == 0
     assert held.withheld == 20
     assert held.verdict is not None
+    assert not any(r.deleted for r in records(db, root).values())
+
+
+def test_a_batch_with_a_deletion_shows_the_guard_the_whole_directory(db: Index, root: Path) -> None:
+    """An ``rm`` of many files reaches the scanner in several batches; the first already
+    shows the guard every deletion in that directory, so none goes out before it trips."""
+    (root / "many").mkdir()
+    for i in range(30):
+        (root / "many" / f"f{i:02}").write_text(str(i))
+    scan(db, root)
+    for i in range(30):
+        (root / "many" / f"f{i:02}").unlink()
+    held = scan(db, root, only={"many/f00"}, limits=Limits(ratio=0.5, minimum=5))
+    assert (held.deleted, held.withheld) == (0, 30)
     assert not any(r.deleted for r in records(db, root).values())
