@@ -136,8 +136,8 @@ _EVENT_FILTER: Final[list[type[FileSystemEvent]]] = [
 ]
 # The events that end a change: nothing more is on its way unless the path is written again.
 # A file created or modified is still being written; its close comes when it is done.
-# Deletions (and a move's source) keep the debounce: an ``rm`` of many files is a stream of
-# them, and taken together they meet the mass-deletion guard as one.
+# Deletions (a move out of the folder is one) keep the debounce: an ``rm`` of many files is
+# a stream of them, and taken together they meet the mass-deletion guard as one.
 _SETTLED_KINDS = frozenset({EVENT_TYPE_CLOSED, EVENT_TYPE_ATTRIB})
 _CHANGE_KINDS = frozenset(
     {
@@ -484,7 +484,8 @@ class FolderWatcher:
             dest_path = os.fsdecode(dest)
             if self._placement(src_path, dest_path, now):
                 return
-            self._note(src_path, is_dir, created=False, now=now, settled=False)
+            # Both ends of a move within the folder at once: a rename, not a deletion.
+            self._note(src_path, is_dir, created=False, now=now, settled=True)
             self._note(dest_path, is_dir, created=True, now=now, settled=True)
             return
         if kind == EVENT_TYPE_CLOSED and self._placed:
