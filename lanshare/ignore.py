@@ -46,7 +46,7 @@ _CACHE_SIZE = 8192  # directory verdicts kept; a scan visits each directory's fi
 class IgnoreRules:
     """A compiled set of ignore patterns; :meth:`matches` says whether a path is ignored."""
 
-    __slots__ = ("_dir_cache", "_spec", "patterns")
+    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns")
 
     def __init__(self, patterns: Sequence[str]) -> None:
         """Compile gitignore-style ``patterns`` (blank lines and ``#`` comments allowed).
@@ -60,6 +60,11 @@ class IgnoreRules:
         except ValueError as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}
+        # No pattern at all (most folders): a scan asks about every entry, so the matcher,
+        # which would answer no for each, is not asked.
+        self._empty = not any(
+            line.strip() and not line.lstrip().startswith("#") for line in self.patterns
+        )
 
     @classmethod
     def for_folder(cls, root: Path, extra: Sequence[str] = ()) -> IgnoreRules:
@@ -102,7 +107,7 @@ class IgnoreRules:
             return True
         if head and self._dir_ignored(head):
             return True
-        return self._spec.match_file(rel + "/" if is_dir else rel)
+        return not self._empty and self._spec.match_file(rel + "/" if is_dir else rel)
 
     def _dir_ignored(self, directory: str) -> bool:
         """True if ``directory`` or any directory above it is ignored (cached)."""
@@ -113,7 +118,7 @@ class IgnoreRules:
         verdict = (
             name.startswith(TEMP_PREFIX)
             or (bool(parent) and self._dir_ignored(parent))
-            or self._spec.match_file(directory + "/")
+            or (not self._empty and self._spec.match_file(directory + "/"))
         )
         if len(self._dir_cache) >= _CACHE_SIZE:
             self._dir_cache.clear()

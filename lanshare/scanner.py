@@ -344,8 +344,12 @@ async def scan_path(
         else await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
     )
     if only is None:
-        walk = await asyncio.to_thread(_walk, root, current)
-        cache = await asyncio.to_thread(index.scan_cache, folder)
+        # Both take a while in a big folder and each thread mostly waits outside the GIL
+        # (directory reads, SQLite): side by side.
+        walk, cache = await asyncio.gather(
+            asyncio.to_thread(_walk, root, current),
+            asyncio.to_thread(index.scan_cache, folder),
+        )
         in_scope: Callable[[str], bool] = _everywhere
     else:
         walk = await asyncio.to_thread(_walk_paths, root, current, only)
