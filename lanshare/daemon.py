@@ -77,6 +77,7 @@ T = TypeVar("T")
 LOCK_NAME = "daemon.lock"
 STRAY_DATABASE_NAMES = ("index.db", "index.db-wal", "index.db-shm")
 """A second index that ``lanshare scan`` of older releases kept beside the daemon's."""
+_SHOWN_PATHS = 20  # changed paths a debug line names
 STOP_TIMEOUT = 5.0
 """Seconds a clean stop may take before the rest is abandoned."""
 ENGINE_GRACE = 3.0
@@ -440,6 +441,9 @@ class Daemon:
             debounce_interval=timing.debounce_interval,
             max_delay=timing.max_debounce_delay,
             rescan_interval=timing.rescan_interval,
+            # Before the engine runs, its first scan of the folder starts after the watches
+            # are set up and covers all until then: a second full scan would find nothing.
+            initial_rescan=self._group is not None,
         )
         try:
             await watcher.start()
@@ -456,10 +460,17 @@ class Daemon:
 
     async def _follow(self, path: Path, watcher: FolderWatcher) -> None:
         engine = self._engine()
-        async for _batch in watcher:
+        async for batch in watcher:
             sync = next((s for s in engine.folders.values() if s.root == path), None)
-            if sync is not None:
-                await sync.scan()
+            if sync is None:
+                continue
+            if not batch.full_rescan:
+                shown = sorted(batch.paths)[:_SHOWN_PATHS]
+                more = len(batch.paths) - len(shown)
+                logger.debug(
+                    "%s: changed: %s%s", path, ", ".join(shown), f" and {more} more" if more else ""
+                )
+            await sync.scan(None if batch.full_rescan else batch.paths)
 
     def _kick(self) -> None:
         if self.transport is not None:

@@ -7,15 +7,18 @@ for serving (``serving.BlockServer``).
 
 Theory of operation
 -------------------
-* **Local side.** A folder is scanned at start and after every batch of watcher changes (or
-  ``rescan()``); a scan that changed anything bumps the folder's sequence, and every
-  connected peer of the folder is told at once (a NOTIFY with the new sequence). Before each
-  scan the folder marker is checked (``marker.check``): without it (an empty mount point)
-  the folder pauses and nothing is scanned or changed until it is back. Every local change
-  stamps the marker with the index's sequence; a folder found with an older stamp (a backup
-  restored) is scanned fetch-only once. A node that keeps no whole folder (a short-lived
-  ``ls`` or ``pull``) always scans fetch-only: it records no version of its own, and what
-  it no longer holds is forgotten, never deleted.
+* **Local side.** A folder is scanned whole at start (and when asked: ``rescan()``, the
+  watcher's safety net); a batch of watcher changes rescans just its paths, unless
+  ``.lanshareignore`` changed (its one live rules object, ``ignore.FolderRules``, shared with
+  the scanner, the planner and the watcher, is reloaded before every scan): then the whole
+  folder is rescanned, since what the rules cover changed. A scan that changed anything bumps
+  the folder's sequence, and every connected peer of the folder is told at once (a NOTIFY with
+  the new sequence). Before each scan the folder marker is checked (``marker.check``): without
+  it (an empty mount point) the folder pauses and nothing is scanned or changed until it is
+  back. Every local change stamps the marker with the index's sequence; a folder found with an
+  older stamp (a backup restored) is scanned fetch-only once. A node that keeps no whole
+  folder (a short-lived ``ls`` or ``pull``) always scans fetch-only: it records no version of
+  its own, and what it no longer holds is forgotten, never deleted.
 * **Manifest exchange.** When a session comes up, we ask the peer for its records with a
   sequence above the highest we hold of it; answers come in bounded batches and are asked
   for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's
@@ -109,7 +112,7 @@ from lanshare.events import (
     SessionEstablished,
 )
 from lanshare.identity import short_id
-from lanshare.ignore import IgnoreRules
+from lanshare.ignore import FolderRules
 from lanshare.index import CacheUpdate, LocalChange, Partial
 from lanshare.manifest import (
     BatchHeader,
@@ -273,7 +276,7 @@ class FolderSync:
         self.root = Path(config.path)
         self.store = FolderStore(self.root)
         self.writer = BlockWriter(self.store, engine.index, info.id)
-        self.rules = IgnoreRules(config.ignore)
+        self.rules = FolderRules(self.root, config.ignore)
         self.state = "scanning"
         self.reason = ""
         self.links: dict[bytes, PeerLink] = {}
@@ -349,8 +352,11 @@ class FolderSync:
 
     # -- local side -----------------------------------------------------------------------
 
-    async def scan(self, *, allow_mass_delete: bool = False) -> scanner.ScanSummary | None:
-        """Rescan the folder; tell peers and replan when anything changed.
+    async def scan(
+        self, paths: Collection[str] | None = None, *, allow_mass_delete: bool = False
+    ) -> scanner.ScanSummary | None:
+        """Rescan the folder (or only ``paths``, as a watcher names them: see
+        ``scanner.scan_path``); tell peers and replan when anything changed.
 
         Local deletions that trip the mass-deletion guard are withheld and pause the
         folder, unless ``allow_mass_delete`` (the user confirmed with ``resume``).
@@ -360,9 +366,11 @@ class FolderSync:
         # A scan walks the disk, then reads the index: an action landing in between (on
         # disk and in the index) would look deleted, so scans and actions never overlap.
         async with self.busy:
-            return await self._scan(allow_mass_delete)
+            return await self._scan(paths, allow_mass_delete)
 
-    async def _scan(self, allow_mass_delete: bool) -> scanner.ScanSummary | None:
+    async def _scan(
+        self, paths: Collection[str] | None, allow_mass_delete: bool
+    ) -> scanner.ScanSummary | None:
         try:
             self.missing = not self.root.is_dir()
             if self.missing:
@@ -372,6 +380,10 @@ class FolderSync:
             if await self._marker_pause(confirmed=allow_mass_delete):
                 return None
             restored = await self._restored()
+            if await asyncio.to_thread(self.rules.reload) and paths is not None:
+                # Other paths are ignored now, or no longer: look at them all.
+                logger.info("folder %s: ignore rules changed; rescanning all of it", self.root)
+                paths = None
             summary = await scanner.scan_guarded(
                 self.engine.index,
                 self.info.id,
@@ -380,7 +392,8 @@ class FolderSync:
                 limits=self.engine.delete_limits,
                 allow_mass_delete=allow_mass_delete,
                 held_by_peers=self.mass_delete_pause,
-                ignore=self.config.ignore,
+                rules=self.rules,
+                only=paths,
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
                 fetch_only=restored or not self.engine.whole_folders,
@@ -409,7 +422,6 @@ class FolderSync:
             self.state, self.reason = "paused", self.local_pause
         elif self.state in ("scanning", "error", "paused"):
             self.state, self.reason = "syncing", ""
-        self.rules = await asyncio.to_thread(IgnoreRules.for_folder, self.root, self.config.ignore)
         self.scanned.set()
         # A scan follows every change the watcher sees (a permission fixed, space freed, a
         # directory created): whatever failed may work now, so it is tried at once.
@@ -1142,7 +1154,7 @@ class FolderSync:
             self.engine.index.commit_changes, self.info.id, [], [CacheUpdate(path, 0, 0)]
         )
         self.server.invalidate([path])
-        self.engine.spawn(self.scan())
+        self.engine.spawn(self.scan([path]))
 
     async def _own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)

@@ -1,7 +1,11 @@
 """Ignore rules of a shared folder: gitignore semantics over normalised relative paths.
 
-Pure apart from :meth:`IgnoreRules.for_folder`, which reads the folder's ``.lanshareignore``.
-The internal ``.lanshare/`` folder and temporary files are always ignored, whatever the rules.
+Pure apart from :meth:`IgnoreRules.for_folder`, which reads the folder's ``.lanshareignore``,
+and :class:`FolderRules`, the one live set of rules of a folder: the scanner, the engine's
+planner and the watcher all ask the same object, and the engine reloads it (one ``stat``
+when nothing changed) before each scan, so an edit of ``.lanshareignore`` reaches all three
+at once. The internal ``.lanshare/`` folder and temporary files are always ignored, whatever
+the rules.
 
 Semantics are git's (``pathspec``'s ``GitIgnoreSpec``): ``*.log``, ``/top-only``, ``build/``
 (directories only), ``a/**/b``, ``!negation`` with the last matching pattern winning, and — as
@@ -16,6 +20,7 @@ unless a rule says otherwise, so every peer can share the same rules.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from pathspec import GitIgnoreSpec
@@ -41,7 +46,7 @@ _CACHE_SIZE = 8192  # directory verdicts kept; a scan visits each directory's fi
 class IgnoreRules:
     """A compiled set of ignore patterns; :meth:`matches` says whether a path is ignored."""
 
-    __slots__ = ("_dir_cache", "_spec", "patterns")
+    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns")
 
     def __init__(self, patterns: Sequence[str]) -> None:
         """Compile gitignore-style ``patterns`` (blank lines and ``#`` comments allowed).
@@ -55,6 +60,11 @@ class IgnoreRules:
         except ValueError as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}
+        # No pattern at all (most folders): a scan asks about every entry, so the matcher,
+        # which would answer no for each, is not asked.
+        self._empty = not any(
+            line.strip() and not line.lstrip().startswith("#") for line in self.patterns
+        )
 
     @classmethod
     def for_folder(cls, root: Path, extra: Sequence[str] = ()) -> IgnoreRules:
@@ -97,7 +107,7 @@ class IgnoreRules:
             return True
         if head and self._dir_ignored(head):
             return True
-        return self._spec.match_file(rel + "/" if is_dir else rel)
+        return not self._empty and self._spec.match_file(rel + "/" if is_dir else rel)
 
     def _dir_ignored(self, directory: str) -> bool:
         """True if ``directory`` or any directory above it is ignored (cached)."""
@@ -108,7 +118,7 @@ class IgnoreRules:
         verdict = (
             name.startswith(TEMP_PREFIX)
             or (bool(parent) and self._dir_ignored(parent))
-            or self._spec.match_file(directory + "/")
+            or (not self._empty and self._spec.match_file(directory + "/"))
         )
         if len(self._dir_cache) >= _CACHE_SIZE:
             self._dir_cache.clear()
@@ -117,3 +127,59 @@ class IgnoreRules:
 
     def __repr__(self) -> str:
         return f"IgnoreRules({list(self.patterns)!r})"
+
+
+class FolderRules:
+    """The live ignore rules of one folder: the config's patterns, then its ``.lanshareignore``.
+
+    Starts with the config's patterns alone (the file is read by the first :meth:`reload`);
+    :meth:`matches` always answers with the rules last loaded.
+    """
+
+    __slots__ = ("_stamp", "extra", "root", "rules")
+
+    def __init__(self, root: Path, extra: Sequence[str] = ()) -> None:
+        """Raises:
+        ConfigError: a pattern of ``extra`` is invalid.
+        """
+        self.root = root
+        self.extra: tuple[str, ...] = tuple(extra)
+        self.rules = IgnoreRules(self.extra)
+        self._stamp: tuple[int, int, int, int] | None = None  # the file's stat when loaded
+
+    def matches(self, rel: str, is_dir: bool) -> bool:
+        """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
+        return self.rules.matches(rel, is_dir)
+
+    def reload(self) -> bool:
+        """Read ``.lanshareignore`` again if it changed (blocking); true if the rules changed.
+
+        Raises:
+            ConfigError: a pattern in the file is invalid (the old rules stay).
+            StorageError: the file exists but cannot be read (the old rules stay).
+        """
+        try:
+            st = os.stat(self.root / IGNORE_FILE)
+            stamp: tuple[int, int, int, int] | None = (
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            stamp = None
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read {self.root / IGNORE_FILE}: {exc.strerror or exc}"
+            ) from exc
+        if stamp == self._stamp and (stamp is not None or self.rules.patterns == self.extra):
+            return False
+        fresh = IgnoreRules.for_folder(self.root, self.extra)
+        self._stamp = stamp
+        if fresh.patterns == self.rules.patterns:
+            return False
+        self.rules = fresh
+        return True
+
+    def __repr__(self) -> str:
+        return f"FolderRules({self.root!s}, {self.rules!r})"

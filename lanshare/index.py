@@ -602,14 +602,48 @@ class Index:
         """The folder's local sequence counter: the highest number handed out so far."""
         return self.folder(folder).sequence
 
-    def scan_cache(self, folder: int) -> dict[str, CacheEntry]:
-        """The stat-level view of every local record of the folder, in one query."""
+    def scan_cache(
+        self,
+        folder: int,
+        paths: Iterable[str] | None = None,
+        trees: Iterable[str] = (),
+        levels: Iterable[str] = (),
+    ) -> dict[str, CacheEntry]:
+        """The stat-level view of every local record of the folder, in one query; or, when
+        ``paths`` is given, of those paths, of ``trees`` with everything below them, and of
+        the entries right inside the directories ``levels`` ('' is the root)."""
+        columns = (
+            "SELECT path, type, size, mtime_ns, mode, symlink_target, deleted, inode, "
+            "ctime_ns, block_count FROM local_files WHERE folder = ?"
+        )
         with self._read("read the scan cache") as conn:
-            rows = conn.execute(
-                "SELECT path, type, size, mtime_ns, mode, symlink_target, deleted, inode, "
-                "ctime_ns, block_count FROM local_files WHERE folder = ?",
-                (folder,),
-            ).fetchall()
+            if paths is None:
+                rows = conn.execute(columns, (folder,)).fetchall()
+            else:
+                exact = list(dict.fromkeys([*paths, *trees]))
+                rows = []
+                for start in range(0, len(exact), 500):  # below SQLite's variable limit
+                    chunk = exact[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    rows += conn.execute(
+                        f"{columns} AND path IN ({marks})", (folder, *chunk)
+                    ).fetchall()
+                for tree in dict.fromkeys(trees):
+                    # "a/" <= path < "a0": everything below "a", by the primary key's order
+                    rows += conn.execute(
+                        f"{columns} AND path >= ? AND path < ?", (folder, tree + "/", tree + "0")
+                    ).fetchall()
+                for level in dict.fromkeys(levels):
+                    if level:
+                        rows += conn.execute(
+                            f"{columns} AND path >= ? AND path < ? "
+                            "AND instr(substr(path, ?), '/') = 0",
+                            (folder, level + "/", level + "0", len(level) + 2),
+                        ).fetchall()
+                    else:
+                        rows += conn.execute(
+                            f"{columns} AND instr(path, '/') = 0", (folder,)
+                        ).fetchall()
         return {
             row[0]: CacheEntry(
                 type=EntryType(row[1]),
@@ -624,6 +658,14 @@ class Index:
             )
             for row in rows
         }
+
+    def live_count(self, folder: int) -> int:
+        """How many local records of the folder are not tombstones."""
+        with self._read("count records") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM local_files WHERE folder = ? AND deleted = 0", (folder,)
+            ).fetchone()
+        return int(row[0])
 
     def stat_cache(self, folder: int, path: str, sequence: int) -> tuple[int, int]:
         """The scan cache (``inode``, ``ctime_ns``) of the local record of ``path`` while it

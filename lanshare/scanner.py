@@ -46,6 +46,18 @@ Theory of operation
 
 Case-fold collisions (``a.txt`` and ``A.TXT``) are kept on this disk and reported, since a
 case-insensitive peer could not hold both.
+
+**Scanning some paths** (``only``, a watcher's batch) is the same scan on a smaller tree: each
+named path that exists is read with everything below it (a directory created or moved in
+brings its subtree), each ancestor is read alone (its metadata), and the directory of a path
+that vanished is listed (not what is below its entries: an ``rm`` of many files reaches the
+scanner in several batches, and the mass-deletion guard must see at once all it did there).
+The records compared are those of the named paths, everything the index holds below them,
+the ancestors and the entries of those directories; so a path that vanished takes every
+record below it along. Ignore rules, unreadable paths,
+fetch-only, orphans and the mass-deletion guard (judged against the whole folder's live
+records) work as in a full scan; case-fold collisions are checked among the paths read.
+Nothing else of the folder is listed, stat'ed or loaded from the index.
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from lanshare import chunker, deleteguard, keys, marker, paths
 from lanshare.errors import PathError, StorageError
-from lanshare.ignore import IgnoreRules
+from lanshare.ignore import FolderRules, IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange
 from lanshare.manifest import (
     MAX_SYMLINK_TARGET_SIZE,
@@ -74,7 +86,7 @@ from lanshare.manifest import (
 from lanshare.planner import conflict_name, global_winner
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Collection, Iterable, Sequence
 
     from lanshare.chunker import FileHashes
     from lanshare.config import FolderConfig
@@ -246,6 +258,8 @@ async def scan_guarded(
     allow_mass_delete: bool = False,
     held_by_peers: bool | None = None,
     ignore: Sequence[str] = (),
+    rules: FolderRules | None = None,
+    only: Collection[str] | None = None,
     io_workers: int = 4,
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
@@ -273,6 +287,8 @@ async def scan_guarded(
         now=now,
         allow_mass_delete=allow_mass_delete,
         ignore=ignore,
+        rules=rules,
+        only=only,
         io_workers=io_workers,
         hash_file=hash_file,
         limit=limit,
@@ -296,6 +312,8 @@ async def scan_path(
     short_id: int,
     *,
     ignore: Sequence[str] = (),
+    rules: FolderRules | None = None,
+    only: Collection[str] | None = None,
     io_workers: int = 4,
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
@@ -307,7 +325,10 @@ async def scan_path(
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
-    See :func:`scan_folder` for the arguments; ``ignore`` are the config's extra patterns.
+    See :func:`scan_folder` for the arguments; ``ignore`` are the config's extra patterns,
+    or ``rules`` the folder's live rules (the caller reloads them), used as they are.
+    ``only``: scan just these paths, relative to ``root`` and as named on disk (a watcher's
+    batch), with what they imply (see the module docstring); None: the whole tree.
     Vanished entries that would trip the mass-deletion guard (``deleteguard.judge`` with
     ``limits``, the folder's recent ``delete_history`` and the wall-clock time ``now``) are
     not turned into tombstones unless ``allow_mass_delete``: the summary's ``verdict`` says
@@ -317,9 +338,25 @@ async def scan_path(
     """
     started = time.monotonic()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
-    rules = await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
-    walk = await asyncio.to_thread(_walk, root, rules)
-    cache = await asyncio.to_thread(index.scan_cache, folder)
+    current = (
+        rules.rules
+        if rules is not None
+        else await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
+    )
+    if only is None:
+        # Both take a while in a big folder and each thread mostly waits outside the GIL
+        # (directory reads, SQLite): side by side.
+        walk, cache = await asyncio.gather(
+            asyncio.to_thread(_walk, root, current),
+            asyncio.to_thread(index.scan_cache, folder),
+        )
+        in_scope: Callable[[str], bool] = _everywhere
+    else:
+        walk = await asyncio.to_thread(_walk_paths, root, current, only)
+        cache = await asyncio.to_thread(
+            index.scan_cache, folder, walk.singles, walk.trees, walk.levels
+        )
+        in_scope = walk.in_scope
     peers = await asyncio.to_thread(index.remote_peers, folder)
     run = _Run(index, folder, short_id, walk, fetch_only=fetch_only, has_peers=bool(peers))
     if fetch_only:
@@ -344,11 +381,14 @@ async def scan_path(
                 run.pending.append(_observed_other(entry))
     present = {entry.rel for entry in walk.entries}
     for rel, old in cache.items():
-        if not old.deleted and rel not in present and not walk.is_protected(rel):
+        if not old.deleted and rel not in present and in_scope(rel) and not walk.is_protected(rel):
             run.gone.append(rel)
     if fetch_only:
         run.forget, run.gone = run.gone, []
-    live = sum(1 for old in cache.values() if not old.deleted)
+    if only is None:
+        live = sum(1 for old in cache.values() if not old.deleted)
+    else:
+        live = await asyncio.to_thread(index.live_count, folder)
     verdict = None
     if not allow_mass_delete:
         pending = {deleteguard.LOCAL: len(run.gone)}
@@ -381,9 +421,10 @@ async def scan_path(
         made = deleteguard.Deletion(now, deleteguard.LOCAL, summary.deleted, live)
         summary = replace(summary, deletion=made)
     logger.info(
-        "scanned %s: %d files, %d dirs, %d bytes; %d new, %d changed, %d deleted, "
+        "scanned %s%s: %d files, %d dirs, %d bytes; %d new, %d changed, %d deleted, "
         "%d skipped (%.2f s)",
         summary.path,
+        "" if only is None else f" ({len(only)} paths)",
         summary.files,
         summary.dirs,
         summary.bytes,
@@ -442,6 +483,25 @@ class _Walk:
     problems: list[str] = field(default_factory=list)
     skipped: int = 0
     collisions: list[tuple[str, str]] = field(default_factory=list)
+    trees: set[str] = field(default_factory=set)
+    """A walk of some paths: those whose records, and everything below them, are compared."""
+    singles: set[str] = field(default_factory=set)
+    """A walk of some paths: ancestors, whose own records alone are compared."""
+    levels: set[str] = field(default_factory=set)
+    """A walk of some paths: directories ('' the root) whose entries' records are compared."""
+
+    def in_scope(self, rel: str) -> bool:
+        """Whether a record of ``rel`` not found by this walk is gone."""
+        return rel.rpartition("/")[0] in self.levels or self.in_trees(rel)
+
+    def in_trees(self, rel: str) -> bool:
+        while True:
+            if rel in self.trees:
+                return True
+            cut = rel.rfind("/")
+            if cut < 0:
+                return False
+            rel = rel[:cut]
 
     def is_protected(self, rel: str) -> bool:
         if not self.protected:
@@ -635,27 +695,130 @@ def _walk(root: Path, rules: IgnoreRules) -> _Walk:
         ) from exc
     if not stat.S_ISDIR(root_stat.st_mode):
         raise StorageError(f"cannot scan {root}: not a directory (nothing was changed)")
-    stack: list[tuple[str, str]] = [("", os.fspath(root))]
-    first = True
-    while stack:
-        rel_dir, abs_dir = stack.pop()
+    try:
+        listing = list(os.scandir(root))
+    except OSError as exc:
+        raise StorageError(f"cannot list {root}: {exc.strerror or exc}") from exc
+    _walk_below(walk, rules, "", listing)
+    _collisions(walk)
+    return walk
+
+
+def _everywhere(_rel: str) -> bool:
+    return True
+
+
+def _walk_paths(root: Path, rules: IgnoreRules, targets: Iterable[str]) -> _Walk:
+    """The entries at and below ``targets`` (raw relative paths) and their ancestors
+    (blocking; runs in a thread)."""
+    walk = _Walk()
+    seen: set[str] = set()
+    gone_from: set[str] = set()
+    for raw in sorted(set(targets)):
         try:
-            listing = list(os.scandir(abs_dir))
-        except OSError as exc:
-            if first:
-                raise StorageError(f"cannot list {root}: {exc.strerror or exc}") from exc
-            walk.protected.add(rel_dir)
-            if not isinstance(exc, FileNotFoundError):
-                walk.problem(f"{rel_dir}: cannot list the directory: {exc.strerror or exc}")
+            rel = paths.normalize(raw)
+        except PathError as exc:
+            walk.problem(f"{raw!r}: {exc}; skipped")
             continue
-        first = False
-        for item in listing:
+        if rel != raw:  # the full walk reports it; its normalised twin is this file
+            walk.protected.add(rel)
+            continue
+        if rel.partition("/")[0] == paths.INTERNAL_DIR or any(
+            paths.is_temporary(part) for part in rel.split("/")
+        ):
+            continue
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/".join(parts[:depth])
+            if ancestor in seen or walk.in_trees(ancestor):
+                continue
+            seen.add(ancestor)
+            walk.singles.add(ancestor)
+            _add_path(walk, rules, root, ancestor, below=False)
+        if rel not in seen and not walk.in_trees(rel):
+            seen.add(rel)
+            walk.trees.add(rel)
+            if not _add_path(walk, rules, root, rel, below=True):
+                gone_from.add(rel.rpartition("/")[0])
+    # The siblings of what vanished are read too: an ``rm`` of many files reaches the
+    # scanner in several batches, and the mass-deletion guard must see all it already did.
+    for parent in sorted(gone_from):
+        if not walk.in_trees(parent):
+            _add_level(walk, rules, root, parent)
+    # A target below another target's tree was read twice: keep one entry per path.
+    walk.entries = list({entry.rel: entry for entry in walk.entries}.values())
+    _collisions(walk)
+    return walk
+
+
+def _add_path(walk: _Walk, rules: IgnoreRules, root: Path, rel: str, *, below: bool) -> bool:
+    """Read ``rel`` into the walk (and, ``below``, everything under a directory there);
+    false if it is not there."""
+    abs_path = os.path.join(root, *rel.split("/"))
+    try:
+        st = os.lstat(abs_path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # gone: its records (and those below it) become tombstones
+    except OSError as exc:
+        walk.protected.add(rel)
+        walk.problem(f"{rel!r}: cannot stat: {exc.strerror or exc}")
+        return True
+    entry = _make_entry(walk, rules, rel, st, abs_path)
+    if entry is None:
+        return True
+    walk.entries.append(entry)
+    if below and entry.type is EntryType.DIR:
+        listing = _listing(walk, rel, abs_path)
+        if listing is not None:
+            _walk_below(walk, rules, rel, listing)
+    return True
+
+
+def _add_level(walk: _Walk, rules: IgnoreRules, root: Path, rel_dir: str) -> None:
+    """Read the entries of directory ``rel_dir`` ('' for the root), not what is below them."""
+    abs_dir = os.path.join(root, *rel_dir.split("/")) if rel_dir else os.fspath(root)
+    listing = _listing(walk, rel_dir, abs_dir)
+    if listing is None:
+        return
+    walk.levels.add(rel_dir)
+    for item in listing:
+        entry = _entry(walk, rules, rel_dir, item)
+        if entry is not None:
+            walk.entries.append(entry)
+
+
+def _listing(walk: _Walk, rel: str, abs_path: str) -> list[os.DirEntry[str]] | None:
+    try:
+        return list(os.scandir(abs_path))
+    except OSError as exc:
+        walk.protected.add(rel)
+        if not isinstance(exc, FileNotFoundError):
+            walk.problem(f"{rel}: cannot list the directory: {exc.strerror or exc}")
+        return None
+
+
+def _walk_below(walk: _Walk, rules: IgnoreRules, top: str, listing: list[os.DirEntry[str]]) -> None:
+    """Every entry of the directory ``top`` (its ``listing`` read) and below it."""
+    stack: list[tuple[str, list[os.DirEntry[str]]]] = [(top, listing)]
+    while stack:
+        rel_dir, items = stack.pop()
+        for item in items:
             entry = _entry(walk, rules, rel_dir, item)
             if entry is None:
                 continue
             walk.entries.append(entry)
             if entry.type is EntryType.DIR:
-                stack.append((entry.rel, item.path))
+                try:
+                    stack.append((entry.rel, list(os.scandir(item.path))))
+                except OSError as exc:
+                    walk.protected.add(entry.rel)
+                    if not isinstance(exc, FileNotFoundError):
+                        walk.problem(
+                            f"{entry.rel}: cannot list the directory: {exc.strerror or exc}"
+                        )
+
+
+def _collisions(walk: _Walk) -> None:
     walk.collisions = paths.casefold_collisions(e.rel for e in walk.entries)
     for first_path, other in walk.collisions[:MAX_LOGGED_PROBLEMS]:
         logger.warning(
@@ -663,7 +826,6 @@ def _walk(root: Path, rules: IgnoreRules) -> _Walk:
             first_path,
             other,
         )
-    return walk
 
 
 def _entry(walk: _Walk, rules: IgnoreRules, rel_dir: str, item: os.DirEntry[str]) -> _Entry | None:
@@ -680,6 +842,13 @@ def _entry(walk: _Walk, rules: IgnoreRules, rel_dir: str, item: os.DirEntry[str]
         walk.protected.add(raw)
         walk.problem(f"{raw!r}: cannot stat: {exc.strerror or exc}")
         return None
+    return _make_entry(walk, rules, raw, st, item.path)
+
+
+def _make_entry(
+    walk: _Walk, rules: IgnoreRules, raw: str, st: os.stat_result, abs_path: str
+) -> _Entry | None:
+    """The walk's view of the entry at ``raw`` (its lstat ``st``), or None if it is skipped."""
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFDIR:
         entry_type = EntryType.DIR
@@ -705,7 +874,7 @@ def _entry(walk: _Walk, rules: IgnoreRules, rel_dir: str, item: os.DirEntry[str]
     target = ""
     if entry_type is EntryType.SYMLINK:
         try:
-            target = os.readlink(item.path)
+            target = os.readlink(abs_path)
             if len(target.encode("utf-8")) > MAX_SYMLINK_TARGET_SIZE or not target:
                 raise ValueError("symlink target empty or too long")
         except FileNotFoundError:

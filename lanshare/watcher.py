@@ -59,19 +59,33 @@ logger = logging.getLogger(__name__)
 # else happens on the loop, against ``loop.time()``:
 #
 # * filter: the folder root itself, temporary files (``paths.TEMP_PREFIX``, in any component),
-#   anything under ``.lanshare/``, the owner's ignore rules, "directory modified" (a directory
-#   whose entries changed: the entries report themselves), and paths the owner announced as
-#   its own writes (``expect_own_write``: one event each, or expiry after a few seconds);
-# * debounce per path: a path is ready once it has been quiet for ``debounce_interval``, or
-#   ``max_delay`` after its first event even if it never goes quiet (a log file written
-#   continuously still gets synced, about once per ``max_delay``). One loop timer, armed at the
-#   earliest deadline, collects every ready path into one ``ChangeBatch``;
+#   anything under ``.lanshare/``, the owner's ignore rules (a live object: the owner reloads
+#   it when ``.lanshareignore`` changes, and the watcher sees the new rules at once),
+#   "directory modified" (a directory whose entries changed: the entries report themselves),
+#   and the owner's own writes: paths it announced (``expect_own_write``: one event each, or
+#   expiry after a few seconds), and, announced or not, a move from a temporary name onto a
+#   path (only lanshare makes temporary files: that is a download put in place) or from a
+#   path into ``.lanshare/`` (a version archived), plus the one "closed after writing" event
+#   of the descriptor that wrote a placed file, when nothing else touched the path in
+#   between (the kernel names the file as it is called when the descriptor closes, after the
+#   rename);
+# * debounce per path: a path is ready once it has been quiet for ``debounce_interval`` (only
+#   ``settle_interval`` when its latest event ended a change: a file closed after writing or
+#   renamed into place, attributes set; so an editor's save is taken at once, a file still being
+#   written is not, and a stream of deletions is taken together), or ``max_delay`` after its first
+#   event even if it never goes quiet (a log file written continuously still gets synced, about
+#   once per ``max_delay``). One loop timer, armed at the earliest deadline, collects every ready
+#   path into one ``ChangeBatch``;
 # * escalate (Syncthing's ``maxFiles``): when more than ``max_batch_paths`` distinct paths pend,
 #   they are dropped for one full-rescan request, debounced the same way;
-# * full rescans: one right at start (changes made while the daemon was down), one every
+# * hand over: ready paths join one set the owner takes whole when it asks for the next batch,
+#   so an owner busy scanning gets one batch of everything that changed meanwhile, not a queue
+#   of batches. The set is bounded in paths: past ``max_batch_paths`` it becomes one full
+#   rescan (nothing grows);
+# * full rescans: one right at start (changes made while the daemon was down; unless the owner
+#   scans the whole folder itself once the watches are set up), one every
 #   ``rescan_interval`` as a safety net, one when the kernel's inotify queue overflowed (watchdog
-#   only logs it: a process-wide logging handler turns that record into a request), and when the
-#   owner's queue is full (queued batches collapse into one full rescan: nothing grows);
+#   only logs it: a process-wide logging handler turns that record into a request);
 # * out of inotify watches (``ENOSPC``) or instances (``EMFILE``), at start or when a directory
 #   is added later (watchdog 7 silently skips a sub-directory it cannot watch, so after a
 #   directory appears a one-watch probe asks the kernel): one warning that says how to raise
@@ -82,6 +96,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DEBOUNCE_INTERVAL: Final = 0.1
 """Seconds a path must stay quiet before it is reported (Syncthing waits 10 s)."""
+DEFAULT_SETTLE_INTERVAL: Final = 0.01
+"""Seconds a path must stay quiet when its latest event ended a change (closed after writing,
+renamed into place, attributes set): long enough to take the events of one save together."""
 DEFAULT_MAX_DELAY: Final = 1.0
 """Seconds after its first event a path is reported even if it keeps changing."""
 DEFAULT_MAX_BATCH_PATHS: Final = 512
@@ -92,8 +109,6 @@ DEFAULT_FALLBACK_RESCAN_INTERVAL: Final = 60.0
 """Seconds between full rescans when inotify cannot watch the folder."""
 DEFAULT_OWN_WRITE_TIMEOUT: Final = 5.0
 """Seconds an announced own write waits for its event before the announcement lapses."""
-DEFAULT_QUEUE_SIZE: Final = 64
-"""Batches the watcher's own queue holds (when the owner gives none)."""
 
 OVERFLOW_LOGGER: Final = "watchdog.observers.inotify_c"
 """The logger watchdog 7.1 reports a kernel inotify queue overflow on (``InotifyFD``)."""
@@ -119,6 +134,11 @@ _EVENT_FILTER: Final[list[type[FileSystemEvent]]] = [
     FileMovedEvent,
     DirMovedEvent,
 ]
+# The events that end a change: nothing more is on its way unless the path is written again.
+# A file created or modified is still being written; its close comes when it is done.
+# Deletions (a move out of the folder is one) keep the debounce: an ``rm`` of many files is
+# a stream of them, and taken together they meet the mass-deletion guard as one.
+_SETTLED_KINDS = frozenset({EVENT_TYPE_CLOSED, EVENT_TYPE_ATTRIB})
 _CHANGE_KINDS = frozenset(
     {
         EVENT_TYPE_CREATED,
@@ -161,36 +181,41 @@ class WatcherStats:
     ignored: int = 0
     """Paths dropped: temporary, internal, ignored by rule, or not a content change."""
     own_writes: int = 0
-    """Events swallowed because the owner announced them as its own writes."""
+    """Events swallowed as the owner's own writes: announced ones, files placed or archived,
+    and a placed file's writer closing it."""
     path_batches: int = 0
-    """Batches of paths delivered."""
+    """Batches of paths taken by the owner."""
     full_rescans: int = 0
-    """Full-rescan batches delivered."""
-    queue_overflows: int = 0
-    """Times the queue was full and its batches collapsed into one full rescan."""
+    """Full-rescan batches taken by the owner."""
+    collapses: int = 0
+    """Times more than ``max_batch_paths`` ready paths waited for the owner and became one
+    full rescan."""
     inotify_overflows: int = 0
     """Kernel inotify queue overflows seen (events were lost)."""
 
 
 class FolderWatcher:
-    """Watches one folder and delivers :class:`ChangeBatch` es on a bounded queue.
+    """Watches one folder and delivers :class:`ChangeBatch` es.
 
-    Use as ``async with FolderWatcher(root) as watcher: async for batch in watcher: …``, or give
-    it a bounded ``queue`` and read that. The queue must belong to this watcher alone: when it
-    is full the watcher empties it and puts one full-rescan batch instead. Every method runs on
-    the event loop (call :meth:`expect_own_write` there, before the write starts).
+    Use as ``async with FolderWatcher(root) as watcher: async for batch in watcher: …``. Each
+    batch holds every path that became ready since the previous one was taken (or is one full
+    rescan). Every method runs on the event loop (call :meth:`expect_own_write` there, before
+    the write starts).
 
     Args:
         root: the folder to watch (made absolute; symlinks are not resolved).
-        queue: where batches go; bounded (``maxsize > 0``). Default: a queue of
-            ``queue_size`` batches that iterating the watcher reads.
-        queue_size: size of the default queue.
         debounce_interval: seconds a path must be quiet before it is reported (0.1).
+        settle_interval: the same, when its latest event ended a change: a file closed
+            after writing or renamed into place, its attributes set (0.01; at most
+            ``debounce_interval``).
         max_delay: seconds after its first event a path is reported regardless (1.0).
-        max_batch_paths: more distinct pending paths than this become a full rescan (512).
+        max_batch_paths: more distinct pending (or ready, unread) paths than this become a full
+            rescan (512).
         rescan_interval: seconds between safety-net full rescans (3600).
         fallback_rescan_interval: seconds between full rescans when inotify cannot watch (60).
         own_write_timeout: seconds an :meth:`expect_own_write` waits for its event (5).
+        initial_rescan: deliver a full rescan at start; False when the owner scans the whole
+            folder itself after :meth:`start` returned (the watches cover what changes later).
         ignore: ``ignore(rel, is_dir)`` is true for paths not to report, e.g.
             ``IgnoreRules.matches``; temporary files and ``.lanshare/`` are always left out.
         observer_factory: makes the watchdog observer (default: the platform's ``Observer``).
@@ -198,33 +223,28 @@ class FolderWatcher:
             left (default :func:`inotify_watch_available`).
 
     Raises:
-        ValueError: an unbounded queue or a non-positive interval.
+        ValueError: a non-positive interval or limit.
     """
 
     def __init__(
         self,
         root: Path,
         *,
-        queue: asyncio.Queue[ChangeBatch] | None = None,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
         debounce_interval: float = DEFAULT_DEBOUNCE_INTERVAL,
+        settle_interval: float = DEFAULT_SETTLE_INTERVAL,
         max_delay: float = DEFAULT_MAX_DELAY,
         max_batch_paths: int = DEFAULT_MAX_BATCH_PATHS,
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         fallback_rescan_interval: float = DEFAULT_FALLBACK_RESCAN_INTERVAL,
         own_write_timeout: float = DEFAULT_OWN_WRITE_TIMEOUT,
+        initial_rescan: bool = True,
         ignore: Callable[[str, bool], bool] | None = None,
         observer_factory: Callable[[], BaseObserver] = Observer,
         watch_probe: Callable[[Path], bool] | None = None,
     ) -> None:
-        if queue is None:
-            if queue_size <= 0:
-                raise ValueError(f"queue_size must be positive, not {queue_size}")
-            queue = asyncio.Queue(queue_size)
-        elif queue.maxsize <= 0:
-            raise ValueError("the batch queue must be bounded (maxsize > 0)")
         for name, value in (
             ("debounce_interval", debounce_interval),
+            ("settle_interval", settle_interval),
             ("max_delay", max_delay),
             ("rescan_interval", rescan_interval),
             ("fallback_rescan_interval", fallback_rescan_interval),
@@ -234,16 +254,17 @@ class FolderWatcher:
             if not value > 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
         self.root = Path(os.path.abspath(root))
-        self.queue = queue
         self.stats = WatcherStats()
         self._root_str = str(self.root)
         self._prefix = self._root_str.rstrip(os.sep) + os.sep
         self._debounce_interval = debounce_interval
+        self._settle_interval = min(settle_interval, debounce_interval)
         self._max_delay = max(max_delay, debounce_interval)
         self._max_batch_paths = max_batch_paths
         self._rescan_interval = rescan_interval
         self._fallback_rescan_interval = fallback_rescan_interval
         self._own_write_timeout = own_write_timeout
+        self._initial_rescan = initial_rescan
         self._ignore = ignore
         self._observer_factory = observer_factory
         self._watch_probe = watch_probe if watch_probe is not None else inotify_watch_available
@@ -260,12 +281,15 @@ class FolderWatcher:
         self._periodic_handle: asyncio.TimerHandle | None = None
         self._probe_due = False
         self._own_writes: dict[str, _OwnWrite] = {}
+        self._placed: dict[str, float] = {}  # placed files whose writer's close is still due
+        self._ready: dict[str, None] = {}  # paths ready for the owner, in order
+        self._ready_full = False
         self._batch_ready = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start watching, then queue the first full-rescan batch.
+        """Start watching, then deliver the first full-rescan batch (unless not wanted).
 
         The watches are set up in a worker thread (one per directory: large trees take a
         while). Running out of inotify watches or instances is not an error: the watcher
@@ -292,14 +316,15 @@ class FolderWatcher:
             return
         if failure is not None:
             self._degrade(_limit_message(self.root, failure, self._fallback_rescan_interval))
-        self._emit_full_rescan("start")
+        if self._initial_rescan:
+            self._emit_full_rescan("start")
         self._arm_periodic()
         logger.debug("watching %s", self.root)
 
     async def stop(self) -> None:
         """Stop watching: observer threads stopped and joined, timers cancelled. Idempotent.
 
-        Batches already queued stay there; iterating the watcher ends once they are read.
+        What is ready stays; iterating the watcher ends once it was taken.
         """
         observer = self._shut_down()
         if observer is not None:
@@ -322,10 +347,17 @@ class FolderWatcher:
         return self
 
     async def __anext__(self) -> ChangeBatch:
-        """The next batch; the iteration ends after :meth:`stop`, once the queue is empty."""
+        """The next batch; the iteration ends after :meth:`stop`, once nothing is ready."""
         while True:
-            if not self.queue.empty():
-                return self.queue.get_nowait()
+            if self._ready_full or self._ready:
+                batch = ChangeBatch(self.root, frozenset(self._ready), self._ready_full)
+                self._ready.clear()
+                self._ready_full = False
+                if batch.full_rescan:
+                    self.stats.full_rescans += 1
+                else:
+                    self.stats.path_batches += 1
+                return batch
             if self._state == "stopped":
                 raise StopAsyncIteration
             self._batch_ready.clear()
@@ -337,6 +369,11 @@ class FolderWatcher:
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`stop`."""
         return self._state == "running"
+
+    @property
+    def ready_paths(self) -> int:
+        """Paths ready for the owner and not taken yet (0 while a full rescan waits)."""
+        return len(self._ready)
 
     @property
     def degraded_reason(self) -> str | None:
@@ -443,11 +480,42 @@ class FolderWatcher:
             )
             self._emit_full_rescan("folder deleted")
             return
-        self._note(src_path, is_dir, created=kind == EVENT_TYPE_CREATED, now=now)
         if kind == EVENT_TYPE_MOVED:
-            self._note(os.fsdecode(dest), is_dir, created=True, now=now)
+            dest_path = os.fsdecode(dest)
+            if self._placement(src_path, dest_path, now):
+                return
+            # Both ends of a move within the folder at once: a rename, not a deletion.
+            self._note(src_path, is_dir, created=False, now=now, settled=True)
+            self._note(dest_path, is_dir, created=True, now=now, settled=True)
+            return
+        if kind == EVENT_TYPE_CLOSED and self._placed:
+            rel = self._relative(src_path)
+            if rel is not None and self._placed.pop(rel, None) is not None:
+                self.stats.own_writes += 1  # the descriptor that wrote a placed file closed
+                return
+        settled = kind in _SETTLED_KINDS and not (kind == EVENT_TYPE_ATTRIB and is_dir)
+        self._note(src_path, is_dir, created=kind == EVENT_TYPE_CREATED, now=now, settled=settled)
 
-    def _note(self, path: str, is_dir: bool, *, created: bool, now: float) -> None:
+    def _placement(self, src_path: str, dest_path: str, now: float) -> bool:
+        """True if a move is lanshare's own: a temporary file put in place, or a path moved
+        into the internal folder (archived). Such a move is swallowed, whether announced or
+        not: the engine records what it places or archives itself."""
+        src, dest = self._relative(src_path), self._relative(dest_path)
+        if src is None or dest is None:
+            return False
+        if _temporary(src) and not _never_synced(dest):
+            self._consume_own_write(dest, now)
+            self._placed[dest] = now
+            self.stats.own_writes += 1
+            return True
+        if dest.partition("/")[0] == INTERNAL_DIR and not _never_synced(src):
+            self._consume_own_write(src, now)
+            self._placed.pop(src, None)
+            self.stats.own_writes += 1
+            return True
+        return False
+
+    def _note(self, path: str, is_dir: bool, *, created: bool, now: float, settled: bool) -> None:
         rel = self._relative(path)
         if (
             rel is None
@@ -456,6 +524,7 @@ class FolderWatcher:
         ):
             self.stats.ignored += 1
             return
+        self._placed.pop(rel, None)  # touched since it was placed: its next close is news
         if self._consume_own_write(rel, now):
             self.stats.own_writes += 1
             return
@@ -465,6 +534,7 @@ class FolderWatcher:
             self._full_pending.last_at = now
         elif (pending := self._pending.get(rel)) is not None:
             pending.last_at = now
+            pending.settled = settled  # the latest event says whether a write is under way
         elif len(self._pending) >= self._max_batch_paths:
             first_at = min(p.first_at for p in self._pending.values())
             logger.debug(
@@ -475,8 +545,8 @@ class FolderWatcher:
             self._pending.clear()
             self._full_pending = _Pending(first_at, now)
         else:
-            self._pending[rel] = _Pending(now, now)
-        self._arm_flush(now + self._debounce_interval)
+            self._pending[rel] = _Pending(now, now, settled)
+        self._arm_flush(now + (self._settle_interval if settled else self._debounce_interval))
 
     def _on_flush(self) -> None:
         self._flush_handle = None
@@ -508,8 +578,7 @@ class FolderWatcher:
         for rel in ready:
             del self._pending[rel]
         if ready:
-            self.stats.path_batches += 1
-            self._deliver(ChangeBatch(self.root, frozenset(ready), full_rescan=False))
+            self._deliver(ready)
         if next_at < math.inf:
             self._arm_flush(next_at)
         self._prune_own_writes(now)
@@ -558,20 +627,23 @@ class FolderWatcher:
             self._flush_handle.cancel()
             self._flush_handle = None
             self._flush_at = math.inf
-        self.stats.full_rescans += 1
-        self._deliver(ChangeBatch(self.root, frozenset(), full_rescan=True))
+        self._ready.clear()
+        self._ready_full = True
+        self._batch_ready.set()
 
-    def _deliver(self, batch: ChangeBatch) -> None:
-        try:
-            self.queue.put_nowait(batch)
-        except asyncio.QueueFull:
-            # Never grow: what is queued and this batch are all covered by one full rescan.
-            self.stats.queue_overflows += 1
-            logger.info("%s: batch queue full; collapsing into a full rescan", self.root)
-            while not self.queue.empty():
-                self.queue.get_nowait()
-                self.queue.task_done()
-            self.queue.put_nowait(ChangeBatch(self.root, frozenset(), full_rescan=True))
+    def _deliver(self, ready: list[str]) -> None:
+        if not self._ready_full:
+            self._ready.update(dict.fromkeys(ready))
+            if len(self._ready) > self._max_batch_paths:
+                # Never grow: one full rescan covers every path waiting for the owner.
+                self.stats.collapses += 1
+                logger.info(
+                    "%s: more than %d changed paths wait for a scan; collapsing into a full rescan",
+                    self.root,
+                    self._max_batch_paths,
+                )
+                self._ready.clear()
+                self._ready_full = True
         self._batch_ready.set()
 
     def _arm_flush(self, at: float) -> None:
@@ -606,11 +678,13 @@ class FolderWatcher:
         self._pending.clear()
         self._full_pending = None
         self._own_writes.clear()
+        self._placed.clear()
         self._batch_ready.set()  # wake iterators so that they can end
         return observer
 
     def _due(self, pending: _Pending) -> float:
-        return min(pending.last_at + self._debounce_interval, pending.first_at + self._max_delay)
+        quiet = self._settle_interval if pending.settled else self._debounce_interval
+        return min(pending.last_at + quiet, pending.first_at + self._max_delay)
 
     def _relative(self, path: str) -> str | None:
         if not path.startswith(self._prefix):
@@ -636,6 +710,11 @@ class FolderWatcher:
         expired = [rel for rel, own in self._own_writes.items() if own.expires_at <= now]
         for rel in expired:
             del self._own_writes[rel]
+        # A placed file whose writer's close never came (closed before the rename) waits no
+        # longer than an announcement would.
+        horizon = now - self._own_write_timeout
+        for rel in [rel for rel, at in self._placed.items() if at <= horizon]:
+            del self._placed[rel]
 
     def _now(self) -> float:
         loop = self._loop if self._loop is not None else asyncio.get_running_loop()
@@ -671,6 +750,8 @@ def inotify_watch_available(directory: Path) -> bool:
 class _Pending:
     first_at: float
     last_at: float
+    settled: bool = False
+    """The latest event ended a change (a file closed after writing, renamed, deleted)."""
 
 
 @dataclass(slots=True)
@@ -750,6 +831,13 @@ class _OverflowHook(logging.Handler):
 
 
 _OVERFLOW_HOOK = _OverflowHook()
+
+
+def _temporary(rel: str) -> bool:
+    """A temporary file or directory anywhere in the path, outside the internal folder."""
+    return rel.partition("/")[0] != INTERNAL_DIR and any(
+        part.startswith(TEMP_PREFIX) for part in rel.split("/")
+    )
 
 
 def _never_synced(rel: str) -> bool:

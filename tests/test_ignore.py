@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lanshare.errors import ConfigError, StorageError
-from lanshare.ignore import IGNORE_FILE, MAX_IGNORE_FILE_SIZE, IgnoreRules
+from lanshare.ignore import IGNORE_FILE, MAX_IGNORE_FILE_SIZE, FolderRules, IgnoreRules
 from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
 
 TREE = [
@@ -180,3 +180,23 @@ def test_directory_verdicts_stay_correct_past_the_cache() -> None:
         assert rules.matches(f"d{i}/f", is_dir=False) is False
     assert rules.matches("ign1/f", is_dir=False)
     assert not rules.matches("d1/f", is_dir=False)
+
+
+def test_folder_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
+    live = FolderRules(tmp_path, ["*.bak"])
+    matches = live.matches  # as the watcher holds it: bound once, answers with what is current
+    assert live.reload() is False  # no file: the config's patterns, as built
+    assert matches("x.bak", is_dir=False)
+    assert not matches("x.log", is_dir=False)
+    (tmp_path / IGNORE_FILE).write_text("*.log\n")
+    assert live.reload() is True
+    assert matches("x.log", is_dir=False)
+    assert matches("x.bak", is_dir=False)
+    assert live.reload() is False  # unchanged: one stat, nothing read
+    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")  # a lone backslash: not a valid pattern
+    with pytest.raises(ConfigError, match=IGNORE_FILE):
+        live.reload()
+    assert matches("x.log", is_dir=False)  # the last good rules stay
+    (tmp_path / IGNORE_FILE).unlink()
+    assert live.reload() is True
+    assert not matches("x.log", is_dir=False)

@@ -834,3 +834,129 @@ def test_a_file_this_node_lost_track_of_is_not_recorded_but_kept_aside(
     (root / "new.txt").write_bytes(b"mine")
     assert [path for path, _ in scan(db, root).orphans] == ["doc.txt"]  # still, not new.txt
     assert records(db, root)["new.txt"].version == VersionVector().bump(ME)
+
+
+# -- scanning some paths (a watcher's batch) ------------------------------------------------
+
+
+class DiskCounter:
+    """Counts what the scanner asks of the disk and of the index: every directory it lists,
+    every path it stat's by name, and every cache row it loads (entries a directory listing
+    yields are only ever stat'ed through their listing, so listings cover them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, db: Index, root: Path) -> None:
+        self.listed: list[str] = []
+        self.stated: list[str] = []
+        self.cached: list[str] = []
+        real_scandir, real_lstat, real_cache = os.scandir, os.lstat, db.scan_cache
+        prefix = str(root) + os.sep
+
+        def scandir(path: str) -> object:
+            self.listed.append(os.fspath(path).removeprefix(prefix))
+            return real_scandir(path)
+
+        def lstat(path: str, *args: object, **kw: object) -> os.stat_result:
+            self.stated.append(os.fspath(path).removeprefix(prefix))
+            return real_lstat(path, *args, **kw)  # type: ignore[arg-type]
+
+        def scan_cache(*args: object, **kw: object) -> object:
+            found = real_cache(*args, **kw)  # type: ignore[arg-type]
+            self.cached += list(found)
+            return found
+
+        monkeypatch.setattr(scanner.os, "scandir", scandir)
+        monkeypatch.setattr(scanner.os, "lstat", lstat)
+        monkeypatch.setattr(db, "scan_cache", scan_cache)
+
+
+def thousand_files(root: Path) -> None:
+    for d in range(10):
+        (root / f"d{d}").mkdir()
+        for f in range(100):
+            (root / f"d{d}" / f"f{f:03}").write_bytes(b"%d-%d" % (d, f))
+
+
+def test_a_batch_of_one_path_visits_that_path_alone(
+    db: Index, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thousand_files(root)
+    scan(db, root)
+    settle(root)
+    (root / "d4" / "f042").write_bytes(b"saved again")
+    hasher = CountingHasher()
+    counter = DiskCounter(monkeypatch, db, root)
+    summary = scan(db, root, hasher, only={"d4/f042"})
+    assert (summary.new, summary.changed, summary.deleted) == (0, 1, 0)
+    assert counter.listed == []  # no directory listed: nothing else of the tree visited
+    assert set(counter.stated) <= {"d4", "d4/f042"}
+    assert set(counter.cached) == {"d4", "d4/f042"}
+    assert set(hasher.reads) == {"f042"}  # read twice if racily fresh, never another
+    assert records(db, root)["d4/f042"].version.get(ME) == 2
+
+
+def test_a_batch_takes_a_new_subtree_and_a_vanished_one_whole(
+    db: Index, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thousand_files(root)
+    scan(db, root)
+    shutil.rmtree(root / "d7")
+    (root / "d3" / "f000").unlink()  # not named by the batch: left for a later scan
+    (root / "new" / "deep").mkdir(parents=True)
+    (root / "new" / "deep" / "x").write_bytes(b"x")
+    counter = DiskCounter(monkeypatch, db, root)
+    summary = scan(db, root, only={"d7", "new"})
+    assert (summary.new, summary.deleted) == (3, 101)
+    # The subtree that came, and the root, where d7 vanished: not the other directories.
+    assert sorted(counter.listed) == sorted([str(root), "new", "new/deep"])
+    assert all(p.startswith(("d7", "new")) or "/" not in p for p in counter.cached)
+    recs = records(db, root)
+    assert all(recs[f"d7/f{f:03}"].deleted for f in range(100))
+    assert recs["d7"].deleted
+    assert not recs["d3/f000"].deleted
+    assert not recs["new/deep/x"].deleted
+    assert scan(db, root).deleted == 1  # the full scan finds what no batch named
+
+
+def test_a_batch_records_a_new_file_with_its_new_parents(db: Index, root: Path) -> None:
+    (root / "a").mkdir()
+    scan(db, root)
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "f.txt").write_text("f")
+    summary = scan(db, root, only={"a/b/c/f.txt"})
+    assert summary.new == 3  # a/b and a/b/c read alone, as ancestors, and the file
+    assert {"a/b", "a/b/c", "a/b/c/f.txt"} <= set(records(db, root))
+
+
+def test_a_batch_keeps_the_ignore_rules_and_the_mass_deletion_guard(db: Index, root: Path) -> None:
+    for i in range(20):
+        (root / f"f{i}").write_text(str(i))
+    scan(db, root)
+    (root / "skip.log").write_text("ignored")
+    (root / "sub").mkdir()
+    (root / "sub" / "x.log").write_text("ignored too")
+    summary = scan(db, root, only={"skip.log", "sub/x.log"}, ignore=["*.log"])
+    assert "skip.log" not in records(db, root)
+    assert "sub/x.log" not in records(db, root)
+    assert summary.new == 1  # sub, the ancestor
+    for i in range(20):
+        (root / f"f{i}").unlink()
+    limits = Limits(ratio=0.5, minimum=5)
+    held = scan(db, root, only={f"f{i}" for i in range(20)}, limits=limits)
+    assert held.deleted == 0
+    assert held.withheld == 20
+    assert held.verdict is not None
+    assert not any(r.deleted for r in records(db, root).values())
+
+
+def test_a_batch_with_a_deletion_shows_the_guard_the_whole_directory(db: Index, root: Path) -> None:
+    """An ``rm`` of many files reaches the scanner in several batches; the first already
+    shows the guard every deletion in that directory, so none goes out before it trips."""
+    (root / "many").mkdir()
+    for i in range(30):
+        (root / "many" / f"f{i:02}").write_text(str(i))
+    scan(db, root)
+    for i in range(30):
+        (root / "many" / f"f{i:02}").unlink()
+    held = scan(db, root, only={"many/f00"}, limits=Limits(ratio=0.5, minimum=5))
+    assert (held.deleted, held.withheld) == (0, 30)
+    assert not any(r.deleted for r in records(db, root).values())

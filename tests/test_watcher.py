@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
@@ -214,6 +215,25 @@ def test_rapid_writes_coalesce(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_finished_write_is_taken_before_one_still_under_way(tmp_path: Path) -> None:
+    """A file closed after writing is reported once it settles; one still open for writing
+    waits for the (long, here) debounce, until its writer closes it."""
+
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEADLINE * 3, max_delay=DEADLINE * 6
+        ) as watcher:
+            await started_batch(watcher)
+            with (tmp_path / "open.txt").open("wb") as still_open:
+                still_open.write(b"half")
+                still_open.flush()
+                await in_thread(lambda: write(tmp_path / "saved.txt", b"whole"))
+                assert (await next_batch(watcher)).paths == {"saved.txt"}
+            assert (await next_batch(watcher)).paths == {"open.txt"}  # closed: settled
+
+    run(scenario())
+
+
 def test_continuous_writes_are_flushed_before_they_stop(tmp_path: Path) -> None:
     target = tmp_path / "log.txt"
     stop_writing = threading.Event()
@@ -323,6 +343,86 @@ def test_own_write_is_not_echoed_but_a_later_change_is(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_placed_download_is_never_echoed_announced_or_not(tmp_path: Path) -> None:
+    """As the store places a download: written under a temporary name, renamed over the
+    path (the old file archived into .lanshare/ first), and closed after the rename, when
+    the kernel names the file by its new name. None of it is news; an edit after it is."""
+    (tmp_path / "old.txt").write_bytes(b"old")
+    (tmp_path / ".lanshare" / "versions").mkdir(parents=True)
+
+    def place(rel: str, data: bytes) -> None:
+        temp = tmp_path / f"{TEMP_PREFIX}{rel}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+            os.utime(fd, ns=(1_000_000_000, 1_000_000_000))
+            if (tmp_path / rel).exists():
+                os.rename(tmp_path / rel, tmp_path / ".lanshare" / "versions" / rel)
+            os.rename(temp, tmp_path / rel)
+        finally:
+            os.close(fd)
+
+    def downloads() -> None:
+        place("new.txt", b"fetched")
+        place("old.txt", b"fetched over the old one")
+        write(tmp_path / "marker.txt")
+
+    async def scenario() -> None:
+        async with FolderWatcher(tmp_path, debounce_interval=DEBOUNCE) as watcher:
+            await started_batch(watcher)
+            watcher.expect_own_write("old.txt")  # announced or not, the same
+            await in_thread(downloads)
+            seen: list[ChangeBatch] = []
+            await batch_with(watcher, "marker.txt", seen)
+            seen += await batches_within(watcher, QUIET)
+            assert set().union(*(b.paths for b in seen)) == {"marker.txt"}
+            await in_thread(lambda: write(tmp_path / "new.txt", b"edited by a person"))
+            await batch_with(watcher, "new.txt")
+
+    run(scenario())
+
+
+def test_a_placement_is_not_echoed_after_its_announcement_lapsed(tmp_path: Path) -> None:
+    """A busy daemon may put a download in place long after it announced it: the move from
+    a temporary name is its own whatever the announcement became."""
+
+    def download() -> None:
+        temp = tmp_path / f"{TEMP_PREFIX}late"
+        write(temp, b"downloaded")
+        os.replace(temp, tmp_path / "late.txt")
+        write(tmp_path / "marker.txt")
+
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEBOUNCE, own_write_timeout=0.05
+        ) as watcher:
+            await started_batch(watcher)
+            watcher.expect_own_write("late.txt")
+            await asyncio.sleep(0.1)  # let the announcement lapse (the point of this test)
+            await in_thread(download)
+            seen: list[ChangeBatch] = []
+            await batch_with(watcher, "marker.txt", seen)
+            seen += await batches_within(watcher, QUIET)
+            assert not [b for b in seen if "late.txt" in b.paths]
+
+    run(scenario())
+
+
+def test_no_full_rescan_at_start_when_the_owner_scans_itself(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEBOUNCE, initial_rescan=False
+        ) as watcher:
+            await in_thread(lambda: write(tmp_path / "a"))
+            assert await next_batch(watcher) == ChangeBatch(
+                watcher.root, frozenset({"a"}), full_rescan=False
+            )
+            assert watcher.stats.full_rescans == 0
+
+    run(scenario())
+
+
 def test_own_write_announcement_lapses(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with FolderWatcher(
@@ -363,20 +463,40 @@ def test_periodic_full_rescan(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_full_queue_collapses_into_one_full_rescan(tmp_path: Path) -> None:
+def test_batches_an_owner_did_not_take_merge_into_one(tmp_path: Path) -> None:
     async def scenario() -> None:
-        queue: asyncio.Queue[ChangeBatch] = asyncio.Queue(maxsize=2)
-        async with FolderWatcher(tmp_path, queue=queue, debounce_interval=DEBOUNCE) as watcher:
-            assert queue.qsize() == 1  # the start rescan; nobody reads yet
+        async with FolderWatcher(tmp_path, debounce_interval=DEBOUNCE) as watcher:
+            await started_batch(watcher)
             await in_thread(lambda: write(tmp_path / "a"))
-            await until(lambda: queue.qsize() == 2, "the batch of a")
+            await until(lambda: watcher.ready_paths == 1, "a ready")
             await in_thread(lambda: write(tmp_path / "b"))
-            await until(lambda: watcher.stats.queue_overflows == 1, "the overflow")
-            assert queue.qsize() == 1
-            assert queue.get_nowait().full_rescan
+            await until(lambda: watcher.ready_paths == 2, "b ready")
+            assert await next_batch(watcher) == ChangeBatch(
+                watcher.root, frozenset({"a", "b"}), full_rescan=False
+            )
+            assert watcher.stats.path_batches == 1
+
+    run(scenario())
+
+
+def test_too_many_paths_waiting_for_the_owner_collapse_into_one_full_rescan(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with FolderWatcher(
+            tmp_path, debounce_interval=DEBOUNCE, max_batch_paths=3
+        ) as watcher:
+            await started_batch(watcher)
+            for count, name in enumerate("abc", 1):  # one ready at a time, under the limit
+                await in_thread(partial(write, tmp_path / name))
+                await until(partial(lambda n: watcher.ready_paths == n, count), f"{name} ready")
+            await in_thread(partial(write, tmp_path / "d"))
+            await until(lambda: watcher.stats.collapses == 1, "the collapse")
+            assert watcher.ready_paths == 0
+            assert (await next_batch(watcher)).full_rescan
             # and then it carries on as before
-            await in_thread(lambda: write(tmp_path / "c"))
-            assert (await batch_with(watcher, "c")).paths == {"c"}
+            await in_thread(lambda: write(tmp_path / "e"))
+            assert (await batch_with(watcher, "e")).paths == {"e"}
 
     run(scenario())
 
@@ -531,10 +651,8 @@ def test_deleted_folder_falls_back_to_rescans(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"queue": asyncio.Queue()},
         {"debounce_interval": 0},
         {"max_batch_paths": 0},
-        {"queue_size": 0},
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any]) -> None:
@@ -593,7 +711,7 @@ def test_rescan_on_request(tmp_path: Path) -> None:
             watcher.rescan("ignore rules changed")
             assert (await next_batch(watcher)).full_rescan
         watcher.rescan()  # after stop: nothing
-        assert watcher.queue.empty()
+        assert [b async for b in watcher] == []
         with pytest.raises(RuntimeError, match="only once"):
             await watcher.start()
 
