@@ -495,24 +495,10 @@ class _Walk:
         return rel.rpartition("/")[0] in self.levels or self.in_trees(rel)
 
     def in_trees(self, rel: str) -> bool:
-        while True:
-            if rel in self.trees:
-                return True
-            cut = rel.rfind("/")
-            if cut < 0:
-                return False
-            rel = rel[:cut]
+        return _at_or_under(rel, self.trees)
 
     def is_protected(self, rel: str) -> bool:
-        if not self.protected:
-            return False
-        while True:
-            if rel in self.protected:
-                return True
-            cut = rel.rfind("/")
-            if cut < 0:
-                return False
-            rel = rel[:cut]
+        return bool(self.protected) and _at_or_under(rel, self.protected)
 
     def problem(self, message: str) -> None:
         self.skipped += 1
@@ -681,6 +667,17 @@ class _Run:
             forgotten=self.forgotten,
             orphans=tuple(self.orphans),
         )
+
+
+def _at_or_under(rel: str, roots: Collection[str]) -> bool:
+    """Whether ``rel`` is one of ``roots`` or lies below one of them."""
+    while True:
+        if rel in roots:
+            return True
+        cut = rel.rfind("/")
+        if cut < 0:
+            return False
+        rel = rel[:cut]
 
 
 def _walk(root: Path, rules: IgnoreRules) -> _Walk:
