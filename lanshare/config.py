@@ -182,7 +182,7 @@ class SyncConfig:
     """Days replaced and deleted files stay in the folder's .lanshare/versions/."""
     debounce_interval: float = 0.1
     """Seconds a changed path must stay quiet before it is rescanned and announced, while it
-    is being written (a change that ended, e.g. a file closed, settles in 0.01 s)."""
+    is being written (a change that ended, e.g. a file closed, settles in a tenth of it)."""
     max_debounce_delay: float = 1.0
     """Seconds after which a path that keeps changing is rescanned anyway."""
     rescan_interval: float = 3600.0

@@ -70,9 +70,10 @@ logger = logging.getLogger(__name__)
 #   between (the kernel names the file as it is called when the descriptor closes, after the
 #   rename);
 # * debounce per path: a path is ready once it has been quiet for ``debounce_interval`` (only
-#   ``settle_interval`` when its latest event ended a change: a file closed after writing or
-#   renamed into place, attributes set; so an editor's save is taken at once, a file still being
-#   written is not, and a stream of deletions is taken together), or ``max_delay`` after its first
+#   a tenth of it, ``SETTLE_FRACTION``, when its latest event ended a change: a file closed
+#   after writing or renamed into place, attributes set; so an editor's save is taken at once,
+#   a file still being written is not, and a stream of deletions is taken together), or
+#   ``max_delay`` after its first
 #   event even if it never goes quiet (a log file written continuously still gets synced, about
 #   once per ``max_delay``). One loop timer, armed at the earliest deadline, collects every ready
 #   path into one ``ChangeBatch``;
@@ -96,9 +97,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DEBOUNCE_INTERVAL: Final = 0.1
 """Seconds a path must stay quiet before it is reported (Syncthing waits 10 s)."""
-DEFAULT_SETTLE_INTERVAL: Final = 0.01
-"""Seconds a path must stay quiet when its latest event ended a change (closed after writing,
-renamed into place, attributes set): long enough to take the events of one save together."""
+SETTLE_FRACTION: Final = 0.1
+"""Part of ``debounce_interval`` a path must stay quiet when its latest event ended a change
+(closed after writing, renamed into place, attributes set): 0.01 s by default, long enough to
+take the events of one save together; a longer debounce a user chose slows it alike."""
 DEFAULT_MAX_DELAY: Final = 1.0
 """Seconds after its first event a path is reported even if it keeps changing."""
 DEFAULT_MAX_BATCH_PATHS: Final = 512
@@ -205,9 +207,6 @@ class FolderWatcher:
     Args:
         root: the folder to watch (made absolute; symlinks are not resolved).
         debounce_interval: seconds a path must be quiet before it is reported (0.1).
-        settle_interval: the same, when its latest event ended a change: a file closed
-            after writing or renamed into place, its attributes set (0.01; at most
-            ``debounce_interval``).
         max_delay: seconds after its first event a path is reported regardless (1.0).
         max_batch_paths: more distinct pending (or ready, unread) paths than this become a full
             rescan (512).
@@ -231,7 +230,6 @@ class FolderWatcher:
         root: Path,
         *,
         debounce_interval: float = DEFAULT_DEBOUNCE_INTERVAL,
-        settle_interval: float = DEFAULT_SETTLE_INTERVAL,
         max_delay: float = DEFAULT_MAX_DELAY,
         max_batch_paths: int = DEFAULT_MAX_BATCH_PATHS,
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
@@ -244,7 +242,6 @@ class FolderWatcher:
     ) -> None:
         for name, value in (
             ("debounce_interval", debounce_interval),
-            ("settle_interval", settle_interval),
             ("max_delay", max_delay),
             ("rescan_interval", rescan_interval),
             ("fallback_rescan_interval", fallback_rescan_interval),
@@ -258,7 +255,7 @@ class FolderWatcher:
         self._root_str = str(self.root)
         self._prefix = self._root_str.rstrip(os.sep) + os.sep
         self._debounce_interval = debounce_interval
-        self._settle_interval = min(settle_interval, debounce_interval)
+        self._settle_interval = debounce_interval * SETTLE_FRACTION
         self._max_delay = max(max_delay, debounce_interval)
         self._max_batch_paths = max_batch_paths
         self._rescan_interval = rescan_interval
