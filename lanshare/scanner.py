@@ -275,8 +275,12 @@ async def scan_guarded(
     """
     history = await asyncio.to_thread(index.deletions, folder)
     held = await asyncio.to_thread(index.deletions_held_since, folder)
-    # While the guard holds deletions back it judges as of the moment it tripped.
+    # While the guard holds deletions back it judges as of the moment it tripped, and sees
+    # the whole folder: the deletions it withholds are in no history, so a scan of a few
+    # paths would judge later batches of the same wipe alone (and drop the hold).
     now = held if held is not None else time.time()
+    if held is not None:
+        only = None
     summary = await scan_path(
         index,
         folder,

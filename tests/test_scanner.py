@@ -960,3 +960,36 @@ def test_a_batch_with_a_deletion_shows_the_guard_the_whole_directory(db: Index, 
     held = scan(db, root, only={"many/f00"}, limits=Limits(ratio=0.5, minimum=5))
     assert (held.deleted, held.withheld) == (0, 30)
     assert not any(r.deleted for r in records(db, root).values())
+
+
+def test_a_wipe_in_several_batches_never_gets_past_a_held_guard(db: Index, root: Path) -> None:
+    """The watcher hands one ``rm -r a b`` over in several batches. Once the first trips the
+    guard, later batches (even of an unrelated path) neither drop the hold nor let the rest
+    of the wipe out: while it holds, scans see the whole folder."""
+    for name, count in (("a", 30), ("b", 20)):
+        (root / name).mkdir()
+        for i in range(count):
+            (root / name / f"f{i:02}").write_text(f"{name}{i}")
+    folder = db.add_folder(root, "ab" * 16).id
+    limits = Limits(ratio=0.5, minimum=10)
+
+    def guarded(only: set[str] | None) -> scanner.ScanSummary:
+        return asyncio.run(
+            scanner.scan_guarded(
+                db, folder, root, ME, limits=limits, held_by_peers=False, only=only
+            )
+        )
+
+    guarded(None)
+    shutil.rmtree(root / "a")
+    first = guarded({"a"} | {f"a/f{i:02}" for i in range(30)})
+    assert first.deleted == 0
+    assert first.verdict is not None
+    (root / "unrelated.txt").write_text("a save meanwhile")
+    assert guarded({"unrelated.txt"}).verdict is not None
+    assert db.deletions_held_since(folder) is not None
+    shutil.rmtree(root / "b")
+    second = guarded({"b"} | {f"b/f{i:02}" for i in range(20)})
+    assert second.deleted == 0
+    assert second.verdict is not None
+    assert not any(r.deleted for r in db.iter_records(folder))
