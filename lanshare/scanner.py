@@ -734,6 +734,13 @@ def _walk_paths(root: Path, rules: IgnoreRules, targets: Iterable[str]) -> _Walk
             if ancestor in seen or walk.in_trees(ancestor):
                 continue
             seen.add(ancestor)
+            if not _is_directory(root, ancestor):
+                # Gone, or a file or a symlink now: nothing is read through it, and what
+                # was below it goes, as a full scan judges it.
+                walk.trees.add(ancestor)
+                if not _add_path(walk, rules, root, ancestor, below=True):
+                    gone_from.add(ancestor.rpartition("/")[0])
+                break
             walk.singles.add(ancestor)
             _add_path(walk, rules, root, ancestor, below=False)
         if rel not in seen and not walk.in_trees(rel):
@@ -750,6 +757,15 @@ def _walk_paths(root: Path, rules: IgnoreRules, targets: Iterable[str]) -> _Walk
     walk.entries = list({entry.rel: entry for entry in walk.entries}.values())
     _collisions(walk)
     return walk
+
+
+def _is_directory(root: Path, rel: str) -> bool:
+    """Whether ``rel`` is a directory itself, not a symlink to one (``lstat``: the
+    ancestors above it were found to be directories already)."""
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(root, *rel.split("/"))).st_mode)
+    except OSError:
+        return False
 
 
 def _add_path(walk: _Walk, rules: IgnoreRules, root: Path, rel: str, *, below: bool) -> bool:

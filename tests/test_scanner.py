@@ -993,3 +993,24 @@ def test_a_wipe_in_several_batches_never_gets_past_a_held_guard(db: Index, root:
     assert second.deleted == 0
     assert second.verdict is not None
     assert not any(r.deleted for r in db.iter_records(folder))
+
+
+def test_a_batch_never_reads_through_an_ancestor_turned_symlink(
+    db: Index, root: Path, tmp_path: Path
+) -> None:
+    """``a`` replaced by a symlink to a directory outside the folder, and a batch naming
+    only ``a/b/c``: nothing outside is read or recorded; ``a`` is the symlink and what was
+    below it is deleted, as a full scan finds it."""
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    (outside / "b" / "c").write_text("not shared")
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "c").write_text("shared")
+    scan(db, root)
+    shutil.rmtree(root / "a")
+    (root / "a").symlink_to(outside)
+    scan(db, root, only={"a/b/c"})
+    after = records(db, root)
+    assert after["a"].type is EntryType.SYMLINK
+    assert after["a/b"].deleted
+    assert after["a/b/c"].deleted
