@@ -1019,7 +1019,9 @@ class FolderSync:
             path = partial.path
             if path in self.downloads or path in self.committing or path in self.waiting:
                 continue
-            if path in self.opening:
+            # Still wanted: deferred by the scheduler, or failed and due for a retry, it
+            # resumes from its verified blocks (another version's file goes when it opens).
+            if path in self.opening or path in self.wanted:
                 continue
             if self.scope is not None and not _prioritised(path, self.scope):
                 continue
@@ -1586,6 +1588,11 @@ class FolderSync:
                     try:
                         records = (r for _, records in placed for r in records)
                         await self._commit(*records, finished=paths)
+                    except LanshareError as exc:
+                        # The files are in place and the index could not say so: a scan of
+                        # them records what is there, once the index works again.
+                        logger.warning("folder %s: %s", self.root, exc)
+                        self.engine.spawn(self.scan([d.path for d, _ in placed]))
                     finally:
                         for download, _ in placed:
                             self.committing.discard(download.path)
@@ -1604,6 +1611,9 @@ class FolderSync:
         await self._own_write(conflict.conflict_name)
         try:
             await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
+        except (DiskFullError, DescriptorsExhausted) as exc:  # a wait, not a local change
+            await self._not_placed(download, exc)
+            return None
         except StorageError as exc:  # gone or changed meanwhile: rescan, replan
             await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
             return None
@@ -1628,11 +1638,24 @@ class FolderSync:
         return [conflict.copy_record, record]
 
     async def _not_placed(self, download: Download, exc: LanshareError) -> None:
-        """A finished download could not be put in place; it is replanned."""
+        """A finished download could not be put in place; it is replanned (or, when even
+        that fails, the path fails and is retried: never a path left placing for ever)."""
+        self.committing.discard(download.path)
+        download.finishing = False
+        try:
+            await self._replan(download, exc)
+        except LanshareError as failed:
+            logger.warning("folder %s: %s", self.root, failed)
+            self._fail(download.path, failed)
+            if self.downloads.get(download.path) is download:  # its temporary file stays
+                await self._abandon(download.path, discard=False)
+            else:
+                _release(download)
+            self.dirty.set()
+
+    async def _replan(self, download: Download, exc: LanshareError) -> None:
         record = download.record
         conflict = download.conflict
-        self.committing.discard(record.path)
-        download.finishing = False
         if download.conflict_moved and conflict is not None:
             download.conflict_moved = False
             with contextlib.suppress(LanshareError):
