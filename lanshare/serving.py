@@ -269,6 +269,9 @@ class _Batch:
     """Records read from the index in this batch, by path."""
     checked: set[str] = field(default_factory=set)
     """Paths whose open descriptor was checked to be the file still there."""
+    downloads: dict[str, BlockTable] = field(default_factory=dict)
+    """Tables of downloads in progress, by path: built once a batch, not once a request
+    (a request for content held nowhere looks through every download)."""
 
 
 class BlockReader:
@@ -370,7 +373,10 @@ class BlockReader:
         if record.hash_algo != request.hash_algo:
             return None
         index = request.index if record.path == request.path else -1
-        found = BlockTable(record.hash_algo, record.blocks).find(index, request.size, request.hash)
+        table = batch.downloads.get(record.path)
+        if table is None:
+            table = batch.downloads[record.path] = BlockTable(record.hash_algo, record.blocks)
+        found = table.find(index, request.size, request.hash)
         if found is None or found not in download.done:
             return None
         offset = record.blocks[found].offset
