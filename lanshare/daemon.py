@@ -163,11 +163,11 @@ class Daemon:
         while loop.time() < deadline:
             folders = list(engine.folders.values())
             scanned = all(f.scanned.is_set() or f.state == "error" for f in folders)
-            linked = all(f.links for f in folders)
+            linked = all(f.exchange.links for f in folders)
             read = all(
                 link.manifest_request is None and link.known_sequence >= 0
                 for f in folders
-                for link in f.links.values()
+                for link in f.exchange.links.values()
             )
             if scanned and linked and read:
                 await asyncio.sleep(0.2)  # the plan that follows the last batch

@@ -3,7 +3,13 @@
 Async coordination, no sockets: it issues commands on the sans-IO ``Endpoint`` (then asks the
 transport to send with ``kick``), reads the endpoint's events, and does every disk operation
 in worker threads: through ``asyncio.to_thread`` (index, scanner, store), and in batches
-for serving (``serving.BlockServer``).
+for serving (``serving.BlockServer``) and writing (``blockwriter.BlockWriter``).
+
+This module holds each folder's scan, plan and apply loop (``FolderSync``) and the
+``Engine`` that feeds every folder the protocol's events; a folder's downloads live in
+``lanshare.downloads``, its peer exchange in ``lanshare.exchange``. Each sees the folder
+through a small protocol of its own (``downloads.Folder``, ``exchange.Folder``), and the
+other through another (``downloads.Peers``, ``exchange.Transfers``).
 
 Theory of operation
 -------------------
@@ -19,21 +25,9 @@ Theory of operation
   older stamp (a backup restored) is scanned fetch-only once. A node that keeps no whole
   folder (a short-lived ``ls`` or ``pull``) always scans fetch-only: it records no version of
   its own, and what it no longer holds is forgotten, never deleted.
-* **Manifest exchange.** When a session comes up, we ask the peer for its records with a
-  sequence above the highest we hold of it; answers come in bounded batches and are asked
-  for again while ``more`` is set. Each batch starts with a header entry (``0x00``, the peer's
-  8-byte index id and its current sequence): a peer whose index id changed (its database was
-  reset) is forgotten and read again from 0. Entries are decoded and validated
-  (``manifest.decode_entry`` checks paths, sizes and hashes) before they are stored per peer
-  in the index, so a restart costs only what changed. A NOTIFY whose sequence is above the
-  stored one, or one that carries no HAVE hashes (a peer's set of downloads changed), asks
-  for the news.
-* **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
-  one block it is downloading right now: the record it is building and which blocks it
-  already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
-  file has nothing to share until it is whole; it then travels as a record.) We plan with
-  such a record as if the peer had that version, but ask it only for the blocks it
-  announced, so C can pull from B what B is still receiving from A.
+* **Peers.** Each folder's peer exchange (``exchange.Exchange``) keeps its sessions, reads
+  and answers manifests, stores the peers' records in the index and announces what we hold
+  (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
   records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
@@ -43,22 +37,10 @@ Theory of operation
   from the index and the wall-clock time (that of the moment the guard tripped, while it
   holds deletions back, so a pause lasts until resolved); deletions made are added to the
   history. ``resume`` confirms on this node only: it applies them and clears the history.
-* **Downloads.** Each is a temporary file (``store.Assembly``); blocks already elsewhere on
-  disk are copied, the rest are scheduled by ``scheduler.Scheduler`` across every peer that
-  has them (rarest first, pipelined by measured rate, end game, failover). Open files are a
-  bounded resource: at most half as many downloads are fetched at once as the store keeps
-  files open (``store.OpenAssemblies``, sized from ``RLIMIT_NOFILE``); the plan's other
-  fetches wait in its order and start as slots free, a batch at a time (one thread hop and
-  one index transaction for many files), so thousands of small files stream as one workload.
-  A process out of descriptors (``EMFILE``/``ENFILE``) holds new downloads back for
-  ``OPEN_RETRY``; no file ever fails for it. A block is hashed once, where it arrives (the
-  protocol) or is read (a local copy); the folder's ``BlockWriter`` writes verified blocks
-  and records them in the index in batches, one thread hop each, and only then are they
-  announced and counted done, so a crash resumes without fetching them again. Finished files
-  are placed in batches (``store.place``): each checked whole from the block hashes verified
-  in memory, fsynced, and renamed into place only if the local file is still what the plan
-  saw (otherwise the download is discarded and the next plan decides); each directory is
-  fsynced once, and the batch is one index transaction and one announcement.
+* **Downloads.** The plan's fetches go to the folder's downloads (``downloads.Downloads``):
+  opened in batches within a bound on open files, requested across every peer that has
+  them, written and recorded in batches, and placed in batches. See its module. What failed
+  there (``fail``) and a full disk (``pause_for_space``) are the folder's, as for actions.
 * **Serving.** Each folder's block server (``serving.BlockServer``) answers block requests
   in batches read in a worker thread: from the file that holds the block (its block table
   kept decoded, its descriptor kept open, every block checked against its hash once), from a
@@ -78,22 +60,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lanshare import deleteguard, keys, marker, planner, scanner
-from lanshare.blockwriter import BlockWriter
+from lanshare.downloads import Downloads, prioritised, same_content, temp_of
 from lanshare.errors import (
-    DecodeError,
     DescriptorsExhausted,
     DiskFullError,
-    IntegrityError,
     LanshareError,
     LocalChangeError,
     StorageError,
@@ -111,30 +89,13 @@ from lanshare.events import (
     SessionClosed,
     SessionEstablished,
 )
+from lanshare.exchange import Exchange
 from lanshare.identity import short_id
 from lanshare.ignore import FolderRules
-from lanshare.index import CacheUpdate, LocalChange, Partial
-from lanshare.manifest import (
-    BatchHeader,
-    Block,
-    FileRecord,
-    InProgress,
-    decode_entry,
-    encode_entry,
-)
-from lanshare.protocol import wire
-from lanshare.scheduler import (
-    BlockRef,
-    Cancel,
-    LocalCopy,
-    LocalSource,
-    Request,
-    Scheduler,
-    SchedulerConfig,
-)
-from lanshare.scheduler import FailReason as BlockFail
+from lanshare.index import CacheUpdate, LocalChange
+from lanshare.manifest import Block, FileRecord
 from lanshare.serving import BlockReader, BlockServer
-from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
+from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
@@ -151,10 +112,6 @@ PLAN_DEBOUNCE = 0.05
 """Seconds a burst of changes is collected before one planning pass."""
 PLAN_SPACING = 2.0
 """A planning pass of T seconds is followed by at least PLAN_SPACING * T seconds of rest."""
-OPEN_RETRY = 0.5
-"""Seconds new downloads wait after the process ran out of file descriptors."""
-REFILL_FRACTION = 4
-"""Waiting downloads start once this fraction of the download slots is free."""
 TICK_INTERVAL = 0.25
 """Seconds between scheduler passes while downloads run (timeouts, stalled blocks)."""
 RECONNECT_INTERVAL = 5.0
@@ -164,17 +121,6 @@ SPACE_CHECK_INTERVAL = 2.0
 folder itself after it went missing (an unmounted disk)."""
 SPACE_RESUME_MARGIN = 1024 * 1024
 """Bytes that must be freed, beyond what was free when the disk filled, to resume pulls."""
-MANIFEST_RECORDS_PER_BATCH = 2000
-"""Records read from the index for one manifest answer (then cut to the size limit)."""
-HAVE_FLUSH_INTERVAL = 0.05
-"""Seconds verified blocks are collected before one HAVE notification."""
-MAX_HAVE_PER_NOTIFY = 32
-RATE_WINDOW = 1.0
-"""Seconds over which a peer's delivery rate is measured."""
-MAX_IN_PROGRESS_ANNOUNCED = 64
-"""Downloads announced to peers for re-sharing (the newest of more than one block)."""
-RATE_IDLE = 2 * RATE_WINDOW
-"""Seconds without a delivered block after which a peer's rate shows as 0."""
 RETRY_FIRST = 2.0
 """Seconds before a failed path is tried again; doubled after each failure."""
 RETRY_MAX = 300.0
@@ -182,29 +128,6 @@ RETRY_MAX = 300.0
 at once)."""
 MAX_CONFLICT_PATHS = 100
 """Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
-
-_OTHER_CONTENT = (
-    "{} holds other content here than on the LAN; move it away to pull the LAN's version"
-)
-
-
-@dataclass(slots=True)
-class PeerLink:
-    """A session with one peer for one folder."""
-
-    peer: bytes
-    addr: Addr
-    known_sequence: int = 0
-    manifest_request: int | None = None
-    refetch: bool = False
-    listed: bool = False
-    """Its whole file list was read once since the session came up."""
-    in_progress: dict[str, FileRecord] = field(default_factory=dict)
-    have: set[bytes] = field(default_factory=set)
-    window_bytes: int = 0
-    window_start: float = 0.0
-    rate: float = 0.0
-    last_block_at: float = float("-inf")
 
 
 @dataclass(slots=True)
@@ -217,55 +140,12 @@ class Failure:
     """Engine time of the next attempt; infinite while a retried download runs."""
 
 
-@dataclass(slots=True)
-class Download:
-    """A file being assembled from peers' blocks and local copies."""
-
-    record: FileRecord
-    planned: LocalState
-    sources: tuple[bytes, ...]
-    assembly: Assembly | None = None
-    done: set[int] = field(default_factory=set)
-    writing: int = 0
-    finishing: bool = False
-    conflict: planner.Conflict | None = None
-    """The local loser to move aside under its conflict name when the download is placed."""
-    conflict_moved: bool = False
-    """The loser is under its conflict name now (moved back if the placement fails)."""
-    abandoned: bool = False
-    """No longer wanted; its descriptors close once no write or commit uses them."""
-    bytes_done: int = 0
-    index_at: dict[int, int] = field(default_factory=dict)
-    """Block index by offset."""
-    offered: dict[bytes, bool] = field(default_factory=dict)
-    """Peers the scheduler was told hold this file: True for all of it, False for the
-    blocks they had verified while downloading it themselves."""
-
-    def __post_init__(self) -> None:
-        self.index_at = {block.offset: i for i, block in enumerate(self.record.blocks)}
-
-    @property
-    def path(self) -> str:
-        return self.record.path
-
-    @property
-    def complete(self) -> bool:
-        return len(self.done) == len(self.record.blocks) and self.writing == 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Opened:
-    """A download opened off the loop: its file, what the plan saw at its path, the blocks
-    already verified in it (a resume) and where contents it needs already lie here."""
-
-    assembly: Assembly
-    planned: LocalState
-    done: set[int]
-    local_sources: dict[bytes, LocalSource]
-
-
 class FolderSync:
-    """One shared folder: its scans, peers, plan, downloads and the blocks it serves."""
+    """One shared folder: its scans, plan and actions; its downloads (``downloads``) and
+    its peer exchange (``exchange``)."""
+
+    downloads: Downloads
+    exchange: Exchange
 
     def __init__(self, engine: Engine, config: FolderConfig, info: FolderInfo) -> None:
         self.engine = engine
@@ -275,47 +155,24 @@ class FolderSync:
         self.folder_id = keys.folder_id(self.raw_key)
         self.root = Path(config.path)
         self.store = FolderStore(self.root)
-        self.writer = BlockWriter(self.store, engine.index, info.id)
         self.rules = FolderRules(self.root, config.ignore)
         self.state = "scanning"
         self.reason = ""
-        self.links: dict[bytes, PeerLink] = {}
-        self.downloads: dict[str, Download] = {}
         self.server = BlockServer(
             BlockReader(self.store, engine.index, info.id),
             send=engine.endpoint.send_block,
             reject=engine.endpoint.reject,
             kick=engine.kick,
             spawn=engine.spawn,
-            downloads=lambda: self.downloads,
+            downloads=lambda: self.downloads.active,
         )
-        self.scheduler = Scheduler(
-            random.Random(int.from_bytes(self.folder_id[:8], "big")),
-            SchedulerConfig(request_timeout=engine.config.transfer.request_timeout),
-        )
-        self.requests: dict[int, tuple[bytes, BlockRef]] = {}
-        self.committing: set[str] = set()
-        """Paths whose finished download waits to be put in place, or is being put."""
-        self.to_place: list[Download] = []
-        self.placing = False
-        self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
+        self.exchange = Exchange(self, engine, self.server)
+        self.downloads = Downloads(self, engine, self.exchange)
         self.failures: dict[str, Failure] = {}
         """Paths that failed here (a directory not writable, …); they make the folder
         ``error`` and are retried with backoff, and at once after a scan."""
         self.plan_problems: dict[str, str] = {}
         """Paths the last plan left out, and why (a structure no disk can hold, …)."""
-        self.deferred: dict[str, int] = {}
-        """Files (and sizes) the plan wants but the scheduler had no room for yet."""
-        self.waiting: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
-        """Fetches of the last plan waiting for a download slot, in the plan's order."""
-        self.wanted: set[str] = set()
-        """Paths the last plan fetches (or waits for space to fetch)."""
-        self.remotes: dict[bytes, dict[str, FileRecord]] = {}
-        """The peers' records the last plan saw (for the downloads it starts later)."""
-        self.opening: set[str] = set()
-        """Paths whose downloads are being opened (off the loop) right now."""
-        self.open_held: asyncio.TimerHandle | None = None
-        """Set while new downloads wait for file descriptors to be freed."""
         self.conflict_paths: set[str] = set()
         """Conflict copies held here, by path."""
         self.missing = False
@@ -346,9 +203,6 @@ class FolderSync:
         self.scanned = asyncio.Event()
         self.dirty = asyncio.Event()
         self.synced = asyncio.Event()
-        self.pending_have: list[bytes] = []
-        self.have_flush: asyncio.TimerHandle | None = None
-        self.announce_downloads = False
 
     # -- local side -----------------------------------------------------------------------
 
@@ -445,8 +299,8 @@ class FolderSync:
         name, and recorded as new files by the scan that follows."""
         moved = 0
         for path, name in orphans:
-            await self._own_write(path)
-            await self._own_write(name)
+            await self.own_write(path)
+            await self.own_write(name)
             try:
                 await asyncio.to_thread(self.store.rename_local, path, name)
             except LanshareError as exc:
@@ -579,149 +433,12 @@ class FolderSync:
 
     def announce_sequence(self) -> None:
         self._stamp_marker()
-        sequence = self.info_sequence()
-        for link in self.links.values():
-            self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
+        self.exchange.announce(self.info_sequence())
         self.engine.sequence_changed()
         self.engine.kick()
 
-    # -- peers and manifests --------------------------------------------------------------
-
-    def session_up(self, peer: bytes, addr: Addr) -> None:
-        known = self.engine.index.remote_peer(self.info.id, peer)
-        link = PeerLink(peer, addr, known_sequence=known.max_sequence if known else 0)
-        link.window_start = self.engine.now()
-        self.links[peer] = link
-        self.ask_manifest(link)
-        # Our in-progress downloads are news for it too.
-        self.engine.endpoint.notify(peer, self.folder_id, self.info_sequence())
-
-    def session_down(self, peer: bytes) -> None:
-        link = self.links.pop(peer, None)
-        if link is None:
-            return
-        for rid, (owner, _) in list(self.requests.items()):
-            if owner == peer:
-                del self.requests[rid]
-        self.outgoing = {k: v for k, v in self.outgoing.items() if k[0] != peer}
-        self._apply_steps(self.scheduler.peer_gone(peer))
-        for download in self.downloads.values():
-            download.offered.pop(peer, None)
-        if link.in_progress:
-            self.dirty.set()
-        self.pump()
-
     def info_sequence(self) -> int:
         return self.engine.index.sequence(self.info.id)
-
-    def ask_manifest(self, link: PeerLink) -> None:
-        if link.manifest_request is not None:
-            link.refetch = True
-            return
-        link.refetch = False
-        link.manifest_request = self.engine.endpoint.request_manifest(
-            link.peer, self.folder_id, link.known_sequence
-        )
-        self.engine.kick()
-
-    async def answer_manifest(self, event: ManifestRequested) -> None:
-        info = await asyncio.to_thread(self.engine.index.folder, self.info.id)
-        entries = [encode_entry(BatchHeader(info.index_id, info.sequence))]
-        size = wire.manifest_batch_size(entries)
-        # In-progress downloads go first but may fill at most half of the batch.
-        for download in reversed(self._shared_downloads()):
-            entry = encode_entry(InProgress(download.record, tuple(sorted(download.done))))
-            if size + 4 + len(entry) > event.max_size // 2:
-                break
-            entries.append(entry)
-            size += 4 + len(entry)
-        records = await asyncio.to_thread(
-            self.engine.index.records_since,
-            self.info.id,
-            event.since_seq,
-            MANIFEST_RECORDS_PER_BATCH,
-        )
-        more = len(records) == MANIFEST_RECORDS_PER_BATCH
-        for record in records:
-            encoded = encode_entry(record)
-            if size + 4 + len(encoded) > event.max_size:
-                more = True
-                break
-            entries.append(encoded)
-            size += 4 + len(encoded)
-        self.engine.endpoint.send_manifest(event.request_id, entries, more)
-        self.engine.kick()
-
-    async def manifest_received(self, event: ManifestReceived) -> None:
-        link = self.links.get(event.peer)
-        if link is None or link.manifest_request != event.request_id:
-            return
-        records: list[FileRecord] = []
-        in_progress: dict[str, FileRecord] = {}
-        have: set[bytes] = set()
-        restart = False
-        for raw in event.records:
-            try:
-                entry = decode_entry(raw)
-            except DecodeError as exc:
-                self.engine.count_hostile(event.peer, f"bad manifest entry: {exc}")
-                continue
-            if isinstance(entry, BatchHeader):
-                restart = await self._check_index_id(link, entry)
-            elif isinstance(entry, InProgress):
-                in_progress[entry.record.path] = entry.record
-                have.update(entry.record.blocks[i].hash for i in entry.verified)
-            else:
-                records.append(entry)
-        link.manifest_request = None
-        if restart:
-            self.ask_manifest(link)
-            return
-        if records:
-            link.known_sequence = await asyncio.to_thread(
-                self.engine.index.remote_upsert, self.info.id, event.peer, records
-            )
-        if in_progress.keys() != link.in_progress.keys() or have - link.have:
-            link.in_progress = in_progress
-            link.have |= have
-            self.scheduler.peer_has(event.peer, have)
-        if event.more or link.refetch:
-            self.ask_manifest(link)
-        else:
-            link.listed = True
-        self.dirty.set()
-
-    async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
-        index_id = header.index_id
-        known = await asyncio.to_thread(self.engine.index.remote_peer, self.info.id, link.peer)
-        if known is not None and known.index_id not in (b"", index_id):
-            logger.info("peer %s reset its index; reading it again", link.peer.hex())
-            await asyncio.to_thread(
-                self.engine.index.remote_reset, self.info.id, link.peer, index_id
-            )
-            link.known_sequence = 0
-            return True
-        if known is None or known.index_id == b"":
-            await asyncio.to_thread(
-                self.engine.index.remote_reset, self.info.id, link.peer, index_id
-            )
-            if known is not None and known.max_sequence:
-                link.known_sequence = 0
-                return True
-        return False
-
-    def notified(self, event: NotificationReceived) -> None:
-        link = self.links.get(event.peer)
-        if link is None:
-            return
-        if event.have:
-            fresh = set(event.have) - link.have
-            link.have |= fresh
-            if fresh:
-                self.scheduler.peer_has(event.peer, fresh)
-                self.pump()
-        if event.seq > link.known_sequence or not event.have:
-            self.ask_manifest(link)
 
     # -- for ls and pull (lanshare.listing) -------------------------------------------------
 
@@ -750,14 +467,12 @@ class FolderSync:
 
     def bytes_fetched(self, rel: str) -> int | None:
         """Bytes of ``rel`` verified so far, or None when it is not being downloaded."""
-        download = self.downloads.get(rel)
-        return None if download is None else download.bytes_done
+        return self.downloads.bytes_fetched(rel)
 
     def peers_listed(self) -> tuple[int, bool]:
         """How many peers are connected for this folder, and whether every one of them has
         answered every manifest request (what they list is then all they have)."""
-        idle = all(link.manifest_request is None for link in self.links.values())
-        return len(self.links), idle
+        return self.exchange.peers_listed()
 
     # -- planning -------------------------------------------------------------------------
 
@@ -790,32 +505,17 @@ class FolderSync:
         """
         async with self.busy:
             result, fetches, remotes = await self._decide_and_change()
-        wanted = set(self.waiting_for_space)
-        self.deferred.clear()
-        self.remotes = remotes
-        waiting: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
-        now = self.engine.now()
-        for action, conflict in fetches:
-            wanted.add(action.path)
-            failure = self.failures.get(action.path)
-            if failure is not None and failure.retry_at > now:
-                continue  # failed lately: its retry is due later (or after a scan)
-            if await self._want(action, remotes, conflict):
-                waiting[action.path] = (action, conflict)
-        self.wanted, self.waiting = wanted, waiting
-        for path in [p for p in self.downloads if p not in wanted]:
-            await self._abandon(path, discard=True)
-        await self._start_waiting()
+        await self.downloads.take_plan(fetches, remotes, set(self.waiting_for_space))
         await self._drop_stale_partials()
         if not result.paused and not self.local_pause and not self.disk_full:
-            if self.downloads or self.committing or self.deferred or self.waiting:
+            if self.downloads.busy():
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
                 self.state, self.reason = "in_sync", ""
                 self.synced.set()
-        if self.downloads or self.waiting:
+        if self.downloads.active or self.downloads.waiting:
             self.synced.clear()
-        self.pump()
+        self.downloads.pump()
 
     async def _decide_and_change(
         self,
@@ -832,12 +532,12 @@ class FolderSync:
         now = held if held is not None else time.time()
         allowed, self.allow_mass_delete = self.allow_mass_delete, False
         self.waiting_for_space.clear()
-        for peer, link in self.links.items():
+        for peer, link in self.exchange.links.items():
             if link.in_progress:
                 merged = dict(remotes.get(peer, {}))
                 for path, record in link.in_progress.items():
                     current = merged.get(path)
-                    if current is None or not _same_content(current, record):
+                    if current is None or not same_content(current, record):
                         merged[path] = record
                 remotes[peer] = merged
         result = planner.plan(
@@ -875,7 +575,7 @@ class FolderSync:
             actions = tuple(a for a in actions if _in_scope(a, scope))
         # A failure whose path no longer needs an action here was settled another way (a
         # newer version, the path deleted): it is no problem any more.
-        needed = {a.path for a in actions} | set(self.downloads) | self.committing
+        needed = {a.path for a in actions} | set(self.downloads.active) | self.downloads.committing
         for path in [p for p in self.failures if p not in needed]:
             del self.failures[path]
         tick = self.engine.now()
@@ -909,12 +609,12 @@ class FolderSync:
                     deleted[origin] = deleted.get(origin, 0) + 1
             except LocalChangeError as exc:
                 logger.info("folder %s: %s", self.root, exc)
-                await self._local_change(action.path)
+                await self.local_change(action.path)
                 self.dirty.set()
             except DiskFullError as exc:
-                await self._pause_for_space(exc)
+                await self.pause_for_space(exc)
             except LanshareError as exc:
-                self._fail(action.path, exc)
+                self.fail(action.path, exc)
             else:
                 self.failures.pop(action.path, None)
         if allowed and deleted:
@@ -926,13 +626,13 @@ class FolderSync:
             )
         return result, fetches, remotes
 
-    def _fail(self, path: str, exc: LanshareError) -> None:
+    def fail(self, path: str, exc: LanshareError) -> None:
         """``path`` failed here: keep why, for ``status``, and when to try it again.
 
         A process out of file descriptors is no failure of the file that met it: new
         downloads wait a moment, and the plan that follows asks for the file again."""
         if isinstance(exc, DescriptorsExhausted):
-            self._hold_opening(exc)
+            self.downloads.hold_opening(exc)
             return
         old = self.failures.get(path)
         attempts = old.attempts + 1 if old is not None else 1
@@ -948,7 +648,7 @@ class FolderSync:
                 delay,
             )
 
-    def _retry_due(self, path: str) -> None:
+    def retry_due(self, path: str) -> None:
         """A retried download of a failing path stopped without failing again (paused for
         space, fetched again after a bad block): the next plan may try it, or nothing would
         ever retry it and the folder would stay ``error``. (A deferred one is asked again
@@ -957,7 +657,19 @@ class FolderSync:
         if failure is not None and failure.retry_at == float("inf"):
             failure.retry_at = self.engine.now()
 
-    def _log_conflict(self, conflict: planner.Conflict) -> None:
+    def failed_lately(self, path: str, now: float) -> bool:
+        failure = self.failures.get(path)
+        return failure is not None and failure.retry_at > now
+
+    def retrying(self, path: str) -> None:
+        failure = self.failures.get(path)
+        if failure is not None:  # being retried: it stays a problem until it is in place
+            failure.retry_at = float("inf")
+
+    def settled(self, path: str) -> None:
+        self.failures.pop(path, None)
+
+    def log_conflict(self, conflict: planner.Conflict) -> None:
         def origin(changed: FileRecord, other: FileRecord) -> str:
             device = planner.change_origin(changed.version, other.version)
             if device == self.engine.short_id:
@@ -976,7 +688,7 @@ class FolderSync:
             conflict.conflict_name,
         )
 
-    async def _pause_for_space(self, exc: DiskFullError) -> None:
+    async def pause_for_space(self, exc: DiskFullError) -> None:
         """The disk is full: stop every download (their verified blocks stay, to resume)
         and fetch nothing until space is freed or the user runs ``resume``."""
         if not self.disk_full:
@@ -988,9 +700,10 @@ class FolderSync:
                 self.free_at_pause = 0
         self.state, self.reason = "paused", self.disk_full
         self.synced.clear()
-        for download in list(self.downloads.values()):
-            self.waiting_for_space[download.path] = download.record.size - download.bytes_done
-            await self._abandon(download.path, discard=False)
+        self.waiting_for_space.update(await self.downloads.abandon_all())
+
+    def wait_for_space(self, path: str, size: int) -> None:
+        self.waiting_for_space[path] = size
 
     async def check_space(self) -> None:
         """Resume pulls a full disk paused once space was freed."""
@@ -1017,15 +730,13 @@ class FolderSync:
         partials = await asyncio.to_thread(index.partials, self.info.id)
         for partial in partials:
             path = partial.path
-            if path in self.downloads or path in self.committing or path in self.waiting:
-                continue
-            # Still wanted: deferred by the scheduler, or failed and due for a retry, it
+            # Still wanted (deferred by the scheduler, or failed and due for a retry), it
             # resumes from its verified blocks (another version's file goes when it opens).
-            if path in self.opening or path in self.wanted:
+            if self.downloads.keeps(path):
                 continue
-            if self.scope is not None and not _prioritised(path, self.scope):
+            if self.scope is not None and not prioritised(path, self.scope):
                 continue
-            await asyncio.to_thread(self.store.discard_temp, _temp_of(partial))
+            await asyncio.to_thread(self.store.discard_temp, temp_of(partial))
             await asyncio.to_thread(index.partial_drop, self.info.id, path)
 
     def _load_records(self) -> tuple[dict[str, FileRecord], dict[bytes, dict[str, FileRecord]]]:
@@ -1062,8 +773,8 @@ class FolderSync:
                     self.store.rename_local, conflict.conflict_name, conflict.path
                 )
             raise
-        await self._commit(conflict.copy_record)
-        self._log_conflict(conflict)
+        await self.commit(conflict.copy_record)
+        self.log_conflict(conflict)
 
     async def _apply(self, action: planner.Change) -> None:
         store = self.store
@@ -1071,7 +782,7 @@ class FolderSync:
         if isinstance(action, planner.MakeDir):
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
-            await self._own_write(action.path)
+            await self.own_write(action.path)
             await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
         elif isinstance(action, planner.SetMetadata):
             planned = await self._planned(action.replaces)
@@ -1081,12 +792,12 @@ class FolderSync:
         elif isinstance(action, planner.Delete):
             planned = await self._planned(action.replaces)
             entry = action.replaces.type if action.replaces is not None else action.record.type
-            await self._own_write(action.path)
+            await self.own_write(action.path)
             await asyncio.to_thread(store.delete, action.path, entry, planned, now)
         elif isinstance(action, planner.BuildFromLocal):
             await self._build_from_local(action)
             return
-        await self._commit(action.record)
+        await self.commit(action.record)
 
     async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
         record = action.record
@@ -1106,7 +817,7 @@ class FolderSync:
                 await asyncio.to_thread(self.store.write_verified, assembly, block)
                 written.add(block.index)
             planned = await self._planned(action.replaces)
-            await self._own_write(record.path)
+            await self.own_write(record.path)
             (error,) = await asyncio.to_thread(
                 self.store.place, [Placement(assembly, planned, written)], time.time()
             )
@@ -1117,9 +828,9 @@ class FolderSync:
             assembly.close()
             if not placed:  # no index row tracks this temporary file: it goes now
                 await asyncio.to_thread(self.store.discard, record)
-        await self._commit(record)
+        await self.commit(record)
 
-    async def _commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
+    async def commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
         """Record that ``records`` are now on disk (each with a new local sequence), and
         forget the partial downloads of the paths ``finished``, in one transaction."""
 
@@ -1146,9 +857,9 @@ class FolderSync:
         the store need not read the file again to know it is unchanged."""
         if replaces is None:
             return LocalState.of(None)
-        return await asyncio.to_thread(self._planned_now, replaces)
+        return await asyncio.to_thread(self.planned_now, replaces)
 
-    async def _local_change(self, path: str) -> None:
+    async def local_change(self, path: str) -> None:
         """The store refused to touch ``path``, changed since the plan: rescan, reading
         ``path`` again whatever its stat says (an edit that kept size and mtime on FAT,
         whose ctime is its mtime, leaves the scan cache as it was)."""
@@ -1158,622 +869,17 @@ class FolderSync:
         self.server.invalidate([path])
         self.engine.spawn(self.scan([path]))
 
-    async def _own_write(self, rel: str) -> None:
+    async def own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
         if watcher is not None:
             watcher(rel)
 
-    # -- downloads ------------------------------------------------------------------------
-
-    async def _want(
-        self,
-        action: planner.Fetch,
-        remotes: dict[bytes, dict[str, FileRecord]],
-        conflict: planner.Conflict | None = None,
-    ) -> bool:
-        """Whether ``action`` needs a new download; a running one of the same version
-        only learns which peers hold it now."""
-        if action.path in self.committing or action.path in self.opening:
-            # A finished download of this path waits to be put in place (or this path is
-            # being opened): this plan was made before that is recorded, and the pass that
-            # follows it decides again.
-            return False
-        existing = self.downloads.get(action.path)
-        if existing is not None:
-            if existing.record.file_hash == action.record.file_hash and (
-                existing.record.version == action.record.version
-            ):
-                existing.conflict = conflict
-                self._offer(existing, remotes)
-                return False
-            # Same content under a newer version: keep the verified blocks (same temp file).
-            same = existing.record.file_hash == action.record.file_hash
-            await self._abandon(action.path, discard=not same)
-        return True
-
-    def _slots(self) -> int:
-        """Downloads fetched at once: each one keeps its temporary file open, and the
-        store's bound on open files must hold them all with as many again being put in
-        place."""
-        return max(1, self.store.assemblies.capacity // 2)
-
-    def _free_slots(self) -> int:
-        fetching = sum(1 for d in self.downloads.values() if not d.finishing)
-        return self._slots() - fetching - len(self.opening)
-
-    def _refill_at(self) -> int:
-        """Free slots worth a thread hop: a batch, not one hop per finished file."""
-        return max(1, min(self._slots() // REFILL_FRACTION, len(self.waiting)))
-
-    async def _start_waiting(self, *, refill: bool = False) -> None:
-        """Open downloads for the waiting fetches while slots are free (``refill``: while
-        enough are free to be worth it): many per thread hop (and one index transaction),
-        then schedule them all and send requests."""
-        while self.waiting and not self.disk_full and self.open_held is None:
-            free = self._free_slots()
-            if free <= 0 or (refill and free < self._refill_at()):
-                return
-            batch = []
-            for path in list(self.waiting)[:free]:
-                batch.append(self.waiting.pop(path))
-                self.opening.add(path)
-            try:
-                opened = await asyncio.to_thread(self._open_downloads, batch)
-            finally:
-                self.opening.difference_update(a.path for a, _ in batch)
-            again: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
-            for (action, conflict), outcome in zip(batch, opened, strict=True):
-                if self._started(action, conflict, outcome) and action.path in self.wanted:
-                    again[action.path] = (action, conflict)
-            if again:  # first in line again, as the plan ordered them
-                self.waiting = {**again, **self.waiting}
-            self.pump()
-
-    def _started(
-        self,
-        action: planner.Fetch,
-        conflict: planner.Conflict | None,
-        outcome: _Opened | LanshareError | None,
-    ) -> bool:
-        """Take a download opened off the loop into the transfer (or note why not); True
-        when it is to wait for a slot again (the process ran out of descriptors)."""
-        record = action.record
-        if outcome is None:  # out of descriptors before its turn
-            return True
-        if isinstance(outcome, DescriptorsExhausted):
-            self._hold_opening(outcome)
-            return True
-        if isinstance(outcome, DiskFullError):
-            self.engine.spawn(self._pause_for_space(outcome))
-            self.waiting_for_space[record.path] = record.size
-            return False
-        if isinstance(outcome, LanshareError):
-            self._fail(record.path, outcome)
-            return False
-        if self.disk_full or record.path not in self.wanted or record.path in self.downloads:
-            # The disk filled, or a plan made meanwhile no longer wants this version (its
-            # temporary file stays for that plan's clean-up, or to resume).
-            outcome.assembly.close()
-            if self.disk_full:
-                self.waiting_for_space[record.path] = record.size
-            return False
-        download = Download(record, outcome.planned, action.sources)
-        download.conflict = conflict
-        download.assembly, download.done = outcome.assembly, outcome.done
-        download.bytes_done = sum(record.blocks[i].size for i in download.done)
-        self.downloads[record.path] = download
-        failure = self.failures.get(record.path)
-        if failure is not None:  # being retried: it stays a problem until it is in place
-            failure.retry_at = float("inf")
-        self._downloads_changed()
-        needed = [b for i, b in enumerate(record.blocks) if i not in download.done]
-        availability = self._availability(record, self.remotes)
-        download.offered = {peer: hashes is None for peer, hashes in availability.items()}
-        self._schedule_file(download, needed, availability, outcome.local_sources)
-        if self.downloads.get(record.path) is download and download.complete:
-            self._finish_soon(download)
-        return False
-
-    def _hold_opening(self, exc: DescriptorsExhausted) -> None:
-        """Out of file descriptors: start no download for a while (those running free
-        theirs as they finish), then carry on. Never a failure of the file that met it."""
-        if self.open_held is not None:
-            return
-        logger.info(
-            "folder %s: %s; new downloads wait %.1f s", self.root, exc.__cause__ or exc, OPEN_RETRY
-        )
-
-        def resume() -> None:
-            self.open_held = None
-            self.engine.spawn(self._start_waiting(refill=True))
-            self.dirty.set()  # an action the plan applies itself may have met it too
-
-        self.open_held = asyncio.get_running_loop().call_later(OPEN_RETRY, resume)
-
-    def _open_downloads(
-        self, batch: list[tuple[planner.Fetch, planner.Conflict | None]]
-    ) -> list[_Opened | LanshareError | None]:
-        """Open (or reopen, to resume) the temporary files of ``batch`` and record them in
-        the index, in one transaction. Blocking: one thread hop for the whole batch.
-
-        For each fetch: the download opened, the error that kept it from opening, or None
-        when the process ran out of descriptors before its turn (it waits for a slot).
-        """
-        index = self.engine.index
-        outcomes: list[_Opened | LanshareError | None] = [None] * len(batch)
-        assemblies: dict[int, tuple[Assembly, LocalState]] = {}
-        for i, (action, _) in enumerate(batch):
-            record = action.record
-            try:
-                planned = self._planned_now(action.replaces)
-                temp = self.store.temp_path(record)
-                old = index.partial_get(self.info.id, record.path)
-                if old is not None and _temp_of(old) != temp:
-                    # A download of another version of this path was left behind (a crash, a
-                    # local edit): its temporary file goes, or it would stay forever.
-                    self.store.discard_temp(_temp_of(old))
-                assemblies[i] = (self.store.begin(record), planned)
-            except DescriptorsExhausted as exc:
-                outcomes[i] = exc
-                break
-            except LanshareError as exc:
-                outcomes[i] = exc
-        try:
-            with index.transaction():
-                partials = {
-                    i: index.partial_begin(
-                        self.info.id,
-                        batch[i][0].path,
-                        self.store.temp_path(batch[i][0].record),
-                        batch[i][0].record.file_hash,
-                    )
-                    for i in assemblies
-                }
-        except LanshareError as exc:
-            for i, (assembly, _) in assemblies.items():
-                assembly.close()
-                outcomes[i] = exc
-            return outcomes
-        for i, (assembly, planned) in assemblies.items():
-            record = assembly.record
-            try:
-                done: set[int] = set()
-                if partials[i].verified:
-                    done = self.store.verified_blocks(assembly, set(partials[i].verified))
-                needed = [b for n, b in enumerate(record.blocks) if n not in done]
-                outcomes[i] = _Opened(assembly, planned, done, self._local_sources(needed))
-            except LanshareError as exc:
-                assembly.close()
-                outcomes[i] = exc
-        return outcomes
-
-    def _planned_now(self, replaces: FileRecord | None) -> LocalState:
+    def planned_now(self, replaces: FileRecord | None) -> LocalState:
         """:meth:`_planned`, blocking."""
         if replaces is None:
             return LocalState.of(None)
         cache = self.engine.index.stat_cache(self.info.id, replaces.path, replaces.sequence)
         return LocalState.of(replaces, *cache)
-
-    def _availability(
-        self, record: FileRecord, remotes: dict[bytes, dict[str, FileRecord]]
-    ) -> dict[bytes, Collection[bytes] | None]:
-        """What each connected peer can serve of ``record``: None for all of it (it has
-        this version), else the blocks it announced (while downloading, of any file)."""
-        availability: dict[bytes, Collection[bytes] | None] = {}
-        for peer, link in self.links.items():
-            theirs = remotes.get(peer, {}).get(record.path)
-            if theirs is not None and _same_content(theirs, record):
-                in_progress = link.in_progress.get(record.path)
-                availability[peer] = link.have if in_progress is theirs else None
-            elif link.have:
-                availability[peer] = link.have
-        return availability
-
-    def _offer(self, download: Download, remotes: dict[bytes, dict[str, FileRecord]]) -> None:
-        """Tell the scheduler about peers that gained this download's file since it was
-        planned: a session that came up later (after a restart the first plan runs on the
-        peers' records in the index, before discovery finds them), or a peer that finished
-        its own copy."""
-        offered = False
-        for peer, hashes in self._availability(download.record, remotes).items():
-            full = hashes is None
-            if download.offered.get(peer) in (True, full):
-                continue
-            download.offered[peer] = full
-            blocks = download.record.blocks
-            self.scheduler.peer_has(peer, {b.hash for b in blocks} if full else hashes or ())
-            offered = True
-        if offered:
-            self.pump()
-
-    def _schedule_file(
-        self,
-        download: Download,
-        needed: list[Any],
-        availability: dict[bytes, Collection[bytes] | None],
-        local_sources: dict[bytes, LocalSource],
-    ) -> None:
-        priority = 0 if _prioritised(download.path, self.priority) else 1
-        # Blocks of the same file at several indexes share one piece; the scheduler copies
-        # the later ones locally. Its refs number blocks in `needed`; keep a map back.
-        ok = self.scheduler.add_file(
-            download.path,
-            needed,
-            availability,
-            local_sources=local_sources,
-            priority=priority,
-        )
-        if not ok:  # asked again by the plan that follows the next placement
-            self.deferred[download.path] = download.record.size
-            del self.downloads[download.path]
-            if download.assembly is not None:
-                download.assembly.close()
-
-    def _local_sources(self, blocks: Iterable[Any]) -> dict[bytes, LocalSource]:
-        found: dict[bytes, LocalSource] = {}
-        for block in blocks:
-            if block.hash in found:
-                continue
-            for location in self.engine.index.find_block(block.hash, self.info.id):
-                found[block.hash] = LocalSource(location.path, location.offset)
-                break
-        return found
-
-    def pump(self) -> None:
-        """Turn the scheduler's next steps into requests, cancels and local copies, and
-        start waiting downloads when slots are free."""
-        startable = self.waiting and not self.opening and self.open_held is None
-        if startable and self._free_slots() >= self._refill_at():
-            self.engine.spawn(self._start_waiting(refill=True))
-        if not self.downloads:
-            return
-        self._apply_steps(self.scheduler.next_requests(self.engine.now()))
-        self.engine.kick()
-
-    def _apply_steps(self, steps: Iterable[Request | Cancel | LocalCopy]) -> None:
-        endpoint = self.engine.endpoint
-        for step in steps:
-            if isinstance(step, Request):
-                download = self.downloads.get(step.block.file_id)
-                if download is None:
-                    continue
-                index = self._block_index(download, step.block)
-                rid = endpoint.request_block(
-                    step.peer,
-                    self.folder_id,
-                    path=download.path,
-                    index=index,
-                    offset=step.block.offset,
-                    size=step.block.size,
-                    hash=step.block.hash,
-                    hash_algo=download.record.hash_algo,
-                )
-                self.requests[rid] = (step.peer, step.block)
-                self.outgoing[(step.peer, step.block)] = rid
-            elif isinstance(step, Cancel):
-                rid = self.outgoing.pop((step.peer, step.block), -1)
-                if rid >= 0:
-                    self.requests.pop(rid, None)
-                    endpoint.cancel(rid)
-            else:
-                self.engine.spawn(self._local_copy(step))
-
-    @staticmethod
-    def _block_index(download: Download, ref: BlockRef) -> int:
-        # The scheduler numbers only the blocks it was given (the missing ones).
-        return download.index_at[ref.offset]
-
-    async def _local_copy(self, copy: LocalCopy) -> None:
-        download = self.downloads.get(copy.target.file_id)
-        if download is None:
-            return
-        source = copy.source
-        algo = download.record.hash_algo
-        target = copy.target
-        block = Block(source.offset, target.size, target.hash)
-        data: bytes | None = None
-        if isinstance(source, LocalSource):
-            data = await asyncio.to_thread(self.store.read_block, source.path, block, algo)
-        else:
-            other = self.downloads.get(source.file_id)
-            if other is not None and other.assembly is not None:
-                rel = FolderStore.temp_path(other.record)
-                data = await asyncio.to_thread(self.store.read_block, rel, block, algo)
-        if data is None:
-            self._apply_steps(self.scheduler.on_block_failed(target, None, BlockFail.LOCAL, 0.0))
-            self.pump()
-            return
-        # read_block checked the bytes against the hash as it read them.
-        verified = VerifiedBlock(self._block_index(download, target), data)
-        await self._write(download, target, verified, peer=None)
-
-    async def block_received(self, event: BlockReceived) -> None:
-        owner = self.requests.pop(event.request_id, None)
-        if owner is None:
-            return
-        peer, ref = owner
-        self.outgoing.pop((peer, ref), None)
-        link = self.links.get(peer)
-        if link is not None:
-            self._measure(link, len(event.data))
-        download = self.downloads.get(ref.file_id)
-        if download is None:
-            return
-        # The protocol delivers a block only once it matches the hash it was asked for.
-        verified = VerifiedBlock(self._block_index(download, ref), event.data)
-        await self._write(download, ref, verified, peer=peer)
-
-    async def _write(
-        self, download: Download, ref: BlockRef, block: VerifiedBlock, *, peer: bytes | None
-    ) -> None:
-        index = block.index
-        if index in download.done or download.assembly is None or _gone(download):
-            self._apply_steps(self.scheduler.on_block_done(ref, peer))
-            return
-        download.writing += 1
-        try:
-            await self.writer.write(download.assembly, block)
-        except IntegrityError:
-            reason = BlockFail.INTEGRITY if peer is not None else BlockFail.LOCAL
-            if peer is not None:
-                self.engine.count_hostile(peer, f"block {index} of {download.path} failed its hash")
-            self._apply_steps(self.scheduler.on_block_failed(ref, peer, reason, self.engine.now()))
-            self.pump()
-            return
-        except DiskFullError as exc:
-            if not _gone(download):
-                await self._pause_for_space(exc)
-            return
-        except LanshareError as exc:
-            if _gone(download):
-                return
-            self._fail(download.path, exc)
-            await self._abandon(download.path, discard=False)
-            return
-        finally:
-            download.writing -= 1
-            if _gone(download):
-                _release(download)
-        if _gone(download):
-            return
-        if index not in download.done:
-            download.done.add(index)
-            download.bytes_done += ref.size
-        self._apply_steps(self.scheduler.on_block_done(ref, peer))
-        self._queue_have(ref.hash)
-        if download.complete:
-            self._finish_soon(download)
-        self.pump()
-
-    def _finish_soon(self, download: Download) -> None:
-        if not download.finishing:
-            download.finishing = True
-            # Its temporary file is spoken for from now on, even if a plan abandons it
-            # before the placement gets its turn.
-            self.committing.add(download.path)
-            self.to_place.append(download)
-            if not self.placing:
-                self.placing = True
-                self.engine.spawn(self._place_finished())
-
-    async def _place_finished(self) -> None:
-        """Put finished downloads in place, all that are ready in one go: one thread hop
-        places them (``store.place``: fsync each file, rename each, fsync each directory
-        once), then one index transaction and one announcement for the lot (each
-        announcement has every peer read our file list again)."""
-        try:
-            async with self.busy:
-                while self.to_place:
-                    batch, self.to_place = self.to_place, []
-                    ready: list[tuple[Download, Placement]] = []
-                    for download in batch:
-                        assert download.assembly is not None
-                        planned = await self._prepare_placement(download)
-                        if planned is not None:
-                            done = frozenset(download.done)
-                            ready.append((download, Placement(download.assembly, planned, done)))
-                    if not ready:
-                        continue
-                    placements = [placement for _, placement in ready]
-                    errors = await asyncio.to_thread(self.store.place, placements, time.time())
-                    placed: list[tuple[Download, list[FileRecord]]] = []
-                    for (download, _), error in zip(ready, errors, strict=True):
-                        if error is None:
-                            placed.append((download, self._placed(download)))
-                        else:
-                            await self._not_placed(download, error)
-                    if not placed:
-                        continue
-                    paths = [d.path for d, _ in placed if not d.abandoned]
-                    try:
-                        records = (r for _, records in placed for r in records)
-                        await self._commit(*records, finished=paths)
-                    except LanshareError as exc:
-                        # The files are in place and the index could not say so: a scan of
-                        # them records what is there, once the index works again.
-                        logger.warning("folder %s: %s", self.root, exc)
-                        self.engine.spawn(self.scan([d.path for d, _ in placed]))
-                    finally:
-                        for download, _ in placed:
-                            self.committing.discard(download.path)
-                    self.dirty.set()
-        finally:
-            self.placing = False
-
-    async def _prepare_placement(self, download: Download) -> LocalState | None:
-        """Ready one finished download to be placed: the watcher told of our writes, the
-        local loser of a conflict moved aside. What the target must still be (None when
-        it cannot be placed: then it is replanned)."""
-        conflict = download.conflict
-        await self._own_write(download.path)
-        if conflict is None:
-            return download.planned
-        await self._own_write(conflict.conflict_name)
-        try:
-            await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
-        except (DiskFullError, DescriptorsExhausted) as exc:  # a wait, not a local change
-            await self._not_placed(download, exc)
-            return None
-        except StorageError as exc:  # gone or changed meanwhile: rescan, replan
-            await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
-            return None
-        except LanshareError as exc:
-            await self._not_placed(download, exc)
-            return None
-        download.conflict_moved = True
-        return LocalState(exists=False)
-
-    def _placed(self, download: Download) -> list[FileRecord]:
-        """A download is in place: whatever happened meanwhile, the index must say so. The
-        records to commit."""
-        record = download.record
-        conflict = download.conflict
-        if self.downloads.get(record.path) is download:
-            del self.downloads[record.path]
-            self._apply_steps(self.scheduler.remove_file(record.path))
-        self.failures.pop(record.path, None)
-        if conflict is None:
-            return [record]
-        self._log_conflict(conflict)
-        return [conflict.copy_record, record]
-
-    async def _not_placed(self, download: Download, exc: LanshareError) -> None:
-        """A finished download could not be put in place; it is replanned (or, when even
-        that fails, the path fails and is retried: never a path left placing for ever)."""
-        self.committing.discard(download.path)
-        download.finishing = False
-        try:
-            await self._replan(download, exc)
-        except LanshareError as failed:
-            logger.warning("folder %s: %s", self.root, failed)
-            self._fail(download.path, failed)
-            if self.downloads.get(download.path) is download:  # its temporary file stays
-                await self._abandon(download.path, discard=False)
-            else:
-                _release(download)
-            self.dirty.set()
-
-    async def _replan(self, download: Download, exc: LanshareError) -> None:
-        record = download.record
-        conflict = download.conflict
-        if download.conflict_moved and conflict is not None:
-            download.conflict_moved = False
-            with contextlib.suppress(LanshareError):
-                await asyncio.to_thread(
-                    self.store.rename_local, conflict.conflict_name, conflict.path
-                )
-        discard = isinstance(exc, IntegrityError)
-        if isinstance(exc, LocalChangeError):
-            # Never clobber a local edit. Keep the verified temporary file (a later plan
-            # that still wants this version resumes from it) and rescan, so the next plan
-            # sees the edit and decides: a newer local version, or a conflict copy.
-            logger.info("folder %s: %s", self.root, exc)
-            if self.engine.whole_folders:
-                await self._local_change(record.path)
-            else:
-                # A node that only fetches never records what it finds here as a version
-                # of its own, so a rescan would change nothing: the path fails instead.
-                self._fail(record.path, LocalChangeError(_OTHER_CONTENT.format(record.path)))
-        elif discard:
-            logger.warning("folder %s: %s; fetching it again", self.root, exc)
-        elif not isinstance(exc, DiskFullError):
-            self._fail(record.path, exc)
-        if self.downloads.get(record.path) is download:
-            await self._abandon(record.path, discard=discard)
-        else:  # abandoned while committing: the assembly is ours to close
-            _release(download)
-            if discard:
-                await asyncio.to_thread(self.store.discard, record)
-        if isinstance(exc, DiskFullError):
-            await self._pause_for_space(exc)
-            self.waiting_for_space[record.path] = record.size
-        self.dirty.set()
-
-    async def _abandon(self, path: str, *, discard: bool) -> None:
-        download = self.downloads.pop(path, None)
-        if download is None:
-            return
-        download.abandoned = True
-        self._retry_due(path)
-        self._apply_steps(self.scheduler.remove_file(path))
-        for rid, (_, ref) in list(self.requests.items()):
-            if ref.file_id == path:
-                del self.requests[rid]
-        self.outgoing = {k: v for k, v in self.outgoing.items() if k[1].file_id != path}
-        # Writes in flight (or a commit) still use the descriptors: the last one closes them.
-        _release(download)
-        if discard and not download.finishing:
-            await asyncio.to_thread(self.store.discard, download.record)
-            await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
-
-    def request_failed(self, event: RequestFailed) -> None:
-        owner = self.requests.pop(event.request_id, None)
-        if owner is None:
-            for link in self.links.values():
-                if link.manifest_request == event.request_id:
-                    link.manifest_request = None
-            return
-        peer, ref = owner
-        self.outgoing.pop((peer, ref), None)
-        reason = {
-            FailReason.INTEGRITY: BlockFail.INTEGRITY,
-            FailReason.PEER_GONE: BlockFail.GONE,
-        }.get(event.reason, BlockFail.TIMEOUT)
-        if reason is BlockFail.INTEGRITY:
-            self.engine.count_hostile(peer, "sent a block that failed its hash")
-        self._apply_steps(self.scheduler.on_block_failed(ref, peer, reason, self.engine.now()))
-        self.pump()
-
-    def _measure(self, link: PeerLink, size: int) -> None:
-        now = self.engine.now()
-        link.last_block_at = now
-        link.window_bytes += size
-        elapsed = now - link.window_start
-        if elapsed >= RATE_WINDOW:
-            link.rate = link.window_bytes / elapsed
-            link.window_bytes, link.window_start = 0, now
-            self.scheduler.update_rate(link.peer, link.rate)
-
-    def _queue_have(self, block_hash: bytes) -> None:
-        self.pending_have.append(block_hash)
-        self._schedule_flush()
-
-    def _shared_downloads(self) -> list[Download]:
-        """The downloads announced to peers for re-sharing, newest first: those of more than
-        one block. A one-block file has nothing to share before it is whole, and then it is
-        announced as a record: announcing it too would cost every manifest answer an entry
-        per small file in flight and a manifest round per file started."""
-        newest = reversed(self.downloads.values())
-        return list(itertools.islice(filter(_shareable, newest), MAX_IN_PROGRESS_ANNOUNCED))
-
-    def _downloads_changed(self) -> None:
-        """A download started (it is the newest): if peers are told of it, they re-read our
-        in-progress entries (a NOTIFY without HAVE hashes asks them to), so they can pull from
-        us what we still receive."""
-        newest = next(reversed(self.downloads.values()), None)
-        if newest is None or not _shareable(newest):
-            return
-        self.announce_downloads = True
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if self.have_flush is None:
-            loop = asyncio.get_running_loop()
-            self.have_flush = loop.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
-
-    def _flush_have(self) -> None:
-        self.have_flush = None
-        hashes, self.pending_have = self.pending_have, []
-        sequence = self.info_sequence()
-        if self.announce_downloads:
-            self.announce_downloads = False
-            for link in self.links.values():
-                self.engine.endpoint.notify(link.peer, self.folder_id, sequence)
-        for start in range(0, len(hashes), MAX_HAVE_PER_NOTIFY):
-            chunk = hashes[start : start + MAX_HAVE_PER_NOTIFY]
-            for link in self.links.values():
-                self.engine.endpoint.notify(link.peer, self.folder_id, sequence, chunk)
-        self.engine.kick()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -1784,34 +890,24 @@ class FolderSync:
         file list of every connected peer was read since it connected; a failing path makes
         the folder ``error`` (the paths and why are in ``problems``).
         """
-        now = self.engine.now()
+        links = self.exchange.links
         peers = []
-        for link in self.links.values():
+        for link in links.values():
             name = self.engine.peer_names.get(link.peer, "")
-            idle = now - link.last_block_at >= RATE_IDLE
             peers.append(
                 {
                     "id": link.peer.hex(),
                     "name": name,
                     "address": f"{link.addr[0]}:{link.addr[1]}",
-                    "rate": 0 if idle else round(link.rate),
-                    "need_bytes": self._need_from(link.peer),
+                    "rate": self.downloads.rate(link.peer),
+                    "need_bytes": self.downloads.need_from(link.peer),
                 }
             )
-        need_files = (
-            len(self.downloads)
-            + len(self.waiting_for_space)
-            + len(self.deferred)
-            + len(self.waiting)
-        )
-        need_bytes = (
-            sum(d.record.size - d.bytes_done for d in self.downloads.values())
-            + sum(self.waiting_for_space.values())
-            + sum(self.deferred.values())
-            + sum(action.record.size for action, _ in self.waiting.values())
-        )
+        fetching, fetching_bytes = self.downloads.need()
+        need_files = fetching + len(self.waiting_for_space)
+        need_bytes = fetching_bytes + sum(self.waiting_for_space.values())
         state, reason = self.state, self.reason or self._why_not_in_sync()
-        reading = sum(1 for link in self.links.values() if not link.listed)
+        reading = sum(1 for link in links.values() if not link.listed)
         if state in ("in_sync", "syncing") and self.failures:
             path, failure = min(self.failures.items())
             more = len(self.failures) - 1
@@ -1822,7 +918,7 @@ class FolderSync:
         elif state == "in_sync" and reading:
             # Not known to be in sync until every connected peer's file list was read.
             state, reason = "syncing", f"reading the file list of {reading} peer(s)"
-        elif state == "in_sync" and not self.links:
+        elif state == "in_sync" and not links:
             reason = "no peer connected"
         return {
             "path": str(self.root),
@@ -1833,7 +929,7 @@ class FolderSync:
             "conflicts": len(self.conflict_paths),
             "conflict_paths": sorted(self.conflict_paths)[:MAX_CONFLICT_PATHS],
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
-            "connected_peers": len(self.links),
+            "connected_peers": len(links),
             "sequence": self.info_sequence(),
             "peers": peers,
         }
@@ -1846,18 +942,13 @@ class FolderSync:
             problems.setdefault(path, message)
         return problems
 
-    def _need_from(self, peer: bytes) -> int:
-        return sum(
-            d.record.size - d.bytes_done for d in self.downloads.values() if peer in d.sources
-        )
-
     def _why_not_in_sync(self) -> str:
         if self.state != "syncing":
             return ""
-        stalled = self.scheduler.stalled(self.engine.now())
+        stalled = self.downloads.stalled()
         if stalled:
-            return f"no connected peer has {len(stalled)} of the blocks needed"
-        if not self.links:
+            return f"no connected peer has {stalled} of the blocks needed"
+        if not self.exchange.links:
             return "no peer connected"
         return ""
 
@@ -1924,8 +1015,7 @@ class Engine:
             return
         self.endpoint.close(folder=folder_id)
         self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
-        for download in list(sync.downloads):
-            await sync._abandon(download, discard=False)
+        await sync.downloads.abandon_all()
         await sync.server.close()
         self.kick()
 
@@ -2021,7 +1111,7 @@ class Engine:
             await asyncio.sleep(TICK_INTERVAL)
             now = self.now()
             for sync in self.folders.values():
-                sync.pump()
+                sync.downloads.pump()
                 # While the disk is full or the marker missing nothing is fetched or changed,
                 # and the folder plans again when that ends: a due retry would only re-plan
                 # on every tick. (A deletion to confirm holds back deletions only.)
@@ -2082,7 +1172,7 @@ class Engine:
             return
         if isinstance(event, SessionEstablished):
             logger.info("session with %s for %s up", event.peer.hex(), sync.root)
-            sync.session_up(event.peer, event.addr)
+            sync.exchange.session_up(event.peer, event.addr)
         elif isinstance(event, SessionClosed):
             if event.peer is not None:
                 if not self._closing:  # a stop closes them all: its own line says so
@@ -2092,19 +1182,20 @@ class Engine:
                         sync.root,
                         event.reason.name,
                     )
-                sync.session_down(event.peer)
+                sync.exchange.session_down(event.peer)
         elif isinstance(event, ManifestRequested):
-            self.spawn(sync.answer_manifest(event))
+            self.spawn(sync.exchange.answer_manifest(event))
         elif isinstance(event, ManifestReceived):
-            self.spawn(sync.manifest_received(event))
+            self.spawn(sync.exchange.manifest_received(event))
         elif isinstance(event, BlockRequested):
-            sync.server.request(event)
+            sync.exchange.block_requested(event)
         elif isinstance(event, BlockReceived):
-            self.spawn(sync.block_received(event))
+            self.spawn(sync.downloads.block_received(event))
         elif isinstance(event, RequestFailed):
-            sync.request_failed(event)
+            if not sync.downloads.request_failed(event):
+                sync.exchange.request_failed(event)
         elif isinstance(event, NotificationReceived):
-            sync.notified(event)
+            sync.exchange.notified(event)
         elif isinstance(event, RequestCancelled):
             pass
 
@@ -2136,46 +1227,13 @@ class Engine:
         }
 
 
-def _prioritised(path: str, priority: Collection[str]) -> bool:
-    return any(path == p or path.startswith(p + "/") or p == "" for p in priority)
-
-
-def _temp_of(partial: Partial) -> str:
-    """The partial's temporary file relative to the folder root (rows written before
-    temporary names were per path held the bare name, in the file's directory)."""
-    parent = partial.path.rpartition("/")[0]
-    if "/" in partial.temp_name or not parent:
-        return partial.temp_name
-    return f"{parent}/{partial.temp_name}"
-
-
 def _in_scope(action: planner.Action, scope: Collection[str]) -> bool:
     """The action is on a path in ``scope``, or makes a directory that leads to one."""
-    if _prioritised(action.path, scope):
+    if prioritised(action.path, scope):
         return True
     if isinstance(action, planner.MakeDir):
         return any(p.startswith(action.path + "/") for p in scope)
     return False
-
-
-def _same_content(a: FileRecord, b: FileRecord) -> bool:
-    return a.type == b.type and a.file_hash == b.file_hash and a.deleted == b.deleted
-
-
-def _gone(download: Download) -> bool:
-    """Whether the download was abandoned (re-read after every await)."""
-    return download.abandoned
-
-
-def _shareable(download: Download) -> bool:
-    return len(download.record.blocks) > 1
-
-
-def _release(download: Download) -> None:
-    """Close an abandoned download's file once no thread can be using its descriptors
-    (closing under a running ``pwrite`` could let the number be reused by another file)."""
-    if download.assembly is not None and download.writing == 0 and not download.finishing:
-        download.assembly.close()
 
 
 def _stat_cache(root: Path, record: FileRecord) -> tuple[int, int]:

@@ -368,9 +368,9 @@ class SimNode:
         engine = self.engine
         if engine is not None:
             for sync in engine.folders.values():
-                if sync.have_flush is not None:
-                    sync.have_flush.cancel()
-                for download in sync.downloads.values():
+                if sync.exchange.have_flush is not None:
+                    sync.exchange.have_flush.cancel()
+                for download in sync.downloads.active.values():
                     if download.assembly is not None:
                         download.assembly.close()
         # Threads started by cancelled tasks finish their one call; let them before closing.
@@ -508,10 +508,10 @@ def idle(node: SimNode) -> bool:
         return False
     sync = node.folder
     return (
-        not sync.downloads
-        and not sync.waiting
+        not sync.downloads.active
+        and not sync.downloads.waiting
         and not sync.dirty.is_set()
-        and all(link.manifest_request is None for link in sync.links.values())
+        and all(link.manifest_request is None for link in sync.exchange.links.values())
     )
 
 
@@ -549,17 +549,17 @@ def describe(node: SimNode) -> str:
     downloads = [
         f"{d.path}: {len(d.done)}/{len(d.record.blocks)} blocks, writing={d.writing}, "
         f"finishing={d.finishing}, sources={[s.hex()[:4] for s in d.sources]}"
-        for d in sync.downloads.values()
+        for d in sync.downloads.active.values()
     ]
     links = [
         f"{p.hex()[:4]}: seq={link.known_sequence} asking={link.manifest_request} "
         f"in_progress={list(link.in_progress)} have={len(link.have)}"
-        for p, link in sync.links.items()
+        for p, link in sync.exchange.links.items()
     ]
     return (
         f"{node.name} ({node.node_id.hex()[:4]}): {sync.state} {sync.reason!r} "
         f"why={sync._why_not_in_sync()!r} problems={sync.problems}\n    downloads={downloads}"
-        f"\n    links={links} requests={len(sync.requests)}"
+        f"\n    links={links} requests={len(sync.downloads.requests)}"
     )
 
 

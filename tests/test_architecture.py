@@ -40,3 +40,24 @@ def test_pure_module_imports_no_io(module: str) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "", f"{module} imports {result.stdout.strip()}"
+
+
+# The engine's parts see each other through protocols: a part imported alone must not pull in
+# the engine (nor the other part), or the seams between them would be circular at run time.
+ENGINE_PARTS = {
+    "lanshare.downloads": ["lanshare.engine", "lanshare.exchange"],
+    "lanshare.exchange": ["lanshare.engine", "lanshare.downloads"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(ENGINE_PARTS))
+def test_engine_part_imports_neither_the_engine_nor_its_sibling(module: str) -> None:
+    probe = (
+        f"import sys, {module}\n"
+        f"bad = sorted(m for m in {ENGINE_PARTS[module]!r} if m in sys.modules)\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "", f"{module} imports {result.stdout.strip()}"

@@ -375,11 +375,13 @@ def test_a_received_block_is_hashed_once_with_few_hops_and_no_io_on_the_loop(
             await b.start()
             a.connect(b)
             b.connect(a)
-            await wait_for(lambda: "big.bin" in b.folder.downloads, 30, "B downloading")
+            await wait_for(lambda: "big.bin" in b.folder.downloads.active, 30, "B downloading")
             probe.recording_io = True
             hops_before = probe.hops
             await wait_for(
-                lambda: b.path("big.bin").exists() and not b.folder.committing, 60, "B done"
+                lambda: b.path("big.bin").exists() and not b.folder.downloads.committing,
+                60,
+                "B done",
             )
             probe.recording_io = False
             hops = probe.hops - hops_before
@@ -432,10 +434,12 @@ def test_many_small_files_are_placed_with_few_directory_fsyncs(
             b.connect(a)
             # How many downloads finish together depends on the pace; to make it certain
             # here, placement is held (by the folder lock it takes) while some finish.
-            await wait_for(lambda: b.folder.downloads, 60, "B downloading")
+            await wait_for(lambda: b.folder.downloads.active, 60, "B downloading")
             async with b.folder.busy:
-                await wait_for(lambda: len(b.folder.to_place) >= held, 60, "downloads finished")
-                together = len(b.folder.to_place)
+                await wait_for(
+                    lambda: len(b.folder.downloads.to_place) >= held, 60, "downloads finished"
+                )
+                together = len(b.folder.downloads.to_place)
             await wait_for(
                 lambda: all(b.path(rel).exists() for rel in contents), 120, "B to hold them all"
             )

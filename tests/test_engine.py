@@ -52,7 +52,7 @@ MiB = 1024 * 1024
 
 def _progress(node: SimNode, rel: str) -> int:
     """Bytes of ``rel`` verified so far on ``node`` (the whole size once it is in place)."""
-    download = node.folder.downloads.get(rel)
+    download = node.folder.downloads.active.get(rel)
     if download is not None:
         return download.bytes_done
     return node.path(rel).stat().st_size if node.path(rel).exists() else 0
@@ -81,7 +81,9 @@ def test_reshare_c_gets_half_from_b_before_b_is_complete(tmp_path: Path) -> None
                 nonlocal best_c_while_b_incomplete, b_at_that_time
                 b_done = _progress(b, "big.bin")
                 c_done = _progress(c, "big.bin")
-                incomplete = "big.bin" in b.folder.downloads and not b.path("big.bin").exists()
+                incomplete = (
+                    "big.bin" in b.folder.downloads.active and not b.path("big.bin").exists()
+                )
                 if incomplete and c_done > best_c_while_b_incomplete:
                     best_c_while_b_incomplete, b_at_that_time = c_done, b_done
                 return b_done == size and c_done == size
@@ -190,11 +192,11 @@ def test_a_peer_whose_session_comes_up_after_the_plan_serves_the_download(
             await b.start()
             loop = asyncio.get_running_loop()
             await wait_for(
-                lambda: bool(b.folder.scheduler.stalled(loop.time())),
+                lambda: bool(b.folder.downloads.scheduler.stalled(loop.time())),
                 30,
                 "B's resumed download to wait for a source",
             )
-            assert not b.folder.links
+            assert not b.folder.exchange.links
             net.reconnect(a.addr, b.addr)
             b.connect(a)
             await converge([a, b], 60)
@@ -260,7 +262,7 @@ def test_a_full_disk_pauses_pulls_and_they_resume_when_space_is_freed(tmp_path: 
                 assert "disk full" in status["reason"], status
                 assert status["need_files"] == 1
                 assert status["need_bytes"] > 0
-                assert not sync.downloads
+                assert not sync.downloads.active
                 assert not b.path("big.bin").exists()
                 assert not sync.problems  # one folder-wide reason, not a failure per file
 
@@ -559,7 +561,9 @@ def test_local_edit_during_download_is_never_clobbered(tmp_path: Path) -> None:
             a.write("doc.bin", v2)
             await a.scan()
             await wait_for(
-                lambda: _progress(b, "doc.bin") > size // 4 and "doc.bin" in b.folder.downloads,
+                lambda: (
+                    _progress(b, "doc.bin") > size // 4 and "doc.bin" in b.folder.downloads.active
+                ),
                 30,
                 "B a quarter into the download",
             )

@@ -113,7 +113,7 @@ def test_hostile_paths_rejected_and_bad_blocks_routed_around(
                 "the victim to complete from the honest peer",
             )
             assert victim.read("big.bin") == data
-            stats = victim.folder.scheduler.peer_stats(EVIL_ID)
+            stats = victim.folder.downloads.scheduler.peer_stats(EVIL_ID)
             assert evil.garbage_sent >= 1, "the hostile peer was never asked for a block"
             assert stats.integrity_failures >= 1
             assert victim.folder.engine.strikes[EVIL_ID] >= 2  # manifest entry + blocks

@@ -186,7 +186,9 @@ def test_status_is_not_in_sync_before_a_peers_file_list_was_read(tmp_path: Path)
             await cluster.start()
             sync = b.folder
             await wait_for(
-                lambda: any(link.manifest_request is not None for link in sync.links.values()),
+                lambda: any(
+                    link.manifest_request is not None for link in sync.exchange.links.values()
+                ),
                 20,
                 "B to ask A for its file list",
             )
@@ -215,7 +217,7 @@ def test_a_node_acting_on_a_few_paths_keeps_the_daemons_partial_downloads(
             await cluster.start()
 
             def started() -> bool:
-                download = b.folder.downloads.get("big.bin")
+                download = b.folder.downloads.active.get("big.bin")
                 return download is not None and download.bytes_done >= size // 4
 
             await wait_for(started, 30, "B a quarter into big.bin")

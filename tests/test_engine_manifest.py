@@ -44,7 +44,7 @@ def test_a_manifest_costs_at_most_one_and_a_half_times_its_records(tmp_path: Pat
 
             await wait_for(lambda: received() == RECORDS, 120, "b holds every record of a")
             await wait_for(
-                lambda: all(link.listed for link in b.folder.links.values()), 30, "b done"
+                lambda: all(link.listed for link in b.folder.exchange.links.values()), 30, "b done"
             )
             assert b.index is not None
             theirs = list(b.index.remote_records(b.folder.info.id, a.node_id))

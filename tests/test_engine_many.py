@@ -17,7 +17,7 @@ import resource
 import threading
 from typing import TYPE_CHECKING, Any
 
-from lanshare.engine import FolderSync
+from lanshare.downloads import Downloads
 from lanshare.errors import DescriptorsExhausted
 from tests.enginesim import Cluster, converge, random_bytes
 
@@ -50,10 +50,10 @@ def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
     opening_threads: set[int] = set()
     transactions: list[int] = []  # per batch: BEGINs issued by the thread opening it
     batches: list[int] = []
-    real_open = FolderSync._open_downloads
+    real_open = Downloads._open_downloads
 
     @functools.wraps(real_open)
-    def watched_open(self: FolderSync, batch: list[Any]) -> list[Any]:
+    def watched_open(self: Downloads, batch: list[Any]) -> list[Any]:
         opening_threads.add(threading.get_ident())
         transactions.append(0)
         try:
@@ -62,7 +62,7 @@ def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
             opening_threads.discard(threading.get_ident())
             batches.append(len(batch))
 
-    monkeypatch.setattr(FolderSync, "_open_downloads", watched_open)
+    monkeypatch.setattr(Downloads, "_open_downloads", watched_open)
 
     def trace(statement: str) -> None:
         if threading.get_ident() in opening_threads and statement.startswith("BEGIN"):
@@ -102,10 +102,10 @@ def test_never_more_downloads_open_than_the_bound_allows(tmp_path: Path) -> None
             def sample() -> None:
                 nonlocal peak_fetching, peak_open, seen_waiting
                 sync = b.folder
-                fetching = sum(1 for d in sync.downloads.values() if not d.finishing)
-                peak_fetching = max(peak_fetching, fetching + len(sync.opening))
+                fetching = sum(1 for d in sync.downloads.active.values() if not d.finishing)
+                peak_fetching = max(peak_fetching, fetching + len(sync.downloads.opening))
                 peak_open = max(peak_open, sync.store.assemblies.open_count)
-                seen_waiting = seen_waiting or bool(sync.waiting)
+                seen_waiting = seen_waiting or bool(sync.downloads.waiting)
                 assert not sync.failures, sync.failures
 
             loop = asyncio.get_running_loop()
@@ -152,9 +152,9 @@ def test_out_of_descriptors_holds_downloads_back_never_fails_them(
     later, none is ever a failure in status, and all arrive."""
     count = 60
     squeezed: list[int] = []
-    real_open = FolderSync._open_downloads
+    real_open = Downloads._open_downloads
 
-    def open_without_descriptors(self: FolderSync, batch: list[Any]) -> list[Any]:
+    def open_without_descriptors(self: Downloads, batch: list[Any]) -> list[Any]:
         if squeezed:
             return real_open(self, batch)
         squeezed.append(len(batch))
@@ -167,7 +167,7 @@ def test_out_of_descriptors_holds_downloads_back_never_fails_them(
             small_files(a, count)
             await cluster.start([a])
             await b.start_idle()
-            monkeypatch.setattr(FolderSync, "_open_downloads", open_without_descriptors)
+            monkeypatch.setattr(Downloads, "_open_downloads", open_without_descriptors)
             assert b.engine is not None
             b._task = asyncio.create_task(b.engine.run())
             await asyncio.wait_for(b.folder.scanned.wait(), 30)
@@ -185,7 +185,7 @@ def test_out_of_descriptors_holds_downloads_back_never_fails_them(
             await converge([a, b], 60)
             assert not problems, problems[:3]
 
-    with caplog.at_level(logging.INFO, logger="lanshare.engine"):
+    with caplog.at_level(logging.INFO, logger="lanshare"):
         asyncio.run(main())
     assert squeezed, "no batch was opened"
     assert "new downloads wait" in caplog.text
@@ -203,13 +203,13 @@ def test_a_file_that_meets_emfile_is_never_a_failure(tmp_path: Path) -> None:
             b = cluster.add()
             await cluster.start()
             sync = b.folder
-            sync._fail("d0/f00001.txt", DescriptorsExhausted("Too many open files"))
+            sync.fail("d0/f00001.txt", DescriptorsExhausted("Too many open files"))
             assert not sync.failures
-            assert sync.open_held is not None
+            assert sync.downloads.open_held is not None
             assert sync.status()["problems"] == []
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
-            while sync.open_held is not None:
+            while sync.downloads.open_held is not None:
                 assert loop.time() < deadline, "new downloads held back for good"
                 await asyncio.sleep(0.02)
             assert not sync.failures

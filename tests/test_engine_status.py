@@ -171,7 +171,7 @@ def test_in_sync_needs_every_connected_peer_and_rates_fall_to_zero(tmp_path: Pat
                 "rates fall to 0 once nothing moves",
             )
             await a.stop()
-            await wait_for(lambda: not b.folder.links, 60, "B notices A is gone")
+            await wait_for(lambda: not b.folder.exchange.links, 60, "B notices A is gone")
             status = b.folder.status()
             assert status["connected_peers"] == 0
             assert status["reason"] == "no peer connected"
@@ -199,10 +199,10 @@ def test_a_retried_download_stopped_by_a_full_disk_is_retried_once_space_is_back
                 await wait_for(lambda: "photos/new.jpg" in b.folder.failures, 20, "a failure")
             await b.scan()  # the watcher's scan after the fix: retried at once
             await wait_for(
-                lambda: "photos/new.jpg" in b.folder.downloads, 20, "the retry under way"
+                lambda: "photos/new.jpg" in b.folder.downloads.active, 20, "the retry under way"
             )
             # The disk fills while the retry runs (what a write's ENOSPC does), then is freed.
-            await b.folder._pause_for_space(DiskFullError("No space left on device"))
+            await b.folder.pause_for_space(DiskFullError("No space left on device"))
             assert b.folder.status()["state"] == "paused"
             b.folder.disk_full = ""  # what check_space does once space is back
             b.folder.dirty.set()

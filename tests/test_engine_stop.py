@@ -62,7 +62,7 @@ class Trouble:
 
 
 def _progress(node: SimNode) -> int:
-    download = node.folder.downloads.get("big.bin")
+    download = node.folder.downloads.active.get("big.bin")
     return download.bytes_done if download is not None else 0
 
 

@@ -1,0 +1,313 @@
+"""The peer exchange of one folder: sessions, manifests, HAVE announcements, serving.
+
+Async coordination, no sockets: commands go to the engine's sans-IO ``Endpoint`` (then the
+transport is asked to send with ``kick``); index reads and writes run in worker threads.
+
+Theory of operation
+-------------------
+* **Sessions.** A session with a peer for this folder is a ``PeerLink``. When it comes up,
+  we ask the peer for its records and tell it our sequence (our in-progress downloads are
+  news for it too); when it closes, the downloads move its requests to the other peers.
+* **Manifest exchange.** We ask a peer for its records with a sequence above the highest we
+  hold of it; answers come in bounded batches and are asked for again while ``more`` is
+  set (one request in flight per peer: a request asked meanwhile is asked once it is
+  answered). Each batch starts with a header entry (``0x00``, the peer's 8-byte index id
+  and its current sequence): a peer whose index id changed (its database was reset) is
+  forgotten and read again from 0. Entries are decoded and validated
+  (``manifest.decode_entry`` checks paths, sizes and hashes) before they are stored per
+  peer in the index, so a restart costs only what changed. A NOTIFY whose sequence is above
+  the stored one, or one that carries no HAVE hashes (a peer's set of downloads changed),
+  asks for the news. Our answers are read from the index in a worker thread and packed to
+  the size the peer asked for.
+* **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
+  one block it is downloading right now: the record it is building and which blocks it
+  already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
+  file has nothing to share until it is whole; it then travels as a record.) The planner
+  sees such a record as if the peer had that version, and the downloads ask it only for the
+  blocks it announced, so C can pull from B what B is still receiving from A. Our own
+  blocks verified are collected for ``HAVE_FLUSH_INTERVAL`` and announced together, at most
+  ``MAX_HAVE_PER_NOTIFY`` in one NOTIFY; a download that peers may pull from starting is
+  announced as a NOTIFY without hashes, which has them read our in-progress entries again.
+* **Serving.** Block requests are handed to the folder's ``serving.BlockServer``.
+
+The folder (``engine.FolderSync``) is seen through ``Folder``, its downloads
+(``downloads.Downloads``) through ``Transfers``; neither is imported at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from lanshare.errors import DecodeError
+from lanshare.manifest import BatchHeader, FileRecord, InProgress, decode_entry, encode_entry
+from lanshare.protocol import wire
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from lanshare.engine import Engine
+    from lanshare.events import (
+        Addr,
+        BlockRequested,
+        ManifestReceived,
+        ManifestRequested,
+        NotificationReceived,
+        RequestFailed,
+    )
+    from lanshare.index import FolderInfo
+    from lanshare.serving import BlockServer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_RECORDS_PER_BATCH = 2000
+"""Records read from the index for one manifest answer (then cut to the size limit)."""
+HAVE_FLUSH_INTERVAL = 0.05
+"""Seconds verified blocks are collected before one HAVE notification."""
+MAX_HAVE_PER_NOTIFY = 32
+
+
+@dataclass(slots=True)
+class PeerLink:
+    """A session with one peer for one folder."""
+
+    peer: bytes
+    addr: Addr
+    known_sequence: int = 0
+    manifest_request: int | None = None
+    refetch: bool = False
+    listed: bool = False
+    """Its whole file list was read once since the session came up."""
+    in_progress: dict[str, FileRecord] = field(default_factory=dict)
+    have: set[bytes] = field(default_factory=set)
+
+
+class Transfers(Protocol):
+    """What the peer exchange needs of the folder's downloads (``downloads.Downloads``)."""
+
+    def peer_up(self, peer: bytes) -> None: ...
+
+    def peer_has(self, peer: bytes, hashes: Collection[bytes]) -> None: ...
+
+    def peer_gone(self, peer: bytes) -> None: ...
+
+    def pump(self) -> None:
+        """Send the requests that can go now."""
+        ...
+
+    def shared(self) -> list[InProgress]:
+        """The downloads peers may pull from, newest first."""
+        ...
+
+
+class Folder(Protocol):
+    """What the peer exchange needs of its folder (``engine.FolderSync``)."""
+
+    info: FolderInfo
+    folder_id: bytes
+    dirty: asyncio.Event
+    """Set to have the folder plan again."""
+
+    @property
+    def downloads(self) -> Transfers: ...
+
+    def info_sequence(self) -> int:
+        """The folder's current sequence (its newest local change)."""
+        ...
+
+
+class Exchange:
+    """One folder's sessions with its peers, and what goes between them and us."""
+
+    def __init__(self, folder: Folder, engine: Engine, server: BlockServer) -> None:
+        self.folder = folder
+        self.engine = engine
+        self.server = server
+        self.links: dict[bytes, PeerLink] = {}
+        self.pending_have: list[bytes] = []
+        self.have_flush: asyncio.TimerHandle | None = None
+        self.announce_downloads = False
+
+    def session_up(self, peer: bytes, addr: Addr) -> None:
+        known = self.engine.index.remote_peer(self.folder.info.id, peer)
+        link = PeerLink(peer, addr, known_sequence=known.max_sequence if known else 0)
+        self.links[peer] = link
+        self.folder.downloads.peer_up(peer)
+        self.ask_manifest(link)
+        # Our in-progress downloads are news for it too.
+        self.engine.endpoint.notify(peer, self.folder.folder_id, self.folder.info_sequence())
+
+    def session_down(self, peer: bytes) -> None:
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        self.folder.downloads.peer_gone(peer)
+        if link.in_progress:
+            self.folder.dirty.set()
+        self.folder.downloads.pump()
+
+    def ask_manifest(self, link: PeerLink) -> None:
+        if link.manifest_request is not None:
+            link.refetch = True
+            return
+        link.refetch = False
+        link.manifest_request = self.engine.endpoint.request_manifest(
+            link.peer, self.folder.folder_id, link.known_sequence
+        )
+        self.engine.kick()
+
+    async def answer_manifest(self, event: ManifestRequested) -> None:
+        info = await asyncio.to_thread(self.engine.index.folder, self.folder.info.id)
+        entries = [encode_entry(BatchHeader(info.index_id, info.sequence))]
+        size = wire.manifest_batch_size(entries)
+        # In-progress downloads go first but may fill at most half of the batch.
+        for in_progress in reversed(self.folder.downloads.shared()):
+            entry = encode_entry(in_progress)
+            if size + 4 + len(entry) > event.max_size // 2:
+                break
+            entries.append(entry)
+            size += 4 + len(entry)
+        records = await asyncio.to_thread(
+            self.engine.index.records_since,
+            self.folder.info.id,
+            event.since_seq,
+            MANIFEST_RECORDS_PER_BATCH,
+        )
+        more = len(records) == MANIFEST_RECORDS_PER_BATCH
+        for record in records:
+            encoded = encode_entry(record)
+            if size + 4 + len(encoded) > event.max_size:
+                more = True
+                break
+            entries.append(encoded)
+            size += 4 + len(encoded)
+        self.engine.endpoint.send_manifest(event.request_id, entries, more)
+        self.engine.kick()
+
+    async def manifest_received(self, event: ManifestReceived) -> None:
+        link = self.links.get(event.peer)
+        if link is None or link.manifest_request != event.request_id:
+            return
+        records: list[FileRecord] = []
+        in_progress: dict[str, FileRecord] = {}
+        have: set[bytes] = set()
+        restart = False
+        for raw in event.records:
+            try:
+                entry = decode_entry(raw)
+            except DecodeError as exc:
+                self.engine.count_hostile(event.peer, f"bad manifest entry: {exc}")
+                continue
+            if isinstance(entry, BatchHeader):
+                restart = await self._check_index_id(link, entry)
+            elif isinstance(entry, InProgress):
+                in_progress[entry.record.path] = entry.record
+                have.update(entry.record.blocks[i].hash for i in entry.verified)
+            else:
+                records.append(entry)
+        link.manifest_request = None
+        if restart:
+            self.ask_manifest(link)
+            return
+        if records:
+            link.known_sequence = await asyncio.to_thread(
+                self.engine.index.remote_upsert, self.folder.info.id, event.peer, records
+            )
+        if in_progress.keys() != link.in_progress.keys() or have - link.have:
+            link.in_progress = in_progress
+            link.have |= have
+            self.folder.downloads.peer_has(event.peer, have)
+        if event.more or link.refetch:
+            self.ask_manifest(link)
+        else:
+            link.listed = True
+        self.folder.dirty.set()
+
+    async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
+        index_id = header.index_id
+        known = await asyncio.to_thread(
+            self.engine.index.remote_peer, self.folder.info.id, link.peer
+        )
+        if known is not None and known.index_id not in (b"", index_id):
+            logger.info("peer %s reset its index; reading it again", link.peer.hex())
+            await asyncio.to_thread(
+                self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
+            )
+            link.known_sequence = 0
+            return True
+        if known is None or known.index_id == b"":
+            await asyncio.to_thread(
+                self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
+            )
+            if known is not None and known.max_sequence:
+                link.known_sequence = 0
+                return True
+        return False
+
+    def notified(self, event: NotificationReceived) -> None:
+        link = self.links.get(event.peer)
+        if link is None:
+            return
+        if event.have:
+            fresh = set(event.have) - link.have
+            link.have |= fresh
+            if fresh:
+                self.folder.downloads.peer_has(event.peer, fresh)
+                self.folder.downloads.pump()
+        if event.seq > link.known_sequence or not event.have:
+            self.ask_manifest(link)
+
+    def peers_listed(self) -> tuple[int, bool]:
+        """How many peers are connected for this folder, and whether every one of them has
+        answered every manifest request (what they list is then all they have)."""
+        idle = all(link.manifest_request is None for link in self.links.values())
+        return len(self.links), idle
+
+    def block_requested(self, event: BlockRequested) -> None:
+        """A peer asks for a block: the folder's block server answers (in batches)."""
+        self.server.request(event)
+
+    def request_failed(self, event: RequestFailed) -> None:
+        """A request that was no block request failed: a manifest request, asked again
+        when the peer next tells of news (or its session comes up again)."""
+        for link in self.links.values():
+            if link.manifest_request == event.request_id:
+                link.manifest_request = None
+
+    def announce(self, sequence: int) -> None:
+        """Tell every connected peer that our records changed (now at ``sequence``)."""
+        for link in self.links.values():
+            self.engine.endpoint.notify(link.peer, self.folder.folder_id, sequence)
+
+    def block_verified(self, block_hash: bytes) -> None:
+        """A block of a download is written and recorded: it goes out in the next HAVE."""
+        self.pending_have.append(block_hash)
+        self._schedule_flush()
+
+    def downloads_changed(self) -> None:
+        """A download peers may pull from started: they re-read our in-progress entries (a
+        NOTIFY without HAVE hashes asks them to), so they can pull from us what we still
+        receive."""
+        self.announce_downloads = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self.have_flush is None:
+            loop = asyncio.get_running_loop()
+            self.have_flush = loop.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
+
+    def _flush_have(self) -> None:
+        self.have_flush = None
+        hashes, self.pending_have = self.pending_have, []
+        sequence = self.folder.info_sequence()
+        if self.announce_downloads:
+            self.announce_downloads = False
+            for link in self.links.values():
+                self.engine.endpoint.notify(link.peer, self.folder.folder_id, sequence)
+        for start in range(0, len(hashes), MAX_HAVE_PER_NOTIFY):
+            chunk = hashes[start : start + MAX_HAVE_PER_NOTIFY]
+            for link in self.links.values():
+                self.engine.endpoint.notify(link.peer, self.folder.folder_id, sequence, chunk)
+        self.engine.kick()
