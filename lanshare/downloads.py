@@ -48,7 +48,6 @@ import contextlib
 import itertools
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,6 +79,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from lanshare import planner, scanner
+    from lanshare.clock import Timer
     from lanshare.engine import Engine
     from lanshare.events import BlockReceived, RequestFailed
     from lanshare.exchange import PeerLink
@@ -277,7 +277,7 @@ class Downloads:
         """The peers' records the last plan saw (for the downloads it starts later)."""
         self.opening: set[str] = set()
         """Paths whose downloads are being opened (off the loop) right now."""
-        self.open_held: asyncio.TimerHandle | None = None
+        self.open_held: Timer | None = None
         """Set while new downloads wait for file descriptors to be freed."""
 
     # -- the plan's fetches ---------------------------------------------------------------
@@ -515,7 +515,7 @@ class Downloads:
             self.engine.spawn(self._start_waiting(refill=True))
             self.folder.dirty.set()  # an action the plan applies itself may have met it too
 
-        self.open_held = asyncio.get_running_loop().call_later(OPEN_RETRY, resume)
+        self.open_held = self.engine.clock.call_later(OPEN_RETRY, resume)
 
     def _open_downloads(
         self, batch: list[tuple[planner.Fetch, planner.Conflict | None]]
@@ -796,7 +796,7 @@ class Downloads:
                         continue
                     placements = [placement for _, placement in ready]
                     errors = await asyncio.to_thread(
-                        self.folder.store.place, placements, time.time()
+                        self.folder.store.place, placements, self.engine.clock.time()
                     )
                     placed: list[tuple[Download, list[FileRecord]]] = []
                     for (download, _), error in zip(ready, errors, strict=True):

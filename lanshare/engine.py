@@ -46,6 +46,9 @@ Theory of operation
   kept decoded, its descriptor kept open, every block checked against its hash once), from a
   download's verified blocks, or from any local file with the same content. Every commit of
   a path's record, and every scan that changed something, invalidates what it keeps.
+* **Time.** The engine and its parts read the time, sleep and set timers only through the
+  ``clock.Clock`` the ``Engine`` is given (the event loop's by default), as the protocol is
+  handed ``now``: the engine's simulator runs it on virtual time.
 * **Stopping.** ``stop()`` ends ``run()`` at a safe point while the transport still delivers:
   from then on ``spawn`` drops new work unstarted (a block that arrives is fetched again
   after a restart) and block requests are no longer answered (the batch being read is,
@@ -62,12 +65,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lanshare import deleteguard, keys, marker, planner, scanner
+from lanshare.clock import LoopClock
 from lanshare.downloads import Downloads, prioritised, same_content, temp_of
 from lanshare.errors import (
     DescriptorsExhausted,
@@ -100,6 +103,7 @@ from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 
+    from lanshare.clock import Clock
     from lanshare.config import Config, FolderConfig
     from lanshare.events import Addr, Event
     from lanshare.identity import NodeId
@@ -481,7 +485,7 @@ class FolderSync:
         next_pass = 0.0
         while True:
             await self.dirty.wait()
-            await asyncio.sleep(max(PLAN_DEBOUNCE, next_pass - self.engine.now()))
+            await self.engine.clock.sleep(max(PLAN_DEBOUNCE, next_pass - self.engine.now()))
             self.dirty.clear()
             try:
                 await self.plan_and_apply()
@@ -529,7 +533,7 @@ class FolderSync:
         started = self.engine.now()
         local, remotes = await asyncio.to_thread(self._load_records)
         history, held = await asyncio.to_thread(self._guard_inputs)
-        now = held if held is not None else time.time()
+        now = held if held is not None else self.engine.clock.time()
         allowed, self.allow_mass_delete = self.allow_mass_delete, False
         self.waiting_for_space.clear()
         for peer, link in self.exchange.links.items():
@@ -778,7 +782,7 @@ class FolderSync:
 
     async def _apply(self, action: planner.Change) -> None:
         store = self.store
-        now = time.time()
+        now = self.engine.clock.time()
         if isinstance(action, planner.MakeDir):
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
@@ -819,7 +823,9 @@ class FolderSync:
             planned = await self._planned(action.replaces)
             await self.own_write(record.path)
             (error,) = await asyncio.to_thread(
-                self.store.place, [Placement(assembly, planned, written)], time.time()
+                self.store.place,
+                [Placement(assembly, planned, written)],
+                self.engine.clock.time(),
             )
             if error is not None:
                 raise error
@@ -964,7 +970,7 @@ class Engine:
         endpoint: Endpoint,
         *,
         kick: Callable[[], None],
-        clock: Callable[[], float] | None = None,
+        clock: Clock | None = None,
         whole_folders: bool = True,
     ) -> None:
         """``whole_folders`` False: act only on the paths put in each folder's ``scope``
@@ -976,7 +982,9 @@ class Engine:
         self.short_id = short_id(node_id)
         self.endpoint = endpoint
         self.kick = kick
-        self.now = clock or asyncio.get_running_loop().time
+        self.clock = clock or LoopClock()
+        """Every time the engine reads and every wait it makes (see ``lanshare.clock``)."""
+        self.now = self.clock.now
         self.io_limit = asyncio.Semaphore(max(1, config.transfer.io_workers))
         self.delete_limits = deleteguard.Limits.of(config.sync)
         self.folders: dict[bytes, FolderSync] = {}
@@ -1052,15 +1060,14 @@ class Engine:
         # Serving ends first: it would otherwise go on taking the requests peers still send.
         for sync in self.folders.values():
             await sync.server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        deadline = self.now() + grace
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - self.now()))
         # A planning pass holds ``busy`` while it changes the folder; holding every folder's
         # lock from here on means none is half done and none starts.
         for sync in self.folders.values():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                async with asyncio.timeout(max(0.0, deadline - self.now())):
                     await sync.busy.acquire()
         left = self._tasks | self._loops
         for task in left:
@@ -1108,7 +1115,7 @@ class Engine:
         last_prune = -3600.0
         last_space = 0.0
         while not self._closing:
-            await asyncio.sleep(TICK_INTERVAL)
+            await self.clock.sleep(TICK_INTERVAL)
             now = self.now()
             for sync in self.folders.values():
                 sync.downloads.pump()
@@ -1135,7 +1142,7 @@ class Engine:
                     self.spawn(
                         asyncio.to_thread(
                             sync.store.prune_versions,
-                            time.time(),
+                            self.clock.time(),
                             self.config.sync.versions_keep_days * 86400.0,
                         )
                     )

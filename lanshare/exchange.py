@@ -48,6 +48,7 @@ from lanshare.protocol import wire
 if TYPE_CHECKING:
     from collections.abc import Collection
 
+    from lanshare.clock import Timer
     from lanshare.engine import Engine
     from lanshare.events import (
         Addr,
@@ -127,7 +128,7 @@ class Exchange:
         self.server = server
         self.links: dict[bytes, PeerLink] = {}
         self.pending_have: list[bytes] = []
-        self.have_flush: asyncio.TimerHandle | None = None
+        self.have_flush: Timer | None = None
         self.announce_downloads = False
 
     def session_up(self, peer: bytes, addr: Addr) -> None:
@@ -295,8 +296,7 @@ class Exchange:
 
     def _schedule_flush(self) -> None:
         if self.have_flush is None:
-            loop = asyncio.get_running_loop()
-            self.have_flush = loop.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
+            self.have_flush = self.engine.clock.call_later(HAVE_FLUSH_INTERVAL, self._flush_have)
 
     def _flush_have(self) -> None:
         self.have_flush = None

@@ -33,6 +33,7 @@ from lanshare.store import OpenAssemblies
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
+    from lanshare.clock import Clock
     from lanshare.events import Addr
 
 logger = logging.getLogger(__name__)
@@ -239,8 +240,11 @@ class SimNode:
         transfer: TransferConfig | None = None,
         whole_folders: bool = True,
         open_assemblies: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.cluster = cluster
+        self.clock = clock
+        """The engine's clock (None: the loop's)."""
         self.whole_folders = whole_folders
         self.open_assemblies = open_assemblies
         """The bound on open downloads of this node alone (None: the process-wide one)."""
@@ -312,6 +316,7 @@ class SimNode:
             NodeId(self.node_id),
             self.endpoint,
             kick=self.transport.kick,
+            clock=self.clock,
             whole_folders=self.whole_folders,
         )
         self.transport.sink = self._on_event
