@@ -205,6 +205,8 @@ class Download:
     """The loser is under its conflict name now (moved back if the placement fails)."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once it is abandoned and no write to its temporary file is in flight."""
     bytes_done: int = 0
     index_at: dict[int, int] = field(default_factory=dict)
     """Block index by offset."""
@@ -341,6 +343,18 @@ class Downloads:
     def stalled(self) -> int:
         """Blocks needed that no connected peer has."""
         return len(self.scheduler.stalled(self.engine.now()))
+
+    async def give_up(self, path: str) -> None:
+        """Another action is about to write ``path`` through the same temporary file (a
+        build from local data): abandon its download, if any, and return once no write of
+        that download is in flight (one landing later would change the file put in place).
+        """
+        download = self.active.get(path)
+        if download is None:
+            return
+        await self._abandon(path, discard=False)
+        if download.writing:
+            await download.drained.wait()
 
     async def abandon_all(self) -> dict[str, int]:
         """Stop every download, keeping its verified blocks to resume; the bytes each
@@ -754,6 +768,8 @@ class Downloads:
             download.writing -= 1
             if _gone(download):
                 _release(download)
+                if download.writing == 0:
+                    download.drained.set()
         if _gone(download):
             return
         if index not in download.done:

@@ -805,6 +805,9 @@ class FolderSync:
 
     async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
         record = action.record
+        # A download of the path (planned before its content was found here) writes to the
+        # same temporary file: it stops first.
+        await self.downloads.give_up(record.path)
         assembly = await asyncio.to_thread(self.store.begin, record)
         placed = False
         try:
