@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -25,3 +27,20 @@ def _no_thread_leaks() -> Iterator[None]:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"test leaked threads: {still}"
+
+
+@pytest.fixture(autouse=True)
+def _virtual_time_for_simulated_engines(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test of a module that runs engines in ``tests.enginesim.Cluster`` runs them on the
+    simulator's virtual clock: its ``asyncio.run`` gets a ``VirtualTimeLoop``."""
+    enginesim = sys.modules.get("tests.enginesim")
+    module = getattr(request, "module", None)
+    if enginesim is None or getattr(module, "Cluster", None) is not enginesim.Cluster:
+        yield
+        return
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(enginesim.VirtualTimePolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(policy)

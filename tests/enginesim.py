@@ -1,24 +1,32 @@
 """A cluster of real sync engines in one asyncio loop, joined by a simulated datagram network.
 
 Test harness with real I/O: every node has its own folder and SQLite index in a temporary
-directory, a real ``Endpoint`` and a real ``Engine``. Only the wire is simulated: a seeded
-in-memory network with loss, duplication, reordering, delay and per-link rate limits, on the
-loop's real clock (the engine reads ``loop.time()``).
+directory, a real ``Endpoint`` and a real ``Engine``. Only the wire and the clock are
+simulated: the wire is ``tests.sim``'s seeded link model (loss, duplication, reordering,
+delay, per-link rate and queue), the same the protocol tests run on; the clock is virtual
+(``VirtualTimeLoop``, which tests/conftest.py installs for the modules that use ``Cluster``),
+the engine's ``LoopClock`` reads it, and it stands still while a worker thread does real
+I/O. A seed thus reproduces its run (the same datagrams lost, the same timers, the same
+order of events), and simulated seconds of waiting cost no real time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
+import selectors
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lanshare import chunker, keys, scanner
 from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig, TransferConfig
@@ -29,6 +37,7 @@ from lanshare.index import Index
 from lanshare.paths import INTERNAL_DIR, MARKER, is_temporary
 from lanshare.protocol import Endpoint
 from lanshare.store import OpenAssemblies
+from tests import sim
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -41,9 +50,121 @@ logger = logging.getLogger(__name__)
 PORT = 47474
 
 
+START = 1000.0
+"""Virtual seconds on the loop's clock when a test starts."""
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is virtual: it jumps to the next timer whenever nothing is
+    ready and no worker-thread job is outstanding, so simulated seconds cost no real time.
+
+    Worker threads do real file and SQLite I/O (``asyncio.to_thread``, ``run_in_executor``):
+    while one runs, time stands still, so no timeout fires because a thread was slow. The
+    loop's own executor runs one job at a time, in the order they were submitted, and every
+    job's result reaches the loop only when it is otherwise idle, in that order: the
+    interleaving of threads and callbacks is the same on every run, and a seed reproduces its
+    run (what differs is the wall clock: the stamps it puts on deletions and versions, and
+    the mtimes of files a test writes).
+    """
+
+    def __init__(self) -> None:
+        self._virtual = START
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sim-io")
+        super().__init__(_IdleSelector(self))
+        self.set_default_executor(self._worker)
+
+    def time(self) -> float:
+        return self._virtual
+
+    def run_in_executor(  # type: ignore[override]
+        self,
+        executor: concurrent.futures.Executor | None,
+        func: Callable[..., _T],
+        *args: Any,
+    ) -> asyncio.Future[_T]:
+        job = _Job((executor or self._worker).submit(func, *args), self.create_future())
+        job.future.add_done_callback(job.cancel)
+        job.work.add_done_callback(self._wake)
+        self._jobs.append(job)
+        return job.future
+
+    def _wake(self, _: object) -> None:
+        # Runs in the worker: the loop may be blocked in select, waiting for this job.
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self.call_soon_threadsafe(_nothing)
+
+    def idle(self, timeout: float | None, select: Callable[[float | None], _Events]) -> _Events:
+        """Nothing is ready at this instant: hand over the oldest job's result (waiting in
+        real time for it to finish), or else let time jump to the next timer."""
+        if self._jobs:
+            job = self._jobs[0]
+            if not job.work.done():
+                return select(None)  # its end wakes the loop (``_wake``)
+            self._jobs.popleft()
+            self.call_soon(job.deliver)
+            return []
+        if timeout is None:
+            return select(None)  # no timer at all: only another thread can wake the loop
+        self._virtual += timeout
+        return []
+
+
+_T = TypeVar("_T")
+_Events = list[tuple[selectors.SelectorKey, int]]
+
+
+def _nothing() -> None:
+    """Posted only to wake the loop."""
+
+
+@dataclass(slots=True)
+class _Job:
+    """A worker-thread call and the loop's future of its result."""
+
+    work: concurrent.futures.Future[Any]
+    future: asyncio.Future[Any]
+
+    def cancel(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.work.cancel()  # not started yet: it never runs
+
+    def deliver(self) -> None:
+        if self.future.done() or self.work.cancelled():
+            return
+        error = self.work.exception()
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(self.work.result())
+
+
+class _IdleSelector(selectors.DefaultSelector):
+    """The loop's selector: real file descriptors first (the loop's own wake-ups), then
+    ``VirtualTimeLoop.idle`` instead of a real wait."""
+
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> _Events:
+        ready = super().select(0)
+        if ready or (timeout is not None and timeout <= 0):
+            return ready
+        return self._loop.idle(timeout, super().select)
+
+
+class VirtualTimePolicy(asyncio.DefaultEventLoopPolicy):
+    """``asyncio.run`` on a ``VirtualTimeLoop`` (tests/conftest.py installs it for every test
+    of a module that runs a ``Cluster``)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return VirtualTimeLoop()
+
+
 @dataclass(frozen=True, slots=True)
 class LinkSpec:
-    """Behaviour of one direction of a link."""
+    """Behaviour of one direction of a link (``sim.Link`` with the engine tests' defaults)."""
 
     loss: float = 0.0
     dup: float = 0.0
@@ -56,30 +177,35 @@ class LinkSpec:
     queue_time: float = 0.05
     """Seconds of ``rate`` the link may queue before it drops (tail drop)."""
 
-
-@dataclass(slots=True)
-class _LinkState:
-    busy_until: float = 0.0
+    def link(self) -> sim.Link:
+        queue = math.ceil(self.rate * self.queue_time) if self.rate else 0
+        return sim.Link(
+            loss=self.loss,
+            dup=self.dup,
+            reorder=self.reorder,
+            reorder_delay=self.reorder_delay,
+            delay=self.delay,
+            bandwidth=self.rate,
+            queue_size=queue,
+        )
 
 
 class SimNetwork:
-    """Datagrams between registered adapters, delivered with ``loop.call_at``."""
+    """Datagrams between registered adapters, moved by ``sim.Network``'s link model and
+    delivered with ``loop.call_at`` (on the virtual time of ``VirtualTimeLoop``)."""
 
     def __init__(self, seed: int, default: LinkSpec | None = None) -> None:
         self.seed = seed
-        self.rng = random.Random(seed)
-        self.default = default or LinkSpec()
-        self.specs: dict[tuple[Addr, Addr], LinkSpec] = {}
+        self.model = sim.Network(seed, (default or LinkSpec()).link())
         self.cut: set[frozenset[Addr]] = set()
         self.ports: dict[Addr, SimTransport] = {}
         self.bytes_sent: Counter[tuple[Addr, Addr]] = Counter()
         self.datagrams: Counter[str] = Counter()
-        self._state: dict[tuple[Addr, Addr], _LinkState] = {}
 
     def set_link(self, src: Addr, dst: Addr, spec: LinkSpec, *, both: bool = False) -> None:
-        self.specs[(src, dst)] = spec
+        self.model.set_link(src, dst, spec.link())
         if both:
-            self.specs[(dst, src)] = spec
+            self.model.set_link(dst, src, spec.link())
 
     def disconnect(self, a: Addr, b: Addr) -> None:
         """No datagram goes between ``a`` and ``b`` any more (either way)."""
@@ -94,28 +220,14 @@ class SimNetwork:
         if frozenset((src, dst)) in self.cut or dst not in self.ports:
             self.datagrams["unroutable"] += 1
             return
-        spec = self.specs.get((src, dst), self.default)
-        rng = self.rng
-        if spec.loss and rng.random() < spec.loss:
-            self.datagrams["lost"] += 1
-            return
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        arrival = now
-        if spec.rate > 0:
-            state = self._state.setdefault((src, dst), _LinkState())
-            start = max(now, state.busy_until)
-            if start - now > spec.queue_time:
-                self.datagrams["queue_drops"] += 1
-                return
-            state.busy_until = start + len(data) / spec.rate
-            arrival = state.busy_until
-        self.bytes_sent[(src, dst)] += len(data)
-        copies = 2 if spec.dup and rng.random() < spec.dup else 1
-        for _ in range(copies):
-            at = arrival + spec.delay
-            if spec.reorder and rng.random() < spec.reorder:
-                at += rng.random() * spec.reorder_delay
+        self.model.now = loop.time()
+        arrivals = self.model.transit(data, src, dst)
+        if arrivals:
+            self.bytes_sent[(src, dst)] += len(data)
+        else:
+            self.datagrams["dropped"] += 1
+        for at in arrivals:
             loop.call_at(at, self._deliver, src, dst, data)
 
     def _deliver(self, src: Addr, dst: Addr, data: bytes) -> None:

@@ -3,6 +3,9 @@
 Pure and in-memory: a fake clock that jumps to the next event, N endpoints, and directed
 links with seeded loss, duplication, reordering, delay and jitter, bandwidth and a byte
 queue limit. Thousands of simulated seconds run in well under a second of CPU.
+
+The link model (``Network.transit``) also moves the datagrams of the engine simulator
+(``tests.enginesim``), whose clock is a virtual-time event loop.
 """
 
 from __future__ import annotations
@@ -151,13 +154,20 @@ class Network:
     # ------------------------------------------------------------------ moving datagrams
 
     def route(self, data: bytes, src: Addr, dst: Addr) -> None:
+        for at in self.transit(data, src, dst):
+            self._push(at, src, dst, data)
+
+    def transit(self, data: bytes, src: Addr, dst: Addr) -> list[float]:
+        """The link model: send ``data`` now; when each copy of it arrives (none: lost).
+
+        Also what ``tests.enginesim`` moves its datagrams with, on its event loop's clock."""
         self.sent_log.append((self.now, src, dst, len(data)))
         st = self.stats(src, dst)
         st.sent += 1
         st.bytes_sent += len(data)
         if self.filter is not None and not self.filter(data, src, dst):
             st.lost += 1
-            return
+            return []
         link = self.links.get((src, dst))
         queue = st
         if link is None:
@@ -166,18 +176,18 @@ class Network:
                 queue = self.stats(("*", 0), dst)
         if link.mtu and len(data) > link.mtu:
             st.lost += 1
-            return
+            return []
         rng = self.rng
         if link.loss and rng.random() < link.loss:
             st.lost += 1
-            return
+            return []
         start = self.now
         if link.bandwidth:
             start = max(self.now, queue.busy_until)
             queued = (start - self.now) * link.bandwidth
             if link.queue_size and queued + len(data) > link.queue_size:
                 st.queue_drops += 1
-                return
+                return []
             queue.busy_until = start + len(data) / link.bandwidth
             start = queue.busy_until
         at = start + link.delay
@@ -187,10 +197,11 @@ class Network:
         queue.last_arrival = max(queue.last_arrival, at)
         if link.reorder and rng.random() < link.reorder:
             at += rng.random() * link.reorder_delay
-        self._push(at, src, dst, data)
+        arrivals = [at]
         if link.dup and rng.random() < link.dup:
             st.duplicated += 1
-            self._push(at + rng.random() * link.reorder_delay, src, dst, data)
+            arrivals.append(at + rng.random() * link.reorder_delay)
+        return arrivals
 
     def _push(self, at: float, src: Addr, dst: Addr, data: bytes) -> None:
         self._seq += 1
