@@ -977,7 +977,8 @@ class Engine:
         whole_folders: bool = True,
     ) -> None:
         """``whole_folders`` False: act only on the paths put in each folder's ``scope``
-        (a short-lived node pulling a few files, or only listing)."""
+        (a short-lived node pulling a few files, or only listing). ``clock``: where every
+        time is read and every wait is made (None: the running loop's, ``LoopClock``)."""
         self.config = config
         self.whole_folders = whole_folders
         self.index = index
