@@ -675,13 +675,17 @@ class FolderSync:
                 records.append(entry)
         link.manifest_request = None
         if restart:
+            link.listed = False
             self.ask_manifest(link)
             return
+        news = not link.listed
         if records:
-            link.known_sequence = await asyncio.to_thread(
-                self.engine.index.remote_upsert, self.info.id, event.peer, records
+            link.known_sequence, same = await asyncio.to_thread(
+                self._store_remote, event.peer, records
             )
+            news = news or any(r.path not in same or self._pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
+            news = True
             link.in_progress = in_progress
             link.have |= have
             self.scheduler.peer_has(event.peer, have)
@@ -689,7 +693,31 @@ class FolderSync:
             self.ask_manifest(link)
         else:
             link.listed = True
-        self.dirty.set()
+        # A peer that took our changes sends them back as its own records: they change no
+        # plan, and planning reads every record of the folder, so a sender would spend a
+        # third of its time planning for nothing while it serves.
+        if news:
+            self.dirty.set()
+
+    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
+        """Store a peer's records; its highest sequence now, and the paths of those it
+        holds exactly as we do. Blocking: call it in a thread."""
+        index = self.engine.index
+        return index.remote_upsert(self.info.id, peer, records), index.matching_local(
+            self.info.id, records
+        )
+
+    def _pending(self, path: str) -> bool:
+        """Whether ``path`` has work in hand or a problem a peer's record may settle."""
+        return (
+            path in self.wanted
+            or path in self.downloads
+            or path in self.committing
+            or path in self.failures
+            or path in self.plan_problems
+            or path in self.waiting_for_space
+            or path in self.deferred
+        )
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lanshare import planner
 from lanshare.manifest import encode_record
 from lanshare.protocol import wire
 from lanshare.protocol.endpoint import Endpoint
-from tests.enginesim import Cluster, converge, wait_for
+from tests.enginesim import Cluster, SimNode, converge, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -94,5 +95,49 @@ def test_syncing_many_small_files_sends_each_record_about_once(
             ratio = answered["bytes"] / held
             print(f"{answered['answers']} answers, {answered['bytes']} bytes: {ratio:.3f}x")
             assert ratio <= 1.5, f"{answered} for {held} bytes of records"
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_sending_back_our_own_records_costs_no_planning_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While b fetches a's 300 files, b tells a about every batch it places: those records
+    are a's own, so a plans once after reading b's (empty) file list and not again."""
+    passes: Counter[int] = Counter()
+    nodes: list[SimNode] = []
+    plan = planner.plan
+
+    def counting(*args: Any, **kwargs: Any) -> planner.Plan:
+        # Passes of a node that has read every connected peer's file list.
+        for node in nodes:
+            assert node.engine is not None
+            links = node.folder.links.values()
+            mine = node.engine.short_id == kwargs["local_short_id"]
+            if mine and links and all(link.listed for link in links):
+                passes[node.engine.short_id] += 1
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "plan", counting)
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=5) as cluster:
+            a, b = cluster.add(), cluster.add()
+            nodes.extend((a, b))
+            for i in range(300):
+                a.write(f"d{i % 3}/f{i:03d}.bin", bytes([i % 251]) * 2048 + b"%d" % i)
+            await cluster.start()
+            await converge([a, b], 120)
+            assert a.engine is not None
+            assert b.engine is not None
+            mine, theirs = a.engine.short_id, b.engine.short_id
+            assert passes[mine] <= 1, f"a planned {passes[mine]} times"
+            assert passes[theirs] >= 1  # b planned what it received: the count sees passes
+            # A record of b's that differs from a's is news: a plans and takes it.
+            b.write("d0/f000.bin", b"edited on b")
+            await b.scan()
+            await converge([a, b], 60)
+            assert a.read("d0/f000.bin") == b"edited on b"
+            assert passes[mine] >= 2
 
     asyncio.run(scenario())
