@@ -35,7 +35,9 @@ Theory of operation
   such a record as if the peer had that version, but ask it only for the blocks it
   announced, so C can pull from B what B is still receiving from A.
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
-  records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
+  records and every peer's records (plus in-progress ones). A peer's records that equal ours
+  in all but the sequence (our own changes, sent back once the peer took them) are no
+  change, unless the path has work in hand or a problem. Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
