@@ -300,6 +300,8 @@ class FolderSync:
         """Paths whose finished download waits to be put in place, or is being put."""
         self.to_place: list[Download] = []
         self.placing = False
+        self.undecided = False
+        """A plan skipped a path being opened or put in place: the next placement plans."""
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.failures: dict[str, Failure] = {}
         """Paths that failed here (a directory not writable, …); they make the folder
@@ -1206,7 +1208,8 @@ class FolderSync:
         if action.path in self.committing or action.path in self.opening:
             # A finished download of this path waits to be put in place (or this path is
             # being opened): this plan was made before that is recorded, and the pass that
-            # follows it decides again.
+            # follows the placement decides again.
+            self.undecided = True
             return False
         existing = self.downloads.get(action.path)
         if existing is not None:
@@ -1626,9 +1629,20 @@ class FolderSync:
                     finally:
                         for download, _ in placed:
                             self.committing.discard(download.path)
-                    self.dirty.set()
+                    if self._placement_changes_plan(d for d, _ in placed):
+                        self.dirty.set()
         finally:
             self.placing = False
+
+    def _placement_changes_plan(self, placed: Iterable[Download]) -> bool:
+        """Whether a plan after this placement could differ from the last one with the
+        placed paths done. Planning reads every record of the folder: a pass after each
+        of a thousand small placements would take the receiver's time from receiving."""
+        if self.undecided or self.deferred or any(d.conflict for d in placed):
+            self.undecided = False
+            return True
+        # The last placement: the pass that finds nothing to do says the folder is in sync.
+        return not (self.downloads or self.waiting or self.opening or self.to_place)
 
     async def _prepare_placement(self, download: Download) -> LocalState | None:
         """Ready one finished download to be placed: the watcher told of our writes, the
