@@ -37,7 +37,9 @@ Theory of operation
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
   records and every peer's records (plus in-progress ones). A peer's records that equal ours
   in all but the sequence (our own changes, sent back once the peer took them) are no
-  change, unless the path has work in hand or a problem. Directory, symlink, metadata,
+  change, unless the path has work in hand or a problem; nor is a placed batch of downloads,
+  unless a pass skipped a path then in flight, a conflict copy appeared or nothing is left
+  to fetch (that pass finds the folder in sync). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
