@@ -41,6 +41,8 @@ ENOBUFS_RETRY_INTERVAL = 0.001
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _GSO_REFUSED_ERRNOS = frozenset({errno.EIO, errno.EINVAL})
+#: Views of full GRO segments kept for reuse (the kernel coalesces at most 64).
+_CACHED_SEGMENTS = 2 * MAX_GSO_SEGMENTS
 
 
 class FastTransport(Transport[E]):
@@ -71,6 +73,8 @@ class FastTransport(Transport[E]):
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
         self._segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._segment_size = 0
+        self._segment_views: list[memoryview] = []
 
     @property
     def features(self) -> Features:
@@ -108,7 +112,7 @@ class FastTransport(Transport[E]):
     def _read_plain(self) -> None:
         recvfrom_into = self._sock.recvfrom_into
         buffer, view = self._buffer, self._view
-        deliver = self._endpoint.receive_datagram
+        deliver = self._endpoint.receive_datagrams
         addr_in = self._addr_in if self._v6 else None
         now = self._loop.time()
         handled = received = size = 0
@@ -124,13 +128,13 @@ class FastTransport(Transport[E]):
             handled += 1
             received += 1
             size += nbytes
-            deliver(view[:nbytes].tobytes(), raw if addr_in is None else addr_in(raw), now)
+            deliver((view[:nbytes],), raw if addr_in is None else addr_in(raw), now)
         self._received(received, received, size)
 
     def _read_gro(self) -> None:
         recvmsg_into = self._sock.recvmsg_into
         buffers, view = self._buffers, self._view
-        deliver = self._endpoint.receive_datagram
+        deliver = self._endpoint.receive_datagrams
         addr_in = self._addr_in if self._v6 else None
         now = self._loop.time()
         handled = received = calls = size = 0
@@ -154,18 +158,33 @@ class FastTransport(Transport[E]):
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     segment = int.from_bytes(data[:4], sys.byteorder) or nbytes
-            if segment >= nbytes:
-                deliver(view[:nbytes].tobytes(), addr, now)
-                handled += 1
-                received += 1
-                continue
-            pieces = 0
-            for offset in range(0, nbytes, segment):
-                deliver(view[offset : min(offset + segment, nbytes)].tobytes(), addr, now)
-                pieces += 1
-            received += pieces
-            handled += pieces
+            # A lone datagram never replaces the cached segment size.
+            datagrams = self._segments(segment, nbytes) if segment < nbytes else [view[:nbytes]]
+            deliver(datagrams, addr, now)
+            received += len(datagrams)
+            handled += len(datagrams)
         self._received(received, calls, size)
+
+    def _segments(self, segment: int, nbytes: int) -> list[memoryview]:
+        """The GRO batch of ``nbytes`` in the buffer cut at ``segment``: views, no copies.
+
+        The views of full segments are kept per segment size (a sender keeps one size), so a
+        batch costs one list, not a slice per datagram; at most _CACHED_SEGMENTS are kept."""
+        full = nbytes // segment
+        views = self._segment_views
+        if segment != self._segment_size:
+            self._segment_size = segment
+            views = self._segment_views = []
+        if len(views) < full and len(views) < _CACHED_SEGMENTS:
+            view = self._view
+            start = len(views) * segment
+            stop = min(full, _CACHED_SEGMENTS) * segment
+            views.extend(view[offset : offset + segment] for offset in range(start, stop, segment))
+        datagrams = views[:full]
+        view = self._view
+        for offset in range(len(datagrams) * segment, nbytes, segment):
+            datagrams.append(view[offset : min(offset + segment, nbytes)])
+        return datagrams
 
     def _received(self, datagrams: int, calls: int, size: int) -> None:
         if datagrams:
