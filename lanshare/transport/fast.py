@@ -66,8 +66,10 @@ class FastTransport(Transport[E]):
         self._buffer = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
         self._buffers = [self._view]
-        # Each entry is one send call: (payload, addr, segment size or 0 for plain, datagrams).
-        self._out: collections.deque[tuple[bytes, Addr, int, int]] = collections.deque()
+        # Each entry is one send call: (datagrams, their bytes, addr, segment size or 0 for
+        # plain). A GSO send hands the datagrams to sendmsg as a scatter/gather list: the
+        # kernel joins them, no copy of the run is made here.
+        self._out: collections.deque[tuple[list[bytes], int, Addr, int]] = collections.deque()
         self._out_size = 0
         self._writer_armed = False
         self._retry: asyncio.TimerHandle | None = None
@@ -203,11 +205,10 @@ class FastTransport(Transport[E]):
         i = 0
         while i < count:
             data, addr = datagrams[i]
-            segment = len(data)
+            total = segment = len(data)
             j = i + 1
             if self._gso and segment:  # re-read: a refused send turns it off mid-batch
                 # A run: same address, equal sizes, the last one may be shorter (GSO rule).
-                total = segment
                 end = min(count, i + MAX_GSO_SEGMENTS)
                 while j < end:
                     data2, addr2 = datagrams[j]
@@ -219,18 +220,18 @@ class FastTransport(Transport[E]):
                     if size2 < segment:
                         break
             if j - i > 1:
-                payload = b"".join([d for d, _ in datagrams[i:j]])
+                run = [d for d, _ in datagrams[i:j]]
             else:
-                payload, segment = data, 0
-            n, i = j - i, j
+                run, segment = [data], 0
+            i = j
             # The bound applies to the backlog only: while the socket takes everything, each
             # send call goes out at once and nothing waits in the queue.
             blocked = self._writer_armed or self._retry is not None
-            if blocked and self._out_size + len(payload) > limit:
-                self.stats.send_dropped += n
+            if blocked and self._out_size + total > limit:
+                self.stats.send_dropped += len(run)
                 continue
-            out.append((payload, self._addr_out(addr), segment, n))
-            self._out_size += len(payload)
+            out.append((run, total, self._addr_out(addr), segment))
+            self._out_size += total
             if not blocked:
                 self._flush()
 
@@ -239,12 +240,12 @@ class FastTransport(Transport[E]):
         sock = self._sock
         stats = self.stats
         while out:
-            payload, addr, segment, datagrams = out[0]
+            run, size, addr, segment = out[0]
             try:
                 if segment:
-                    sock.sendmsg([payload], self._segment_cmsg(segment), 0, addr)
+                    sock.sendmsg(run, self._segment_cmsg(segment), 0, addr)
                 else:
-                    sock.sendto(payload, addr)
+                    sock.sendto(run[0], addr)
             except (BlockingIOError, InterruptedError):
                 stats.send_blocked += 1
                 self._arm_writer()
@@ -255,35 +256,31 @@ class FastTransport(Transport[E]):
                     self._retry = self._loop.call_later(ENOBUFS_RETRY_INTERVAL, self._retry_flush)
                     return
                 out.popleft()
-                self._out_size -= len(payload)
+                self._out_size -= size
                 if segment and (exc.errno in _GSO_REFUSED_ERRNOS or exc.errno == errno.EMSGSIZE):
-                    self._unsegment(payload, addr, segment, exc)
+                    self._unsegment(run, addr, exc)
                     continue
-                stats.send_dropped += datagrams
+                stats.send_dropped += len(run)
                 self._count_error(exc, sending=True)
                 continue
             out.popleft()
-            self._out_size -= len(payload)
+            self._out_size -= size
             stats.send_calls += 1
-            stats.datagrams_sent += datagrams
-            stats.bytes_sent += len(payload)
+            stats.datagrams_sent += len(run)
+            stats.bytes_sent += size
             if segment:
                 stats.gso_sends += 1
         if self._writer_armed:
             self._loop.remove_writer(sock.fileno())
             self._writer_armed = False
 
-    def _unsegment(self, payload: bytes, addr: Addr, segment: int, exc: OSError) -> None:
+    def _unsegment(self, run: list[bytes], addr: Addr, exc: OSError) -> None:
         """Requeue a refused GSO send as plain datagrams, in order, at the front."""
         if exc.errno in _GSO_REFUSED_ERRNOS and self._gso:
             self._gso = False
             logger.info("UDP GSO refused (%s); sending one datagram per call from now on", exc)
-        pieces = [
-            (payload[offset : offset + segment], addr, 0, 1)
-            for offset in range(0, len(payload), segment)
-        ]
-        self._out.extendleft(reversed(pieces))
-        self._out_size += len(payload)
+        self._out.extendleft(([data], len(data), addr, 0) for data in reversed(run))
+        self._out_size += sum(map(len, run))
 
     def _segment_cmsg(self, segment: int) -> list[tuple[int, int, bytes]]:
         cmsg = self._segment_cmsgs.get(segment)
