@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -86,6 +87,9 @@ _PING = wire.FrameType.PING
 _PADDING = wire.FrameType.PADDING
 _CLOSE = wire.FrameType.CLOSE
 _HDR = wire.SHORT_HEADER
+#: The short header as (version | type | flags | dst_cid, pn): within a run of one session's
+#: packets in one key phase the first eight bytes never change.
+_HDR_RUN = struct.Struct("!QQ")
 _DFR = wire.DATA_FRAME
 _DFR_SIZE = wire.DATA_FRAME_SIZE
 _OVERHEAD = wire.DATA_OVERHEAD
@@ -405,7 +409,6 @@ class Session:
         self._pacing_at: float | None = None
         # acknowledgements we owe
         self._rx_ranges = RangeSet(max_ranges=4 * p.ack_ranges)
-        self._rx_stops = self._rx_ranges._stops  # for the in-order fast path
         self._rx_largest = -1
         self._rx_largest_time = now
         self._ack_count = 0
@@ -762,9 +765,11 @@ class Session:
         if self.state is not _ESTABLISHED:
             return start
         n = self._rx_fast
-        expected = self._rx_largest + 1
-        phase = self._rx_phase
-        cid = self.local_cid
+        expected = first = self._rx_largest + 1
+        # Other flag bits than the key phase go the general path (which ignores them).
+        prefix = _HDR_RUN.unpack(_HDR.pack(_VERSION, _PKT_DATA, self._rx_phase, self.local_cid, 0))[
+            0
+        ]
         key = self._rx_key
         assert key is not None
         decrypt = key.aead.decrypt_into
@@ -775,10 +780,9 @@ class Session:
         end = n - _OVERHEAD
         full_frag = self._rx_frag
         frag_len = len(full_frag)
-        unpack_header = _HDR.unpack_from
+        unpack_header = _HDR_RUN.unpack_from
         unpack_frame = _DFR.unpack_from
         requests = self._requests
-        rx_stops = self._rx_stops
         i = start
         count = len(datagrams)
         eliciting = failed = 0
@@ -787,10 +791,8 @@ class Session:
                 data = datagrams[i]
                 if len(data) != n:
                     break
-                version, ptype, flags, dst, pn = unpack_header(data)
-                if pn != expected or flags & 1 != phase or dst != cid or ptype != _PKT_DATA:
-                    break
-                if version != _VERSION:
+                head, pn = unpack_header(data)
+                if pn != expected or head != prefix:
                     break
                 i += 1
                 rx_buf[:n] = data
@@ -800,10 +802,6 @@ class Session:
                     failed += 1
                     continue
                 expected = pn + 1
-                if rx_stops and rx_stops[-1] == pn:
-                    rx_stops[-1] = expected  # in order: RangeSet.add's fast path
-                else:
-                    self._rx_ranges.add(pn)
                 if pt[0] != _DATA:
                     if self._parse_frames(end, now):
                         eliciting += 1
@@ -839,7 +837,8 @@ class Session:
             self.close(CloseReason.PROTOCOL_ERROR)
         if failed:
             self.ctx.stats.auth_failed += failed
-        if expected > self._rx_largest + 1:  # at least one packet was authentic
+        if expected > first:  # packets first .. expected - 1 were authentic
+            self._rx_ranges.add(first, expected)
             self._rx_largest = expected - 1
             self._rx_largest_time = now
             self._last_recv = now
