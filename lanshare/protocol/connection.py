@@ -30,6 +30,14 @@ and the endpoint's ``max_send_rate`` bucket. The requester reassembles fragments
 buffer (duplicates are ignored), checks size and hash, and emits ``BlockReceived`` or
 ``RequestFailed``. A request without progress for ``request_timeout`` fails and is cancelled.
 
+Receiving in runs: the adapter hands over what one receive call got (a GRO batch: up to ~64
+datagrams from one address) in one ``Endpoint.receive_datagrams`` call. The datagrams that
+are each the next packet number, full size and in the current key phase of one session are
+opened in one loop (``on_data_run``): each is authenticated on its own before anything in it
+is used, and what a run changes for ACKs and timers (largest packet number, ranges, deadlines)
+is written once per run. Anything else (a gap, a replay, a key update, another size, another
+session) takes the general path (``on_data_packet``) one datagram at a time.
+
 Liveness: a PING every ``keepalive_interval`` when idle; nothing authenticated for
 ``idle_timeout`` closes the session (``PEER_GONE``) and fails every request on it.
 """
