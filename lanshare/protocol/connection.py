@@ -98,6 +98,12 @@ _HDR = wire.SHORT_HEADER
 #: The short header as (version | type | flags | dst_cid, pn): within a run of one session's
 #: packets in one key phase the first eight bytes never change.
 _HDR_RUN = struct.Struct("!QQ")
+#: The packet number of a short header (bytes 8..16): what changes from one data packet to
+#: the next of one ``_write_data`` call.
+_PN = struct.Struct("!Q")
+_DFR_HEAD = wire.DATA_FRAME_HEAD
+_DFR_TAIL = wire.DATA_FRAME_TAIL
+_DFR_HEAD_SIZE = _DFR_HEAD.size
 _DFR = wire.DATA_FRAME
 _DFR_SIZE = wire.DATA_FRAME_SIZE
 _OVERHEAD = wire.DATA_OVERHEAD
@@ -1504,8 +1510,10 @@ class Session:
         stats = self.ctx.stats
         self._pacing_at = None
         written = 0
-        pack_hdr = _HDR.pack_into
-        pack_frame = _DFR.pack_into
+        _HDR.pack_into(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, 0)
+        pack_pn = _PN.pack_into
+        pack_tail = _DFR_TAIL.pack_into
+        framed: _OutMessage | None = None  # the answer whose frame head is in pt
         retransmitted = 0
         while written < budget:
             if retx:
@@ -1550,13 +1558,17 @@ class Session:
                 self._tx_count = tx_count - 1
                 aead = self._next_tx_key().aead  # a key update (rare)
                 tx_count = self._tx_count
+                _HDR.pack_into(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, 0)
             frag = msg.frag
             offset = fi * frag
             length = msg.total - offset
             if length > frag:
                 length = frag
-            pack_hdr(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, pn)
-            pack_frame(pt, 0, _DATA, msg.rid, msg.total, offset, length)
+            pack_pn(tx, 8, pn)
+            if msg is not framed:
+                _DFR_HEAD.pack_into(pt, 0, _DATA, msg.rid, msg.total)
+                framed = msg
+            pack_tail(pt, _DFR_HEAD_SIZE, offset, length)
             end = _DFR_SIZE + length
             pt[_DFR_SIZE:end] = msg.data[offset : offset + length]
             if length < frag:
