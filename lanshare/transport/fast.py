@@ -41,6 +41,8 @@ ENOBUFS_RETRY_INTERVAL = 0.001
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _GSO_REFUSED_ERRNOS = frozenset({errno.EIO, errno.EINVAL})
+#: A plain int: ``flags & socket.MSG_TRUNC`` would run enum.Flag.__and__ per receive call.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
 #: Views of full GRO segments kept for reuse (the kernel coalesces at most 64).
 _CACHED_SEGMENTS = 2 * MAX_GSO_SEGMENTS
 
@@ -150,7 +152,7 @@ class FastTransport(Transport[E]):
                 handled += 1
                 continue
             calls += 1
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 self.stats.truncated += 1
                 handled += 1
                 continue
