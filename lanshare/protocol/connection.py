@@ -1508,6 +1508,10 @@ class Session:
         aead = key.aead
         peer_cid = self.peer_cid
         stats = self.ctx.stats
+        tokens = pacer.tokens
+        limit_tokens = limit.tokens if limit is not None else 0.0
+        probes = self._probes
+        waiting: TokenBucket | None = None  # the bucket that stopped the loop, if one did
         self._pacing_at = None
         written = 0
         _HDR.pack_into(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, 0)
@@ -1534,25 +1538,25 @@ class Session:
             if msg.size != size:
                 size = msg.size
                 body, pt_mv, tx_mv = self._tx_views_for(size)
-            if self._probes > 0:
-                self._probes -= 1
+            if probes > 0:
+                probes -= 1
             else:
                 if in_flight + size > cwnd:
                     break
-                if pacer.tokens < size:
-                    self._pacing_at = pacer.ready_at(min(pacer.capacity, 4 * size))
+                if tokens < size:
+                    waiting = pacer
                     break
-                if limit is not None and limit.tokens < size:
-                    self._pacing_at = limit.ready_at(size)
+                if limit is not None and limit_tokens < size:
+                    waiting = limit
                     break
             if is_retx:
                 retx.popleft()
                 retransmitted += 1
             else:
                 msg.next_frag = fi + 1
-            pacer.tokens -= size
+            tokens -= size
             if limit is not None:
-                limit.tokens -= size
+                limit_tokens -= size
             tx_count += 1
             if tx_count > key_limit:
                 self._tx_count = tx_count - 1
@@ -1582,6 +1586,14 @@ class Session:
             written += 1
             bytes_sent += size
         self._tx_count = tx_count
+        self._probes = probes
+        pacer.tokens = tokens
+        if limit is not None:
+            limit.tokens = limit_tokens
+        if waiting is pacer:
+            self._pacing_at = pacer.ready_at(min(pacer.capacity, 4 * size))
+        elif waiting is not None:
+            self._pacing_at = waiting.ready_at(size)
         if written:
             sent.bytes_in_flight = in_flight
             sent.in_flight += written
