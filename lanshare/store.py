@@ -24,6 +24,9 @@ Theory of operation
   one still wanted is renamed over its target, then each directory that received one is
   fsynced once. A crash before a directory's fsync may lose a rename (the temporary file or
   the old file is what the next start finds), never leave a partial file under a real name.
+  A replaced file never leaves its path empty: its archive (or, in a conflict, the loser's
+  conflict copy) is a second name made and made durable first, then the rename swaps the
+  new file in. At every instant the path holds the old file or the new one.
 * **Bounded descriptors.** A download's temporary file and its directory stay open only
   while there is room: ``OpenAssemblies`` (one per process, sized from ``RLIMIT_NOFILE``)
   keeps the most recently used ones open and closes the others, which reopen on demand
@@ -46,10 +49,11 @@ Theory of operation
   version or a conflict copy).
 * **Archives.** A file to be replaced or deleted is hard-linked into
   ``.lanshare/versions/<dir>/<stem>~<UTC stamp>[-n]<ext>`` (its own mtime and mode kept, for
-  a restore) and unlinked. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
-  many links, another mount) it is renamed there (``RENAME_NOREPLACE``); where that fails
-  too, it is copied with its mode and mtime (``O_EXCL``) and then unlinked. No way ever
-  replaces an existing archive. The stamp in the name is the archive time: the pruning
+  a restore); a deleted one is then unlinked, a replaced one keeps its name until the new
+  file is renamed over it. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
+  many links, another mount) a deleted file is renamed there (``RENAME_NOREPLACE``); where
+  that fails too, and always for a replaced file, it is copied with its mode and mtime
+  (``O_EXCL``). No way ever replaces an existing archive. The stamp in the name is the archive time: the pruning
   keeps an archive ``versions_keep_days`` after it was archived, however old the file is.
 """
 
@@ -167,6 +171,9 @@ class Placement:
     assembly: Assembly
     planned: LocalState
     verified: Collection[int]
+    keep_as: str = ""
+    """A conflict: the target (the local loser, as ``planned`` recorded it) is kept under
+    this path in the same folder instead of being archived."""
 
 
 class Assembly:
@@ -454,8 +461,9 @@ class FolderStore:
         First every temporary file is checked whole (every block verified as written, the
         record's block hashes hashing to its file hash) and made durable (mode, mtime,
         fsync); then each is renamed over its target if the target is still what
-        ``planned`` recorded (a replaced file is archived first); then every directory that
-        received a file is fsynced once. A target changed since the download was planned
+        ``planned`` recorded (a replaced file is archived first, or kept as ``keep_as``,
+        both by a second name that leaves it in place until the rename); then every
+        directory that received a file is fsynced once. A target changed since the download was planned
         (someone edited the file meanwhile) is not replaced: that download gets
         ``LocalChangeError`` and becomes a conflict copy or waits for the next plan.
 
@@ -481,9 +489,14 @@ class FolderStore:
             try:
                 with _os_errors(), assembly.lease() as (_, dir_fd):
                     self._check_unchanged(dir_fd, name, record.path, item.planned)
-                    if item.planned.exists:
-                        self.archive(record.path, now)
-                    os.rename(assembly.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                    # The old file gets its second name first and keeps its own until the
+                    # rename replaces it: the path holds the old or the new file throughout.
+                    if item.keep_as:
+                        self._replace_keeping(dir_fd, assembly.temp_name, name, item.keep_as)
+                    else:
+                        if item.planned.exists:
+                            self._archive_in(dir_fd, parent, name, now, keep=True)
+                        os.rename(assembly.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                     st = os.fstat(dir_fd)
             except LanshareError as exc:
                 errors[i] = exc
@@ -500,6 +513,24 @@ class FolderStore:
             if error is None:
                 item.assembly.close()
         return errors
+
+    def _replace_keeping(self, dir_fd: int, temp_name: str, name: str, keep_rel: str) -> None:
+        """Rename ``temp_name`` over ``name`` after giving the file there its second name
+        ``keep_rel`` (a conflict copy), durably; the copy goes again if the rename fails."""
+        keep_parent, keep_name = _split(keep_rel)
+        with self._dir(keep_parent, create=True) as keep_fd:
+            try:
+                _second_name(name, keep_name, dir_fd, keep_fd)
+            except FileExistsError as exc:
+                raise LocalChangeError(f"{keep_rel} already exists; kept both") from exc
+            try:
+                # Durable before the rename can be: a crash may lose the rename, never both.
+                os.fsync(keep_fd)
+                os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(keep_name, dir_fd=keep_fd)
+                raise
 
     @staticmethod
     def _seal(item: Placement) -> None:
@@ -539,19 +570,29 @@ class FolderStore:
         or not a regular file).
         """
         parent, name = _split(rel)
+        with _os_errors(), self._dir(parent) as src_fd:
+            archived = self._archive_in(src_fd, parent, name, now, keep=False)
+            if archived is not None:
+                os.fsync(src_fd)
+        return archived
+
+    def _archive_in(
+        self, src_fd: int, parent: str, name: str, now: float, *, keep: bool
+    ) -> str | None:
+        """Archive the file ``name`` of the directory ``parent`` (open as ``src_fd``), the
+        archive durable on return; with ``keep`` the file also stays where it is (a link or
+        a copy, never a move: the caller replaces it by a rename)."""
         stamp = time.strftime(_STAMP_FORMAT, time.gmtime(now))
         archived_parent = f"{VERSIONS_DIR}/{parent}" if parent else VERSIONS_DIR
-        with _os_errors(), self._dir(parent) as src_fd:
-            try:
-                st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            with self._dir(archived_parent, create=True) as dst_fd:
-                archived_name = _archive_unique(name, stamp, src_fd, dst_fd)
-                os.fsync(dst_fd)
-            os.fsync(src_fd)
+        try:
+            st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with self._dir(archived_parent, create=True) as dst_fd:
+            archived_name = _archive_unique(name, stamp, src_fd, dst_fd, keep=keep)
+            os.fsync(dst_fd)
         return f"{archived_parent}/{archived_name}"
 
     def delete(self, rel: str, entry: EntryType, planned: LocalState, now: float) -> None:
@@ -837,19 +878,23 @@ def _archive_names(name: str, stamp: str) -> Iterator[str]:
         yield candidate
 
 
-def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
+def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int, *, keep: bool) -> str:
     """Move the file ``name`` into the versions directory under the first free stamped
-    name; returns that name.
+    name (with ``keep``: give it that second name, the file staying where it is); returns
+    that name.
 
     A hard link first (nothing moves until the archive exists; ``link`` fails when the
-    target exists), then a rename that refuses to replace, then a copy into a new file:
-    each one where the one before cannot work on this file system. Every way fails with
-    ``FileExistsError`` on a taken name, so a concurrent archive can never be replaced, and
-    tells whether the original is still to be unlinked (only then: an error removing it is
-    not taken for a file system without links).
+    target exists), then a rename that refuses to replace (not with ``keep``), then a copy
+    into a new file: each one where the one before cannot work on this file system. Every
+    way fails with ``FileExistsError`` on a taken name, so a concurrent archive can never be
+    replaced, and tells whether the original is still to be unlinked (only then: an error
+    removing it is not taken for a file system without links).
     """
-    ways: list[Callable[[str, str, int, int], bool]] = [_by_link, _by_rename, _by_copy]
-    unsupported = [_NO_LINK, _NO_RENAME_NOREPLACE]
+    ways: list[Callable[[str, str, int, int], bool]]
+    if keep:
+        ways, unsupported = [_by_link, _by_copy], [_NO_LINK]
+    else:
+        ways, unsupported = [_by_link, _by_rename, _by_copy], [_NO_LINK, _NO_RENAME_NOREPLACE]
     for candidate in _archive_names(name, stamp):
         while True:
             try:
@@ -863,10 +908,22 @@ def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
                 ways.pop(0)
                 unsupported.pop(0)
                 continue
-            if original_left:
+            if original_left and not keep:
                 os.unlink(name, dir_fd=src_fd)
             return candidate
     raise StorageError(f"too many archived versions of {name} in one second")
+
+
+def _second_name(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
+    """Give the file ``name`` the new name ``candidate`` too: a hard link, or a copy where
+    the file system cannot link it. ``FileExistsError`` when ``candidate`` is taken."""
+    try:
+        _by_link(name, candidate, src_fd, dst_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        logger.debug("keeping %s as %s: %s; copying it", name, candidate, exc)
+        _by_copy(name, candidate, src_fd, dst_fd)
 
 
 def _by_link(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
