@@ -1724,6 +1724,7 @@ class FolderSync:
         # Writes in flight (or a commit) still use the descriptors: the last one closes them.
         _release(download)
         if discard and not download.finishing:
+            self.server.invalidate([path])  # the server closes the file it may hold open
             await asyncio.to_thread(self.store.discard, download.record)
             await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
 
