@@ -34,7 +34,10 @@ Theory of operation
   are handed out only under a lease, and a leased assembly is never closed, so a number is
   never reused for another file under a ``pwrite``. ``EMFILE`` or
   ``ENFILE`` first closes every idle download; if that is not enough it surfaces as
-  ``DescriptorsExhausted``, a reason to wait, not a failure of the file.
+  ``DescriptorsExhausted``, a reason to wait, not a failure of the file. A close may flush
+  (slow on NFS): it never runs under the bound's lock, which the whole process shares, nor
+  on the event loop's thread (``Assembly.close`` there hands it to a closer thread); the
+  descriptors still count against the bound until they are closed.
 * **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
   must still be what the index recorded when the action was planned (``LocalState``). Size
   and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite
@@ -53,12 +56,14 @@ Theory of operation
   file is renamed over it. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
   many links, another mount) a deleted file is renamed there (``RENAME_NOREPLACE``); where
   that fails too, and always for a replaced file, it is copied with its mode and mtime
-  (``O_EXCL``). No way ever replaces an existing archive. The stamp in the name is the archive time: the pruning
-  keeps an archive ``versions_keep_days`` after it was archived, however old the file is.
+  (``O_EXCL``). No way ever replaces an existing archive. The stamp in the name is the
+  archive time: the pruning keeps an archive ``versions_keep_days`` after it was archived,
+  however old the file is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import ctypes
@@ -72,7 +77,7 @@ import resource
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,7 +212,8 @@ class Assembly:
 
     def close(self) -> None:
         """Close the descriptors and keep the temporary file (a later start resumes it).
-        Under a lease they close when it ends."""
+        Under a lease they close when it ends; called on an event loop, in a closer thread
+        (:meth:`OpenAssemblies.close`)."""
         self._store.assemblies.close(self)
 
     def _open(self, *, create: bool) -> None:
@@ -233,13 +239,6 @@ class Assembly:
             os.close(dir_fd)
             raise
         self._fd, self._dir_fd, self._identity = fd, dir_fd, identity
-
-    def _close_descriptors(self) -> None:
-        for fd in (self._fd, self._dir_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._dir_fd = -1
 
 
 def default_open_assemblies() -> int:
@@ -268,12 +267,25 @@ class OpenAssemblies:
     ``capacity`` (at most one per worker thread in practice).
     A reopen that meets ``EMFILE``/``ENFILE`` closes every other idle assembly and tries
     once more before it gives up.
+
+    Descriptors are closed after the lock is let go (a close may flush, slow on NFS, and
+    the lock is the whole process's), and never on an event loop's thread: there
+    :meth:`close` only marks the assembly and hands the closing to a closer thread,
+    taking no lock. Descriptors taken out and not closed yet still count against
+    ``capacity``. Only the retry after ``EMFILE``, in a worker, closes under the lock.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = default_open_assemblies() if capacity is None else max(1, capacity)
         self._lock = threading.Lock()
         self._open: OrderedDict[Assembly, None] = OrderedDict()
+        self._closing = 0
+        """Descriptor pairs taken out of ``_open`` and not closed yet."""
+        self._to_close: deque[Assembly] = deque()
+        """Closed on an event loop, for the closer thread (guarded by ``_closer_lock``)."""
+        self._closer_lock = threading.Lock()
+        """Held for a few list operations at most, so the loop may take it."""
+        self._closer_running = False
         self.opened = 0
         """Descriptor pairs opened so far (first opens and reopens)."""
 
@@ -285,61 +297,125 @@ class OpenAssemblies:
     def begin(self, assembly: Assembly) -> None:
         """Create (or reopen, to resume) and size ``assembly``'s file and open it."""
         with self._lock:
-            self._ensure_open(assembly, create=True)
+            evicted = self._ensure_open(assembly, create=True)
+        self._close(evicted)
 
     def acquire(self, assembly: Assembly) -> tuple[int, int]:
         with self._lock:
             if assembly._closed:
                 raise StorageError(f"the download of {assembly.record.path} was closed")
-            self._ensure_open(assembly, create=False)
+            evicted = self._ensure_open(assembly, create=False)
             assembly._leases += 1
-            return assembly._fd, assembly._dir_fd
+            descriptors = assembly._fd, assembly._dir_fd
+        self._close(evicted)
+        return descriptors
 
     def release(self, assembly: Assembly) -> None:
         with self._lock:
             assembly._leases -= 1
-            if assembly._closed and assembly._leases == 0:
-                self._forget(assembly)
+            done = assembly._closed and assembly._leases == 0
+            detached = self._detach(assembly) if done else []
+        self._close(detached)
 
     def close(self, assembly: Assembly) -> None:
+        """No more leases of ``assembly``; its descriptors close once none holds them.
+        On an event loop's thread this only marks it: a closer thread does the rest."""
+        assembly._closed = True  # read under the lock by ``acquire``: no lease from now on
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._close_idle(assembly)
+            return
+        with self._closer_lock:
+            self._to_close.append(assembly)
+            if self._closer_running:
+                return
+            self._closer_running = True
+        # A thread for a burst of closes, gone once they are done (an idle daemon keeps none).
+        threading.Thread(target=self._close_queued, name="lanshare-close", daemon=True).start()
+
+    def _close_queued(self) -> None:
+        while True:
+            with self._closer_lock:
+                if not self._to_close:
+                    self._closer_running = False
+                    return
+                assembly = self._to_close.popleft()
+            self._close_idle(assembly)
+
+    def _close_idle(self, assembly: Assembly) -> None:
         with self._lock:
-            assembly._closed = True
-            if assembly._leases == 0:
-                self._forget(assembly)
+            detached = self._detach(assembly) if assembly._leases == 0 else []
+        self._close(detached)
 
-    def _forget(self, assembly: Assembly) -> None:
+    def _detach(self, assembly: Assembly) -> list[tuple[int, int]]:
+        """Take ``assembly``'s descriptors out (under the lock), to be closed after it."""
         self._open.pop(assembly, None)
-        assembly._close_descriptors()
+        if assembly._fd < 0 and assembly._dir_fd < 0:
+            return []
+        pair = (assembly._fd, assembly._dir_fd)
+        assembly._fd = assembly._dir_fd = -1
+        self._closing += 1
+        return [pair]
 
-    def _ensure_open(self, assembly: Assembly, *, create: bool) -> None:
+    def _close(self, detached: list[tuple[int, int]]) -> None:
+        """Close descriptors taken out by :meth:`_detach` (without the lock)."""
+        if detached:
+            _close_pairs(detached)
+            with self._lock:
+                self._closing -= len(detached)
+
+    def _ensure_open(self, assembly: Assembly, *, create: bool) -> list[tuple[int, int]]:
+        """Open ``assembly`` if it is not; the descriptors evicted to make room, which the
+        caller closes once it lets the lock go."""
         if assembly._fd >= 0:
             self._open.move_to_end(assembly)
-            return
-        self._evict(self.capacity - 1, keep=assembly)
+            return []
+        evicted = self._evict(self.capacity - 1, keep=assembly)
         try:
             assembly._open(create=create)
         except OSError as exc:
             if exc.errno not in DESCRIPTORS_EXHAUSTED:
+                self._close_now(evicted)
                 raise
             logger.debug(
                 "out of descriptors opening %s: closing idle downloads", assembly.temp_name
             )
-            self._evict(0, keep=assembly)
+            # Here they must be closed before the retry can find a free number.
+            self._close_now(evicted + self._evict(0, keep=assembly))
+            evicted = []
             assembly._open(create=create)
+        except BaseException:
+            self._close_now(evicted)
+            raise
         self.opened += 1
         self._open[assembly] = None
+        return evicted
 
-    def _evict(self, room: int, *, keep: Assembly) -> None:
-        """Close least recently used idle assemblies until at most ``room`` stay open."""
-        if len(self._open) <= room:
-            return
+    def _close_now(self, detached: list[tuple[int, int]]) -> None:
+        """Close detached descriptors under the lock (a worker's error path only)."""
+        _close_pairs(detached)
+        self._closing -= len(detached)
+
+    def _evict(self, room: int, *, keep: Assembly) -> list[tuple[int, int]]:
+        """Take out the least recently used idle assemblies' descriptors until at most
+        ``room`` pairs stay open, counting those still being closed elsewhere."""
+        limit = room - self._closing
+        evicted: list[tuple[int, int]] = []
         for candidate in list(self._open):
-            if len(self._open) <= room:
+            if len(self._open) <= limit:
                 break
             if candidate is keep or candidate._leases:
                 continue
-            del self._open[candidate]
-            candidate._close_descriptors()
+            evicted += self._detach(candidate)
+        return evicted
+
+
+def _close_pairs(detached: list[tuple[int, int]]) -> None:
+    for pair in detached:
+        for fd in pair:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 _shared_assemblies: OpenAssemblies | None = None
@@ -463,9 +539,10 @@ class FolderStore:
         fsync); then each is renamed over its target if the target is still what
         ``planned`` recorded (a replaced file is archived first, or kept as ``keep_as``,
         both by a second name that leaves it in place until the rename); then every
-        directory that received a file is fsynced once. A target changed since the download was planned
-        (someone edited the file meanwhile) is not replaced: that download gets
-        ``LocalChangeError`` and becomes a conflict copy or waits for the next plan.
+        directory that received a file is fsynced once. A target changed since the
+        download was planned (someone edited the file meanwhile) is not replaced: that
+        download gets ``LocalChangeError`` and becomes a conflict copy or waits for the
+        next plan.
 
         Returns, in the order given, None for each file placed (its assembly is closed),
         else what kept it out: ``IntegrityError`` (not whole or not the record's content),
