@@ -568,7 +568,7 @@ class FolderStore:
                     self._check_unchanged(dir_fd, name, record.path, item.planned)
                     # The old file gets its second name first and keeps its own until the
                     # rename replaces it: the path holds the old or the new file throughout.
-                    if item.keep_as:
+                    if item.keep_as and item.planned.exists:
                         self._replace_keeping(dir_fd, assembly.temp_name, name, item.keep_as)
                     else:
                         if item.planned.exists:

@@ -453,6 +453,45 @@ def test_archive_copies_when_versions_lie_on_another_mount(tmp_path: Path) -> No
         subprocess.run(["umount", str(versions)], check=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_a_replaced_file_is_archived_by_a_copy_where_it_cannot_be_linked(tmp_path: Path) -> None:
+    """A placement over a file whose archive cannot be a link (another mount: EXDEV) copies
+    it there, never moves it: the file keeps its name until the new one is renamed over."""
+    versions = tmp_path / VERSIONS_DIR
+    versions.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "lanshare-test", str(versions)], check=True
+    )
+    try:
+        write_at_rest(tmp_path / "doc.txt", REPLACED)
+        os.chmod(tmp_path / "doc.txt", 0o640)
+        planned = state_of(tmp_path, "doc.txt")
+        store = FolderStore(tmp_path)
+        assembly = store.begin(record_for("doc.txt", ARRIVED))
+        place(store, assembly, planned, write_all(store, assembly, ARRIVED))
+        assert (tmp_path / "doc.txt").read_bytes() == ARRIVED
+        archived = versions / "doc~20231114-221320.txt"
+        st = archived.stat()
+        assert archived.read_bytes() == REPLACED
+        assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (OLD_MTIME_NS, 0o640)
+    finally:
+        subprocess.run(["umount", str(versions)], check=True)
+
+
+def test_a_conflict_copy_already_there_keeps_both_and_places_nothing(tmp_path: Path) -> None:
+    write_at_rest(tmp_path / "doc.txt", REPLACED)
+    (tmp_path / CONFLICT_COPY).write_bytes(b"someone's file of that name")
+    planned = state_of(tmp_path, "doc.txt")
+    store = FolderStore(tmp_path)
+    assembly = store.begin(record_for("doc.txt", ARRIVED))
+    verified = write_all(store, assembly, ARRIVED)
+    (error,) = store.place([Placement(assembly, planned, verified, CONFLICT_COPY)], NOW)
+    assembly.close()
+    assert isinstance(error, LocalChangeError)
+    assert (tmp_path / "doc.txt").read_bytes() == REPLACED
+    assert (tmp_path / CONFLICT_COPY).read_bytes() == b"someone's file of that name"
+
+
 def test_two_archives_in_one_second_are_both_kept(tmp_path: Path) -> None:
     store = FolderStore(tmp_path)
     for content in (b"first", b"second", b"third"):
