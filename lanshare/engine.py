@@ -233,9 +233,7 @@ class Download:
     writing: int = 0
     finishing: bool = False
     conflict: planner.Conflict | None = None
-    """The local loser to move aside under its conflict name when the download is placed."""
-    conflict_moved: bool = False
-    """The loser is under its conflict name now (moved back if the placement fails)."""
+    """The local loser to keep under its conflict name when the download is placed."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
     bytes_done: int = 0
@@ -1604,11 +1602,9 @@ class FolderSync:
                     for download in batch:
                         assert download.assembly is not None
                         planned = await self._prepare_placement(download)
-                        if planned is not None:
-                            done = frozenset(download.done)
-                            ready.append((download, Placement(download.assembly, planned, done)))
-                    if not ready:
-                        continue
+                        done = frozenset(download.done)
+                        keep = download.conflict.conflict_name if download.conflict else ""
+                        ready.append((download, Placement(download.assembly, planned, done, keep)))
                     placements = [placement for _, placement in ready]
                     errors = await asyncio.to_thread(self.store.place, placements, time.time())
                     placed: list[tuple[Download, list[FileRecord]]] = []
@@ -1646,28 +1642,14 @@ class FolderSync:
         # The last placement: the pass that finds nothing to do says the folder is in sync.
         return not (self.downloads or self.waiting or self.opening or self.to_place)
 
-    async def _prepare_placement(self, download: Download) -> LocalState | None:
-        """Ready one finished download to be placed: the watcher told of our writes, the
-        local loser of a conflict moved aside. What the target must still be (None when
-        it cannot be placed: then it is replanned)."""
-        conflict = download.conflict
+    async def _prepare_placement(self, download: Download) -> LocalState:
+        """Ready one finished download to be placed: the watcher told of our writes (the
+        local loser of a conflict stays in place until ``store.place`` keeps it under its
+        conflict name). What the target must still be."""
         await self._own_write(download.path)
-        if conflict is None:
-            return download.planned
-        await self._own_write(conflict.conflict_name)
-        try:
-            await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
-        except (DiskFullError, DescriptorsExhausted) as exc:  # a wait, not a local change
-            await self._not_placed(download, exc)
-            return None
-        except StorageError as exc:  # gone or changed meanwhile: rescan, replan
-            await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
-            return None
-        except LanshareError as exc:
-            await self._not_placed(download, exc)
-            return None
-        download.conflict_moved = True
-        return LocalState(exists=False)
+        if download.conflict is not None:
+            await self._own_write(download.conflict.conflict_name)
+        return download.planned
 
     def _placed(self, download: Download) -> list[FileRecord]:
         """A download is in place: whatever happened meanwhile, the index must say so. The
@@ -1701,13 +1683,6 @@ class FolderSync:
 
     async def _replan(self, download: Download, exc: LanshareError) -> None:
         record = download.record
-        conflict = download.conflict
-        if download.conflict_moved and conflict is not None:
-            download.conflict_moved = False
-            with contextlib.suppress(LanshareError):
-                await asyncio.to_thread(
-                    self.store.rename_local, conflict.conflict_name, conflict.path
-                )
         discard = isinstance(exc, IntegrityError)
         if isinstance(exc, LocalChangeError):
             # Never clobber a local edit. Keep the verified temporary file (a later plan
@@ -1749,6 +1724,7 @@ class FolderSync:
         # Writes in flight (or a commit) still use the descriptors: the last one closes them.
         _release(download)
         if discard and not download.finishing:
+            self.server.invalidate([path])  # the server closes the file it may hold open
             await asyncio.to_thread(self.store.discard, download.record)
             await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
 
