@@ -31,8 +31,8 @@ Theory of operation
   from the block hashes verified in memory, fsynced, and renamed into place only if the
   local file is still what the plan saw (otherwise the download is discarded and the next
   plan decides); each directory is fsynced once, and the batch is one index transaction and
-  one announcement. A conflict's local loser is moved to its conflict name just before, and
-  back if the placement fails. A download that cannot be placed is replanned, or fails.
+  one announcement. A conflict's local loser is kept under its conflict name by the
+  placement itself (``store.place``). A download that cannot be placed is replanned, or fails.
 * **Abandoning.** An abandoned download (no longer wanted, its peer's version replaced, the
   disk full) cancels its requests; its descriptors close once no write or placement uses
   them, and its temporary file stays (to resume) unless it is discarded.
@@ -44,7 +44,6 @@ The folder (``engine.FolderSync``) is seen through ``Folder``, the peer exchange
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -58,7 +57,6 @@ from lanshare.errors import (
     IntegrityError,
     LanshareError,
     LocalChangeError,
-    StorageError,
 )
 from lanshare.events import FailReason
 from lanshare.manifest import Block, InProgress
@@ -85,6 +83,7 @@ if TYPE_CHECKING:
     from lanshare.exchange import PeerLink
     from lanshare.index import FolderInfo, Partial
     from lanshare.manifest import FileRecord
+    from lanshare.serving import BlockServer
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ class Folder(Protocol):
 
     root: Path
     store: FolderStore
+    server: BlockServer
+    """Closes what it holds open of a temporary file that goes (``invalidate``)."""
     info: FolderInfo
     folder_id: bytes
     priority: set[str]
@@ -200,9 +201,7 @@ class Download:
     writing: int = 0
     finishing: bool = False
     conflict: planner.Conflict | None = None
-    """The local loser to move aside under its conflict name when the download is placed."""
-    conflict_moved: bool = False
-    """The loser is under its conflict name now (moved back if the placement fails)."""
+    """The local loser to keep under its conflict name when the download is placed."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -269,6 +268,8 @@ class Downloads:
         """Paths whose finished download waits to be put in place, or is being put."""
         self.to_place: list[Download] = []
         self.placing = False
+        self.undecided = False
+        """A plan skipped a path being opened or put in place: the next placement plans."""
         self.deferred: dict[str, int] = {}
         """Files (and sizes) the plan wants but the scheduler had no room for yet."""
         self.waiting: dict[str, tuple[planner.Fetch, planner.Conflict | None]] = {}
@@ -307,6 +308,15 @@ class Downloads:
         for path in [p for p in self.active if p not in wanted]:
             await self._abandon(path, discard=True)
         await self._start_waiting()
+
+    def pending(self, path: str) -> bool:
+        """Whether ``path`` is wanted, fetched, put in place or deferred."""
+        return (
+            path in self.wanted
+            or path in self.active
+            or path in self.committing
+            or path in self.deferred
+        )
 
     def busy(self) -> bool:
         """Whether a file is being fetched, waits to be, or is being put in place."""
@@ -415,7 +425,8 @@ class Downloads:
         if action.path in self.committing or action.path in self.opening:
             # A finished download of this path waits to be put in place (or this path is
             # being opened): this plan was made before that is recorded, and the pass that
-            # follows it decides again.
+            # follows the placement decides again.
+            self.undecided = True
             return False
         existing = self.active.get(action.path)
         if existing is not None:
@@ -805,11 +816,9 @@ class Downloads:
                     for download in batch:
                         assert download.assembly is not None
                         planned = await self._prepare_placement(download)
-                        if planned is not None:
-                            done = frozenset(download.done)
-                            ready.append((download, Placement(download.assembly, planned, done)))
-                    if not ready:
-                        continue
+                        done = frozenset(download.done)
+                        keep = download.conflict.conflict_name if download.conflict else ""
+                        ready.append((download, Placement(download.assembly, planned, done, keep)))
                     placements = [placement for _, placement in ready]
                     errors = await asyncio.to_thread(
                         self.folder.store.place, placements, self.engine.clock.time()
@@ -834,34 +843,29 @@ class Downloads:
                     finally:
                         for download, _ in placed:
                             self.committing.discard(download.path)
-                    self.folder.dirty.set()
+                    if self._placement_changes_plan(d for d, _ in placed):
+                        self.folder.dirty.set()
         finally:
             self.placing = False
 
-    async def _prepare_placement(self, download: Download) -> LocalState | None:
-        """Ready one finished download to be placed: the watcher told of our writes, the
-        local loser of a conflict moved aside. What the target must still be (None when
-        it cannot be placed: then it is replanned)."""
-        conflict = download.conflict
+    def _placement_changes_plan(self, placed: Iterable[Download]) -> bool:
+        """Whether a plan after this placement could differ from the last one with the
+        placed paths done. Planning reads every record of the folder: a pass after each
+        of a thousand small placements would take the receiver's time from receiving."""
+        if self.undecided or self.deferred or any(d.conflict for d in placed):
+            self.undecided = False
+            return True
+        # The last placement: the pass that finds nothing to do says the folder is in sync.
+        return not (self.active or self.waiting or self.opening or self.to_place)
+
+    async def _prepare_placement(self, download: Download) -> LocalState:
+        """Ready one finished download to be placed: the watcher told of our writes (the
+        local loser of a conflict stays in place until ``store.place`` keeps it under its
+        conflict name). What the target must still be."""
         await self.folder.own_write(download.path)
-        if conflict is None:
-            return download.planned
-        await self.folder.own_write(conflict.conflict_name)
-        try:
-            await asyncio.to_thread(
-                self.folder.store.rename_local, conflict.path, conflict.conflict_name
-            )
-        except (DiskFullError, DescriptorsExhausted) as exc:  # a wait, not a local change
-            await self._not_placed(download, exc)
-            return None
-        except StorageError as exc:  # gone or changed meanwhile: rescan, replan
-            await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
-            return None
-        except LanshareError as exc:
-            await self._not_placed(download, exc)
-            return None
-        download.conflict_moved = True
-        return LocalState(exists=False)
+        if download.conflict is not None:
+            await self.folder.own_write(download.conflict.conflict_name)
+        return download.planned
 
     def _placed(self, download: Download) -> list[FileRecord]:
         """A download is in place: whatever happened meanwhile, the index must say so. The
@@ -895,13 +899,6 @@ class Downloads:
 
     async def _replan(self, download: Download, exc: LanshareError) -> None:
         record = download.record
-        conflict = download.conflict
-        if download.conflict_moved and conflict is not None:
-            download.conflict_moved = False
-            with contextlib.suppress(LanshareError):
-                await asyncio.to_thread(
-                    self.folder.store.rename_local, conflict.conflict_name, conflict.path
-                )
         discard = isinstance(exc, IntegrityError)
         if isinstance(exc, LocalChangeError):
             # Never clobber a local edit. Keep the verified temporary file (a later plan
@@ -943,6 +940,7 @@ class Downloads:
         # Writes in flight (or a commit) still use the descriptors: the last one closes them.
         _release(download)
         if discard and not download.finishing:
+            self.folder.server.invalidate([path])  # the server closes the file it may hold open
             await asyncio.to_thread(self.folder.store.discard, download.record)
             await asyncio.to_thread(self.engine.index.partial_drop, self.folder.info.id, path)
 

@@ -29,7 +29,11 @@ Theory of operation
   and answers manifests, stores the peers' records in the index and announces what we hold
   (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
-  records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
+  records and every peer's records (plus in-progress ones). A peer's records that equal ours
+  in all but the sequence (our own changes, sent back once the peer took them) are no
+  change, unless the path has work in hand or a problem; nor is a placed batch of downloads,
+  unless a pass skipped a path then in flight, a conflict copy appeared or nothing is left
+  to fetch (that pass finds the folder in sync). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
@@ -443,6 +447,15 @@ class FolderSync:
 
     def info_sequence(self) -> int:
         return self.engine.index.sequence(self.info.id)
+
+    def pending(self, path: str) -> bool:
+        """Whether ``path`` has work in hand or a problem a peer's record may settle."""
+        return (
+            self.downloads.pending(path)
+            or path in self.failures
+            or path in self.plan_problems
+            or path in self.waiting_for_space
+        )
 
     # -- for ls and pull (lanshare.listing) -------------------------------------------------
 

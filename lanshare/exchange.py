@@ -118,6 +118,10 @@ class Folder(Protocol):
         """The folder's current sequence (its newest local change)."""
         ...
 
+    def pending(self, path: str) -> bool:
+        """Whether ``path`` has work in hand or a problem a peer's record may settle."""
+        ...
+
 
 class Exchange:
     """One folder's sessions with its peers, and what goes between them and us."""
@@ -210,13 +214,17 @@ class Exchange:
                 records.append(entry)
         link.manifest_request = None
         if restart:
+            link.listed = False
             self.ask_manifest(link)
             return
+        news = not link.listed
         if records:
-            link.known_sequence = await asyncio.to_thread(
-                self.engine.index.remote_upsert, self.folder.info.id, event.peer, records
+            link.known_sequence, same = await asyncio.to_thread(
+                self._store_remote, event.peer, records
             )
+            news = news or any(r.path not in same or self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
+            news = True
             link.in_progress = in_progress
             link.have |= have
             self.folder.downloads.peer_has(event.peer, have)
@@ -224,7 +232,18 @@ class Exchange:
             self.ask_manifest(link)
         else:
             link.listed = True
-        self.folder.dirty.set()
+        # A peer that took our changes sends them back as its own records: they change no
+        # plan, and planning reads every record of the folder, so a sender would spend a
+        # third of its time planning for nothing while it serves.
+        if news:
+            self.folder.dirty.set()
+
+    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
+        """Store a peer's records; its highest sequence now, and the paths of those it
+        holds exactly as we do. Blocking: call it in a thread."""
+        index = self.engine.index
+        folder = self.folder.info.id
+        return index.remote_upsert(folder, peer, records), index.matching_local(folder, records)
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id
