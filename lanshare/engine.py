@@ -34,8 +34,10 @@ Theory of operation
   file has nothing to share until it is whole; it then travels as a record.) We plan with
   such a record as if the peer had that version, but ask it only for the blocks it
   announced, so C can pull from B what B is still receiving from A.
-* **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
-  records and every peer's records (plus in-progress ones). Directory, symlink, metadata,
+* **Planning** (``planner.plan``, pure) runs after any change, debounced, in a worker
+  thread, against the records of the paths some peer holds another record of (plus
+  in-progress ones), the rest of the folder answered by the index (``planinputs``): a folder
+  in sync decodes no record to plan. Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
@@ -87,7 +89,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import deleteguard, keys, marker, planner, scanner
+from lanshare import deleteguard, keys, marker, planinputs, planner, scanner
 from lanshare.blockwriter import BlockWriter
 from lanshare.errors import (
     DecodeError,
@@ -827,7 +829,11 @@ class FolderSync:
         """Plan, and apply every action but the fetches, which are returned (with the
         conflict each settles when it is placed) together with the peers' records."""
         started = self.engine.now()
-        local, remotes = await asyncio.to_thread(self._load_records)
+        in_progress = {path for link in self.links.values() for path in link.in_progress}
+        inputs = await asyncio.to_thread(
+            planinputs.load, self.engine.index, self.info.id, in_progress
+        )
+        remotes = inputs.remotes
         history, held = await asyncio.to_thread(self._guard_inputs)
         now = held if held is not None else time.time()
         allowed, self.allow_mass_delete = self.allow_mass_delete, False
@@ -840,27 +846,26 @@ class FolderSync:
                     if current is None or not _same_content(current, record):
                         merged[path] = record
                 remotes[peer] = merged
-        result = planner.plan(
-            local,
+        # In a thread: the context's answers are index queries.
+        result = await asyncio.to_thread(
+            planner.plan,
+            inputs.local,
             remotes,
             local_short_id=self.engine.short_id,
-            priority=self.priority,
+            priority=frozenset(self.priority),
             limits=self.engine.delete_limits,
             delete_history=history,
             now=now,
             allow_mass_delete=allowed,
             ignored=self.rules.matches,
+            context=inputs.context,
         )
         self.planning_seconds = self.engine.now() - started
         self.plan_problems = {
             problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
             for problem in result.problems
         }
-        self.conflict_paths = {
-            path
-            for path, record in local.items()
-            if not record.deleted and planner.conflict_original(path) is not None
-        }
+        self.conflict_paths = set(inputs.conflict_copies)
         self.mass_delete_pause = result.paused
         if not allowed:
             await self._hold(held, result.paused or bool(self.local_pause), now)

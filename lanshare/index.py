@@ -901,6 +901,85 @@ class Index:
                 return
             after = rows[-1][0]
 
+    def paths_to_plan(self, folder: int) -> list[str]:
+        """The paths of which some peer holds another record than ours (or we hold none), in
+        path order: the only paths a plan can change (``planner``, step 6). A folder in sync
+        has none, so this reads every remote record but decodes none."""
+        with self._read("read the paths to plan") as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT r.path FROM remote_files r "
+                "LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path "
+                "WHERE r.folder = ? AND (l.path IS NULL OR r.type != l.type "
+                "OR r.size != l.size OR r.mtime_ns != l.mtime_ns OR r.mode != l.mode "
+                "OR r.symlink_target != l.symlink_target OR r.blocks != l.blocks "
+                "OR r.file_hash != l.file_hash OR r.hash_algo != l.hash_algo "
+                "OR r.version != l.version OR r.deleted != l.deleted) ORDER BY r.path",
+                (folder,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def remote_records_of(
+        self, folder: int, paths: Iterable[str]
+    ) -> dict[bytes, dict[str, FileRecord]]:
+        """Every peer's records of those ``paths``, by peer and path."""
+        wanted = list(dict.fromkeys(paths))
+        out: dict[bytes, dict[str, FileRecord]] = {}
+        with self._read("read remote records") as conn:
+            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT peer, {_RECORD_COLUMNS} FROM remote_files "
+                    f"INDEXED BY remote_files_path WHERE folder = ? AND path IN ({marks})",
+                    (folder, *chunk),
+                ).fetchall()
+                for row in rows:
+                    out.setdefault(row[0], {})[row[1]] = _record(row[1:])
+        return out
+
+    def live_below(self, folder: int, directory: str) -> int:
+        """How many live local records lie below ``directory`` (at any depth)."""
+        with self._read("count records") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM local_files WHERE folder = ? AND path >= ? AND path < ? "
+                "AND deleted = 0",
+                (folder, directory + "/", directory + "0"),  # "a/" <= path < "a0": below "a"
+            ).fetchone()
+        return int(row[0])
+
+    def has_record(self, folder: int, path: str) -> bool:
+        """Whether the folder holds a local record (live or tombstone) of ``path``."""
+        with self._read("read a record") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM local_files WHERE folder = ? AND path = ?", (folder, path)
+            ).fetchone()
+        return row is not None
+
+    def block_source(
+        self, folder: int, hash_algo: str, block_hash: bytes, size: int
+    ) -> tuple[str, int] | None:
+        """(path, offset) of the first live local block of the folder with this content
+        (files in path order, blocks in file order), or None: ``planner.BlockSource``."""
+        with self._read("look up a block") as conn:
+            row = conn.execute(
+                "SELECT b.path, b.offset FROM local_blocks b INDEXED BY local_blocks_hash "
+                "JOIN local_files f ON f.folder = b.folder AND f.path = b.path "
+                "WHERE b.hash = ? AND b.folder = ? AND b.size = ? AND f.hash_algo = ? "
+                "ORDER BY b.path, b.idx LIMIT 1",
+                (block_hash, folder, size, hash_algo),
+            ).fetchone()
+        return None if row is None else (row[0], int(row[1]))
+
+    def live_paths_containing(self, folder: int, text: str) -> list[str]:
+        """The paths of live local records that contain ``text``, in path order."""
+        with self._read("read records") as conn:
+            rows = conn.execute(
+                "SELECT path FROM local_files WHERE folder = ? AND deleted = 0 "
+                "AND instr(path, ?) > 0 ORDER BY path",
+                (folder, text),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def remote_records_for_path(self, folder: int, path: str) -> dict[bytes, FileRecord]:
         """Every peer's record of one path, by peer."""
         with self._read("read remote records") as conn:
