@@ -62,7 +62,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from lanshare import deleteguard
 from lanshare.deleteguard import Deletion
@@ -258,19 +258,29 @@ class LocalChange:
     ctime_ns: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """What the scanner needs to know of a local record without decoding it."""
+class CacheEntry(NamedTuple):
+    """What the scanner needs to know of a local record without decoding it.
 
-    type: EntryType
+    A tuple made straight from the row (no conversion per field): a full scan holds one per
+    record of the folder at once.
+    """
+
+    path: str
+    code: int
+    """The record's ``EntryType`` value (see :attr:`type`)."""
     size: int
     mtime_ns: int
     mode: int
     symlink_target: str
-    deleted: bool
+    deleted: int
+    """Non-zero for a tombstone."""
     inode: int
     ctime_ns: int
     block_count: int
+
+    @property
+    def type(self) -> EntryType:
+        return EntryType(self.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +628,8 @@ class Index:
         )
         with self._read("read the scan cache") as conn:
             if paths is None:
-                rows = conn.execute(columns, (folder,)).fetchall()
+                # Row by row: a list of every row beside the entries would double the peak.
+                return {e.path: e for e in map(CacheEntry._make, conn.execute(columns, (folder,)))}
             else:
                 exact = list(dict.fromkeys([*paths, *trees]))
                 rows = []
@@ -644,20 +655,7 @@ class Index:
                         rows += conn.execute(
                             f"{columns} AND instr(path, '/') = 0", (folder,)
                         ).fetchall()
-        return {
-            row[0]: CacheEntry(
-                type=EntryType(row[1]),
-                size=row[2],
-                mtime_ns=row[3],
-                mode=row[4],
-                symlink_target=row[5],
-                deleted=bool(row[6]),
-                inode=row[7],
-                ctime_ns=row[8],
-                block_count=row[9],
-            )
-            for row in rows
-        }
+        return {e.path: e for e in map(CacheEntry._make, rows)}
 
     def live_count(self, folder: int) -> int:
         """How many local records of the folder are not tombstones."""

@@ -106,9 +106,13 @@ def casefold_collisions(paths: Iterable[str]) -> list[tuple[str, str]]:
     gives ``n - 1`` pairs ``(first, other)``, where ``first`` is the smallest of the group;
     the result is sorted. Include directories to catch ``Dir/a`` against ``dir/b``.
     """
-    groups: dict[str, set[str]] = {}
+    first: dict[str, str] = {}  # folded form → the first path seen with it
+    groups: dict[str, set[str]] = {}  # only the folded forms shared by several paths
     for path in paths:
-        groups.setdefault(_fold(path), set()).add(path)
+        key = _fold(path)
+        seen = first.setdefault(key, path)
+        if seen != path:
+            groups.setdefault(key, {seen}).add(path)
     pairs: list[tuple[str, str]] = []
     for members in groups.values():
         if len(members) > 1:
@@ -129,6 +133,8 @@ def is_internal(rel: str) -> bool:
 
 
 def _fold(path: str) -> str:
+    if path.isascii():  # NFC leaves ASCII as it is, and casefold() is lower() there
+        return path.lower()
     # casefold() can leave a string un-normalised (e.g. U+0130), so normalise on both sides.
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
 

@@ -369,9 +369,18 @@ async def scan_path(
         ]
         run.theirs = await asyncio.to_thread(_peer_files, index, folder, unrecorded)
 
+    if only is None:
+        live = sum(1 for old in cache.values() if not old.deleted)
+    else:
+        live = await asyncio.to_thread(index.live_count, folder)
+    # Each record found on disk leaves the cache: what is left was not found. The walk's
+    # entries go as they are compared, so the two views of the folder shrink together.
+    entries, walk.entries = walk.entries, []
+    entries.reverse()
     to_hash: list[_Entry] = []
-    for entry in walk.entries:
-        old = cache.get(entry.rel)
+    while entries:
+        entry = entries.pop()
+        old = cache.pop(entry.rel, None)
         if fetch_only and (old is None or old.deleted) and entry.rel not in run.theirs:
             continue  # recording it would be a new version of ours, which this node never makes
         if entry.type is EntryType.FILE:
@@ -383,16 +392,12 @@ async def scan_path(
             run.count_other(entry.type)
             if old is None or _other_changed(entry, old):
                 run.pending.append(_observed_other(entry))
-    present = {entry.rel for entry in walk.entries}
     for rel, old in cache.items():
-        if not old.deleted and rel not in present and in_scope(rel) and not walk.is_protected(rel):
+        if not old.deleted and in_scope(rel) and not walk.is_protected(rel):
             run.gone.append(rel)
+    del cache
     if fetch_only:
         run.forget, run.gone = run.gone, []
-    if only is None:
-        live = sum(1 for old in cache.values() if not old.deleted)
-    else:
-        live = await asyncio.to_thread(index.live_count, folder)
     verdict = None
     if not allow_mass_delete:
         pending = {deleteguard.LOCAL: len(run.gone)}
@@ -909,7 +914,7 @@ def _cache_hit(entry: _Entry, old: CacheEntry) -> bool:
     """True if a regular file is unchanged by its stat and need not be read."""
     return (
         not old.deleted
-        and old.type is EntryType.FILE
+        and old.code == EntryType.FILE
         and old.ctime_ns != 0
         and old.size == entry.size
         and old.mtime_ns == entry.mtime_ns
