@@ -27,11 +27,16 @@ Theory of operation
   highest one seen, so after a restart only newer records need to travel.
 * **Block lookup.** ``local_blocks`` maps a block hash to (folder, path, index, offset, size)
   for every block of every live local file. It is written in the same transaction as the
-  record, so it can never be stale, and a lookup is one index probe. Deriving it on demand
-  instead would mean decoding every block list of the folder (100 000 files: ~0.5 s and a
-  dict of tens of MB) at every planning pass, or keeping that dict in memory and in step by
-  hand. The cost is one extra row per block on a content change (measured in ``bench/scan.py``
-  as part of the cold scan); an unchanged rescan writes nothing.
+  record, so it can never be stale, and a lookup is one index probe: the planner asks it
+  where a block lies (:meth:`Index.block_source`) instead of decoding every block list of the
+  folder (100 000 files: ~0.5 s and a dict of tens of MB) at every planning pass. The cost is
+  one extra row per block on a content change (measured in ``bench/scan.py`` as part of the
+  cold scan); an unchanged rescan writes nothing.
+* **What to plan.** :meth:`Index.paths_to_plan` compares each remote record with ours column
+  by column (the blobs are canonical encodings, so equal columns mean equal records) and
+  names only the paths where they differ; a planning pass decodes those records alone
+  (``planinputs``), and asks the rest of the folder by query (live counts, entries below a
+  directory, taken names).
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
   the indexes of its blocks verified and written so far (many downloads' blocks in one
   transaction, after their bytes are written), so a restart resumes without fetching them
@@ -50,6 +55,8 @@ Theory of operation
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan". The store uses the same cache (:meth:`Index.stat_cache`)
   to tell whether a file is still what the plan saw before it replaces or deletes it.
+  :meth:`Index.scan_cache` gives it as tuples made straight from the rows as they stream (a
+  full scan holds one per record of the folder).
 """
 
 from __future__ import annotations
