@@ -88,7 +88,7 @@ def normalize(raw: str) -> str:
     return path
 
 
-_PLAIN = re.compile("[\x20-\x5b\x5d-\x7e]+")
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]+")
 """Printable ASCII but the backslash: characters :func:`normalize` keeps as they are."""
 
 

@@ -190,3 +190,24 @@ def test_is_normalized_says_whether_normalize_keeps_a_path(raw: str) -> None:
     except PathError:
         kept = False
     assert is_normalized(raw) == kept
+
+
+def test_a_plain_ascii_path_is_told_without_normalising_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scanner asks this of every path it finds: plain ASCII costs no Unicode work."""
+    from lanshare import paths as paths_module
+
+    asked: list[str] = []
+    real = paths_module.normalize
+
+    def counting(raw: str) -> str:
+        asked.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(paths_module, "normalize", counting)
+    assert is_normalized("d0001/f000123.txt")
+    assert is_normalized("with space/and:colon~[x]")
+    assert not is_normalized("d//f")
+    assert asked == []
+    assert is_normalized("日本語/файл")
+    assert not is_normalized("e\u0301")
+    assert asked == ["日本語/файл", "e\u0301"]
