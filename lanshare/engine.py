@@ -842,6 +842,8 @@ class FolderSync:
             if link.in_progress:
                 merged = dict(remotes.get(peer, {}))
                 for path, record in link.in_progress.items():
+                    if path not in in_progress:
+                        continue  # announced since the records were read: the next pass
                     current = merged.get(path)
                     if current is None or not _same_content(current, record):
                         merged[path] = record
