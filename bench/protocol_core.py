@@ -29,6 +29,8 @@ SERVER = ("10.0.0.1", 4000)
 CLIENT = ("10.0.0.2", 4000)
 FOLDER = bytes(16)
 PSK = bytes(range(32))
+#: Datagrams per receive call: what UDP GRO coalesces on a veth at MTU 1500 (~45).
+GRO_BATCH = 45
 
 
 class Side:
@@ -107,8 +109,10 @@ def run(mib: int, block_kib: int, algo: str, profile: str | None) -> dict[str, A
                 timed(side, ep.handle_timer, now)
             out = timed(side, ep.datagrams_to_send, now)
             datagrams[side.name] += len(out)
-            for data, _ in out:
-                timed(peer, peer.endpoint.receive_datagram, data, src, now)
+            # Handed over as the fast path does: up to GRO_BATCH datagrams per call.
+            for i in range(0, len(out), GRO_BATCH):
+                batch = [data for data, _ in out[i : i + GRO_BATCH]]
+                timed(peer, peer.endpoint.receive_datagrams, batch, src, now)
             events(side)
             events(peer)
     wall = time.perf_counter() - wall0

@@ -100,7 +100,9 @@ class BlastSender:
         self._plain = memoryview(os.urandom(DATAGRAM_SIZE - HEADER.size - TAG_SIZE))
         self._now = 0.0
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+    def receive_datagrams(
+        self, datagrams: Sequence[bytes | memoryview], addr: Addr, now: float
+    ) -> None:
         pass
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
@@ -141,19 +143,22 @@ class BlastReceiver:
         self.first = self.last = 0.0
         self.finished = False
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        if data == END:
-            self.finished = True
-            return
-        try:
-            self._aead.decrypt(data[:12], data[HEADER.size :], data[: HEADER.size])
-        except InvalidTag:
-            self.bad += 1
-            return
-        if not self.received:
-            self.first = now
-        self.last = now
-        self.received += 1
+    def receive_datagrams(
+        self, datagrams: Sequence[bytes | memoryview], addr: Addr, now: float
+    ) -> None:
+        for data in datagrams:
+            if data == END:
+                self.finished = True
+                return
+            try:
+                self._aead.decrypt(data[:12], data[HEADER.size :], data[: HEADER.size])
+            except InvalidTag:
+                self.bad += 1
+                continue
+            if not self.received:
+                self.first = now
+            self.last = now
+            self.received += 1
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
         return []

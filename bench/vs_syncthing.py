@@ -54,7 +54,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, cast
 from xml.etree import ElementTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -959,9 +959,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (argparse's own start with the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _out
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workload",
         action="append",
@@ -982,6 +989,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if not 0 <= options.loss < 100:
+        parser.error("--loss is a percentage: at least 0 and below 100")
+    if not options.timeout > 0:
+        parser.error("--timeout must be more than 0 seconds")
+    if options.workdir is not None and not Path(options.workdir).is_dir():
+        parser.error(f"--workdir {options.workdir} is not a directory")
     if options.json:
         _out = sys.stderr
     reason = netns.unavailable_reason()

@@ -27,6 +27,10 @@ Theory of operation
   running. A caller cancelled during its hop puts the hop's blocks back at the head of the
   queue and tells the thread to stop after the block it is writing; the next hop writes them
   again (the same bytes at the same place).
+* **A cancelled caller's block goes.** Whoever cancels a ``write`` (an abandoned download, a
+  stop) takes its block out of the queue and gives its bytes back to the budget at once; a
+  block a hop has taken already is skipped by it if not written yet (its bytes come back
+  when the hop ends). So a download abandoned meanwhile gets no late writes.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class _Entry:
     assembly: Assembly
     block: VerifiedBlock
     done: asyncio.Future[None]
+    withdrawn: bool = False
+    """Its caller was cancelled: not to be written or recorded (read by the hop's thread)."""
 
     @property
     def size(self) -> int:
@@ -120,12 +126,33 @@ class BlockWriter:
         company = self._company
         if company is not None and not company.done() and self._held >= self._min_batch_bytes:
             company.set_result(None)
-        while not entry.done.done():
-            if self._running:
-                await self._hop_end()
-            else:
-                await self._hop()
+        try:
+            while not entry.done.done():
+                if self._running:
+                    await self._hop_end()
+                else:
+                    await self._hop()
+        except asyncio.CancelledError:
+            self._withdraw(entry)
+            raise
         entry.done.result()
+
+    def _withdraw(self, entry: _Entry) -> None:
+        """Forget the block of a cancelled caller (a download abandoned, a stop): out of the
+        queue with its bytes given back, or, taken by a hop already, skipped by it if not
+        written yet (the hop gives its bytes back when it ends)."""
+        entry.withdrawn = True
+        entry.done.cancel()
+        try:
+            self._queue.remove(entry)
+        except ValueError:
+            return
+        self._held -= entry.size
+        if not self._running:
+            # Callers held back by the budget wait for a hop's end, and none may come now.
+            ended, self._ended = self._ended, None
+            if ended is not None and not ended.done():
+                ended.set_result(None)
 
     async def _hop_end(self) -> None:
         if self._ended is None:
@@ -178,6 +205,8 @@ class BlockWriter:
         for i, entry in enumerate(batch):
             if hop.cancelled:
                 return errors  # put back in the queue by the loop: nothing is recorded
+            if entry.withdrawn:
+                continue
             try:
                 self._store.write_verified(entry.assembly, entry.block)
             except LanshareError as exc:

@@ -37,7 +37,11 @@ Theory of operation
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, in a worker
   thread, against the records of the paths some peer holds another record of (plus
   in-progress ones), the rest of the folder answered by the index (``planinputs``): a folder
-  in sync decodes no record to plan. Directory, symlink, metadata,
+  in sync decodes no record to plan. A peer's records that equal ours in all but the
+  sequence (our own changes, sent back once the peer took them) are no change, unless the
+  path has work in hand or a problem; nor is a placed batch of downloads, unless a pass
+  skipped a path then in flight, a conflict copy appeared or nothing is left to fetch (that
+  pass finds the folder in sync). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
@@ -231,9 +235,7 @@ class Download:
     writing: int = 0
     finishing: bool = False
     conflict: planner.Conflict | None = None
-    """The local loser to move aside under its conflict name when the download is placed."""
-    conflict_moved: bool = False
-    """The loser is under its conflict name now (moved back if the placement fails)."""
+    """The local loser to keep under its conflict name when the download is placed."""
     abandoned: bool = False
     """No longer wanted; its descriptors close once no write or commit uses them."""
     bytes_done: int = 0
@@ -300,6 +302,8 @@ class FolderSync:
         """Paths whose finished download waits to be put in place, or is being put."""
         self.to_place: list[Download] = []
         self.placing = False
+        self.undecided = False
+        """A plan skipped a path being opened or put in place: the next placement plans."""
         self.outgoing: dict[tuple[bytes, BlockRef], int] = {}
         self.failures: dict[str, Failure] = {}
         """Paths that failed here (a directory not writable, …); they make the folder
@@ -677,13 +681,17 @@ class FolderSync:
                 records.append(entry)
         link.manifest_request = None
         if restart:
+            link.listed = False
             self.ask_manifest(link)
             return
+        news = not link.listed
         if records:
-            link.known_sequence = await asyncio.to_thread(
-                self.engine.index.remote_upsert, self.info.id, event.peer, records
+            link.known_sequence, same = await asyncio.to_thread(
+                self._store_remote, event.peer, records
             )
+            news = news or any(r.path not in same or self._pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
+            news = True
             link.in_progress = in_progress
             link.have |= have
             self.scheduler.peer_has(event.peer, have)
@@ -691,7 +699,31 @@ class FolderSync:
             self.ask_manifest(link)
         else:
             link.listed = True
-        self.dirty.set()
+        # A peer that took our changes sends them back as its own records: they change no
+        # plan, and planning reads every record of the folder, so a sender would spend a
+        # third of its time planning for nothing while it serves.
+        if news:
+            self.dirty.set()
+
+    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
+        """Store a peer's records; its highest sequence now, and the paths of those it
+        holds exactly as we do. Blocking: call it in a thread."""
+        index = self.engine.index
+        return index.remote_upsert(self.info.id, peer, records), index.matching_local(
+            self.info.id, records
+        )
+
+    def _pending(self, path: str) -> bool:
+        """Whether ``path`` has work in hand or a problem a peer's record may settle."""
+        return (
+            path in self.wanted
+            or path in self.downloads
+            or path in self.committing
+            or path in self.failures
+            or path in self.plan_problems
+            or path in self.waiting_for_space
+            or path in self.deferred
+        )
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id
@@ -1183,7 +1215,8 @@ class FolderSync:
         if action.path in self.committing or action.path in self.opening:
             # A finished download of this path waits to be put in place (or this path is
             # being opened): this plan was made before that is recorded, and the pass that
-            # follows it decides again.
+            # follows the placement decides again.
+            self.undecided = True
             return False
         existing = self.downloads.get(action.path)
         if existing is not None:
@@ -1576,11 +1609,9 @@ class FolderSync:
                     for download in batch:
                         assert download.assembly is not None
                         planned = await self._prepare_placement(download)
-                        if planned is not None:
-                            done = frozenset(download.done)
-                            ready.append((download, Placement(download.assembly, planned, done)))
-                    if not ready:
-                        continue
+                        done = frozenset(download.done)
+                        keep = download.conflict.conflict_name if download.conflict else ""
+                        ready.append((download, Placement(download.assembly, planned, done, keep)))
                     placements = [placement for _, placement in ready]
                     errors = await asyncio.to_thread(self.store.place, placements, time.time())
                     placed: list[tuple[Download, list[FileRecord]]] = []
@@ -1603,32 +1634,29 @@ class FolderSync:
                     finally:
                         for download, _ in placed:
                             self.committing.discard(download.path)
-                    self.dirty.set()
+                    if self._placement_changes_plan(d for d, _ in placed):
+                        self.dirty.set()
         finally:
             self.placing = False
 
-    async def _prepare_placement(self, download: Download) -> LocalState | None:
-        """Ready one finished download to be placed: the watcher told of our writes, the
-        local loser of a conflict moved aside. What the target must still be (None when
-        it cannot be placed: then it is replanned)."""
-        conflict = download.conflict
+    def _placement_changes_plan(self, placed: Iterable[Download]) -> bool:
+        """Whether a plan after this placement could differ from the last one with the
+        placed paths done. Planning reads every record of the folder: a pass after each
+        of a thousand small placements would take the receiver's time from receiving."""
+        if self.undecided or self.deferred or any(d.conflict for d in placed):
+            self.undecided = False
+            return True
+        # The last placement: the pass that finds nothing to do says the folder is in sync.
+        return not (self.downloads or self.waiting or self.opening or self.to_place)
+
+    async def _prepare_placement(self, download: Download) -> LocalState:
+        """Ready one finished download to be placed: the watcher told of our writes (the
+        local loser of a conflict stays in place until ``store.place`` keeps it under its
+        conflict name). What the target must still be."""
         await self._own_write(download.path)
-        if conflict is None:
-            return download.planned
-        await self._own_write(conflict.conflict_name)
-        try:
-            await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
-        except (DiskFullError, DescriptorsExhausted) as exc:  # a wait, not a local change
-            await self._not_placed(download, exc)
-            return None
-        except StorageError as exc:  # gone or changed meanwhile: rescan, replan
-            await self._not_placed(download, LocalChangeError(f"{conflict.path}: {exc}"))
-            return None
-        except LanshareError as exc:
-            await self._not_placed(download, exc)
-            return None
-        download.conflict_moved = True
-        return LocalState(exists=False)
+        if download.conflict is not None:
+            await self._own_write(download.conflict.conflict_name)
+        return download.planned
 
     def _placed(self, download: Download) -> list[FileRecord]:
         """A download is in place: whatever happened meanwhile, the index must say so. The
@@ -1662,13 +1690,6 @@ class FolderSync:
 
     async def _replan(self, download: Download, exc: LanshareError) -> None:
         record = download.record
-        conflict = download.conflict
-        if download.conflict_moved and conflict is not None:
-            download.conflict_moved = False
-            with contextlib.suppress(LanshareError):
-                await asyncio.to_thread(
-                    self.store.rename_local, conflict.conflict_name, conflict.path
-                )
         discard = isinstance(exc, IntegrityError)
         if isinstance(exc, LocalChangeError):
             # Never clobber a local edit. Keep the verified temporary file (a later plan
@@ -1710,6 +1731,7 @@ class FolderSync:
         # Writes in flight (or a commit) still use the descriptors: the last one closes them.
         _release(download)
         if discard and not download.finishing:
+            self.server.invalidate([path])  # the server closes the file it may hold open
             await asyncio.to_thread(self.store.discard, download.record)
             await asyncio.to_thread(self.engine.index.partial_drop, self.info.id, path)
 

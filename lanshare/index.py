@@ -581,6 +581,27 @@ class Index:
                     out[row[0]] = _record(row)
         return out
 
+    def matching_local(self, folder: int, records: Iterable[FileRecord]) -> set[str]:
+        """The paths of ``records`` whose local record is the same entry: equal in every
+        field but the sequence (which numbers a change in each node's own index)."""
+        by_path = {r.path: _record_values(r) for r in records}
+        wanted = list(by_path)
+        same: set[str] = set()
+        with self._read("compare records") as conn:
+            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM local_files "
+                    f"WHERE folder = ? AND path IN ({marks})",
+                    (folder, *chunk),
+                ).fetchall()
+                for row in rows:
+                    theirs = by_path[row[0]]
+                    if row[1:10] == theirs[1:10] and row[11] == theirs[11]:
+                        same.add(row[0])
+        return same
+
     def iter_records(self, folder: int) -> Iterator[FileRecord]:
         """Every local record of the folder (tombstones included), in path order.
 

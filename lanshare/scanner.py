@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from lanshare import chunker, deleteguard, keys, marker, paths
-from lanshare.errors import PathError, StorageError
+from lanshare.errors import LanshareError, PathError, StorageError
 from lanshare.ignore import FolderRules, IgnoreRules
 from lanshare.index import CacheUpdate, LocalChange
 from lanshare.manifest import (
@@ -418,9 +418,18 @@ async def scan_path(
             if len(run.pending) + len(run.gone) >= COMMIT_BATCH:
                 await run.flush()
 
-    async with asyncio.TaskGroup() as tasks:
-        for _ in range(min(max(1, io_workers), len(groups))):
-            tasks.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(min(max(1, io_workers), len(groups))):
+                tasks.create_task(worker())
+    except ExceptionGroup as group:
+        # A worker's commit failed (the index): that error is the scan's, one line for the
+        # user, not a group of one (the other workers were only cancelled by it).
+        failures = group.exceptions
+        if not all(isinstance(exc, LanshareError) for exc in failures):
+            raise
+        first = failures[0]
+        raise first from first.__cause__
     await run.flush()
 
     summary = run.summary(str(root), time.monotonic() - started)

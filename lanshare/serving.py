@@ -27,7 +27,11 @@ Theory of operation
   on :meth:`BlockServer.close`), opened without following symlinks
   (``FolderStore.open_for_reading``). The first time a batch uses a descriptor, the path is
   looked at again: if it names another file now (replaced by a rename), the old descriptor
-  is closed and the path opened afresh, so a replaced file is never served.
+  is closed and the path opened afresh, so a replaced file is never served. A download's
+  temporary file is closed once the download is no longer in progress: on the
+  invalidation of its path (the engine invalidates a path when it commits a placed file
+  and when it discards a download), or else with the next batch, which knows the downloads
+  in progress. So a discarded temporary file does not stay open, holding its space.
 * **Checked once, never sent stale.** Every block is hashed once, in the reader, before it
   goes out (the protocol does not hash what it sends). A block that does not match drops the
   file's table and descriptor, and the record is read again from the index (at most once per
@@ -177,6 +181,8 @@ class _Open:
     fd: int
     device: int
     inode: int
+    owner: str
+    """For a download's temporary file, the path it is downloaded to; else ''."""
 
 
 class DescriptorCache:
@@ -194,10 +200,10 @@ class DescriptorCache:
     def __len__(self) -> int:
         return len(self._open)
 
-    def get(self, rel: str, checked: set[str]) -> int:
-        """A descriptor of the file now at ``rel``. A descriptor already open is used only
-        if ``rel`` still names the same file, which is looked at once per ``checked`` set
-        (one per batch).
+    def get(self, rel: str, checked: set[str], owner: str = "") -> int:
+        """A descriptor of the file now at ``rel`` (the temporary file of a download of
+        ``owner``, if given). A descriptor already open is used only if ``rel`` still names
+        the same file, which is looked at once per ``checked`` set (one per batch).
 
         Raises:
             OSError, LanshareError: ``rel`` cannot be opened (gone, not a regular file, a
@@ -213,7 +219,7 @@ class DescriptorCache:
                     same = False
                 if not same:
                     self.drop(rel)
-                    return self.get(rel, checked)
+                    return self.get(rel, checked, owner)
                 checked.add(rel)
             self._open.move_to_end(rel)
             return entry.fd
@@ -223,7 +229,7 @@ class DescriptorCache:
         except BaseException:
             os.close(fd)
             raise
-        self._open[rel] = _Open(fd, st.st_dev, st.st_ino)
+        self._open[rel] = _Open(fd, st.st_dev, st.st_ino, owner)
         checked.add(rel)
         while len(self._open) > self.limit:
             _, oldest = self._open.popitem(last=False)
@@ -234,6 +240,13 @@ class DescriptorCache:
         entry = self._open.pop(rel, None)
         if entry is not None:
             _close(entry.fd)
+
+    def drop_temporary(self, still_open: Callable[[str, str], bool]) -> None:
+        """Close the temporary files of downloads for which ``still_open(rel, owner)`` is
+        false: a discarded one must not stay open (its space would never be freed)."""
+        for rel, entry in list(self._open.items()):
+            if entry.owner and not still_open(rel, entry.owner):
+                self.drop(rel)
 
     def clear(self) -> None:
         _close_all(self._open)
@@ -306,6 +319,10 @@ class BlockReader:
             for path in invalid.paths:
                 self.tables.drop(path)
                 self.descriptors.drop(path)
+            if invalid.paths:
+                self.descriptors.drop_temporary(lambda _, owner: owner not in invalid.paths)
+            if requests:  # ``downloads`` is what is in progress now: the others' files go
+                self.descriptors.drop_temporary(partial(_in_progress, downloads))
             batch = _Batch()
             return [self._find(request, downloads, batch) for request in requests]
 
@@ -380,7 +397,7 @@ class BlockReader:
         if found is None or found not in download.done:
             return None
         offset = record.blocks[found].offset
-        return self._read(FolderStore.temp_path(record), offset, request, batch)
+        return self._read(FolderStore.temp_path(record), offset, request, batch, record.path)
 
     def _elsewhere(self, request: BlockRequested, batch: _Batch) -> bytes | None:
         try:
@@ -395,10 +412,13 @@ class BlockReader:
                 return data
         return None
 
-    def _read(self, rel: str, offset: int, request: BlockRequested, batch: _Batch) -> bytes | None:
-        """The block's bytes at ``offset`` of ``rel`` if they match its hash, else None."""
+    def _read(
+        self, rel: str, offset: int, request: BlockRequested, batch: _Batch, owner: str = ""
+    ) -> bytes | None:
+        """The block's bytes at ``offset`` of ``rel`` (the temporary file of a download of
+        ``owner``, if given) if they match its hash, else None."""
         try:
-            fd = self.descriptors.get(rel, batch.checked)
+            fd = self.descriptors.get(rel, batch.checked, owner)
             data = os.pread(fd, request.size, offset)
         except (OSError, LanshareError) as exc:
             logger.debug("cannot read %s at %d: %s", rel, offset, exc)
@@ -409,6 +429,12 @@ class BlockReader:
         if chunker.block_hash(data, request.hash_algo) != request.hash:
             return None
         return data
+
+
+def _in_progress(downloads: Mapping[str, Downloading], rel: str, owner: str) -> bool:
+    """Whether ``rel`` is the temporary file of the download of ``owner`` in progress."""
+    download = downloads.get(owner)
+    return download is not None and FolderStore.temp_path(download.record) == rel
 
 
 # -- the loop side ---------------------------------------------------------------------------
@@ -447,8 +473,9 @@ class BlockServer:
         self._wake()
 
     def invalidate(self, paths: Iterable[str] | None = None) -> None:
-        """The records of ``paths`` (every path when None) changed: what is kept of them
-        goes before the next batch."""
+        """The records of ``paths`` (every path when None) changed, or their downloads were
+        placed or discarded: what is kept of them (tables, descriptors of the files and of
+        the downloads' temporary files) goes before the next batch."""
         if paths is None:
             self._invalid.everything = True
         else:

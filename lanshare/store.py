@@ -24,6 +24,9 @@ Theory of operation
   one still wanted is renamed over its target, then each directory that received one is
   fsynced once. A crash before a directory's fsync may lose a rename (the temporary file or
   the old file is what the next start finds), never leave a partial file under a real name.
+  A replaced file never leaves its path empty: its archive (or, in a conflict, the loser's
+  conflict copy) is a second name made and made durable first, then the rename swaps the
+  new file in. At every instant the path holds the old file or the new one.
 * **Bounded descriptors.** A download's temporary file and its directory stay open only
   while there is room: ``OpenAssemblies`` (one per process, sized from ``RLIMIT_NOFILE``)
   keeps the most recently used ones open and closes the others, which reopen on demand
@@ -31,7 +34,10 @@ Theory of operation
   are handed out only under a lease, and a leased assembly is never closed, so a number is
   never reused for another file under a ``pwrite``. ``EMFILE`` or
   ``ENFILE`` first closes every idle download; if that is not enough it surfaces as
-  ``DescriptorsExhausted``, a reason to wait, not a failure of the file.
+  ``DescriptorsExhausted``, a reason to wait, not a failure of the file. A close may flush
+  (slow on NFS): it never runs under the bound's lock, which the whole process shares, nor
+  on the event loop's thread (``Assembly.close`` there hands it to a closer thread); the
+  descriptors still count against the bound until they are closed.
 * **Never replace an edit.** Before a file is replaced, deleted or has its metadata set, it
   must still be what the index recorded when the action was planned (``LocalState``). Size
   and mtime must match; they are not enough, since ``cp -p``, ``rsync -t`` or a rewrite
@@ -46,15 +52,18 @@ Theory of operation
   version or a conflict copy).
 * **Archives.** A file to be replaced or deleted is hard-linked into
   ``.lanshare/versions/<dir>/<stem>~<UTC stamp>[-n]<ext>`` (its own mtime and mode kept, for
-  a restore) and unlinked. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
-  many links, another mount) it is renamed there (``RENAME_NOREPLACE``); where that fails
-  too, it is copied with its mode and mtime (``O_EXCL``) and then unlinked. No way ever
-  replaces an existing archive. The stamp in the name is the archive time: the pruning
-  keeps an archive ``versions_keep_days`` after it was archived, however old the file is.
+  a restore); a deleted one is then unlinked, a replaced one keeps its name until the new
+  file is renamed over it. Where hard links fail (FAT, exFAT, some FUSE and SMB mounts, too
+  many links, another mount) a deleted file is renamed there (``RENAME_NOREPLACE``); where
+  that fails too, and always for a replaced file, it is copied with its mode and mtime
+  (``O_EXCL``). No way ever replaces an existing archive. The stamp in the name is the
+  archive time: the pruning keeps an archive ``versions_keep_days`` after it was archived,
+  however old the file is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import ctypes
@@ -68,7 +77,7 @@ import resource
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,6 +176,9 @@ class Placement:
     assembly: Assembly
     planned: LocalState
     verified: Collection[int]
+    keep_as: str = ""
+    """A conflict: the target (the local loser, as ``planned`` recorded it) is kept under
+    this path in the same folder instead of being archived."""
 
 
 class Assembly:
@@ -200,7 +212,8 @@ class Assembly:
 
     def close(self) -> None:
         """Close the descriptors and keep the temporary file (a later start resumes it).
-        Under a lease they close when it ends."""
+        Under a lease they close when it ends; called on an event loop, in a closer thread
+        (:meth:`OpenAssemblies.close`)."""
         self._store.assemblies.close(self)
 
     def _open(self, *, create: bool) -> None:
@@ -226,13 +239,6 @@ class Assembly:
             os.close(dir_fd)
             raise
         self._fd, self._dir_fd, self._identity = fd, dir_fd, identity
-
-    def _close_descriptors(self) -> None:
-        for fd in (self._fd, self._dir_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._dir_fd = -1
 
 
 def default_open_assemblies() -> int:
@@ -261,12 +267,25 @@ class OpenAssemblies:
     ``capacity`` (at most one per worker thread in practice).
     A reopen that meets ``EMFILE``/``ENFILE`` closes every other idle assembly and tries
     once more before it gives up.
+
+    Descriptors are closed after the lock is let go (a close may flush, slow on NFS, and
+    the lock is the whole process's), and never on an event loop's thread: there
+    :meth:`close` only marks the assembly and hands the closing to a closer thread,
+    taking no lock. Descriptors taken out and not closed yet still count against
+    ``capacity``. Only the retry after ``EMFILE``, in a worker, closes under the lock.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = default_open_assemblies() if capacity is None else max(1, capacity)
         self._lock = threading.Lock()
         self._open: OrderedDict[Assembly, None] = OrderedDict()
+        self._closing = 0
+        """Descriptor pairs taken out of ``_open`` and not closed yet."""
+        self._to_close: deque[Assembly] = deque()
+        """Closed on an event loop, for the closer thread (guarded by ``_closer_lock``)."""
+        self._closer_lock = threading.Lock()
+        """Held for a few list operations at most, so the loop may take it."""
+        self._closer_running = False
         self.opened = 0
         """Descriptor pairs opened so far (first opens and reopens)."""
 
@@ -278,61 +297,125 @@ class OpenAssemblies:
     def begin(self, assembly: Assembly) -> None:
         """Create (or reopen, to resume) and size ``assembly``'s file and open it."""
         with self._lock:
-            self._ensure_open(assembly, create=True)
+            evicted = self._ensure_open(assembly, create=True)
+        self._close(evicted)
 
     def acquire(self, assembly: Assembly) -> tuple[int, int]:
         with self._lock:
             if assembly._closed:
                 raise StorageError(f"the download of {assembly.record.path} was closed")
-            self._ensure_open(assembly, create=False)
+            evicted = self._ensure_open(assembly, create=False)
             assembly._leases += 1
-            return assembly._fd, assembly._dir_fd
+            descriptors = assembly._fd, assembly._dir_fd
+        self._close(evicted)
+        return descriptors
 
     def release(self, assembly: Assembly) -> None:
         with self._lock:
             assembly._leases -= 1
-            if assembly._closed and assembly._leases == 0:
-                self._forget(assembly)
+            done = assembly._closed and assembly._leases == 0
+            detached = self._detach(assembly) if done else []
+        self._close(detached)
 
     def close(self, assembly: Assembly) -> None:
+        """No more leases of ``assembly``; its descriptors close once none holds them.
+        On an event loop's thread this only marks it: a closer thread does the rest."""
+        assembly._closed = True  # read under the lock by ``acquire``: no lease from now on
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._close_idle(assembly)
+            return
+        with self._closer_lock:
+            self._to_close.append(assembly)
+            if self._closer_running:
+                return
+            self._closer_running = True
+        # A thread for a burst of closes, gone once they are done (an idle daemon keeps none).
+        threading.Thread(target=self._close_queued, name="lanshare-close", daemon=True).start()
+
+    def _close_queued(self) -> None:
+        while True:
+            with self._closer_lock:
+                if not self._to_close:
+                    self._closer_running = False
+                    return
+                assembly = self._to_close.popleft()
+            self._close_idle(assembly)
+
+    def _close_idle(self, assembly: Assembly) -> None:
         with self._lock:
-            assembly._closed = True
-            if assembly._leases == 0:
-                self._forget(assembly)
+            detached = self._detach(assembly) if assembly._leases == 0 else []
+        self._close(detached)
 
-    def _forget(self, assembly: Assembly) -> None:
+    def _detach(self, assembly: Assembly) -> list[tuple[int, int]]:
+        """Take ``assembly``'s descriptors out (under the lock), to be closed after it."""
         self._open.pop(assembly, None)
-        assembly._close_descriptors()
+        if assembly._fd < 0 and assembly._dir_fd < 0:
+            return []
+        pair = (assembly._fd, assembly._dir_fd)
+        assembly._fd = assembly._dir_fd = -1
+        self._closing += 1
+        return [pair]
 
-    def _ensure_open(self, assembly: Assembly, *, create: bool) -> None:
+    def _close(self, detached: list[tuple[int, int]]) -> None:
+        """Close descriptors taken out by :meth:`_detach` (without the lock)."""
+        if detached:
+            _close_pairs(detached)
+            with self._lock:
+                self._closing -= len(detached)
+
+    def _ensure_open(self, assembly: Assembly, *, create: bool) -> list[tuple[int, int]]:
+        """Open ``assembly`` if it is not; the descriptors evicted to make room, which the
+        caller closes once it lets the lock go."""
         if assembly._fd >= 0:
             self._open.move_to_end(assembly)
-            return
-        self._evict(self.capacity - 1, keep=assembly)
+            return []
+        evicted = self._evict(self.capacity - 1, keep=assembly)
         try:
             assembly._open(create=create)
         except OSError as exc:
             if exc.errno not in DESCRIPTORS_EXHAUSTED:
+                self._close_now(evicted)
                 raise
             logger.debug(
                 "out of descriptors opening %s: closing idle downloads", assembly.temp_name
             )
-            self._evict(0, keep=assembly)
+            # Here they must be closed before the retry can find a free number.
+            self._close_now(evicted + self._evict(0, keep=assembly))
+            evicted = []
             assembly._open(create=create)
+        except BaseException:
+            self._close_now(evicted)
+            raise
         self.opened += 1
         self._open[assembly] = None
+        return evicted
 
-    def _evict(self, room: int, *, keep: Assembly) -> None:
-        """Close least recently used idle assemblies until at most ``room`` stay open."""
-        if len(self._open) <= room:
-            return
+    def _close_now(self, detached: list[tuple[int, int]]) -> None:
+        """Close detached descriptors under the lock (a worker's error path only)."""
+        _close_pairs(detached)
+        self._closing -= len(detached)
+
+    def _evict(self, room: int, *, keep: Assembly) -> list[tuple[int, int]]:
+        """Take out the least recently used idle assemblies' descriptors until at most
+        ``room`` pairs stay open, counting those still being closed elsewhere."""
+        limit = room - self._closing
+        evicted: list[tuple[int, int]] = []
         for candidate in list(self._open):
-            if len(self._open) <= room:
+            if len(self._open) <= limit:
                 break
             if candidate is keep or candidate._leases:
                 continue
-            del self._open[candidate]
-            candidate._close_descriptors()
+            evicted += self._detach(candidate)
+        return evicted
+
+
+def _close_pairs(detached: list[tuple[int, int]]) -> None:
+    for pair in detached:
+        for fd in pair:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 _shared_assemblies: OpenAssemblies | None = None
@@ -454,10 +537,12 @@ class FolderStore:
         First every temporary file is checked whole (every block verified as written, the
         record's block hashes hashing to its file hash) and made durable (mode, mtime,
         fsync); then each is renamed over its target if the target is still what
-        ``planned`` recorded (a replaced file is archived first); then every directory that
-        received a file is fsynced once. A target changed since the download was planned
-        (someone edited the file meanwhile) is not replaced: that download gets
-        ``LocalChangeError`` and becomes a conflict copy or waits for the next plan.
+        ``planned`` recorded (a replaced file is archived first, or kept as ``keep_as``,
+        both by a second name that leaves it in place until the rename); then every
+        directory that received a file is fsynced once. A target changed since the
+        download was planned (someone edited the file meanwhile) is not replaced: that
+        download gets ``LocalChangeError`` and becomes a conflict copy or waits for the
+        next plan.
 
         Returns, in the order given, None for each file placed (its assembly is closed),
         else what kept it out: ``IntegrityError`` (not whole or not the record's content),
@@ -481,9 +566,14 @@ class FolderStore:
             try:
                 with _os_errors(), assembly.lease() as (_, dir_fd):
                     self._check_unchanged(dir_fd, name, record.path, item.planned)
-                    if item.planned.exists:
-                        self.archive(record.path, now)
-                    os.rename(assembly.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                    # The old file gets its second name first and keeps its own until the
+                    # rename replaces it: the path holds the old or the new file throughout.
+                    if item.keep_as and item.planned.exists:
+                        self._replace_keeping(dir_fd, assembly.temp_name, name, item.keep_as)
+                    else:
+                        if item.planned.exists:
+                            self._archive_in(dir_fd, parent, name, now, keep=True)
+                        os.rename(assembly.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                     st = os.fstat(dir_fd)
             except LanshareError as exc:
                 errors[i] = exc
@@ -500,6 +590,24 @@ class FolderStore:
             if error is None:
                 item.assembly.close()
         return errors
+
+    def _replace_keeping(self, dir_fd: int, temp_name: str, name: str, keep_rel: str) -> None:
+        """Rename ``temp_name`` over ``name`` after giving the file there its second name
+        ``keep_rel`` (a conflict copy), durably; the copy goes again if the rename fails."""
+        keep_parent, keep_name = _split(keep_rel)
+        with self._dir(keep_parent, create=True) as keep_fd:
+            try:
+                _second_name(name, keep_name, dir_fd, keep_fd)
+            except FileExistsError as exc:
+                raise LocalChangeError(f"{keep_rel} already exists; kept both") from exc
+            try:
+                # Durable before the rename can be: a crash may lose the rename, never both.
+                os.fsync(keep_fd)
+                os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(keep_name, dir_fd=keep_fd)
+                raise
 
     @staticmethod
     def _seal(item: Placement) -> None:
@@ -539,19 +647,29 @@ class FolderStore:
         or not a regular file).
         """
         parent, name = _split(rel)
+        with _os_errors(), self._dir(parent) as src_fd:
+            archived = self._archive_in(src_fd, parent, name, now, keep=False)
+            if archived is not None:
+                os.fsync(src_fd)
+        return archived
+
+    def _archive_in(
+        self, src_fd: int, parent: str, name: str, now: float, *, keep: bool
+    ) -> str | None:
+        """Archive the file ``name`` of the directory ``parent`` (open as ``src_fd``), the
+        archive durable on return; with ``keep`` the file also stays where it is (a link or
+        a copy, never a move: the caller replaces it by a rename)."""
         stamp = time.strftime(_STAMP_FORMAT, time.gmtime(now))
         archived_parent = f"{VERSIONS_DIR}/{parent}" if parent else VERSIONS_DIR
-        with _os_errors(), self._dir(parent) as src_fd:
-            try:
-                st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            with self._dir(archived_parent, create=True) as dst_fd:
-                archived_name = _archive_unique(name, stamp, src_fd, dst_fd)
-                os.fsync(dst_fd)
-            os.fsync(src_fd)
+        try:
+            st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with self._dir(archived_parent, create=True) as dst_fd:
+            archived_name = _archive_unique(name, stamp, src_fd, dst_fd, keep=keep)
+            os.fsync(dst_fd)
         return f"{archived_parent}/{archived_name}"
 
     def delete(self, rel: str, entry: EntryType, planned: LocalState, now: float) -> None:
@@ -837,19 +955,23 @@ def _archive_names(name: str, stamp: str) -> Iterator[str]:
         yield candidate
 
 
-def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
+def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int, *, keep: bool) -> str:
     """Move the file ``name`` into the versions directory under the first free stamped
-    name; returns that name.
+    name (with ``keep``: give it that second name, the file staying where it is); returns
+    that name.
 
     A hard link first (nothing moves until the archive exists; ``link`` fails when the
-    target exists), then a rename that refuses to replace, then a copy into a new file:
-    each one where the one before cannot work on this file system. Every way fails with
-    ``FileExistsError`` on a taken name, so a concurrent archive can never be replaced, and
-    tells whether the original is still to be unlinked (only then: an error removing it is
-    not taken for a file system without links).
+    target exists), then a rename that refuses to replace (not with ``keep``), then a copy
+    into a new file: each one where the one before cannot work on this file system. Every
+    way fails with ``FileExistsError`` on a taken name, so a concurrent archive can never be
+    replaced, and tells whether the original is still to be unlinked (only then: an error
+    removing it is not taken for a file system without links).
     """
-    ways: list[Callable[[str, str, int, int], bool]] = [_by_link, _by_rename, _by_copy]
-    unsupported = [_NO_LINK, _NO_RENAME_NOREPLACE]
+    ways: list[Callable[[str, str, int, int], bool]]
+    if keep:
+        ways, unsupported = [_by_link, _by_copy], [_NO_LINK]
+    else:
+        ways, unsupported = [_by_link, _by_rename, _by_copy], [_NO_LINK, _NO_RENAME_NOREPLACE]
     for candidate in _archive_names(name, stamp):
         while True:
             try:
@@ -863,10 +985,22 @@ def _archive_unique(name: str, stamp: str, src_fd: int, dst_fd: int) -> str:
                 ways.pop(0)
                 unsupported.pop(0)
                 continue
-            if original_left:
+            if original_left and not keep:
                 os.unlink(name, dir_fd=src_fd)
             return candidate
     raise StorageError(f"too many archived versions of {name} in one second")
+
+
+def _second_name(name: str, candidate: str, src_fd: int, dst_fd: int) -> None:
+    """Give the file ``name`` the new name ``candidate`` too: a hard link, or a copy where
+    the file system cannot link it. ``FileExistsError`` when ``candidate`` is taken."""
+    try:
+        _by_link(name, candidate, src_fd, dst_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        logger.debug("keeping %s as %s: %s; copying it", name, candidate, exc)
+        _by_copy(name, candidate, src_fd, dst_fd)
 
 
 def _by_link(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:

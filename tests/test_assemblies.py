@@ -7,9 +7,11 @@ must meet ``EMFILE``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ from lanshare.store import (
     VerifiedBlock,
     default_open_assemblies,
 )
+from tests.e2e.harness import wait_until
 from tests.test_store import NOW, payload, record_for
 
 if TYPE_CHECKING:
@@ -218,3 +221,45 @@ def test_a_write_out_of_descriptors_is_back_pressure_not_a_storage_failure(
     write(store, evicted, 0, data)  # descriptors back: it reopens and writes
     for assembly in (evicted, busy):
         assembly.close()
+
+
+def test_a_close_never_runs_on_the_event_loop_nor_under_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads closed by the engine on its loop: their descriptors are closed in another
+    thread, never while the process-wide lock is held; closed from a worker they close at
+    once, after the lock. Either way none stays open."""
+    pool = OpenAssemblies(capacity=8)
+    store = FolderStore(tmp_path, pool)
+    items = records(4)
+    assemblies = [store.begin(record) for record, _ in items]
+    closes: list[tuple[str, bool]] = []
+    real_close = os.close
+
+    def checking(fd: int) -> None:
+        # Checked only: which thread closes, and whether the lock is held meanwhile.
+        closes.append((threading.current_thread().name, pool._lock.locked()))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", checking)
+
+    async def on_the_loop() -> str:
+        for assembly in assemblies[:3]:
+            assembly.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(on_the_loop())
+    wait_until(lambda: open_temp_files(tmp_path) == 1, 30, "the closer thread's closes")
+    assert pool.open_count == 1
+    assert len(closes) == 6  # a file and a directory each
+    assert all(name != loop_thread for name, _ in closes), closes
+    assert not any(locked for _, locked in closes), closes
+
+    closes.clear()
+    worker = threading.Thread(target=assemblies[3].close, name="worker")
+    worker.start()
+    worker.join()
+    monkeypatch.undo()
+    assert closes == [("worker", False), ("worker", False)]
+    assert open_temp_files(tmp_path) == 0
+    assert pool.open_count == 0

@@ -447,3 +447,51 @@ def test_many_small_files_are_placed_with_few_directory_fsyncs(
             assert len(synced) <= most, f"{len(synced)} directory fsyncs for {files} files"
 
     asyncio.run(main())
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Let the loop run until ``condition`` holds (bounded in loop turns, not in time)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_cancelled_write_is_never_written_and_gives_its_bytes_back(tmp_path: Path) -> None:
+    """A caller cancelled while its block waits (behind a hop, or in the hop it runs, still
+    lingering for company) takes its block out: it is neither written nor recorded, and the
+    budget is free at once."""
+    setup = Setup(tmp_path, 2 * MiB, seed=5)
+    blocks = blocks_of(setup.record, setup.data)
+    first_two = len(blocks[0].data) + len(blocks[1].data)
+    assert len(blocks[2].data) + len(blocks[3].data) > first_two
+    # A hop of blocks 0 and 1 lingers (for an hour: company ends it, never time); blocks 2
+    # and 3 together are company enough.
+    writer = BlockWriter(
+        setup.store, setup.index, setup.folder, min_batch_bytes=first_two + 1, linger=3600.0
+    )
+
+    async def main() -> None:
+        runner = asyncio.create_task(writer.write(setup.assembly, blocks[0]))
+        await _until(lambda: writer._running, "a lingering hop")
+        waiter = asyncio.create_task(writer.write(setup.assembly, blocks[1]))
+        await _until(lambda: len(writer._queue) == 2, "a second block queued")
+        for task in (waiter, runner):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert writer._held == 0  # observed: both blocks' bytes are given back
+        assert not writer._queue
+        await asyncio.wait_for(
+            asyncio.gather(*(writer.write(setup.assembly, b) for b in blocks[2:4])), 60
+        )
+        assert writer._held == 0
+
+    try:
+        asyncio.run(main())
+        assert setup.listed() == {2, 3}
+        on_disk = setup.store.verified_blocks(setup.assembly)
+        assert on_disk == {2, 3}  # blocks 0 and 1 were never written (zeros there)
+    finally:
+        setup.close()

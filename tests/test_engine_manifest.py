@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lanshare import planner
 from lanshare.manifest import encode_record
 from lanshare.protocol import wire
 from lanshare.protocol.endpoint import Endpoint
-from tests.enginesim import Cluster, converge, wait_for
+from tests.enginesim import Cluster, LinkSpec, SimNode, converge, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -94,5 +95,84 @@ def test_syncing_many_small_files_sends_each_record_about_once(
             ratio = answered["bytes"] / held
             print(f"{answered['answers']} answers, {answered['bytes']} bytes: {ratio:.3f}x")
             assert ratio <= 1.5, f"{answered} for {held} bytes of records"
+
+    asyncio.run(scenario())
+
+
+class PlanningPasses:
+    """Counts each node's planning passes once it has read every connected peer's file
+    list (patching ``planner.plan`` only to count)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.nodes: list[SimNode] = []
+        self.passes: Counter[int] = Counter()
+        plan = planner.plan
+
+        def counting(*args: Any, **kwargs: Any) -> planner.Plan:
+            for node in self.nodes:
+                assert node.engine is not None
+                links = node.folder.links.values()
+                mine = node.engine.short_id == kwargs["local_short_id"]
+                if mine and links and all(link.listed for link in links):
+                    self.passes[node.engine.short_id] += 1
+            return plan(*args, **kwargs)
+
+        monkeypatch.setattr(planner, "plan", counting)
+
+    def of(self, node: SimNode) -> int:
+        assert node.engine is not None
+        return self.passes[node.engine.short_id]
+
+
+def _small_files(node: SimNode, count: int) -> None:
+    for i in range(count):
+        node.write(f"d{i % 3}/f{i:03d}.bin", bytes([i % 251]) * 2048 + b"%d" % i)
+
+
+def test_a_peer_sending_back_our_own_records_costs_no_planning_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While b fetches a's 300 files over a slow link, b tells a about every batch it
+    places: those records are a's own, so a plans after reading b's (empty) file list (and
+    perhaps once more for its own start, if that pass ran late) and not again."""
+    passes = PlanningPasses(monkeypatch)
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=5) as cluster:
+            a, b = cluster.add(), cluster.add()
+            passes.nodes.extend((a, b))
+            _small_files(a, 300)
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
+            await cluster.start()
+            await converge([a, b], 120)
+            assert passes.of(a) <= 2, f"a planned {passes.of(a)} times"
+            assert passes.of(b) >= 1  # b planned what it received: the count sees passes
+            # A record of b's that differs from a's is news: a plans and takes it.
+            b.write("d0/f000.bin", b"edited on b")
+            await b.scan()
+            await converge([a, b], 60)
+            assert a.read("d0/f000.bin") == b"edited on b"
+            assert passes.of(a) >= 2
+
+    asyncio.run(scenario())
+
+
+def test_placing_a_stream_of_small_files_plans_again_only_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b receives a's 300 files over a slow link, placing them in many batches: a batch
+    placed changes no plan, so b plans for what a announced and once more at the end (to
+    find itself in sync), not after every batch."""
+    passes = PlanningPasses(monkeypatch)
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=6) as cluster:
+            a, b = cluster.add(), cluster.add()
+            passes.nodes.extend((a, b))
+            _small_files(a, 300)
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
+            await cluster.start()
+            await converge([a, b], 120)
+            assert passes.of(b) <= 3, f"b planned {passes.of(b)} times"
 
     asyncio.run(scenario())

@@ -258,6 +258,21 @@ def test_killed_writer_loses_only_uncommitted_work(tmp_path: Path) -> None:
         assert db.get(folder.id, "d") is not None
 
 
+def test_matching_local_names_the_records_held_exactly_as_here(tmp_path: Path) -> None:
+    with Index.open(tmp_path / "index.db") as db:
+        folder = db.add_folder("/srv/a", "00" * 16).id
+        mine = [_file("same", b"one"), _file("edited", b"two"), _file("touched", b"three")]
+        db.commit_changes(folder, [LocalChange(r) for r in mine])
+        theirs = [
+            replace(mine[0], sequence=99),  # another node numbers its changes its own way
+            _file("edited", b"TWO"),
+            replace(mine[2], mtime_ns=mine[2].mtime_ns + 1),
+            _file("new", b"four"),
+        ]
+        assert db.matching_local(folder, theirs) == {"same"}
+        assert db.matching_local(folder, []) == set()
+
+
 def test_remote_records_are_kept_per_peer_and_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "index.db"
     with Index.open(path) as db:

@@ -550,6 +550,36 @@ def test_rate_limits_hold_in_simulated_time(side: str) -> None:
     assert took <= 2 * total / rate
 
 
+def test_data_is_paced_not_sent_a_window_at_a_time() -> None:
+    """Once the window is wide, an answer leaves at the pacer's rate: no simulated instant
+    carries more than the pacer's burst (rate x burst_interval), where without pacing the
+    whole window would go at once."""
+    net = Network(6, Link(delay=0.01))  # 20 ms round trips: a window far above one burst
+    a = net.add(make_endpoint(1, A_ID, pmtu_probe=False), A)
+    b = net.add(make_endpoint(2, B_ID, pmtu_probe=False), B)
+    block = random.Random(6).randbytes(4 * 1024 * 1024)
+    digest = hashlib.sha256(block).digest()
+    a.blocks[digest] = block
+    b.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    b.endpoint.request_block(
+        A_ID, FOLDER, path="f", index=0, offset=0, size=len(block), hash=digest
+    )
+    net.run_until(lambda: bool(b.of_type(BlockReceived)), 30)
+    per_instant: dict[float, int] = {}
+    for at, src, _, size in net.sent_log:
+        if src == A and size == 1452:
+            per_instant[at] = per_instant.get(at, 0) + size
+    info = a.endpoint.session_info(B_ID, FOLDER)
+    assert info is not None
+    assert info.cwnd > 400_000  # the window grew well past one burst
+    # Bursts: 2 ms of the pacing rate (1.25 cwnd / srtt) with cwnd at most 2x the credit,
+    # plus the one packet a bucket may go negative by.
+    burst = 0.002 * 1.25 * 2 * TransferConfig().max_in_flight_size / 0.02 + 1452
+    assert max(per_instant.values()) <= burst
+    assert max(per_instant.values()) < info.cwnd / 2
+
+
 def test_psk_and_folder_validation() -> None:
     with pytest.raises(LocalProtocolError):
         make_endpoint(1, A_ID, folders={b"short": PSK})

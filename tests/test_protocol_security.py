@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tracemalloc
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from lanshare.config import TransferConfig
 from lanshare.events import (
+    BlockReceived,
     BlockRequested,
     CloseReason,
     FailReason,
@@ -95,6 +97,46 @@ def test_replayed_datagrams_are_dropped() -> None:
     net.run_for(0.5)
     assert len(a.of_type(SessionEstablished)) == 1
     assert len(a.endpoint.peers()) == 1
+
+
+def test_one_batch_with_forged_replayed_and_stray_datagrams_delivers_the_rest() -> None:
+    """A GRO batch is one call into the endpoint; each of its datagrams is still checked on
+    its own: a forged copy inside a run is dropped, the genuine one and the rest of the run
+    are delivered, a replay and a datagram for no session are dropped, counted once each."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID, pmtu_probe=False), A)
+    b = net.add(make_endpoint(2, B_ID, pmtu_probe=False), B)
+    _established(net, a, b)
+    block = bytes(range(256)) * 40  # 10,240 bytes: 8 fragments, the last one padded
+    digest = hashlib.sha256(block).digest()
+    b.blocks[digest] = block
+    captured: list[bytes] = []
+    net.filter = lambda data, src, dst: src != B or bool(captured.append(data))  # type: ignore[func-returns-value]
+    a.endpoint.request_block(
+        B_ID, FOLDER, path="f", index=0, offset=0, size=len(block), hash=digest
+    )
+    net.run_for(0.004)  # the answer is captured and dropped, before any probe timeout
+    net.filter = None
+    packets = [d for d in captured if len(d) == 1452]
+    assert len(packets) == 8
+    forged = bytearray(packets[2])
+    forged[100] ^= 1
+    stray = wire.SHORT_HEADER.pack(wire.VERSION, wire.PacketType.DATA, 0, 0xDEAD, 5) + bytes(1436)
+    batch = [*packets[:2], bytes(forged), packets[2], packets[1], stray, *packets[3:]]
+    stats = a.endpoint.stats
+    before = (stats.auth_failed, stats.replayed, stats.dropped)
+    a.endpoint.receive_datagrams([memoryview(d) for d in batch], B, net.now)
+    assert (stats.auth_failed, stats.replayed, stats.dropped) == (
+        before[0] + 1,
+        before[1] + 1,
+        before[2] + 1,
+    )
+    while (event := a.endpoint.next_event()) is not None:
+        a.handle(event)
+    assert [e.data for e in a.of_type(BlockReceived)] == [block]
+    net.run_for(0.5)  # acknowledged: nothing is sent again, the session stays up
+    assert a.endpoint.peers() == [(B_ID, FOLDER, B)]
+    assert b.endpoint.stats.fragments_retransmitted == 0
 
 
 def test_tampered_datagrams_are_dropped_and_the_session_survives() -> None:
@@ -220,6 +262,13 @@ def test_arbitrary_authenticated_frames_never_raise(
     out: list[tuple[bytes, tuple[str, int]]] = []
     session._emit(payload, net.now, out, eliciting=False, items=None)
     a.endpoint.receive_datagram(out[0][0], B, net.now)
+    net.run_for(0.1)
+    # The same inside one batch, twice in a row (a run that may close the session midway).
+    out.clear()
+    session._emit(b"\x01" + bytes(1419), net.now, out, eliciting=False, items=None)
+    for _ in range(2):
+        session._emit(payload, net.now, out, eliciting=False, items=None)
+    a.endpoint.receive_datagrams([memoryview(data) for data, _ in out], B, net.now)
     net.run_for(0.1)
 
 

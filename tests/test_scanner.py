@@ -1049,3 +1049,20 @@ def test_a_rescan_of_a_folder_at_rest_keeps_nothing_of_its_files(
         first.blocks,
     )
     assert (again.new, again.changed, again.deleted) == (0, 0, 0)
+
+
+def test_an_index_that_fails_mid_scan_is_one_storage_error(db: Index, root: Path) -> None:
+    # Enough files for the hashing workers to commit a batch themselves, where the failure
+    # used to escape as an ExceptionGroup.
+    for i in range(scanner.COMMIT_BATCH + 50):
+        (root / f"f{i:05d}").write_bytes(b"")
+    folder = db.add_folder(root, "ab" * 16).id
+    # The index file may not grow any more: its next write fails as on a full disk.
+    conn = db._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageError, match=r"index database .*: .*full") as raised:
+        asyncio.run(scanner.scan_path(db, folder, root, ME, io_workers=3))
+    assert "\n" not in str(raised.value)
+    assert db.max_sequence(folder) == 0  # the failed batch left nothing behind

@@ -5,27 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import threading
 from typing import TYPE_CHECKING, Any
 
-from lanshare import hashes, keys, serving
+import pytest
+
+from lanshare import chunker, hashes, keys, serving
 from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig, TransferConfig
 from lanshare.engine import Engine, FolderSync
 from lanshare.events import BlockRequested, FolderId, PeerId
 from lanshare.identity import NodeId
-from lanshare.index import Index
+from lanshare.index import Index, LocalChange
 from lanshare.manifest import Block, EntryType, FileRecord
 from lanshare.protocol import Endpoint
 from lanshare.serving import BlockTable, TableCache
+from lanshare.store import FolderStore, VerifiedBlock
 from tests.enginesim import random_bytes, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
     from pathlib import Path
-
-    import pytest
 
 MiB = 1024 * 1024
 PEER = PeerId(b"\x42" * 8)
@@ -446,3 +448,82 @@ def test_a_block_table_finds_a_block_by_its_index_or_else_by_its_hash() -> None:
     assert table.find(99, 10, block.hash) == 17
     assert table.find(17, 11, block.hash) is None
     assert table.find(17, 10, b"\x00" * 32) is None
+
+
+# -- temporary files of downloads ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _InProgress:
+    """A download in progress as serving sees one: its record and its blocks on disk."""
+
+    record: FileRecord
+    done: frozenset[int]
+
+
+@pytest.mark.parametrize("told", ["invalidated", "next batch"])
+def test_a_discarded_download_is_not_kept_open_by_the_server(tmp_path: Path, told: str) -> None:
+    """A download's temporary file served from, then discarded: the server closes it when
+    its path is invalidated (the engine does so on a discard), or at the latest with the next
+    batch (which knows it is no longer in progress), so its space is freed."""
+    root = tmp_path / "folder"
+    data = _write_big(root, "live.bin", 300_000, seed=11)
+    wanted = random_bytes(12, 300_000)
+    with Index.open(tmp_path / "index.sqlite3") as index:
+        folder = index.add_folder(root, "00" * 16).id
+        store = FolderStore(root)
+        live_hashes = chunker.hash_buffer(data)
+        live = FileRecord(
+            "live.bin",
+            EntryType.FILE,
+            size=len(data),
+            blocks=live_hashes.blocks,
+            file_hash=live_hashes.file_hash,
+            hash_algo=live_hashes.hash_algo,
+        )
+        hashed = chunker.hash_buffer(wanted)
+        record = FileRecord(
+            "dl.bin",
+            EntryType.FILE,
+            size=len(wanted),
+            blocks=hashed.blocks,
+            file_hash=hashed.file_hash,
+            hash_algo=hashed.hash_algo,
+        )
+        assembly = store.begin(record)
+        for i, block in enumerate(record.blocks):
+            chunk = wanted[block.offset : block.offset + block.size]
+            store.write_verified(assembly, VerifiedBlock(i, chunk))
+        assembly.close()
+        download = _InProgress(record, frozenset(range(len(record.blocks))))
+        reader = serving.BlockReader(store, index, folder)
+
+        def ask(rec: FileRecord, i: int) -> BlockRequested:
+            b = rec.blocks[i]
+            return BlockRequested(
+                i,
+                PEER,
+                FolderId(b"\x00" * 16),
+                rec.path,
+                i,
+                b.offset,
+                b.size,
+                b.hash,
+                rec.hash_algo,
+            )
+
+        first = record.blocks[0]
+        got = reader.read([ask(record, 0)], {"dl.bin": download}, serving.Invalidation())
+        assert got == [wanted[first.offset : first.offset + first.size]]
+        temp = f"{root}/{store.temp_path(record)}"
+        assert _fds_under(root) == [temp]
+        store.discard(record)
+        if told == "invalidated":
+            assert reader.read([], {}, serving.Invalidation(paths={"dl.bin"})) == []
+        else:
+            index.commit_changes(folder, [LocalChange(live)])
+            got = reader.read([ask(live, 0)], {}, serving.Invalidation())
+            assert got == [data[: live.blocks[0].size]]
+        assert temp not in {t.removesuffix(" (deleted)") for t in _fds_under(root)}
+        reader.close()
+        assert not _fds_under(root)

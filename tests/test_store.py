@@ -7,9 +7,12 @@ import errno
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,7 +34,6 @@ from lanshare.store import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
-    from pathlib import Path
 
     from lanshare.manifest import BytesLike
 
@@ -451,6 +453,45 @@ def test_archive_copies_when_versions_lie_on_another_mount(tmp_path: Path) -> No
         subprocess.run(["umount", str(versions)], check=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a file system needs root")
+def test_a_replaced_file_is_archived_by_a_copy_where_it_cannot_be_linked(tmp_path: Path) -> None:
+    """A placement over a file whose archive cannot be a link (another mount: EXDEV) copies
+    it there, never moves it: the file keeps its name until the new one is renamed over."""
+    versions = tmp_path / VERSIONS_DIR
+    versions.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "lanshare-test", str(versions)], check=True
+    )
+    try:
+        write_at_rest(tmp_path / "doc.txt", REPLACED)
+        os.chmod(tmp_path / "doc.txt", 0o640)
+        planned = state_of(tmp_path, "doc.txt")
+        store = FolderStore(tmp_path)
+        assembly = store.begin(record_for("doc.txt", ARRIVED))
+        place(store, assembly, planned, write_all(store, assembly, ARRIVED))
+        assert (tmp_path / "doc.txt").read_bytes() == ARRIVED
+        archived = versions / "doc~20231114-221320.txt"
+        st = archived.stat()
+        assert archived.read_bytes() == REPLACED
+        assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (OLD_MTIME_NS, 0o640)
+    finally:
+        subprocess.run(["umount", str(versions)], check=True)
+
+
+def test_a_conflict_copy_already_there_keeps_both_and_places_nothing(tmp_path: Path) -> None:
+    write_at_rest(tmp_path / "doc.txt", REPLACED)
+    (tmp_path / CONFLICT_COPY).write_bytes(b"someone's file of that name")
+    planned = state_of(tmp_path, "doc.txt")
+    store = FolderStore(tmp_path)
+    assembly = store.begin(record_for("doc.txt", ARRIVED))
+    verified = write_all(store, assembly, ARRIVED)
+    (error,) = store.place([Placement(assembly, planned, verified, CONFLICT_COPY)], NOW)
+    assembly.close()
+    assert isinstance(error, LocalChangeError)
+    assert (tmp_path / "doc.txt").read_bytes() == REPLACED
+    assert (tmp_path / CONFLICT_COPY).read_bytes() == b"someone's file of that name"
+
+
 def test_two_archives_in_one_second_are_both_kept(tmp_path: Path) -> None:
     store = FolderStore(tmp_path)
     for content in (b"first", b"second", b"third"):
@@ -739,3 +780,88 @@ def test_a_batch_is_placed_with_one_fsync_per_directory(
         assert (tmp_path / rel).read_bytes() == data
     assert (tmp_path / "b" / "edited.txt").read_bytes() == b"edited meanwhile\n"
     assert not any(n.startswith(TEMP_PREFIX) for n in visible_names(tmp_path / "a"))
+
+
+# -- kill -9 in the middle of a placement ------------------------------------------------------
+
+CHANGES = frozenset({"os.link", "os.rename", "os.remove", "os.mkdir", "os.chmod", "os.utime"})
+"""Audit events of the calls that change a folder: a child is killed just before one."""
+CONFLICT_COPY = "doc.sync-conflict-20231114-221320-0000abcd.txt"
+REPLACED = b"the version here, replaced by the download\n" * 100
+ARRIVED = payload(300_000, seed=7)
+
+
+def place_and_die(root: Path, kill_before: int, keep_as: str) -> None:
+    """In a child process: place a download of ``doc.txt`` over the file there, killed with
+    SIGKILL just before the ``kill_before``-th call that changes the folder."""
+    planned = state_of(root, "doc.txt")
+    store = FolderStore(root)
+    assembly = store.begin(record_for("doc.txt", ARRIVED))
+    verified = write_all(store, assembly, ARRIVED)
+    seen = 0
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        nonlocal seen
+        if event in CHANGES:
+            seen += 1
+            if seen == kill_before:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+    (error,) = store.place([Placement(assembly, planned, verified, keep_as)], NOW)
+    assert error is None, error
+
+
+def regular_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(TEMP_PREFIX)
+    }
+
+
+@pytest.mark.parametrize("keep_as", ["", CONFLICT_COPY], ids=["archive", "conflict"])
+def test_a_kill_at_any_point_of_a_placement_leaves_old_or_new_under_the_name(
+    tmp_path: Path, keep_as: str
+) -> None:
+    """Killed before each change a placement makes in turn, then once let to finish: the
+    path always holds the replaced file or the whole new one (never nothing: a scan would
+    record a deletion), and the replaced file is always somewhere (the path, its archive,
+    its conflict copy)."""
+    repo = Path(__file__).resolve().parent.parent
+    finished = False
+    kills = 0
+    for kill_before in range(1, 30):  # bounded: a placement makes a handful of changes
+        root = tmp_path / f"kill-{kill_before}"
+        root.mkdir()
+        write_at_rest(root / "doc.txt", REPLACED)
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from tests.test_store import "
+                "place_and_die; place_and_die(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])",
+                str(root),
+                str(kill_before),
+                keep_as,
+            ],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        files = regular_files(root)
+        assert files.get("doc.txt") in (REPLACED, ARRIVED), (kill_before, sorted(files))
+        assert set(files.values()) <= {REPLACED, ARRIVED}, kill_before
+        assert REPLACED in files.values(), (kill_before, sorted(files))
+        if child.returncode == 0:
+            assert files["doc.txt"] == ARRIVED
+            kept = [rel for rel, data in files.items() if data == REPLACED]
+            assert kept == [keep_as or f"{VERSIONS_DIR}/doc~20231114-221320.txt"]
+            finished = True
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        kills += 1
+    assert finished
+    assert kills >= 3  # the file's mode and mtime, its second name, the rename

@@ -193,6 +193,14 @@ def test_fragment_size_fills_a_datagram() -> None:
     assert frag + wire.DATA_FRAME_SIZE + wire.DATA_OVERHEAD == 1452
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_data_frame_head_and_tail_are_the_data_frame(rid: int, total: int, offset: int) -> None:
+    """The sender packs a DATA frame's head once per answer and its tail per fragment."""
+    split = wire.DATA_FRAME_HEAD.pack(wire.FrameType.DATA, rid, total)
+    split += wire.DATA_FRAME_TAIL.pack(offset, 1405)
+    assert split == wire.DATA_FRAME.pack(wire.FrameType.DATA, rid, total, offset, 1405)
+
+
 @given(st.lists(st.integers(0, 300), max_size=200))
 def test_rangeset_matches_a_set(values: list[int]) -> None:
     rs = RangeSet()

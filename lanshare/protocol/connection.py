@@ -30,6 +30,14 @@ and the endpoint's ``max_send_rate`` bucket. The requester reassembles fragments
 buffer (duplicates are ignored), checks size and hash, and emits ``BlockReceived`` or
 ``RequestFailed``. A request without progress for ``request_timeout`` fails and is cancelled.
 
+Receiving in runs: the adapter hands over what one receive call got (a GRO batch: up to ~64
+datagrams from one address) in one ``Endpoint.receive_datagrams`` call. The datagrams that
+are each the next packet number, full size and in the current key phase of one session are
+opened in one loop (``on_data_run``): each is authenticated on its own before anything in it
+is used, and what a run changes for ACKs and timers (largest packet number, ranges, deadlines)
+is written once per run. Anything else (a gap, a replay, a key update, another size, another
+session) takes the general path (``on_data_packet``) one datagram at a time.
+
 Liveness: a PING every ``keepalive_interval`` when idle; nothing authenticated for
 ``idle_timeout`` closes the session (``PEER_GONE``) and fails every request on it.
 """
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -76,7 +85,7 @@ from lanshare.protocol.recovery import RttEstimator, SentPackets, SentRecord
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +95,15 @@ _PING = wire.FrameType.PING
 _PADDING = wire.FrameType.PADDING
 _CLOSE = wire.FrameType.CLOSE
 _HDR = wire.SHORT_HEADER
+#: The short header as (version | type | flags | dst_cid, pn): within a run of one session's
+#: packets in one key phase the first eight bytes never change.
+_HDR_RUN = struct.Struct("!QQ")
+#: The packet number of a short header (bytes 8..16): what changes from one data packet to
+#: the next of one ``_write_data`` call.
+_PN = struct.Struct("!Q")
+_DFR_HEAD = wire.DATA_FRAME_HEAD
+_DFR_TAIL = wire.DATA_FRAME_TAIL
+_DFR_HEAD_SIZE = _DFR_HEAD.size
 _DFR = wire.DATA_FRAME
 _DFR_SIZE = wire.DATA_FRAME_SIZE
 _OVERHEAD = wire.DATA_OVERHEAD
@@ -405,7 +423,6 @@ class Session:
         self._pacing_at: float | None = None
         # acknowledgements we owe
         self._rx_ranges = RangeSet(max_ranges=4 * p.ack_ranges)
-        self._rx_stops = self._rx_ranges._stops  # for the in-order fast path
         self._rx_largest = -1
         self._rx_largest_time = now
         self._ack_count = 0
@@ -570,6 +587,7 @@ class Session:
         self._rx_fast = size
         self._rx_body = rx[16:size]
         self._rx_pt_full = self._rx_pt_mv[: size - _OVERHEAD]
+        self._rx_frag = self._rx_pt_mv[_DFR_SIZE : size - _OVERHEAD]  # a full fragment's bytes
         self._rx_other_size = 0
         self._rx_other_count = 0
 
@@ -655,15 +673,9 @@ class Session:
     # ------------------------------------------------------------------ DATA input
 
     def on_data_packet(self, data: bytes | memoryview, flags: int, pn: int, now: float) -> None:
-        """An authenticated-or-not DATA packet for this session; drops anything invalid."""
-        if (
-            pn == self._rx_largest + 1
-            and len(data) == self._rx_fast
-            and flags & 1 == self._rx_phase
-            and self.state is _ESTABLISHED
-        ):
-            self._on_next_packet(data, pn, now)  # the bulk of a transfer: in order, full size
-            return
+        """An authenticated-or-not DATA packet for this session; drops anything invalid.
+
+        The general path: ``on_data_run`` takes the bulk of a transfer faster."""
         state = self.state
         if state is State.CLOSED or state is State.HANDSHAKE:
             return
@@ -755,63 +767,102 @@ class Session:
             if not in_order:
                 self._ack_now = True  # a gap or a late packet: tell the sender at once
 
-    def _on_next_packet(self, data: bytes | memoryview, pn: int, now: float) -> None:
-        """``on_data_packet`` for the next packet number, full size, current key phase."""
+    def on_data_run(self, datagrams: Sequence[bytes | memoryview], start: int, now: float) -> int:
+        """Handle ``datagrams[start:]`` while each is the next DATA packet of this session:
+        in order, full size, current key phase. Return the index of the first one it did not
+        handle (``start`` when none), for ``on_data_packet`` or another session.
+
+        The bulk of a transfer comes this way: per datagram one header unpack, one copy into
+        the receive buffer, one AEAD open, one frame unpack and one copy into the block;
+        everything else (counters, deadlines, ACK state) is written once per run.
+        """
+        if self.state is not _ESTABLISHED:
+            return start
+        n = self._rx_fast
+        expected = first = self._rx_largest + 1
+        # Other flag bits than the key phase go the general path (which ignores them).
+        prefix = _HDR_RUN.unpack(_HDR.pack(_VERSION, _PKT_DATA, self._rx_phase, self.local_cid, 0))[
+            0
+        ]
         key = self._rx_key
         assert key is not None
-        n = self._rx_fast
-        self._rx_buf[:n] = data
-        try:
-            key.aead.decrypt_into(self._rx_nonce, self._rx_body, self._rx_aad, self._rx_pt_full)
-        except InvalidTag:
-            self.ctx.stats.auth_failed += 1
-            return
-        self._rx_largest = pn
-        self._rx_largest_time = now
-        self._last_recv = now
-        self._last_now = now
-        stops = self._rx_stops
-        if stops and stops[-1] == pn:
-            stops[-1] = pn + 1  # in order: extend the highest range (RangeSet.add's fast path)
-        else:
-            self._rx_ranges.add(pn)
-        self._ack_unsent = True
-        end = n - _OVERHEAD
+        decrypt = key.aead.decrypt_into
+        nonce, body, aad, opened = self._rx_nonce, self._rx_body, self._rx_aad, self._rx_pt_full
+        rx_buf = self._rx_buf
         pt = self._rx_pt
+        pt_mv = self._rx_pt_mv
+        end = n - _OVERHEAD
+        full_frag = self._rx_frag
+        frag_len = len(full_frag)
+        unpack_header = _HDR_RUN.unpack_from
+        unpack_frame = _DFR.unpack_from
+        requests = self._requests
+        i = start
+        count = len(datagrams)
+        eliciting = failed = 0
         try:
-            if pt[0] == _DATA:
+            while i < count:
+                data = datagrams[i]
+                if len(data) != n:
+                    break
+                head, pn = unpack_header(data)
+                if pn != expected or head != prefix:
+                    break
+                i += 1
+                rx_buf[:n] = data
+                try:
+                    decrypt(nonce, body, aad, opened)
+                except InvalidTag:
+                    failed += 1
+                    continue
+                expected = pn + 1
+                if pt[0] != _DATA:
+                    if self._parse_frames(end, now):
+                        eliciting += 1
+                    if self.state is not _ESTABLISHED:
+                        break
+                    continue
                 # One DATA frame, maybe followed by PADDING: the packet of a bulk transfer.
-                _, rid, total, offset, length = _DFR.unpack_from(pt, 0)
+                eliciting += 1
+                _, rid, total, offset, length = unpack_frame(pt, 0)
                 pos = _DFR_SIZE + length
                 if pos > end or offset + length > total:
                     raise DecodeError("DATA frame out of bounds")
-                req = self._requests.get(rid)
+                req = requests.get(rid)
                 if req is not None:
+                    chunk = full_frag if length == frag_len else pt_mv[_DFR_SIZE:pos]
                     stops = req.ranges._stops
                     if req.total == total and stops and stops[-1] == offset and length:
                         # The next bytes of an answer under way (RangeSet.add's fast path).
                         stops[-1] = stop = offset + length
-                        req.buf[offset:stop] = self._rx_pt_mv[_DFR_SIZE:pos]  # type: ignore[index]
+                        req.buf[offset:stop] = chunk  # type: ignore[index]
                         req.last_progress = now
                         if stop == total and len(stops) == 1 and not req.ranges._starts[0]:
                             self._complete(req, now)
                     else:
-                        chunk = self._rx_pt_mv[_DFR_SIZE:pos]
                         self._on_fragment(req, total, offset, length, chunk, now)
                 if pos < end and pt[pos] != _PADDING:
                     self._parse_frames(end, now, pos)
-                eliciting = True
-            else:
-                eliciting = self._parse_frames(end, now)
+                    if self.state is not _ESTABLISHED:
+                        break
         except DecodeError as exc:
             logger.debug("protocol error from %s: %s", self.addr, exc)
             self.ctx.stats.protocol_errors += 1
             self.close(CloseReason.PROTOCOL_ERROR)
-            return
-        if eliciting:
-            if self._ack_count == 0:
-                self._ack_at = now + self.ctx.params.max_ack_delay
-            self._ack_count += 1
+        if failed:
+            self.ctx.stats.auth_failed += failed
+        if expected > first:  # packets first .. expected - 1 were authentic
+            self._rx_ranges.add(first, expected)
+            self._rx_largest = expected - 1
+            self._rx_largest_time = now
+            self._last_recv = now
+            self._last_now = now
+            self._ack_unsent = True
+            if eliciting:
+                if self._ack_count == 0:
+                    self._ack_at = now + self.ctx.params.max_ack_delay
+                self._ack_count += eliciting
+        return i
 
     def _parse_frames(self, end: int, now: float, start: int = 0) -> bool:
         pt = self._rx_pt
@@ -1457,10 +1508,16 @@ class Session:
         aead = key.aead
         peer_cid = self.peer_cid
         stats = self.ctx.stats
+        tokens = pacer.tokens
+        limit_tokens = limit.tokens if limit is not None else 0.0
+        probes = self._probes
+        waiting: TokenBucket | None = None  # the bucket that stopped the loop, if one did
         self._pacing_at = None
         written = 0
-        pack_hdr = _HDR.pack_into
-        pack_frame = _DFR.pack_into
+        _HDR.pack_into(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, 0)
+        pack_pn = _PN.pack_into
+        pack_tail = _DFR_TAIL.pack_into
+        framed: _OutMessage | None = None  # the answer whose frame head is in pt
         retransmitted = 0
         while written < budget:
             if retx:
@@ -1481,37 +1538,41 @@ class Session:
             if msg.size != size:
                 size = msg.size
                 body, pt_mv, tx_mv = self._tx_views_for(size)
-            if self._probes > 0:
-                self._probes -= 1
+            if probes > 0:
+                probes -= 1
             else:
                 if in_flight + size > cwnd:
                     break
-                if pacer.tokens < size:
-                    self._pacing_at = pacer.ready_at(min(pacer.capacity, 4 * size))
+                if tokens < size:
+                    waiting = pacer
                     break
-                if limit is not None and limit.tokens < size:
-                    self._pacing_at = limit.ready_at(size)
+                if limit is not None and limit_tokens < size:
+                    waiting = limit
                     break
             if is_retx:
                 retx.popleft()
                 retransmitted += 1
             else:
                 msg.next_frag = fi + 1
-            pacer.tokens -= size
+            tokens -= size
             if limit is not None:
-                limit.tokens -= size
+                limit_tokens -= size
             tx_count += 1
             if tx_count > key_limit:
                 self._tx_count = tx_count - 1
                 aead = self._next_tx_key().aead  # a key update (rare)
                 tx_count = self._tx_count
+                _HDR.pack_into(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, 0)
             frag = msg.frag
             offset = fi * frag
             length = msg.total - offset
             if length > frag:
                 length = frag
-            pack_hdr(tx, 0, _VERSION, _PKT_DATA, self._tx_phase, peer_cid, pn)
-            pack_frame(pt, 0, _DATA, msg.rid, msg.total, offset, length)
+            pack_pn(tx, 8, pn)
+            if msg is not framed:
+                _DFR_HEAD.pack_into(pt, 0, _DATA, msg.rid, msg.total)
+                framed = msg
+            pack_tail(pt, _DFR_HEAD_SIZE, offset, length)
             end = _DFR_SIZE + length
             pt[_DFR_SIZE:end] = msg.data[offset : offset + length]
             if length < frag:
@@ -1525,6 +1586,14 @@ class Session:
             written += 1
             bytes_sent += size
         self._tx_count = tx_count
+        self._probes = probes
+        pacer.tokens = tokens
+        if limit is not None:
+            limit.tokens = limit_tokens
+        if waiting is pacer:
+            self._pacing_at = pacer.ready_at(min(pacer.capacity, 4 * size))
+        elif waiting is not None:
+            self._pacing_at = waiting.ready_at(size)
         if written:
             sent.bytes_in_flight = in_flight
             sent.in_flight += written

@@ -39,7 +39,7 @@ from lanshare.protocol.crypto import ResponderHandshake, RetryTokens
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from lanshare.config import NetworkConfig, TransferConfig
 
@@ -174,51 +174,78 @@ class Endpoint:
     # ------------------------------------------------------------------ adapter interface
 
     def receive_datagram(self, data: bytes | memoryview, addr: Addr, now: float) -> None:
-        """Handle one received datagram. Never raises: bad input is dropped and counted.
+        """Handle one received datagram (``receive_datagrams`` with one)."""
+        self.receive_datagrams((data,), addr, now)
 
-        ``data`` may be a memoryview into the adapter's receive buffer (e.g. one GRO
-        segment): nothing keeps a reference to it after the call returns.
+    def receive_datagrams(
+        self, datagrams: Sequence[bytes | memoryview], addr: Addr, now: float
+    ) -> None:
+        """Handle datagrams received together from ``addr`` (e.g. one GRO batch), in order.
+        Never raises: bad input is dropped and counted.
+
+        Each may be a memoryview into the adapter's receive buffer: nothing keeps a reference
+        to one after the call returns. A run of in-order DATA packets for one session costs
+        one call into that session (``Session.on_data_run``), not one per datagram.
         """
         self._now = now
         stats = self._ctx.stats
-        stats.datagrams_received += 1
-        n = len(data)
-        stats.bytes_received += n
-        if n < wire.LONG_HEADER_SIZE or data[0] != _VERSION:
-            stats.dropped += 1
-            return
-        ptype = data[1]
-        try:
-            if ptype == _T_DATA:
-                if n < _MIN_DATA:
-                    stats.dropped += 1
-                    return
-                _, _, flags, cid, pn = _SHORT.unpack_from(data)
-                session = self._sessions.get(cid)
-                if session is None or session.addr != addr:
-                    stats.dropped += 1
-                    return
-                session.on_data_packet(data, flags, pn, now)
-                self._ctx.dirty[session] = None
-            elif ptype == _T_INITIAL:
-                self._on_initial(data, addr, now)
-            elif ptype in (_T_RESPONSE, _T_RETRY):
-                _, _, token_len, cid = _LONG.unpack_from(data)
-                session = self._sessions.get(cid)
-                if session is None or session.addr != addr:
-                    stats.dropped += 1
-                    return
-                self._ctx.dirty[session] = None
-                if ptype == _T_RESPONSE:
-                    session.on_response(bytes(data[wire.LONG_HEADER_SIZE :]), now)
-                elif token_len == n - wire.LONG_HEADER_SIZE and token_len <= wire.MAX_TOKEN_SIZE:
-                    session.on_retry(bytes(data[wire.LONG_HEADER_SIZE :]), now)
+        count = len(datagrams)
+        stats.datagrams_received += count
+        stats.bytes_received += sum(map(len, datagrams))
+        sessions = self._sessions
+        dirty = self._ctx.dirty
+        i = 0
+        while i < count:
+            data = datagrams[i]
+            n = len(data)
+            i += 1
+            if n < wire.LONG_HEADER_SIZE or data[0] != _VERSION:
+                stats.dropped += 1
+                continue
+            ptype = data[1]
+            try:
+                if ptype == _T_DATA:
+                    if n < _MIN_DATA:
+                        stats.dropped += 1
+                        continue
+                    _, _, flags, cid, pn = _SHORT.unpack_from(data)
+                    session = sessions.get(cid)
+                    if session is None or session.addr != addr:
+                        stats.dropped += 1
+                        continue
+                    j = session.on_data_run(datagrams, i - 1, now)
+                    if j < i:  # not the next full packet: the general path
+                        session.on_data_packet(data, flags, pn, now)
+                    else:
+                        i = j
+                    dirty[session] = None
                 else:
-                    stats.dropped += 1
+                    self._on_handshake_datagram(data, ptype, addr, now)
+            except (DecodeError, struct.error) as exc:
+                logger.debug("dropped datagram from %s: %s", addr, exc)
+                stats.dropped += 1
+
+    def _on_handshake_datagram(
+        self, data: bytes | memoryview, ptype: int, addr: Addr, now: float
+    ) -> None:
+        stats = self._ctx.stats
+        n = len(data)
+        if ptype == _T_INITIAL:
+            self._on_initial(data, addr, now)
+        elif ptype in (_T_RESPONSE, _T_RETRY):
+            _, _, token_len, cid = _LONG.unpack_from(data)
+            session = self._sessions.get(cid)
+            if session is None or session.addr != addr:
+                stats.dropped += 1
+                return
+            self._ctx.dirty[session] = None
+            if ptype == _T_RESPONSE:
+                session.on_response(bytes(data[wire.LONG_HEADER_SIZE :]), now)
+            elif token_len == n - wire.LONG_HEADER_SIZE and token_len <= wire.MAX_TOKEN_SIZE:
+                session.on_retry(bytes(data[wire.LONG_HEADER_SIZE :]), now)
             else:
                 stats.dropped += 1
-        except (DecodeError, struct.error) as exc:
-            logger.debug("dropped datagram from %s: %s", addr, exc)
+        else:
             stats.dropped += 1
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:

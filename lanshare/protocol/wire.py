@@ -107,6 +107,9 @@ LONG_HEADER = struct.Struct("!BBHI")  # version, type, token_len/0, cid
 LONG_HEADER_SIZE = LONG_HEADER.size  # 8
 DATA_FRAME = struct.Struct("!BIIIH")  # type, request_id, total, offset, len
 DATA_FRAME_SIZE = DATA_FRAME.size  # 15
+#: DATA_FRAME in two: what stays for every fragment of one answer, and what follows it.
+DATA_FRAME_HEAD = struct.Struct("!BII")  # type, request_id, total
+DATA_FRAME_TAIL = struct.Struct("!IH")  # offset, len
 _ACK_HEAD = struct.Struct("!BQIBI")  # type, largest, delay, extra ranges, first_len
 _ACK_RANGE = struct.Struct("!II")
 _REQ_BLOCK = struct.Struct("!BIIQIBB")  # type, id, index, offset, size, algo, hash_len

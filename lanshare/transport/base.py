@@ -22,6 +22,9 @@ Async I/O glue with no socket calls of its own; ``fast`` and ``dgram`` add the s
 # per wake-up, hands runs of equal-size datagrams to one destination to one UDP_SEGMENT (GSO)
 # send, and with UDP_GRO receives many coalesced datagrams per recvmsg, split at the segment
 # size the kernel reports in a control message (~45 datagrams per call on a veth, MTU 1500).
+# A GRO batch reaches the endpoint in one ``receive_datagrams`` call as memoryviews of the
+# receive buffer (views of full segments are made once per segment size): no copy and no
+# Python call per datagram in the adapter; the views are lent for the call only.
 #
 # Nothing on the network ends the receive loop: ICMP errors, OSError on send or receive and a
 # full send buffer are counted in ``stats`` and logged at debug; the protocol retransmits.
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from lanshare.config import TransferConfig
     from lanshare.events import Addr
@@ -76,7 +79,11 @@ E_co = TypeVar("E_co", covariant=True)
 class SansIOEndpoint(Protocol[E_co]):
     """What the adapter drives: the shape of ``lanshare.protocol.Endpoint``."""
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None: ...
+    def receive_datagrams(
+        self, datagrams: Sequence[bytes | memoryview], addr: Addr, now: float
+    ) -> None:
+        """Datagrams received together from ``addr``; memoryviews into the adapter's
+        receive buffer are valid only during the call (copy what you keep)."""
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]: ...
 

@@ -80,7 +80,7 @@ class DgramTransport(Transport[E]):
 
     async def _read_loop(self) -> None:
         stream = self._stream
-        deliver = self._endpoint.receive_datagram
+        deliver = self._endpoint.receive_datagrams
         stats = self.stats
         handled = 0
         while True:
@@ -95,7 +95,7 @@ class DgramTransport(Transport[E]):
             stats.datagrams_received += 1
             stats.recv_calls += 1
             stats.bytes_received += len(data)
-            deliver(data, self._addr_in(raw), self._loop.time())
+            deliver((data,), self._addr_in(raw), self._loop.time())
             # Queued datagrams come back from recv() without a suspension; process them as one
             # batch once this task yields, and yield at least every RECV_BATCH datagrams.
             if not self._process_scheduled:

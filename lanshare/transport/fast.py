@@ -41,6 +41,10 @@ ENOBUFS_RETRY_INTERVAL = 0.001
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _GSO_REFUSED_ERRNOS = frozenset({errno.EIO, errno.EINVAL})
+#: A plain int: ``flags & socket.MSG_TRUNC`` would run enum.Flag.__and__ per receive call.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+#: Views of full GRO segments kept for reuse (the kernel coalesces at most 64).
+_CACHED_SEGMENTS = 2 * MAX_GSO_SEGMENTS
 
 
 class FastTransport(Transport[E]):
@@ -64,13 +68,17 @@ class FastTransport(Transport[E]):
         self._buffer = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
         self._buffers = [self._view]
-        # Each entry is one send call: (payload, addr, segment size or 0 for plain, datagrams).
-        self._out: collections.deque[tuple[bytes, Addr, int, int]] = collections.deque()
+        # Each entry is one send call: (datagrams, their bytes, addr, segment size or 0 for
+        # plain). A GSO send hands the datagrams to sendmsg as a scatter/gather list: the
+        # kernel joins them, no copy of the run is made here.
+        self._out: collections.deque[tuple[list[bytes], int, Addr, int]] = collections.deque()
         self._out_size = 0
         self._writer_armed = False
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
         self._segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._segment_size = 0
+        self._segment_views: list[memoryview] = []
 
     @property
     def features(self) -> Features:
@@ -108,7 +116,7 @@ class FastTransport(Transport[E]):
     def _read_plain(self) -> None:
         recvfrom_into = self._sock.recvfrom_into
         buffer, view = self._buffer, self._view
-        deliver = self._endpoint.receive_datagram
+        deliver = self._endpoint.receive_datagrams
         addr_in = self._addr_in if self._v6 else None
         now = self._loop.time()
         handled = received = size = 0
@@ -124,13 +132,13 @@ class FastTransport(Transport[E]):
             handled += 1
             received += 1
             size += nbytes
-            deliver(view[:nbytes].tobytes(), raw if addr_in is None else addr_in(raw), now)
+            deliver((view[:nbytes],), raw if addr_in is None else addr_in(raw), now)
         self._received(received, received, size)
 
     def _read_gro(self) -> None:
         recvmsg_into = self._sock.recvmsg_into
         buffers, view = self._buffers, self._view
-        deliver = self._endpoint.receive_datagram
+        deliver = self._endpoint.receive_datagrams
         addr_in = self._addr_in if self._v6 else None
         now = self._loop.time()
         handled = received = calls = size = 0
@@ -144,7 +152,7 @@ class FastTransport(Transport[E]):
                 handled += 1
                 continue
             calls += 1
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 self.stats.truncated += 1
                 handled += 1
                 continue
@@ -154,18 +162,33 @@ class FastTransport(Transport[E]):
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     segment = int.from_bytes(data[:4], sys.byteorder) or nbytes
-            if segment >= nbytes:
-                deliver(view[:nbytes].tobytes(), addr, now)
-                handled += 1
-                received += 1
-                continue
-            pieces = 0
-            for offset in range(0, nbytes, segment):
-                deliver(view[offset : min(offset + segment, nbytes)].tobytes(), addr, now)
-                pieces += 1
-            received += pieces
-            handled += pieces
+            # A lone datagram never replaces the cached segment size.
+            datagrams = self._segments(segment, nbytes) if segment < nbytes else [view[:nbytes]]
+            deliver(datagrams, addr, now)
+            received += len(datagrams)
+            handled += len(datagrams)
         self._received(received, calls, size)
+
+    def _segments(self, segment: int, nbytes: int) -> list[memoryview]:
+        """The GRO batch of ``nbytes`` in the buffer cut at ``segment``: views, no copies.
+
+        The views of full segments are kept per segment size (a sender keeps one size), so a
+        batch costs one list, not a slice per datagram; at most _CACHED_SEGMENTS are kept."""
+        full = nbytes // segment
+        views = self._segment_views
+        if segment != self._segment_size:
+            self._segment_size = segment
+            views = self._segment_views = []
+        if len(views) < full and len(views) < _CACHED_SEGMENTS:
+            view = self._view
+            start = len(views) * segment
+            stop = min(full, _CACHED_SEGMENTS) * segment
+            views.extend(view[offset : offset + segment] for offset in range(start, stop, segment))
+        datagrams = views[:full]
+        view = self._view
+        for offset in range(len(datagrams) * segment, nbytes, segment):
+            datagrams.append(view[offset : min(offset + segment, nbytes)])
+        return datagrams
 
     def _received(self, datagrams: int, calls: int, size: int) -> None:
         if datagrams:
@@ -184,11 +207,10 @@ class FastTransport(Transport[E]):
         i = 0
         while i < count:
             data, addr = datagrams[i]
-            segment = len(data)
+            total = segment = len(data)
             j = i + 1
             if self._gso and segment:  # re-read: a refused send turns it off mid-batch
                 # A run: same address, equal sizes, the last one may be shorter (GSO rule).
-                total = segment
                 end = min(count, i + MAX_GSO_SEGMENTS)
                 while j < end:
                     data2, addr2 = datagrams[j]
@@ -200,18 +222,18 @@ class FastTransport(Transport[E]):
                     if size2 < segment:
                         break
             if j - i > 1:
-                payload = b"".join([d for d, _ in datagrams[i:j]])
+                run = [d for d, _ in datagrams[i:j]]
             else:
-                payload, segment = data, 0
-            n, i = j - i, j
+                run, segment = [data], 0
+            i = j
             # The bound applies to the backlog only: while the socket takes everything, each
             # send call goes out at once and nothing waits in the queue.
             blocked = self._writer_armed or self._retry is not None
-            if blocked and self._out_size + len(payload) > limit:
-                self.stats.send_dropped += n
+            if blocked and self._out_size + total > limit:
+                self.stats.send_dropped += len(run)
                 continue
-            out.append((payload, self._addr_out(addr), segment, n))
-            self._out_size += len(payload)
+            out.append((run, total, self._addr_out(addr), segment))
+            self._out_size += total
             if not blocked:
                 self._flush()
 
@@ -220,12 +242,12 @@ class FastTransport(Transport[E]):
         sock = self._sock
         stats = self.stats
         while out:
-            payload, addr, segment, datagrams = out[0]
+            run, size, addr, segment = out[0]
             try:
                 if segment:
-                    sock.sendmsg([payload], self._segment_cmsg(segment), 0, addr)
+                    sock.sendmsg(run, self._segment_cmsg(segment), 0, addr)
                 else:
-                    sock.sendto(payload, addr)
+                    sock.sendto(run[0], addr)
             except (BlockingIOError, InterruptedError):
                 stats.send_blocked += 1
                 self._arm_writer()
@@ -236,35 +258,31 @@ class FastTransport(Transport[E]):
                     self._retry = self._loop.call_later(ENOBUFS_RETRY_INTERVAL, self._retry_flush)
                     return
                 out.popleft()
-                self._out_size -= len(payload)
+                self._out_size -= size
                 if segment and (exc.errno in _GSO_REFUSED_ERRNOS or exc.errno == errno.EMSGSIZE):
-                    self._unsegment(payload, addr, segment, exc)
+                    self._unsegment(run, addr, exc)
                     continue
-                stats.send_dropped += datagrams
+                stats.send_dropped += len(run)
                 self._count_error(exc, sending=True)
                 continue
             out.popleft()
-            self._out_size -= len(payload)
+            self._out_size -= size
             stats.send_calls += 1
-            stats.datagrams_sent += datagrams
-            stats.bytes_sent += len(payload)
+            stats.datagrams_sent += len(run)
+            stats.bytes_sent += size
             if segment:
                 stats.gso_sends += 1
         if self._writer_armed:
             self._loop.remove_writer(sock.fileno())
             self._writer_armed = False
 
-    def _unsegment(self, payload: bytes, addr: Addr, segment: int, exc: OSError) -> None:
+    def _unsegment(self, run: list[bytes], addr: Addr, exc: OSError) -> None:
         """Requeue a refused GSO send as plain datagrams, in order, at the front."""
         if exc.errno in _GSO_REFUSED_ERRNOS and self._gso:
             self._gso = False
             logger.info("UDP GSO refused (%s); sending one datagram per call from now on", exc)
-        pieces = [
-            (payload[offset : offset + segment], addr, 0, 1)
-            for offset in range(0, len(payload), segment)
-        ]
-        self._out.extendleft(reversed(pieces))
-        self._out_size += len(payload)
+        self._out.extendleft(([data], len(data), addr, 0) for data in reversed(run))
+        self._out_size += sum(map(len, run))
 
     def _segment_cmsg(self, segment: int) -> list[tuple[int, int, bytes]]:
         cmsg = self._segment_cmsgs.get(segment)

@@ -596,6 +596,7 @@ def make_mixed_tree(root: Path, *, big_size: int, small_files: int, seed: int = 
     total += big_size
     os.utime(root / big, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
     small = []
+    (root / "docs").mkdir()  # also with no small files: the readme below lives there
     for i in range(small_files):
         rel = f"docs/d{i % 10}/e{i % 7}/f{i:04d}.dat"
         path = root / rel
