@@ -18,13 +18,20 @@ Figures from a shared machine are noisy: read them as diagnostics, and compare s
 one run only.
 
 Usage: ``python bench/big_folder.py [--files 100 100000] [--saves 5] [--idle 10]``.
+
+To iterate on one stage cheaply, ``--workdir DIR`` keeps A's folder, state and key in ``DIR``
+(by folder size) instead of a temporary directory; a later run with the same ``DIR`` reuses
+them, so no file is created and ``start`` is then a start with an existing index too (B is
+always started afresh). ``--peer-max 0`` leaves B out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,10 +42,12 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.netns import LabUnavailable, veth_lab
-from tests.e2e.harness import Cluster, propagation_latency, wait_until
+from tests.e2e.harness import Cluster, new_key, propagation_latency, wait_until
 from tests.lab import Host
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from tests.e2e.harness import Node
 
 TIMEOUT = 900.0  # a cold scan of 100,000 files on a loaded machine
@@ -106,9 +115,30 @@ def noticed_latency(node: Node, rel: str, data: bytes) -> float:
     return time.monotonic() - started
 
 
-def measure(files: int, saves: int, idle: float, peer_max: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="lsbig-") as tmp, veth_lab() as lab:
-        cluster = Cluster(Path(tmp))
+@contextlib.contextmanager
+def work_directory(workdir: Path | None, files: int) -> Iterator[Path]:
+    """Where the nodes live: a temporary directory, or ``workdir``'s one for this size (kept,
+    B's part emptied: B always starts with an empty folder and no index)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="lsbig-") as tmp:
+            yield Path(tmp)
+        return
+    base = workdir / f"{files}-files"
+    shutil.rmtree(base / "b", ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    yield base
+
+
+def measure(
+    files: int, saves: int, idle: float, peer_max: int, workdir: Path | None = None
+) -> dict[str, float]:
+    with work_directory(workdir, files) as tmp, veth_lab() as lab:
+        cluster = Cluster(tmp)
+        kept_key = tmp / "key"
+        if workdir is not None:
+            if not kept_key.exists():
+                kept_key.write_text(new_key())
+            cluster.key = kept_key.read_text()
         try:
             hosts = [
                 Host(None, i, ns, address)  # type: ignore[arg-type]
@@ -118,7 +148,13 @@ def measure(files: int, saves: int, idle: float, peer_max: int) -> dict[str, flo
             ]
             a = cluster.node("a", hosts[0], static_peers=(f"{lab.address_b}:47474",))
             b = cluster.node("b", hosts[1], static_peers=(f"{lab.address_a}:47474",))
-            rels = make_folder(a.folder, files)
+            prepared = tmp / "prepared"
+            if prepared.exists():  # a kept folder, made by an earlier run with --workdir
+                rels = prepared.read_text().split()
+            else:
+                rels = make_folder(a.folder, files)
+                if workdir is not None:
+                    prepared.write_text("\n".join(rels))
             target = rels[len(rels) // 2]
             # A alone, as a machine whose peers are away.
             started = time.monotonic()
@@ -190,9 +226,16 @@ def main() -> int:
         default=20_000,
         help="largest folder B fetches whole to measure propagation (it takes minutes)",
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep (and on a later run reuse) A's folder, state and key here",
+    )
     args = parser.parse_args()
     try:
-        results = {n: measure(n, args.saves, args.idle, args.peer_max) for n in args.files}
+        results = {
+            n: measure(n, args.saves, args.idle, args.peer_max, args.workdir) for n in args.files
+        }
     except LabUnavailable as exc:
         print(f"skipped: {exc}", file=sys.stderr)
         return 2

@@ -28,12 +28,14 @@ Theory of operation
 * **Peers.** Each folder's peer exchange (``exchange.Exchange``) keeps its sessions, reads
   and answers manifests, stores the peers' records in the index and announces what we hold
   (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
-* **Planning** (``planner.plan``, pure) runs after any change, debounced, against the local
-  records and every peer's records (plus in-progress ones). A peer's records that equal ours
-  in all but the sequence (our own changes, sent back once the peer took them) are no
-  change, unless the path has work in hand or a problem; nor is a placed batch of downloads,
-  unless a pass skipped a path then in flight, a conflict copy appeared or nothing is left
-  to fetch (that pass finds the folder in sync). Directory, symlink, metadata,
+* **Planning** (``planner.plan``, pure) runs after any change, debounced, in a worker
+  thread, against the records of the paths some peer holds another record of (plus
+  in-progress ones), the rest of the folder answered by the index (``planinputs``): a folder
+  in sync decodes no record to plan. A peer's records that equal ours in all but the
+  sequence (our own changes, sent back once the peer took them) are no change, unless the
+  path has work in hand or a problem; nor is a placed batch of downloads, unless a pass
+  skipped a path then in flight, a conflict copy appeared or nothing is left to fetch (that
+  pass finds the folder in sync). Directory, symlink, metadata,
   conflict and delete actions are applied at once, in the plan's order; builds from local
   data copy blocks synchronously before anything else can move their sources; fetches
   become downloads.
@@ -73,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lanshare import deleteguard, keys, marker, planner, scanner
+from lanshare import deleteguard, keys, marker, planinputs, planner, scanner
 from lanshare.clock import LoopClock
 from lanshare.downloads import Downloads, prioritised, same_content, temp_of
 from lanshare.errors import (
@@ -544,7 +546,11 @@ class FolderSync:
         """Plan, and apply every action but the fetches, which are returned (with the
         conflict each settles when it is placed) together with the peers' records."""
         started = self.engine.now()
-        local, remotes = await asyncio.to_thread(self._load_records)
+        in_progress = {path for link in self.exchange.links.values() for path in link.in_progress}
+        inputs = await asyncio.to_thread(
+            planinputs.load, self.engine.index, self.info.id, in_progress
+        )
+        remotes = inputs.remotes
         history, held = await asyncio.to_thread(self._guard_inputs)
         now = held if held is not None else self.engine.clock.time()
         allowed, self.allow_mass_delete = self.allow_mass_delete, False
@@ -553,31 +559,32 @@ class FolderSync:
             if link.in_progress:
                 merged = dict(remotes.get(peer, {}))
                 for path, record in link.in_progress.items():
+                    if path not in in_progress:
+                        continue  # announced since the records were read: the next pass
                     current = merged.get(path)
                     if current is None or not same_content(current, record):
                         merged[path] = record
                 remotes[peer] = merged
-        result = planner.plan(
-            local,
+        # In a thread: the context's answers are index queries.
+        result = await asyncio.to_thread(
+            planner.plan,
+            inputs.local,
             remotes,
             local_short_id=self.engine.short_id,
-            priority=self.priority,
+            priority=frozenset(self.priority),
             limits=self.engine.delete_limits,
             delete_history=history,
             now=now,
             allow_mass_delete=allowed,
             ignored=self.rules.matches,
+            context=inputs.context,
         )
         self.planning_seconds = self.engine.now() - started
         self.plan_problems = {
             problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
             for problem in result.problems
         }
-        self.conflict_paths = {
-            path
-            for path, record in local.items()
-            if not record.deleted and planner.conflict_original(path) is not None
-        }
+        self.conflict_paths = set(inputs.conflict_copies)
         self.mass_delete_pause = result.paused
         if not allowed:
             await self._hold(held, result.paused or bool(self.local_pause), now)

@@ -27,11 +27,16 @@ Theory of operation
   highest one seen, so after a restart only newer records need to travel.
 * **Block lookup.** ``local_blocks`` maps a block hash to (folder, path, index, offset, size)
   for every block of every live local file. It is written in the same transaction as the
-  record, so it can never be stale, and a lookup is one index probe. Deriving it on demand
-  instead would mean decoding every block list of the folder (100 000 files: ~0.5 s and a
-  dict of tens of MB) at every planning pass, or keeping that dict in memory and in step by
-  hand. The cost is one extra row per block on a content change (measured in ``bench/scan.py``
-  as part of the cold scan); an unchanged rescan writes nothing.
+  record, so it can never be stale, and a lookup is one index probe: the planner asks it
+  where a block lies (:meth:`Index.block_source`) instead of decoding every block list of the
+  folder (100 000 files: ~0.5 s and a dict of tens of MB) at every planning pass. The cost is
+  one extra row per block on a content change (measured in ``bench/scan.py`` as part of the
+  cold scan); an unchanged rescan writes nothing.
+* **What to plan.** :meth:`Index.paths_to_plan` compares each remote record with ours column
+  by column (the blobs are canonical encodings, so equal columns mean equal records) and
+  names only the paths where they differ; a planning pass decodes those records alone
+  (``planinputs``), and asks the rest of the folder by query (live counts, entries below a
+  directory, taken names).
 * **Partial downloads** record the temporary file, the hash of the file being assembled and
   the indexes of its blocks verified and written so far (many downloads' blocks in one
   transaction, after their bytes are written), so a restart resumes without fetching them
@@ -50,6 +55,8 @@ Theory of operation
   are not part of the record that peers see. ``ctime_ns = 0`` means "no trustworthy cache:
   read the file at the next scan". The store uses the same cache (:meth:`Index.stat_cache`)
   to tell whether a file is still what the plan saw before it replaces or deletes it.
+  :meth:`Index.scan_cache` gives it as tuples made straight from the rows as they stream (a
+  full scan holds one per record of the folder).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from lanshare import deleteguard
 from lanshare.deleteguard import Deletion
@@ -258,19 +265,29 @@ class LocalChange:
     ctime_ns: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """What the scanner needs to know of a local record without decoding it."""
+class CacheEntry(NamedTuple):
+    """What the scanner needs to know of a local record without decoding it.
 
-    type: EntryType
+    A tuple made straight from the row (no conversion per field): a full scan holds one per
+    record of the folder at once.
+    """
+
+    path: str
+    code: int
+    """The record's ``EntryType`` value (see :attr:`type`)."""
     size: int
     mtime_ns: int
     mode: int
     symlink_target: str
-    deleted: bool
+    deleted: int
+    """Non-zero for a tombstone."""
     inode: int
     ctime_ns: int
     block_count: int
+
+    @property
+    def type(self) -> EntryType:
+        return EntryType(self.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,7 +656,8 @@ class Index:
         )
         with self._read("read the scan cache") as conn:
             if paths is None:
-                rows = conn.execute(columns, (folder,)).fetchall()
+                # Row by row: a list of every row beside the entries would double the peak.
+                return {e.path: e for e in map(CacheEntry._make, conn.execute(columns, (folder,)))}
             else:
                 exact = list(dict.fromkeys([*paths, *trees]))
                 rows = []
@@ -665,20 +683,7 @@ class Index:
                         rows += conn.execute(
                             f"{columns} AND instr(path, '/') = 0", (folder,)
                         ).fetchall()
-        return {
-            row[0]: CacheEntry(
-                type=EntryType(row[1]),
-                size=row[2],
-                mtime_ns=row[3],
-                mode=row[4],
-                symlink_target=row[5],
-                deleted=bool(row[6]),
-                inode=row[7],
-                ctime_ns=row[8],
-                block_count=row[9],
-            )
-            for row in rows
-        }
+        return {e.path: e for e in map(CacheEntry._make, rows)}
 
     def live_count(self, folder: int) -> int:
         """How many local records of the folder are not tombstones."""
@@ -921,6 +926,85 @@ class Index:
             if len(rows) < _PAGE:
                 return
             after = rows[-1][0]
+
+    def paths_to_plan(self, folder: int) -> list[str]:
+        """The paths of which some peer holds another record than ours (or we hold none), in
+        path order: the only paths a plan can change (``planner``, step 6). A folder in sync
+        has none, so this reads every remote record but decodes none."""
+        with self._read("read the paths to plan") as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT r.path FROM remote_files r "
+                "LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path "
+                "WHERE r.folder = ? AND (l.path IS NULL OR r.type != l.type "
+                "OR r.size != l.size OR r.mtime_ns != l.mtime_ns OR r.mode != l.mode "
+                "OR r.symlink_target != l.symlink_target OR r.blocks != l.blocks "
+                "OR r.file_hash != l.file_hash OR r.hash_algo != l.hash_algo "
+                "OR r.version != l.version OR r.deleted != l.deleted) ORDER BY r.path",
+                (folder,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def remote_records_of(
+        self, folder: int, paths: Iterable[str]
+    ) -> dict[bytes, dict[str, FileRecord]]:
+        """Every peer's records of those ``paths``, by peer and path."""
+        wanted = list(dict.fromkeys(paths))
+        out: dict[bytes, dict[str, FileRecord]] = {}
+        with self._read("read remote records") as conn:
+            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT peer, {_RECORD_COLUMNS} FROM remote_files "
+                    f"INDEXED BY remote_files_path WHERE folder = ? AND path IN ({marks})",
+                    (folder, *chunk),
+                ).fetchall()
+                for row in rows:
+                    out.setdefault(row[0], {})[row[1]] = _record(row[1:])
+        return out
+
+    def live_below(self, folder: int, directory: str) -> int:
+        """How many live local records lie below ``directory`` (at any depth)."""
+        with self._read("count records") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM local_files WHERE folder = ? AND path >= ? AND path < ? "
+                "AND deleted = 0",
+                (folder, directory + "/", directory + "0"),  # "a/" <= path < "a0": below "a"
+            ).fetchone()
+        return int(row[0])
+
+    def has_record(self, folder: int, path: str) -> bool:
+        """Whether the folder holds a local record (live or tombstone) of ``path``."""
+        with self._read("read a record") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM local_files WHERE folder = ? AND path = ?", (folder, path)
+            ).fetchone()
+        return row is not None
+
+    def block_source(
+        self, folder: int, hash_algo: str, block_hash: bytes, size: int
+    ) -> tuple[str, int] | None:
+        """(path, offset) of the first live local block of the folder with this content
+        (files in path order, blocks in file order), or None: ``planner.BlockSource``."""
+        with self._read("look up a block") as conn:
+            row = conn.execute(
+                "SELECT b.path, b.offset FROM local_blocks b INDEXED BY local_blocks_hash "
+                "JOIN local_files f ON f.folder = b.folder AND f.path = b.path "
+                "WHERE b.hash = ? AND b.folder = ? AND b.size = ? AND f.hash_algo = ? "
+                "ORDER BY b.path, b.idx LIMIT 1",
+                (block_hash, folder, size, hash_algo),
+            ).fetchone()
+        return None if row is None else (row[0], int(row[1]))
+
+    def live_paths_containing(self, folder: int, text: str) -> list[str]:
+        """The paths of live local records that contain ``text``, in path order."""
+        with self._read("read records") as conn:
+            rows = conn.execute(
+                "SELECT path FROM local_files WHERE folder = ? AND deleted = 0 "
+                "AND instr(path, ?) > 0 ORDER BY path",
+                (folder, text),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def remote_records_for_path(self, folder: int, path: str) -> dict[bytes, FileRecord]:
         """Every peer's record of one path, by peer."""

@@ -88,6 +88,24 @@ def normalize(raw: str) -> str:
     return path
 
 
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]+")
+"""Printable ASCII but the backslash: characters :func:`normalize` keeps as they are."""
+
+
+def is_normalized(path: str) -> bool:
+    """Whether :func:`normalize` accepts ``path`` and returns it unchanged; a plain ASCII
+    path (most of them) is told without any Unicode work."""
+    if len(path) <= MAX_PATH_SIZE and _PLAIN.fullmatch(path):
+        for part in path.split("/"):
+            if part in ("", ".", "..") or len(part) > MAX_NAME_SIZE:
+                return False
+        return True
+    try:
+        return normalize(path) == path
+    except PathError:
+        return False
+
+
 def join_inside(root: Path, rel: str) -> Path:
     """Return the native path of the normalised ``rel`` below ``root``; never outside it.
 
@@ -106,9 +124,13 @@ def casefold_collisions(paths: Iterable[str]) -> list[tuple[str, str]]:
     gives ``n - 1`` pairs ``(first, other)``, where ``first`` is the smallest of the group;
     the result is sorted. Include directories to catch ``Dir/a`` against ``dir/b``.
     """
-    groups: dict[str, set[str]] = {}
+    seen_first: dict[str, str] = {}  # folded form → the first path seen with it
+    groups: dict[str, set[str]] = {}  # only the folded forms shared by several paths
     for path in paths:
-        groups.setdefault(_fold(path), set()).add(path)
+        key = _fold(path)
+        seen = seen_first.setdefault(key, path)
+        if seen != path:
+            groups.setdefault(key, {seen}).add(path)
     pairs: list[tuple[str, str]] = []
     for members in groups.values():
         if len(members) > 1:
@@ -129,6 +151,9 @@ def is_internal(rel: str) -> bool:
 
 
 def _fold(path: str) -> str:
+    if path.isascii():  # NFC leaves ASCII as it is, and casefold() is lower() there
+        folded = path.lower()
+        return path if folded == path else folded  # one string less to keep per path
     # casefold() can leave a string un-normalised (e.g. U+0130), so normalise on both sides.
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
 

@@ -36,7 +36,14 @@ Theory of operation
    deletions (and the actions that need them first) are withheld and the plan is ``paused``
    with the :class:`~lanshare.deleteguard.Verdict`, unless the caller passes
    ``allow_mass_delete=True`` (after the user confirmed, e.g. ``lanshare resume``).
-6. **Order.** ``Plan.actions`` is the commit order: conflict renames, directories (parents
+6. **What it reads.** Only paths some peer holds can need an action, so ``local`` need only
+   hold those paths (with their ancestors, for the structure checks); what the plan must know
+   of the rest of the folder — how many entries are live, whether a directory keeps live
+   entries, whether a name is taken, where a block lies — comes from a :class:`LocalContext`.
+   The engine answers it from the index (a folder of 100,000 files in sync then costs no
+   decoding of 100,000 records); without one, it is derived from ``local``, which must then
+   hold every local record. The plan is the same either way.
+7. **Order.** ``Plan.actions`` is the commit order: conflict renames, directories (parents
    first), builds from local data, symlinks, fetches (``priority`` paths first, then small
    files first), metadata, then deletions (deepest first, a directory after its contents).
    A type change (directory → file) waits for the deletions below it, and a file deleted
@@ -186,6 +193,51 @@ Change: TypeAlias = Fetch | BuildFromLocal | MakeDir | MakeSymlink | SetMetadata
 Action: TypeAlias = Conflict | Change
 
 
+BlockSource: TypeAlias = "Callable[[str, bytes, int], tuple[str, int] | None]"
+"""``(hash_algo, hash, size)`` → ``(path, offset)`` of the first live local file block with
+that content, files in path order and blocks in file order; None if no local file has it."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContext:
+    """What a plan needs to know of the local records not passed to :func:`plan` (see the
+    module docstring, step 6). Every answer must be deterministic for one state of the
+    folder, and count the same records ``local`` would (live entries only where it says so).
+    """
+
+    live_count: int
+    """Live local entries of the whole folder."""
+    live_below: Callable[[str], int]
+    """Live local entries at any depth below a directory path."""
+    exists: Callable[[str], bool]
+    """Whether the folder holds a local record (live or tombstone) at a path."""
+    block_source: BlockSource
+    """Where a block lies in a live local file (:data:`BlockSource`)."""
+
+    @classmethod
+    def of(cls, local: Mapping[str, FileRecord]) -> LocalContext:
+        """The context of a folder whose every local record is in ``local``."""
+        usable = _usable(local)
+        below: dict[str, int] = {}
+        for path, record in usable.items():
+            if not record.deleted:
+                for parent in _parents(path):
+                    below[parent] = below.get(parent, 0) + 1
+        blocks: dict[tuple[str, bytes, int], tuple[str, int]] = {}
+        for path in sorted(usable):
+            record = usable[path]
+            if record.deleted or record.type is not EntryType.FILE:
+                continue
+            for block in record.blocks:
+                blocks.setdefault((record.hash_algo, block.hash, block.size), (path, block.offset))
+        return cls(
+            live_count=sum(1 for r in usable.values() if not r.deleted),
+            live_below=lambda path: below.get(path, 0),
+            exists=local.__contains__,
+            block_source=lambda algo, block_hash, size: blocks.get((algo, block_hash, size)),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The actions, in commit order, and what was left out and why."""
@@ -218,11 +270,14 @@ def plan(
     now: float = 0.0,
     allow_mass_delete: bool = False,
     ignored: Callable[[str, bool], bool] | None = None,
+    context: LocalContext | None = None,
 ) -> Plan:
     """Compute what to do so that the local folder holds the global newest version of every path.
 
     Args:
-        local: this node's records by path (live entries and tombstones).
+        local: this node's records by path (live entries and tombstones): every one, or,
+            with ``context``, at least those of the paths in ``remotes`` and of their
+            ancestors.
         remotes: each peer's records by path.
         local_short_id: ``identity.short_id`` of this node; versions conflict copies.
         priority: paths (or directories, meaning everything below) to fetch first.
@@ -231,6 +286,8 @@ def plan(
         allow_mass_delete: skip the delete guard (the user confirmed).
         ignored: ``IgnoreRules.matches``-like predicate ``(path, is_dir)``; matching paths are
             left alone.
+        context: what to know of the local records not in ``local`` (None: derived from
+            ``local``, which then holds them all).
 
     Returns:
         The :class:`Plan`; its actions are in the order the engine commits them.
@@ -240,9 +297,10 @@ def plan(
     for peer in sorted(remotes):
         for path, record in remotes[peer].items():
             by_path.setdefault(path, []).append((peer, record))
-    usable_local = {p: r for p, r in local.items() if r.path == p and _acceptable(p)}
-    taken = set(local) | set(by_path)
-    blocks_here = _BlockIndex(usable_local)
+    usable_local = _usable(local)
+    here = context if context is not None else LocalContext.of(local)
+    taken = _Taken(by_path, here.exists)
+    blocks_here = _BlockIndex(usable_local, here.block_source)
 
     units: dict[str, _Unit] = {}
     for path in sorted(by_path):
@@ -264,7 +322,7 @@ def plan(
         if unit is not None:
             units[path] = unit
 
-    _check_structure(units, usable_local, problems)
+    _check_structure(units, usable_local, here.live_below, problems)
     actions = [a for unit in units.values() for a in unit.actions()]
     plan_ = _order(actions, usable_local, priority)
 
@@ -273,7 +331,7 @@ def plan(
         if isinstance(action, Delete):
             origin = deletion_origin(action, local_short_id)
             pending[origin] = pending.get(origin, 0) + 1
-    live_count = sum(1 for r in usable_local.values() if not r.deleted)
+    live_count = here.live_count
     verdict = None
     if not allow_mass_delete:
         verdict = deleteguard.judge(delete_history, pending, live_count, now, limits)
@@ -387,6 +445,26 @@ class _Unit:
         return (self.action,) if self.conflict is None else (self.conflict, self.action)
 
 
+def _usable(local: Mapping[str, FileRecord]) -> dict[str, FileRecord]:
+    return {p: r for p, r in local.items() if r.path == p and _acceptable(p)}
+
+
+class _Taken:
+    """The names a conflict copy may not take: every path of a record, local or remote, and
+    those given to other copies of the same plan."""
+
+    def __init__(self, remote: Collection[str], exists: Callable[[str], bool]) -> None:
+        self._remote = remote
+        self._exists = exists
+        self._given: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._given or name in self._remote or self._exists(name)
+
+    def add(self, name: str) -> None:
+        self._given.add(name)
+
+
 def _acceptable(path: str) -> bool:
     try:
         ok = normalize(path) == path
@@ -429,7 +507,7 @@ def _decide(
     remote: list[tuple[PeerKey, FileRecord]],
     blocks_here: _BlockIndex,
     local_short_id: int,
-    taken: set[str],
+    taken: _Taken,
 ) -> _Unit | None:
     local_live = mine is not None and not mine.deleted
     if winner.deleted and not local_live:
@@ -481,7 +559,7 @@ def _decide(
     return _Unit(action, conflict)
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def _unique(name: str, taken: _Taken) -> str:
     """``name``, or ``name`` with ``-2``, ``-3``… after NODE if a path of that name exists."""
     candidate = name
     n = 1
@@ -514,17 +592,9 @@ def _utc(mtime_ns: int) -> datetime:
 class _BlockIndex:
     """Where each block (algorithm, hash, size) of the live local files can be read."""
 
-    def __init__(self, local: Mapping[str, FileRecord]) -> None:
-        self._at: dict[tuple[str, bytes, int], tuple[str, int]] = {}
-        for path in sorted(local):
-            record = local[path]
-            if record.deleted or record.type is not EntryType.FILE:
-                continue
-            for block in record.blocks:
-                self._at.setdefault(
-                    (record.hash_algo, block.hash, block.size), (path, block.offset)
-                )
+    def __init__(self, local: Mapping[str, FileRecord], source: BlockSource) -> None:
         self._local = local
+        self._source = source
 
     def cover(self, record: FileRecord, *, prefer: str) -> tuple[BlockCopy, ...] | None:
         """A local source for every block of ``record``, or None if one is missing."""
@@ -539,7 +609,7 @@ class _BlockIndex:
             if offset is not None:
                 source = (prefer, offset)
             else:
-                found = self._at.get((record.hash_algo, block.hash, block.size))
+                found = self._source(record.hash_algo, block.hash, block.size)
                 if found is None:
                     return None
                 source = found
@@ -562,26 +632,46 @@ def _target(unit: _Unit) -> FileRecord:
 
 
 def _check_structure(
-    units: dict[str, _Unit], local: Mapping[str, FileRecord], problems: list[Problem]
+    units: dict[str, _Unit],
+    local: Mapping[str, FileRecord],
+    live_below: Callable[[str], int],
+    problems: list[Problem],
 ) -> None:
-    """Drop the actions that would break the tree, reporting each (module docstring, step 4)."""
+    """Drop the actions that would break the tree, reporting each (module docstring, step 4).
+
+    ``local`` holds the records of the units' paths and their ancestors; ``live_below``
+    counts the live local entries below a directory (``LocalContext.live_below``).
+    """
 
     def final(path: str) -> FileRecord | None:
         unit = units.get(path)
         return _target(unit) if unit is not None else local.get(path)
 
-    def live_paths() -> set[str]:
-        paths = {p for p, r in local.items() if _live(r) and p not in units}
-        paths.update(p for p, u in units.items() if _live(_target(u)))
-        paths.update(u.conflict.conflict_name for u in units.values() if u.conflict is not None)
-        return paths
+    def holders() -> Callable[[str], bool]:
+        """Whether a directory keeps live entries once the units are applied: live local
+        entries below it that no unit changes, or a unit's live target or conflict copy."""
+        replaced: dict[str, int] = {}  # live local entries below a directory that units change
+        created: set[str] = set()
+        for path, unit in units.items():
+            if _live(local.get(path)):
+                for parent in _parents(path):
+                    replaced[parent] = replaced.get(parent, 0) + 1
+            if _live(_target(unit)):
+                created.update(_parents(path))
+            if unit.conflict is not None:
+                created.update(_parents(unit.conflict.conflict_name))
 
-    holders = {a for p in live_paths() for a in _parents(p)}
+        def holds(path: str) -> bool:
+            return path in created or live_below(path) > replaced.get(path, 0)
+
+        return holds
+
+    holds = holders()
     # A non-directory replacing a local directory that keeps live entries: keep the directory.
     for path in sorted(units):
         target, mine = _target(units[path]), local.get(path)
         replaces_dir = _live(mine) and mine is not None and mine.type is EntryType.DIR
-        if replaces_dir and _live(target) and target.type is not EntryType.DIR and path in holders:
+        if replaces_dir and _live(target) and target.type is not EntryType.DIR and holds(path):
             problems.append(Problem(path, ProblemKind.DIR_NOT_EMPTY, "would replace a directory"))
             del units[path]
     # Nothing is created below a non-directory (shallow first, so drops cascade).
@@ -595,11 +685,11 @@ def _check_structure(
                 del units[path]
                 break
     # A directory that keeps live entries is not deleted.
-    holders = {a for p in live_paths() for a in _parents(p)}
+    holds = holders()
     for path in sorted(units):
         unit, mine = units[path], local.get(path)
         is_dir = _live(mine) and mine is not None and mine.type is EntryType.DIR
-        if isinstance(unit.action, Delete) and is_dir and path in holders:
+        if isinstance(unit.action, Delete) and is_dir and holds(path):
             problems.append(Problem(path, ProblemKind.DIR_NOT_EMPTY, "keeps live entries"))
             del units[path]
 

@@ -10,10 +10,12 @@ Theory of operation
    ignored directory is not entered), other file types (FIFOs, sockets, devices), and names
    that ``paths.normalize`` refuses or that are not already in its form (a non-NFC name on
    disk could not be found again under its normalised name) — those are reported, never fatal.
-2. **Compare** with the scan cache (one query for the whole folder). A regular file whose
-   size, mtime_ns, inode and ctime_ns equal the cached ones is *not read*. Directories change
-   only with their permission bits (their mtime moves with every entry inside), symlinks only
-   with their target.
+2. **Compare** with the scan cache (one query for the whole folder, read before the walk,
+   and compared as the walk goes: a file found unchanged is counted and dropped at once, so a
+   big folder at rest is never held in memory twice, nor as a list of what the walk found).
+   A regular file whose size, mtime_ns, inode and ctime_ns equal the cached ones is *not
+   read*. Directories change only with their permission bits (their mtime moves with every
+   entry inside), symlinks only with their target.
 3. **Hash** the rest, in groups of small files or one big file per ``to_thread`` call, at most
    ``io_workers`` at a time. ``chunker.hash_file`` compares ``fstat`` before and after the
    read; a file that changed while it was read is read again (at most
@@ -348,18 +350,18 @@ async def scan_path(
         else await asyncio.to_thread(IgnoreRules.for_folder, root, ignore)
     )
     if only is None:
-        # Both take a while in a big folder and each thread mostly waits outside the GIL
-        # (directory reads, SQLite): side by side.
-        walk, cache = await asyncio.gather(
-            asyncio.to_thread(_walk, root, current),
-            asyncio.to_thread(index.scan_cache, folder),
-        )
+        # The cache first, so that the walk keeps only what changed: a file at rest leaves
+        # the cache as the walk finds it, and nothing of it is kept but its name.
+        cache = await asyncio.to_thread(index.scan_cache, folder)
+        live = sum(1 for old in cache.values() if not old.deleted)
+        walk = await asyncio.to_thread(_walk, root, current, cache)
         in_scope: Callable[[str], bool] = _everywhere
     else:
         walk = await asyncio.to_thread(_walk_paths, root, current, only)
         cache = await asyncio.to_thread(
             index.scan_cache, folder, walk.singles, walk.trees, walk.levels
         )
+        live = await asyncio.to_thread(index.live_count, folder)
         in_scope = walk.in_scope
     peers = await asyncio.to_thread(index.remote_peers, folder)
     run = _Run(index, folder, short_id, walk, fetch_only=fetch_only, has_peers=bool(peers))
@@ -369,9 +371,14 @@ async def scan_path(
         ]
         run.theirs = await asyncio.to_thread(_peer_files, index, folder, unrecorded)
 
+    # Each record found on disk leaves the cache: what is left was not found. The walk's
+    # entries go as they are compared, so the two views of the folder shrink together.
+    entries, walk.entries = walk.entries, []
+    entries.reverse()
     to_hash: list[_Entry] = []
-    for entry in walk.entries:
-        old = cache.get(entry.rel)
+    while entries:
+        entry = entries.pop()
+        old = cache.pop(entry.rel, None)
         if fetch_only and (old is None or old.deleted) and entry.rel not in run.theirs:
             continue  # recording it would be a new version of ours, which this node never makes
         if entry.type is EntryType.FILE:
@@ -383,16 +390,12 @@ async def scan_path(
             run.count_other(entry.type)
             if old is None or _other_changed(entry, old):
                 run.pending.append(_observed_other(entry))
-    present = {entry.rel for entry in walk.entries}
     for rel, old in cache.items():
-        if not old.deleted and rel not in present and in_scope(rel) and not walk.is_protected(rel):
+        if not old.deleted and in_scope(rel) and not walk.is_protected(rel):
             run.gone.append(rel)
+    del cache
     if fetch_only:
         run.forget, run.gone = run.gone, []
-    if only is None:
-        live = sum(1 for old in cache.values() if not old.deleted)
-    else:
-        live = await asyncio.to_thread(index.live_count, folder)
     verdict = None
     if not allow_mass_delete:
         pending = {deleteguard.LOCAL: len(run.gone)}
@@ -490,7 +493,14 @@ class _Problem:
 
 @dataclass(slots=True)
 class _Walk:
+    cache: dict[str, CacheEntry] | None = None
+    """A full scan's cache: a file it says is unchanged is taken out of it and counted,
+    not kept in ``entries``."""
     entries: list[_Entry] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    """Every path found, kept or not (for the case-fold check)."""
+    unchanged: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Files found unchanged by the cache: how many, their bytes and their blocks."""
     protected: set[str] = field(default_factory=set)
     """Paths that exist but were not scanned (with everything below them): never tombstoned."""
     problems: list[str] = field(default_factory=list)
@@ -502,6 +512,21 @@ class _Walk:
     """A walk of some paths: ancestors, whose own records alone are compared."""
     levels: set[str] = field(default_factory=set)
     """A walk of some paths: directories ('' the root) whose entries' records are compared."""
+
+    def unchanged_file(self, rel: str, st: os.stat_result, mode: int) -> bool:
+        """Whether the cache says the regular file ``rel`` (its lstat ``st``) is unchanged:
+        it is then counted and leaves the cache, and the walk keeps nothing of it."""
+        old = self.cache.get(rel) if self.cache is not None else None
+        if old is None or not _unchanged(
+            old, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, mode
+        ):
+            return False
+        assert self.cache is not None
+        del self.cache[rel]
+        self.unchanged[0] += 1
+        self.unchanged[1] += old.size
+        self.unchanged[2] += old.block_count
+        return True
 
     def in_scope(self, rel: str) -> bool:
         """Whether a record of ``rel`` not found by this walk is gone."""
@@ -547,7 +572,8 @@ class _Run:
         self.has_peers = has_peers
         self.orphans: list[tuple[str, str]] = []
         """Files this node lost track of, not recorded, with the names to keep them under."""
-        self.files = self.dirs = self.symlinks = self.bytes = self.blocks = 0
+        self.files, self.bytes, self.blocks = walk.unchanged
+        self.dirs = self.symlinks = 0
         self.new = self.changed = self.deleted = 0
         self.withheld = 0
         self.verdict: Verdict | None = None
@@ -693,9 +719,10 @@ def _at_or_under(rel: str, roots: Collection[str]) -> bool:
         rel = rel[:cut]
 
 
-def _walk(root: Path, rules: IgnoreRules) -> _Walk:
-    """Every entry below ``root`` (blocking; runs in a thread)."""
-    walk = _Walk()
+def _walk(root: Path, rules: IgnoreRules, cache: dict[str, CacheEntry] | None = None) -> _Walk:
+    """Every entry below ``root``, but the files ``cache`` says are unchanged, which leave
+    it (blocking; runs in a thread)."""
+    walk = _Walk(cache)
     try:
         root_stat = os.stat(root)  # the root itself may be a symlink the user chose
     except OSError as exc:
@@ -845,7 +872,8 @@ def _walk_below(walk: _Walk, rules: IgnoreRules, top: str, listing: list[os.DirE
 
 
 def _collisions(walk: _Walk) -> None:
-    walk.collisions = paths.casefold_collisions(e.rel for e in walk.entries)
+    walk.collisions = paths.casefold_collisions(walk.names)
+    walk.names = []
     for first_path, other in walk.collisions[:MAX_LOGGED_PROBLEMS]:
         logger.warning(
             "%s and %s differ only in case: a case-insensitive peer cannot hold both",
@@ -857,7 +885,7 @@ def _collisions(walk: _Walk) -> None:
 def _entry(walk: _Walk, rules: IgnoreRules, rel_dir: str, item: os.DirEntry[str]) -> _Entry | None:
     """The walk's view of one directory entry, or None if it is skipped."""
     name = item.name
-    if (not rel_dir and name == paths.INTERNAL_DIR) or paths.is_temporary(name):
+    if (not rel_dir and name == paths.INTERNAL_DIR) or name.startswith(paths.TEMP_PREFIX):
         return None
     raw = f"{rel_dir}/{name}" if rel_dir else name
     try:
@@ -885,15 +913,16 @@ def _make_entry(
     else:
         logger.debug("%r: not a file, directory or symlink; skipped", raw)
         return None
-    try:
-        rel = paths.normalize(raw)
-        if rel != raw:
-            raise PathError("the name on disk is not in Unicode NFC form; rename it")
-    except PathError as exc:
-        walk.problem(f"{raw!r}: {exc}; skipped")
-        with contextlib.suppress(PathError):  # its normalised twin, if indexed, is this file
-            walk.protected.add(paths.normalize(raw))
-        return None
+    if not paths.is_normalized(raw):
+        try:
+            if paths.normalize(raw) != raw:
+                raise PathError("the name on disk is not in Unicode NFC form; rename it")
+        except PathError as exc:
+            walk.problem(f"{raw!r}: {exc}; skipped")
+            with contextlib.suppress(PathError):  # its normalised twin, if indexed, is this file
+                walk.protected.add(paths.normalize(raw))
+            return None
+    rel = raw
     if rules.matches(rel, entry_type is EntryType.DIR):
         walk.protected.add(rel)
         return None
@@ -910,21 +939,31 @@ def _make_entry(
             walk.problem(f"{rel}: unusable symlink target ({exc}); skipped")
             return None
     mode = st.st_mode & PERMISSION_BITS
+    walk.names.append(rel)
+    if entry_type is EntryType.FILE and walk.unchanged_file(rel, st, mode):
+        return None
     size = st.st_size if entry_type is EntryType.FILE else 0
     return _Entry(rel, entry_type, mode, size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, target)
 
 
 def _cache_hit(entry: _Entry, old: CacheEntry) -> bool:
     """True if a regular file is unchanged by its stat and need not be read."""
+    return _unchanged(old, entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns, entry.mode)
+
+
+def _unchanged(
+    old: CacheEntry, size: int, mtime_ns: int, inode: int, ctime_ns: int, mode: int
+) -> bool:
+    """True if a regular file of this stat is the one ``old`` records."""
     return (
         not old.deleted
-        and old.type is EntryType.FILE
+        and old.code == EntryType.FILE
         and old.ctime_ns != 0
-        and old.size == entry.size
-        and old.mtime_ns == entry.mtime_ns
-        and old.inode == entry.inode
-        and old.ctime_ns == entry.ctime_ns
-        and old.mode == entry.mode
+        and old.size == size
+        and old.mtime_ns == mtime_ns
+        and old.inode == inode
+        and old.ctime_ns == ctime_ns
+        and old.mode == mode
     )
 
 

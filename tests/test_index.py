@@ -599,3 +599,83 @@ def test_the_sequence_is_read_from_memory_and_follows_commits_and_rollbacks(
         with pytest.raises(RuntimeError):
             rolled_back()
         assert db.sequence(folder) == 1 == db.folder(folder).sequence
+
+
+# --- what a planning pass asks (lanshare.planinputs) -------------------------------------------
+
+
+def test_paths_to_plan_are_those_some_peer_holds_otherwise(db: Index) -> None:
+    """Equal records (but for their sequence) are in sync; any other column, a path we do
+    not hold or a tombstone against a live record is to plan; paths only we hold are not."""
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    same, meta, content, gone = (
+        _file(name, name.encode()) for name in ("same", "meta", "content", "gone")
+    )
+    db.commit_changes(folder, [LocalChange(r) for r in (same, meta, content, gone)])
+    db.commit_changes(folder, [LocalChange(_file("only-mine", b"x"))])
+    bumped = VersionVector().bump(ME).bump(7)
+    db.remote_upsert(
+        folder,
+        PEER_A,
+        [replace(same, sequence=40), replace(meta, mode=0o600), _file("theirs", b"t")],
+    )
+    db.remote_upsert(
+        folder,
+        PEER_B,
+        [
+            replace(same, sequence=3),
+            replace(content, blocks=_file("c", b"other").blocks),
+            gone.tombstone(bumped, 9),
+        ],
+    )
+    assert db.paths_to_plan(folder) == ["content", "gone", "meta", "theirs"]
+    other = db.add_folder("/srv/b", "11" * 16).id
+    assert db.paths_to_plan(other) == []
+
+
+def test_remote_records_of_some_paths_by_peer(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    x, y = _file("x", b"xx"), _file("y", b"yy")
+    db.remote_upsert(folder, PEER_A, [replace(x, sequence=1), replace(y, sequence=2)])
+    db.remote_upsert(folder, PEER_B, [replace(y, sequence=5)])
+    assert db.remote_records_of(folder, ["y", "nowhere"]) == {
+        PEER_A: {"y": replace(y, sequence=2)},
+        PEER_B: {"y": replace(y, sequence=5)},
+    }
+    many = [f"p{i:04d}" for i in range(1200)]  # more than one query's worth of variables
+    db.remote_upsert(folder, PEER_A, [_file(p, b"") for p in many])
+    assert sorted(db.remote_records_of(folder, many)[PEER_A]) == many
+
+
+def test_live_below_has_record_and_conflict_copies(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    records = [_file(p, b"1") for p in ("d/a", "d/e/b", "d-x", "dd/c", "e.sync-conflict-1")]
+    db.commit_changes(folder, [LocalChange(r) for r in records])
+    gone = _file("d/gone", b"2")
+    db.commit_changes(folder, [LocalChange(gone)])
+    db.commit_changes(folder, [LocalChange(gone.tombstone(VersionVector().bump(ME).bump(ME), 0))])
+    assert (db.live_below(folder, "d"), db.live_below(folder, "d/e")) == (2, 1)
+    assert (db.live_below(folder, "dd"), db.live_below(folder, "x")) == (1, 0)
+    assert db.has_record(folder, "d/gone")
+    assert not db.has_record(folder, "d/none")
+    assert db.live_paths_containing(folder, ".sync-conflict-") == ["e.sync-conflict-1"]
+
+
+def test_block_source_is_the_first_live_block_of_that_content(db: Index) -> None:
+    """The planner's ``LocalContext.block_source``: files in path order, blocks in file
+    order; a deleted file, another size or another algorithm is no source."""
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    late = _file("z", b"....abcd")
+    early = _file("m", b"abcd")
+    deleted = _file("a", b"abcd")
+    other_algo = replace(_file("b", b"abcd"), hash_algo="blake3")
+    db.commit_changes(folder, [LocalChange(r) for r in (late, early, deleted, other_algo)])
+    db.commit_changes(
+        folder, [LocalChange(deleted.tombstone(VersionVector().bump(ME).bump(ME), 0))]
+    )
+    block = early.blocks[0]
+    assert db.block_source(folder, "sha256", block.hash, block.size) == ("m", 0)
+    assert db.block_source(folder, "blake3", block.hash, block.size) == ("b", 0)
+    assert db.block_source(folder, "sha256", block.hash, block.size + 1) is None
+    assert db.block_source(folder, "sha256", late.blocks[0].hash, 4) == ("z", 0)
+    assert db.block_source(folder + 1, "sha256", block.hash, block.size) is None

@@ -18,6 +18,7 @@ from lanshare.paths import (
     TEMP_PREFIX,
     casefold_collisions,
     is_internal,
+    is_normalized,
     is_temporary,
     join_inside,
     normalize,
@@ -164,3 +165,49 @@ def test_normalized_path_never_escapes(raw: str) -> None:
     assert ".." not in Path(rel).parts
     # realpath of a path below a directory that does not exist is purely lexical.
     assert joined.resolve().is_relative_to(ROOT)
+
+
+@given(
+    st.one_of(
+        st.text(),
+        _hostile,
+        st.text(alphabet="./\\a \x7f\x1f~é", max_size=20),
+        st.text(alphabet="ab/.", min_size=250, max_size=300),
+    )
+)
+@example("a" * MAX_NAME_SIZE)
+@example("a" * (MAX_NAME_SIZE + 1))
+@example(("a" * 200 + "/") * 20 + "a")
+@example("d/./f")
+@example("d//f")
+@example("/d")
+@example("d/")
+@example("")
+def test_is_normalized_says_whether_normalize_keeps_a_path(raw: str) -> None:
+    """The quick test the scanner asks of every path it finds agrees with normalize."""
+    try:
+        kept = normalize(raw) == raw
+    except PathError:
+        kept = False
+    assert is_normalized(raw) == kept
+
+
+def test_a_plain_ascii_path_is_told_without_normalising_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scanner asks this of every path it finds: plain ASCII costs no Unicode work."""
+    from lanshare import paths as paths_module
+
+    asked: list[str] = []
+    real = paths_module.normalize
+
+    def counting(raw: str) -> str:
+        asked.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(paths_module, "normalize", counting)
+    assert is_normalized("d0001/f000123.txt")
+    assert is_normalized("with space/and:colon~[x]")
+    assert not is_normalized("d//f")
+    assert asked == []
+    assert is_normalized("日本語/файл")
+    assert not is_normalized("e\u0301")
+    assert asked == ["日本語/файл", "e\u0301"]

@@ -21,6 +21,7 @@ from lanshare.planner import (
     Conflict,
     Delete,
     Fetch,
+    LocalContext,
     MakeSymlink,
     Plan,
     ProblemKind,
@@ -600,6 +601,63 @@ def test_property_winner_is_the_same_from_every_node(data):
         records = [v[path] for v in views if path in v]
         if records:
             assert global_winner(records) == global_winner(reversed(records))
+
+
+def _differing(
+    local: Mapping[str, FileRecord], remotes: Mapping[bytes, Mapping[str, FileRecord]]
+) -> set[str]:
+    """The paths some peer holds another record of than ``local`` (``Index.paths_to_plan``)."""
+    return {
+        path
+        for view in remotes.values()
+        for path, record in view.items()
+        if path not in local or replace(local[path], sequence=record.sequence) != record
+    }
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_property_the_paths_peers_hold_otherwise_and_a_context_plan_the_same(data):
+    """What the engine passes (the records of the paths some peer holds another record of,
+    with their ancestors, and the rest as a context) plans exactly what every record does."""
+    local = data.draw(node_view(L))
+    remotes = {PEER_B: data.draw(node_view(B)), PEER_C: data.draw(node_view(C))}
+    for peer in (PEER_B, PEER_C):  # peers in sync with us on some paths
+        for path in data.draw(st.sets(st.sampled_from(sorted(local)))) if local else ():
+            remotes[peer][path] = replace(local[path], sequence=7)
+    history = [Deletion(T0 / 1e9, LOCAL, data.draw(st.integers(0, 3)) or 1, 10)]
+    settings_ = {"delete_history": history, "now": T0 / 1e9, "limits": Limits(0.3, 2, 3600)}
+    everything = run(local, remotes, **settings_)
+    paths = _differing(local, remotes)
+    wanted = paths | {a for p in paths for a in _ancestors(p)}
+    narrow_local = {p: r for p, r in local.items() if p in wanted}
+    narrow_remotes = {k: {p: r for p, r in v.items() if p in paths} for k, v in remotes.items()}
+    note(f"paths to plan: {sorted(paths)}")
+    narrow = run(narrow_local, narrow_remotes, context=LocalContext.of(local), **settings_)
+    assert narrow == everything
+
+
+def test_a_context_answers_what_the_records_would():
+    """``LocalContext.of``: live count and entries below a directory count live records
+    only; a block is found in the first file in path order, of the same algorithm and size."""
+    ab = file("z/ab", b"abcd" + b"efgh", vv(L=1))
+    local = index(
+        folder("z", vv(L=1)),
+        ab,
+        file("m/cd", b"abcd", vv(L=1)),
+        tomb(file("a/gone", b"abcd", vv(L=1)), vv(L=2)),
+        replace(file("b/other-algo", b"abcd", vv(L=1)), hash_algo="blake3"),
+    )
+    context = LocalContext.of(local)
+    assert context.live_count == 4
+    assert (context.live_below("z"), context.live_below("a"), context.live_below("q")) == (1, 0, 0)
+    assert context.exists("a/gone")
+    assert not context.exists("q")
+    first, second = ab.blocks
+    assert context.block_source("sha256", first.hash, first.size) == ("m/cd", 0)
+    assert context.block_source("sha256", second.hash, second.size) == ("z/ab", 4)
+    assert context.block_source("sha256", first.hash, first.size + 1) is None
+    assert context.block_source("md5", first.hash, first.size) is None
 
 
 def test_planner_imports_no_io():

@@ -13,11 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from lanshare import chunker, keys, marker, planner, scanner
+from lanshare import index as index_module
 from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
@@ -1014,6 +1015,40 @@ def test_a_batch_never_reads_through_an_ancestor_turned_symlink(
     assert after["a"].type is EntryType.SYMLINK
     assert after["a/b"].deleted
     assert after["a/b/c"].deleted
+
+
+def test_a_rescan_of_a_folder_at_rest_keeps_nothing_of_its_files(
+    db: Index, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file the cache says is unchanged is counted and dropped as the walk finds it: the
+    walk keeps an entry for each directory only, and no record is decoded."""
+    thousand_files(root)
+    settle(root)
+    first = scan(db, root)
+    kept: list[str] = []
+    decoded: list[str] = []
+    real_entry, real_record = scanner._Entry, index_module._record
+
+    def entry(rel: str, *args: object) -> scanner._Entry:
+        kept.append(rel)
+        return real_entry(rel, *args)  # type: ignore[arg-type]
+
+    def record(row: Any) -> FileRecord:
+        decoded.append(row[0])
+        return real_record(row)
+
+    monkeypatch.setattr(scanner, "_Entry", entry)
+    monkeypatch.setattr(index_module, "_record", record)
+    again = scan(db, root)
+    assert sorted(kept) == [f"d{d}" for d in range(10)]
+    assert decoded == []
+    assert (again.files, again.dirs, again.bytes, again.blocks) == (
+        first.files,
+        first.dirs,
+        first.bytes,
+        first.blocks,
+    )
+    assert (again.new, again.changed, again.deleted) == (0, 0, 0)
 
 
 def test_an_index_that_fails_mid_scan_is_one_storage_error(db: Index, root: Path) -> None:
