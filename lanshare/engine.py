@@ -265,7 +265,8 @@ class FolderSync:
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
-            self._stamp_marker()  # for what the scan recorded before it failed
+            # For what the scan recorded before it failed.
+            await asyncio.to_thread(self._stamp_marker)
             self.server.invalidate()
             return None
         if summary.new or summary.changed or summary.deleted or summary.forgotten:
@@ -277,7 +278,7 @@ class FolderSync:
                 summary.forgotten,
             )
         if restored:  # the index now says what this folder holds: later scans are as usual
-            self._stamp_marker()
+            await asyncio.to_thread(self._stamp_marker)
         if summary.orphans and self.engine.whole_folders:
             await self._keep_orphans(summary.orphans)
         verdict = summary.verdict
@@ -299,6 +300,7 @@ class FolderSync:
                 summary.changed,
                 summary.deleted,
             )
+            await asyncio.to_thread(self._stamp_marker)
             self.announce_sequence()
         self.dirty.set()
         return summary
@@ -415,8 +417,9 @@ class FolderSync:
 
     def _stamp_marker(self) -> None:
         """Stamp the marker with the index's sequence after a local change (see ``marker``),
-        unless the marker there is not this folder's. On the loop, not in a thread: a stamp
-        left behind by a stop would make the next start take the folder for a restored one."""
+        unless the marker there is not this folder's. Blocking: call it in a thread, awaited
+        right after the change is committed (a stop waits for it: a stamp left behind would
+        make the next start take the folder for a restored one)."""
         if marker.read(self.root, self.folder_id) is not marker.Found.THIS:
             return
         try:
@@ -442,7 +445,7 @@ class FolderSync:
         return pending and not confirm
 
     def announce_sequence(self) -> None:
-        self._stamp_marker()
+        """Tell every peer of the folder the index's new sequence (the marker is stamped)."""
         self.exchange.announce(self.info_sequence())
         self.engine.sequence_changed()
         self.engine.kick()
@@ -870,6 +873,7 @@ class FolderSync:
                 for path in finished:
                     index.partial_drop(self.info.id, path)
                 index.commit_changes(self.info.id, changes)
+            self._stamp_marker()
 
         await asyncio.to_thread(store)
         self.server.invalidate(record.path for record in records)

@@ -263,7 +263,8 @@ class ReceiverProbe:
     hops, and the SQLite and file I/O done on the event-loop thread (patched calls that only
     count and pass through)."""
 
-    IO_CALLS = ("pread", "pwrite", "preadv", "pwritev", "fsync", "fdatasync")
+    IO_CALLS = ("pread", "pwrite", "preadv", "pwritev", "fsync", "fdatasync", "write", "read")
+    PATH_CALLS = ("open", "replace", "rename", "unlink", "mkdir", "stat", "lstat")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, sender: SimNode, receiver: SimNode):
         self.sender = sender
@@ -285,6 +286,8 @@ class ReceiverProbe:
         monkeypatch.setattr(hashes, "digest", digest)
         for name in self.IO_CALLS:
             monkeypatch.setattr(os, name, self._io_probe(name, getattr(os, name)))
+        for name in self.PATH_CALLS:
+            monkeypatch.setattr(os, name, self._path_probe(name, getattr(os, name)))
         real_connect = sqlite3.connect
         probe = self
 
@@ -347,6 +350,22 @@ class ReceiverProbe:
                     if where.startswith(str(self.receiver.base)):
                         self.loop_io.append(f"os.{name} on {where}")
             return real(fd, *args)
+
+        return probe
+
+    def _path_probe(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def probe(path: Any, *args: Any, **kwargs: Any) -> Any:
+            # The engine's calls only: the test's own polling runs on the loop too.
+            on_loop = self.recording_io and threading.get_ident() == self.loop_thread
+            if on_loop and self._side(sys._getframe(1)) is self.receiver:
+                where = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
+                dir_fd = kwargs.get("dir_fd")
+                if dir_fd is not None and not os.path.isabs(where):
+                    with contextlib.suppress(OSError):
+                        where = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), where)
+                if where.startswith(str(self.receiver.base)):
+                    self.loop_io.append(f"os.{name} on {where}")
+            return real(path, *args, **kwargs)
 
         return probe
 
