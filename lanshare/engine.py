@@ -583,6 +583,13 @@ class FolderSync:
             context=inputs.context,
         )
         self.planning_seconds = self.engine.now() - started
+        logger.debug(
+            "folder %s: planned in %.3f s: %d actions, %d problems",
+            self.root,
+            self.planning_seconds,
+            len(result.actions),
+            len(result.problems),
+        )
         self.plan_problems = {
             problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
             for problem in result.problems

@@ -196,6 +196,7 @@ class Assembly:
         self._store = store
         self._fd = -1
         self._dir_fd = -1
+        self._opening = False
         self._identity: tuple[int, int] | None = None
         """Device and inode of the temporary file, checked on every reopen."""
         self._leases = 0
@@ -268,11 +269,13 @@ class OpenAssemblies:
     A reopen that meets ``EMFILE``/``ENFILE`` closes every other idle assembly and tries
     once more before it gives up.
 
-    Descriptors are closed after the lock is let go (a close may flush, slow on NFS, and
-    the lock is the whole process's), and never on an event loop's thread: there
-    :meth:`close` only marks the assembly and hands the closing to a closer thread,
-    taking no lock. Descriptors taken out and not closed yet still count against
-    ``capacity``. Only the retry after ``EMFILE``, in a worker, closes under the lock.
+    Files are opened and descriptors closed after the lock is let go: creating a file
+    or closing one waits on the file system (its journal, while other threads fsync; a
+    flush on NFS), and the lock is the whole process's. An assembly being opened has its
+    room reserved and is opened by one thread at a time. Descriptors are never closed on
+    an event loop's thread: there :meth:`close` only marks the assembly and hands the
+    closing to a closer thread, taking no lock. Descriptors taken out and not closed yet,
+    and those being opened, count against ``capacity``.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
@@ -281,6 +284,10 @@ class OpenAssemblies:
         self._open: OrderedDict[Assembly, None] = OrderedDict()
         self._closing = 0
         """Descriptor pairs taken out of ``_open`` and not closed yet."""
+        self._opening = 0
+        """Assemblies being opened (outside the lock), their room reserved."""
+        self._opened = threading.Condition(self._lock)
+        """Notified when an assembly's opening ends."""
         self._to_close: deque[Assembly] = deque()
         """Closed on an event loop, for the closer thread (guarded by ``_closer_lock``)."""
         self._closer_lock = threading.Lock()
@@ -296,19 +303,19 @@ class OpenAssemblies:
 
     def begin(self, assembly: Assembly) -> None:
         """Create (or reopen, to resume) and size ``assembly``'s file and open it."""
-        with self._lock:
-            evicted = self._ensure_open(assembly, create=True)
-        self._close(evicted)
+        self._ensure_open(assembly, create=True)
 
     def acquire(self, assembly: Assembly) -> tuple[int, int]:
         with self._lock:
             if assembly._closed:
                 raise StorageError(f"the download of {assembly.record.path} was closed")
-            evicted = self._ensure_open(assembly, create=False)
-            assembly._leases += 1
-            descriptors = assembly._fd, assembly._dir_fd
-        self._close(evicted)
-        return descriptors
+            assembly._leases += 1  # leased, it is never evicted while it opens
+        try:
+            self._ensure_open(assembly, create=False)
+        except BaseException:
+            self.release(assembly)
+            raise
+        return assembly._fd, assembly._dir_fd
 
     def release(self, assembly: Assembly) -> None:
         with self._lock:
@@ -365,42 +372,48 @@ class OpenAssemblies:
             with self._lock:
                 self._closing -= len(detached)
 
-    def _ensure_open(self, assembly: Assembly, *, create: bool) -> list[tuple[int, int]]:
-        """Open ``assembly`` if it is not; the descriptors evicted to make room, which the
-        caller closes once it lets the lock go."""
-        if assembly._fd >= 0:
-            self._open.move_to_end(assembly)
-            return []
-        evicted = self._evict(self.capacity - 1, keep=assembly)
+    def _ensure_open(self, assembly: Assembly, *, create: bool) -> None:
+        """Open ``assembly`` if it is not (called without the lock), after closing the
+        least recently used idle ones to make room."""
+        with self._lock:
+            while assembly._opening:  # another thread opens it: take what it opened
+                self._opened.wait()
+            if assembly._fd >= 0:
+                self._open.move_to_end(assembly)
+                return
+            assembly._opening = True
+            self._opening += 1
+            evicted = self._evict(self.capacity, keep=assembly)
         try:
-            assembly._open(create=create)
-        except OSError as exc:
-            if exc.errno not in DESCRIPTORS_EXHAUSTED:
-                self._close_now(evicted)
-                raise
-            logger.debug(
-                "out of descriptors opening %s: closing idle downloads", assembly.temp_name
-            )
-            # Here they must be closed before the retry can find a free number.
-            self._close_now(evicted + self._evict(0, keep=assembly))
-            evicted = []
-            assembly._open(create=create)
-        except BaseException:
-            self._close_now(evicted)
-            raise
-        self.opened += 1
-        self._open[assembly] = None
-        return evicted
-
-    def _close_now(self, detached: list[tuple[int, int]]) -> None:
-        """Close detached descriptors under the lock (a worker's error path only)."""
-        _close_pairs(detached)
-        self._closing -= len(detached)
+            self._close(evicted)
+            try:
+                assembly._open(create=create)
+            except OSError as exc:
+                if exc.errno not in DESCRIPTORS_EXHAUSTED:
+                    raise
+                logger.debug(
+                    "out of descriptors opening %s: closing idle downloads", assembly.temp_name
+                )
+                with self._lock:
+                    evicted = self._evict(0, keep=assembly)
+                self._close(evicted)
+                assembly._open(create=create)
+        finally:
+            with self._lock:
+                assembly._opening = False
+                self._opening -= 1
+                self._opened.notify_all()
+                if assembly._fd >= 0:
+                    self.opened += 1
+                    self._open[assembly] = None
+                # Closed while it opened, and not leased: it closes now.
+                stale = self._detach(assembly) if assembly._closed and not assembly._leases else []
+            self._close(stale)
 
     def _evict(self, room: int, *, keep: Assembly) -> list[tuple[int, int]]:
         """Take out the least recently used idle assemblies' descriptors until at most
-        ``room`` pairs stay open, counting those still being closed elsewhere."""
-        limit = room - self._closing
+        ``room`` pairs stay open, counting those being closed or opened elsewhere."""
+        limit = room - self._closing - self._opening
         evicted: list[tuple[int, int]] = []
         for candidate in list(self._open):
             if len(self._open) <= limit:

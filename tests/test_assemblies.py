@@ -263,3 +263,43 @@ def test_a_close_never_runs_on_the_event_loop_nor_under_the_lock(
     assert closes == [("worker", False), ("worker", False)]
     assert open_temp_files(tmp_path) == 0
     assert pool.open_count == 0
+
+
+def test_a_file_being_opened_holds_no_lock_others_wait_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating a file can wait a long time on the file system (its journal, while other
+    threads fsync): while one download's file is being opened, every other download still
+    takes its lease and writes, and the same download opened by a second thread is opened
+    once. ``os.open`` is patched only to hold the chosen file's open until released, as a
+    slow file system would; everything else is real."""
+    pool = OpenAssemblies(capacity=8)
+    store = FolderStore(tmp_path, pool)
+    (slow_record, _), (other_record, other_data) = records(2)
+    other = store.begin(other_record)
+    slow_name = FolderStore.temp_path(slow_record).rsplit("/", 1)[-1]
+    entered, release = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def holding(path: str, *args: object, **kwargs: object) -> int:
+        if os.path.basename(os.fsdecode(path)) == slow_name:
+            entered.set()
+            assert release.wait(30), "never released"
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", holding)
+    with ThreadPoolExecutor(2) as pool_threads:
+        opening = pool_threads.submit(store.begin, slow_record)
+        assert entered.wait(30)
+        # The slow open holds no lock: the other download leases and writes meanwhile.
+        writing = pool_threads.submit(write, store, other, 0, other_data)
+        writing.result(timeout=30)
+        assert not opening.done()
+        release.set()
+        slow = opening.result(timeout=30)
+    monkeypatch.undo()
+    write(store, other, 1, other_data)
+    assert pool.opened == 2
+    slow.close()
+    other.close()
+    assert open_temp_files(tmp_path) == 0
