@@ -1,0 +1,197 @@
+"""Faults met by downloads: real ones (an index that cannot be written, a file saved under
+us) on real engines, folders and indexes over a simulated network."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+from tests.enginesim import (
+    BlockCounters,
+    Cluster,
+    LinkSpec,
+    SimNode,
+    all_contents,
+    converge,
+    random_bytes,
+    temp_files,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lanshare.index import Index
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+class ReadOnlyIndex:
+    """The index cannot be written any more (SQLite's ``PRAGMA query_only``: every write
+    fails with SQLITE_READONLY, as on a file system remounted read-only); reads work."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.full = False
+
+    def fill(self) -> None:
+        self._query_only(True)
+
+    def lift(self) -> None:
+        self._query_only(False)
+
+    def _query_only(self, on: bool) -> None:
+        conn = self.index._conn
+        assert conn is not None
+        with self.index._lock:
+            conn.execute(f"PRAGMA query_only = {int(on)}")
+        self.full = on
+
+
+def _on_own_write(node: SimNode, rel: str, then: object) -> None:
+    """Run ``then()`` once, when ``node``'s engine announces it is about to write ``rel``
+    (what the daemon's watcher hears just before a download is put in place)."""
+    assert node.engine is not None
+    done = False
+
+    def heard(path: str) -> None:
+        nonlocal done
+        if path == rel and not done:
+            done = True
+            then()  # type: ignore[operator]
+
+    node.engine.watchers[node.folder.info.id] = heard
+
+
+def test_a_placement_that_fails_and_cannot_be_replanned_fails_the_path_and_retries(
+    tmp_path: Path,
+) -> None:
+    """Just before B puts ``a.bin`` in place, its user saves a file there and B's index
+    turns read-only: the placement refuses to replace the user's file, and the rescan that
+    would replan it cannot write to the index either. The path must fail (shown in
+    ``problems``) and be retried, never be left being put in place for ever; once the index
+    is writable again, both versions are kept on every node."""
+    theirs = random_bytes(1, 300 * KiB)
+    mine = b"saved by B's user just before the download landed"
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=31) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("a.bin", theirs)
+            await cluster.start(mesh=False)
+            assert b.index is not None
+            index_fault = ReadOnlyIndex(b.index)
+
+            def user_saves_and_index_turns_read_only() -> None:
+                b.write("a.bin", mine)
+                index_fault.fill()
+
+            _on_own_write(b, "a.bin", user_saves_and_index_turns_read_only)
+            a.connect(b)
+            sync = b.folder
+            await wait_for(lambda: "a.bin" in sync.failures, 30, "a.bin to fail on B")
+            assert "a.bin" not in sync.downloads.committing
+            assert "a.bin" not in sync.downloads.active
+            assert b.read("a.bin") == mine
+            assert sync.status()["state"] == "error"
+            index_fault.lift()
+            await converge([a, b], 60)
+            for node in (a, b):
+                contents = await asyncio.to_thread(all_contents, node.root)
+                assert {_sha(theirs), _sha(mine)} <= contents, node.name
+                assert node.folder.status()["state"] == "in_sync", node.name
+                assert node.folder.status()["conflicts"] == 1, node.name
+
+    asyncio.run(main())
+
+
+def test_a_placement_whose_index_commit_fails_is_rescanned_once_the_index_works(
+    tmp_path: Path,
+) -> None:
+    """B's index turns read-only just as ``a.bin`` is put in place, and writable again right
+    after the commit failed: the file in place is rescanned and recorded, never fetched again,
+    and the folder ends in sync without a conflict."""
+    data = random_bytes(2, 300 * KiB)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=32) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("a.bin", data)
+            await cluster.start(mesh=False)
+            assert b.index is not None
+            index_fault = ReadOnlyIndex(b.index)
+            _on_own_write(b, "a.bin", index_fault.fill)
+
+            class WritableAfterTheFailure(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    if index_fault.full and "readonly" in record.getMessage():
+                        index_fault.lift()
+
+            handler = WritableAfterTheFailure(logging.WARNING)
+            logging.getLogger("lanshare").addHandler(handler)
+            try:
+                b.counters = BlockCounters()
+                a.connect(b)
+                await wait_for(lambda: b.path("a.bin").exists(), 30, "a.bin in place on B")
+                await converge([a, b], 60)
+            finally:
+                logging.getLogger("lanshare").removeHandler(handler)
+            assert not index_fault.full
+            assert b.read("a.bin") == data
+            assert b.counters.received_total == len(data)  # placed once, never fetched again
+            assert b.index.get(b.folder.info.id, "a.bin") is not None
+            status = b.folder.status()
+            assert status["state"] == "in_sync", status
+            assert status["conflicts"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_failed_download_due_for_a_retry_keeps_its_verified_blocks(tmp_path: Path) -> None:
+    """B's index turns read-only halfway through a download: recording its verified blocks
+    fails, so the path fails and waits for its retry. The planning passes meanwhile must keep its
+    temporary file and the blocks it recorded, and the retry fetch only the rest."""
+    size = 4 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=33) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=1 * MiB))
+            data = random_bytes(3, size)
+            a.write("big.bin", data)
+            await cluster.start()
+            assert b.index is not None
+            sync = b.folder
+            index_fault = ReadOnlyIndex(b.index)
+            await wait_for(
+                lambda: (
+                    (d := sync.downloads.active.get("big.bin")) is not None
+                    and d.bytes_done >= size // 3
+                ),
+                60,
+                "a third of big.bin on B",
+            )
+            index_fault.fill()
+            await wait_for(lambda: "big.bin" in sync.failures, 30, "big.bin to fail on B")
+            index_fault.lift()
+            (partial,) = b.index.partials(sync.info.id)
+            blocks = b.index.remote_records_for_path(sync.info.id, "big.bin")[a.node_id].blocks
+            verified = {blocks[i].hash for i in partial.verified}
+            assert verified
+            await sync.plan_and_apply()  # a pass while the retry is not due yet
+            assert temp_files(b.root)
+            assert b.index.partials(sync.info.id)
+            b.counters = BlockCounters()
+            await converge([a, b], 120)
+            assert b.read("big.bin") == data
+            again = verified & set(b.counters.received_hashes)
+            assert not again, f"{len(again)} blocks verified before the failure fetched again"
+
+    asyncio.run(main())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
