@@ -71,7 +71,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lanshare import deleteguard, keys, marker, planner, scanner
 from lanshare.clock import LoopClock
@@ -136,6 +136,18 @@ RETRY_MAX = 300.0
 at once)."""
 MAX_CONFLICT_PATHS = 100
 """Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
+
+
+class OwnWrites(Protocol):
+    """What the engine tells a folder's watcher (``watcher.FolderWatcher``) of its writes."""
+
+    def expect_own_write(self, rel: str) -> None:
+        """``rel`` is about to change by our hand: its next event is no change to scan."""
+        ...
+
+    def cancel_own_write(self, rel: str) -> None:
+        """The announced write of ``rel`` did not happen: its next event is a change."""
+        ...
 
 
 @dataclass(slots=True)
@@ -312,6 +324,7 @@ class FolderSync:
             try:
                 await asyncio.to_thread(self.store.rename_local, path, name)
             except LanshareError as exc:
+                self.withdraw_own_write(path, name)
                 logger.warning("folder %s: cannot keep %s as %s: %s", self.root, path, name, exc)
                 continue
             moved += 1
@@ -800,7 +813,13 @@ class FolderSync:
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
             await self.own_write(action.path)
-            await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
+            try:
+                await asyncio.to_thread(
+                    store.make_symlink, action.path, action.record.symlink_target
+                )
+            except BaseException:
+                self.withdraw_own_write(action.path)
+                raise
         elif isinstance(action, planner.SetMetadata):
             planned = await self._planned(action.replaces)
             await asyncio.to_thread(
@@ -810,7 +829,11 @@ class FolderSync:
             planned = await self._planned(action.replaces)
             entry = action.replaces.type if action.replaces is not None else action.record.type
             await self.own_write(action.path)
-            await asyncio.to_thread(store.delete, action.path, entry, planned, now)
+            try:
+                await asyncio.to_thread(store.delete, action.path, entry, planned, now)
+            except BaseException:
+                self.withdraw_own_write(action.path)
+                raise
         elif isinstance(action, planner.BuildFromLocal):
             await self._build_from_local(action)
             return
@@ -844,6 +867,7 @@ class FolderSync:
                 self.engine.clock.time(),
             )
             if error is not None:
+                self.withdraw_own_write(record.path)
                 raise error
             placed = True
         finally:
@@ -894,7 +918,15 @@ class FolderSync:
     async def own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
         if watcher is not None:
-            watcher(rel)
+            watcher.expect_own_write(rel)
+
+    def withdraw_own_write(self, *rels: str) -> None:
+        """The writes announced for ``rels`` did not happen: a user's change to one of them
+        right after must not be taken for ours."""
+        watcher = self.engine.watchers.get(self.info.id)
+        if watcher is not None:
+            for rel in rels:
+                watcher.cancel_own_write(rel)
 
     def planned_now(self, replaces: FileRecord | None) -> LocalState:
         """:meth:`_planned`, blocking."""
@@ -1007,7 +1039,8 @@ class Engine:
         self.folders: dict[bytes, FolderSync] = {}
         self.addresses: dict[Addr, set[bytes]] = {}
         self.peer_names: dict[bytes, str] = {}
-        self.watchers: dict[int, Callable[[str], None]] = {}
+        self.watchers: dict[int, OwnWrites] = {}
+        """Each folder's watcher, by index folder id: told of the engine's own writes."""
         self.strikes: dict[bytes, int] = {}
         self.on_sequence: Callable[[int], None] | None = None
         self.on_folder_back: Callable[[FolderSync], None] | None = None
