@@ -783,17 +783,17 @@ class FolderSync:
         conflict: planner.Conflict,
         action: planner.BuildFromLocal | planner.MakeDir | planner.MakeSymlink | planner.Delete,
     ) -> None:
-        """Move the loser aside under its conflict name, then apply the winner's action
-        (which now replaces nothing); if that fails, the loser goes back to its name."""
+        """Keep the loser (a file) under its conflict name and apply the winner's action.
+
+        A file built from local data is placed as a download is: the loser gets its conflict
+        name as a second name, then the winner is renamed over it, so the path always holds
+        one of them. A directory or a symlink cannot take the loser's place that way (no
+        directory can be renamed over a file, and the store makes a symlink only over a
+        symlink): the loser moves aside first, and the path is empty until the winner lands.
+        If the winner's action fails, the loser goes back to its name."""
         if isinstance(action, planner.BuildFromLocal):
-            # Blocks the plan reads from the loser are now found under its conflict name.
-            copies = tuple(
-                dataclasses.replace(c, source_path=conflict.conflict_name)
-                if c.source_path == conflict.path
-                else c
-                for c in action.copies
-            )
-            action = dataclasses.replace(action, copies=copies)
+            await self._build_from_local(action, conflict)
+            return
         await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
         try:
             await self._apply(dataclasses.replace(action, replaces=None))
@@ -839,7 +839,11 @@ class FolderSync:
             return
         await self.commit(action.record)
 
-    async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
+    async def _build_from_local(
+        self, action: planner.BuildFromLocal, conflict: planner.Conflict | None = None
+    ) -> None:
+        """Copy the blocks, then place the file (over the local loser of ``conflict``, if
+        any, which keeps its content under its conflict name)."""
         record = action.record
         # A download of the path (planned before its content was found here) writes to the
         # same temporary file: it stops first.
@@ -860,21 +864,28 @@ class FolderSync:
                 await asyncio.to_thread(self.store.write_verified, assembly, block)
                 written.add(block.index)
             planned = await self._planned(action.replaces)
-            await self.own_write(record.path)
+            keep_as = conflict.conflict_name if conflict is not None else ""
+            written_paths = (record.path, keep_as) if keep_as else (record.path,)
+            for rel in written_paths:
+                await self.own_write(rel)
             (error,) = await asyncio.to_thread(
                 self.store.place,
-                [Placement(assembly, planned, written)],
+                [Placement(assembly, planned, written, keep_as)],
                 self.engine.clock.time(),
             )
             if error is not None:
-                self.withdraw_own_write(record.path)
+                self.withdraw_own_write(*written_paths)
                 raise error
             placed = True
         finally:
             assembly.close()
             if not placed:  # no index row tracks this temporary file: it goes now
                 await asyncio.to_thread(self.store.discard, record)
-        await self.commit(record)
+        if conflict is None:
+            await self.commit(record)
+        else:
+            await self.commit(conflict.copy_record, record)
+            self.log_conflict(conflict)
 
     async def commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
         """Record that ``records`` are now on disk (each with a new local sequence), and

@@ -260,3 +260,42 @@ def test_a_write_announced_to_the_watcher_that_fails_is_withdrawn(tmp_path: Path
                 follower.cancel()
 
     asyncio.run(main())
+
+
+def test_a_conflict_won_by_a_file_built_here_never_leaves_the_path_empty(
+    tmp_path: Path,
+) -> None:
+    """A and B created ``x.bin`` independently; A's version wins (newer mtime) and B holds
+    its content already (``copy.bin``), so B builds it from local data. B's own version
+    is kept as the conflict copy, and the path holds it until the winner replaces it: when
+    B tells its watcher it is about to write the path, the loser is still there."""
+    winner = random_bytes(5, 300 * KiB)
+    loser = random_bytes(6, 200 * KiB)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=35) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("x.bin", winner, mtime_ns=1_700_000_000_000_000_000)
+            a.write("copy.bin", winner, mtime_ns=1_700_000_000_000_000_000)
+            b.write("x.bin", loser, mtime_ns=1_600_000_000_000_000_000)
+            b.write("copy.bin", winner, mtime_ns=1_700_000_000_000_000_000)
+            await cluster.start(mesh=False)
+            loser_in_place: list[bool] = []
+
+            def look() -> None:
+                path = b.path("x.bin")
+                loser_in_place.append(path.exists() and path.read_bytes() == loser)
+
+            _on_own_write(b, "x.bin", look)
+            b.counters = BlockCounters()
+            a.connect(b)
+            await converge([a, b], 60)
+            assert loser_in_place == [True], "x.bin was empty while B put the winner in place"
+            assert b.counters.received_total == 0  # built from B's own copy.bin
+            for node in (a, b):
+                assert node.read("x.bin") == winner, node.name
+                assert node.folder.status()["conflicts"] == 1, node.name
+                (copy,) = node.folder.status()["conflict_paths"]
+                assert node.read(copy) == loser, node.name
+
+    asyncio.run(main())
