@@ -15,16 +15,18 @@ Theory of operation
 -------------------
 * **Local side.** A folder is scanned whole at start (and when asked: ``rescan()``, the
   watcher's safety net); a batch of watcher changes rescans just its paths, unless
-  ``.lanshareignore`` changed (its one live rules object, ``ignore.FolderRules``, shared with
-  the scanner, the planner and the watcher, is reloaded before every scan): then the whole
-  folder is rescanned, since what the rules cover changed. A scan that changed anything bumps
-  the folder's sequence, and every connected peer of the folder is told at once (a NOTIFY with
-  the new sequence). Before each scan the folder marker is checked (``marker.check``): without
-  it (an empty mount point) the folder pauses and nothing is scanned or changed until it is
-  back. Every local change stamps the marker with the index's sequence; a folder found with an
-  older stamp (a backup restored) is scanned fetch-only once. A node that keeps no whole
-  folder (a short-lived ``ls`` or ``pull``) always scans fetch-only: it records no version of
-  its own, and what it no longer holds is forgotten, never deleted.
+  ``.lanshareignore`` changed (its one live rules object, ``ignore.FolderRules``, shared
+  with the scanner, the planner and the watcher, is reloaded before every scan): then the
+  whole folder is rescanned, since what the rules cover changed. A scan that changed
+  anything bumps the folder's sequence, and every connected peer of the folder is told at
+  once (a NOTIFY with the new sequence; the folder keeps its sequence as each commit and
+  scan returns it, so the loop reads it without SQLite). Before each scan the folder marker
+  is checked (``marker.check``): without it (an empty mount point) the folder pauses and
+  nothing is scanned or changed until it is back. Every local change stamps the marker with
+  the index's sequence; a folder found with an older stamp (a backup restored) is scanned
+  fetch-only once. A node that keeps no whole folder (a short-lived ``ls`` or ``pull``)
+  always scans fetch-only: it records no version of its own, and what it no longer holds is
+  forgotten, never deleted.
 * **Peers.** Each folder's peer exchange (``exchange.Exchange``) keeps its sessions, reads
   and answers manifests, stores the peers' records in the index and announces what we hold
   (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
@@ -178,6 +180,9 @@ class FolderSync:
         self.rules = FolderRules(self.root, config.ignore)
         self.state = "scanning"
         self.reason = ""
+        self.sequence = info.sequence
+        """The index's local sequence of the folder, kept from what each commit and scan
+        returns: the loop reads it (status, announcements) without SQLite."""
         self.server = BlockServer(
             BlockReader(self.store, engine.index, info.id),
             send=engine.endpoint.send_block,
@@ -275,11 +280,14 @@ class FolderSync:
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
+            with contextlib.suppress(LanshareError):  # the index itself may be what failed
+                await self._read_sequence()
             self._stamp_marker()  # for what the scan recorded before it failed
             self.server.invalidate()
             return None
         if summary.new or summary.changed or summary.deleted or summary.forgotten:
             self.server.invalidate()
+            await self._read_sequence()
         if summary.forgotten:
             logger.info(
                 "folder %s: %d paths no longer here; not deleted, the other machines keep them",
@@ -459,7 +467,10 @@ class FolderSync:
         self.engine.kick()
 
     def info_sequence(self) -> int:
-        return self.engine.index.sequence(self.info.id)
+        return self.sequence
+
+    async def _read_sequence(self) -> None:
+        self.sequence = await asyncio.to_thread(self.engine.index.sequence, self.info.id)
 
     def pending(self, path: str) -> bool:
         """Whether ``path`` has work in hand or a problem a peer's record may settle."""
@@ -891,15 +902,16 @@ class FolderSync:
         """Record that ``records`` are now on disk (each with a new local sequence), and
         forget the partial downloads of the paths ``finished``, in one transaction."""
 
-        def store() -> None:
+        def store() -> int:
             index = self.engine.index
             changes = [LocalChange(r, *_stat_cache(self.root, r)) for r in records]
             with index.transaction():
                 for path in finished:
                     index.partial_drop(self.info.id, path)
                 index.commit_changes(self.info.id, changes)
+            return index.sequence(self.info.id)
 
-        await asyncio.to_thread(store)
+        self.sequence = await asyncio.to_thread(store)
         self.server.invalidate(record.path for record in records)
         for record in records:
             if planner.conflict_original(record.path) is not None:
@@ -1072,6 +1084,7 @@ class Engine:
         folder_id = keys.folder_id(keys.parse_key(folder.key))
         info = await asyncio.to_thread(self.index.add_folder, folder.path, folder_id.hex())
         sync = FolderSync(self, folder, info)
+        await sync.exchange.load()
         self.folders[folder_id] = sync
         self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
         if self._group is not None:
