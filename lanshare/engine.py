@@ -84,6 +84,7 @@ from lanshare.errors import (
     LanshareError,
     LocalChangeError,
     StorageError,
+    TransferError,
     UsageError,
 )
 from lanshare.events import (
@@ -107,7 +108,7 @@ from lanshare.serving import BlockReader, BlockServer
 from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 
     from lanshare.clock import Clock
     from lanshare.config import Config, FolderConfig
@@ -509,6 +510,22 @@ class FolderSync:
     def bytes_fetched(self, rel: str) -> int | None:
         """Bytes of ``rel`` verified so far, or None when it is not being downloaded."""
         return self.downloads.bytes_fetched(rel)
+
+    def pull_problem(
+        self, rel: str, attempts_before: Mapping[str, int], *, waiting: bool
+    ) -> LanshareError | None:
+        """Why a pull of ``rel`` (a path or a directory) cannot go on here, or None: the
+        folder's disk is full while the pull still ``waiting`` for files, the folder cannot
+        be synced at all (missing, its marker gone), or a path under ``rel`` failed again
+        since the pull began (``attempts_before``: what ``want`` returned)."""
+        if self.disk_full and waiting:
+            return DiskFullError(f"{self.root}: {self.disk_full}")
+        if self.missing or self.marker_missing:
+            return StorageError(f"{self.root}: {self.reason}")
+        for path, failure in sorted(self.failures.items()):
+            if prioritised(path, (rel,)) and failure.attempts > attempts_before.get(path, 0):
+                return TransferError(f"{self.root / path}: {failure.message}")
+        return None
 
     def peers_listed(self) -> tuple[int, bool]:
         """How many peers are connected for this folder, and whether every one of them has
