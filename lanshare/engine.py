@@ -277,6 +277,7 @@ class FolderSync:
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
                 fetch_only=restored or not self.engine.whole_folders,
+                now=self.engine.clock.time(),
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
