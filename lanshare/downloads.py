@@ -32,7 +32,8 @@ Theory of operation
   local file is still what the plan saw (otherwise the download is discarded and the next
   plan decides); each directory is fsynced once, and the batch is one index transaction and
   one announcement. A conflict's local loser is kept under its conflict name by the
-  placement itself (``store.place``). A download that cannot be placed is replanned, or fails.
+  placement itself (``store.place``). A download that cannot be placed is replanned, or fails,
+  and the watcher is told the writes it expected will not come.
 * **Abandoning.** An abandoned download (no longer wanted, its peer's version replaced, the
   disk full) cancels its requests; its descriptors close once no write or placement uses
   them, and its temporary file stays (to resume) unless it is discarded.
