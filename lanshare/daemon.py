@@ -451,7 +451,7 @@ class Daemon:
             logger.warning("not watching %s: %s", sync.root, exc)
             return
         self._watchers[sync.root] = watcher
-        self._engine().watchers[sync.info.id] = watcher.expect_own_write
+        self._engine().watchers[sync.info.id] = watcher
 
     def _start_watch_task(self, path: Path) -> None:
         assert self._group is not None

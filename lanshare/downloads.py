@@ -32,7 +32,8 @@ Theory of operation
   local file is still what the plan saw (otherwise the download is discarded and the next
   plan decides); each directory is fsynced once, and the batch is one index transaction and
   one announcement. A conflict's local loser is kept under its conflict name by the
-  placement itself (``store.place``). A download that cannot be placed is replanned, or fails.
+  placement itself (``store.place``). A download that cannot be placed is replanned, or fails,
+  and the watcher is told the writes it expected will not come.
 * **Abandoning.** An abandoned download (no longer wanted, its peer's version replaced, the
   disk full) cancels its requests; its descriptors close once no write or placement uses
   them, and its temporary file stays (to resume) unless it is discarded.
@@ -159,6 +160,10 @@ class Folder(Protocol):
 
     async def own_write(self, rel: str) -> None:
         """Tell the watcher that ``rel`` is about to change by our hand."""
+        ...
+
+    def withdraw_own_write(self, *rels: str) -> None:
+        """The writes announced for ``rels`` did not happen (the watcher is told)."""
         ...
 
     async def commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
@@ -862,9 +867,8 @@ class Downloads:
         """Ready one finished download to be placed: the watcher told of our writes (the
         local loser of a conflict stays in place until ``store.place`` keeps it under its
         conflict name). What the target must still be."""
-        await self.folder.own_write(download.path)
-        if download.conflict is not None:
-            await self.folder.own_write(download.conflict.conflict_name)
+        for rel in _written_by_placement(download):
+            await self.folder.own_write(rel)
         return download.planned
 
     def _placed(self, download: Download) -> list[FileRecord]:
@@ -884,6 +888,7 @@ class Downloads:
     async def _not_placed(self, download: Download, exc: LanshareError) -> None:
         """A finished download could not be put in place; it is replanned (or, when even
         that fails, the path fails and is retried: never a path left placing for ever)."""
+        self.folder.withdraw_own_write(*_written_by_placement(download))
         self.committing.discard(download.path)
         download.finishing = False
         try:
@@ -994,6 +999,15 @@ def same_content(a: FileRecord, b: FileRecord) -> bool:
 def _gone(download: Download) -> bool:
     """Whether the download was abandoned (re-read after every await)."""
     return download.abandoned
+
+
+def _written_by_placement(download: Download) -> tuple[str, ...]:
+    """The paths placing ``download`` writes: its own, and the conflict name its local loser
+    is kept under (only when there is one: ``store.place`` makes that name only then)."""
+    conflict = download.conflict
+    if conflict is not None and download.planned.exists:
+        return (download.path, conflict.conflict_name)
+    return (download.path,)
 
 
 def _shareable(download: Download) -> bool:

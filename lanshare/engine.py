@@ -15,16 +15,18 @@ Theory of operation
 -------------------
 * **Local side.** A folder is scanned whole at start (and when asked: ``rescan()``, the
   watcher's safety net); a batch of watcher changes rescans just its paths, unless
-  ``.lanshareignore`` changed (its one live rules object, ``ignore.FolderRules``, shared with
-  the scanner, the planner and the watcher, is reloaded before every scan): then the whole
-  folder is rescanned, since what the rules cover changed. A scan that changed anything bumps
-  the folder's sequence, and every connected peer of the folder is told at once (a NOTIFY with
-  the new sequence). Before each scan the folder marker is checked (``marker.check``): without
-  it (an empty mount point) the folder pauses and nothing is scanned or changed until it is
-  back. Every local change stamps the marker with the index's sequence; a folder found with an
-  older stamp (a backup restored) is scanned fetch-only once. A node that keeps no whole
-  folder (a short-lived ``ls`` or ``pull``) always scans fetch-only: it records no version of
-  its own, and what it no longer holds is forgotten, never deleted.
+  ``.lanshareignore`` changed (its one live rules object, ``ignore.FolderRules``, shared
+  with the scanner, the planner and the watcher, is reloaded before every scan): then the
+  whole folder is rescanned, since what the rules cover changed. A scan that changed
+  anything bumps the folder's sequence, and every connected peer of the folder is told at
+  once (a NOTIFY with the new sequence; the folder keeps its sequence as each commit and
+  scan returns it, so the loop reads it without SQLite). Before each scan the folder marker
+  is checked (``marker.check``): without it (an empty mount point) the folder pauses and
+  nothing is scanned or changed until it is back. Every local change stamps the marker with
+  the index's sequence; a folder found with an older stamp (a backup restored) is scanned
+  fetch-only once. A node that keeps no whole folder (a short-lived ``ls`` or ``pull``)
+  always scans fetch-only: it records no version of its own, and what it no longer holds is
+  forgotten, never deleted.
 * **Peers.** Each folder's peer exchange (``exchange.Exchange``) keeps its sessions, reads
   and answers manifests, stores the peers' records in the index and announces what we hold
   (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
@@ -73,7 +75,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lanshare import deleteguard, keys, marker, planinputs, planner, scanner
 from lanshare.clock import LoopClock
@@ -84,6 +86,7 @@ from lanshare.errors import (
     LanshareError,
     LocalChangeError,
     StorageError,
+    TransferError,
     UsageError,
 )
 from lanshare.events import (
@@ -107,7 +110,7 @@ from lanshare.serving import BlockReader, BlockServer
 from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 
     from lanshare.clock import Clock
     from lanshare.config import Config, FolderConfig
@@ -140,6 +143,18 @@ MAX_CONFLICT_PATHS = 100
 """Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
 
 
+class OwnWrites(Protocol):
+    """What the engine tells a folder's watcher (``watcher.FolderWatcher``) of its writes."""
+
+    def expect_own_write(self, rel: str) -> None:
+        """``rel`` is about to change by our hand: its next event is no change to scan."""
+        ...
+
+    def cancel_own_write(self, rel: str) -> None:
+        """The announced write of ``rel`` did not happen: its next event is a change."""
+        ...
+
+
 @dataclass(slots=True)
 class Failure:
     """A path whose action or download failed here, and when to try it again."""
@@ -168,6 +183,9 @@ class FolderSync:
         self.rules = FolderRules(self.root, config.ignore)
         self.state = "scanning"
         self.reason = ""
+        self.sequence = info.sequence
+        """The index's local sequence of the folder, kept from what each commit and scan
+        returns: the loop reads it (status, announcements) without SQLite."""
         self.server = BlockServer(
             BlockReader(self.store, engine.index, info.id),
             send=engine.endpoint.send_block,
@@ -261,16 +279,20 @@ class FolderSync:
                 io_workers=self.engine.config.transfer.io_workers,
                 limit=self.engine.io_limit,
                 fetch_only=restored or not self.engine.whole_folders,
+                now=self.engine.clock.time(),
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
             logger.warning("folder %s: %s", self.root, exc)
+            with contextlib.suppress(LanshareError):  # the index itself may be what failed
+                await self._read_sequence()
             # For what the scan recorded before it failed.
-            await asyncio.to_thread(self._stamp_marker)
+            await asyncio.to_thread(self._stamp_marker, self.sequence)
             self.server.invalidate()
             return None
         if summary.new or summary.changed or summary.deleted or summary.forgotten:
             self.server.invalidate()
+            await self._read_sequence()
         if summary.forgotten:
             logger.info(
                 "folder %s: %d paths no longer here; not deleted, the other machines keep them",
@@ -278,7 +300,7 @@ class FolderSync:
                 summary.forgotten,
             )
         if restored:  # the index now says what this folder holds: later scans are as usual
-            await asyncio.to_thread(self._stamp_marker)
+            await asyncio.to_thread(self._stamp_marker, self.sequence)
         if summary.orphans and self.engine.whole_folders:
             await self._keep_orphans(summary.orphans)
         verdict = summary.verdict
@@ -300,7 +322,7 @@ class FolderSync:
                 summary.changed,
                 summary.deleted,
             )
-            await asyncio.to_thread(self._stamp_marker)
+            await asyncio.to_thread(self._stamp_marker, self.sequence)
             self.announce_sequence()
         self.dirty.set()
         return summary
@@ -316,6 +338,7 @@ class FolderSync:
             try:
                 await asyncio.to_thread(self.store.rename_local, path, name)
             except LanshareError as exc:
+                self.withdraw_own_write(path, name)
                 logger.warning("folder %s: cannot keep %s as %s: %s", self.root, path, name, exc)
                 continue
             moved += 1
@@ -415,15 +438,15 @@ class FolderSync:
             return self.marker_seen_back
         return False
 
-    def _stamp_marker(self) -> None:
-        """Stamp the marker with the index's sequence after a local change (see ``marker``),
+    def _stamp_marker(self, sequence: int) -> None:
+        """Stamp the marker with the index's ``sequence`` after a local change (see ``marker``),
         unless the marker there is not this folder's. Blocking: call it in a thread, awaited
         right after the change is committed (a stop waits for it: a stamp left behind would
         make the next start take the folder for a restored one)."""
         if marker.read(self.root, self.folder_id) is not marker.Found.THIS:
             return
         try:
-            stamp = marker.Generation(self.info.index_id, self.info_sequence())
+            stamp = marker.Generation(self.info.index_id, sequence)
             marker.write(self.root, self.folder_id, stamp, durable=False)
         except StorageError as exc:
             logger.warning("folder %s: %s", self.root, exc)
@@ -451,7 +474,10 @@ class FolderSync:
         self.engine.kick()
 
     def info_sequence(self) -> int:
-        return self.engine.index.sequence(self.info.id)
+        return self.sequence
+
+    async def _read_sequence(self) -> None:
+        self.sequence = await asyncio.to_thread(self.engine.index.sequence, self.info.id)
 
     def pending(self, path: str) -> bool:
         """Whether ``path`` has work in hand or a problem a peer's record may settle."""
@@ -490,6 +516,22 @@ class FolderSync:
     def bytes_fetched(self, rel: str) -> int | None:
         """Bytes of ``rel`` verified so far, or None when it is not being downloaded."""
         return self.downloads.bytes_fetched(rel)
+
+    def pull_problem(
+        self, rel: str, attempts_before: Mapping[str, int], *, waiting: bool
+    ) -> LanshareError | None:
+        """Why a pull of ``rel`` (a path or a directory) cannot go on here, or None: the
+        folder's disk is full while the pull still ``waiting`` for files, the folder cannot
+        be synced at all (missing, its marker gone), or a path under ``rel`` failed again
+        since the pull began (``attempts_before``: what ``want`` returned)."""
+        if self.disk_full and waiting:
+            return DiskFullError(f"{self.root}: {self.disk_full}")
+        if self.missing or self.marker_missing:
+            return StorageError(f"{self.root}: {self.reason}")
+        for path, failure in sorted(self.failures.items()):
+            if prioritised(path, (rel,)) and failure.attempts > attempts_before.get(path, 0):
+                return TransferError(f"{self.root / path}: {failure.message}")
+        return None
 
     def peers_listed(self) -> tuple[int, bool]:
         """How many peers are connected for this folder, and whether every one of them has
@@ -787,17 +829,17 @@ class FolderSync:
         conflict: planner.Conflict,
         action: planner.BuildFromLocal | planner.MakeDir | planner.MakeSymlink | planner.Delete,
     ) -> None:
-        """Move the loser aside under its conflict name, then apply the winner's action
-        (which now replaces nothing); if that fails, the loser goes back to its name."""
+        """Keep the loser (a file) under its conflict name and apply the winner's action.
+
+        A file built from local data is placed as a download is: the loser gets its conflict
+        name as a second name, then the winner is renamed over it, so the path always holds
+        one of them. A directory or a symlink cannot take the loser's place that way (no
+        directory can be renamed over a file, and the store makes a symlink only over a
+        symlink): the loser moves aside first, and the path is empty until the winner lands.
+        If the winner's action fails, the loser goes back to its name."""
         if isinstance(action, planner.BuildFromLocal):
-            # Blocks the plan reads from the loser are now found under its conflict name.
-            copies = tuple(
-                dataclasses.replace(c, source_path=conflict.conflict_name)
-                if c.source_path == conflict.path
-                else c
-                for c in action.copies
-            )
-            action = dataclasses.replace(action, copies=copies)
+            await self._build_from_local(action, conflict)
+            return
         await asyncio.to_thread(self.store.rename_local, conflict.path, conflict.conflict_name)
         try:
             await self._apply(dataclasses.replace(action, replaces=None))
@@ -817,7 +859,13 @@ class FolderSync:
             await asyncio.to_thread(store.make_dir, action.path, action.record.mode)
         elif isinstance(action, planner.MakeSymlink):
             await self.own_write(action.path)
-            await asyncio.to_thread(store.make_symlink, action.path, action.record.symlink_target)
+            try:
+                await asyncio.to_thread(
+                    store.make_symlink, action.path, action.record.symlink_target
+                )
+            except BaseException:
+                self.withdraw_own_write(action.path)
+                raise
         elif isinstance(action, planner.SetMetadata):
             planned = await self._planned(action.replaces)
             await asyncio.to_thread(
@@ -827,13 +875,21 @@ class FolderSync:
             planned = await self._planned(action.replaces)
             entry = action.replaces.type if action.replaces is not None else action.record.type
             await self.own_write(action.path)
-            await asyncio.to_thread(store.delete, action.path, entry, planned, now)
+            try:
+                await asyncio.to_thread(store.delete, action.path, entry, planned, now)
+            except BaseException:
+                self.withdraw_own_write(action.path)
+                raise
         elif isinstance(action, planner.BuildFromLocal):
             await self._build_from_local(action)
             return
         await self.commit(action.record)
 
-    async def _build_from_local(self, action: planner.BuildFromLocal) -> None:
+    async def _build_from_local(
+        self, action: planner.BuildFromLocal, conflict: planner.Conflict | None = None
+    ) -> None:
+        """Copy the blocks, then place the file (over the local loser of ``conflict``, if
+        any, which keeps its content under its conflict name)."""
         record = action.record
         # A download of the path (planned before its content was found here) writes to the
         # same temporary file: it stops first.
@@ -854,35 +910,45 @@ class FolderSync:
                 await asyncio.to_thread(self.store.write_verified, assembly, block)
                 written.add(block.index)
             planned = await self._planned(action.replaces)
-            await self.own_write(record.path)
+            keep_as = conflict.conflict_name if conflict is not None else ""
+            written_paths = (record.path, keep_as) if keep_as else (record.path,)
+            for rel in written_paths:
+                await self.own_write(rel)
             (error,) = await asyncio.to_thread(
                 self.store.place,
-                [Placement(assembly, planned, written)],
+                [Placement(assembly, planned, written, keep_as)],
                 self.engine.clock.time(),
             )
             if error is not None:
+                self.withdraw_own_write(*written_paths)
                 raise error
             placed = True
         finally:
             assembly.close()
             if not placed:  # no index row tracks this temporary file: it goes now
                 await asyncio.to_thread(self.store.discard, record)
-        await self.commit(record)
+        if conflict is None:
+            await self.commit(record)
+        else:
+            await self.commit(conflict.copy_record, record)
+            self.log_conflict(conflict)
 
     async def commit(self, *records: FileRecord, finished: Collection[str] = ()) -> None:
         """Record that ``records`` are now on disk (each with a new local sequence), and
         forget the partial downloads of the paths ``finished``, in one transaction."""
 
-        def store() -> None:
+        def store() -> int:
             index = self.engine.index
             changes = [LocalChange(r, *_stat_cache(self.root, r)) for r in records]
             with index.transaction():
                 for path in finished:
                     index.partial_drop(self.info.id, path)
                 index.commit_changes(self.info.id, changes)
-            self._stamp_marker()
+            sequence = index.sequence(self.info.id)
+            self._stamp_marker(sequence)
+            return sequence
 
-        await asyncio.to_thread(store)
+        self.sequence = await asyncio.to_thread(store)
         self.server.invalidate(record.path for record in records)
         for record in records:
             if planner.conflict_original(record.path) is not None:
@@ -912,7 +978,15 @@ class FolderSync:
     async def own_write(self, rel: str) -> None:
         watcher = self.engine.watchers.get(self.info.id)
         if watcher is not None:
-            watcher(rel)
+            watcher.expect_own_write(rel)
+
+    def withdraw_own_write(self, *rels: str) -> None:
+        """The writes announced for ``rels`` did not happen: a user's change to one of them
+        right after must not be taken for ours."""
+        watcher = self.engine.watchers.get(self.info.id)
+        if watcher is not None:
+            for rel in rels:
+                watcher.cancel_own_write(rel)
 
     def planned_now(self, replaces: FileRecord | None) -> LocalState:
         """:meth:`_planned`, blocking."""
@@ -1025,7 +1099,8 @@ class Engine:
         self.folders: dict[bytes, FolderSync] = {}
         self.addresses: dict[Addr, set[bytes]] = {}
         self.peer_names: dict[bytes, str] = {}
-        self.watchers: dict[int, Callable[[str], None]] = {}
+        self.watchers: dict[int, OwnWrites] = {}
+        """Each folder's watcher, by index folder id: told of the engine's own writes."""
         self.strikes: dict[bytes, int] = {}
         self.on_sequence: Callable[[int], None] | None = None
         self.on_folder_back: Callable[[FolderSync], None] | None = None
@@ -1046,6 +1121,7 @@ class Engine:
         folder_id = keys.folder_id(keys.parse_key(folder.key))
         info = await asyncio.to_thread(self.index.add_folder, folder.path, folder_id.hex())
         sync = FolderSync(self, folder, info)
+        await sync.exchange.load()
         self.folders[folder_id] = sync
         self.endpoint.set_folders({f: keys.session_psk(s.raw_key) for f, s in self.folders.items()})
         if self._group is not None:

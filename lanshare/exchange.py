@@ -6,8 +6,10 @@ transport is asked to send with ``kick``); index reads and writes run in worker 
 Theory of operation
 -------------------
 * **Sessions.** A session with a peer for this folder is a ``PeerLink``. When it comes up,
-  we ask the peer for its records and tell it our sequence (our in-progress downloads are
-  news for it too); when it closes, the downloads move its requests to the other peers.
+  we ask the peer for its records above the highest we hold (each peer's, read from the
+  index once and kept as records are stored: no SQLite on the loop) and tell it our
+  sequence (our in-progress downloads are news for it too); when it closes, the downloads
+  move its requests to the other peers.
 * **Manifest exchange.** We ask a peer for its records with a sequence above the highest we
   hold of it; answers come in bounded batches and are asked for again while ``more`` is
   set (one request in flight per peer: a request asked meanwhile is asked once it is
@@ -131,13 +133,21 @@ class Exchange:
         self.engine = engine
         self.server = server
         self.links: dict[bytes, PeerLink] = {}
+        self.known: dict[bytes, int] = {}
+        """The highest sequence of each peer's records held in the index: read once
+        (``load``), then kept as records are stored, so a session coming up reads no SQLite
+        on the loop."""
         self.pending_have: list[bytes] = []
         self.have_flush: Timer | None = None
         self.announce_downloads = False
 
+    async def load(self) -> None:
+        """Read what the index holds of each peer (before any session comes up)."""
+        peers = await asyncio.to_thread(self.engine.index.remote_peers, self.folder.info.id)
+        self.known = {p.peer: p.max_sequence for p in peers}
+
     def session_up(self, peer: bytes, addr: Addr) -> None:
-        known = self.engine.index.remote_peer(self.folder.info.id, peer)
-        link = PeerLink(peer, addr, known_sequence=known.max_sequence if known else 0)
+        link = PeerLink(peer, addr, known_sequence=self.known.get(peer, 0))
         self.links[peer] = link
         self.folder.downloads.peer_up(peer)
         self.ask_manifest(link)
@@ -222,6 +232,7 @@ class Exchange:
             link.known_sequence, same = await asyncio.to_thread(
                 self._store_remote, event.peer, records
             )
+            self.known[event.peer] = link.known_sequence
             news = news or any(r.path not in same or self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
             news = True
@@ -255,12 +266,13 @@ class Exchange:
             await asyncio.to_thread(
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
-            link.known_sequence = 0
+            link.known_sequence = self.known[link.peer] = 0
             return True
         if known is None or known.index_id == b"":
             await asyncio.to_thread(
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
+            self.known[link.peer] = 0
             if known is not None and known.max_sequence:
                 link.known_sequence = 0
                 return True

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lanshare.errors import DiskFullError, StorageError, TransferError
+from lanshare.errors import TransferError
 from lanshare.manifest import EntryType, FileRecord, Ordering
 from lanshare.planner import conflict_original, global_winner
 
@@ -121,10 +121,9 @@ async def pull(
     targets = [engine.folder_for(p) for p in paths]
     # Paths that failed before this pull are tried again now; the pull ends with the reason
     # only when one fails again (or a new one fails), not on an old failure since fixed.
-    failed_before: dict[tuple[int, str], int] = {}
+    failed_before: dict[int, dict[str, int]] = {}
     for sync, rel in targets:
-        for path, attempts in sync.want(rel).items():
-            failed_before[(sync.info.id, path)] = attempts
+        failed_before.setdefault(sync.info.id, {}).update(sync.want(rel))
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -133,9 +132,13 @@ async def pull(
             if not waiting and not unknown:
                 return rows
             for sync, prefix in targets:
-                if sync.disk_full and waiting:
-                    raise DiskFullError(f"{sync.root}: {sync.disk_full}")
-                _check_not_failing(sync, prefix, failed_before)
+                # A path it wants failed here during the pull (a directory not writable,
+                # other content in the way), or its folder cannot be synced at all.
+                problem = sync.pull_problem(
+                    prefix, failed_before[sync.info.id], waiting=bool(waiting)
+                )
+                if problem is not None:
+                    raise problem
             elapsed = loop.time() - started
             if unknown:
                 _check_findable(targets, unknown, elapsed)
@@ -194,20 +197,6 @@ def _check_findable(
             )
         if peers and idle and elapsed > 1.0:
             raise TransferError(f"no peer has {', '.join(unknown)}")
-
-
-def _check_not_failing(
-    sync: FolderSync, prefix: str, failed_before: dict[tuple[int, str], int]
-) -> None:
-    """A pull ends with the reason as soon as a path it wants fails here during the pull
-    (a directory not writable, other content in the way), or its folder cannot be synced
-    at all."""
-    if sync.missing or sync.marker_missing:
-        raise StorageError(f"{sync.root}: {sync.reason}")
-    for path, failure in sorted(sync.failures.items()):
-        before = failed_before.get((sync.info.id, path), 0)
-        if _under(path, prefix) and failure.attempts > before:
-            raise TransferError(f"{sync.root / path}: {failure.message}")
 
 
 def _under(rel: str, prefix: str) -> bool:

@@ -266,6 +266,7 @@ async def scan_guarded(
     hash_file: HashFile | None = None,
     limit: asyncio.Semaphore | None = None,
     fetch_only: bool = False,
+    now: float | None = None,
 ) -> ScanSummary:
     """:func:`scan_path` judged by the folder's deletion history, kept in the index: read
     before, and after it the deletions made added (or, ``allow_mass_delete``: the user
@@ -273,14 +274,15 @@ async def scan_guarded(
 
     ``held_by_peers``: whether a plan holds back deletions that came from peers, which
     keeps the hold too; None when the caller cannot tell (no daemon): the hold is then only
-    ever set, never dropped. The other arguments are :func:`scan_path`'s.
+    ever set, never dropped. ``now``: the wall-clock time of the scan, from the caller's
+    clock (None: the system's). The other arguments are :func:`scan_path`'s.
     """
     history = await asyncio.to_thread(index.deletions, folder)
     held = await asyncio.to_thread(index.deletions_held_since, folder)
     # While the guard holds deletions back it judges as of the moment it tripped, and sees
     # the whole folder: the deletions it withholds are in no history, so a scan of a few
     # paths would judge later batches of the same wipe alone (and drop the hold).
-    now = held if held is not None else time.time()
+    now = held if held is not None else now if now is not None else time.time()
     if held is not None:
         only = None
     summary = await scan_path(

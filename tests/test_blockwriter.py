@@ -380,12 +380,15 @@ def test_a_received_block_is_hashed_once_with_few_hops_and_no_io_on_the_loop(
 ) -> None:
     """Between two in-process engines: on the receiver, each received block is hashed
     once (where it arrives), blocks take far fewer thread hops than there are blocks, and
-    no SQLite or file I/O runs on the event-loop thread while the file downloads."""
+    no SQLite or file I/O runs on the event-loop thread while the file downloads, even
+    as a session with another peer comes up and the receiver's status is read."""
     size = 48 * MiB
 
     async def main() -> None:
         async with Cluster(tmp_path, seed=11) as cluster:
             a, b = cluster.add(), cluster.add()
+            # Lists the folder only (fetches nothing, so B serves it no block to hash).
+            c = cluster.add(whole_folders=False)
             data = random_bytes(11, size)
             a.write("big.bin", data)
             await a.start()
@@ -397,6 +400,11 @@ def test_a_received_block_is_hashed_once_with_few_hops_and_no_io_on_the_loop(
             await wait_for(lambda: "big.bin" in b.folder.downloads.active, 30, "B downloading")
             probe.recording_io = True
             hops_before = probe.hops
+            await c.start()
+            c.connect(b)
+            await wait_for(lambda: c.node_id in b.folder.exchange.links, 30, "B to meet C")
+            assert b.folder.downloads.active, "the session came up after the transfer"
+            assert b.folder.status()["connected_peers"] == 2
             await wait_for(
                 lambda: b.path("big.bin").exists() and not b.folder.downloads.committing,
                 60,

@@ -380,48 +380,31 @@ def test_insertion_in_256_mib_file_resends_only_nearby_chunks(tmp_path: Path) ->
 
 
 def test_multi_source_spreads_the_load_over_four_seeders(tmp_path: Path) -> None:
-    """One puller, links from each seeder limited to rate R.
-
-    Real time, so the primary assertion is on bytes: each of the 4 seeders served a fair
-    share of the file (the pull is spread >= 4 ways). The time ratio against one seeder,
-    measured in the same test on the same machine, is asserted only loosely (<= 1/2 where
-    the ideal is 1/4), because CPU contention on a shared machine adds noise; the bench
-    (bench/multisource.py) reports the measured figure.
-    """
+    """One puller, four seeders, each seeder's link to it limited to the same rate: the
+    pull is spread over all four. Each serves a fair share of the file (at least half of
+    its quarter, at most twice), and the end game fetches little twice. (What the spread
+    gains in time, bench/multisource.py measures.)"""
     size = 6 * MiB
     rate = 1.5 * MiB
 
     async def main() -> None:
         async with Cluster(tmp_path, seed=7) as cluster:
             seeders = [cluster.add() for _ in range(4)]
-            solo, multi = cluster.add(), cluster.add()
+            puller = cluster.add()
             data = random_bytes(7, size)
             for seeder in seeders:
                 seeder.write("f.bin", data, mtime_ns=1_600_000_000_000_000_000)
-            for seeder in seeders:
-                for puller in (solo, multi):
-                    cluster.network.set_link(seeder.addr, puller.addr, LinkSpec(rate=rate))
+                cluster.network.set_link(seeder.addr, puller.addr, LinkSpec(rate=rate))
             # The seeders agree on one version of the file first.
             await cluster.start(seeders)
             await converge(seeders, 30)
-            loop = asyncio.get_running_loop()
-
-            async def timed_pull(puller: SimNode, sources: list[SimNode]) -> float:
-                await puller.start()
-                started = loop.time()
-                puller.connect(*sources)
-                await wait_for(lambda: puller.path("f.bin").exists(), 60, "the pull")
-                elapsed = loop.time() - started
-                assert puller.read("f.bin") == data
-                await puller.stop()
-                return elapsed
-
-            one = await timed_pull(solo, seeders[:1])
-            four = await timed_pull(multi, seeders)
-            shares = {s.name: multi.counters.received[s.node_id] / size for s in seeders}
-            assert all(share >= 0.12 for share in shares.values()), shares
-            assert multi.counters.received_total <= size * 1.25  # little end-game waste
-            assert four <= one / 2, f"one seeder {one:.2f} s, four {four:.2f} s"
+            await puller.start()
+            puller.connect(*seeders)
+            await wait_for(lambda: puller.path("f.bin").exists(), 60, "the pull")
+            assert puller.read("f.bin") == data
+            shares = {s.name: puller.counters.received[s.node_id] / size for s in seeders}
+            assert all(1 / 8 <= share <= 1 / 2 for share in shares.values()), shares
+            assert puller.counters.received_total <= size * 1.25  # little end-game waste
 
     asyncio.run(main())
 

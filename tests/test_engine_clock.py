@@ -43,7 +43,8 @@ class RecordingClock(LoopClock):
 
 def test_wall_time_sleeps_and_timers_come_from_the_injected_clock(tmp_path: Path) -> None:
     """B deletes what A deleted at B's clock's wall time (its deletion history and the
-    version it keeps say so), and plans, ticks and announces with that clock's waits."""
+    version it keeps say so), records its own user's deletion at that time too, and plans,
+    ticks and announces with that clock's waits."""
 
     async def main() -> None:
         async with Cluster(tmp_path, seed=41) as cluster:
@@ -52,6 +53,7 @@ def test_wall_time_sleeps_and_timers_come_from_the_injected_clock(tmp_path: Path
             b = cluster.add(clock=clock)
             a.write("big.bin", random_bytes(41, 3 << 20))  # blocks to announce while fetched
             a.write("gone.txt", b"soon deleted")
+            a.write("mine.txt", b"deleted on B")
             await cluster.start()
             await converge([a, b], 60)
             a.path("gone.txt").unlink()
@@ -62,6 +64,10 @@ def test_wall_time_sleeps_and_timers_come_from_the_injected_clock(tmp_path: Path
             assert [d.at for d in deletions] == [WALL]
             versions = [p.name for p in (b.root / ".lanshare" / "versions").rglob("*.txt")]
             assert versions == ["gone~20010909-014640.txt"]
+            b.path("mine.txt").unlink()
+            await b.scan()
+            deletions = await asyncio.to_thread(b.index.deletions, b.folder.info.id)
+            assert [d.at for d in deletions] == [WALL, WALL]
             assert clock.sleeps > 0
             assert clock.timers > 0
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
+import inspect
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from lanshare import engine
+from lanshare import listing as listing_module
 from lanshare.errors import TransferError
 from lanshare.index import Index
 from lanshare.listing import listing, pull
@@ -266,3 +271,28 @@ def test_a_pull_onto_other_content_here_fails_with_the_reason_and_keeps_it(
             assert b.folder.status()["state"] == "error"
 
     asyncio.run(main())
+
+
+def test_listing_reads_no_state_the_folder_keeps_for_itself() -> None:
+    """``ls`` and ``pull`` see a folder through its methods (``records``, ``want``,
+    ``pull_problem``, …), never through the fields it keeps its state in: those change
+    with the engine, the methods say what they mean."""
+    init = ast.parse(textwrap.dedent(inspect.getsource(engine.FolderSync.__init__)))
+    fields = {
+        node.attr
+        for node in ast.walk(init)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    }
+    state = fields - {"engine", "config", "info", "root", "rules", "folder_id", "raw_key"}
+    used = {
+        node.attr
+        for node in ast.walk(ast.parse(inspect.getsource(listing_module)))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sync"
+    }
+    assert "failures" in state
+    assert not used & state, f"listing.py reads the folder's state: {sorted(used & state)}"
