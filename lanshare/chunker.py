@@ -316,10 +316,8 @@ def _hash_stream_parallel(
     """
     limit = expected_size + 1  # one byte more than expected tells us the file grew
     capacity = min(params.max_size + read_size, limit)
-    views = (
-        memoryview(_buffer(capacity))[:capacity],
-        memoryview(_buffer(capacity, "spare"))[:capacity],
-    )
+    # The second buffer is not kept for the next file: a thread keeps one big buffer at most.
+    views = (memoryview(_buffer(capacity))[:capacity], memoryview(bytearray(capacity)))
     blocks: list[Block] = []
     # Hash jobs in the order of their chunks, each with the buffer (0 or 1) it reads.
     pending: deque[tuple[int, Future[list[Block]]]] = deque()
@@ -376,14 +374,13 @@ def _hash_cuts(
     ]
 
 
-def _buffer(capacity: int, slot: str = "buffer") -> bytearray:
-    """A per-thread buffer of at least ``capacity`` bytes, reused from file to file
-    (``slot`` names it: a parallel hashing uses two)."""
-    buffer: bytearray | None = getattr(_local, slot, None)
+def _buffer(capacity: int) -> bytearray:
+    """A per-thread buffer of at least ``capacity`` bytes, reused from file to file."""
+    buffer: bytearray | None = getattr(_local, "buffer", None)
     if buffer is None or len(buffer) < capacity:
         buffer = bytearray(capacity)
         if capacity >= READ_SIZE:  # keep only the big one; small files get small buffers
-            setattr(_local, slot, buffer)
+            _local.buffer = buffer
     return buffer
 
 

@@ -295,7 +295,7 @@ def test_a_big_file_hashed_by_several_threads_gives_the_same_record(
     path = tmp_path / "big"
     path.write_bytes(data)
     threads = _threads_hashing(monkeypatch)
-    for _ in range(2):  # the second run reuses the thread's two buffers
+    for _ in range(2):  # the second run reuses the thread's buffer
         result = hash_file(path, read_size=read_size, workers=workers)
         expected = hash_buffer(data)
         assert (result.blocks, result.file_hash) == (expected.blocks, expected.file_hash)
