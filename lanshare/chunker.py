@@ -30,7 +30,11 @@ it, so :func:`hash_file` runs at ~1.5x a plain ``hashlib.sha256`` loop over the 
 The whole-file hash is the hash of the concatenated block hashes, so the data is read and
 hashed once. The algorithm's name is stored in each record (``hash_algo``); ``sha256`` stays
 supported; algorithms and their hash functions come from one registry, :mod:`lanshare.hashes`.
-``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL.
+``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL, so with
+``workers`` (the scanner's idle hashing workers) one thread reads and cuts a big file while
+the others hash the chunks already cut: the cut (~60 % of the work) then bounds the time.
+Measured on 512 MiB in the page cache with both cores busy with other work: 420 ms against
+446 ms (medians of 8 interleaved rounds); more with a core to spare.
 
 Chunk sizes (:func:`chunk_params`): FastCDC with min = avg/4 and max = 4·avg; the actual mean
 chunk is ~1.25·avg. avg is 256 KiB (an edit re-sends little, per-block overhead stays small)
