@@ -273,15 +273,18 @@ def find_py_spy() -> str:
 
 
 class Recorder:
-    """``py-spy record --pid`` of some processes into SVG flame graphs until ``stop()``."""
+    """``py-spy record --pid`` of some processes until ``stop()``, as collapsed stacks (what
+    flame-graph tools take), whose top frames ``stop()`` prints (``transfer.summarize_profile``).
+    """
 
     def __init__(self, py_spy: str | None, outputs: Sequence[tuple[int, Path]]) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.paths = [path for _, path in outputs] if py_spy is not None else []
         if py_spy is None:
             return
         for pid, path in outputs:
             command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--subprocesses"]
-            command += ["--nonblocking", "--format", "flamegraph", "-o", str(path)]
+            command += ["--nonblocking", "--format", "raw", "-o", str(path)]
             log = path.with_suffix(".log").open("wb")
             self.procs.append(subprocess.Popen(command, stdout=log, stderr=log))
             log.close()
@@ -289,10 +292,14 @@ class Recorder:
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # py-spy writes the SVG on SIGINT
+                proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         for proc in self.procs:
             _reap(proc, COMMAND_TIMEOUT)
         self.procs.clear()
+        for path in self.paths:
+            if path.exists():
+                print(transfer.summarize_profile(path), file=sys.stderr, flush=True)
+        self.paths.clear()
 
 
 def _reap(proc: subprocess.Popen[Any], timeout: float) -> None:
@@ -710,8 +717,8 @@ def run_workload(
             if py_spy is None or profile_dir is None or product != "lanshare":
                 return Recorder(None, [])
             stem = f"{workload.key}-run{run_index}"
-            outputs = [(pids[0], profile_dir / f"{stem}-sender.svg")]
-            outputs.append((pids[1], profile_dir / f"{stem}-receiver.svg"))
+            outputs = [(pids[0], profile_dir / f"{stem}-sender.folded")]
+            outputs.append((pids[1], profile_dir / f"{stem}-receiver.folded"))
             return Recorder(py_spy, outputs)
 
         try:
@@ -983,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs, then the median")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per workload side")
     parser.add_argument("--json", action="store_true", help="JSON on stdout (text on stderr)")
-    parser.add_argument("--py-spy", metavar="DIR", help="flame graphs of the lanshare daemons")
+    parser.add_argument("--py-spy", metavar="DIR", help="py-spy stacks of the lanshare daemons")
     parser.add_argument("--no-protocol", action="store_true", help="skip bench.transfer's run")
     parser.add_argument("--workdir", help="where files are staged and synced (default: /tmp)")
     options = parser.parse_args(argv)

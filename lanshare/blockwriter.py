@@ -17,6 +17,9 @@ Theory of operation
   lists no block whose bytes were not written to the temporary file before (and a resume
   reads the listed blocks again before trusting them); what was queued or in the hop is
   fetched again, at most about two batches.
+* **Early writeback.** Once a hop has written its blocks, it asks the kernel to start
+  writing each temporary file's span of them to disk (``FolderStore.start_writeback``, which
+  does not wait), so the fsync before placement finds little left to flush.
 * **Bounded memory.** The bytes queued or in the hop in progress stay within
   ``BATCH_BYTES`` (a larger block is let in alone): a ``write`` that would go beyond waits
   for a hop to end. The blocks received and not yet written count as outstanding for the
@@ -202,6 +205,8 @@ class BlockWriter:
         transaction. Returns each block's error (None: written and recorded)."""
         errors: list[LanshareError | None] = [None] * len(batch)
         written: dict[tuple[str, bytes], list[int]] = {}
+        # Per assembly (by identity): the first byte written in this hop and the end.
+        spans: dict[int, tuple[Assembly, int, int]] = {}
         for i, entry in enumerate(batch):
             if hop.cancelled:
                 return errors  # put back in the queue by the loop: nothing is recorded
@@ -212,8 +217,18 @@ class BlockWriter:
             except LanshareError as exc:
                 errors[i] = exc
                 continue
-            record = entry.assembly.record
+            assembly = entry.assembly
+            record = assembly.record
             written.setdefault((record.path, record.file_hash), []).append(entry.block.index)
+            target = record.blocks[entry.block.index]
+            span = spans.get(id(assembly))
+            start, end = target.offset, target.offset + target.size
+            if span is not None:
+                start, end = min(start, span[1]), max(end, span[2])
+            spans[id(assembly)] = (assembly, start, end)
+        # The disk writes these while the index records them and the next blocks arrive.
+        for assembly, start, end in spans.values():
+            self._store.start_writeback(assembly, start, end - start)
         if hop.cancelled or not written:
             return errors
         try:

@@ -30,7 +30,11 @@ it, so :func:`hash_file` runs at ~1.5x a plain ``hashlib.sha256`` loop over the 
 The whole-file hash is the hash of the concatenated block hashes, so the data is read and
 hashed once. The algorithm's name is stored in each record (``hash_algo``); ``sha256`` stays
 supported; algorithms and their hash functions come from one registry, :mod:`lanshare.hashes`.
-``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL.
+``pyfastcdc`` cuts and ``hashlib``/``blake3`` hash without holding the GIL, so with
+``workers`` (the scanner's idle hashing workers) one thread reads and cuts a big file while
+the others hash the chunks already cut: the cut (~60 % of the work) then bounds the time.
+Measured on 512 MiB in the page cache with both cores busy with other work: 420 ms against
+446 ms (medians of 8 interleaved rounds); more with a core to spare.
 
 Chunk sizes (:func:`chunk_params`): FastCDC with min = avg/4 and max = 4·avg; the actual mean
 chunk is ~1.25·avg. avg is 256 KiB (an edit re-sends little, per-block overhead stays small)
@@ -48,6 +52,8 @@ import os
 import stat
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +65,7 @@ from lanshare.manifest import MAX_BLOCK_SIZE, MAX_BLOCKS, Block
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
+    from concurrent.futures import Future
     from pathlib import Path
 
     from lanshare.hashes import Hasher
@@ -78,6 +85,9 @@ TARGET_CHUNKS = 2048
 
 READ_SIZE = 8 * 1024 * 1024
 """Bytes asked for per read(); large reads keep syscalls rare and let hashing drop the GIL."""
+
+PARALLEL_ABOVE = 4 * READ_SIZE
+"""Files larger than this may be hashed by several threads (``hash_file``'s ``workers``)."""
 
 RACY_WINDOW_NS = 2_000_000_000
 """A file modified this close to its hashing may have changed unseen (coarse timestamps)."""
@@ -176,6 +186,7 @@ def hash_file(
     *,
     params: ChunkParams | None = None,
     read_size: int = READ_SIZE,
+    workers: int = 1,
 ) -> FileHashes:
     """Read the regular file at ``path`` once and return its blocks and hashes.
 
@@ -185,6 +196,8 @@ def hash_file(
     on the result, and take size, mtime, inode and ctime for the record from ``stat``, which
     describes the content hashed when ``stable`` is True. ``params`` defaults to
     :func:`chunk_params` of the size at open; ``read_size`` is the size of one read.
+    ``workers`` above 1 lets a file of more than :data:`PARALLEL_ABOVE` bytes be hashed by
+    that many threads in all (this one reads and cuts, the others hash; same result).
 
     Raises:
         StorageError: cannot open or read, a symlink, not a regular file or too large.
@@ -202,7 +215,12 @@ def hash_file(
                 raise StorageError(f"file larger than {MAX_FILE_SIZE} bytes: {path}")
             params = params or chunk_params(before.st_size)
             with io.FileIO(fd, "rb", closefd=False) as handle:
-                blocks, size = _hash_stream(handle, before.st_size, params, new_hash, read_size)
+                if workers > 1 and before.st_size > PARALLEL_ABOVE:
+                    blocks, size = _hash_stream_parallel(
+                        handle, before.st_size, params, new_hash, read_size, workers - 1
+                    )
+                else:
+                    blocks, size = _hash_stream(handle, before.st_size, params, new_hash, read_size)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -283,6 +301,81 @@ def _hash_stream(
         view[: filled - consumed] = view[consumed:filled]
         base += consumed
         filled -= consumed
+
+
+def _hash_stream_parallel(
+    handle: io.FileIO,
+    expected_size: int,
+    params: ChunkParams,
+    new_hash: Callable[[BytesLike], Hasher],
+    read_size: int,
+    helpers: int,
+) -> tuple[list[Block], int]:
+    """:func:`_hash_stream`'s result, with the hashing in ``helpers`` other threads.
+
+    Two buffers take turns: while the helpers hash the chunks cut in one, this thread reads
+    and cuts the next into the other (starting with the unfinished tail of the first). A
+    buffer is refilled only once every hash of its chunks is done, so at most two buffers'
+    worth of the file is held, and the blocks come out in file order.
+    """
+    limit = expected_size + 1  # one byte more than expected tells us the file grew
+    capacity = min(params.max_size + read_size, limit)
+    # The second buffer is not kept for the next file: a thread keeps one big buffer at most.
+    views = (memoryview(_buffer(capacity))[:capacity], memoryview(bytearray(capacity)))
+    blocks: list[Block] = []
+    # Hash jobs in the order of their chunks, each with the buffer (0 or 1) it reads.
+    pending: deque[tuple[int, Future[list[Block]]]] = deque()
+    current = 0
+    base = 0  # file offset of the current view's first byte
+    filled = 0  # bytes of the current view holding data not yet cut into blocks
+    total = 0  # bytes read from the file
+    eof = False
+
+    def collect(until: int | None = None) -> None:
+        """Take the results of the jobs in order: those reading buffer ``until``, or all."""
+        while pending and (until is None or pending[0][0] == until):
+            blocks.extend(pending.popleft()[1].result())
+
+    with ThreadPoolExecutor(helpers, thread_name_prefix="hash") as pool:
+        try:
+            while True:
+                view = views[current]
+                while not eof and filled < capacity:
+                    count = handle.readinto(view[filled : min(capacity, filled + limit - total)])
+                    filled += count
+                    total += count
+                    eof = not count or total >= limit
+                cuts = list(_cuts(view[:filled], params, eof))
+                share = -(-len(cuts) // helpers) if cuts else 1
+                for first in range(0, len(cuts), share):
+                    part = cuts[first : first + share]
+                    pending.append((current, pool.submit(_hash_cuts, view, base, part, new_hash)))
+                consumed = cuts[-1][0] + cuts[-1][1] if cuts else 0
+                if eof and consumed == filled:
+                    collect()
+                    return blocks, total
+                # The other buffer gets the unfinished tail once its own hashing is done.
+                other = 1 - current
+                collect(until=other)
+                views[other][: filled - consumed] = view[consumed:filled]
+                base += consumed
+                filled -= consumed
+                current = other
+        finally:
+            for _, job in pending:  # on an error; those running end before the pool does
+                job.cancel()
+
+
+def _hash_cuts(
+    view: memoryview,
+    base: int,
+    cuts: list[tuple[int, int]],
+    new_hash: Callable[[BytesLike], Hasher],
+) -> list[Block]:
+    return [
+        Block(base + offset, size, new_hash(view[offset : offset + size]).digest())
+        for offset, size in cuts
+    ]
 
 
 def _buffer(capacity: int) -> bytearray:

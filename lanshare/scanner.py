@@ -17,9 +17,11 @@ Theory of operation
    read*. Directories change only with their permission bits (their mtime moves with every
    entry inside), symlinks only with their target.
 3. **Hash** the rest, in groups of small files or one big file per ``to_thread`` call, at most
-   ``io_workers`` at a time. ``chunker.hash_file`` compares ``fstat`` before and after the
-   read; a file that changed while it was read is read again (at most
-   :data:`MAX_HASH_ATTEMPTS` times, then left for the next scan), so a reading that mixes
+   ``io_workers`` at a time; with fewer groups than that, each group's share of the workers
+   hashes the blocks of its big files (``chunker.hash_file``'s ``workers``).
+   ``chunker.hash_file`` compares ``fstat`` before and after the read; a file that changed
+   while it was read is read again (at most :data:`MAX_HASH_ATTEMPTS` times, then left for
+   the next scan), so a reading that mixes
    two versions is never recorded. The stat cannot see everything: the kernel stamps mtime
    when a write *starts*, within a coarse clock tick, and a large write may stall half done.
    So a file whose mtime lies within ``chunker.RACY_WINDOW_NS`` of the read is read twice
@@ -72,6 +74,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -408,6 +411,10 @@ async def scan_path(
         run.gone = []
 
     groups = _groups(to_hash)
+    if hash_file is None and 0 < len(groups) < io_workers:
+        # Fewer groups than workers (one big new file, typically): the idle workers' share
+        # hashes the blocks of each group's files, io_workers threads in all.
+        hasher = partial(chunker.hash_file, workers=io_workers // len(groups))
     pending_groups = iter(groups)
     semaphore = limit if limit is not None else asyncio.Semaphore(max(1, io_workers))
 

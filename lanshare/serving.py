@@ -32,13 +32,18 @@ Theory of operation
   invalidation of its path (the engine invalidates a path when it commits a placed file
   and when it discards a download), or else with the next batch, which knows the downloads
   in progress. So a discarded temporary file does not stay open, holding its space.
+* **Adjacent blocks, one read.** A run of requests in a batch for adjacent blocks of one
+  file (a peer fetching a file asks for them in order) is read with one ``pread`` into one
+  buffer, and each block goes out as a view of it: one system call (and one release of the
+  GIL) per run, not per block. The buffer lives until the last of its blocks is
+  acknowledged, within the batch's bound.
 * **Checked once, never sent stale.** Every block is hashed once, in the reader, before it
-  goes out (the protocol does not hash what it sends). A block that does not match drops the
-  file's table and descriptor, and the record is read again from the index (at most once per
-  path per batch) and tried once more. Then the fallbacks, in order: the verified blocks of a
-  download of the same path (its temporary file), any live local file with the same content
-  (``Index.find_block``), the verified blocks of any other download. Nowhere: the request is
-  rejected (``NOT_FOUND``).
+  goes out (the protocol does not hash what it sends), read ahead or not. A block that does
+  not match drops the file's table, descriptor and what was read ahead of it, and the record
+  is read again from the index (at most once per path per batch) and tried once more. Then
+  the fallbacks, in order: the verified blocks of a download of the same path (its temporary
+  file), any live local file with the same content (``Index.find_block``), the verified
+  blocks of any other download. Nowhere: the request is rejected (``NOT_FOUND``).
 """
 
 from __future__ import annotations
@@ -285,6 +290,9 @@ class _Batch:
     downloads: dict[str, BlockTable] = field(default_factory=dict)
     """Tables of downloads in progress, by path: built once a batch, not once a request
     (a request for content held nowhere looks through every download)."""
+    ahead: dict[tuple[str, int, int], memoryview] = field(default_factory=dict)
+    """Bytes read ahead, not yet checked, by (path, offset, size): the blocks of a run of
+    requests for adjacent blocks of one file, read with one ``pread``."""
 
 
 class BlockReader:
@@ -304,7 +312,7 @@ class BlockReader:
         requests: Sequence[BlockRequested],
         downloads: Mapping[str, Downloading],
         invalid: Invalidation,
-    ) -> list[bytes | None]:
+    ) -> list[bytes | memoryview | None]:
         """The checked bytes of each requested block, or None where it is found nowhere.
 
         ``downloads``: the downloads in progress, by path; ``invalid``: what changed since
@@ -324,6 +332,7 @@ class BlockReader:
             if requests:  # ``downloads`` is what is in progress now: the others' files go
                 self.descriptors.drop_temporary(partial(_in_progress, downloads))
             batch = _Batch()
+            self._read_ahead(requests, batch)
             return [self._find(request, downloads, batch) for request in requests]
 
     def close(self) -> None:
@@ -333,9 +342,50 @@ class BlockReader:
             self.tables.clear()
             self.descriptors.clear()
 
+    def _read_ahead(self, requests: Sequence[BlockRequested], batch: _Batch) -> None:
+        """Read each run of requests for adjacent blocks of one file (in the order asked,
+        as a peer fetching a file asks) with one ``pread``: one system call and one release
+        of the GIL for the run, not one per block. Only read here; each block is still
+        checked against its hash where it is taken (:meth:`_read`)."""
+        run: list[tuple[str, int, int]] = []  # (path, offset, size) of adjacent blocks
+
+        def flush() -> None:
+            if len(run) > 1:
+                self._read_run(run, batch)
+            run.clear()
+
+        for request in requests:
+            path = request.path
+            table = self._table(path, batch)
+            found = None
+            if table is not None and table.hash_algo == request.hash_algo:
+                found = table.find(request.index, request.size, request.hash)
+            if table is None or found is None:
+                flush()
+                continue
+            offset = table.blocks[found].offset
+            if run and (run[-1][0] != path or run[-1][1] + run[-1][2] != offset):
+                flush()
+            run.append((path, offset, request.size))
+        flush()
+
+    def _read_run(self, run: list[tuple[str, int, int]], batch: _Batch) -> None:
+        path, start, _ = run[0]
+        length = run[-1][1] + run[-1][2] - start
+        try:
+            fd = self.descriptors.get(path, batch.checked)
+            data = memoryview(os.pread(fd, length, start))
+        except (OSError, LanshareError) as exc:
+            logger.debug("cannot read %s at %d: %s", path, start, exc)
+            return  # each block is read alone, and fails alone
+        for _, offset, size in run:
+            piece = data[offset - start : offset - start + size]
+            if piece.nbytes == size:
+                batch.ahead[(path, offset, size)] = piece
+
     def _find(
         self, request: BlockRequested, downloads: Mapping[str, Downloading], batch: _Batch
-    ) -> bytes | None:
+    ) -> bytes | memoryview | None:
         data = self._from_file(request, batch)
         if data is None:
             same_path = downloads.get(request.path)
@@ -351,11 +401,9 @@ class BlockReader:
                         break
         return data
 
-    def _from_file(self, request: BlockRequested, batch: _Batch) -> bytes | None:
+    def _from_file(self, request: BlockRequested, batch: _Batch) -> bytes | memoryview | None:
         path = request.path
-        table = batch.tables[path] if path in batch.tables else self.tables.get(path)
-        if table is None and path not in batch.tables:
-            table = self._look_up(path, batch)
+        table = self._table(path, batch)
         if table is None or table.hash_algo != request.hash_algo:
             return None
         found = table.find(request.index, request.size, request.hash)
@@ -363,14 +411,23 @@ class BlockReader:
             return None
         data = self._read(path, table.blocks[found].offset, request, batch)
         if data is None:
-            # The file is not what its table says: forget both, and read its record once
-            # more (a table kept from before might be stale).
+            # The file is not what its table says: forget both, and what was read ahead of
+            # it, and read its record once more (a table kept from before might be stale).
             self.tables.drop(path)
             self.descriptors.drop(path)
+            for key in [key for key in batch.ahead if key[0] == path]:
+                del batch.ahead[key]
             if path not in batch.tables:
                 self._look_up(path, batch)
                 return self._from_file(request, batch)
         return data
+
+    def _table(self, path: str, batch: _Batch) -> BlockTable | None:
+        """The table of ``path``: kept, read in this batch, or read from the index now."""
+        table = batch.tables[path] if path in batch.tables else self.tables.get(path)
+        if table is None and path not in batch.tables:
+            table = self._look_up(path, batch)
+        return table
 
     def _look_up(self, path: str, batch: _Batch) -> BlockTable | None:
         try:
@@ -385,7 +442,7 @@ class BlockReader:
 
     def _from_download(
         self, download: Downloading, request: BlockRequested, batch: _Batch
-    ) -> bytes | None:
+    ) -> bytes | memoryview | None:
         record = download.record
         if record.hash_algo != request.hash_algo:
             return None
@@ -399,7 +456,7 @@ class BlockReader:
         offset = record.blocks[found].offset
         return self._read(FolderStore.temp_path(record), offset, request, batch, record.path)
 
-    def _elsewhere(self, request: BlockRequested, batch: _Batch) -> bytes | None:
+    def _elsewhere(self, request: BlockRequested, batch: _Batch) -> bytes | memoryview | None:
         try:
             locations = self._index.find_block(request.hash, self._folder)
         except LanshareError as exc:
@@ -414,16 +471,20 @@ class BlockReader:
 
     def _read(
         self, rel: str, offset: int, request: BlockRequested, batch: _Batch, owner: str = ""
-    ) -> bytes | None:
+    ) -> bytes | memoryview | None:
         """The block's bytes at ``offset`` of ``rel`` (the temporary file of a download of
         ``owner``, if given) if they match its hash, else None."""
-        try:
-            fd = self.descriptors.get(rel, batch.checked, owner)
-            data = os.pread(fd, request.size, offset)
-        except (OSError, LanshareError) as exc:
-            logger.debug("cannot read %s at %d: %s", rel, offset, exc)
-            self.descriptors.drop(rel)
-            return None
+        data: bytes | memoryview | None = None
+        if not owner:
+            data = batch.ahead.pop((rel, offset, request.size), None)
+        if data is None:
+            try:
+                fd = self.descriptors.get(rel, batch.checked, owner)
+                data = os.pread(fd, request.size, offset)
+            except (OSError, LanshareError) as exc:
+                logger.debug("cannot read %s at %d: %s", rel, offset, exc)
+                self.descriptors.drop(rel)
+                return None
         if len(data) != request.size:
             return None
         if chunker.block_hash(data, request.hash_algo) != request.hash:
@@ -447,7 +508,7 @@ class BlockServer:
         self,
         reader: BlockReader,
         *,
-        send: Callable[[int, bytes], object],
+        send: Callable[[int, bytes | memoryview], object],
         reject: Callable[[int], object],
         kick: Callable[[], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
@@ -516,7 +577,7 @@ class BlockServer:
 
     def _next_hop(
         self,
-    ) -> tuple[list[BlockRequested], asyncio.Future[list[bytes | None]]] | None:
+    ) -> tuple[list[BlockRequested], asyncio.Future[list[bytes | memoryview | None]]] | None:
         if self._closed or not (self._queue or self._invalid):
             return None
         batch: list[BlockRequested] = []

@@ -27,6 +27,12 @@ Theory of operation
   A replaced file never leaves its path empty: its archive (or, in a conflict, the loser's
   conflict copy) is a second name made and made durable first, then the rename swaps the
   new file in. At every instant the path holds the old file or the new one.
+* **Early writeback.** As a download's blocks are written, the writer asks the kernel to
+  start writing those pages to disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does
+  not wait and keeps them cached; ``posix_fadvise(DONTNEED)`` would also drop them from the
+  cache). So the fsync before the rename, a serial step at the very end of a transfer, finds
+  little left to flush (~1-5 ms instead of ~220 ms for 512 MiB on ext4 here). It is only a
+  hint: the durability before the rename comes from that fsync, which always runs.
 * **Bounded descriptors.** A download's temporary file and its directory stay open only
   while there is room: ``OpenAssemblies`` (one per process, sized from ``RLIMIT_NOFILE``)
   keeps the most recently used ones open and closes the others, which reopen on demand
@@ -520,6 +526,17 @@ class FolderStore:
             written = os.pwrite(fd, view, target.offset)
             while written < target.size:
                 written += os.pwrite(fd, view[written:], target.offset + written)
+
+    def start_writeback(self, assembly: Assembly, offset: int, length: int) -> None:
+        """Start writing the temporary file's dirty pages in ``[offset, offset + length)``
+        to disk, without waiting (see "Early writeback" in the module docstring). Only a
+        hint: where the system has no such call, or it fails, the final fsync does it all.
+        """
+        writeback = _sync_file_range()
+        if writeback is None or length <= 0:
+            return
+        with contextlib.suppress(OSError, LanshareError), assembly.lease() as (fd, _):
+            writeback(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def verified_blocks(self, assembly: Assembly, indexes: set[int] | None = None) -> set[int]:
         """Which blocks of the temporary file already hold the right bytes.
@@ -1059,6 +1076,23 @@ def _by_copy(name: str, candidate: str, src_fd: int, dst_fd: int) -> bool:
     finally:
         os.close(src)
     return True
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+"""``SYNC_FILE_RANGE_WRITE``: start writeback of the range's dirty pages, do not wait."""
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` (Python has no binding), or None where libc lacks it."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    sync_file_range: Callable[[int, int, int, int], int] = func
+    return sync_file_range
 
 
 @functools.cache

@@ -17,12 +17,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lanshare import blockwriter, chunker, hashes
+from lanshare import store as store_module
 from lanshare.blockwriter import BlockWriter
 from lanshare.errors import IntegrityError
 from lanshare.index import Index
 from lanshare.manifest import EntryType, FileRecord
 from lanshare.protocol.connection import Session
-from lanshare.store import FolderStore, VerifiedBlock
+from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 from tests.enginesim import Cluster, SimNode, random_bytes, wait_for
 
 if TYPE_CHECKING:
@@ -525,4 +526,61 @@ def test_a_cancelled_write_is_never_written_and_gives_its_bytes_back(tmp_path: P
         on_disk = setup.store.verified_blocks(setup.assembly)
         assert on_disk == {2, 3}  # blocks 0 and 1 were never written (zeros there)
     finally:
+        setup.close()
+
+
+def test_written_blocks_start_writeback_and_the_fsync_still_precedes_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hop asks the kernel to start writing what it wrote (so the fsync at placement
+    has little left), covering every byte of the file; placement still fsyncs the temporary
+    file before it renames it."""
+    setup = Setup(tmp_path, 20 * MiB, seed=9)
+    blocks = blocks_of(setup.record, setup.data)
+    real = store_module._sync_file_range()
+    assert real is not None, "Linux libc has sync_file_range"
+    ranges: list[tuple[int, int, int]] = []
+
+    def counting(fd: int, offset: int, length: int, flags: int) -> int:
+        ranges.append((offset, length, flags))
+        assert os.readlink(f"/proc/self/fd/{fd}").endswith(setup.assembly.temp_name)
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(store_module, "_sync_file_range", lambda: counting)
+    writer = BlockWriter(setup.store, setup.index, setup.folder)
+    events: list[str] = []
+    temp = str(setup.root / setup.assembly.temp_name)
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == temp:
+                events.append("fsync")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:
+        if src == setup.assembly.temp_name:
+            events.append("rename")
+        real_rename(src, dst, **kwargs)
+
+    async def main() -> None:
+        await asyncio.gather(*(writer.write(setup.assembly, b) for b in blocks))
+
+    try:
+        asyncio.run(main())
+        assert 1 < len(ranges) <= len(blocks)
+        assert {flags for _, _, flags in ranges} == {store_module._SYNC_FILE_RANGE_WRITE}
+        covered = bytearray(len(setup.data))
+        for offset, length, _ in ranges:
+            covered[offset : offset + length] = b"\x01" * length
+        assert covered == b"\x01" * len(setup.data), "some written bytes never went to disk"
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+        placement = Placement(setup.assembly, LocalState(exists=False), range(len(blocks)))
+        assert setup.store.place([placement], 1_700_000_000.0) == [None]
+        monkeypatch.undo()
+        assert events == ["fsync", "rename"]
+        assert (setup.root / "big.bin").read_bytes() == setup.data
+    finally:
+        monkeypatch.undo()
         setup.close()

@@ -6,7 +6,9 @@ import hashlib
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -265,3 +267,97 @@ def test_hashes_fit_a_record(tmp_path: Path) -> None:
         hash_algo=hashes.hash_algo,
     )
     assert decode_record(encode_record(record)) == record
+
+
+# --- one big file hashed by several threads -------------------------------------------------
+
+
+def _threads_hashing(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The threads that hash blocks from now on (the hashing itself is the real one)."""
+    seen: set[int] = set()
+    real = chunker._hash_cuts
+
+    def watching(*args: Any) -> list[Block]:
+        seen.add(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(chunker, "_hash_cuts", watching)
+    return seen
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+@pytest.mark.parametrize("read_size", [MiB, chunker.READ_SIZE])
+def test_a_big_file_hashed_by_several_threads_gives_the_same_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, read_size: int
+) -> None:
+    size = chunker.PARALLEL_ABOVE + 5 * MiB + 3
+    data = _data(size, seed=workers)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    threads = _threads_hashing(monkeypatch)
+    for _ in range(2):  # the second run reuses the thread's buffer
+        result = hash_file(path, read_size=read_size, workers=workers)
+        expected = hash_buffer(data)
+        assert (result.blocks, result.file_hash) == (expected.blocks, expected.file_hash)
+        assert result.size == size
+        assert result.stable
+    assert threads, "the blocks were hashed in this thread alone"
+    assert threading.get_ident() not in threads
+    assert len(threads) <= workers - 1
+
+
+def test_a_small_file_is_hashed_by_one_thread_whatever_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _data(3 * MiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    threads = _threads_hashing(monkeypatch)
+    assert hash_file(path, workers=4).blocks == split_blocks(data)
+    assert not threads
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=40_000), st.integers(1, 9000), st.integers(2, 4))
+def test_several_threads_cut_and_hash_as_one_does(
+    data: bytes, read_size: int, workers: int
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        path = Path(tmp) / "f"
+        path.write_bytes(data)
+        patch.setattr(chunker, "PARALLEL_ABOVE", 0)  # every file non-empty takes that path
+        result = hash_file(path, params=SMALL, read_size=read_size, workers=workers)
+    assert result.blocks == split_blocks(data, params=SMALL)
+    assert result.file_hash == hash_buffer(data, params=SMALL).file_hash
+    assert result.stable
+
+
+@pytest.mark.parametrize("change", ["append", "overwrite"])
+def test_a_file_changed_while_several_threads_hash_it_is_not_stable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Another writer changes the file while its first blocks are being hashed: the
+    reading is reported unstable (the scanner reads it again), never as a version."""
+    size = chunker.PARALLEL_ABOVE + 2 * MiB
+    path = tmp_path / "big"
+    path.write_bytes(_data(size, seed=7))
+    real = chunker._hash_cuts
+    changed = threading.Event()
+
+    def changing(*args: Any) -> list[Block]:
+        if not changed.is_set():
+            changed.set()
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                if change == "append":
+                    os.pwrite(fd, b"more", size)
+                else:  # same size, other bytes far behind the part being read
+                    os.pwrite(fd, b"\xff" * 4096, size - 4096)
+            finally:
+                os.close(fd)
+        return real(*args)
+
+    monkeypatch.setattr(chunker, "_hash_cuts", changing)
+    result = hash_file(path, workers=2)
+    assert changed.is_set()
+    assert not result.stable

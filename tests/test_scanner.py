@@ -1066,3 +1066,29 @@ def test_an_index_that_fails_mid_scan_is_one_storage_error(db: Index, root: Path
         asyncio.run(scanner.scan_path(db, folder, root, ME, io_workers=3))
     assert "\n" not in str(raised.value)
     assert db.max_sequence(folder) == 0  # the failed batch left nothing behind
+
+
+def test_one_big_new_file_is_hashed_by_the_idle_workers_too(
+    db: Index, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer files than hashing workers: the blocks of the big one are hashed in several
+    threads (the record exists sooner), and the record is the one a single thread makes."""
+    data = os.urandom(chunker.PARALLEL_ABOVE + 3 * 1024 * 1024)
+    (root / "big.bin").write_bytes(data)
+    (root / "small.txt").write_bytes(b"small")
+    threads: set[int] = set()
+    real = chunker._hash_cuts
+
+    def watching(*args: object) -> list[object]:
+        threads.add(threading.get_ident())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chunker, "_hash_cuts", watching)
+    summary = scan(db, root, io_workers=4)
+    monkeypatch.undo()
+    assert summary.new == 2
+    record = records(db, root)["big.bin"]
+    expected = chunker.hash_buffer(data)
+    assert (record.blocks, record.file_hash) == (expected.blocks, expected.file_hash)
+    # One group (both files): that group's thread cuts, up to three others hash.
+    assert 1 <= len(threads) <= 3

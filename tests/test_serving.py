@@ -206,6 +206,44 @@ def test_serving_every_block_of_a_file_reads_its_record_once_in_few_thread_hops(
     asyncio.run(main())
 
 
+def test_adjacent_blocks_asked_in_order_are_read_together_and_each_checked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer fetching a file asks for its blocks in order: a batch's run of adjacent blocks
+    is read with one pread, not one per block, and every block is still hashed once on its
+    way out (the last one, changed on disk, is refused; the others of its run go out)."""
+
+    async def main() -> None:
+        data = _write_big(tmp_path / "folder", "big.bin", 24 * MiB, seed=11)
+        async with served(tmp_path) as node:
+            record = node.record("big.bin")
+            n = len(record.blocks)
+            assert n >= 64
+            changed = record.blocks[-1]
+            fd = os.open(node.root / "big.bin", os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes(changed.size), changed.offset)
+            finally:
+                os.close(fd)
+            counts = {"pread": 0, "digest": 0}
+            monkeypatch.setattr(os, "pread", _counting(counts, "pread", os.pread))
+            monkeypatch.setattr(hashes, "digest", _counting(counts, "digest", hashes.digest))
+            got = await node.answers(node.ask_all(record))
+            monkeypatch.undo()
+            expected: list[bytes | None] = list(_blocks_of(data, record))
+            expected[-1] = None
+            assert got == expected
+            # One read per batch of adjacent blocks (a batch holds up to BATCH_BYTES, ~13
+            # blocks here; the changed block is read again alone before it is refused),
+            # where there was one per block.
+            assert counts["pread"] <= n // 8, f"{counts['pread']} reads for {n} blocks"
+            # Each block hashed once; the changed one three times, as before: as read, after
+            # its record is read again, and where the index says that content lies (there).
+            assert counts["digest"] == n + 2, counts
+
+    asyncio.run(main())
+
+
 def test_whatever_is_queued_one_batch_of_bounded_size_is_read_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
