@@ -112,7 +112,7 @@ from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 
-    from lanshare.clock import Clock
+    from lanshare.clock import Clock, Timer
     from lanshare.config import Config, FolderConfig
     from lanshare.events import Addr, Event
     from lanshare.identity import NodeId
@@ -123,6 +123,9 @@ logger = logging.getLogger(__name__)
 
 PLAN_DEBOUNCE = 0.05
 """Seconds a burst of changes is collected before one planning pass."""
+ANNOUNCE_INTERVAL = 0.1
+"""Seconds between two announcements of a folder's new sequence: the first change after a
+quiet spell is announced at once, those that follow within this time together after it."""
 PLAN_SPACING = 2.0
 """A planning pass of T seconds is followed by at least PLAN_SPACING * T seconds of rest."""
 TICK_INTERVAL = 0.25
@@ -186,6 +189,9 @@ class FolderSync:
         self.sequence = info.sequence
         """The index's local sequence of the folder, kept from what each commit and scan
         returns: the loop reads it (status, announcements) without SQLite."""
+        self.announced_at = float("-inf")
+        self.announce_timer: Timer | None = None
+        """Set while an announcement waits for ``ANNOUNCE_INTERVAL`` to pass."""
         self.server = BlockServer(
             BlockReader(self.store, engine.index, info.id),
             send=engine.endpoint.send_block,
@@ -468,7 +474,22 @@ class FolderSync:
         return pending and not confirm
 
     def announce_sequence(self) -> None:
-        """Tell every peer of the folder the index's new sequence (the marker is stamped)."""
+        """Tell every peer of the folder the index's new sequence (the marker is stamped):
+        at once after a quiet spell, else at most once per ``ANNOUNCE_INTERVAL``. Each
+        announcement has every peer read our new records: a receiver placing small files
+        in batches of one or two would otherwise make each peer ask hundreds of times a
+        second, taking the time of both sides from the transfer."""
+        if self.announce_timer is not None:
+            return  # the announcement due soon tells the newest sequence
+        wait = self.announced_at + ANNOUNCE_INTERVAL - self.engine.now()
+        if wait > 0:
+            self.announce_timer = self.engine.clock.call_later(wait, self._announce)
+        else:
+            self._announce()
+
+    def _announce(self) -> None:
+        self.announce_timer = None
+        self.announced_at = self.engine.now()
         self.exchange.announce(self.info_sequence())
         self.engine.sequence_changed()
         self.engine.kick()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from lanshare import planner
+from lanshare.engine import ANNOUNCE_INTERVAL
+from lanshare.exchange import Exchange
 from lanshare.manifest import encode_record
 from lanshare.protocol import wire
 from lanshare.protocol.endpoint import Endpoint
@@ -174,5 +177,47 @@ def test_placing_a_stream_of_small_files_plans_again_only_at_the_end(
             await cluster.start()
             await converge([a, b], 120)
             assert passes.of(b) <= 3, f"b planned {passes.of(b)} times"
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_of_placements_is_announced_at_most_once_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b places a's 300 files in many small batches over a slow link: it tells a about its
+    new records at most once per ``ANNOUNCE_INTERVAL`` (each announcement has a read b's
+    new records), not once per batch; the first change after a quiet spell goes at once."""
+    announced: list[float] = []
+    nodes: list[SimNode] = []
+    announce = Exchange.announce
+
+    def counting(self: Exchange, sequence: int) -> None:
+        if nodes and self.folder is nodes[1].folder:
+            announced.append(asyncio.get_running_loop().time())
+        announce(self, sequence)
+
+    monkeypatch.setattr(Exchange, "announce", counting)
+
+    async def scenario() -> None:
+        async with Cluster(tmp_path, seed=7) as cluster:
+            a, b = cluster.add(), cluster.add()
+            nodes.extend((a, b))
+            _small_files(a, 300)
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
+            await cluster.start()
+            await converge([a, b], 120)
+            gaps = [later - earlier for earlier, later in itertools.pairwise(announced)]
+            assert len(announced) >= 2
+            assert min(gaps) >= ANNOUNCE_INTERVAL * 0.99, gaps
+            # After a quiet spell, a change of b's own is told at once.
+            quiet = asyncio.get_running_loop().time()
+            await asyncio.sleep(2 * ANNOUNCE_INTERVAL)
+            b.write("new.txt", b"made on b")
+            changed = asyncio.get_running_loop().time()
+            await b.scan()
+            assert announced[-1] > quiet
+            assert announced[-1] - changed < ANNOUNCE_INTERVAL / 2
+            await converge([a, b], 60)
+            assert a.read("new.txt") == b"made on b"
 
     asyncio.run(scenario())
