@@ -758,7 +758,8 @@ class _OwnWrite:
 
 
 class _Handoff(FileSystemEventHandler):
-    """Runs in the observer's thread and only hands each event over to the loop."""
+    """Runs in the observer's thread and only hands events over to the loop, in order: a
+    burst of events wakes the loop once, not once each (a download makes half a dozen)."""
 
     def __init__(
         self,
@@ -767,12 +768,26 @@ class _Handoff(FileSystemEventHandler):
     ) -> None:
         self._loop = loop
         self._sink = sink
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, bytes | str, bytes | str, bool]] = []
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed under a stopping observer
-            self._loop.call_soon_threadsafe(
-                self._sink, event.event_type, event.src_path, event.dest_path, event.is_directory
-            )
+        item = (event.event_type, event.src_path, event.dest_path, event.is_directory)
+        with self._lock:
+            self._pending.append(item)
+            if len(self._pending) > 1:
+                return  # the loop is called already and takes this one too
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop closed under a stopping observer
+            with self._lock:
+                self._pending.clear()
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for item in items:
+            self._sink(*item)
 
 
 class _OverflowHook(logging.Handler):

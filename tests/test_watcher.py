@@ -12,9 +12,10 @@ import logging
 import os
 import threading
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from watchdog.events import FileCreatedEvent
 from watchdog.observers.inotify import InotifyObserver
 
 from lanshare.errors import StorageError
@@ -24,6 +25,7 @@ from lanshare.watcher import (
     OVERFLOW_LOGGER,
     ChangeBatch,
     FolderWatcher,
+    _Handoff,
     inotify_watch_available,
 )
 
@@ -716,3 +718,36 @@ def test_rescan_on_request(tmp_path: Path) -> None:
             await watcher.start()
 
     run(scenario())
+
+
+def test_a_burst_of_events_wakes_the_loop_once_and_keeps_their_order() -> None:
+    """Events the observer's thread hands over while the loop is busy reach it in one
+    call, in order; the next event after that wakes it again."""
+    received: list[str] = []
+    wakeups = 0
+
+    async def main() -> None:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any) -> asyncio.Handle:
+            nonlocal wakeups
+            wakeups += 1
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        handoff = _Handoff(loop, lambda kind, src, dest, is_dir: received.append(os.fsdecode(src)))
+        events = [FileCreatedEvent(f"/folder/f{i}") for i in range(200)]
+        observer = threading.Thread(target=lambda: [handoff.dispatch(e) for e in events])
+        observer.start()
+        observer.join()  # the loop has not run meanwhile: all 200 wait for one call
+        await asyncio.sleep(0)
+        assert received == [f"/folder/f{i}" for i in range(200)]
+        assert wakeups == 1
+        handoff.dispatch(FileCreatedEvent("/folder/late"))
+        await asyncio.sleep(0)
+        assert received[-1] == "/folder/late"
+        assert wakeups == 2
+
+    asyncio.run(main())
