@@ -566,40 +566,21 @@ class Index:
 
     def get_many(self, folder: int, paths: Iterable[str]) -> dict[str, FileRecord]:
         """The local records of those ``paths`` that have one, by path."""
-        wanted = list(dict.fromkeys(paths))
-        out: dict[str, FileRecord] = {}
+        query = f"SELECT {_RECORD_COLUMNS} FROM local_files WHERE folder = ? AND path IN "
         with self._read("read records") as conn:
-            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT {_RECORD_COLUMNS} FROM local_files "
-                    f"WHERE folder = ? AND path IN ({marks})",
-                    (folder, *chunk),
-                ).fetchall()
-                for row in rows:
-                    out[row[0]] = _record(row)
-        return out
+            return {row[0]: _record(row) for row in _rows_of_paths(conn, query, folder, paths)}
 
     def matching_local(self, folder: int, records: Iterable[FileRecord]) -> set[str]:
         """The paths of ``records`` whose local record is the same entry: equal in every
         field but the sequence (which numbers a change in each node's own index)."""
         by_path = {r.path: _record_values(r) for r in records}
-        wanted = list(by_path)
+        query = f"SELECT {_RECORD_COLUMNS} FROM local_files WHERE folder = ? AND path IN "
         same: set[str] = set()
         with self._read("compare records") as conn:
-            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT {_RECORD_COLUMNS} FROM local_files "
-                    f"WHERE folder = ? AND path IN ({marks})",
-                    (folder, *chunk),
-                ).fetchall()
-                for row in rows:
-                    theirs = by_path[row[0]]
-                    if row[1:10] == theirs[1:10] and row[11] == theirs[11]:
-                        same.add(row[0])
+            for row in _rows_of_paths(conn, query, folder, by_path):
+                theirs = by_path[row[0]]
+                if row[1:10] == theirs[1:10] and row[11] == theirs[11]:
+                    same.add(row[0])
         return same
 
     def iter_records(self, folder: int) -> Iterator[FileRecord]:
@@ -659,14 +640,9 @@ class Index:
                 # Row by row: a list of every row beside the entries would double the peak.
                 return {e.path: e for e in map(CacheEntry._make, conn.execute(columns, (folder,)))}
             else:
-                exact = list(dict.fromkeys([*paths, *trees]))
-                rows = []
-                for start in range(0, len(exact), 500):  # below SQLite's variable limit
-                    chunk = exact[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    rows += conn.execute(
-                        f"{columns} AND path IN ({marks})", (folder, *chunk)
-                    ).fetchall()
+                rows = list(
+                    _rows_of_paths(conn, f"{columns} AND path IN ", folder, [*paths, *trees])
+                )
                 for tree in dict.fromkeys(trees):
                     # "a/" <= path < "a0": everything below "a", by the primary key's order
                     rows += conn.execute(
@@ -948,19 +924,14 @@ class Index:
         self, folder: int, paths: Iterable[str]
     ) -> dict[bytes, dict[str, FileRecord]]:
         """Every peer's records of those ``paths``, by peer and path."""
-        wanted = list(dict.fromkeys(paths))
+        query = (
+            f"SELECT peer, {_RECORD_COLUMNS} FROM remote_files "
+            "INDEXED BY remote_files_path WHERE folder = ? AND path IN "
+        )
         out: dict[bytes, dict[str, FileRecord]] = {}
         with self._read("read remote records") as conn:
-            for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT peer, {_RECORD_COLUMNS} FROM remote_files "
-                    f"INDEXED BY remote_files_path WHERE folder = ? AND path IN ({marks})",
-                    (folder, *chunk),
-                ).fetchall()
-                for row in rows:
-                    out.setdefault(row[0], {})[row[1]] = _record(row[1:])
+            for row in _rows_of_paths(conn, query, folder, paths):
+                out.setdefault(row[0], {})[row[1]] = _record(row[1:])
         return out
 
     def live_below(self, folder: int, directory: str) -> int:
@@ -1267,6 +1238,22 @@ def _explain(path: Path, action: str, exc: sqlite3.Error) -> str:
     elif "readonly" in lowered or "read-only" in lowered or "unable to open" in lowered:
         hint = "; check the permissions of the file and its directory"
     return f"index database {path}: cannot {action}: {text}{hint}"
+
+
+_PATHS_PER_QUERY: Final = 500
+"""Paths bound in one ``IN (…)``: below SQLite's limit on a statement's variables."""
+
+
+def _rows_of_paths(
+    conn: sqlite3.Connection, query: str, folder: int, paths: Iterable[str]
+) -> Iterator[Any]:
+    """The rows of ``query`` (``… folder = ? AND path IN``) for each of ``paths`` (each
+    once), a bounded number of paths per statement."""
+    wanted = list(dict.fromkeys(paths))
+    for start in range(0, len(wanted), _PATHS_PER_QUERY):
+        chunk = wanted[start : start + _PATHS_PER_QUERY]
+        marks = ",".join("?" * len(chunk))
+        yield from conn.execute(f"{query} ({marks})", (folder, *chunk)).fetchall()
 
 
 def _with_sequence(record: FileRecord, sequence: int) -> FileRecord:
