@@ -127,9 +127,17 @@ class PlanningPasses:
         return self.passes[node.engine.short_id]
 
 
-def _small_files(node: SimNode, count: int) -> None:
-    for i in range(count):
-        node.write(f"d{i % 3}/f{i:03d}.bin", bytes([i % 251]) * 2048 + b"%d" % i)
+async def _stream_small_files(cluster: Cluster, nodes: list[SimNode]) -> tuple[SimNode, SimNode]:
+    """a and b (added to ``nodes``), once b fetched a's 300 one-block files over a slow
+    link: b placed them in many small batches."""
+    a, b = cluster.add(), cluster.add()
+    nodes.extend((a, b))
+    for i in range(300):
+        a.write(f"d{i % 3}/f{i:03d}.bin", bytes([i % 251]) * 2048 + b"%d" % i)
+    cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
+    await cluster.start()
+    await converge([a, b], 120)
+    return a, b
 
 
 def test_a_peer_sending_back_our_own_records_costs_no_planning_pass(
@@ -142,12 +150,7 @@ def test_a_peer_sending_back_our_own_records_costs_no_planning_pass(
 
     async def scenario() -> None:
         async with Cluster(tmp_path, seed=5) as cluster:
-            a, b = cluster.add(), cluster.add()
-            passes.nodes.extend((a, b))
-            _small_files(a, 300)
-            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
-            await cluster.start()
-            await converge([a, b], 120)
+            a, b = await _stream_small_files(cluster, passes.nodes)
             assert passes.of(a) <= 2, f"a planned {passes.of(a)} times"
             assert passes.of(b) >= 1  # b planned what it received: the count sees passes
             # A record of b's that differs from a's is news: a plans and takes it.
@@ -170,12 +173,7 @@ def test_placing_a_stream_of_small_files_plans_again_only_at_the_end(
 
     async def scenario() -> None:
         async with Cluster(tmp_path, seed=6) as cluster:
-            a, b = cluster.add(), cluster.add()
-            passes.nodes.extend((a, b))
-            _small_files(a, 300)
-            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
-            await cluster.start()
-            await converge([a, b], 120)
+            _, b = await _stream_small_files(cluster, passes.nodes)
             assert passes.of(b) <= 3, f"b planned {passes.of(b)} times"
 
     asyncio.run(scenario())
@@ -200,12 +198,7 @@ def test_a_stream_of_placements_is_announced_at_most_once_per_interval(
 
     async def scenario() -> None:
         async with Cluster(tmp_path, seed=7) as cluster:
-            a, b = cluster.add(), cluster.add()
-            nodes.extend((a, b))
-            _small_files(a, 300)
-            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=300_000))
-            await cluster.start()
-            await converge([a, b], 120)
+            a, b = await _stream_small_files(cluster, nodes)
             gaps = [later - earlier for earlier, later in itertools.pairwise(announced)]
             assert len(announced) >= 2
             assert min(gaps) >= ANNOUNCE_INTERVAL * 0.99, gaps
