@@ -107,7 +107,7 @@ from lanshare.ignore import FolderRules
 from lanshare.index import CacheUpdate, LocalChange
 from lanshare.manifest import Block, FileRecord
 from lanshare.serving import BlockReader, BlockServer
-from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
+from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
@@ -682,6 +682,9 @@ class FolderSync:
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
         conflicts: dict[str, planner.Conflict] = {}
         deleted: dict[bytes, int] = {}
+        # Builds from local data in a row are made and recorded together (thousands of
+        # empty or copied files: one thread hop and one transaction, not a few each).
+        builds: list[planner.BuildFromLocal] = []
         for action in actions:
             if isinstance(action, planner.Conflict):
                 conflicts[action.path] = action
@@ -696,6 +699,12 @@ class FolderSync:
             failure = self.failures.get(action.path)
             if failure is not None and failure.retry_at > tick:
                 continue  # failed lately: its retry is due later (or after a scan)
+            if isinstance(action, planner.BuildFromLocal) and conflict is None:
+                builds.append(action)
+                continue
+            if builds:
+                await self._build_all_from_local(builds)
+                builds = []
             try:
                 if conflict is not None and not isinstance(action, planner.SetMetadata):
                     await self._apply_with_conflict(conflict, action)
@@ -704,16 +713,12 @@ class FolderSync:
                 if isinstance(action, planner.Delete):
                     origin = planner.deletion_origin(action, self.engine.short_id)
                     deleted[origin] = deleted.get(origin, 0) + 1
-            except LocalChangeError as exc:
-                logger.info("folder %s: %s", self.root, exc)
-                await self.local_change(action.path)
-                self.dirty.set()
-            except DiskFullError as exc:
-                await self.pause_for_space(exc)
             except LanshareError as exc:
-                self.fail(action.path, exc)
+                await self._not_applied(action.path, exc)
             else:
                 self.failures.pop(action.path, None)
+        if builds:
+            await self._build_all_from_local(builds)
         if allowed and deleted:
             await self._confirmed_deletions()
         elif deleted:
@@ -722,6 +727,85 @@ class FolderSync:
                 [deleteguard.Deletion(now, o, n, live) for o, n in sorted(deleted.items())]
             )
         return result, fetches, remotes
+
+    async def _not_applied(self, path: str, exc: LanshareError) -> None:
+        """An action on ``path`` failed: a local change is rescanned (and planned again),
+        a full disk pauses pulls, anything else fails the path (tried again later)."""
+        if isinstance(exc, LocalChangeError):
+            logger.info("folder %s: %s", self.root, exc)
+            await self.local_change(path)
+            self.dirty.set()
+        elif isinstance(exc, DiskFullError):
+            await self.pause_for_space(exc)
+        else:
+            self.fail(path, exc)
+
+    async def _build_all_from_local(self, actions: list[planner.BuildFromLocal]) -> None:
+        """Build files from local data, none replacing a conflict's loser: every block read
+        and written for all of them first, then all placed in one ``store.place`` (one
+        thread hop) and recorded in one commit. Each failure is that path's alone."""
+        for action in actions:
+            # A download of the path (planned before its content was found here) writes
+            # to the same temporary file: it stops first.
+            await self.downloads.give_up(action.record.path)
+            await self.own_write(action.record.path)
+        errors = await asyncio.to_thread(self._build_and_place, actions, self.engine.clock.time())
+        built = [a.record for a, error in zip(actions, errors, strict=True) if error is None]
+        if built:
+            try:
+                await self.commit(*built)
+            except LanshareError as exc:  # in place, not recorded: each fails and is retried
+                errors = [exc if error is None else error for error in errors]
+        for action, error in zip(actions, errors, strict=True):
+            if error is None:
+                self.failures.pop(action.path, None)
+            else:
+                self.withdraw_own_write(action.path)
+                await self._not_applied(action.path, error)
+
+    def _build_and_place(
+        self, actions: list[planner.BuildFromLocal], now: float
+    ) -> list[LanshareError | None]:
+        """:meth:`_build_all_from_local`'s disk work, blocking: for each action, None when
+        its file is in place, else why not (its temporary file is gone then)."""
+        errors: list[LanshareError | None] = [None] * len(actions)
+        ready: list[tuple[int, Placement]] = []
+        for i, action in enumerate(actions):
+            try:
+                assembly = self.store.begin(action.record)
+            except LanshareError as exc:
+                errors[i] = exc
+                continue
+            try:
+                written = self._copy_local_blocks(action, assembly)
+                ready.append((i, Placement(assembly, self.planned_now(action.replaces), written)))
+            except LanshareError as exc:
+                errors[i] = exc
+                assembly.close()
+                self.store.discard(action.record)
+        placed = self.store.place([placement for _, placement in ready], now)
+        for (i, placement), error in zip(ready, placed, strict=True):
+            if error is not None:
+                errors[i] = error
+                placement.assembly.close()
+                self.store.discard(actions[i].record)
+        return errors
+
+    def _copy_local_blocks(self, action: planner.BuildFromLocal, assembly: Assembly) -> set[int]:
+        """Copy ``action``'s blocks from local files into ``assembly`` (blocking); the
+        indexes of the blocks written, each checked against its hash as it was read."""
+        record = action.record
+        index_at = {block.offset: i for i, block in enumerate(record.blocks)}
+        written: set[int] = set()
+        for copy in action.copies:
+            source = Block(copy.source_offset, copy.size, copy.hash)
+            data = self.store.read_block(copy.source_path, source, record.hash_algo)
+            if data is None:
+                raise LocalChangeError(f"{copy.source_path} changed; {record.path} replanned")
+            block = VerifiedBlock(index_at[copy.offset], data)
+            self.store.write_verified(assembly, block)
+            written.add(block.index)
+        return written
 
     def fail(self, path: str, exc: LanshareError) -> None:
         """``path`` failed here: keep why, for ``status``, and when to try it again.
@@ -918,18 +1002,7 @@ class FolderSync:
         assembly = await asyncio.to_thread(self.store.begin, record)
         placed = False
         try:
-            index_at = {block.offset: i for i, block in enumerate(record.blocks)}
-            written: set[int] = set()
-            for copy in action.copies:
-                source = Block(copy.source_offset, copy.size, copy.hash)
-                data = await asyncio.to_thread(
-                    self.store.read_block, copy.source_path, source, record.hash_algo
-                )
-                if data is None:
-                    raise LocalChangeError(f"{copy.source_path} changed; {record.path} replanned")
-                block = VerifiedBlock(index_at[copy.offset], data)  # read_block checked it
-                await asyncio.to_thread(self.store.write_verified, assembly, block)
-                written.add(block.index)
+            written = await asyncio.to_thread(self._copy_local_blocks, action, assembly)
             planned = await self._planned(action.replaces)
             keep_as = conflict.conflict_name if conflict is not None else ""
             written_paths = (record.path, keep_as) if keep_as else (record.path,)

@@ -18,6 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lanshare.downloads import Downloads
+from lanshare.engine import FolderSync
 from lanshare.errors import DescriptorsExhausted
 from tests.enginesim import Cluster, converge, random_bytes
 
@@ -213,5 +214,49 @@ def test_a_file_that_meets_emfile_is_never_a_failure(tmp_path: Path) -> None:
                 assert loop.time() < deadline, "new downloads held back for good"
                 await asyncio.sleep(0.02)
             assert not sync.failures
+
+    asyncio.run(main())
+
+
+def test_files_built_from_local_data_are_placed_and_recorded_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b already holds the content of a's 300 new files (200 empty ones, 100 copies of a
+    file b has): it builds them all from local data, with no block on the wire, and records
+    them in a few commits, not one each; every file is whole, with a's modes."""
+    commits: list[int] = []
+    commit = FolderSync.commit
+
+    async def counting(self: FolderSync, *records: Any, **kwargs: Any) -> None:
+        commits.append(len(records))  # counted only
+        await commit(self, *records, **kwargs)
+
+    monkeypatch.setattr(FolderSync, "commit", counting)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=9) as cluster:
+            a, b = cluster.add(), cluster.add()
+            shared = random_bytes(9, 300_000)
+            a.write("shared.bin", shared)
+            b.write("shared.bin", shared)
+            await cluster.start()
+            await converge([a, b], 60)
+            assert b.engine is not None
+            for i in range(200):
+                a.write(f"empty/e{i:03d}", b"")
+            for i in range(100):
+                a.write(f"copies/c{i:03d}.bin", shared)
+            os.chmod(a.path("copies/c007.bin"), 0o600)
+            received = sum(b.counters.received.values())
+            commits.clear()
+            await a.scan()
+            await converge([a, b], 120)
+            assert sum(b.counters.received.values()) == received  # nothing on the wire
+            assert b.read("copies/c099.bin") == shared
+            assert b.read("empty/e199") == b""
+            assert b.path("copies/c007.bin").stat().st_mode & 0o777 == 0o600
+            # a's scan is one commit; b's 300 builds a handful (directories, then files).
+            assert len(commits) <= 8, commits
+            assert max(commits) >= 100, commits
 
     asyncio.run(main())
