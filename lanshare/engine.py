@@ -670,6 +670,9 @@ class FolderSync:
         if self.scope is not None:
             scope = self.scope
             actions = tuple(a for a in actions if _in_scope(a, scope))
+        if actions and self.state == "in_sync":
+            # Until the pass ends, whatever it applies is still to be done here.
+            self.state, self.reason = "syncing", ""
         # A failure whose path no longer needs an action here was settled another way (a
         # newer version, the path deleted): it is no problem any more.
         needed = {a.path for a in actions} | set(self.downloads.active) | self.downloads.committing

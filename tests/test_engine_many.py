@@ -260,3 +260,35 @@ def test_files_built_from_local_data_are_placed_and_recorded_together(
             assert max(commits) >= 100, commits
 
     asyncio.run(main())
+
+
+def test_a_folder_applying_a_plan_is_syncing_not_in_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a planning pass applies what it decided (here 200 files built from local
+    data), the folder's status says ``syncing``: it is not in sync until they are done."""
+    seen: list[str] = []
+    build = FolderSync._build_and_place
+
+    def watching(self: FolderSync, *args: Any) -> Any:
+        seen.append(self.status()["state"])  # observed only
+        return build(self, *args)
+
+    monkeypatch.setattr(FolderSync, "_build_and_place", watching)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=10) as cluster:
+            a, b = cluster.add(), cluster.add()
+            await cluster.start()
+            await converge([a, b], 60)
+            assert b.folder.status()["state"] == "in_sync"
+            for i in range(200):
+                a.write(f"empty/e{i:03d}", b"")
+            await a.scan()
+            await converge([a, b], 60)
+            assert b.path("empty/e199").exists()
+            assert seen
+            assert set(seen) == {"syncing"}, seen
+            assert b.folder.status()["state"] == "in_sync"
+
+    asyncio.run(main())
