@@ -229,11 +229,11 @@ class Exchange:
             return
         news = not link.listed
         if records:
-            link.known_sequence, same = await asyncio.to_thread(
+            link.known_sequence, differing = await asyncio.to_thread(
                 self._store_remote, event.peer, records
             )
             self.known[event.peer] = link.known_sequence
-            news = news or any(r.path not in same or self.folder.pending(r.path) for r in records)
+            news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
             news = True
             link.in_progress = in_progress
@@ -250,11 +250,12 @@ class Exchange:
             self.folder.dirty.set()
 
     def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
-        """Store a peer's records; its highest sequence now, and the paths of those it
-        holds exactly as we do. Blocking: call it in a thread."""
+        """Store a peer's records; its highest sequence now, and the paths of those that
+        differ from ours. Blocking: call it in a thread."""
         index = self.engine.index
         folder = self.folder.info.id
-        return index.remote_upsert(folder, peer, records), index.matching_local(folder, records)
+        top = index.remote_upsert(folder, peer, records)
+        return top, index.differing(folder, peer, (r.path for r in records))
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id

@@ -570,19 +570,6 @@ class Index:
         with self._read("read records") as conn:
             return {row[0]: _record(row) for row in _rows_of_paths(conn, query, folder, paths)}
 
-    def matching_local(self, folder: int, records: Iterable[FileRecord]) -> set[str]:
-        """The paths of ``records`` whose local record is the same entry: equal in every
-        field but the sequence (which numbers a change in each node's own index)."""
-        by_path = {r.path: _record_values(r) for r in records}
-        query = f"SELECT {_RECORD_COLUMNS} FROM local_files WHERE folder = ? AND path IN "
-        same: set[str] = set()
-        with self._read("compare records") as conn:
-            for row in _rows_of_paths(conn, query, folder, by_path):
-                theirs = by_path[row[0]]
-                if row[1:10] == theirs[1:10] and row[11] == theirs[11]:
-                    same.add(row[0])
-        return same
-
     def iter_records(self, folder: int) -> Iterator[FileRecord]:
         """Every local record of the folder (tombstones included), in path order.
 
@@ -909,16 +896,23 @@ class Index:
         has none, so this reads every remote record but decodes none."""
         with self._read("read the paths to plan") as conn:
             rows = conn.execute(
-                "SELECT DISTINCT r.path FROM remote_files r "
-                "LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path "
-                "WHERE r.folder = ? AND (l.path IS NULL OR r.type != l.type "
-                "OR r.size != l.size OR r.mtime_ns != l.mtime_ns OR r.mode != l.mode "
-                "OR r.symlink_target != l.symlink_target OR r.blocks != l.blocks "
-                "OR r.file_hash != l.file_hash OR r.hash_algo != l.hash_algo "
-                "OR r.version != l.version OR r.deleted != l.deleted) ORDER BY r.path",
+                f"SELECT DISTINCT r.path {_REMOTE_DIFFERING} WHERE r.folder = ? "
+                f"AND {_DIFFERS} ORDER BY r.path",
                 (folder,),
             ).fetchall()
         return [row[0] for row in rows]
+
+    def differing(self, folder: int, peer: bytes, paths: Iterable[str]) -> set[str]:
+        """Those of ``paths`` of which ``peer``'s stored record is another than ours (or we
+        hold none): the ones that may change a plan (see :meth:`paths_to_plan`)."""
+        query = f"SELECT r.path {_REMOTE_DIFFERING} WHERE r.folder = ? AND r.peer = ? AND "
+        with self._read("compare records") as conn:
+            return {
+                row[0]
+                for row in _rows_of_paths(
+                    conn, f"{query}{_DIFFERS} AND r.path IN ", (folder, peer), paths
+                )
+            }
 
     def remote_records_of(
         self, folder: int, paths: Iterable[str]
@@ -1240,20 +1234,34 @@ def _explain(path: Path, action: str, exc: sqlite3.Error) -> str:
     return f"index database {path}: cannot {action}: {text}{hint}"
 
 
+_REMOTE_DIFFERING: Final = (
+    "FROM remote_files r LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path"
+)
+_DIFFERS: Final = (
+    "(l.path IS NULL OR r.type != l.type OR r.size != l.size OR r.mtime_ns != l.mtime_ns "
+    "OR r.mode != l.mode OR r.symlink_target != l.symlink_target OR r.blocks != l.blocks "
+    "OR r.file_hash != l.file_hash OR r.hash_algo != l.hash_algo OR r.version != l.version "
+    "OR r.deleted != l.deleted)"
+)
+"""A remote record ``r`` another than the local one ``l`` in anything but the sequence (the
+columns are canonical encodings: equal columns are equal records)."""
+
 _PATHS_PER_QUERY: Final = 500
 """Paths bound in one ``IN (…)``: below SQLite's limit on a statement's variables."""
 
 
 def _rows_of_paths(
-    conn: sqlite3.Connection, query: str, folder: int, paths: Iterable[str]
+    conn: sqlite3.Connection, query: str, key: int | tuple[Any, ...], paths: Iterable[str]
 ) -> Iterator[Any]:
-    """The rows of ``query`` (``… folder = ? AND path IN``) for each of ``paths`` (each
-    once), a bounded number of paths per statement."""
+    """The rows of ``query`` (``… folder = ? AND path IN``; ``key`` the folder, or every
+    parameter before the paths) for each of ``paths`` (each once), a bounded number of paths
+    per statement."""
+    before = key if isinstance(key, tuple) else (key,)
     wanted = list(dict.fromkeys(paths))
     for start in range(0, len(wanted), _PATHS_PER_QUERY):
         chunk = wanted[start : start + _PATHS_PER_QUERY]
         marks = ",".join("?" * len(chunk))
-        yield from conn.execute(f"{query} ({marks})", (folder, *chunk)).fetchall()
+        yield from conn.execute(f"{query} ({marks})", (*before, *chunk)).fetchall()
 
 
 def _with_sequence(record: FileRecord, sequence: int) -> FileRecord:

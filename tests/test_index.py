@@ -258,7 +258,7 @@ def test_killed_writer_loses_only_uncommitted_work(tmp_path: Path) -> None:
         assert db.get(folder.id, "d") is not None
 
 
-def test_matching_local_names_the_records_held_exactly_as_here(tmp_path: Path) -> None:
+def test_differing_names_a_peers_records_other_than_ours(tmp_path: Path) -> None:
     with Index.open(tmp_path / "index.db") as db:
         folder = db.add_folder("/srv/a", "00" * 16).id
         mine = [_file("same", b"one"), _file("edited", b"two"), _file("touched", b"three")]
@@ -269,8 +269,13 @@ def test_matching_local_names_the_records_held_exactly_as_here(tmp_path: Path) -
             replace(mine[2], mtime_ns=mine[2].mtime_ns + 1),
             _file("new", b"four"),
         ]
-        assert db.matching_local(folder, theirs) == {"same"}
-        assert db.matching_local(folder, []) == set()
+        db.remote_upsert(folder, PEER_A, theirs)
+        paths = [r.path for r in theirs]
+        assert db.differing(folder, PEER_A, paths) == {"edited", "touched", "new"}
+        assert db.differing(folder, PEER_B, paths) == set()  # holds none of them
+        assert db.differing(folder, PEER_A, []) == set()
+        # The same judgement as the paths a plan reads.
+        assert set(db.paths_to_plan(folder)) == {"edited", "touched", "new"}
 
 
 def test_remote_records_are_kept_per_peer_and_survive_reopen(tmp_path: Path) -> None:
