@@ -752,7 +752,8 @@ class FolderSync:
             # to the same temporary file: it stops first.
             await self.downloads.give_up(action.record.path)
             await self.own_write(action.record.path)
-        errors = await asyncio.to_thread(self._build_and_place, actions, self.engine.clock.time())
+        builds = [(action, "") for action in actions]
+        errors = await asyncio.to_thread(self._build_and_place, builds, self.engine.clock.time())
         built = [a.record for a, error in zip(actions, errors, strict=True) if error is None]
         if built:
             try:
@@ -767,13 +768,14 @@ class FolderSync:
                 await self._not_applied(action.path, error)
 
     def _build_and_place(
-        self, actions: list[planner.BuildFromLocal], now: float
+        self, builds: list[tuple[planner.BuildFromLocal, str]], now: float
     ) -> list[LanshareError | None]:
-        """:meth:`_build_all_from_local`'s disk work, blocking: for each action, None when
+        """Build files from local data and place them, blocking: each build is an action
+        and the conflict name its target's loser keeps (``""``: none). For each, None when
         its file is in place, else why not (its temporary file is gone then)."""
-        errors: list[LanshareError | None] = [None] * len(actions)
+        errors: list[LanshareError | None] = [None] * len(builds)
         ready: list[tuple[int, Placement]] = []
-        for i, action in enumerate(actions):
+        for i, (action, keep_as) in enumerate(builds):
             try:
                 assembly = self.store.begin(action.record)
             except LanshareError as exc:
@@ -781,7 +783,8 @@ class FolderSync:
                 continue
             try:
                 written = self._copy_local_blocks(action, assembly)
-                ready.append((i, Placement(assembly, self.planned_now(action.replaces), written)))
+                planned = self.planned_now(action.replaces)
+                ready.append((i, Placement(assembly, planned, written, keep_as)))
             except LanshareError as exc:
                 errors[i] = exc
                 assembly.close()
@@ -791,7 +794,7 @@ class FolderSync:
             if error is not None:
                 errors[i] = error
                 placement.assembly.close()
-                self.store.discard(actions[i].record)
+                self.store.discard(builds[i][0].record)
         return errors
 
     def _copy_local_blocks(self, action: planner.BuildFromLocal, assembly: Assembly) -> set[int]:
@@ -1002,28 +1005,16 @@ class FolderSync:
         # A download of the path (planned before its content was found here) writes to the
         # same temporary file: it stops first.
         await self.downloads.give_up(record.path)
-        assembly = await asyncio.to_thread(self.store.begin, record)
-        placed = False
-        try:
-            written = await asyncio.to_thread(self._copy_local_blocks, action, assembly)
-            planned = await self._planned(action.replaces)
-            keep_as = conflict.conflict_name if conflict is not None else ""
-            written_paths = (record.path, keep_as) if keep_as else (record.path,)
-            for rel in written_paths:
-                await self.own_write(rel)
-            (error,) = await asyncio.to_thread(
-                self.store.place,
-                [Placement(assembly, planned, written, keep_as)],
-                self.engine.clock.time(),
-            )
-            if error is not None:
-                self.withdraw_own_write(*written_paths)
-                raise error
-            placed = True
-        finally:
-            assembly.close()
-            if not placed:  # no index row tracks this temporary file: it goes now
-                await asyncio.to_thread(self.store.discard, record)
+        keep_as = conflict.conflict_name if conflict is not None else ""
+        written_paths = (record.path, keep_as) if keep_as else (record.path,)
+        for rel in written_paths:
+            await self.own_write(rel)
+        (error,) = await asyncio.to_thread(
+            self._build_and_place, [(action, keep_as)], self.engine.clock.time()
+        )
+        if error is not None:
+            self.withdraw_own_write(*written_paths)
+            raise error
         if conflict is None:
             await self.commit(record)
         else:
