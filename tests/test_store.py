@@ -11,9 +11,10 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -780,6 +781,53 @@ def test_a_batch_is_placed_with_one_fsync_per_directory(
         assert (tmp_path / rel).read_bytes() == data
     assert (tmp_path / "b" / "edited.txt").read_bytes() == b"edited meanwhile\n"
     assert not any(n.startswith(TEMP_PREFIX) for n in visible_names(tmp_path / "a"))
+
+
+def test_the_files_of_a_batch_are_made_durable_side_by_side_before_any_is_placed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsyncs of a batch's files overlap (the file system commits them together), and
+    each ends before the first file is renamed into place."""
+    store = FolderStore(tmp_path)
+    batch = []
+    for i in range(8):
+        rel = f"f{i}.dat"
+        assembly = store.begin(record_for(rel, payload(100, seed=i)))
+        batch.append(
+            Placement(
+                assembly, LocalState(exists=False), write_all(store, assembly, payload(100, seed=i))
+            )
+        )
+    # The first two file fsyncs wait for each other: only fsyncs in progress at once get by.
+    together = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append("dir fsync")
+        else:
+            with lock:
+                first_two = events.count("file fsync") < 2
+                events.append("file fsync")
+            if first_two:
+                together.wait()
+        real_fsync(fd)
+
+    def rename(*args: Any, **kwargs: Any) -> None:
+        events.append("rename")
+        real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    errors = store.place(batch, NOW)
+    monkeypatch.undo()
+    assert errors == [None] * 8
+    assert events.count("file fsync") == 8
+    assert events.index("rename") > max(i for i, e in enumerate(events) if e == "file fsync")
+    for i in range(8):
+        assert (tmp_path / f"f{i}.dat").read_bytes() == payload(100, seed=i)
 
 
 # -- kill -9 in the middle of a placement ------------------------------------------------------
