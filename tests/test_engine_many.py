@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from lanshare.downloads import Downloads
 from lanshare.engine import FolderSync
 from lanshare.errors import DescriptorsExhausted
-from tests.enginesim import Cluster, converge, random_bytes
+from lanshare.scheduler import Scheduler
+from tests.enginesim import Cluster, LinkSpec, converge, random_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -292,3 +293,38 @@ def test_a_folder_applying_a_plan_is_syncing_not_in_sync(
             assert b.folder.status()["state"] == "in_sync"
 
     asyncio.run(main())
+
+
+def test_a_peer_gets_many_requests_at_once_and_is_measured_from_its_first_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a quiet spell, a peer holding many small files is asked for megabytes of them
+    at once (not two at a time until its rate is measured), and its first measured rate is
+    what it delivers, not diluted by the quiet spell before its first block."""
+    measured: list[tuple[int, float]] = []
+    update_rate = Scheduler.update_rate
+
+    def recording(self: Scheduler, peer: bytes, bytes_per_s: float) -> None:
+        measured.append((self.outstanding, bytes_per_s))
+        update_rate(self, peer, bytes_per_s)
+
+    monkeypatch.setattr(Scheduler, "update_rate", recording)
+    rate = 20e6
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=31) as cluster:
+            a, b = cluster.add(), cluster.add()
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=rate, queue_time=1.0))
+            await cluster.start()
+            await converge([a, b], 20)
+            await asyncio.sleep(10)  # nothing to fetch meanwhile (virtual time)
+            for i in range(600):  # 39 MB: about two seconds of the link
+                a.write(f"many/f{i:04d}.bin", random_bytes(i, 64 * 1024))
+            await a.scan()
+            await converge([a, b], 60)
+
+    asyncio.run(main())
+    assert measured, "the rate of the peer was measured during the transfer"
+    outstanding, first = measured[0]
+    assert outstanding >= 32, "requests in flight before the first measurement"
+    assert first >= rate / 4
