@@ -121,8 +121,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLAN_DEBOUNCE = 0.05
-"""Seconds a burst of changes is collected before one planning pass."""
+PLAN_DEBOUNCE = 0.02
+"""Seconds a burst of changes is collected before one planning pass (a peer's manifest
+answers to one announcement come within a few milliseconds of each other; passes that
+follow each other closely are spaced by ``PLAN_SPACING`` anyway)."""
 ANNOUNCE_INTERVAL = 0.1
 """Seconds between two announcements of a folder's new sequence: the first change after a
 quiet spell is announced at once, those that follow within this time together after it."""
@@ -286,6 +288,8 @@ class FolderSync:
                 limit=self.engine.io_limit,
                 fetch_only=restored or not self.engine.whole_folders,
                 now=self.engine.clock.time(),
+                progress=self._recorded_some,
+                clock=self.engine.now,
             )
         except LanshareError as exc:
             self.state, self.reason = "error", str(exc)
@@ -332,6 +336,14 @@ class FolderSync:
             self.announce_sequence()
         self.dirty.set()
         return summary
+
+    async def _recorded_some(self) -> None:
+        """A scan recorded part of what it found: peers fetch that while it reads the rest
+        (thousands of new files stream from the first ones hashed, not from the last)."""
+        self.server.invalidate()
+        await self._read_sequence()
+        await asyncio.to_thread(self._stamp_marker, self.sequence)
+        self.announce_sequence()
 
     async def _keep_orphans(self, orphans: Iterable[tuple[str, str]]) -> None:
         """Move files this node lost track of (``ScanSummary.orphans``) to their conflict

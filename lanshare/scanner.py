@@ -91,7 +91,7 @@ from lanshare.manifest import (
 from lanshare.planner import conflict_name, global_winner
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
     from lanshare.chunker import FileHashes
     from lanshare.config import FolderConfig
@@ -109,6 +109,10 @@ MAX_HASH_ATTEMPTS = 3
 COMMIT_BATCH = 4096
 """Paths per index transaction: large enough to be cheap, small enough that a long cold scan
 keeps its progress if it is interrupted."""
+
+COMMIT_INTERVAL = 0.05
+"""Seconds of hashing after which a scan that reports its progress records what it hashed
+so far, however little: peers fetch the first files of a big change while the rest is read."""
 
 GROUP_FILES = 128
 """Most files hashed in one thread hand-off (thread dispatch costs ~50 µs; a small file less)."""
@@ -270,6 +274,8 @@ async def scan_guarded(
     limit: asyncio.Semaphore | None = None,
     fetch_only: bool = False,
     now: float | None = None,
+    progress: Callable[[], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ScanSummary:
     """:func:`scan_path` judged by the folder's deletion history, kept in the index: read
     before, and after it the deletions made added (or, ``allow_mass_delete``: the user
@@ -304,6 +310,8 @@ async def scan_guarded(
         hash_file=hash_file,
         limit=limit,
         fetch_only=fetch_only,
+        progress=progress,
+        clock=clock,
     )
     if allow_mass_delete:
         await asyncio.to_thread(index.deletions_clear, folder)
@@ -333,6 +341,8 @@ async def scan_path(
     now: float = 0.0,
     allow_mass_delete: bool = False,
     fetch_only: bool = False,
+    progress: Callable[[], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
 
@@ -346,8 +356,11 @@ async def scan_path(
     why, and the records stay. The summary's ``deletion`` is what the caller adds to the
     history.
     ``fetch_only``: record no change of this node's own (see the module docstring, step 5).
+    ``progress``: awaited whenever part of the changes found was recorded before the scan's
+    end (at most every :data:`COMMIT_INTERVAL` seconds of ``clock``), so the caller can tell
+    peers while the rest is hashed; without it, changes are recorded in big transactions.
     """
-    started = time.monotonic()
+    started = clock()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
     current = (
         rules.rules
@@ -418,14 +431,23 @@ async def scan_path(
     pending_groups = iter(groups)
     semaphore = limit if limit is not None else asyncio.Semaphore(max(1, io_workers))
 
+    last_commit = clock()
+
     async def worker() -> None:
+        nonlocal last_commit
         for group in pending_groups:  # shared iterator: each group goes to one worker
             async with semaphore:
                 outcomes = await asyncio.to_thread(_hash_group, root, group, hasher)
             for outcome in outcomes:
                 run.take(outcome)
-            if len(run.pending) + len(run.gone) >= COMMIT_BATCH:
+            waiting = len(run.pending) + len(run.gone)
+            due = progress is not None and clock() - last_commit >= COMMIT_INTERVAL
+            if waiting >= COMMIT_BATCH or (waiting and due):
+                last_commit = clock()
+                recorded = run.recorded
                 await run.flush()
+                if progress is not None and run.recorded > recorded:
+                    await progress()
 
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -441,7 +463,7 @@ async def scan_path(
         raise first from first.__cause__
     await run.flush()
 
-    summary = run.summary(str(root), time.monotonic() - started)
+    summary = run.summary(str(root), clock() - started)
     if summary.deleted:
         made = deleteguard.Deletion(now, deleteguard.LOCAL, summary.deleted, live)
         summary = replace(summary, deletion=made)
@@ -602,6 +624,11 @@ class _Run:
             self.dirs += 1
         else:
             self.symlinks += 1
+
+    @property
+    def recorded(self) -> int:
+        """Changes recorded so far: new, changed and deleted paths."""
+        return self.new + self.changed + self.deleted
 
     def take(self, outcome: _Observed | _Problem | None) -> None:
         if outcome is None:  # vanished or replaced since the walk: the next scan sees it

@@ -457,6 +457,34 @@ def test_large_batches_commit_in_several_transactions(db: Index, root: Path) -> 
     assert len(db.records_since(folder, 0, count + 10)) == count
 
 
+def test_a_scan_reporting_progress_records_what_it_hashed_before_it_ends(
+    db: Index, root: Path
+) -> None:
+    """A scan given ``progress`` records the files hashed so far every ``COMMIT_INTERVAL``
+    (here: each tick of a clock that moves a second per reading), so peers can fetch them
+    while the rest is read; every file is recorded in the end."""
+    count = 3 * scanner.GROUP_FILES
+    for i in range(count):
+        (root / f"f{i:04d}").write_bytes(b"%d" % i)
+    folder = db.add_folder(root, "ab" * 16).id
+    seen_at_progress: list[int] = []
+    ticks = iter(range(10_000))
+
+    async def progress() -> None:
+        seen_at_progress.append(db.max_sequence(folder))
+
+    summary = asyncio.run(
+        scanner.scan_path(
+            db, folder, root, ME, io_workers=1, progress=progress, clock=lambda: next(ticks)
+        )
+    )
+    assert summary.new == count
+    assert seen_at_progress, "progress was reported before the scan ended"
+    assert 0 < seen_at_progress[0] < count
+    assert seen_at_progress == sorted(seen_at_progress)
+    assert db.max_sequence(folder) == count
+
+
 _CHILD = """
 import asyncio, json, sys
 from pathlib import Path
