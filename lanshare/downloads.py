@@ -95,8 +95,12 @@ REFILL_FRACTION = 4
 RATE_WINDOW = 1.0
 """Seconds over which a peer's delivery rate is measured."""
 RATE_IDLE = 2 * RATE_WINDOW
-"""Seconds without a delivered block after which a peer's rate shows as 0, and after which
-its next block starts a new measurement (the pause is not part of its rate)."""
+"""Seconds without a delivered block after which a peer's rate shows as 0."""
+RATE_GAP = 0.25
+"""Most seconds between two blocks of a peer counted in its rate: a longer gap is a pause
+(nothing was asked of it, or this side was busy), not slowness. A block of a peer slower
+than a block per ``RATE_GAP`` makes it look faster than it is, which only matters for
+peers the pipeline's floor (``SchedulerConfig.min_bytes``) sizes anyway."""
 ASSUMED_RATE = 40e6
 """Bytes per second a peer is taken to deliver until its rate is measured: a LAN peer.
 It sizes the first requests' pipeline (4 MB at the scheduler's 0.1 s of queue), so a
@@ -977,8 +981,10 @@ class Downloads:
 
     def _measure(self, peer: bytes, rate: _Rate, size: int) -> None:
         now = self.engine.now()
-        if now - rate.last_block_at >= RATE_IDLE:
-            rate.window_start, rate.window_bytes = now, 0
+        if not rate.window_bytes:
+            rate.window_start = now
+        elif now - rate.last_block_at > RATE_GAP:
+            rate.window_start += now - rate.last_block_at - RATE_GAP
         rate.last_block_at = now
         rate.window_bytes += size
         elapsed = now - rate.window_start
