@@ -571,12 +571,18 @@ class Downloads:
         index = self.engine.index
         outcomes: list[_Opened | LanshareError | None] = [None] * len(batch)
         assemblies: dict[int, tuple[Assembly, LocalState]] = {}
+        # One read each for the whole batch: other threads (the writer, placements) use the
+        # index in between, and a lock taken per file waits behind each of their transactions.
+        try:
+            olds = index.partials_of(self.folder.info.id, (action.path for action, _ in batch))
+        except LanshareError as exc:
+            return [exc] * len(batch)
         for i, (action, _) in enumerate(batch):
             record = action.record
             try:
                 planned = self.folder.planned_now(action.replaces)
                 temp = self.folder.store.temp_path(record)
-                old = index.partial_get(self.folder.info.id, record.path)
+                old = olds.get(record.path)
                 if old is not None and temp_of(old) != temp:
                     # A download of another version of this path was left behind (a crash, a
                     # local edit): its temporary file goes, or it would stay forever.
@@ -603,17 +609,33 @@ class Downloads:
                 assembly.close()
                 outcomes[i] = exc
             return outcomes
-        for i, (assembly, planned) in assemblies.items():
-            record = assembly.record
+        resumed: dict[int, set[int]] = {}
+        for i, (assembly, _) in assemblies.items():
             try:
                 done: set[int] = set()
                 if partials[i].verified:
                     done = self.folder.store.verified_blocks(assembly, set(partials[i].verified))
-                needed = [b for n, b in enumerate(record.blocks) if n not in done]
-                outcomes[i] = _Opened(assembly, planned, done, self._local_sources(needed))
+                resumed[i] = done
             except LanshareError as exc:
                 assembly.close()
                 outcomes[i] = exc
+        needed = {
+            block.hash
+            for i, done in resumed.items()
+            for n, block in enumerate(assemblies[i][0].record.blocks)
+            if n not in done
+        }
+        try:
+            found = index.first_locations(self.folder.info.id, needed)
+        except LanshareError as exc:
+            for i in resumed:
+                assemblies[i][0].close()
+                outcomes[i] = exc
+            return outcomes
+        sources = {h: LocalSource(location.path, location.offset) for h, location in found.items()}
+        for i, done in resumed.items():
+            assembly, planned = assemblies[i]
+            outcomes[i] = _Opened(assembly, planned, done, sources)
         return outcomes
 
     def _availability(
@@ -670,16 +692,6 @@ class Downloads:
             del self.active[download.path]
             if download.assembly is not None:
                 download.assembly.close()
-
-    def _local_sources(self, blocks: Iterable[Any]) -> dict[bytes, LocalSource]:
-        found: dict[bytes, LocalSource] = {}
-        for block in blocks:
-            if block.hash in found:
-                continue
-            for location in self.engine.index.find_block(block.hash, self.folder.info.id):
-                found[block.hash] = LocalSource(location.path, location.offset)
-                break
-        return found
 
     def pump(self) -> None:
         """Turn the scheduler's next steps into requests, cancels and local copies, and

@@ -783,6 +783,19 @@ class Index:
             rows = conn.execute(sql + " ORDER BY folder, path, idx", params).fetchall()
         return [BlockLocation(*row) for row in rows]
 
+    def first_locations(self, folder: int, hashes: Iterable[bytes]) -> dict[bytes, BlockLocation]:
+        """For each of ``hashes`` held by a live local file of ``folder``, where
+        :meth:`find_block` lists it first; in one read for all of them."""
+        query = (
+            "SELECT folder, path, idx, offset, size, hash FROM local_blocks "
+            "WHERE folder = ? AND hash IN"
+        )
+        found: dict[bytes, BlockLocation] = {}
+        with self._read("look up blocks") as conn:
+            for row in sorted(_rows_of_paths(conn, query, folder, hashes), key=lambda r: r[1:3]):
+                found.setdefault(row[5], BlockLocation(*row[:5]))
+        return found
+
     # -- remote records ----------------------------------------------------------------------
 
     def remote_peers(self, folder: int) -> list[RemotePeer]:
@@ -1071,6 +1084,20 @@ class Index:
         with self._read("read a partial download") as conn:
             return self._partial(conn, folder, path)
 
+    def partials_of(self, folder: int, paths: Iterable[str]) -> dict[str, Partial]:
+        """The partial downloads of those ``paths`` that have one, by path, in one read."""
+        query = "SELECT id, path, temp_name, file_hash FROM partials WHERE folder = ? AND path IN"
+        with self._read("read partial downloads") as conn:
+            rows = list(_rows_of_paths(conn, query, folder, paths))
+            verified: dict[int, set[int]] = {row[0]: set() for row in rows}
+            blocks = "SELECT partial, idx FROM partial_blocks WHERE partial IN"
+            for partial, idx in _rows_of_paths(conn, blocks, (), verified):
+                verified[partial].add(idx)
+        return {
+            row[1]: Partial(folder, row[1], row[2], row[3], frozenset(verified[row[0]]))
+            for row in rows
+        }
+
     def partials(self, folder: int) -> list[Partial]:
         """Every partial download of the folder (to resume or clean up after a restart)."""
         with self._read("list partial downloads") as conn:
@@ -1251,11 +1278,14 @@ _PATHS_PER_QUERY: Final = 500
 
 
 def _rows_of_paths(
-    conn: sqlite3.Connection, query: str, key: int | tuple[Any, ...], paths: Iterable[str]
+    conn: sqlite3.Connection,
+    query: str,
+    key: int | tuple[Any, ...],
+    paths: Iterable[str | bytes | int],
 ) -> Iterator[Any]:
     """The rows of ``query`` (``… folder = ? AND path IN``; ``key`` the folder, or every
     parameter before the paths) for each of ``paths`` (each once), a bounded number of paths
-    per statement."""
+    per statement. Any column compared with ``IN`` will do in place of the path."""
     before = key if isinstance(key, tuple) else (key,)
     wanted = list(dict.fromkeys(paths))
     for start in range(0, len(wanted), _PATHS_PER_QUERY):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lanshare.downloads import Downloads
 from lanshare.engine import FolderSync
 from lanshare.errors import DescriptorsExhausted
+from lanshare.index import Index
 from lanshare.scheduler import Scheduler
 from tests.enginesim import Cluster, LinkSpec, converge, random_bytes
 
@@ -51,13 +52,23 @@ def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
     monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
     opening_threads: set[int] = set()
     transactions: list[int] = []  # per batch: BEGINs issued by the thread opening it
+    reads: list[int] = []  # per batch: index reads (each takes the index's lock) by that thread
     batches: list[int] = []
     real_open = Downloads._open_downloads
+    real_read = Index._read
+
+    def counting_read(self: Index, action: str) -> Any:
+        if threading.get_ident() in opening_threads:
+            reads[-1] += 1
+        return real_read(self, action)
+
+    monkeypatch.setattr(Index, "_read", counting_read)
 
     @functools.wraps(real_open)
     def watched_open(self: Downloads, batch: list[Any]) -> list[Any]:
         opening_threads.add(threading.get_ident())
         transactions.append(0)
+        reads.append(0)
         try:
             return real_open(self, batch)
         finally:
@@ -86,6 +97,9 @@ def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
     assert opening_hops / count < 0.1, f"{opening_hops} thread hops to open {count} downloads"
     assert transactions
     assert max(transactions) == 1, transactions
+    # The partials and the local copies of a batch's files are looked up in one read each:
+    # a read per file waits, each time, behind the transactions of the writer and placements.
+    assert max(reads) <= 2, reads
 
 
 def test_never_more_downloads_open_than_the_bound_allows(tmp_path: Path) -> None:

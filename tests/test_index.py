@@ -209,6 +209,22 @@ def test_block_lookup_follows_content_and_deletion(db: Index) -> None:
     assert db.find_block(b"\x00" * 32) == []
 
 
+def test_first_locations_are_where_find_block_lists_each_hash_first(db: Index) -> None:
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    other = db.add_folder("/srv/b", "11" * 16).id
+    db.commit_changes(
+        folder,
+        [LocalChange(_file("z", b"AAAABBBB")), LocalChange(_file("sub/b", b"CCCCBBBBAAAA"))],
+    )
+    db.commit_changes(other, [LocalChange(_file("a", b"DDDD"))])
+    hashes = [hashlib.sha256(x).digest() for x in (b"AAAA", b"BBBB", b"CCCC", b"DDDD")]
+    found = db.first_locations(folder, [*hashes, b"\x00" * 32])
+    assert set(found) == set(hashes[:3])  # DDDD is only in the other folder
+    for h in hashes[:3]:
+        assert found[h] == db.find_block(h, folder)[0]
+    assert db.first_locations(folder, []) == {}
+
+
 def test_committed_changes_survive_a_crash_and_a_failed_batch_leaves_nothing(
     tmp_path: Path,
 ) -> None:
@@ -334,6 +350,8 @@ def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) 
         got = db.partial_get(info.id, "big.iso")
         assert got is not None
         p = got
+        both = db.partials_of(info.id, ["big.iso", "small.iso", "none", "big.iso"])
+        assert both == {"big.iso": p, "small.iso": db.partial_get(info.id, "small.iso")}
         assert p.verified == {0, 3, 4, 5}
         assert p.temp_name == ".lanshare-tmp-big.iso.1"
         assert p.file_hash == b"H" * 32
