@@ -27,6 +27,11 @@ Theory of operation
   copy); the folder's ``BlockWriter`` writes verified blocks and records them in the index
   in batches, one thread hop each, and only then are they announced (a HAVE, through the
   peer exchange) and counted done, so a crash resumes without fetching them again.
+* **Small files in memory.** A file of at most ``BUFFERED_MAX`` bytes with no download to
+  resume is held in memory (``store.Buffered``): no temporary file when it starts, its
+  blocks kept as they arrive (neither written nor recorded nor announced one by one), and
+  the whole file written, made durable and renamed by its placement. It keeps its download
+  slot until then, so the slots bound the memory held; a crash loses only what it held.
 * **Placement.** Finished files are placed in batches (``store.place``): each checked whole
   from the block hashes verified in memory, fsynced, and renamed into place only if the
   local file is still what the plan saw (otherwise the download is discarded and the next
@@ -71,7 +76,7 @@ from lanshare.scheduler import (
     SchedulerConfig,
 )
 from lanshare.scheduler import FailReason as BlockFail
-from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
+from lanshare.store import Assembly, Buffered, FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Mapping
@@ -108,6 +113,11 @@ folder of small files is asked for many files at a time from the first request o
 two at a time for the first second."""
 MAX_IN_PROGRESS_ANNOUNCED = 64
 """Downloads announced to peers for re-sharing (the newest of more than one block)."""
+BUFFERED_MAX = 128 * 1024
+"""Files up to this size are downloaded into memory and written only when they are placed
+(``store.Buffered``): no temporary file to create and size when they start, no write and no
+index transaction for their blocks. Each takes a download slot until it is placed, so the
+memory they hold is bounded by the slots (128 slots: 16 MiB)."""
 
 _OTHER_CONTENT = (
     "{} holds other content here than on the LAN; move it away to pull the LAN's version"
@@ -211,7 +221,7 @@ class Download:
     record: FileRecord
     planned: LocalState
     sources: tuple[bytes, ...]
-    assembly: Assembly | None = None
+    assembly: Assembly | Buffered | None = None
     done: set[int] = field(default_factory=set)
     writing: int = 0
     finishing: bool = False
@@ -245,7 +255,7 @@ class _Opened:
     """A download opened off the loop: its file, what the plan saw at its path, the blocks
     already verified in it (a resume) and where contents it needs already lie here."""
 
-    assembly: Assembly
+    assembly: Assembly | Buffered
     planned: LocalState
     done: set[int]
     local_sources: dict[bytes, LocalSource]
@@ -334,6 +344,10 @@ class Downloads:
             or path in self.committing
             or path in self.deferred
         )
+
+    def on_disk(self) -> dict[str, Download]:
+        """The downloads whose verified blocks are in their temporary files, by path."""
+        return {path: d for path, d in self.active.items() if not _buffered(d)}
 
     def busy(self) -> bool:
         """Whether a file is being fetched, waits to be, or is being put in place."""
@@ -465,7 +479,9 @@ class Downloads:
         return max(1, self.folder.store.assemblies.capacity // 2)
 
     def _free_slots(self) -> int:
-        fetching = sum(1 for d in self.active.values() if not d.finishing)
+        # A download held in memory keeps its slot until it is placed: the slots bound the
+        # memory held as they bound the descriptors.
+        fetching = sum(1 for d in self.active.values() if not d.finishing or _buffered(d))
         return self._slots() - fetching - len(self.opening)
 
     def _refill_at(self) -> int:
@@ -583,6 +599,9 @@ class Downloads:
                 planned = self.folder.planned_now(action.replaces)
                 temp = self.folder.store.temp_path(record)
                 old = olds.get(record.path)
+                if old is None and record.size <= BUFFERED_MAX:
+                    outcomes[i] = _Opened(Buffered(self.folder.store, record), planned, set(), {})
+                    continue
                 if old is not None and temp_of(old) != temp:
                     # A download of another version of this path was left behind (a crash, a
                     # local edit): its temporary file goes, or it would stay forever.
@@ -593,6 +612,8 @@ class Downloads:
                 break
             except LanshareError as exc:
                 outcomes[i] = exc
+        if not assemblies:
+            return outcomes
         try:
             with index.transaction():
                 partials = {
@@ -750,7 +771,12 @@ class Downloads:
             data = await asyncio.to_thread(self.folder.store.read_block, source.path, block, algo)
         else:
             other = self.active.get(source.file_id)
-            if other is not None and other.assembly is not None:
+            if other is not None and isinstance(other.assembly, Buffered):
+                # Kept in memory as it was verified: nothing on disk to read, or to change.
+                index = other.index_at.get(source.offset)
+                kept = None if index is None else other.assembly.block(index)
+                data = kept if kept is not None and len(kept) == target.size else None
+            elif other is not None and other.assembly is not None:
                 rel = FolderStore.temp_path(other.record)
                 data = await asyncio.to_thread(self.folder.store.read_block, rel, block, algo)
         if data is None:
@@ -786,7 +812,10 @@ class Downloads:
             return
         download.writing += 1
         try:
-            await self.writer.write(download.assembly, block)
+            if isinstance(download.assembly, Buffered):
+                download.assembly.keep(block)
+            else:
+                await self.writer.write(download.assembly, block)
         except IntegrityError:
             reason = BlockFail.INTEGRITY if peer is not None else BlockFail.LOCAL
             if peer is not None:
@@ -816,7 +845,8 @@ class Downloads:
             download.done.add(index)
             download.bytes_done += ref.size
         self._apply_steps(self.scheduler.on_block_done(ref, peer))
-        self.peers.block_verified(ref.hash)
+        if not _buffered(download):  # peers may ask for it now: it is in the temporary file
+            self.peers.block_verified(ref.hash)
         if download.complete:
             self._finish_soon(download)
         self.pump()
@@ -874,6 +904,8 @@ class Downloads:
                             self.committing.discard(download.path)
                     if self._placement_changes_plan(d for d, _ in placed):
                         self.folder.dirty.set()
+                    if any(_buffered(d) for d, _ in placed):
+                        self.pump()  # their slots are free now
         finally:
             self.placing = False
 
@@ -1039,7 +1071,12 @@ def _written_by_placement(download: Download) -> tuple[str, ...]:
 
 
 def _shareable(download: Download) -> bool:
-    return len(download.record.blocks) > 1
+    return len(download.record.blocks) > 1 and not _buffered(download)
+
+
+def _buffered(download: Download) -> bool:
+    """Whether ``download`` is held in memory until it is placed (nothing of it on disk)."""
+    return isinstance(download.assembly, Buffered)
 
 
 def _release(download: Download) -> None:

@@ -200,7 +200,7 @@ class FolderSync:
             reject=engine.endpoint.reject,
             kick=engine.kick,
             spawn=engine.spawn,
-            downloads=lambda: self.downloads.active,
+            downloads=lambda: self.downloads.on_disk(),
         )
         self.exchange = Exchange(self, engine, self.server)
         self.downloads = Downloads(self, engine, self.exchange)

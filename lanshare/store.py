@@ -20,7 +20,9 @@ Theory of operation
   from a temporary file after a restart are the exception: :meth:`FolderStore.verified_blocks`
   reads them again once, as nothing in memory vouches for them.
 * **Placing in batches.** :meth:`FolderStore.place` puts many finished downloads in place at
-  once: every temporary file is made whole and durable (mode, mtime, ``fsync``), then each
+  once: every temporary file is made whole and durable (mode, mtime, ``fsync``; many side by
+  side, as a file system commits fsyncs that wait together in one go; a small file held in
+  memory, :class:`Buffered`, is written to its temporary file first), then each
   one still wanted is renamed over its target, then each directory that received one is
   fsynced once. A crash before a directory's fsync may lose a rename (the temporary file or
   the old file is what the next start finds), never leave a partial file under a real name.
@@ -177,15 +179,86 @@ class Placement:
 
     ``planned`` is what the target was when the download was planned; ``verified`` the
     indexes of the blocks verified as they were written into the temporary file (in this
-    run, or read again when it resumed one).
+    run, or read again when it resumed one), or as they were kept in memory (``Buffered``).
     """
 
-    assembly: Assembly
+    assembly: Assembly | Buffered
     planned: LocalState
     verified: Collection[int]
     keep_as: str = ""
     """A conflict: the target (the local loser, as ``planned`` recorded it) is kept under
     this path in the same folder instead of being archived."""
+
+
+class Buffered:
+    """A download of a small file held in memory until it is placed: its temporary file is
+    written, made durable and renamed into place in one go by :meth:`FolderStore.place`.
+
+    A folder of thousands of small files saves, for each, a file created and sized when the
+    download starts, a write and a record of progress in the index; a crash loses what was
+    received (fetched again), never anything on disk.
+    """
+
+    def __init__(self, store: FolderStore, record: FileRecord) -> None:
+        self.record = record
+        self.temp_name = store.temp_name(record)
+        self._store = store
+        self._blocks: dict[int, bytes] = {}
+
+    def keep(self, block: VerifiedBlock) -> None:
+        """Hold ``block`` (verified where it came from) until the file is placed.
+
+        Raises:
+            IntegrityError: the bytes are not the block's size.
+        """
+        expected = self.record.blocks[block.index].size
+        if len(block.data) != expected:
+            raise IntegrityError(
+                f"block {block.index} of {self.record.path} has {len(block.data)} bytes, "
+                f"not {expected}"
+            )
+        self._blocks[block.index] = bytes(block.data)
+
+    def block(self, index: int) -> bytes | None:
+        """The bytes kept of block ``index``, if any."""
+        return self._blocks.get(index)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[tuple[int, int]]:
+        """``(-1, dir_fd)``: the directory the file goes to (the file itself is not open)."""
+        parent, _ = _split(self.record.path)
+        with self._store._dir(parent) as dir_fd:
+            yield -1, dir_fd
+
+    def close(self) -> None:
+        """Let go of the bytes (nothing is open)."""
+        self._blocks.clear()
+
+    def write(self) -> None:
+        """Write the file under its temporary name, with its mode and mtime, durably.
+        Blocking: :meth:`FolderStore.place` calls it."""
+        record = self.record
+        parent, _ = _split(record.path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with self._store._dir(parent, create=True) as dir_fd:
+            with _name_directory(parent):
+                fd = os.open(self.temp_name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                for index, block in enumerate(record.blocks):
+                    data = memoryview(self._blocks[index])
+                    offset = block.offset
+                    while data:
+                        written = os.pwrite(fd, data, offset)
+                        data, offset = data[written:], offset + written
+                os.fchmod(fd, stat.S_IMODE(record.mode) or 0o644)
+                os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):  # a half-written file is no use to anyone
+                    os.unlink(self.temp_name, dir_fd=dir_fd)
+                raise
+            finally:
+                os.close(fd)
 
 
 class Assembly:
@@ -649,13 +722,17 @@ class FolderStore:
 
     @staticmethod
     def _seal(item: Placement) -> LanshareError | None:
-        """Check a finished temporary file whole and make it durable with its metadata;
-        what kept it from being placed, if anything."""
+        """Check a finished temporary file whole and make it durable with its metadata (a
+        ``Buffered`` one is written first); what kept it from being placed, if anything."""
         assembly = item.assembly
         record = assembly.record
         if not _whole_file_matches(item.verified, record):
             return IntegrityError(f"assembled {record.path} does not match its file hash")
         try:
+            if isinstance(assembly, Buffered):
+                with _os_errors():
+                    assembly.write()
+                return None
             with _os_errors(), assembly.lease() as (fd, _):
                 os.fchmod(fd, stat.S_IMODE(record.mode) or 0o644)
                 os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))

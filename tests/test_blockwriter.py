@@ -24,7 +24,7 @@ from lanshare.index import Index
 from lanshare.manifest import EntryType, FileRecord
 from lanshare.protocol.connection import Session
 from lanshare.store import FolderStore, LocalState, Placement, VerifiedBlock
-from tests.enginesim import Cluster, SimNode, random_bytes, wait_for
+from tests.enginesim import Cluster, LinkSpec, SimNode, random_bytes, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -392,6 +392,8 @@ def test_a_received_block_is_hashed_once_with_few_hops_and_no_io_on_the_loop(
             c = cluster.add(whole_folders=False)
             data = random_bytes(11, size)
             a.write("big.bin", data)
+            # Slow enough (1.5 s of virtual time) that C comes up while the file downloads.
+            cluster.network.set_link(a.addr, b.addr, LinkSpec(rate=32 * MiB, queue_time=1.0))
             await a.start()
             probe = ReceiverProbe(monkeypatch, a, b)
             probe.count_hops(asyncio.get_running_loop())

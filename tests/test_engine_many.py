@@ -17,7 +17,8 @@ import resource
 import threading
 from typing import TYPE_CHECKING, Any
 
-from lanshare.downloads import Downloads
+from lanshare.blockwriter import BlockWriter
+from lanshare.downloads import BUFFERED_MAX, Downloads
 from lanshare.engine import FolderSync
 from lanshare.errors import DescriptorsExhausted
 from lanshare.index import Index
@@ -41,7 +42,9 @@ def small_files(node: SimNode, count: int, size: int = 1500) -> None:
 def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    count = 400
+    """Files too big to be held in memory: each gets its temporary file and partial record
+    when it starts, many per thread hop and index transaction."""
+    count = 300
     hops: list[str] = []
     real_to_thread = asyncio.to_thread
 
@@ -84,7 +87,7 @@ def test_downloads_open_in_batches_one_hop_and_one_transaction_each(
     async def main() -> None:
         async with Cluster(tmp_path, seed=11) as cluster:
             a, b = cluster.add(), cluster.add()
-            small_files(a, count)
+            small_files(a, count, BUFFERED_MAX + 1)
             await cluster.start()
             assert b.index is not None
             b.index._conn.set_trace_callback(trace)  # type: ignore[union-attr]
@@ -139,6 +142,51 @@ def test_never_more_downloads_open_than_the_bound_allows(tmp_path: Path) -> None
     asyncio.run(main())
 
 
+def test_small_files_are_held_in_memory_and_written_once_when_placed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files up to ``BUFFERED_MAX``: no temporary file made nor partial download recorded
+    when they start, no block written by the writer; each is written, made durable and put
+    in place in one go, and all arrive. Each keeps its download slot until it is placed
+    (4 slots here), so the memory they hold stays bounded however slow placing is."""
+    count = 200
+    begun: list[str] = []
+    written: list[str] = []
+    real_begin = Index.partial_begin
+    real_write = BlockWriter.write
+
+    def counting_begin(self: Index, folder: int, path: str, *args: Any) -> Any:
+        begun.append(path)
+        return real_begin(self, folder, path, *args)
+
+    async def counting_write(self: BlockWriter, assembly: Any, block: Any) -> None:
+        written.append(assembly.record.path)
+        await real_write(self, assembly, block)
+
+    monkeypatch.setattr(Index, "partial_begin", counting_begin)
+    monkeypatch.setattr(BlockWriter, "write", counting_write)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=17) as cluster:
+            a, b = cluster.add(), cluster.add(open_assemblies=8)
+            small_files(a, count, 20_000)
+            await cluster.start()
+            peak_held = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 240
+            while arrived(b) < count:
+                assert loop.time() < deadline, "files did not arrive"
+                downloads = b.folder.downloads
+                peak_held = max(peak_held, len(downloads.active) + len(downloads.opening))
+                await asyncio.sleep(0.005)
+            await converge([a, b], 60)
+            assert peak_held <= 4
+
+    asyncio.run(main())
+    assert begun == []
+    assert written == []
+
+
 def arrived(node: SimNode) -> int:
     """Files in place on ``node`` (0 while this process has no descriptor to look)."""
     try:
@@ -164,8 +212,9 @@ def no_free_descriptor() -> Any:
 def test_out_of_descriptors_holds_downloads_back_never_fails_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The first batch B opens meets a real EMFILE: the files wait and start a moment
-    later, none is ever a failure in status, and all arrive."""
+    """The first batch B opens meets a real EMFILE (files too big to be held in memory:
+    each needs its temporary file open): the files wait and start a moment later, none is
+    ever a failure in status, and all arrive."""
     count = 60
     squeezed: list[int] = []
     real_open = Downloads._open_downloads
@@ -180,7 +229,7 @@ def test_out_of_descriptors_holds_downloads_back_never_fails_them(
     async def main() -> None:
         async with Cluster(tmp_path, seed=13) as cluster:
             a, b = cluster.add(), cluster.add()
-            small_files(a, count)
+            small_files(a, count, BUFFERED_MAX + 1)
             await cluster.start([a])
             await b.start_idle()
             monkeypatch.setattr(Downloads, "_open_downloads", open_without_descriptors)

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import random
+import resource
 import shutil
 import signal
 import stat
@@ -26,6 +27,7 @@ from lanshare.paths import TEMP_PREFIX
 from lanshare.store import (
     VERSIONS_DIR,
     Assembly,
+    Buffered,
     FolderStore,
     LocalState,
     Placement,
@@ -86,7 +88,17 @@ def write_all(store: FolderStore, assembly: Assembly, data: bytes) -> set[int]:
     return write(store, assembly, data, range(len(assembly.record.blocks)))
 
 
-def place(store: FolderStore, assembly: Assembly, planned: LocalState, verified: set[int]) -> None:
+def buffered(store: FolderStore, record: FileRecord, data: bytes) -> tuple[Buffered, set[int]]:
+    """A download of ``record`` held in memory, every block of ``data`` kept."""
+    held = Buffered(store, record)
+    for i, block in enumerate(record.blocks):
+        held.keep(VerifiedBlock(i, data[block.offset : block.offset + block.size]))
+    return held, set(range(len(record.blocks)))
+
+
+def place(
+    store: FolderStore, assembly: Assembly | Buffered, planned: LocalState, verified: set[int]
+) -> None:
     """Place one download, raising what kept it out."""
     (error,) = store.place([Placement(assembly, planned, verified)], NOW)
     if error is not None:
@@ -119,6 +131,52 @@ def test_download_lands_atomically_with_mode_and_mtime(tmp_path: Path) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o640
     assert st.st_mtime_ns == record.mtime_ns
     assert not any(name.startswith(TEMP_PREFIX) for name in visible_names(tmp_path))
+
+
+def test_a_download_held_in_memory_lands_whole_with_mode_and_mtime(tmp_path: Path) -> None:
+    """Written under its temporary name, made durable and renamed in one placement, into a
+    directory made for it; nothing of it on disk before."""
+    data = payload(600_000)
+    record = record_for("new/dir/small.bin", data)
+    assert len(record.blocks) > 1
+    store = FolderStore(tmp_path)
+    held, verified = buffered(store, record, data)
+    assert not (tmp_path / "new").exists()
+    place(store, held, LocalState(exists=False), verified)
+    target = tmp_path / "new" / "dir" / "small.bin"
+    assert target.read_bytes() == data
+    st = target.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_mtime_ns == record.mtime_ns
+    assert not any(n.startswith(TEMP_PREFIX) for n in visible_names(tmp_path / "new" / "dir"))
+
+
+def test_a_block_held_in_memory_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
+    data = payload(100_000)
+    held = Buffered(FolderStore(tmp_path), record_for("f.bin", data))
+    with pytest.raises(IntegrityError):
+        held.keep(VerifiedBlock(0, data[:-1]))
+    assert held.block(0) is None
+
+
+def test_a_download_held_in_memory_that_cannot_be_written_leaves_no_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """The write fails half way (the process may not write files that big): the placement
+    reports it, the half-written temporary file goes, and the target is untouched."""
+    data = payload(100_000)
+    store = FolderStore(tmp_path)
+    held, verified = buffered(store, record_for("f.bin", data), data)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+    try:
+        (error,) = store.place([Placement(held, LocalState(exists=False), verified)], NOW)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert isinstance(error, StorageError)
+    assert visible_names(tmp_path) == set()
 
 
 def test_a_block_of_the_wrong_size_is_refused_and_not_written(tmp_path: Path) -> None:
@@ -839,13 +897,19 @@ REPLACED = b"the version here, replaced by the download\n" * 100
 ARRIVED = payload(300_000, seed=7)
 
 
-def place_and_die(root: Path, kill_before: int, keep_as: str) -> None:
-    """In a child process: place a download of ``doc.txt`` over the file there, killed with
-    SIGKILL just before the ``kill_before``-th call that changes the folder."""
+def place_and_die(root: Path, kill_before: int, keep_as: str, held: str = "") -> None:
+    """In a child process: place a download of ``doc.txt`` over the file there (``held``:
+    one held in memory until then), killed with SIGKILL just before the ``kill_before``-th
+    call that changes the folder."""
     planned = state_of(root, "doc.txt")
     store = FolderStore(root)
-    assembly = store.begin(record_for("doc.txt", ARRIVED))
-    verified = write_all(store, assembly, ARRIVED)
+    record = record_for("doc.txt", ARRIVED)
+    assembly: Assembly | Buffered
+    if held:
+        assembly, verified = buffered(store, record, ARRIVED)
+    else:
+        assembly = store.begin(record)
+        verified = write_all(store, assembly, ARRIVED)
     seen = 0
 
     def hook(event: str, args: tuple[object, ...]) -> None:
@@ -868,9 +932,10 @@ def regular_files(root: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.parametrize("held", ["", "in memory"], ids=["temporary file", "held in memory"])
 @pytest.mark.parametrize("keep_as", ["", CONFLICT_COPY], ids=["archive", "conflict"])
 def test_a_kill_at_any_point_of_a_placement_leaves_old_or_new_under_the_name(
-    tmp_path: Path, keep_as: str
+    tmp_path: Path, keep_as: str, held: str
 ) -> None:
     """Killed before each change a placement makes in turn, then once let to finish: the
     path always holds the replaced file or the whole new one (never nothing: a scan would
@@ -888,10 +953,11 @@ def test_a_kill_at_any_point_of_a_placement_leaves_old_or_new_under_the_name(
                 sys.executable,
                 "-c",
                 "import sys; from pathlib import Path; from tests.test_store import "
-                "place_and_die; place_and_die(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])",
+                "place_and_die; place_and_die(Path(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])",
                 str(root),
                 str(kill_before),
                 keep_as,
+                held,
             ],
             cwd=repo,
             capture_output=True,
