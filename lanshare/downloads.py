@@ -10,8 +10,9 @@ Theory of operation
   one of another version replaces it (its verified blocks kept when the content is the same).
   Downloads no plan wants any more are abandoned, their temporary files discarded.
 * **Opening.** Each download is a temporary file (``store.Assembly``). Open files are a
-  bounded resource: at most half as many downloads are fetched at once as the store keeps
-  files open (``store.OpenAssemblies``, sized from ``RLIMIT_NOFILE``); the plan's other
+  bounded resource: at most half as many downloads are in hand at once (from their start
+  until they are placed) as the store keeps files open (``store.OpenAssemblies``, sized
+  from ``RLIMIT_NOFILE``); the plan's other
   fetches wait in its order and start as slots free, a batch at a time (one thread hop and
   one index transaction for many files), so thousands of small files stream as one workload.
   A process out of descriptors (``EMFILE``/``ENFILE``) holds new downloads back for
@@ -473,16 +474,13 @@ class Downloads:
         return True
 
     def _slots(self) -> int:
-        """Downloads fetched at once: each one keeps its temporary file open, and the
-        store's bound on open files must hold them all with as many again being put in
-        place."""
+        """Downloads in hand at once, from their start until they are placed: each keeps
+        its temporary file open (half the store's bound on open files, the rest for the
+        files being read and served) or its bytes in memory, so the slots bound both."""
         return max(1, self.folder.store.assemblies.capacity // 2)
 
     def _free_slots(self) -> int:
-        # A download held in memory keeps its slot until it is placed: the slots bound the
-        # memory held as they bound the descriptors.
-        fetching = sum(1 for d in self.active.values() if not d.finishing or _buffered(d))
-        return self._slots() - fetching - len(self.opening)
+        return self._slots() - len(self.active) - len(self.opening)
 
     def _refill_at(self) -> int:
         """Free slots worth a thread hop: a batch, not one hop per finished file."""
@@ -904,8 +902,7 @@ class Downloads:
                             self.committing.discard(download.path)
                     if self._placement_changes_plan(d for d, _ in placed):
                         self.folder.dirty.set()
-                    if any(_buffered(d) for d, _ in placed):
-                        self.pump()  # their slots are free now
+                    self.pump()  # their slots are free now
         finally:
             self.placing = False
 
