@@ -110,7 +110,15 @@ from lanshare.serving import BlockReader, BlockServer
 from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+    from collections.abc import (
+        Awaitable,
+        Callable,
+        Collection,
+        Coroutine,
+        Iterable,
+        Mapping,
+        Sequence,
+    )
 
     from lanshare.clock import Clock, Timer
     from lanshare.config import Config, FolderConfig
@@ -337,10 +345,11 @@ class FolderSync:
         self.dirty.set()
         return summary
 
-    async def _recorded_some(self) -> None:
-        """A scan recorded part of what it found: peers fetch that while it reads the rest
-        (thousands of new files stream from the first ones hashed, not from the last)."""
-        self.server.invalidate()
+    async def _recorded_some(self, paths: Sequence[str]) -> None:
+        """A scan recorded part of what it found (among ``paths``): peers fetch that while
+        it reads the rest (thousands of new files stream from the first ones hashed, not
+        from the last)."""
+        self.server.invalidate(paths)
         await self._read_sequence()
         await asyncio.to_thread(self._stamp_marker, self.sequence)
         self.announce_sequence()

@@ -274,7 +274,7 @@ async def scan_guarded(
     limit: asyncio.Semaphore | None = None,
     fetch_only: bool = False,
     now: float | None = None,
-    progress: Callable[[], Awaitable[None]] | None = None,
+    progress: Callable[[Sequence[str]], Awaitable[None]] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ScanSummary:
     """:func:`scan_path` judged by the folder's deletion history, kept in the index: read
@@ -341,7 +341,7 @@ async def scan_path(
     now: float = 0.0,
     allow_mass_delete: bool = False,
     fetch_only: bool = False,
-    progress: Callable[[], Awaitable[None]] | None = None,
+    progress: Callable[[Sequence[str]], Awaitable[None]] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ScanSummary:
     """Scan the tree at ``root`` into the index's folder ``folder`` (a row id).
@@ -356,9 +356,10 @@ async def scan_path(
     why, and the records stay. The summary's ``deletion`` is what the caller adds to the
     history.
     ``fetch_only``: record no change of this node's own (see the module docstring, step 5).
-    ``progress``: awaited whenever part of the changes found was recorded before the scan's
-    end (at most every :data:`COMMIT_INTERVAL` seconds of ``clock``), so the caller can tell
-    peers while the rest is hashed; without it, changes are recorded in big transactions.
+    ``progress``: awaited with the paths compared whenever part of the changes found was
+    recorded before the scan's end (at most every :data:`COMMIT_INTERVAL` seconds of
+    ``clock``), so the caller can tell peers while the rest is hashed; without it, changes
+    are recorded in big transactions.
     """
     started = clock()
     hasher: HashFile = hash_file if hash_file is not None else chunker.hash_file
@@ -445,9 +446,9 @@ async def scan_path(
             if waiting >= COMMIT_BATCH or (waiting and due):
                 last_commit = clock()
                 recorded = run.recorded
-                await run.flush()
+                compared = await run.flush()
                 if progress is not None and run.recorded > recorded:
-                    await progress()
+                    await progress(compared)
 
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -643,7 +644,8 @@ class _Run:
         self.count_file(outcome.size, len(outcome.hashes.blocks))
         self.pending.append(outcome)
 
-    async def flush(self) -> None:
+    async def flush(self) -> list[str]:
+        """Record what is pending; the paths compared (recorded if they changed)."""
         observed, self.pending = self.pending, []
         gone, self.gone = self.gone, []
         if observed or gone:
@@ -654,6 +656,7 @@ class _Run:
         forget, self.forget = self.forget, []
         if forget:
             self.forgotten += await asyncio.to_thread(self.index.forget, self.folder, forget)
+        return [o.rel for o in observed] + gone
 
     def _commit(self, observed: list[_Observed], gone: list[str]) -> tuple[int, int, int]:
         """Compare with the full old records and store, in one transaction (in a thread)."""

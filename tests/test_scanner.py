@@ -27,7 +27,7 @@ from lanshare.manifest import EntryType, FileRecord, VersionVector
 from lanshare.paths import MARKER
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from lanshare.chunker import FileHashes
 
@@ -470,7 +470,8 @@ def test_a_scan_reporting_progress_records_what_it_hashed_before_it_ends(
     seen_at_progress: list[int] = []
     ticks = iter(range(10_000))
 
-    async def progress() -> None:
+    async def progress(paths: Sequence[str]) -> None:
+        assert len(paths) == db.max_sequence(folder) - (seen_at_progress or [0])[-1]
         seen_at_progress.append(db.max_sequence(folder))
 
     summary = asyncio.run(
