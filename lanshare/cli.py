@@ -11,6 +11,11 @@ file at all, the user's own socket is tried, then the system service's
 (``config.user_control_sockets``), so members of the service's group need no config. ``ls``,
 ``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or the offline
 scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds it.
+
+Printing: in human output every string that peers, the index or the disk chose (names, paths,
+addresses, reasons, error messages) goes through ``lanshare.text.printable``, so it cannot act
+on the terminal, split a line or hide behind a bidi override; ``--json`` prints values exactly.
+The log's formatter escapes each log message the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lanshare.errors import (
     LanshareError,
     UsageError,
 )
+from lanshare.text import PrintableFormatter, printable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -172,10 +178,10 @@ def init(
     try:
         marker.write(folder, keys.folder_id(raw))
     except LanshareError as exc:
-        typer.echo(f"lanshare: warning: {exc}", err=True)
+        typer.echo(f"lanshare: warning: {printable(str(exc))}", err=True)
     verb = "Joined" if key is not None else "Created"
-    typer.echo(f"{verb} shared folder {folder}")
-    typer.echo(f"Config: {config_path}")
+    typer.echo(f"{verb} shared folder {printable(str(folder))}")
+    typer.echo(f"Config: {printable(str(config_path))}")
     if key is None:
         typer.echo("Folder key (give it to your other machines: lanshare init FOLDER --key KEY):")
     typer.echo(key_text)
@@ -228,7 +234,7 @@ def scan(
         return
     for s in summaries:
         typer.echo(
-            f"{s['path']}: {s['files']} files, {s['dirs']} dirs, {_size(s['bytes'])} in "
+            f"{printable(s['path'])}: {s['files']} files, {s['dirs']} dirs, {_size(s['bytes'])} in "
             f"{s['blocks']} blocks; {s['new']} new, {s['changed']} changed, "
             f"{s['deleted']} deleted ({s['seconds']:.2f} s)"
         )
@@ -300,7 +306,8 @@ def daemon(
         for folder in cfg.folders:
             _make_folder(folder.path)
             typer.echo(
-                f"No config found: created {cfg.source} sharing {folder.path}\n"
+                f"No config found: created {printable(str(cfg.source))} sharing "
+                f"{printable(str(folder.path))}\n"
                 f"Folder key (give it to your other machines: lanshare init FOLDER --key KEY):\n"
                 f"{folder.key}",
                 err=True,
@@ -335,7 +342,9 @@ def ls(
     for entry in entries:
         peers = len(entry["peers"])
         size = _size(entry["size"]) if entry["type"] == "file" else entry["type"]
-        typer.echo(f"{entry['state']:<10} {size:>10} {peers:>2} peer(s)  {entry['path']}")
+        typer.echo(
+            f"{entry['state']:<10} {size:>10} {peers:>2} peer(s)  {printable(entry['path'])}"
+        )
 
 
 @app.command()
@@ -396,23 +405,23 @@ def status(
 
 def _print_status(result: dict[str, Any]) -> None:
     node = result.get("node", {})
-    typer.echo(f"node {node.get('name', '?')} ({node.get('id', '?')})")
+    typer.echo(f"node {printable(node.get('name', '?'))} ({node.get('id', '?')})")
     for folder in result["folders"]:
-        line = f"{folder['path']}: {folder['state']}"
+        line = f"{printable(folder['path'])}: {folder['state']}"
         if folder["need_files"]:
             line += f", needs {folder['need_files']} file(s), {_size(folder['need_bytes'])}"
         if folder.get("conflicts"):
             line += f", {folder['conflicts']} conflict(s)"
         if folder["reason"]:
-            line += f" ({folder['reason']})"
+            line += f" ({printable(folder['reason'])})"
         typer.echo(line)
         for peer in folder["peers"]:
             rate = f"{_size(peer['rate'])}/s" if peer["rate"] else "idle"
-            typer.echo(f"  peer {peer['name'] or peer['id']}: {rate}")
+            typer.echo(f"  peer {printable(peer['name'] or peer['id'])}: {rate}")
         for problem in folder.get("problems", [])[:10]:
-            typer.echo(f"  ! {problem['path']}: {problem['problem']}")
+            typer.echo(f"  ! {printable(problem['path'])}: {printable(problem['problem'])}")
         for copy in folder.get("conflict_paths", [])[:10]:
-            typer.echo(f"  conflict copy: {copy} (delete or rename it once resolved)")
+            typer.echo(f"  conflict copy: {printable(copy)} (delete or rename it once resolved)")
 
 
 @app.command()
@@ -453,11 +462,13 @@ def peers(
     if not found:
         typer.echo("no peers found")
     for peer in found:
-        addresses = ", ".join(peer["addresses"])
+        addresses = printable(", ".join(peer["addresses"]))
         state = peer["state"]
         if state == "incompatible":
-            state += f" (protocol {peer.get('protocol')}, this node {PROTOCOL_VERSION})"
-        typer.echo(f"{peer['name'] or peer['id']:<24} {state:<12} {addresses}")
+            state += (
+                f" (protocol {printable(str(peer.get('protocol')))}, this node {PROTOCOL_VERSION})"
+            )
+        typer.echo(f"{printable(peer['name'] or peer['id']):<24} {state:<12} {addresses}")
 
 
 @app.command()
@@ -488,10 +499,12 @@ def resume(
     waiting = {str(f["path"]): str(f["reason"]) for f in result.get("unconfirmed", [])}
     for folder in result["resumed"]:
         if folder not in waiting:
-            typer.echo(f"resumed {folder}")
+            typer.echo(f"resumed {printable(folder)}")
     for folder, reason in waiting.items():
+        shown = printable(folder)
         typer.echo(
-            f"{folder} stays paused ({reason}); to confirm, name it: lanshare resume {folder}",
+            f"{shown} stays paused ({printable(reason)}); to confirm, name it: "
+            f"lanshare resume {shown}",
             err=True,
         )
 
@@ -510,7 +523,8 @@ class _PullProgress:
         )
 
         self._bar = Progress(
-            TextColumn("{task.description}", justify="left"),
+            # A file's name is the peer's: shown escaped, and never read as rich markup.
+            TextColumn("{task.description}", justify="left", markup=False),
             BarColumn(bar_width=20),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -530,7 +544,7 @@ class _PullProgress:
     def update(self, update: dict[str, Any]) -> None:
         rows = update.get("files", [])
         for row in rows:
-            name = str(row["path"]).rsplit("/", 1)[-1][:24]
+            name = printable(str(row["path"]).rsplit("/", 1)[-1])[:24]
             task = self._tasks.get(row["path"])
             if task is None:
                 task = self._tasks[row["path"]] = self._bar.add_task(name, total=row["size"])
@@ -671,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     except LanshareError as exc:
         if show_traceback:
             traceback.print_exc()
-        typer.echo(f"lanshare: {exc}", err=True)
+        typer.echo(f"lanshare: {printable(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("lanshare: interrupted", err=True)
@@ -702,7 +716,10 @@ def _setup_logging(debug: bool, level_name: str = "warning", *, daemon: bool = F
     level = logging.DEBUG if debug else logging.getLevelNamesMapping()[level_name.upper()]
     # journald adds its own time stamps; a terminal user sees the same short lines.
     fmt = "%(levelname)s %(name)s: %(message)s" if daemon else "%(levelname)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, force=True)
+    # A log line quotes peers' names and paths: they must not forge lines or drive terminals.
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _print_json(value: object) -> None:

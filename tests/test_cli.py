@@ -19,7 +19,7 @@ import pytest
 
 from lanshare import config as configuration
 from lanshare import keys
-from lanshare.cli import main
+from lanshare.cli import _print_status, main
 from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES, own_state
 from lanshare.index import DATABASE_NAME, Index
 
@@ -446,3 +446,51 @@ def test_ctrl_c_while_waiting_for_the_daemon_says_interrupted_and_exits_130(
             listener.join(timeout=30)
     assert cli.returncode == 130, (out, err)
     assert err == "lanshare: interrupted\n"
+
+
+def test_names_from_the_disk_are_printed_escaped_and_errors_stay_one_line(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = home / "photo\u202egpj.exe\x9b2J"
+    code, out, _ = run(capsys, "init", str(folder))
+    assert code == 0
+    assert f"shared folder {home}/photo\\u202egpj.exe\\x9b2J\n" in out
+    assert "\u202e" not in out
+    assert "\x9b" not in out
+    code, out, err = run(capsys, "key", str(home / "elsewhere\x1b[2J\nlanshare: forged"))
+    assert code == 2
+    assert out == ""
+    assert err == (
+        f"lanshare: {home}/elsewhere\\x1b[2J\\x0alanshare: forged is not inside any shared folder\n"
+    )
+
+
+def test_status_shows_what_peers_and_the_disk_named_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = {
+        "node": {"name": "here\u202e", "id": "ab12"},
+        "folders": [
+            {
+                "path": "/srv/share\x1b]0;x\x07",
+                "state": "syncing",
+                "need_files": 1,
+                "need_bytes": 5,
+                "conflicts": 1,
+                "reason": "waiting for evil\x9b2J",
+                "peers": [{"name": "peer\u2066x\u2069", "id": "cd34", "rate": 0}],
+                "problems": [{"path": "a\u202eb", "problem": "refused: bad\nlanshare: forged"}],
+                "conflict_paths": ["c.sync-conflict-\u2067x.txt"],
+            }
+        ],
+    }
+    _print_status(result)
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "node here\\u202e (ab12)",
+        "/srv/share\\x1b]0;x\\x07: syncing, needs 1 file(s), 5 B, 1 conflict(s) "
+        "(waiting for evil\\x9b2J)",
+        "  peer peer\\u2066x\\u2069: idle",
+        "  ! a\\u202eb: refused: bad\\x0alanshare: forged",
+        "  conflict copy: c.sync-conflict-\\u2067x.txt (delete or rename it once resolved)",
+    ]
