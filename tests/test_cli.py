@@ -19,7 +19,7 @@ import pytest
 
 from lanshare import config as configuration
 from lanshare import keys
-from lanshare.cli import _print_status, main
+from lanshare.cli import _print_status, _PullProgress, main
 from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES, own_state
 from lanshare.index import DATABASE_NAME, Index
 
@@ -494,3 +494,14 @@ def test_status_shows_what_peers_and_the_disk_named_escaped(
         "  ! a\\u202eb: refused: bad\\x0alanshare: forged",
         "  conflict copy: c.sync-conflict-\\u2067x.txt (delete or rename it once resolved)",
     ]
+
+
+def test_pull_progress_shows_a_peers_file_name_escaped_and_never_as_markup(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = "[bold]x[red]\x1b\u202e"
+    with _PullProgress() as progress:
+        progress.update({"files": [{"path": f"dir/{name}", "size": 10, "bytes": 10}]})
+    out = capsys.readouterr().out
+    assert "[bold]x[red]\\x1b\\u202e " in out
+    assert "\u202e" not in out
