@@ -15,12 +15,25 @@ or not and get the same answer. Precedence is git's too: the config's ``ignore``
 (per machine, like ``.git/info/exclude``) come first, ``.lanshareignore`` (per folder, like
 ``.gitignore``) after them, so the folder's file wins. ``.lanshareignore`` itself is synced
 unless a rule says otherwise, so every peer can share the same rules.
+
+Theory of operation
+-------------------
+* **The file is data from peers.** Any key holder can sync a ``.lanshareignore``, so it is
+  read without following a symlink (``O_NOFOLLOW``; a link to ``/dev/zero`` or to a file
+  outside the folder is not read), without blocking on open (``O_NONBLOCK``: a FIFO nobody
+  writes never hangs a scan), only if it is a regular file (``fstat`` of what was opened),
+  and at most :data:`MAX_IGNORE_FILE_SIZE` + 1 bytes. One that fails any of these
+  (:class:`IgnoreFileError`) is left out: :class:`FolderRules` then holds the config's
+  patterns alone and keeps the reason in :attr:`FolderRules.problem`, which the folder's
+  ``status`` lists, until the file changes; the folder goes on syncing.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from pathspec import GitIgnoreSpec
@@ -40,7 +53,48 @@ IGNORE_FILE = ".lanshareignore"
 MAX_IGNORE_FILE_SIZE = 1024 * 1024
 """A larger ``.lanshareignore`` is refused rather than compiled into a huge regex set."""
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+_READ_CHUNK = 64 * 1024
+
 _CACHE_SIZE = 8192  # directory verdicts kept; a scan visits each directory's files together
+
+
+class IgnoreFileError(ConfigError):
+    """``.lanshareignore`` is not a regular file we can read, or is too large: not used."""
+
+
+def read_ignore_file(path: Path) -> bytes:
+    """The content of the rules file ``path`` (empty if there is none), never through a
+    symlink, never blocking on a FIFO or a device, never more than the size cap.
+
+    Raises:
+        IgnoreFileError: ``path`` is a symlink, not a regular file, larger than
+            :data:`MAX_IGNORE_FILE_SIZE` or unreadable.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IgnoreFileError(f"{path} is a symlink; not followed, so not used") from exc
+        raise IgnoreFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IgnoreFileError(f"{path} is not a regular file, so not used")
+        chunks: list[bytes] = []
+        left = MAX_IGNORE_FILE_SIZE + 1
+        while left > 0 and (chunk := os.read(fd, min(left, _READ_CHUNK))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise IgnoreFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise IgnoreFileError(f"{path} is larger than {MAX_IGNORE_FILE_SIZE} bytes, so not used")
+    return b"".join(chunks)
 
 
 class IgnoreRules:
@@ -72,18 +126,10 @@ class IgnoreRules:
 
         Raises:
             ConfigError: a pattern in the file or in ``extra`` is invalid (names the file).
-            StorageError: the file exists but cannot be read.
+            IgnoreFileError: the file is there but not usable (see :func:`read_ignore_file`).
         """
         path = root / IGNORE_FILE
-        try:
-            with path.open("rb") as handle:
-                raw = handle.read(MAX_IGNORE_FILE_SIZE + 1)
-        except (FileNotFoundError, NotADirectoryError):
-            raw = b""
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        if len(raw) > MAX_IGNORE_FILE_SIZE:
-            raise ConfigError(f"{path}: larger than {MAX_IGNORE_FILE_SIZE} bytes")
+        raw = read_ignore_file(path)
         # A stray non-UTF-8 byte spoils one pattern, not the whole folder's sync.
         lines = raw.decode("utf-8", errors="replace").splitlines()
         try:
@@ -133,10 +179,11 @@ class FolderRules:
     """The live ignore rules of one folder: the config's patterns, then its ``.lanshareignore``.
 
     Starts with the config's patterns alone (the file is read by the first :meth:`reload`);
-    :meth:`matches` always answers with the rules last loaded.
+    :meth:`matches` always answers with the rules last loaded. A file that cannot be used
+    leaves the config's patterns alone in force, and why in :attr:`problem`.
     """
 
-    __slots__ = ("_stamp", "extra", "root", "rules")
+    __slots__ = ("_stamp", "extra", "problem", "root", "rules")
 
     def __init__(self, root: Path, extra: Sequence[str] = ()) -> None:
         """Raises:
@@ -145,7 +192,9 @@ class FolderRules:
         self.root = root
         self.extra: tuple[str, ...] = tuple(extra)
         self.rules = IgnoreRules(self.extra)
-        self._stamp: tuple[int, int, int, int] | None = None  # the file's stat when loaded
+        self._stamp: tuple[int, int, int, int] | None = None  # the file's lstat when loaded
+        self.problem = ""
+        """Why ``.lanshareignore`` is not used, as the last :meth:`reload` found; "" if it is."""
 
     def matches(self, rel: str, is_dir: bool) -> bool:
         """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
@@ -156,10 +205,10 @@ class FolderRules:
 
         Raises:
             ConfigError: a pattern in the file is invalid (the old rules stay).
-            StorageError: the file exists but cannot be read (the old rules stay).
+            StorageError: the folder cannot be looked into (the old rules stay).
         """
         try:
-            st = os.stat(self.root / IGNORE_FILE)
+            st = os.lstat(self.root / IGNORE_FILE)
             stamp: tuple[int, int, int, int] | None = (
                 st.st_ino,
                 st.st_size,
@@ -174,8 +223,13 @@ class FolderRules:
             ) from exc
         if stamp == self._stamp and (stamp is not None or self.rules.patterns == self.extra):
             return False
-        fresh = IgnoreRules.for_folder(self.root, self.extra)
-        self._stamp = stamp
+        try:
+            fresh = IgnoreRules.for_folder(self.root, self.extra)
+            problem = ""
+        except IgnoreFileError as exc:
+            fresh, problem = IgnoreRules(self.extra), str(exc)
+            logger.warning("%s; syncing with the config's ignore patterns alone", problem)
+        self._stamp, self.problem = stamp, problem
         if fresh.patterns == self.rules.patterns:
             return False
         self.rules = fresh

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from lanshare.errors import ConfigError, StorageError
-from lanshare.ignore import IGNORE_FILE, MAX_IGNORE_FILE_SIZE, FolderRules, IgnoreRules
+from lanshare.errors import ConfigError
+from lanshare.ignore import (
+    IGNORE_FILE,
+    MAX_IGNORE_FILE_SIZE,
+    FolderRules,
+    IgnoreFileError,
+    IgnoreRules,
+)
 from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TREE = [
     "README.md",
@@ -164,14 +176,107 @@ def test_non_utf8_file_spoils_only_its_line(tmp_path: Path) -> None:
 
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / IGNORE_FILE).write_bytes(b"#" * (MAX_IGNORE_FILE_SIZE + 1))
-    with pytest.raises(ConfigError, match="larger"):
+    with pytest.raises(IgnoreFileError, match="larger"):
+        IgnoreRules.for_folder(tmp_path, extra=[])
+    (tmp_path / IGNORE_FILE).write_bytes(b"#" * MAX_IGNORE_FILE_SIZE)
+    assert IgnoreRules.for_folder(tmp_path, extra=["*.o"]).patterns[0] == "*.o"
+
+
+def test_a_directory_is_not_a_rules_file(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).mkdir()
+    with pytest.raises(IgnoreFileError, match="not a regular file"):
         IgnoreRules.for_folder(tmp_path, extra=[])
 
 
-def test_unreadable_file_is_a_storage_error(tmp_path: Path) -> None:
-    (tmp_path / IGNORE_FILE).mkdir()  # reading a directory fails even as root
-    with pytest.raises(StorageError):
-        IgnoreRules.for_folder(tmp_path, extra=[])
+DEADLINE = 30.0
+"""How long a reload may take before the test calls it hung (far above any honest read)."""
+
+
+def bad_symlink_to_dev_zero(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).symlink_to("/dev/zero")
+
+
+def bad_symlink_outside(root: Path, outside: Path) -> None:
+    (outside / "rules").write_text("*.txt\n")
+    (root / IGNORE_FILE).symlink_to(outside / "rules")
+
+
+def bad_fifo(root: Path, outside: Path) -> None:
+    os.mkfifo(root / IGNORE_FILE)  # nobody ever writes to it
+
+
+def bad_too_big(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).write_bytes(b"*.txt\n" + b"#" * MAX_IGNORE_FILE_SIZE)
+
+
+def bad_directory(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).mkdir()
+
+
+def reload_within_deadline(live: FolderRules) -> None:
+    """``live.reload()`` in a thread the test can give up on: a reload blocked on a FIFO
+    is released by opening the FIFO for writing once the deadline has passed."""
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            live.reload()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    finished = done.wait(DEADLINE)
+    if not finished:
+        with contextlib.suppress(OSError):  # no FIFO there, or the reader went away
+            os.close(os.open(live.root / IGNORE_FILE, os.O_WRONLY | os.O_NONBLOCK))
+    assert finished, "reloading the rules hung"
+    if failures:
+        raise failures[0]
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        bad_symlink_to_dev_zero,
+        bad_symlink_outside,
+        bad_fifo,
+        bad_too_big,
+        bad_directory,
+    ],
+)
+def test_an_unusable_rules_file_is_reported_and_left_out(
+    tmp_path: Path, make_bad: Callable[[Path, Path], None]
+) -> None:
+    """Whatever a peer or a user puts at ``.lanshareignore``, a reload returns promptly, the
+    config's patterns alone are in force and the reason is kept; a good file is used again
+    as soon as it is back."""
+    root, outside = tmp_path / "folder", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    live = FolderRules(root, ["*.bak"])
+    (root / IGNORE_FILE).write_text("*.log\n")
+    live.reload()
+    assert live.matches("x.log", is_dir=False)
+    (root / IGNORE_FILE).unlink()
+    make_bad(root, outside)
+    reload_within_deadline(live)
+    assert IGNORE_FILE in live.problem
+    assert live.rules.patterns == ("*.bak",)
+    assert not live.matches("x.txt", is_dir=False)  # nothing read through a link
+    reload_within_deadline(live)  # unchanged: still left out, still reported
+    assert IGNORE_FILE in live.problem
+    if (root / IGNORE_FILE).is_dir() and not (root / IGNORE_FILE).is_symlink():
+        (root / IGNORE_FILE).rmdir()
+    else:
+        (root / IGNORE_FILE).unlink()
+    (root / IGNORE_FILE).write_text("*.log\n")
+    reload_within_deadline(live)
+    assert live.problem == ""
+    assert live.matches("x.log", is_dir=False)
+    assert live.matches("x.bak", is_dir=False)
 
 
 def test_directory_verdicts_stay_correct_past_the_cache() -> None:
