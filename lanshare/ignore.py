@@ -26,6 +26,9 @@ Theory of operation
   (:class:`IgnoreFileError`) is left out: :class:`FolderRules` then holds the config's
   patterns alone and keeps the reason in :attr:`FolderRules.problem`, which the folder's
   ``status`` lists, until the file changes; the folder goes on syncing.
+* **One bad line spoils only itself.** An invalid pattern (as a stray non-UTF-8 byte) leaves
+  out its own line, named in the problem, not the file: dropping every rule of the file
+  would sync what its other lines keep private, and failing would stop every scan.
 """
 
 from __future__ import annotations
@@ -97,10 +100,19 @@ def read_ignore_file(path: Path) -> bytes:
     return b"".join(chunks)
 
 
+def _valid(line: str) -> bool:
+    """True if ``line`` alone is a valid gitignore line (each line is a pattern of its own)."""
+    try:
+        GitIgnoreSpec.from_lines([line])
+    except ValueError:
+        return False
+    return True
+
+
 class IgnoreRules:
     """A compiled set of ignore patterns; :meth:`matches` says whether a path is ignored."""
 
-    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns")
+    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns", "problem")
 
     def __init__(self, patterns: Sequence[str]) -> None:
         """Compile gitignore-style ``patterns`` (blank lines and ``#`` comments allowed).
@@ -114,6 +126,8 @@ class IgnoreRules:
         except ValueError as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}
+        self.problem = ""
+        """What was left out of the folder's file by :meth:`for_folder`, and why; "" if none."""
         # No pattern at all (most folders): a scan asks about every entry, so the matcher,
         # which would answer no for each, is not asked.
         self._empty = not any(
@@ -124,8 +138,10 @@ class IgnoreRules:
     def for_folder(cls, root: Path, extra: Sequence[str] = ()) -> IgnoreRules:
         """The rules of the folder at ``root``: ``extra`` (from the config), then its file.
 
+        Invalid lines of the file are left out, each alone, and named in :attr:`problem`.
+
         Raises:
-            ConfigError: a pattern in the file or in ``extra`` is invalid (names the file).
+            ConfigError: a pattern in ``extra`` is invalid.
             IgnoreFileError: the file is there but not usable (see :func:`read_ignore_file`).
         """
         path = root / IGNORE_FILE
@@ -136,12 +152,23 @@ class IgnoreRules:
             extra_rules = cls(extra)
         except ConfigError as exc:
             raise ConfigError(f"folder {root}: ignore: {exc}") from exc
+        problem = ""
         try:
             cls(lines)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        except ConfigError:
+            # The file may come from any peer: one bad line must not stop every scan, nor
+            # drop the other rules (which would sync what they kept private).
+            invalid = [number for number, line in enumerate(lines, 1) if not _valid(line)]
+            skipped = set(invalid)
+            lines = ["" if number in skipped else line for number, line in enumerate(lines, 1)]
+            shown = ", ".join(map(str, invalid[:10])) + (", …" if len(invalid) > 10 else "")
+            which = f"line {shown}" if len(invalid) == 1 else f"lines {shown}"
+            problem = f"{path}: invalid pattern on {which}, not used"
+            logger.warning("%s", problem)
         logger.debug("%s: %d patterns + %d from the config", path, len(lines), len(extra))
-        return cls([*extra_rules.patterns, *lines])
+        rules = cls([*extra_rules.patterns, *lines])
+        rules.problem = problem
+        return rules
 
     def matches(self, rel: str, is_dir: bool) -> bool:
         """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
@@ -204,7 +231,6 @@ class FolderRules:
         """Read ``.lanshareignore`` again if it changed (blocking); true if the rules changed.
 
         Raises:
-            ConfigError: a pattern in the file is invalid (the old rules stay).
             StorageError: the folder cannot be looked into (the old rules stay).
         """
         try:
@@ -225,7 +251,7 @@ class FolderRules:
             return False
         try:
             fresh = IgnoreRules.for_folder(self.root, self.extra)
-            problem = ""
+            problem = fresh.problem
         except IgnoreFileError as exc:
             fresh, problem = IgnoreRules(self.extra), str(exc)
             logger.warning("%s; syncing with the config's ignore patterns alone", problem)

@@ -159,11 +159,17 @@ def test_missing_file_means_only_extra(tmp_path: Path) -> None:
     assert "*.o" in repr(rules)
 
 
-def test_invalid_pattern_names_its_source(tmp_path: Path) -> None:
-    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")
-    with pytest.raises(ConfigError, match=IGNORE_FILE):
-        IgnoreRules.for_folder(tmp_path, extra=[])
-    (tmp_path / IGNORE_FILE).unlink()
+def test_an_invalid_line_of_the_file_spoils_only_itself(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_text("*.o\n\\\n*.log\n\\\n")  # lone backslashes: invalid
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak"])
+    assert rules.matches("x.o", is_dir=False)
+    assert rules.matches("x.log", is_dir=False)
+    assert rules.matches("x.bak", is_dir=False)
+    assert IGNORE_FILE in rules.problem
+    assert "lines 2, 4" in rules.problem
+
+
+def test_an_invalid_config_pattern_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ignore"):
         IgnoreRules.for_folder(tmp_path, extra=["\\"])
 
@@ -298,10 +304,11 @@ def test_folder_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
     assert matches("x.log", is_dir=False)
     assert matches("x.bak", is_dir=False)
     assert live.reload() is False  # unchanged: one stat, nothing read
-    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")  # a lone backslash: not a valid pattern
-    with pytest.raises(ConfigError, match=IGNORE_FILE):
-        live.reload()
-    assert matches("x.log", is_dir=False)  # the last good rules stay
+    (tmp_path / IGNORE_FILE).write_text("*.log\n\\\n")  # a lone backslash: not a valid pattern
+    live.reload()  # the good line stays, the bad one is reported
+    assert matches("x.log", is_dir=False)
+    assert "line 2" in live.problem
     (tmp_path / IGNORE_FILE).unlink()
     assert live.reload() is True
     assert not matches("x.log", is_dir=False)
+    assert live.problem == ""
