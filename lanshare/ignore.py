@@ -207,7 +207,8 @@ class FolderRules:
 
     Starts with the config's patterns alone (the file is read by the first :meth:`reload`);
     :meth:`matches` always answers with the rules last loaded. A file that cannot be used
-    leaves the config's patterns alone in force, and why in :attr:`problem`.
+    leaves the config's patterns alone in force, and why in :attr:`problem` (as are the
+    invalid lines of a file that can).
     """
 
     __slots__ = ("_stamp", "extra", "problem", "root", "rules")
@@ -221,7 +222,8 @@ class FolderRules:
         self.rules = IgnoreRules(self.extra)
         self._stamp: tuple[int, int, int, int] | None = None  # the file's lstat when loaded
         self.problem = ""
-        """Why ``.lanshareignore`` is not used, as the last :meth:`reload` found; "" if it is."""
+        """Why ``.lanshareignore``, or some lines of it, is not used, as the last
+        :meth:`reload` found; "" if all of it is."""
 
     def matches(self, rel: str, is_dir: bool) -> bool:
         """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
