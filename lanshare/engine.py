@@ -103,7 +103,7 @@ from lanshare.events import (
 )
 from lanshare.exchange import Exchange
 from lanshare.identity import short_id
-from lanshare.ignore import FolderRules
+from lanshare.ignore import IGNORE_FILE, FolderRules
 from lanshare.index import CacheUpdate, LocalChange
 from lanshare.manifest import Block, FileRecord
 from lanshare.serving import BlockReader, BlockServer
@@ -1159,10 +1159,13 @@ class FolderSync:
 
     @property
     def problems(self) -> dict[str, str]:
-        """Every path out of sync for a reason other than waiting, and the reason."""
+        """Every path out of sync for a reason other than waiting, and the reason; and the
+        ``.lanshareignore`` left out, if it is (``FolderRules.problem``)."""
         problems = {path: failure.message for path, failure in self.failures.items()}
         for path, message in self.plan_problems.items():
             problems.setdefault(path, message)
+        if self.rules.problem:
+            problems.setdefault(IGNORE_FILE, self.rules.problem)
         return problems
 
     def _why_not_in_sync(self) -> str:

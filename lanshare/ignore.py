@@ -15,12 +15,28 @@ or not and get the same answer. Precedence is git's too: the config's ``ignore``
 (per machine, like ``.git/info/exclude``) come first, ``.lanshareignore`` (per folder, like
 ``.gitignore``) after them, so the folder's file wins. ``.lanshareignore`` itself is synced
 unless a rule says otherwise, so every peer can share the same rules.
+
+Theory of operation
+-------------------
+* **The file is data from peers.** Any key holder can sync a ``.lanshareignore``, so it is
+  read without following a symlink (``O_NOFOLLOW``; a link to ``/dev/zero`` or to a file
+  outside the folder is not read), without blocking on open (``O_NONBLOCK``: a FIFO nobody
+  writes never hangs a scan), only if it is a regular file (``fstat`` of what was opened),
+  and at most :data:`MAX_IGNORE_FILE_SIZE` + 1 bytes. One that fails any of these
+  (:class:`IgnoreFileError`) is left out: :class:`FolderRules` then holds the config's
+  patterns alone and keeps the reason in :attr:`FolderRules.problem`, which the folder's
+  ``status`` lists, until the file changes; the folder goes on syncing.
+* **One bad line spoils only itself.** An invalid pattern (as a stray non-UTF-8 byte) leaves
+  out its own line, named in the problem, not the file: dropping every rule of the file
+  would sync what its other lines keep private, and failing would stop every scan.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from pathspec import GitIgnoreSpec
@@ -40,13 +56,63 @@ IGNORE_FILE = ".lanshareignore"
 MAX_IGNORE_FILE_SIZE = 1024 * 1024
 """A larger ``.lanshareignore`` is refused rather than compiled into a huge regex set."""
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+_READ_CHUNK = 64 * 1024
+
 _CACHE_SIZE = 8192  # directory verdicts kept; a scan visits each directory's files together
+
+
+class IgnoreFileError(ConfigError):
+    """``.lanshareignore`` is not a regular file we can read, or is too large: not used."""
+
+
+def read_ignore_file(path: Path) -> bytes:
+    """The content of the rules file ``path`` (empty if there is none), never through a
+    symlink, never blocking on a FIFO or a device, never more than the size cap.
+
+    Raises:
+        IgnoreFileError: ``path`` is a symlink, not a regular file, larger than
+            :data:`MAX_IGNORE_FILE_SIZE` or unreadable.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IgnoreFileError(f"{path} is a symlink; not followed, so not used") from exc
+        raise IgnoreFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IgnoreFileError(f"{path} is not a regular file, so not used")
+        chunks: list[bytes] = []
+        left = MAX_IGNORE_FILE_SIZE + 1
+        while left > 0 and (chunk := os.read(fd, min(left, _READ_CHUNK))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise IgnoreFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise IgnoreFileError(f"{path} is larger than {MAX_IGNORE_FILE_SIZE} bytes, so not used")
+    return b"".join(chunks)
+
+
+def _valid(line: str) -> bool:
+    """True if ``line`` alone is a valid gitignore line (each line is a pattern of its own)."""
+    try:
+        GitIgnoreSpec.from_lines([line])
+    except ValueError:
+        return False
+    return True
 
 
 class IgnoreRules:
     """A compiled set of ignore patterns; :meth:`matches` says whether a path is ignored."""
 
-    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns")
+    __slots__ = ("_dir_cache", "_empty", "_spec", "patterns", "problem")
 
     def __init__(self, patterns: Sequence[str]) -> None:
         """Compile gitignore-style ``patterns`` (blank lines and ``#`` comments allowed).
@@ -60,6 +126,8 @@ class IgnoreRules:
         except ValueError as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}
+        self.problem = ""
+        """What was left out of the folder's file by :meth:`for_folder`, and why; "" if none."""
         # No pattern at all (most folders): a scan asks about every entry, so the matcher,
         # which would answer no for each, is not asked.
         self._empty = not any(
@@ -70,32 +138,37 @@ class IgnoreRules:
     def for_folder(cls, root: Path, extra: Sequence[str] = ()) -> IgnoreRules:
         """The rules of the folder at ``root``: ``extra`` (from the config), then its file.
 
+        Invalid lines of the file are left out, each alone, and named in :attr:`problem`.
+
         Raises:
-            ConfigError: a pattern in the file or in ``extra`` is invalid (names the file).
-            StorageError: the file exists but cannot be read.
+            ConfigError: a pattern in ``extra`` is invalid.
+            IgnoreFileError: the file is there but not usable (see :func:`read_ignore_file`).
         """
         path = root / IGNORE_FILE
-        try:
-            with path.open("rb") as handle:
-                raw = handle.read(MAX_IGNORE_FILE_SIZE + 1)
-        except (FileNotFoundError, NotADirectoryError):
-            raw = b""
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        if len(raw) > MAX_IGNORE_FILE_SIZE:
-            raise ConfigError(f"{path}: larger than {MAX_IGNORE_FILE_SIZE} bytes")
+        raw = read_ignore_file(path)
         # A stray non-UTF-8 byte spoils one pattern, not the whole folder's sync.
         lines = raw.decode("utf-8", errors="replace").splitlines()
         try:
             extra_rules = cls(extra)
         except ConfigError as exc:
             raise ConfigError(f"folder {root}: ignore: {exc}") from exc
+        problem = ""
         try:
             cls(lines)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        except ConfigError:
+            # The file may come from any peer: one bad line must not stop every scan, nor
+            # drop the other rules (which would sync what they kept private).
+            invalid = [number for number, line in enumerate(lines, 1) if not _valid(line)]
+            skipped = set(invalid)
+            lines = ["" if number in skipped else line for number, line in enumerate(lines, 1)]
+            shown = ", ".join(map(str, invalid[:10])) + (", …" if len(invalid) > 10 else "")
+            which = f"line {shown}" if len(invalid) == 1 else f"lines {shown}"
+            problem = f"{path}: invalid pattern on {which}, not used"
+            logger.warning("%s", problem)
         logger.debug("%s: %d patterns + %d from the config", path, len(lines), len(extra))
-        return cls([*extra_rules.patterns, *lines])
+        rules = cls([*extra_rules.patterns, *lines])
+        rules.problem = problem
+        return rules
 
     def matches(self, rel: str, is_dir: bool) -> bool:
         """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
@@ -133,10 +206,12 @@ class FolderRules:
     """The live ignore rules of one folder: the config's patterns, then its ``.lanshareignore``.
 
     Starts with the config's patterns alone (the file is read by the first :meth:`reload`);
-    :meth:`matches` always answers with the rules last loaded.
+    :meth:`matches` always answers with the rules last loaded. A file that cannot be used
+    leaves the config's patterns alone in force, and why in :attr:`problem` (as are the
+    invalid lines of a file that can).
     """
 
-    __slots__ = ("_stamp", "extra", "root", "rules")
+    __slots__ = ("_stamp", "extra", "problem", "root", "rules")
 
     def __init__(self, root: Path, extra: Sequence[str] = ()) -> None:
         """Raises:
@@ -145,7 +220,10 @@ class FolderRules:
         self.root = root
         self.extra: tuple[str, ...] = tuple(extra)
         self.rules = IgnoreRules(self.extra)
-        self._stamp: tuple[int, int, int, int] | None = None  # the file's stat when loaded
+        self._stamp: tuple[int, int, int, int] | None = None  # the file's lstat when loaded
+        self.problem = ""
+        """Why ``.lanshareignore``, or some lines of it, is not used, as the last
+        :meth:`reload` found; "" if all of it is."""
 
     def matches(self, rel: str, is_dir: bool) -> bool:
         """True if the normalised path ``rel`` (a directory if ``is_dir``) is ignored."""
@@ -155,11 +233,10 @@ class FolderRules:
         """Read ``.lanshareignore`` again if it changed (blocking); true if the rules changed.
 
         Raises:
-            ConfigError: a pattern in the file is invalid (the old rules stay).
-            StorageError: the file exists but cannot be read (the old rules stay).
+            StorageError: the folder cannot be looked into (the old rules stay).
         """
         try:
-            st = os.stat(self.root / IGNORE_FILE)
+            st = os.lstat(self.root / IGNORE_FILE)
             stamp: tuple[int, int, int, int] | None = (
                 st.st_ino,
                 st.st_size,
@@ -174,8 +251,13 @@ class FolderRules:
             ) from exc
         if stamp == self._stamp and (stamp is not None or self.rules.patterns == self.extra):
             return False
-        fresh = IgnoreRules.for_folder(self.root, self.extra)
-        self._stamp = stamp
+        try:
+            fresh = IgnoreRules.for_folder(self.root, self.extra)
+            problem = fresh.problem
+        except IgnoreFileError as exc:
+            fresh, problem = IgnoreRules(self.extra), str(exc)
+            logger.warning("%s; syncing with the config's ignore patterns alone", problem)
+        self._stamp, self.problem = stamp, problem
         if fresh.patterns == self.rules.patterns:
             return False
         self.rules = fresh

@@ -58,6 +58,10 @@ Theory of operation
   read again and compared with the recorded block hashes. Any difference raises
   ``LocalChangeError``: the engine rescans and the planner keeps the edit (a newer local
   version or a conflict copy).
+* **Modes from a peer are permissions only.** Wherever a record's mode is applied (a
+  placed download, a made directory, a metadata change) only its permission bits are used,
+  masked by the daemon's umask (:func:`applied_mode`): a peer never sets a set-id or sticky
+  bit here, nor opens a file wider than this daemon would create it.
 * **Archives.** A file to be replaced or deleted is hard-linked into
   ``.lanshare/versions/<dir>/<stem>~<UTC stamp>[-n]<ext>`` (its own mtime and mode kept, for
   a restore); a deleted one is then unlinked, a replaced one keeps its name until the new
@@ -115,6 +119,36 @@ VERSIONS_DIR = f"{INTERNAL_DIR}/versions"
 """Where replaced and deleted files are kept, relative to the folder root."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _read_umask() -> int:
+    """The process's umask, read once at import, when no other thread of ours runs yet:
+    ``os.umask`` can only read it by setting it, and a file another thread creates between
+    the set and the restore would get the wrong mode."""
+    with (
+        contextlib.suppress(OSError, ValueError, IndexError),
+        open("/proc/self/status", encoding="ascii", errors="replace") as status,
+    ):
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8) & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def applied_mode(mode: int, default: int) -> int:
+    """The mode to give a file or directory whose record says ``mode`` (``default`` if 0).
+
+    Only the permission bits (0o777), masked by our umask as any file we create would be:
+    the mode comes from a peer, and set-user-id, set-group-id or sticky bits from a peer
+    (a stolen or buggy key holder) would hand our users' privileges to whoever wrote the
+    file. The scanner records no more than these bits either.
+    """
+    return (mode & 0o777 or default) & ~_UMASK
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +284,7 @@ class Buffered:
                     while data:
                         written = os.pwrite(fd, data, offset)
                         data, offset = data[written:], offset + written
-                os.fchmod(fd, stat.S_IMODE(record.mode) or 0o644)
+                os.fchmod(fd, applied_mode(record.mode, 0o644))
                 os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
                 os.fsync(fd)
             except BaseException:
@@ -734,7 +768,7 @@ class FolderStore:
                     assembly.write()
                 return None
             with _os_errors(), assembly.lease() as (fd, _):
-                os.fchmod(fd, stat.S_IMODE(record.mode) or 0o644)
+                os.fchmod(fd, applied_mode(record.mode, 0o644))
                 os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
                 os.fsync(fd)
         except LanshareError as exc:
@@ -826,7 +860,7 @@ class FolderStore:
         """Create directory ``rel`` (and its parents) if missing and set its mode."""
         with _os_errors(), self._dir(rel, create=True) as fd:
             if mode:
-                os.fchmod(fd, stat.S_IMODE(mode))
+                os.fchmod(fd, applied_mode(mode, 0o755))
 
     def make_symlink(self, rel: str, target: str) -> None:
         """Point ``rel`` at ``target``, replacing an older link atomically; never a file."""
@@ -860,11 +894,11 @@ class FolderStore:
                 return
             if stat.S_ISDIR(st.st_mode):
                 with self._dir(rel) as fd:
-                    os.fchmod(fd, stat.S_IMODE(mode))
+                    os.fchmod(fd, applied_mode(mode, 0o755))
                 return
             self._check_unchanged(dir_fd, name, rel, planned)
             with self._open_file(rel) as fd:
-                os.fchmod(fd, stat.S_IMODE(mode))
+                os.fchmod(fd, applied_mode(mode, 0o644))
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
 
     def rename_local(self, rel: str, new_rel: str) -> None:

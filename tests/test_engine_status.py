@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from lanshare.errors import DiskFullError, TransferError
+from lanshare.ignore import IGNORE_FILE
 from lanshare.listing import listing, pull
 from lanshare.planner import conflict_original
 from tests.enginesim import Cluster, LinkSpec, converge, temp_files, wait_for
@@ -315,5 +316,36 @@ def test_a_restored_backup_of_the_only_writer_keeps_both_versions_everywhere(
                 (copy,) = [p for p in node.root.iterdir() if ".sync-conflict-" in p.name]
                 assert copy.read_bytes() == b"v1\n"
                 assert node.folder.status()["conflicts"] == 1
+
+    asyncio.run(main())
+
+
+def test_an_ignore_file_that_is_a_symlink_is_reported_and_the_folder_keeps_syncing(
+    tmp_path: Path,
+) -> None:
+    """A ``.lanshareignore`` pointing at ``/dev/zero`` (made on A, synced to B as the
+    symlink it is) is left out on both nodes and named in their status; edits still flow."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=23) as cluster:
+            a, b = cluster.add(), cluster.add()
+            a.write("before.txt", b"before")
+            await cluster.start()
+            await converge([a, b], 20)
+            (a.root / IGNORE_FILE).symlink_to("/dev/zero")
+            await a.scan()
+            await converge([a, b], 30)
+            assert os.readlink(b.root / IGNORE_FILE) == "/dev/zero"
+            await b.scan()
+            a.write("after.txt", b"after")
+            await a.scan()
+            await converge([a, b], 30)
+            assert b.read("after.txt") == b"after"
+            for node in (a, b):
+                status = node.folder.status()
+                assert status["state"] == "in_sync", (node.name, status["reason"])
+                (problem,) = status["problems"]
+                assert problem["path"] == IGNORE_FILE
+                assert "symlink" in problem["problem"], problem
 
     asyncio.run(main())

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from lanshare.errors import ConfigError, StorageError
-from lanshare.ignore import IGNORE_FILE, MAX_IGNORE_FILE_SIZE, FolderRules, IgnoreRules
+from lanshare.errors import ConfigError
+from lanshare.ignore import (
+    IGNORE_FILE,
+    MAX_IGNORE_FILE_SIZE,
+    FolderRules,
+    IgnoreFileError,
+    IgnoreRules,
+)
 from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TREE = [
     "README.md",
@@ -147,11 +159,17 @@ def test_missing_file_means_only_extra(tmp_path: Path) -> None:
     assert "*.o" in repr(rules)
 
 
-def test_invalid_pattern_names_its_source(tmp_path: Path) -> None:
-    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")
-    with pytest.raises(ConfigError, match=IGNORE_FILE):
-        IgnoreRules.for_folder(tmp_path, extra=[])
-    (tmp_path / IGNORE_FILE).unlink()
+def test_an_invalid_line_of_the_file_spoils_only_itself(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).write_text("*.o\n\\\n*.log\n\\\n")  # lone backslashes: invalid
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak"])
+    assert rules.matches("x.o", is_dir=False)
+    assert rules.matches("x.log", is_dir=False)
+    assert rules.matches("x.bak", is_dir=False)
+    assert IGNORE_FILE in rules.problem
+    assert "lines 2, 4" in rules.problem
+
+
+def test_an_invalid_config_pattern_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ignore"):
         IgnoreRules.for_folder(tmp_path, extra=["\\"])
 
@@ -164,14 +182,107 @@ def test_non_utf8_file_spoils_only_its_line(tmp_path: Path) -> None:
 
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / IGNORE_FILE).write_bytes(b"#" * (MAX_IGNORE_FILE_SIZE + 1))
-    with pytest.raises(ConfigError, match="larger"):
+    with pytest.raises(IgnoreFileError, match="larger"):
+        IgnoreRules.for_folder(tmp_path, extra=[])
+    (tmp_path / IGNORE_FILE).write_bytes(b"#" * MAX_IGNORE_FILE_SIZE)
+    assert IgnoreRules.for_folder(tmp_path, extra=["*.o"]).patterns[0] == "*.o"
+
+
+def test_a_directory_is_not_a_rules_file(tmp_path: Path) -> None:
+    (tmp_path / IGNORE_FILE).mkdir()
+    with pytest.raises(IgnoreFileError, match="not a regular file"):
         IgnoreRules.for_folder(tmp_path, extra=[])
 
 
-def test_unreadable_file_is_a_storage_error(tmp_path: Path) -> None:
-    (tmp_path / IGNORE_FILE).mkdir()  # reading a directory fails even as root
-    with pytest.raises(StorageError):
-        IgnoreRules.for_folder(tmp_path, extra=[])
+DEADLINE = 30.0
+"""How long a reload may take before the test calls it hung (far above any honest read)."""
+
+
+def bad_symlink_to_dev_zero(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).symlink_to("/dev/zero")
+
+
+def bad_symlink_outside(root: Path, outside: Path) -> None:
+    (outside / "rules").write_text("*.txt\n")
+    (root / IGNORE_FILE).symlink_to(outside / "rules")
+
+
+def bad_fifo(root: Path, outside: Path) -> None:
+    os.mkfifo(root / IGNORE_FILE)  # nobody ever writes to it
+
+
+def bad_too_big(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).write_bytes(b"*.txt\n" + b"#" * MAX_IGNORE_FILE_SIZE)
+
+
+def bad_directory(root: Path, outside: Path) -> None:
+    (root / IGNORE_FILE).mkdir()
+
+
+def reload_within_deadline(live: FolderRules) -> None:
+    """``live.reload()`` in a thread the test can give up on: a reload blocked on a FIFO
+    is released by opening the FIFO for writing once the deadline has passed."""
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            live.reload()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    finished = done.wait(DEADLINE)
+    if not finished:
+        with contextlib.suppress(OSError):  # no FIFO there, or the reader went away
+            os.close(os.open(live.root / IGNORE_FILE, os.O_WRONLY | os.O_NONBLOCK))
+    assert finished, "reloading the rules hung"
+    if failures:
+        raise failures[0]
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        bad_symlink_to_dev_zero,
+        bad_symlink_outside,
+        bad_fifo,
+        bad_too_big,
+        bad_directory,
+    ],
+)
+def test_an_unusable_rules_file_is_reported_and_left_out(
+    tmp_path: Path, make_bad: Callable[[Path, Path], None]
+) -> None:
+    """Whatever a peer or a user puts at ``.lanshareignore``, a reload returns promptly, the
+    config's patterns alone are in force and the reason is kept; a good file is used again
+    as soon as it is back."""
+    root, outside = tmp_path / "folder", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    live = FolderRules(root, ["*.bak"])
+    (root / IGNORE_FILE).write_text("*.log\n")
+    live.reload()
+    assert live.matches("x.log", is_dir=False)
+    (root / IGNORE_FILE).unlink()
+    make_bad(root, outside)
+    reload_within_deadline(live)
+    assert IGNORE_FILE in live.problem
+    assert live.rules.patterns == ("*.bak",)
+    assert not live.matches("x.txt", is_dir=False)  # nothing read through a link
+    reload_within_deadline(live)  # unchanged: still left out, still reported
+    assert IGNORE_FILE in live.problem
+    if (root / IGNORE_FILE).is_dir() and not (root / IGNORE_FILE).is_symlink():
+        (root / IGNORE_FILE).rmdir()
+    else:
+        (root / IGNORE_FILE).unlink()
+    (root / IGNORE_FILE).write_text("*.log\n")
+    reload_within_deadline(live)
+    assert live.problem == ""
+    assert live.matches("x.log", is_dir=False)
+    assert live.matches("x.bak", is_dir=False)
 
 
 def test_directory_verdicts_stay_correct_past_the_cache() -> None:
@@ -193,10 +304,11 @@ def test_folder_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
     assert matches("x.log", is_dir=False)
     assert matches("x.bak", is_dir=False)
     assert live.reload() is False  # unchanged: one stat, nothing read
-    (tmp_path / IGNORE_FILE).write_text("ok\n\\\n")  # a lone backslash: not a valid pattern
-    with pytest.raises(ConfigError, match=IGNORE_FILE):
-        live.reload()
-    assert matches("x.log", is_dir=False)  # the last good rules stay
+    (tmp_path / IGNORE_FILE).write_text("*.log\n\\\n")  # a lone backslash: not a valid pattern
+    live.reload()  # the good line stays, the bad one is reported
+    assert matches("x.log", is_dir=False)
+    assert "line 2" in live.problem
     (tmp_path / IGNORE_FILE).unlink()
     assert live.reload() is True
     assert not matches("x.log", is_dir=False)
+    assert live.problem == ""

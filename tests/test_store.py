@@ -577,6 +577,58 @@ def test_metadata_of_directories_and_symlinks(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
 
 
+# -- modes from a peer: permission bits only, under our umask ----------------------------------
+
+
+def our_umask() -> int:
+    """The test process's umask (no other thread of the test creates files meanwhile)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def assert_mode(path: Path, mode: int) -> None:
+    """``path`` has the permission bits ``mode`` under our umask and no set-id or sticky bit."""
+    actual = stat.S_IMODE(path.stat().st_mode)
+    assert actual & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX) == 0, f"{actual:04o}"
+    assert actual == mode & ~our_umask(), f"{actual:04o}"
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_download_never_gets_set_id_bits_from_a_peer(tmp_path: Path, in_memory: bool) -> None:
+    """A record claiming ``rwsrwsrwt`` lands with its permission bits only, masked by the
+    umask, whether written block by block or held in memory."""
+    data = payload(300_000)
+    record = record_for("tool", data, mode=0o7777)
+    store = FolderStore(tmp_path)
+    if in_memory:
+        held, verified = buffered(store, record, data)
+        place(store, held, LocalState(exists=False), verified)
+    else:
+        assemble(store, record, data)
+    assert (tmp_path / "tool").read_bytes() == data
+    assert_mode(tmp_path / "tool", 0o777)
+
+
+def test_a_directory_never_gets_a_sticky_or_set_id_bit_from_a_peer(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    store.make_dir("shared/drop", 0o3777)
+    assert_mode(tmp_path / "shared" / "drop", 0o777)
+    store.make_dir("shared/drop", 0o1700)
+    assert_mode(tmp_path / "shared" / "drop", 0o700)
+
+
+def test_metadata_from_a_peer_sets_permission_bits_only(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "dir").mkdir()
+    store.set_metadata("file", 0o6777, 42 * 10**9, state_of(tmp_path, "file"))
+    store.set_metadata("dir", 0o1777, 1, LocalState(True))
+    assert_mode(tmp_path / "file", 0o777)
+    assert (tmp_path / "file").stat().st_mtime_ns == 42 * 10**9
+    assert_mode(tmp_path / "dir", 0o777)
+
+
 # -- a local edit that keeps size and mtime ----------------------------------------------------
 
 OLD_MTIME_NS = 1_600_000_000 * 10**9
