@@ -89,6 +89,7 @@ from lanshare.manifest import (
     VersionVector,
 )
 from lanshare.planner import conflict_name, global_winner
+from lanshare.store import DIR_MODE, FILE_MODE, applied_mode
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -1173,19 +1174,26 @@ def _same_content(old: FileRecord, new: _Observed) -> bool:
     )
 
 
+def _same_mode(recorded: int, found: int, default: int) -> bool:
+    """Whether ``found`` is the ``recorded`` mode, or what this node made of it when it put
+    the entry there (``store.applied_mode``: permission bits under our umask). The latter
+    is no change of ours: recording it would narrow the mode on every node."""
+    return found == recorded or found == applied_mode(recorded, default)
+
+
 def _same_state(old: FileRecord, new: _Observed) -> bool:
     """True if ``new`` is what ``old`` already records: nothing for peers to learn."""
     if old.type is not new.type:
         return False
     if new.type is EntryType.DIR:
-        return old.mode == new.mode
+        return _same_mode(old.mode, new.mode, DIR_MODE)
     if new.type is EntryType.SYMLINK:
         return old.symlink_target == new.target
     assert new.hashes is not None
     return (
         old.size == new.size
         and old.mtime_ns == new.mtime_ns
-        and old.mode == new.mode
+        and _same_mode(old.mode, new.mode, FILE_MODE)
         and old.hash_algo == new.hashes.hash_algo
         and old.file_hash == new.hashes.file_hash
         and old.blocks == new.hashes.blocks

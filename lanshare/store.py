@@ -140,13 +140,21 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+FILE_MODE = 0o644
+"""The mode a file gets when its record carries none (before our umask)."""
+DIR_MODE = 0o755
+"""The mode a directory gets when its record carries none (before our umask)."""
+
+
 def applied_mode(mode: int, default: int) -> int:
     """The mode to give a file or directory whose record says ``mode`` (``default`` if 0).
 
     Only the permission bits (0o777), masked by our umask as any file we create would be:
     the mode comes from a peer, and set-user-id, set-group-id or sticky bits from a peer
     (a stolen or buggy key holder) would hand our users' privileges to whoever wrote the
-    file. The scanner records no more than these bits either.
+    file. The scanner records no more than these bits either, and takes a mode that is
+    what this function made of the record's for no change of ours (else the umask of one
+    node would narrow the modes of the whole folder).
     """
     return (mode & 0o777 or default) & ~_UMASK
 
@@ -284,7 +292,7 @@ class Buffered:
                     while data:
                         written = os.pwrite(fd, data, offset)
                         data, offset = data[written:], offset + written
-                os.fchmod(fd, applied_mode(record.mode, 0o644))
+                os.fchmod(fd, applied_mode(record.mode, FILE_MODE))
                 os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
                 os.fsync(fd)
             except BaseException:
@@ -768,7 +776,7 @@ class FolderStore:
                     assembly.write()
                 return None
             with _os_errors(), assembly.lease() as (fd, _):
-                os.fchmod(fd, applied_mode(record.mode, 0o644))
+                os.fchmod(fd, applied_mode(record.mode, FILE_MODE))
                 os.utime(fd, ns=(record.mtime_ns, record.mtime_ns))
                 os.fsync(fd)
         except LanshareError as exc:
@@ -860,7 +868,7 @@ class FolderStore:
         """Create directory ``rel`` (and its parents) if missing and set its mode."""
         with _os_errors(), self._dir(rel, create=True) as fd:
             if mode:
-                os.fchmod(fd, applied_mode(mode, 0o755))
+                os.fchmod(fd, applied_mode(mode, DIR_MODE))
 
     def make_symlink(self, rel: str, target: str) -> None:
         """Point ``rel`` at ``target``, replacing an older link atomically; never a file."""
@@ -894,11 +902,11 @@ class FolderStore:
                 return
             if stat.S_ISDIR(st.st_mode):
                 with self._dir(rel) as fd:
-                    os.fchmod(fd, applied_mode(mode, 0o755))
+                    os.fchmod(fd, applied_mode(mode, DIR_MODE))
                 return
             self._check_unchanged(dir_fd, name, rel, planned)
             with self._open_file(rel) as fd:
-                os.fchmod(fd, applied_mode(mode, 0o644))
+                os.fchmod(fd, applied_mode(mode, FILE_MODE))
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
 
     def rename_local(self, rel: str, new_rel: str) -> None:

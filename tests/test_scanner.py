@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from lanshare import chunker, keys, marker, planner, scanner
+from lanshare import chunker, keys, marker, planner, scanner, store
 from lanshare import index as index_module
 from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
@@ -484,6 +484,24 @@ def test_a_scan_reporting_progress_records_what_it_hashed_before_it_ends(
     assert 0 < seen_at_progress[0] < count
     assert seen_at_progress == sorted(seen_at_progress)
     assert db.max_sequence(folder) == count
+
+
+def test_a_mode_this_node_made_of_a_peers_record_is_no_change(db: Index, root: Path) -> None:
+    """A record's mode is applied as permission bits under our umask (``store.applied_mode``):
+    a file that holds what was made of it is unchanged, else one node's umask would narrow
+    the mode on every node. A mode the user sets afterwards is a change."""
+    (root / "tool").write_bytes(b"#!/bin/sh\n")
+    settle(root)
+    scan(db, root)
+    folder = db.add_folder(root, "ab" * 16).id
+    recorded = dataclasses.replace(records(db, root)["tool"], mode=0o4755)
+    db.commit_changes(folder, [LocalChange(recorded, 0, 0)])  # no cache: read and compared
+    os.chmod(root / "tool", store.applied_mode(0o4755, store.FILE_MODE))
+    assert scan(db, root).changed == 0
+    assert records(db, root)["tool"].mode == 0o4755
+    os.chmod(root / "tool", 0o600)
+    assert scan(db, root).changed == 1
+    assert records(db, root)["tool"].mode == 0o600
 
 
 _CHILD = """
