@@ -422,6 +422,11 @@ def _print_status(result: dict[str, Any]) -> None:
             typer.echo(f"  ! {printable(problem['path'])}: {printable(problem['problem'])}")
         for copy in folder.get("conflict_paths", [])[:10]:
             typer.echo(f"  conflict copy: {printable(copy)} (delete or rename it once resolved)")
+    for ban in result.get("banned", []):
+        typer.echo(
+            f"banned {printable(ban['address'])} (peer {printable(ban['peer'])}) for"
+            f" {ban['seconds_left']} s more: {printable(ban['why'])}"
+        )
 
 
 @app.command()

@@ -30,6 +30,11 @@ Theory of operation
 * **Peers.** Each folder's peer exchange (``exchange.Exchange``) keeps its sessions, reads
   and answers manifests, stores the peers' records in the index and announces what we hold
   (NOTIFY, HAVE); block requests go to the folder's block server. See its module.
+* **Misbehaviour.** What no honest peer would send (a manifest entry that does not decode,
+  a block failing its hash) is a strike (``count_hostile``, ``strikes.Strikes``): logged
+  within a rate limit, and past a threshold the peer's address (IPv6: its /64) is banned
+  for a while: its sessions are closed, it is not connected to, and a session from it is
+  ended as soon as it comes up, whatever node id it announces.
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, in a worker
   thread, against the records of the paths some peer holds another record of (plus
   in-progress ones), the rest of the folder answered by the index (``planinputs``): a folder
@@ -108,6 +113,7 @@ from lanshare.index import CacheUpdate, LocalChange
 from lanshare.manifest import Block, FileRecord
 from lanshare.serving import BlockReader, BlockServer
 from lanshare.store import Assembly, FolderStore, LocalState, Placement, VerifiedBlock
+from lanshare.strikes import Strikes, ban_key
 
 if TYPE_CHECKING:
     from collections.abc import (
@@ -1213,7 +1219,8 @@ class Engine:
         self.peer_names: dict[bytes, str] = {}
         self.watchers: dict[int, OwnWrites] = {}
         """Each folder's watcher, by index folder id: told of the engine's own writes."""
-        self.strikes: dict[bytes, int] = {}
+        self.strikes = Strikes(self.now)
+        """Strikes against misbehaving peers and the addresses they got banned."""
         self.on_sequence: Callable[[int], None] | None = None
         self.on_folder_back: Callable[[FolderSync], None] | None = None
         """Called when a folder missing at its last scan is there again (to watch it)."""
@@ -1388,6 +1395,8 @@ class Engine:
             self._connect(addr, {f for f in folders if (addr, f) not in connected})
 
     def _connect(self, addr: Addr, folders: Iterable[bytes]) -> None:
+        if self.strikes.banned(addr):
+            return
         for folder in folders:
             if folder in self.folders:
                 self.endpoint.connect(addr, folder)
@@ -1401,6 +1410,10 @@ class Engine:
                 self.endpoint.reject(event.request_id, FailReason.NOT_FOUND)
             return
         if isinstance(event, SessionEstablished):
+            if self.strikes.banned(event.addr):
+                logger.info("session with %s from a banned address ended", event.peer.hex())
+                self.endpoint.close(event.peer, bytes(event.folder))
+                return
             logger.info("session with %s for %s up", event.peer.hex(), sync.root)
             sync.exchange.session_up(event.peer, event.addr)
         elif isinstance(event, SessionClosed):
@@ -1430,8 +1443,16 @@ class Engine:
             pass
 
     def count_hostile(self, peer: bytes, what: str) -> None:
-        self.strikes[peer] = self.strikes.get(peer, 0) + 1
-        logger.warning("peer %s: %s (%d strikes)", peer.hex(), what, self.strikes[peer])
+        """``peer`` sent what no honest node would: past a threshold its address is banned
+        and every session from that address closed (see ``lanshare.strikes``)."""
+        addrs = {a for p, _, a in self.endpoint.peers() if p == peer}
+        ban = self.strikes.strike(peer, min(addrs, default=None), what)
+        if ban is None:
+            return
+        self.endpoint.close(peer)
+        for other, _, addr in self.endpoint.peers():
+            if ban_key(addr) == ban.key:
+                self.endpoint.close(other)
 
     def sequence_changed(self) -> None:
         if self.on_sequence is not None:
@@ -1454,6 +1475,15 @@ class Engine:
         return {
             "node": {"id": self.node_id.hex(), "name": self.config.node.name},
             "folders": [sync.status() for sync in self.folders.values()],
+            "banned": [
+                {
+                    "address": ban.key,
+                    "peer": ban.peer.hex(),
+                    "seconds_left": round(ban.until - self.now()),
+                    "why": ban.why,
+                }
+                for ban in self.strikes.bans()
+            ],
         }
 
 

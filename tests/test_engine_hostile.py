@@ -16,7 +16,7 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
-from lanshare import keys
+from lanshare import keys, strikes
 from lanshare.config import NetworkConfig
 from lanshare.events import BlockRequested, Event, ManifestRequested
 from lanshare.manifest import encode_record
@@ -37,13 +37,14 @@ EVIL_ID = b"\xee" * 8
 class HostilePeer:
     """Answers manifests with what it is given and blocks with garbage (or the truth)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, node_id: bytes = EVIL_ID) -> None:
         raw = keys.parse_key(cluster.key)
         self.addr = ("10.0.0.66", PORT)
+        self.folder_id = keys.folder_id(raw)
         self.endpoint = Endpoint(
             cluster.transfer,
             NetworkConfig(port=PORT),
-            node_id=EVIL_ID,
+            node_id=node_id,
             folders={keys.folder_id(raw): keys.session_psk(raw)},
             rng=random.Random(66),
         )
@@ -116,7 +117,7 @@ def test_hostile_paths_rejected_and_bad_blocks_routed_around(
             stats = victim.folder.downloads.scheduler.peer_stats(EVIL_ID)
             assert evil.garbage_sent >= 1, "the hostile peer was never asked for a block"
             assert stats.integrity_failures >= 1
-            assert victim.folder.engine.strikes[EVIL_ID] >= 2  # manifest entry + blocks
+            assert victim.folder.engine.strikes.total(EVIL_ID) >= 2  # manifest entry + blocks
             await asyncio.sleep(0.5)  # let any plan touching out/pwn.txt run
             stored = {
                 r.path
@@ -134,3 +135,74 @@ def test_hostile_paths_rejected_and_bad_blocks_routed_around(
         assert not (place / "evil.txt").exists()
     assert any("bad manifest entry" in r.getMessage() for r in caplog.records)
     assert any("failed its hash" in r.getMessage() for r in caplog.records)
+
+
+def test_flooding_peer_is_banned_by_address_and_logged_within_bounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer sending a thousand undecodable manifest entries loses its session at once, its
+    address stays banned for ``BAN_SECONDS`` of the engine's clock even under a fresh node id,
+    the flood costs a handful of log lines, and an honest peer elsewhere keeps syncing."""
+    flood = 1000
+    fresh_id = b"\xef" * 8
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=22) as cluster:
+            honest, victim = cluster.add(), cluster.add()
+            honest.write("before.txt", b"before the flood")
+            await cluster.start([honest, victim])
+            await wait_for(lambda: victim.path("before.txt").exists(), 30, "a first sync")
+            engine = victim.folder.engine
+            links = victim.folder.exchange.links
+            evil = HostilePeer(cluster)
+            evil.entries = [b"\xff" * 40] * flood
+            engine.add_address(evil.addr)
+            await wait_for(
+                lambda: engine.strikes.total(EVIL_ID) >= flood, 30, "the flood to be read"
+            )
+            await wait_for(lambda: EVIL_ID not in links, 10, "the flooder's session to close")
+            assert engine.strikes.banned(evil.addr)
+            assert [b["address"] for b in engine.status()["banned"]] == ["10.0.0.66"]
+            banned_at = engine.now()
+
+            # The same address under a fresh node id: its session ends as soon as it is up,
+            # and the victim does not connect to it either.
+            evil.transport.close()
+            again = HostilePeer(cluster, fresh_id)
+            again.endpoint.connect(victim.addr, again.folder_id)
+            again.transport.kick()
+            await wait_for(
+                lambda: any(
+                    "banned address" in r.getMessage() and fresh_id.hex() in r.getMessage()
+                    for r in caplog.records
+                ),
+                30,
+                "the fresh node id's session to be refused",
+            )
+            while engine.now() < banned_at + strikes.BAN_SECONDS - 30:
+                assert fresh_id not in links
+                assert EVIL_ID not in links
+                assert honest.node_id in links
+                await asyncio.sleep(5)
+
+            # The honest peer on another address syncs on.
+            honest.write("after.txt", b"after the flood")
+            await honest.scan()
+            await wait_for(lambda: victim.path("after.txt").exists(), 30, "sync after the ban")
+
+            # Once the ban has run out, the address is reached again.
+            await wait_for(
+                lambda: fresh_id in links, strikes.BAN_SECONDS, "a session once the ban ran out"
+            )
+            assert engine.now() >= banned_at + strikes.BAN_SECONDS
+            again.transport.close()
+
+    with caplog.at_level(logging.INFO, logger="lanshare.engine"):
+        asyncio.run(main())
+    about_evil = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and EVIL_ID.hex() in r.getMessage()
+    ]
+    assert any("banned for" in r.getMessage() for r in about_evil)
+    assert len(about_evil) <= strikes.LOGGED_STRIKES + 3, [r.getMessage() for r in about_evil]
