@@ -496,6 +496,25 @@ def test_status_shows_what_peers_and_the_disk_named_escaped(
     ]
 
 
+def test_status_lists_banned_addresses_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    result = {
+        "node": {"name": "here", "id": "ab12"},
+        "folders": [],
+        "banned": [
+            {
+                "address": "fd00:1:2:3::/64",
+                "peer": "eeee",
+                "seconds_left": 297,
+                "why": "block 0 of a\u202eb failed its hash",
+            }
+        ],
+    }
+    _print_status(result)
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "banned fd00:1:2:3::/64 (peer eeee) for 297 s more: block 0 of a\\u202eb failed its hash"
+    ]
+
+
 def test_pull_progress_shows_a_peers_file_name_escaped_and_never_as_markup(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
