@@ -12,7 +12,8 @@ lets it fill the disk, so:
   strikes (last: ...)"), written when a strike comes after the interval passed.
 - ``BAN_THRESHOLD`` strikes within ``BAN_WINDOW`` seconds ban the peer's *address*, which it
   cannot choose as freely as the node id it announces: the IPv4 host, or for IPv6 its /64
-  (one host owns a whole /64). A ban lasts ``BAN_SECONDS``; a fresh node id from the same
+  (one host may use any address of its /64; a link-local address is banned alone, since
+  every link shares fe80::/64). A ban lasts ``BAN_SECONDS``; a fresh node id from the same
   address is banned all the same. The engine closes the banned address's sessions, does not
   connect to it, and ends any session from it as soon as it comes up.
 - Every table here is bounded (``MAX_PEERS`` strike records, ``MAX_BANS`` bans); the oldest
@@ -47,8 +48,8 @@ MAX_BANS = 256
 
 
 def ban_key(addr: Addr) -> str:
-    """What a ban holds an address by: the IPv4 host, or the IPv6 /64 (an unparsable host,
-    as itself)."""
+    """What a ban holds an address by: the IPv4 host, or the IPv6 /64 (a link-local or an
+    unparsable host, as itself)."""
     host = addr[0].split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(host)
@@ -57,6 +58,8 @@ def ban_key(addr: Addr) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
+        if ip.is_link_local:  # every link's prefix is fe80::/64: it names no one
+            return str(ip)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 

@@ -23,7 +23,7 @@ class HandClock:
 def test_ban_key_is_the_ipv4_host_or_the_ipv6_64() -> None:
     assert ban_key(("192.168.1.7", 4000)) == "192.168.1.7"
     assert ban_key(("::ffff:192.168.1.7", 4000)) == "192.168.1.7"
-    assert ban_key(("fe80::1%eth0", 4000)) == "fe80::/64"
+    assert ban_key(("fe80::1%eth0", 4000)) == "fe80::1"  # every link is fe80::/64
     assert ban_key(("2001:db8:1:2:aaaa::1", 4000)) == ban_key(("2001:db8:1:2:bbbb::9", 1))
     assert ban_key(("2001:db8:1:2::1", 4000)) != ban_key(("2001:db8:1:3::1", 4000))
 
