@@ -1453,6 +1453,7 @@ class Engine:
         for other, _, addr in self.endpoint.peers():
             if ban_key(addr) == ban.key:
                 self.endpoint.close(other)
+        self.kick()
 
     def sequence_changed(self) -> None:
         if self.on_sequence is not None:
