@@ -486,7 +486,7 @@ def test_decode_entry_refuses_vectors_this_node_could_not_bump(partial: bool) ->
     crowded = entry(_devices(MAX_VECTOR_DEVICES + 1))
     with pytest.raises(DecodeError, match=f"{MAX_VECTOR_DEVICES + 1} devices"):
         decode_entry(crowded)
-    with pytest.raises(DecodeError, match="4 devices .*at most 3"):
+    with pytest.raises(DecodeError, match=r"4 devices .*at most 3"):
         decode_entry(entry(_devices(4)), max_devices=3)
     for counter in (MAX_PEER_COUNTER + 1, (1 << 63) - 1):
         with pytest.raises(DecodeError, match="counter"):
