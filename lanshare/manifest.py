@@ -168,9 +168,19 @@ class VersionVector:
         return 0
 
     def bump(self, short_id: int) -> VersionVector:
-        """A new vector recording one more change by ``short_id``; it dominates ``self``."""
+        """A new vector recording one more change by ``short_id``; it dominates ``self``.
+
+        Raises:
+            ValueError: the vector has no room for it (counter at 2^63-1, or a new device
+                past MAX_VERSION_ENTRIES): nothing can record that change.
+        """
         mapping = dict(self.counters)
-        mapping[short_id] = mapping.get(short_id, 0) + 1
+        counter = mapping.get(short_id, 0)
+        if counter >= _I64_MAX:
+            raise ValueError(f"the version counter of device {short_id:x} is at its limit")
+        if not counter and len(mapping) >= MAX_VERSION_ENTRIES:
+            raise ValueError(f"the version vector already names {MAX_VERSION_ENTRIES} devices")
+        mapping[short_id] = counter + 1
         return VersionVector.of(mapping)
 
     def merge(self, other: VersionVector) -> VersionVector:

@@ -16,7 +16,7 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
-from lanshare import keys
+from lanshare import keys, marker
 from lanshare.config import NetworkConfig
 from lanshare.events import BlockRequested, Event, ManifestRequested
 from lanshare.index import Index, LocalChange
@@ -209,15 +209,20 @@ def test_a_stored_record_no_edit_can_bump_is_a_problem_of_its_path(tmp_path: Pat
             honest, victim = cluster.add(), cluster.add()
             victim.write("stuck.txt", b"before")
             await victim.start()
-            folder, me = victim.folder.info.id, victim.folder.engine.short_id
+            info, me = victim.folder.info, victim.folder.engine.short_id
+            folder_id = victim.folder.folder_id
             await victim.stop()
             with Index.open(victim.state_dir / "index.sqlite3") as index:
-                record = index.get(folder, "stuck.txt")
+                record = index.get(info.id, "stuck.txt")
                 assert record is not None
                 at_limit = VersionVector.of({me: (1 << 63) - 1})
-                index.commit_changes(
-                    folder, [LocalChange(dataclasses.replace(record, version=at_limit))]
+                (stored,) = index.commit_changes(
+                    info.id, [LocalChange(dataclasses.replace(record, version=at_limit))]
                 )
+            # As the engine stamps the folder after each change it records (else the folder
+            # would look restored from a backup).
+            stamp = marker.Generation(info.index_id, stored.sequence)
+            marker.write(victim.root, folder_id, stamp, durable=False)
             victim.write("stuck.txt", b"edited where no version can say so")
             victim.write("other.txt", b"an ordinary change")
             await honest.start()

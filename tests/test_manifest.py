@@ -508,6 +508,15 @@ def test_decode_entry_accepts_vectors_at_the_bounds(partial: bool) -> None:
     assert VersionVector.of({A: MAX_PEER_COUNTER}).bump(A).get(A) == MAX_PEER_COUNTER + 1
 
 
+def test_bump_without_room_raises() -> None:
+    with pytest.raises(ValueError, match="at its limit"):
+        VersionVector.of({A: (1 << 63) - 1}).bump(A)
+    full = _devices(MAX_VERSION_ENTRIES)
+    with pytest.raises(ValueError, match=f"already names {MAX_VERSION_ENTRIES} devices"):
+        full.bump(MAX_VERSION_ENTRIES + 1)
+    assert full.bump(1).get(1) == 2
+
+
 @given(st.binary(max_size=600))
 def test_decode_entry_of_arbitrary_bytes_raises_only_decode_error(data: bytes) -> None:
     for kind in (ENTRY_HEADER, ENTRY_IN_PROGRESS, FORMAT, data[:1] or b"\x00"):
