@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from lanshare import keys
 from lanshare.errors import ConfigError
+from lanshare.manifest import MAX_VECTOR_DEVICES, MAX_VERSION_ENTRIES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -187,6 +188,8 @@ class SyncConfig:
     """Seconds after which a path that keeps changing is rescanned anyway."""
     rescan_interval: float = 3600.0
     """Seconds between full rescans that catch what the file watcher missed."""
+    max_vector_devices: int = MAX_VECTOR_DEVICES
+    """Most devices a peer's record may name in its version vector; more is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,6 +724,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("sync", "debounce_interval"): _positive_seconds,
     ("sync", "max_debounce_delay"): _positive_seconds,
     ("sync", "rescan_interval"): _positive_seconds,
+    ("sync", "max_vector_devices"): _int_range(1, MAX_VERSION_ENTRIES, " devices"),
     ("logging", "level"): _one_of(LOG_LEVELS),
 }
 

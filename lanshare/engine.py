@@ -223,6 +223,8 @@ class FolderSync:
         ``error`` and are retried with backoff, and at once after a scan."""
         self.plan_problems: dict[str, str] = {}
         """Paths the last plan left out, and why (a structure no disk can hold, …)."""
+        self.unrecordable: dict[str, str] = {}
+        """Paths whose change the scans could not record, and why (see ``scanner``)."""
         self.conflict_paths: set[str] = set()
         """Conflict copies held here, by path."""
         self.missing = False
@@ -314,6 +316,7 @@ class FolderSync:
             await asyncio.to_thread(self._stamp_marker, self.sequence)
             self.server.invalidate()
             return None
+        self.unrecordable = summary.still_unrecordable(self.unrecordable)
         if summary.new or summary.changed or summary.deleted or summary.forgotten:
             self.server.invalidate()
             await self._read_sequence()
@@ -1168,7 +1171,7 @@ class FolderSync:
         """Every path out of sync for a reason other than waiting, and the reason; and the
         ``.lanshareignore`` left out, if it is (``FolderRules.problem``)."""
         problems = {path: failure.message for path, failure in self.failures.items()}
-        for path, message in self.plan_problems.items():
+        for path, message in (*self.plan_problems.items(), *self.unrecordable.items()):
             problems.setdefault(path, message)
         if self.rules.problem:
             problems.setdefault(IGNORE_FILE, self.rules.problem)

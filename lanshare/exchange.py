@@ -209,9 +209,10 @@ class Exchange:
         in_progress: dict[str, FileRecord] = {}
         have: set[bytes] = set()
         restart = False
+        max_devices = self.engine.config.sync.max_vector_devices
         for raw in event.records:
             try:
-                entry = decode_entry(raw)
+                entry = decode_entry(raw, max_devices)
             except DecodeError as exc:
                 self.engine.count_hostile(event.peer, f"bad manifest entry: {exc}")
                 continue

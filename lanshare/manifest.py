@@ -34,6 +34,13 @@ only for a live regular file. Every field is
 bounded (``MAX_*`` below) and a record must be consistent (blocks cover ``size`` exactly);
 anything else is a :class:`~lanshare.errors.DecodeError` on decode and a ``ValueError`` on
 encode (a locally built invalid record is a bug).
+
+A record from a peer (:func:`decode_entry`) must also leave room for this node's edits: its
+version vector holds at most ``max_devices`` devices (``[sync] max_vector_devices``, default
+:data:`MAX_VECTOR_DEVICES`) and no counter above :data:`MAX_PEER_COUNTER`, so bumping it can
+never overflow. Such a record is refused, never trimmed: dropping an entry would make an old
+version look concurrent with, or newer than, the one it was replaced by. The index keeps
+reading what it stored with the wider wire bounds.
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ MAX_BLOCK_SIZE = 16 * 1024 * 1024
 
 MAX_VERSION_ENTRIES = 1024
 """Most devices in one version vector."""
+
+MAX_VECTOR_DEVICES = 1000
+"""Default of ``[sync] max_vector_devices``: most devices in a peer's version vector."""
+
+MAX_PEER_COUNTER = 1 << 62
+"""Largest counter in a peer's version vector: 2^62 bumps of headroom below the wire's 2^63-1."""
 
 MAX_SYMLINK_TARGET_SIZE = MAX_PATH_SIZE
 """Longest symlink target, in bytes of UTF-8."""
@@ -155,9 +168,19 @@ class VersionVector:
         return 0
 
     def bump(self, short_id: int) -> VersionVector:
-        """A new vector recording one more change by ``short_id``; it dominates ``self``."""
+        """A new vector recording one more change by ``short_id``; it dominates ``self``.
+
+        Raises:
+            ValueError: the vector has no room for it (counter at 2^63-1, or a new device
+                past MAX_VERSION_ENTRIES): nothing can record that change.
+        """
         mapping = dict(self.counters)
-        mapping[short_id] = mapping.get(short_id, 0) + 1
+        counter = mapping.get(short_id, 0)
+        if counter >= _I64_MAX:
+            raise ValueError(f"the version counter of device {short_id:x} is at its limit")
+        if not counter and len(mapping) >= MAX_VERSION_ENTRIES:
+            raise ValueError(f"the version vector already names {MAX_VERSION_ENTRIES} devices")
+        mapping[short_id] = counter + 1
         return VersionVector.of(mapping)
 
     def merge(self, other: VersionVector) -> VersionVector:
@@ -417,8 +440,9 @@ def encode_entry(entry: ManifestEntry) -> bytes:
     return _IN_PROGRESS_HEAD.pack(ENTRY_IN_PROGRESS, len(encoded)) + encoded + bitmap
 
 
-def decode_entry(data: BytesLike) -> ManifestEntry:
-    """Parse and validate one manifest entry from a peer.
+def decode_entry(data: BytesLike, max_devices: int = MAX_VECTOR_DEVICES) -> ManifestEntry:
+    """Parse and validate one manifest entry from a peer, whose version vectors may name at
+    most ``max_devices`` devices.
 
     Raises:
         DecodeError: ``data`` is not exactly one valid entry of a known kind.
@@ -435,7 +459,7 @@ def decode_entry(data: BytesLike) -> ManifestEntry:
         raise DecodeError("empty manifest entry")
     kind = view[0]
     if kind == FORMAT:
-        return decode_record(view)
+        return _check_headroom(decode_record(view), max_devices)
     if kind == ENTRY_HEADER:
         if len(view) != _HEADER.size:
             raise DecodeError(f"manifest header of {len(view)} bytes, not {_HEADER.size}")
@@ -451,7 +475,7 @@ def decode_entry(data: BytesLike) -> ManifestEntry:
     start = _IN_PROGRESS_HEAD.size
     if size > len(view) - start:
         raise DecodeError("in-progress entry truncated")
-    record = decode_record(view[start : start + size])
+    record = _check_headroom(decode_record(view[start : start + size]), max_devices)
     if record.deleted or record.type is not EntryType.FILE:
         raise DecodeError(f"in-progress entry for {record.path!r}, not a live file")
     bitmap = view[start + size :]
@@ -465,6 +489,19 @@ def decode_entry(data: BytesLike) -> ManifestEntry:
 
 
 # --- private -----------------------------------------------------------------------------------
+
+
+def _check_headroom(record: FileRecord, max_devices: int) -> FileRecord:
+    """``record`` if this node could record an edit of it, else a DecodeError."""
+    counters = record.version.counters
+    if len(counters) > max_devices:
+        raise DecodeError(
+            f"{len(counters)} devices in the version vector of {record.path!r} "
+            f"(at most {max_devices})"
+        )
+    if any(counter > MAX_PEER_COUNTER for _, counter in counters):
+        raise DecodeError(f"version vector counter of {record.path!r} above 2^62")
+    return record
 
 
 def _check_record(r: FileRecord) -> str | None:

@@ -33,7 +33,10 @@ Theory of operation
    entry gets its version vector bumped with this node's short id and a new sequence number;
    a vanished one becomes a tombstone. Paths that exist but could not be read (permission
    denied, unreadable directory, changed too often) keep their old record: a read error never
-   turns into a deletion on the other peers. Vanished entries that, with the folder's recent
+   turns into a deletion on the other peers. A change whose version cannot be bumped (a
+   counter at its limit, in a record stored before peers' vectors were bounded: see
+   ``manifest.MAX_PEER_COUNTER``) is left out and reported as *unrecordable*, for that path
+   alone: the rest of the batch is recorded. Vanished entries that, with the folder's recent
    deletions, trip the mass-deletion guard (``deleteguard``) are all kept until confirmed.
 5. **Fetch only.** A node that only fetches (a short-lived ``ls`` or ``pull``) announces no
    change of its own: a path it no longer finds, or finds changed, is *not held here*
@@ -92,7 +95,7 @@ from lanshare.planner import conflict_name, global_winner
 from lanshare.store import DIR_MODE, FILE_MODE, applied_mode
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
     from lanshare.chunker import FileHashes
     from lanshare.config import FolderConfig
@@ -166,6 +169,19 @@ class ScanSummary:
     orphans: tuple[tuple[str, str], ...] = ()
     """Files this node lost track of, holding other content than the LAN's version (see
     ``_Run._lost_track``): not recorded; each with the conflict name to move it to."""
+    unrecordable: tuple[tuple[str, str], ...] = ()
+    """Paths found changed whose change could not be recorded, and why (also in
+    ``problems``, and counted in ``skipped``)."""
+    looked_at: Callable[[str], bool] = field(default=lambda _rel: True, compare=False)
+    """Whether this scan compared the path's record with the disk (a scan of some paths
+    looks at those alone)."""
+
+    def still_unrecordable(self, before: Mapping[str, str]) -> dict[str, str]:
+        """The unrecordable paths after this scan, given those before it: a path this scan
+        looked at is one only if it still is."""
+        kept = {rel: why for rel, why in before.items() if not self.looked_at(rel)}
+        kept.update(self.unrecordable)
+        return kept
 
     def as_json(self) -> dict[str, object]:
         """The summary as a JSON-ready mapping."""
@@ -385,6 +401,8 @@ async def scan_path(
         in_scope = walk.in_scope
     peers = await asyncio.to_thread(index.remote_peers, folder)
     run = _Run(index, folder, short_id, walk, fetch_only=fetch_only, has_peers=bool(peers))
+    if only is not None:
+        run.looked_at = lambda rel: in_scope(rel) or rel in walk.singles
     if fetch_only:
         unrecorded = [
             e.rel for e in walk.entries if e.type is EntryType.FILE and e.rel not in cache
@@ -605,6 +623,8 @@ class _Run:
         self.has_peers = has_peers
         self.orphans: list[tuple[str, str]] = []
         """Files this node lost track of, not recorded, with the names to keep them under."""
+        self.unrecordable: list[_Problem] = []
+        self.looked_at: Callable[[str], bool] = _everywhere
         self.files, self.bytes, self.blocks = walk.unchanged
         self.dirs = self.symlinks = 0
         self.new = self.changed = self.deleted = 0
@@ -650,18 +670,25 @@ class _Run:
         observed, self.pending = self.pending, []
         gone, self.gone = self.gone, []
         if observed or gone:
-            new, changed, deleted = await asyncio.to_thread(self._commit, observed, gone)
+            new, changed, deleted, failed = await asyncio.to_thread(self._commit, observed, gone)
             self.new += new
             self.changed += changed
             self.deleted += deleted
+            for problem in failed:
+                self.take(problem)
+            self.unrecordable += failed
         forget, self.forget = self.forget, []
         if forget:
             self.forgotten += await asyncio.to_thread(self.index.forget, self.folder, forget)
         return [o.rel for o in observed] + gone
 
-    def _commit(self, observed: list[_Observed], gone: list[str]) -> tuple[int, int, int]:
-        """Compare with the full old records and store, in one transaction (in a thread)."""
+    def _commit(
+        self, observed: list[_Observed], gone: list[str]
+    ) -> tuple[int, int, int, list[_Problem]]:
+        """Compare with the full old records and store, in one transaction (in a thread);
+        the changes that could not be recorded are returned, the others stored."""
         new = changed = deleted = 0
+        failed: list[_Problem] = []
         changes: list[LocalChange] = []
         updates: list[CacheUpdate] = []
         with self.index.transaction():
@@ -686,7 +713,10 @@ class _Run:
                 if old is None and self._lost_track(obs):
                     continue
                 base = old.version if old is not None else VersionVector()
-                record = _record(obs, base.bump(self.short_id))
+                version = _bumped(base, self.short_id, obs.rel, failed)
+                if version is None:
+                    continue
+                record = _record(obs, version)
                 changes.append(LocalChange(record, obs.inode, obs.ctime_ns))
                 if old is None or old.deleted:
                     new += 1
@@ -696,11 +726,13 @@ class _Run:
                 old = olds.get(rel)
                 if old is None or old.deleted:
                     continue
-                tombstone = old.tombstone(old.version.bump(self.short_id), 0)
-                changes.append(LocalChange(tombstone))
+                version = _bumped(old.version, self.short_id, rel, failed)
+                if version is None:
+                    continue
+                changes.append(LocalChange(old.tombstone(version, 0)))
                 deleted += 1
             self.index.commit_changes(self.folder, changes, updates)
-        return new, changed, deleted
+        return new, changed, deleted, failed
 
     def _lost_track(self, obs: _Observed) -> bool:
         """Whether ``obs``, a file recorded here for the first time, is one this node held
@@ -745,7 +777,20 @@ class _Run:
             verdict=self.verdict,
             forgotten=self.forgotten,
             orphans=tuple(self.orphans),
+            unrecordable=tuple((p.rel, p.message) for p in self.unrecordable),
+            looked_at=self.looked_at,
         )
+
+
+def _bumped(
+    version: VersionVector, short_id: int, rel: str, failed: list[_Problem]
+) -> VersionVector | None:
+    """``version`` bumped by ``short_id``, or None with the reason added to ``failed``."""
+    try:
+        return version.bump(short_id)
+    except ValueError as exc:
+        failed.append(_Problem(rel, f"cannot record the change: {exc}"))
+        return None
 
 
 def _at_or_under(rel: str, roots: Collection[str]) -> bool:

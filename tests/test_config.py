@@ -755,6 +755,8 @@ def test_dates_are_named_in_type_errors(write: Writer) -> None:
         ("delete_window", -60, "seconds greater than 0"),
         ("versions_keep_days", 0, "days greater than 0"),
         ("debounce_interval", -0.1, "seconds greater than 0"),
+        ("max_vector_devices", 0, "from 1 to 1024 devices"),
+        ("max_vector_devices", 1025, "from 1 to 1024 devices"),
     ],
 )
 def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expected: str) -> None:

@@ -16,10 +16,11 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
-from lanshare import keys, strikes
+from lanshare import keys, marker, strikes
 from lanshare.config import NetworkConfig
 from lanshare.events import BlockRequested, Event, ManifestRequested
-from lanshare.manifest import encode_record
+from lanshare.index import Index, LocalChange
+from lanshare.manifest import MAX_VECTOR_DEVICES, VersionVector, encode_record
 from lanshare.protocol import Endpoint
 from tests.enginesim import PORT, Cluster, LinkSpec, SimTransport, random_bytes, wait_for
 
@@ -206,3 +207,110 @@ def test_flooding_peer_is_banned_by_address_and_logged_within_bounds(
     ]
     assert any("banned for" in r.getMessage() for r in about_evil)
     assert len(about_evil) <= strikes.LOGGED_STRIKES + 3, [r.getMessage() for r in about_evil]
+
+
+def test_vectors_no_edit_could_bump_are_refused_and_the_folder_keeps_syncing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer's record whose version this node could not bump when its user edits the file
+    (its own counter at 2^63-1, or more devices than ``max_vector_devices``) is refused at
+    decode and counted; it never becomes a file here, and the user's edits of that path and
+    of others still reach the honest peer."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=22) as cluster:
+            honest, victim = cluster.add(), cluster.add()
+            honest.write("plain.txt", b"plain")
+            await honest.start()
+            await victim.start()
+            victim.connect(honest)
+            await wait_for(lambda: victim.path("plain.txt").exists(), 60, "the first sync")
+            evil = HostilePeer(cluster)
+            plain = honest.folder.engine.index.get(honest.folder.info.id, "plain.txt")
+            assert plain is not None
+            evil.truthful[plain.blocks[0].hash] = b"plain"
+            at_limit = VersionVector.of({victim.folder.engine.short_id: (1 << 63) - 1})
+            crowded = VersionVector(tuple((i, 1) for i in range(1, MAX_VECTOR_DEVICES + 2)))
+            evil.entries = [
+                encode_record(dataclasses.replace(plain, path="poison.txt", version=at_limit)),
+                encode_record(dataclasses.replace(plain, path="crowd.txt", version=crowded)),
+            ]
+            victim.folder.engine.add_address(evil.addr)
+            await wait_for(
+                lambda: (
+                    victim.folder.engine.strikes.total(EVIL_ID) >= 2
+                    or victim.path("poison.txt").exists()
+                    or victim.path("crowd.txt").exists()
+                ),
+                60,
+                "the hostile manifest to be read",
+            )
+            assert victim.folder.engine.strikes.total(EVIL_ID) == 2
+            stored = {
+                r.path
+                for r in victim.folder.engine.index.remote_records(victim.folder.info.id, EVIL_ID)
+            }
+            assert stored.isdisjoint({"poison.txt", "crowd.txt"})
+
+            victim.write("poison.txt", b"the user's own poison.txt")
+            victim.write("later.txt", b"written after the attack")
+            await victim.scan()
+            await wait_for(
+                lambda: honest.path("later.txt").exists() and honest.path("poison.txt").exists(),
+                60,
+                "the victim's edits to reach the honest peer",
+            )
+            assert honest.read("poison.txt") == b"the user's own poison.txt"
+            assert not victim.path("crowd.txt").exists()
+            assert victim.folder.problems == {}
+            evil.transport.close()
+
+    with caplog.at_level(logging.WARNING, logger="lanshare.engine"):
+        asyncio.run(main())
+    assert any("above 2^62" in r.getMessage() for r in caplog.records)
+    assert any(f"at most {MAX_VECTOR_DEVICES}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stored_record_no_edit_can_bump_is_a_problem_of_its_path(tmp_path: Path) -> None:
+    """A record stored before peers' vectors were bounded, with this node's counter at
+    2^63-1: the user's edit of that file cannot be recorded. That path is a problem in
+    ``status``; the folder's other changes still reach the peer."""
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=23) as cluster:
+            honest, victim = cluster.add(), cluster.add()
+            victim.write("stuck.txt", b"before")
+            await victim.start()
+            info, me = victim.folder.info, victim.folder.engine.short_id
+            folder_id = victim.folder.folder_id
+            await victim.stop()
+            with Index.open(victim.state_dir / "index.sqlite3") as index:
+                record = index.get(info.id, "stuck.txt")
+                assert record is not None
+                at_limit = VersionVector.of({me: (1 << 63) - 1})
+                (stored,) = index.commit_changes(
+                    info.id, [LocalChange(dataclasses.replace(record, version=at_limit))]
+                )
+            # As the engine stamps the folder after each change it records (else the folder
+            # would look restored from a backup).
+            stamp = marker.Generation(info.index_id, stored.sequence)
+            marker.write(victim.root, folder_id, stamp, durable=False)
+            victim.write("stuck.txt", b"edited where no version can say so")
+            victim.write("other.txt", b"an ordinary change")
+            await honest.start()
+            await victim.start()
+            victim.connect(honest)
+            await wait_for(
+                lambda: honest.path("other.txt").exists(), 60, "the other change to sync"
+            )
+            assert honest.read("other.txt") == b"an ordinary change"
+            status = victim.folder.status()
+            (problem,) = status["problems"]
+            assert problem["path"] == "stuck.txt"
+            assert "cannot record the change" in problem["problem"]
+            victim.write("later.txt", b"and a later one")
+            await victim.scan()
+            await wait_for(lambda: honest.path("later.txt").exists(), 60, "a later change")
+            assert [p["path"] for p in victim.folder.status()["problems"]] == ["stuck.txt"]
+
+    asyncio.run(main())

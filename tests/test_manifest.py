@@ -21,6 +21,8 @@ from lanshare.manifest import (
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
     MAX_ENTRY_SIZE,
+    MAX_PEER_COUNTER,
+    MAX_VECTOR_DEVICES,
     MAX_VERSION_ENTRIES,
     BatchHeader,
     Block,
@@ -465,6 +467,54 @@ def _in_progress(record: FileRecord, bitmap: bytes) -> bytes:
 def test_decode_entry_rejects(data: bytes | memoryview, why: str) -> None:
     with pytest.raises(DecodeError, match=why):
         decode_entry(data)
+
+
+def _devices(count: int) -> VersionVector:
+    return VersionVector(tuple((i, 1) for i in range(1, count + 1)))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_decode_entry_refuses_vectors_this_node_could_not_bump(partial: bool) -> None:
+    """A peer's vector with too many devices or a counter without headroom is refused whole
+    (never trimmed), for records and in-progress entries alike; the index's own decoder still
+    reads it."""
+
+    def entry(version: VersionVector) -> bytes:
+        record = _file(version=version)
+        return encode_entry(InProgress(record, ()) if partial else record)
+
+    crowded = entry(_devices(MAX_VECTOR_DEVICES + 1))
+    with pytest.raises(DecodeError, match=f"{MAX_VECTOR_DEVICES + 1} devices"):
+        decode_entry(crowded)
+    with pytest.raises(DecodeError, match=r"4 devices .*at most 3"):
+        decode_entry(entry(_devices(4)), max_devices=3)
+    for counter in (MAX_PEER_COUNTER + 1, (1 << 63) - 1):
+        with pytest.raises(DecodeError, match="counter"):
+            decode_entry(entry(VersionVector.of({A: 1, B: counter})))
+    full = _file(version=VersionVector.of({A: (1 << 63) - 1}))
+    assert decode_record(encode_record(full)) == full
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_decode_entry_accepts_vectors_at_the_bounds(partial: bool) -> None:
+    for version, max_devices in [
+        (_devices(MAX_VECTOR_DEVICES), MAX_VECTOR_DEVICES),
+        (_devices(3), 3),
+        (VersionVector.of({A: MAX_PEER_COUNTER, C: 1}), MAX_VECTOR_DEVICES),
+    ]:
+        record = _file(version=version)
+        entry: FileRecord | InProgress = InProgress(record, (1,)) if partial else record
+        assert decode_entry(encode_entry(entry), max_devices) == entry
+    assert VersionVector.of({A: MAX_PEER_COUNTER}).bump(A).get(A) == MAX_PEER_COUNTER + 1
+
+
+def test_bump_without_room_raises() -> None:
+    with pytest.raises(ValueError, match="at its limit"):
+        VersionVector.of({A: (1 << 63) - 1}).bump(A)
+    full = _devices(MAX_VERSION_ENTRIES)
+    with pytest.raises(ValueError, match=f"already names {MAX_VERSION_ENTRIES} devices"):
+        full.bump(MAX_VERSION_ENTRIES + 1)
+    assert full.bump(1).get(1) == 2
 
 
 @given(st.binary(max_size=600))

@@ -23,7 +23,7 @@ from lanshare.config import FolderConfig
 from lanshare.deleteguard import LOCAL, Deletion, Limits
 from lanshare.errors import StorageError
 from lanshare.index import Index, LocalChange
-from lanshare.manifest import EntryType, FileRecord, VersionVector
+from lanshare.manifest import MAX_VERSION_ENTRIES, EntryType, FileRecord, VersionVector
 from lanshare.paths import MARKER
 
 if TYPE_CHECKING:
@@ -502,6 +502,55 @@ def test_a_mode_this_node_made_of_a_peers_record_is_no_change(db: Index, root: P
     os.chmod(root / "tool", 0o600)
     assert scan(db, root).changed == 1
     assert records(db, root)["tool"].mode == 0o600
+
+
+def test_a_change_that_cannot_be_recorded_is_a_problem_of_its_path_alone(
+    db: Index, root: Path
+) -> None:
+    """A record whose counter of ours is at its limit (stored before peers' vectors were
+    bounded) cannot be bumped: its edit, or its deletion, is reported for that path and left
+    out, while the rest of the batch is recorded."""
+    make_tree(root)
+    settle(root)
+    scan(db, root)
+    folder = db.add_folder(root, "ab" * 16).id
+    full = VersionVector.of({ME: (1 << 63) - 1})
+    crowded = VersionVector(tuple((i, 1) for i in range(1, MAX_VERSION_ENTRIES + 1)))
+    stuck = [dataclasses.replace(records(db, root)[p], version=full) for p in ("top.txt", "zero")]
+    stuck.append(dataclasses.replace(records(db, root)["docs/b.bin"], version=crowded))
+    db.commit_changes(folder, [LocalChange(r) for r in stuck])
+    before = records(db, root)
+    (root / "top.txt").write_text("edited")
+    (root / "docs" / "b.bin").write_text("edited by one device too many")
+    (root / "zero").unlink()
+    (root / "docs" / "a.txt").write_text("edited too")
+    (root / "new.txt").write_text("new")
+
+    summary = scan(db, root)
+
+    assert (summary.new, summary.changed, summary.deleted) == (1, 1, 0)
+    assert sorted(rel for rel, _ in summary.unrecordable) == ["docs/b.bin", "top.txt", "zero"]
+    assert all("cannot record the change" in why for _, why in summary.unrecordable)
+    assert summary.skipped == 3
+    assert sum("cannot record the change" in p for p in summary.problems) == 3
+    after = records(db, root)
+    assert after["docs/b.bin"] == before["docs/b.bin"]
+    assert after["top.txt"] == before["top.txt"]
+    assert after["zero"] == before["zero"]
+    assert after["docs/a.txt"].size == len("edited too")
+    assert "new.txt" in after
+    # Reported again by every scan that looks at it, kept by those that do not.
+    unrecordable = summary.still_unrecordable({"gone.txt": "old"})
+    assert set(unrecordable) == {"docs/b.bin", "top.txt", "zero"}
+    partial = scan(db, root, only=["new.txt"])
+    assert partial.unrecordable == ()
+    assert partial.still_unrecordable(unrecordable) == unrecordable
+    again = scan(db, root, only=["top.txt"])
+    assert again.still_unrecordable(unrecordable) == unrecordable
+    assert again.still_unrecordable({"top.txt": "old", "docs/x": "old"}) == {
+        "top.txt": unrecordable["top.txt"],
+        "docs/x": "old",
+    }
 
 
 _CHILD = """
