@@ -1060,7 +1060,7 @@ class Index:
 
         If a partial of ``path`` exists for another hash or another temporary file, it is
         replaced (its verified blocks are forgotten; deleting the old temporary file is the
-        caller's job, which is why the old one is returned by :meth:`partial_get` first).
+        caller's job, which is why the old one is returned by :meth:`partials_of` first).
         """
         with self._write("record a partial download") as conn:
             row = conn.execute(
@@ -1078,11 +1078,6 @@ class Index:
             partial = self._partial(conn, folder, path)
         assert partial is not None  # inserted above, in the same transaction
         return partial
-
-    def partial_get(self, folder: int, path: str) -> Partial | None:
-        """The partial download of ``path``, with its verified block indexes, or None."""
-        with self._read("read a partial download") as conn:
-            return self._partial(conn, folder, path)
 
     def partials_of(self, folder: int, paths: Iterable[str]) -> dict[str, Partial]:
         """The partial downloads of those ``paths`` that have one, by path, in one read."""

@@ -78,7 +78,7 @@ class Setup:
         self.index.close()
 
     def listed(self) -> set[int]:
-        partial = self.index.partial_get(self.folder, "big.bin")
+        partial = self.index.partials_of(self.folder, ["big.bin"]).get("big.bin")
         assert partial is not None
         return set(partial.verified)
 
@@ -233,7 +233,7 @@ def test_kill_9_at_random_points_never_leaves_a_listed_block_unwritten(tmp_path:
         process.wait(timeout=30)
         process.stdout.close()
         with Index.open(tmp_path / "index.sqlite3") as index:
-            partial = index.partial_get(index.folders()[0].id, "big.bin")
+            partial = index.partials_of(index.folders()[0].id, ["big.bin"]).get("big.bin")
         assert partial is not None
         assembly = store.begin(record)
         try:

@@ -138,7 +138,9 @@ def test_crash_mid_file_resumes_without_refetching_verified_blocks(tmp_path: Pat
                     await b.crash()
                     index = await asyncio.to_thread(Index.open, b.state_dir / "index.sqlite3")
                     try:
-                        partial = index.partial_get(index.folders()[0].id, "big.bin")
+                        partial = index.partials_of(index.folders()[0].id, ["big.bin"]).get(
+                            "big.bin"
+                        )
                         record = index.remote_records_for_path(index.folders()[0].id, "big.bin")
                     finally:
                         index.close()

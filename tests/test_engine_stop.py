@@ -83,7 +83,7 @@ def _verified_on_disk(node: SimNode) -> tuple[set[bytes], int]:
     index = Index.open(node.state_dir / "index.sqlite3")
     try:
         folder = index.folders()[0].id
-        partial = index.partial_get(folder, "big.bin")
+        partial = index.partials_of(folder, ["big.bin"]).get("big.bin")
         records = index.remote_records_for_path(folder, "big.bin")
     finally:
         index.close()

@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from lanshare import index as index_module
 from lanshare.deleteguard import Deletion
 from lanshare.errors import StorageError
-from lanshare.index import SCHEMA_VERSION, CacheUpdate, Index, LocalChange, WrittenBlocks
+from lanshare.index import (
+    SCHEMA_VERSION,
+    CacheUpdate,
+    Index,
+    LocalChange,
+    Partial,
+    WrittenBlocks,
+)
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
 
 if TYPE_CHECKING:
@@ -347,11 +354,14 @@ def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) 
         db.partial_mark_verified(folder, [WrittenBlocks("big.iso", b"H" * 32, (3, 5))])
     with Index.open(path) as db:
         (info,) = db.folders()
-        got = db.partial_get(info.id, "big.iso")
+        got = db.partials_of(info.id, ["big.iso"]).get("big.iso")
         assert got is not None
         p = got
         both = db.partials_of(info.id, ["big.iso", "small.iso", "none", "big.iso"])
-        assert both == {"big.iso": p, "small.iso": db.partial_get(info.id, "small.iso")}
+        small = Partial(
+            info.id, "small.iso", ".lanshare-tmp-small.iso.1", b"S" * 32, frozenset({1})
+        )
+        assert both == {"big.iso": p, "small.iso": small}
         assert p.verified == {0, 3, 4, 5}
         assert p.temp_name == ".lanshare-tmp-big.iso.1"
         assert p.file_hash == b"H" * 32
@@ -366,7 +376,7 @@ def test_partial_downloads_record_verified_blocks_across_reopen(tmp_path: Path) 
         assert fresh.verified == frozenset()
         assert [x.path for x in db.partials(info.id)] == ["big.iso", "small.iso"]
         db.partial_drop(info.id, "big.iso")
-        assert db.partial_get(info.id, "big.iso") is None
+        assert db.partials_of(info.id, ["big.iso"]).get("big.iso") is None
 
 
 def test_remove_folder_forgets_everything(db: Index) -> None:
