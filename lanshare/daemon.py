@@ -501,6 +501,8 @@ class Daemon:
         status = self._engine().status()
         status["pid"] = os.getpid()
         status["transfer"] = self._engine().endpoint.stats.as_dict()
+        if self.discovery is not None:  # what mDNS brought that was refused, and why
+            status["discovery"] = self.discovery.table_stats.as_dict()
         return status
 
     async def _peers(self, params: dict[str, Any], progress: Progress) -> Any:

@@ -49,7 +49,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,11 +69,13 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from lanshare.config import Config, NetworkConfig, load
 from lanshare.errors import LanshareError
 from lanshare.identity import NodeId, load_or_create_node_id
-from lanshare.keys import announce_token, generate_announce_nonce, parse_key
+from lanshare.keys import ANNOUNCE_TOKEN_SIZE, announce_token, generate_announce_nonce, parse_key
 from lanshare.peertable import (
     ACTIVE_STATES,
+    MAX_SEQUENCE,
     PROTOCOL_VERSION,
     Announcement,
+    IPAddress,
     LivenessPolicy,
     PeerChanged,
     PeerDown,
@@ -84,7 +86,9 @@ from lanshare.peertable import (
     PeerUp,
     SharedFolder,
     TableStats,
+    binding,
     encode_txt,
+    fit_addresses,
     parse_host_port,
 )
 
@@ -195,8 +199,6 @@ class Discovery:
         self._nonce = generate_announce_nonce()
         self._folders = tuple(folders)
         self._table = PeerTable(node_id, self._folders, policy or LivenessPolicy())
-        # Fail now, not in the middle of run(), if the TXT record cannot be built.
-        encode_txt(self._announcement())
         self._inbox: asyncio.Queue[tuple[bool, str]] = asyncio.Queue(INBOX_SIZE)
         self._resync = False
         self._resolving: dict[str, asyncio.Task[None]] = {}
@@ -210,11 +212,15 @@ class Discovery:
         self._incompatible: set[tuple[NodeId, int | None]] = set()
         self._publish_wanted = asyncio.Event()
         self._interfaces: tuple[str, ...] = ()
-        """The addresses we announce."""
+        """Our addresses on the chosen interfaces."""
+        self._covered: tuple[IPAddress, ...] = ()
+        """The addresses we announce: those of ``_interfaces`` our tokens cover."""
         self._sockets: tuple[str, ...] = ()
         """The addresses of zeroconf's sockets: one per interface."""
         self._aiozc: AsyncZeroconf | None = None
         self._registered: AsyncServiceInfo | None = None
+        # Fail now, not in the middle of run(), if the TXT record cannot be built.
+        encode_txt(self._announcement(f"{self._name}.{SERVICE_TYPE}"))
 
     @classmethod
     def from_config(
@@ -266,6 +272,7 @@ class Discovery:
         self._table.unix_offset = time.time() - loop.time()
         snapshot = _adapter_snapshot()
         self._interfaces = choose_interfaces(self._network.interfaces, snapshot)
+        self._cover()
         self._sockets = socket_addresses(self._interfaces, snapshot)
         logger.info("mDNS on %s", ", ".join(self._interfaces))
         aiozc = AsyncZeroconf(interfaces=list(self._sockets), ip_version=IPVersion.V4Only)
@@ -386,11 +393,18 @@ class Discovery:
 
     async def _register(self) -> None:
         assert self._aiozc is not None
-        info = self._service_info(f"{self._name}.{SERVICE_TYPE}")
+        wanted = f"{self._name}.{SERVICE_TYPE}"
+        info = self._service_info(wanted)
         announced = await self._aiozc.async_register_service(info, allow_name_change=True)
         await announced
         self._registered = info
         self.instance = info.name
+        if info.name != wanted:
+            # Renamed on a conflict: the tokens were bound to the name we asked for, so key
+            # holders ignore what was just announced until it carries tokens for this one.
+            renamed = await self._update_registration()
+            if renamed is not None:
+                await renamed
         logger.info("announced %s on port %d", info.name, self._port)
 
     async def _publish(self) -> None:
@@ -446,8 +460,10 @@ class Discovery:
                     continue
                 logger.info("interfaces changed: mDNS now on %s", ", ".join(chosen))
                 self.stats.interface_changes += 1
-                gone = [ip for ip in self._interfaces if ip not in chosen]
+                before = self._covered
                 self._interfaces = chosen
+                self._cover()
+                gone = [str(ip) for ip in before if ip not in self._covered]
                 sockets = socket_addresses(chosen, current, self._sockets)
                 if sockets != self._sockets:
                     # zeroconf re-announces the registration (still the old addresses) on
@@ -470,18 +486,42 @@ class Discovery:
 
     # -- helpers --
 
-    def _announcement(self) -> Announcement:
-        tokens = tuple(announce_token(f.key, self._nonce) for f in self._folders)
-        return Announcement(self.node_id, self._nonce, tokens, self._sequence)
+    def _announcement(self, name: str) -> Announcement:
+        """Our announcement under service ``name``: its tokens bound to that name, our port
+        and the addresses it covers."""
+        unbound = Announcement(self.node_id, self._nonce, (), self._sequence, self._covered)
+        bound = binding(unbound, name, self._port)
+        return replace(unbound, tokens=tuple(announce_token(f.key, bound) for f in self._folders))
+
+    def _cover(self) -> None:
+        """Choose the addresses to announce: as many of ours as the TXT record can cover,
+        whatever the sequence (so a sequence update never changes them)."""
+        ours = [ipaddress.ip_address(ip) for ip in self._interfaces]
+        widest = Announcement(
+            self.node_id,
+            self._nonce,
+            (bytes(ANNOUNCE_TOKEN_SIZE),) * len(self._folders),
+            MAX_SEQUENCE,
+        )
+        self._covered = fit_addresses(widest, ours)
+        if len(self._covered) < len(ours):
+            logger.warning(
+                "announcing %d of %d addresses: an announcement has no room for more (%s)",
+                len(self._covered),
+                len(ours),
+                ", ".join(str(ip) for ip in self._covered),
+            )
 
     def _service_info(self, name: str) -> AsyncServiceInfo:
+        announcement = self._announcement(name)
         return AsyncServiceInfo(
             SERVICE_TYPE,
             name,
             port=self._port,
-            properties=encode_txt(self._announcement()),
+            properties=encode_txt(announcement),
             server=f"ls-{self.node_id.hex()}.local.",
-            parsed_addresses=list(self._interfaces),
+            # Exactly what the tokens cover: a key holder would never use another address.
+            parsed_addresses=[str(ip) for ip in announcement.addresses],
         )
 
     def _note_incompatible(self, key: str) -> None:

@@ -26,11 +26,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lanshare.errors import KeyFormatError
+
+if TYPE_CHECKING:
+    import ipaddress
+    from collections.abc import Iterable
 
 KEY_SIZE = 32
 """Bytes in a folder key (256 bits)."""
@@ -51,7 +56,7 @@ GROUP_SIZE = 5
 _LABEL_FOLDER_ID = b"lanshare/v1/folder-id"
 _LABEL_SESSION_PSK = b"lanshare/v1/session-psk"
 _LABEL_ANNOUNCE_KEY = b"lanshare/v1/announce-key"
-_LABEL_ANNOUNCE_TOKEN = b"lanshare/v1/announce-token"
+_LABEL_ANNOUNCE_TOKEN = b"lanshare/v2/announce-token"
 
 
 def generate_key() -> bytes:
@@ -60,7 +65,7 @@ def generate_key() -> bytes:
 
 
 def generate_announce_nonce() -> bytes:
-    """A fresh random nonce for ``announce_token`` (8 bytes)."""
+    """A fresh random nonce for ``announce_binding`` (8 bytes)."""
     return secrets.token_bytes(ANNOUNCE_NONCE_SIZE)
 
 
@@ -134,18 +139,60 @@ def session_psk(raw: bytes) -> bytes:
     return _derive(raw, _LABEL_SESSION_PSK, SESSION_PSK_SIZE)
 
 
-def announce_token(raw: bytes, nonce: bytes) -> bytes:
-    """The 8-byte token announced over mDNS beside ``nonce``.
+def announce_binding(
+    nonce: bytes,
+    node_id: bytes,
+    service: str,
+    port: int,
+    addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> bytes:
+    """What the announce tokens of one announcement authenticate: everything a copy of it
+    would have to keep to be of any use, so that a recorded announcement replayed under
+    another node id, service name, port or address set matches no folder.
 
-    ``HMAC-SHA256(HKDF(key, "lanshare/v1/announce-key"), "lanshare/v1/announce-token" || nonce)``
-    truncated to 8 bytes. A key holder recognises its folder by recomputing it; anyone else sees
-    a value that changes with every nonce and so cannot link the folder across devices,
-    networks or restarts. ``nonce`` should be ``ANNOUNCE_NONCE_SIZE`` random bytes; any length is
-    accepted so that checking a peer's announcement never raises.
+    The message is, with ``lp(x)`` = ``len(x)`` as u16 big-endian followed by ``x``::
+
+        lp(nonce) | lp(node_id) | lp(UTF-8 of service.lower()) | port u16 | lp(addresses)
+
+    where ``addresses`` is the set in canonical order (IPv4 before IPv6, each ascending,
+    duplicates removed), each written as a family byte (4 or 6) and its 4 or 16 bytes, so one
+    set has exactly one encoding whatever the order it was given in. ``service`` is the full
+    DNS-SD instance name (``name._lanshare._udp.local.``), lower-cased as names are compared.
+    Never raises on a peer's values (any lengths, ``port`` taken modulo 2^16) so that checking
+    a hostile announcement cannot fail.
+    """
+    canonical = sorted(set(addresses), key=lambda ip: (ip.version, ip.packed))
+    packed = b"".join(bytes((ip.version,)) + ip.packed for ip in canonical)
+    name = service.lower().encode("utf-8", "surrogatepass")
+    return b"".join(
+        (
+            _length_prefixed(nonce),
+            _length_prefixed(node_id),
+            _length_prefixed(name),
+            (port & 0xFFFF).to_bytes(2, "big"),
+            _length_prefixed(packed),
+        )
+    )
+
+
+def announce_token(raw: bytes, binding: bytes) -> bytes:
+    """The 8-byte folder token announced over mDNS, bound to ``announce_binding(...)``.
+
+    ``HMAC-SHA256(HKDF(key, "lanshare/v1/announce-key"), "lanshare/v2/announce-token" ||
+    binding)`` truncated to 8 bytes. A key holder recognises its folder by recomputing it over
+    what it received; anyone else sees a value that changes with every nonce and so cannot link
+    the folder across devices, networks or restarts, and a copy of it is worth nothing under
+    another node id, name, port or set of addresses.
     """
     announce_key = _derive(raw, _LABEL_ANNOUNCE_KEY, 32)
-    mac = hmac.new(announce_key, _LABEL_ANNOUNCE_TOKEN + nonce, hashlib.sha256)
+    mac = hmac.new(announce_key, _LABEL_ANNOUNCE_TOKEN + binding, hashlib.sha256)
     return mac.digest()[:ANNOUNCE_TOKEN_SIZE]
+
+
+def _length_prefixed(value: bytes) -> bytes:
+    # Longer values are cut: a peer's oversized field then simply matches nothing.
+    value = value[:0xFFFF]
+    return len(value).to_bytes(2, "big") + value
 
 
 def _check_raw(raw: bytes) -> None:

@@ -7,19 +7,34 @@ Theory of operation
 -------------------
 Each node announces one DNS-SD service whose TXT record (RFC 6763 §6) is, in this order::
 
-    v=2                 protocol version ("txtvers", RFC 6763 §6.7), a decimal number:
+    v=3                 protocol version ("txtvers", RFC 6763 §6.7), a decimal number:
                         protocol.wire.VERSION, the version of the packets it speaks
     id=<16 hex>         node id (8 bytes), lower-case hex
     n=<16 hex>          announce nonce (8 random bytes, renewed at every start)
-    t=<16 hex>*k        k folder tokens, announce_token(folder key, nonce), concatenated
+    t=<16 hex>*k        k folder tokens, announce_token(folder key, binding), concatenated
     seq=<decimal>       the node's manifest sequence (one number for the whole node)
+    a=<hex>[,<hex>]*    the addresses the tokens cover: 8 hex digits for an IPv4 address,
+                        32 for an IPv6 one; IPv4 first, each family ascending, no repeats
+                        (so one set has one spelling); empty when none is announced
 
-A key holder recognises a shared folder by recomputing ``announce_token(key, nonce)`` for each
-of its keys; without a key the tokens are random-looking and change with every nonce, so they
-link a folder neither across devices nor across restarts or networks. For the same reason the
-sequence is one node-wide number, not one per folder: a per-folder counter beside its token
-would let an observer follow a folder across restarts. Which folder changed is told inside the
-encrypted session.
+A key holder recognises a shared folder by recomputing ``announce_token(key, binding)`` for
+each of its keys, where the binding (``keys.announce_binding``) is the nonce, the ``id=``, the
+service name the record was found under, the SRV port and the ``a=`` set. Without a key the
+tokens are random-looking and change with every nonce, so they link a folder neither across
+devices nor across restarts or networks. For the same reason the sequence is one node-wide
+number, not one per folder: a per-folder counter beside its token would let an observer follow
+a folder across restarts. Which folder changed is told inside the encrypted session.
+
+A recorded record replayed by someone without the key is worth nothing: under another service
+name, port or node id its tokens match no folder, and with the same ones its ``a=`` names the
+real node's addresses only, which are all the table ever hands out (the resolved addresses
+that ``a=`` does not list are dropped; none left and the record is ignored, counted in
+``uncovered``). A replay thus makes nobody connect anywhere but to the real node's addresses.
+Nothing depends on a clock (no freshness check: a node may have no real-time clock). A node
+whose addresses change re-announces with tokens bound to the new set (the nonce stays). A key
+holder that resolves only some of the addresses (an IPv4-only host, a record not yet heard)
+uses those that ``a=`` covers; the tokens are checked against ``a=``, not against what was
+resolved.
 
 Every TXT value from the network is hostile until checked: the whole record is at most
 ``MAX_TXT_SIZE`` bytes, keys are printable ASCII, known values have exact formats and sizes,
@@ -27,11 +42,12 @@ the first occurrence of a key wins (RFC 6763 §6.4) and unknown keys are ignored
 
 A record with another ``v=`` comes from a node speaking another protocol version. It is read
 only as far as listing it needs (``ForeignAnnouncement``): the framing and ``id=`` must be valid
-as above, ``n=``/``t=`` tell which folders it shares only if they happen to have this version's
-formats, and nothing else is read. The table lists such a node as ``INCOMPATIBLE``, with the
-version it speaks (``PeerInfo.protocol``), and never emits an event for it, so nothing ever
-connects to it; a record that is malformed whatever its version is refused and counted, as
-before.
+as above, ``n=``/``t=``/``a=`` tell which folders it shares only if they have this version's
+formats and its tokens this version's binding (version 2 bound them to the nonce alone: which
+folders a version-2 node shares is not known), and nothing else is read. The table lists such
+a node as ``INCOMPATIBLE``, with the version it speaks (``PeerInfo.protocol``), and never
+emits an event for it, so nothing ever connects to it; a record that is malformed whatever its
+version is refused and counted, as before.
 
 The table keys mDNS peers by node id (the instance name is only a label: names can collide and
 be renamed). mDNS is a hint, not a liveness signal: a peer that crashes without a goodbye stays in
@@ -46,18 +62,25 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TypeAlias
 
 from lanshare.errors import ConfigError, DecodeError
 from lanshare.identity import NODE_ID_SIZE, NodeId
-from lanshare.keys import ANNOUNCE_NONCE_SIZE, ANNOUNCE_TOKEN_SIZE, announce_token
+from lanshare.keys import (
+    ANNOUNCE_NONCE_SIZE,
+    ANNOUNCE_TOKEN_SIZE,
+    announce_binding,
+    announce_token,
+)
 from lanshare.protocol.wire import VERSION
 
 Addr: TypeAlias = tuple[str, int]
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 TokenFunction: TypeAlias = Callable[[bytes, bytes], bytes]
+"""``announce_token``: (folder key, binding) → token."""
 
 PROTOCOL_VERSION = VERSION
 """The ``v=`` value this code announces: the version of the transfer protocol it speaks."""
@@ -69,7 +92,7 @@ MAX_ANNOUNCED_FOLDERS = 12
 """Folders one node can announce: keeps our own TXT record under ~270 bytes."""
 MAX_SEQUENCE = 2**63 - 1
 MAX_ADDRESSES = 8
-"""Addresses kept per peer; more are ignored."""
+"""Addresses kept per peer, and announced in ``a=`` at most; more are ignored."""
 MAX_NAME_SIZE = 63
 """A DNS label; instance names longer than this are cut."""
 MAX_PEERS = 256
@@ -79,6 +102,7 @@ _KEY_RE = re.compile(rb"[\x20-\x3c\x3e-\x7e]{1,32}")
 _HEX_RE = re.compile(rb"(?:[0-9a-f]{2})+")
 _SEQ_RE = re.compile(rb"0|[1-9][0-9]{0,18}")
 _VERSION_RE = re.compile(rb"[1-9][0-9]{0,3}")
+_ADDRESS_RE = re.compile(rb"[0-9a-f]{8}|[0-9a-f]{32}")
 
 
 # --- announcements (the TXT record) -----------------------------------------------------------
@@ -92,14 +116,36 @@ class Announcement:
     nonce: bytes
     tokens: tuple[bytes, ...]
     sequence: int
+    addresses: tuple[IPAddress, ...] = ()
+    """The addresses the tokens cover, in canonical order (see ``canonical_addresses``)."""
     version: int = PROTOCOL_VERSION
+
+
+def canonical_addresses(addresses: Iterable[IPAddress]) -> tuple[IPAddress, ...]:
+    """``addresses`` in the order ``a=`` writes them: IPv4 first, each family ascending, no
+    repeats (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    plain = {
+        ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+        for ip in addresses
+    }
+    return tuple(sorted(plain, key=lambda ip: (ip.version, ip.packed)))
+
+
+def binding(announcement: Announcement | ForeignAnnouncement, service: str, port: int) -> bytes:
+    """What the tokens of ``announcement``, found under ``service`` with SRV ``port``, must be
+    bound to (``keys.announce_binding``)."""
+    return announce_binding(
+        announcement.nonce or b"", announcement.node_id, service, port, announcement.addresses
+    )
 
 
 def encode_txt(announcement: Announcement) -> bytes:
     """The TXT record (RFC 1035 character-strings) for ``announcement``.
 
     Raises:
-        ConfigError: more than ``MAX_ANNOUNCED_FOLDERS`` folders, or bad field sizes.
+        ConfigError: more than ``MAX_ANNOUNCED_FOLDERS`` folders or ``MAX_ADDRESSES``
+            addresses, addresses not in canonical order, bad field sizes, or a record longer
+            than ``MAX_TXT_SIZE`` (see ``fit_addresses``).
     """
     if len(announcement.tokens) > MAX_ANNOUNCED_FOLDERS:
         raise ConfigError(
@@ -114,27 +160,60 @@ def encode_txt(announcement: Announcement) -> bytes:
         raise ConfigError("announce tokens must be 8 bytes each")
     if not 0 <= announcement.sequence <= MAX_SEQUENCE:
         raise ConfigError(f"sequence {announcement.sequence} out of range")
+    addresses = announcement.addresses
+    if len(addresses) > MAX_ADDRESSES or addresses != canonical_addresses(addresses):
+        raise ConfigError(
+            f"at most {MAX_ADDRESSES} announced addresses, in canonical order: {addresses}"
+        )
     items = [
         b"v=%d" % announcement.version,
         b"id=" + announcement.node_id.hex().encode("ascii"),
         b"n=" + announcement.nonce.hex().encode("ascii"),
         b"t=" + b"".join(t.hex().encode("ascii") for t in announcement.tokens),
         b"seq=%d" % announcement.sequence,
+        b"a=" + b",".join(ip.packed.hex().encode("ascii") for ip in addresses),
     ]
-    return b"".join(bytes((len(item),)) + item for item in items)
+    if any(len(item) > MAX_TXT_ITEM_SIZE for item in items):
+        raise ConfigError("an announcement field is longer than a TXT string can hold")
+    raw = b"".join(bytes((len(item),)) + item for item in items)
+    if len(raw) > MAX_TXT_SIZE:
+        raise ConfigError(f"the announcement needs {len(raw)} bytes, over {MAX_TXT_SIZE}")
+    return raw
+
+
+def fit_addresses(
+    announcement: Announcement, addresses: Sequence[IPAddress]
+) -> tuple[IPAddress, ...]:
+    """The longest prefix of ``addresses`` (in order of preference) that ``announcement``'s
+    TXT record can cover within its size limits; canonical, at most ``MAX_ADDRESSES``.
+
+    Every address an announcement covers costs 9 (IPv4) or 33 (IPv6) bytes, and our own
+    record must stay within ``MAX_TXT_SIZE`` for every peer to read it: an address left out is
+    not announced at all (a key holder would never use it).
+    """
+    for count in range(min(len(addresses), MAX_ADDRESSES), 0, -1):
+        covered = canonical_addresses(addresses[:count])
+        try:
+            encode_txt(replace(announcement, addresses=covered))
+        except ConfigError:
+            continue
+        return covered
+    return ()
 
 
 @dataclass(frozen=True, slots=True)
 class ForeignAnnouncement:
     """What is read of a TXT record of another protocol version: enough to list the node.
 
-    ``nonce`` is None and ``tokens`` empty unless ``n=`` and ``t=`` have this version's formats.
+    ``nonce`` is None and ``tokens`` and ``addresses`` empty unless ``n=``, ``t=`` and ``a=``
+    have this version's formats.
     """
 
     version: int
     node_id: NodeId
     nonce: bytes | None
     tokens: tuple[bytes, ...]
+    addresses: tuple[IPAddress, ...] = ()
 
 
 def decode_txt(raw: bytes) -> Announcement:
@@ -166,15 +245,31 @@ def read_txt(raw: bytes) -> Announcement | ForeignAnnouncement:
         try:
             nonce = _hex_field(fields, b"n", ANNOUNCE_NONCE_SIZE)
             tokens = _tokens(fields)
+            addresses = _addresses(fields)
         except DecodeError:
             return ForeignAnnouncement(int(version), node_id, None, ())
-        return ForeignAnnouncement(int(version), node_id, nonce, tokens)
+        return ForeignAnnouncement(int(version), node_id, nonce, tokens, addresses)
     nonce = _hex_field(fields, b"n", ANNOUNCE_NONCE_SIZE)
     tokens = _tokens(fields)
     seq = fields.get(b"seq")
     if seq is None or not _SEQ_RE.fullmatch(seq) or int(seq) > MAX_SEQUENCE:
         raise DecodeError(f"bad seq= {seq!r}")
-    return Announcement(node_id, nonce, tokens, int(seq))
+    return Announcement(node_id, nonce, tokens, int(seq), _addresses(fields))
+
+
+def _addresses(fields: dict[bytes, bytes | None]) -> tuple[IPAddress, ...]:
+    text = fields.get(b"a")
+    if text is None:
+        raise DecodeError("announcement has no a= (covered addresses)")
+    if not text:
+        return ()
+    parts = text.split(b",")
+    if len(parts) > MAX_ADDRESSES or not all(_ADDRESS_RE.fullmatch(p) for p in parts):
+        raise DecodeError(f"a= is not at most {MAX_ADDRESSES} addresses in lower-case hex")
+    addresses = tuple(ipaddress.ip_address(bytes.fromhex(p.decode("ascii"))) for p in parts)
+    if addresses != canonical_addresses(addresses):
+        raise DecodeError("a= is not in canonical order (IPv4 first, ascending, no repeats)")
+    return addresses
 
 
 def _tokens(fields: dict[bytes, bytes | None]) -> tuple[bytes, ...]:
@@ -353,12 +448,18 @@ class TableStats:
     """Announcements of another protocol version (their node is listed, never connected to)."""
     bad_address: int = 0
     """Announcements with no usable address or port."""
+    uncovered: int = 0
+    """Announcements whose resolved addresses its ``a=`` covers none of (a replay elsewhere)."""
     own: int = 0
     """Our own announcements (ignored)."""
     unshared: int = 0
     """Announcements sharing no folder with us (ignored)."""
     full: int = 0
     """New peers refused because the table was full."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name, as ``status --json`` shows them under ``discovery``."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -398,6 +499,7 @@ class PeerTable:
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _by_service: dict[str, str] = field(default_factory=dict)
     _matches: dict[tuple[bytes, tuple[bytes, ...]], tuple[str, ...]] = field(default_factory=dict)
+    """(binding, tokens) → our folders they match: a peer re-resolved costs no HMAC."""
 
     # -- inputs from mDNS --
 
@@ -421,15 +523,22 @@ class PeerTable:
             self.stats.own += 1
             return []
         addrs = _valid_addresses(addresses, port)
-        if not addrs:
+        if port is None or not addrs:
             self.stats.bad_address += 1
             return []
+        bound = binding(ann, service, port)
         if isinstance(ann, ForeignAnnouncement):
             self.stats.incompatible += 1
-            return self._observe_foreign(service, label, ann, addrs, now)
+            return self._observe_foreign(service, label, ann, bound, addrs, now)
         key = ann.node_id.hex()
         entry = self._entries.get(key)
-        folders = self._match(ann.nonce, ann.tokens)
+        folders = self._match(bound, ann.tokens)
+        # Only what the tokens cover is ever handed out: a replayed record resolves to the
+        # replayer's addresses, which its a= (the real node's) does not list.
+        addrs = _covered(addrs, ann.addresses)
+        if folders and not addrs:
+            self.stats.uncovered += 1
+            return []
         if not folders:
             self.stats.unshared += 1
             if entry is None or entry.service not in (None, service):
@@ -470,6 +579,7 @@ class PeerTable:
         service: str,
         label: str,
         ann: ForeignAnnouncement,
+        bound: bytes,
         addrs: tuple[Addr, ...],
         now: float,
     ) -> list[PeerEvent]:
@@ -477,7 +587,7 @@ class PeerTable:
         owner never connects to it), except ``PeerDown`` if it was present until now."""
         key = ann.node_id.hex()
         entry = self._entries.get(key)
-        folders = () if ann.nonce is None else self._match(ann.nonce, ann.tokens)
+        folders = () if ann.nonce is None else self._match(bound, ann.tokens)
         if entry is None:
             if not self._make_room():
                 self.stats.full += 1
@@ -676,15 +786,15 @@ class PeerTable:
                 return True
         return False
 
-    def _match(self, nonce: bytes, tokens: tuple[bytes, ...]) -> tuple[str, ...]:
-        cache_key = (nonce, tokens)
+    def _match(self, bound: bytes, tokens: tuple[bytes, ...]) -> tuple[str, ...]:
+        cache_key = (bound, tokens)
         found = self._matches.get(cache_key)
         if found is None:
             found = tuple(
                 folder.label
                 for folder in self.folders
                 if any(
-                    hmac.compare_digest(self.token_function(folder.key, nonce), token)
+                    hmac.compare_digest(self.token_function(folder.key, bound), token)
                     for token in tokens
                 )
             )
@@ -745,6 +855,13 @@ def _valid_addresses(addresses: Sequence[str], port: int | None) -> tuple[Addr, 
         if len(out) == MAX_ADDRESSES:
             break
     return tuple(out)
+
+
+def _covered(addrs: tuple[Addr, ...], covered: tuple[IPAddress, ...]) -> tuple[Addr, ...]:
+    """The resolved ``addrs`` that ``a=`` lists (a link-local address's zone is ours, not
+    the announcer's: it is not compared)."""
+    allowed = set(covered)
+    return tuple(a for a in addrs if ipaddress.ip_address(a[0].partition("%")[0]) in allowed)
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")

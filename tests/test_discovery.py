@@ -4,6 +4,7 @@ network namespaces (the lab). Time bounds are generous: they catch hangs, not sl
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import signal
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from lanshare.discovery import (
     socket_addresses,
 )
 from lanshare.identity import NodeId
-from lanshare.keys import announce_token, format_key, generate_key
+from lanshare.keys import announce_binding, announce_token, format_key, generate_key
 from lanshare.peertable import (
     PROTOCOL_VERSION,
     DownReason,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["make_lab"]
 
 LOOPBACK = NetworkConfig(interfaces=("127.0.0.1",))
+LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 FIND = 20.0
 """Seconds to wait for something that takes ~1-2 s: catches hangs, tolerates a busy machine."""
 
@@ -184,15 +186,94 @@ def test_a_quiet_live_peer_is_probed_and_stays_up() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.mdns
+def test_a_recorded_announcement_replayed_elsewhere_is_ignored() -> None:
+    """Someone without the key records b's announcement and, once b has left, announces it
+    again: under another name, port, address or node id nothing comes of it; as it was, where
+    it was, it still reads as b."""
+    key = generate_key()
+    a, b = _node("alpha", key, port=40011), _node("beta", key, port=40012)
+
+    async def scenario() -> None:
+        attacker = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+        try:
+            async with _running(a, b) as tasks:
+                await _next(a, _up_of(b))
+                await asyncio.wait_for(b.ready.wait(), FIND)
+                assert b.instance is not None
+                recorded = AsyncServiceInfo(SERVICE_TYPE, b.instance)
+                assert await recorded.async_request(attacker.zeroconf, 3000)
+                txt = recorded.text
+                assert txt is not None
+                tasks[b].cancel()
+                await _next(a, lambda e: isinstance(e, PeerDown))
+
+                other_id = secrets.token_bytes(8)
+                replays = {
+                    "another instance name": ("replayer", txt, 40012, "127.0.0.1"),
+                    "another port": ("beta", txt, 40013, "127.0.0.1"),
+                    "another address": ("beta", txt, 40012, "127.0.0.66"),
+                    "another node id": (
+                        "beta",
+                        txt.replace(b.node_id.hex().encode(), other_id.hex().encode()),
+                        40012,
+                        "127.0.0.1",
+                    ),
+                }
+                stats = a.table_stats
+                for what, (name, record, port, address) in replays.items():
+                    ignored = stats.unshared + stats.uncovered
+                    info = AsyncServiceInfo(
+                        SERVICE_TYPE,
+                        f"{name}.{SERVICE_TYPE}",
+                        port=port,
+                        properties=record,
+                        server=f"replayer-{secrets.token_hex(4)}.local.",
+                        parsed_addresses=[address],
+                    )
+                    # No probing: b's goodbye may still sit in the replayer's cache for 1 s.
+                    await (await attacker.async_register_service(info, cooperating_responders=True))
+                    # a resolved it (and counted it ignored): discovery happened.
+                    await _until(lambda n=ignored: stats.unshared + stats.uncovered > n)
+                    # (Nodes of other versions on this machine's loopback may be listed.)
+                    assert _listed_but_incompatible(a) == [], what
+                    assert a.events.empty(), what
+                    # Its goodbye reaches a before the next replay does.
+                    await (await attacker.async_unregister_service(info))
+                assert stats.uncovered == 1  # the one under b's name, port and id
+
+                # The recording, announced where b announced it, is b's announcement.
+                genuine = AsyncServiceInfo(
+                    SERVICE_TYPE,
+                    b.instance,
+                    port=40012,
+                    properties=txt,
+                    server=f"ls-{b.node_id.hex()}.local.",
+                    parsed_addresses=["127.0.0.1"],
+                )
+                await attacker.async_register_service(genuine, cooperating_responders=True)
+                up = await _next(a, _up_of(b))
+                assert up.peer.addresses == (("127.0.0.1", 40012),)
+        finally:
+            await attacker.async_close()
+
+    asyncio.run(scenario())
+
+
+def _listed_but_incompatible(node: Discovery) -> list[PeerInfo]:
+    return [p for p in node.peers() if p.state is not PeerState.INCOMPATIBLE]
+
+
 def _hostile_records(own: NodeId, key: bytes) -> dict[str, bytes | dict[str, str]]:
     nonce = secrets.token_bytes(8)
-    token = announce_token(key, nonce).hex()
+    token = announce_token(key, nonce).hex()  # well-formed; what it is bound to does not matter
     good = {
         "v": str(PROTOCOL_VERSION),
         "id": secrets.token_hex(8),
         "n": nonce.hex(),
         "t": token,
         "seq": "1",
+        "a": "7f000001",
     }
     return {
         "bad-version": {**good, "v": "x"},
@@ -221,12 +302,17 @@ def test_hostile_announcements_are_rejected_without_harm(caplog: pytest.LogCaptu
     hostile["future"] = {"v": str(PROTOCOL_VERSION + 1), "id": future, "caps": "x" * 100}
     older = secrets.token_hex(8)
     nonce = secrets.token_bytes(8)
+    port = 41000 + len(hostile)  # its place in the registrations below
+    bound = announce_binding(
+        nonce, bytes.fromhex(older), f"evil-older.{SERVICE_TYPE}", port, [LOCALHOST]
+    )
     hostile["older"] = {
         "v": "1",
         "id": older,
         "n": nonce.hex(),
-        "t": announce_token(key, nonce).hex(),
+        "t": announce_token(key, bound).hex(),
         "seq": "3",
+        "a": "7f000001",
     }
 
     def only_b_up(event: PeerEvent) -> bool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given, settings
@@ -194,7 +195,7 @@ def test_derivation_sizes_and_known_answer() -> None:
     # Pinned values: a change here breaks compatibility with every deployed peer.
     assert keys.folder_id(raw).hex() == KNOWN_FOLDER_ID
     assert keys.session_psk(raw).hex() == KNOWN_SESSION_PSK
-    assert keys.announce_token(raw, bytes(range(8))).hex() == KNOWN_TOKEN
+    assert keys.announce_token(raw, KNOWN_BINDING).hex() == KNOWN_TOKEN
 
 
 @given(raw_keys)
@@ -202,25 +203,84 @@ def test_derivations_are_domain_separated(raw: bytes) -> None:
     derived = [
         keys.folder_id(raw),
         keys.session_psk(raw)[:16],
-        keys.announce_token(raw, bytes(8)),
+        keys.announce_token(raw, _bound()),
         raw[:16],
     ]
     prefixes = {d[:8] for d in derived}
     assert len(prefixes) == len(derived)
 
 
+def _bound(nonce: bytes = bytes(8), **changes: Any) -> bytes:
+    """A binding of the genuine announcement, with ``changes`` made to it."""
+    fields: dict[str, Any] = {
+        "node_id": bytes.fromhex("00000000000000aa"),
+        "service": "Laptop._lanshare._udp.local.",
+        "port": 47474,
+        "addresses": [ipaddress.ip_address("192.168.1.20"), ipaddress.ip_address("fd00::20")],
+    }
+    return keys.announce_binding(nonce, **(fields | changes))
+
+
 @given(raw_keys, st.binary(min_size=8, max_size=8), st.binary(min_size=8, max_size=8))
 def test_tokens_differ_with_nonces(raw: bytes, nonce_a: bytes, nonce_b: bytes) -> None:
+    token_a, token_b = (
+        keys.announce_token(raw, _bound(nonce_a)),
+        keys.announce_token(raw, _bound(nonce_b)),
+    )
     if nonce_a != nonce_b:
-        assert keys.announce_token(raw, nonce_a) != keys.announce_token(raw, nonce_b)
-    assert keys.announce_token(raw, nonce_a) == keys.announce_token(raw, nonce_a)
+        assert token_a != token_b
+    assert token_a == keys.announce_token(raw, _bound(nonce_a))
+
+
+TRANSPLANTS: dict[str, dict[str, Any]] = {
+    "another node id": {"node_id": bytes.fromhex("00000000000000bb")},
+    "another instance name": {"service": "Laptop-2._lanshare._udp.local."},
+    "another port": {"port": 47475},
+    "the replayer's address": {"addresses": [ipaddress.ip_address("192.168.1.66")]},
+    "an address added": {
+        "addresses": [ipaddress.ip_address(a) for a in ("192.168.1.20", "fd00::20", "10.0.0.66")]
+    },
+    "an address left out": {"addresses": [ipaddress.ip_address("192.168.1.20")]},
+    "no address": {"addresses": []},
+}
+
+
+@pytest.mark.parametrize("change", TRANSPLANTS.values(), ids=list(TRANSPLANTS))
+def test_a_token_is_worth_nothing_elsewhere(change: dict[str, Any]) -> None:
+    """What a replayer would change when re-announcing a recorded token changes the token."""
+    raw = bytes(range(32))
+    genuine = keys.announce_token(raw, _bound())
+    assert keys.announce_token(raw, _bound(**change)) != genuine
+
+
+def test_a_binding_names_a_set_of_addresses_and_a_name_as_dns_compares_it() -> None:
+    v4, v6 = ipaddress.ip_address("192.168.1.20"), ipaddress.ip_address("fd00::20")
+    assert _bound(addresses=[v6, v4, v6]) == _bound(addresses=[v4, v6])
+    assert _bound(service="LAPTOP._lanshare._udp.local.") == _bound()
+    # IPv6 addresses are covered in full: one differing in its last bit is another address.
+    other = ipaddress.ip_address("fd00::21")
+    assert _bound(addresses=[v4, other]) != _bound()
+
+
+@given(
+    st.binary(max_size=40),
+    st.binary(max_size=40),
+    st.text(max_size=300),
+    st.integers(-(2**20), 2**20),
+    st.lists(st.ip_addresses(), max_size=10),
+)
+def test_binding_a_hostile_announcement_never_raises(
+    nonce: bytes, node_id: bytes, service: str, port: int, addresses: list[Any]
+) -> None:
+    message = keys.announce_binding(nonce, node_id, service, port, addresses)
+    assert len(keys.announce_token(bytes(32), message)) == keys.ANNOUNCE_TOKEN_SIZE
 
 
 @given(raw_keys, raw_keys, st.binary(min_size=8, max_size=8))
 def test_tokens_and_ids_differ_with_keys(raw_a: bytes, raw_b: bytes, nonce: bytes) -> None:
     if raw_a == raw_b:
         return
-    assert keys.announce_token(raw_a, nonce) != keys.announce_token(raw_b, nonce)
+    assert keys.announce_token(raw_a, _bound(nonce)) != keys.announce_token(raw_b, _bound(nonce))
     assert keys.folder_id(raw_a) != keys.folder_id(raw_b)
     assert keys.session_psk(raw_a) != keys.session_psk(raw_b)
 
@@ -235,12 +295,29 @@ def test_derivations_follow_rfc5869_hkdf_and_hmac() -> None:
 
     assert keys.folder_id(raw) == hkdf(b"lanshare/v1/folder-id", 16)
     assert keys.session_psk(raw) == hkdf(b"lanshare/v1/session-psk", 32)
-    nonce = bytes(range(8))
     announce_key = hkdf(b"lanshare/v1/announce-key", 32)
-    mac = hmac.new(announce_key, b"lanshare/v1/announce-token" + nonce, hashlib.sha256)
-    assert keys.announce_token(raw, nonce) == mac.digest()[:8]
+    mac = hmac.new(announce_key, b"lanshare/v2/announce-token" + KNOWN_BINDING, hashlib.sha256)
+    assert keys.announce_token(raw, KNOWN_BINDING) == mac.digest()[:8]
+
+
+def test_the_binding_is_the_documented_message() -> None:
+    """``lp(nonce) | lp(node id) | lp(name, lower case) | port | lp(addresses)``, the
+    addresses IPv4 first, ascending, each a family byte and its bytes."""
+    message = keys.announce_binding(
+        bytes(range(8)),
+        bytes.fromhex("00000000000000aa"),
+        "Laptop._lanshare._udp.local.",
+        47474,
+        [ipaddress.ip_address("fd00::20"), ipaddress.ip_address("192.168.1.20")],
+    )
+    assert message == KNOWN_BINDING
 
 
 KNOWN_FOLDER_ID = "6b68860f30beeabfc52d323e4382a5ed"
 KNOWN_SESSION_PSK = "ec1c9e6df9a8eec5fbfee7726e3678eee40389d1d5207453b4f1d6ebae5bba36"
-KNOWN_TOKEN = "b75356e9b9a4f48d"
+KNOWN_BINDING = (
+    bytes.fromhex("0008 0001020304050607 0008 00000000000000aa 001c")
+    + b"laptop._lanshare._udp.local."
+    + bytes.fromhex("b972 0016 04 c0a80114 06 fd000000000000000000000000000020")
+)
+KNOWN_TOKEN = "41358baf18e7dfaa"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,15 +22,20 @@ from lanshare.peertable import (
     Announcement,
     DownReason,
     ForeignAnnouncement,
+    IPAddress,
     LivenessPolicy,
     PeerChanged,
     PeerDown,
+    PeerEvent,
     PeerState,
     PeerTable,
     PeerUp,
     SharedFolder,
+    binding,
+    canonical_addresses,
     decode_txt,
     encode_txt,
+    fit_addresses,
     format_addr,
     instance_label,
     parse_host_port,
@@ -52,10 +59,33 @@ POLICY = LivenessPolicy(probe_interval=5.0, silence_timeout=15.0, lost_probe_int
 
 
 def txt(
-    node: bytes = PEER, keys: Sequence[bytes] = (KEY_A,), nonce: bytes = NONCE, seq: int = 0
+    node: bytes = PEER,
+    keys: Sequence[bytes] = (KEY_A,),
+    nonce: bytes = NONCE,
+    seq: int = 0,
+    *,
+    service: str = SERVICE,
+    addresses: Sequence[str] = ("10.0.0.2",),
+    port: int = 1,
 ) -> bytes:
-    tokens = tuple(announce_token(k, nonce) for k in keys)
-    return encode_txt(Announcement(NodeId(node), nonce, tokens, seq))
+    """A record as a node announcing ``addresses`` and ``port`` under ``service`` sends it:
+    ``a=`` covers the first eight distinct ones that are addresses, and the tokens are bound."""
+    covered: list[IPAddress] = []
+    for text in addresses:
+        with contextlib.suppress(ValueError):
+            covered.append(ipaddress.ip_address(text.partition("%")[0]))
+    first = list(dict.fromkeys(covered))[:8]
+    ann = Announcement(NodeId(node), nonce, (), seq, canonical_addresses(first))
+    bound = binding(ann, service, port)
+    return encode_txt(replace(ann, tokens=tuple(announce_token(k, bound) for k in keys)))
+
+
+def see(
+    t: PeerTable, service: str, addresses: Sequence[str], port: int, now: float, **kw: Any
+) -> list[PeerEvent]:
+    """``t`` resolves ``service`` to its genuine record (``txt(**kw)``), addresses and port."""
+    record = txt(service=service, addresses=addresses, port=port, **kw)
+    return t.observe(service, record, addresses, port, now)
 
 
 def item(s: bytes) -> bytes:
@@ -81,14 +111,63 @@ announcements = st.builds(
     nonce=st.binary(min_size=8, max_size=8),
     tokens=st.lists(st.binary(min_size=8, max_size=8), max_size=MAX_ANNOUNCED_FOLDERS).map(tuple),
     sequence=st.integers(0, MAX_SEQUENCE),
+    # Four IPv6 addresses beside twelve folders still fit (fit_addresses handles more).
+    addresses=st.lists(st.ip_addresses(), max_size=4).map(canonical_addresses),
 )
 
 
 @given(announcements)
 def test_txt_round_trips_and_stays_small(ann: Announcement) -> None:
     raw = encode_txt(ann)
-    assert len(raw) <= 300
+    assert len(raw) <= MAX_TXT_SIZE
     assert decode_txt(raw) == ann
+
+
+def test_covered_addresses_have_one_spelling() -> None:
+    v4 = [ipaddress.ip_address(a) for a in ("10.0.0.9", "10.0.0.2")]
+    v6 = [ipaddress.ip_address(a) for a in ("fe80::1", "2001:db8::1")]
+    mapped = ipaddress.ip_address("::ffff:10.0.0.2")
+    assert canonical_addresses([*v6, mapped, *v4, v4[0]]) == (v4[1], v4[0], v6[1], v6[0])
+    a = next(
+        s for s in _strings(txt(addresses=["fe80::1%3", "10.0.0.9", "10.0.0.2"])) if s[:2] == b"a="
+    )
+    assert a == b"a=0a000002,0a000009,fe800000000000000000000000000001"
+    with pytest.raises(ConfigError):  # a caller's order is not the canonical one
+        encode_txt(Announcement(PEER, NONCE, (), 0, tuple(v4)))
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (b"0a000009,0a000002", "descending"),
+        (b"0a000002,0a000002", "repeated"),
+        (b"fe800000000000000000000000000001,0a000002", "IPv6 before IPv4"),
+        (b"00000000000000000000ffff0a000002", "IPv4 spelt as IPv6"),
+        (b"0A000002", "upper-case hex"),
+        (b"0a0002", "short"),
+        (b"0a000002,", "trailing comma"),
+        (b",".join(b"0a0000%02x" % i for i in range(9)), "nine addresses"),
+        (b"10.0.0.2", "dotted"),
+    ],
+)
+def test_covered_addresses_not_in_canonical_form_are_refused(value: bytes, why: str) -> None:
+    raw = txt().replace(item(b"a=0a000002"), item(b"a=" + value))
+    with pytest.raises(DecodeError):
+        decode_txt(raw)
+    with pytest.raises(DecodeError, match="a="):  # a record of ours must say what it covers
+        decode_txt(txt().replace(item(b"a=0a000002"), b""))
+
+
+def test_as_many_addresses_as_fit_are_covered() -> None:
+    full = Announcement(PEER, NONCE, (bytes(8),) * MAX_ANNOUNCED_FOLDERS, MAX_SEQUENCE)
+    v6 = [ipaddress.ip_address(f"2001:db8::{i:x}") for i in range(1, 9)]
+    v4 = [ipaddress.ip_address(f"10.0.0.{i}") for i in range(1, 11)]
+    covered = fit_addresses(full, v6)
+    assert 0 < len(covered) < len(v6)
+    assert covered == tuple(v6[: len(covered)])
+    assert len(encode_txt(replace(full, addresses=covered))) <= MAX_TXT_SIZE
+    assert fit_addresses(full, v4) == tuple(v4[:8])
+    assert fit_addresses(replace(full, tokens=()), [v6[1], v4[0]]) == (v4[0], v6[1])
 
 
 @given(st.binary(max_size=2 * MAX_TXT_SIZE))
@@ -157,7 +236,9 @@ def test_a_record_of_another_version_is_read_only_as_far_as_listing_needs() -> N
     # Readable folder tokens (this version's formats) are kept, to tell which folders match.
     same_shape = item(b"v=" + OLD) + txt(keys=(KEY_A,))[4:]
     ann = read_txt(same_shape)
-    assert ann == ForeignAnnouncement(1, PEER, NONCE, (announce_token(KEY_A, NONCE),))
+    ten = (ipaddress.IPv4Address("10.0.0.2"),)
+    token = announce_token(KEY_A, binding(ann, SERVICE, 1))
+    assert ann == ForeignAnnouncement(1, PEER, NONCE, (token,), ten)
     # Anything else a future version says is ignored: no seq=, other formats, other keys.
     future = foreign_txt(b"17", PEER, b"n=not-hex", b"t=xyz", b"seq=-1", b"caps=quic,v6", b"flag")
     assert read_txt(future) == ForeignAnnouncement(17, PEER, None, ())
@@ -241,7 +322,7 @@ def _strings(raw: bytes) -> list[bytes]:
 
 def test_a_peer_sharing_a_folder_comes_up_with_what_we_share() -> None:
     t = table()
-    events = t.observe(SERVICE, txt(keys=(KEY_X, KEY_B)), ["10.0.0.2"], 4747, now=5.0)
+    events = see(t, SERVICE, ["10.0.0.2"], 4747, 5.0, keys=(KEY_X, KEY_B))
     assert len(events) == 1
     assert isinstance(events[0], PeerUp)
     peer = events[0].peer
@@ -266,11 +347,11 @@ def test_a_peer_sharing_a_folder_comes_up_with_what_we_share() -> None:
 
 def test_ourselves_strangers_and_junk_are_ignored_and_counted() -> None:
     t = table()
-    assert t.observe(SERVICE, txt(node=OWN), ["10.0.0.2"], 1, 0.0) == []
-    assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.2"], 1, 0.0) == []
+    assert see(t, SERVICE, ["10.0.0.2"], 1, 0.0, node=OWN) == []
+    assert see(t, SERVICE, ["10.0.0.2"], 1, 0.0, keys=(KEY_X,)) == []
     assert t.observe(SERVICE, item(b"v=" + OURS), ["10.0.0.2"], 1, 0.0) == []
-    assert t.observe(SERVICE, txt(), ["10.0.0.2"], 0, 0.0) == []
-    assert t.observe(SERVICE, txt(), ["224.0.0.251", "0.0.0.0", "junk", "fe80::1"], 1, 0.0) == []
+    assert see(t, SERVICE, ["10.0.0.2"], 0, 0.0) == []
+    assert see(t, SERVICE, ["224.0.0.251", "0.0.0.0", "junk", "fe80::1"], 1, 0.0) == []
     assert t.peers() == []
     s = t.stats
     assert (s.own, s.unshared, s.rejected, s.bad_address) == (1, 1, 1, 2)
@@ -279,7 +360,7 @@ def test_ourselves_strangers_and_junk_are_ignored_and_counted() -> None:
 def test_addresses_are_filtered_deduplicated_and_bounded() -> None:
     t = table()
     many = ["10.0.0.2", "10.0.0.2", "fe80::1%3", "fe80::1", *[f"10.0.1.{i}" for i in range(20)]]
-    (up,) = t.observe(SERVICE, txt(), many, 9, 0.0)
+    (up,) = see(t, SERVICE, many, 9, 0.0)
     assert up.peer.addresses[:2] == (("10.0.0.2", 9), ("fe80::1%3", 9))
     assert len(up.peer.addresses) == 8
     assert format_addr(up.peer.addresses[1]) == "[fe80::1%3]:9"
@@ -287,18 +368,18 @@ def test_addresses_are_filtered_deduplicated_and_bounded() -> None:
 
 def test_changes_are_reported_and_repeats_are_not() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
-    assert t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 1.0) == []
-    (changed,) = t.observe(SERVICE, txt(seq=7), ["10.0.0.2"], 1, 2.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
+    assert see(t, SERVICE, ["10.0.0.2"], 1, 1.0) == []
+    (changed,) = see(t, SERVICE, ["10.0.0.2"], 1, 2.0, seq=7)
     assert isinstance(changed, PeerChanged)
     assert changed.peer.sequence == 7
-    (moved,) = t.observe(SERVICE, txt(seq=7), ["10.0.0.3"], 1, 3.0)
+    (moved,) = see(t, SERVICE, ["10.0.0.3"], 1, 3.0, seq=7)
     assert moved.peer.addresses == (("10.0.0.3", 1),)
 
 
 def test_goodbye_is_down_at_once_and_forgets_the_peer() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     (down,) = t.removed(SERVICE.upper())
     assert isinstance(down, PeerDown)
     assert down.reason is DownReason.GOODBYE
@@ -308,15 +389,15 @@ def test_goodbye_is_down_at_once_and_forgets_the_peer() -> None:
 
 def test_a_peer_that_stops_sharing_goes_down() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
-    (down,) = t.observe(SERVICE, txt(keys=()), ["10.0.0.2"], 1, 1.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
+    (down,) = see(t, SERVICE, ["10.0.0.2"], 1, 1.0, keys=())
     assert isinstance(down, PeerDown)
     assert down.reason is DownReason.UNSHARED
 
 
 def test_quiet_peers_are_probed_then_lost_then_revived() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     assert t.due_probes(4.9) == []
     assert t.due_probes(5.0) == [SERVICE.lower()]
     assert t.due_probes(6.0) == []  # one probe per interval
@@ -330,13 +411,13 @@ def test_quiet_peers_are_probed_then_lost_then_revived() -> None:
     assert t.due_probes(20.0) == []
     assert t.due_probes(40.0) == [SERVICE.lower()]  # lost peers: slowly
     assert t.heard(SERVICE, 41.0) is True  # it answers: the owner re-resolves
-    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 41.5)
+    (up,) = see(t, SERVICE, ["10.0.0.2"], 1, 41.5)
     assert isinstance(up, PeerUp)
 
 
 def test_hearing_a_peer_keeps_it_up() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     for now in range(1, 60):
         assert t.heard(SERVICE, float(now)) is False
         assert t.expire(float(now)) == []
@@ -345,7 +426,7 @@ def test_hearing_a_peer_keeps_it_up() -> None:
 
 def test_the_transport_outranks_mdns() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     (changed,) = t.mark_reachable(PEER, 1.0)
     assert changed.peer.state is PeerState.REACHABLE
     assert t.expire(1000.0) == []  # silence no longer matters
@@ -355,8 +436,8 @@ def test_the_transport_outranks_mdns() -> None:
     assert down.reason is DownReason.UNREACHABLE
     assert t.mark_unreachable(PEER) == []
     # Same nonce: still the same unreachable process; a new nonce means it restarted.
-    assert t.observe(SERVICE, txt(seq=3), ["10.0.0.2"], 1, 1001.0) == []
-    (up,) = t.observe(SERVICE, txt(nonce=b"\x09" * 8, seq=3), ["10.0.0.2"], 1, 1002.0)
+    assert see(t, SERVICE, ["10.0.0.2"], 1, 1001.0, seq=3) == []
+    (up,) = see(t, SERVICE, ["10.0.0.2"], 1, 1002.0, nonce=b"\x09" * 8, seq=3)
     assert isinstance(up, PeerUp)
     assert up.peer.sequence == 3
     t.mark_unreachable(PEER)
@@ -368,8 +449,8 @@ def test_the_transport_outranks_mdns() -> None:
 
 def test_a_renamed_peer_keeps_its_entry() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
-    (changed,) = t.observe("Peer One-2._lanshare._udp.local.", txt(), ["10.0.0.2"], 1, 1.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
+    (changed,) = see(t, "Peer One-2._lanshare._udp.local.", ["10.0.0.2"], 1, 1.0)
     assert changed.peer.name == "Peer One-2"
     assert t.removed(SERVICE) == []  # the old name's goodbye is not this peer's
     assert len(t.peers()) == 1
@@ -377,8 +458,8 @@ def test_a_renamed_peer_keeps_its_entry() -> None:
 
 def test_a_name_taken_over_by_another_node() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
-    (up,) = t.observe(SERVICE, txt(node=OTHER), ["10.0.0.3"], 1, 1.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
+    (up,) = see(t, SERVICE, ["10.0.0.3"], 1, 1.0, node=OTHER)
     assert up.peer.node_id == OTHER
     (down,) = t.removed(SERVICE)
     assert down.peer.node_id == OTHER
@@ -404,14 +485,81 @@ def test_static_and_exchanged_candidates() -> None:
 def test_the_table_is_bounded_and_evicts_dead_entries_first() -> None:
     t = table(max_peers=2)
     t.add_candidate(("10.0.0.1", 1), 0.0)
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
-    assert t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 0.0) == []
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
+    assert see(t, "x._lanshare._udp.local.", ["10.0.0.3"], 1, 0.0, node=OTHER) == []
     assert t.add_candidate(("10.0.0.4", 1), 0.0) == []
     assert t.stats.full == 2
     t.expire(100.0)  # the mDNS peer is lost: its slot can be reused
-    (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 100.0)
+    (up,) = see(t, "x._lanshare._udp.local.", ["10.0.0.3"], 1, 100.0, node=OTHER)
     assert up.peer.node_id == OTHER
     assert t.get(PEER) is None
+
+
+# --- replayed and transplanted announcements -------------------------------------------------
+
+REPLAYER = "10.0.0.66"
+
+
+@pytest.mark.parametrize(
+    ("service", "addresses", "port", "node"),
+    [
+        ("Evil._lanshare._udp.local.", ["10.0.0.2"], 4747, PEER),
+        (SERVICE, ["10.0.0.2"], 4748, PEER),
+        (SERVICE, [REPLAYER], 4747, PEER),
+        (SERVICE, ["10.0.0.2"], 4747, OTHER),
+    ],
+    ids=["another instance name", "another port", "another address", "another node id"],
+)
+def test_a_recorded_record_announced_elsewhere_is_ignored(
+    service: str, addresses: list[str], port: int, node: NodeId
+) -> None:
+    genuine = txt(addresses=["10.0.0.2"], port=4747)
+    replayed = genuine.replace(PEER.hex().encode(), node.hex().encode())
+    t = table()
+    assert t.observe(service, replayed, addresses, port, 0.0) == []
+    assert t.peers() == []
+    assert t.stats.unshared + t.stats.uncovered == 1
+    # The genuine announcement, as it was recorded, is accepted.
+    (up,) = t.observe(SERVICE, genuine, ["10.0.0.2"], 4747, 1.0)
+    assert (up.peer.node_id, up.peer.addresses, up.peer.folders) == (
+        PEER,
+        (("10.0.0.2", 4747),),
+        ("a",),
+    )
+
+
+def test_a_record_whose_covered_addresses_were_rewritten_is_ignored() -> None:
+    genuine = txt(addresses=["10.0.0.2"], port=4747)
+    rewritten = genuine.replace(item(b"a=0a000002"), item(b"a=0a000042"))
+    t = table()
+    assert t.observe(SERVICE, rewritten, [REPLAYER], 4747, 0.0) == []
+    assert (t.peers(), t.stats.unshared) == ([], 1)
+
+
+def test_only_covered_addresses_are_ever_handed_out() -> None:
+    t = table()
+    record = txt(addresses=["10.0.0.2", "10.0.0.3", "fe80::1"], port=4747)
+    # The genuine node's record resolved beside the replayer's address record.
+    (up,) = t.observe(SERVICE, record, [REPLAYER, "10.0.0.3", "fe80::1%2"], 4747, 0.0)
+    assert up.peer.addresses == (("10.0.0.3", 4747), ("fe80::1%2", 4747))
+    # A holder that resolved only some of them (an IPv4-only host) uses those.
+    (changed,) = t.observe(SERVICE, record, ["10.0.0.2"], 4747, 1.0)
+    assert changed.peer.addresses == (("10.0.0.2", 4747),)
+    # Resolved to nothing the tokens cover: ignored, the entry keeps what it had.
+    assert t.observe(SERVICE, record, [REPLAYER], 4747, 2.0) == []
+    assert t.stats.uncovered == 1
+    assert t.peers()[0].addresses == (("10.0.0.2", 4747),)
+
+
+def test_a_node_whose_addresses_change_is_followed_without_a_restart() -> None:
+    t = table()
+    see(t, SERVICE, ["10.0.0.2"], 4747, 0.0)
+    (moved,) = see(t, SERVICE, ["10.0.0.2", "10.0.0.7"], 4747, 1.0)
+    assert isinstance(moved, PeerChanged)
+    assert moved.peer.addresses == (("10.0.0.2", 4747), ("10.0.0.7", 4747))
+    (left,) = see(t, SERVICE, ["10.0.0.7"], 4747, 2.0)
+    assert isinstance(left, PeerChanged)
+    assert left.peer.addresses == (("10.0.0.7", 4747),)
 
 
 # --- nodes of another protocol version --------------------------------------------------------
@@ -449,11 +597,11 @@ def test_a_node_of_another_version_is_listed_incompatible_without_events() -> No
 
 def test_an_incompatible_node_shows_the_folders_its_tokens_still_match() -> None:
     t = table()
-    raw = item(b"v=3") + txt(keys=(KEY_X, KEY_B))[4:]
+    raw = item(b"v=%d" % (PROTOCOL_VERSION + 1)) + txt(keys=(KEY_X, KEY_B))[4:]
     assert t.observe(SERVICE, raw, ["10.0.0.2"], 1, 0.0) == []
     assert t.peers()[0].folders == ("b",)
     # It is listed even when nothing matches: its tokens may mean something else now.
-    other = item(b"v=3") + txt(node=OTHER, keys=(KEY_X,))[4:]
+    other = item(b"v=%d" % (PROTOCOL_VERSION + 1)) + txt(node=OTHER, keys=(KEY_X,))[4:]
     assert t.observe("x._lanshare._udp.local.", other, ["10.0.0.3"], 1, 0.0) == []
     assert [(p.node_id, p.folders) for p in t.peers()] == [(PEER, ("b",)), (OTHER, ())]
     assert t.stats.unshared == 0
@@ -473,7 +621,7 @@ def test_incompatible_records_are_still_checked_like_any_other() -> None:
 
 def test_a_peer_that_upgrades_goes_down_and_comes_back_when_it_speaks_ours_again() -> None:
     t = table()
-    t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     t.mark_reachable(PEER, 0.5)
     (down,) = t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.9"], 1, 1.0)
     assert isinstance(down, PeerDown)
@@ -482,12 +630,12 @@ def test_a_peer_that_upgrades_goes_down_and_comes_back_when_it_speaks_ours_again
     assert down.peer.addresses == (("10.0.0.2", 1),)  # what the owner was told to use
     assert t.peers()[0].addresses == (("10.0.0.9", 1),)
     assert t.peers()[0].sequence is None
-    (up,) = t.observe(SERVICE, txt(nonce=b"\x07" * 8, seq=4), ["10.0.0.9"], 1, 2.0)
+    (up,) = see(t, SERVICE, ["10.0.0.9"], 1, 2.0, nonce=b"\x07" * 8, seq=4)
     assert isinstance(up, PeerUp)
     assert (up.peer.state, up.peer.sequence, up.peer.folders) == (PeerState.UP, 4, ("a",))
     # Back to another version, then to ours without a shared folder: forgotten, no event.
     assert len(t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.9"], 1, 3.0)) == 1
-    assert t.observe(SERVICE, txt(keys=(KEY_X,)), ["10.0.0.9"], 1, 4.0) == []
+    assert see(t, SERVICE, ["10.0.0.9"], 1, 4.0, keys=(KEY_X,)) == []
     assert t.peers() == []
 
 
@@ -513,7 +661,7 @@ def test_an_incompatible_node_leaves_on_goodbye_or_when_its_name_is_taken() -> N
     assert t.removed(SERVICE) == []
     assert t.peers() == []
     t.observe(SERVICE, foreign_txt(OLD, PEER), ["10.0.0.2"], 1, 1.0)
-    (up,) = t.observe(SERVICE, txt(node=OTHER), ["10.0.0.3"], 1, 2.0)
+    (up,) = see(t, SERVICE, ["10.0.0.3"], 1, 2.0, node=OTHER)
     assert up.peer.node_id == OTHER
     assert [p.node_id for p in t.peers()] == [OTHER]
 
@@ -524,9 +672,9 @@ def test_incompatible_nodes_never_crowd_out_peers() -> None:
         node = NodeId(bytes(7) + bytes([0x10 + i]))
         t.observe(f"f{i}._lanshare._udp.local.", foreign_txt(OLD, node), ["10.0.0.5"], 1, 0.0)
     assert len(t.peers()) == 2
-    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 1, 0.0)
+    (up,) = see(t, SERVICE, ["10.0.0.2"], 1, 0.0)
     assert up.peer.node_id == PEER
-    (up,) = t.observe("x._lanshare._udp.local.", txt(node=OTHER), ["10.0.0.3"], 1, 0.0)
+    (up,) = see(t, "x._lanshare._udp.local.", ["10.0.0.3"], 1, 0.0, node=OTHER)
     assert [p.state for p in t.peers()] == [PeerState.UP, PeerState.UP]
     # With the table full of peers, a newcomer of another version is refused and counted.
     late = foreign_txt(OLD, NodeId(bytes(8)))
@@ -563,7 +711,7 @@ def test_a_record_of_another_version_under_another_name_cannot_take_a_peer_down(
     """Node ids are public: a stale or spoofed record claiming a live peer's id under
     another service name leaves the peer as it is."""
     t = table()
-    (up,) = t.observe(SERVICE, txt(), ["10.0.0.2"], 4747, 0.0)
+    (up,) = see(t, SERVICE, ["10.0.0.2"], 4747, 0.0)
     assert up.peer.state is PeerState.UP
     spoof = foreign_txt(OLD, PEER, b"n=zz")
     assert t.observe("impostor._lanshare._udp.local.", spoof, ["10.0.0.66"], 4747, 1.0) == []

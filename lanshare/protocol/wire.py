@@ -29,8 +29,12 @@ Frames (inside DATA, one after another; PADDING runs to the end)::
 
 ``algo`` is the algorithm's ``wire_id`` in :mod:`lanshare.hashes` and ``hash_len`` its digest
 size. :data:`VERSION` (the first byte of every packet, and the ``v=`` of the mDNS announcement)
-changes with any change of this layout or of those ids: version 2 took the ids of that one
-registry, where version 1 numbered blake3 6.
+changes with any change of this layout or of those ids, or of the announcement: version 2
+took the ids of that one registry, where version 1 numbered blake3 6; version 3 binds the
+announcement's folder tokens to the node id, service name, port and addresses (``a=``, see
+:mod:`lanshare.peertable`), where version 2 bound them to the nonce alone. The packets of
+versions 2 and 3 are the same but for this byte: a node of each lists the other as
+incompatible rather than exchange packets with one whose announcements it cannot check.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from enum import IntEnum
 from lanshare import hashes
 from lanshare.errors import DecodeError
 
-VERSION = 2
+VERSION = 3
 """The protocol version this code speaks; peers of another version are never talked to."""
 
 #: Every INITIAL is padded to this size, so that a responder may answer 3x that before the
