@@ -8,6 +8,10 @@ changes a host's addresses with ``ip``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import ipaddress
 import json
 import re
 import secrets
@@ -17,6 +21,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from lanshare import keys
@@ -62,30 +68,42 @@ def test_nodes_of_other_protocol_versions_are_listed_incompatible_and_left_alone
 
     # Two nodes sharing our folder: a newer one (a TXT record with the next version, folder
     # tokens in today's format and a field today's code has never heard of) and an older one
-    # (protocol 1, before block hash algorithms had one numbering: its record looks just like
-    # ours). Each advertises a socket of ours as its port, so anything a daemon sends it is seen.
-    versions = {"future": PROTOCOL_VERSION + 1, "older": 1}
+    # (protocol 2, whose tokens were bound to the nonce alone and which announced no a=:
+    # which folders it shares cannot be told). Each advertises a socket of ours as its port,
+    # so anything a daemon sends it is seen.
+    versions = {"future": PROTOCOL_VERSION + 1, "older": 2}
+    shown = {"future": [str(b.folder)], "older": []}
     zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     traps: dict[str, socket.socket] = {}
     names: dict[str, str] = {}
     try:
         for kind, version in versions.items():
             nonce = keys.generate_announce_nonce()
-            token = keys.announce_token(keys.parse_key(cluster.key), nonce)
             node_id = secrets.token_hex(8)
             names[kind] = f"{kind}-{secrets.token_hex(3)}"
             trap = traps[kind] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             trap.bind(("127.0.0.1", 0))
             trap.setblocking(False)
+            bound = keys.announce_binding(
+                nonce,
+                bytes.fromhex(node_id),
+                f"{names[kind]}.{SERVICE_TYPE}",
+                trap.getsockname()[1],
+                [ipaddress.IPv4Address("127.0.0.1")],
+            )
             properties = {
                 "v": str(version),
                 "id": node_id,
                 "n": nonce.hex(),
-                "t": token.hex(),
+                "t": keys.announce_token(keys.parse_key(cluster.key), bound).hex(),
                 "seq": "7",
+                "a": "7f000001",
             }
             if kind == "future":
                 properties["caps"] = "multipath,quic-ish"
+            else:
+                del properties["a"]
+                properties["t"] = _version_2_token(keys.parse_key(cluster.key), nonce).hex()
             info = ServiceInfo(
                 SERVICE_TYPE,
                 f"{names[kind]}.{SERVICE_TYPE}",
@@ -102,7 +120,7 @@ def test_nodes_of_other_protocol_versions_are_listed_incompatible_and_left_alone
                 "id": node_id,
                 "name": names[kind],
                 "addresses": [f"127.0.0.1:{trap.getsockname()[1]}"],
-                "folders": [str(b.folder)],
+                "folders": shown[kind],
                 "sequence": None,
                 "state": "incompatible",
                 "first_seen": listed["first_seen"],
@@ -120,7 +138,7 @@ def test_nodes_of_other_protocol_versions_are_listed_incompatible_and_left_alone
         browsed = json.loads(bystander.cli("peers", "--json", "--seconds", "4").stdout)
         assert sorted(
             (p["protocol"], p["state"]) for p in browsed if p["name"] in names.values()
-        ) == [(1, "incompatible"), (PROTOCOL_VERSION + 1, "incompatible")]
+        ) == [(2, "incompatible"), (PROTOCOL_VERSION + 1, "incompatible")]
 
         # The daemons stay healthy and keep syncing with each other...
         (a.folder / "after.txt").write_text("written while other versions are around\n")
@@ -147,6 +165,81 @@ def test_nodes_of_other_protocol_versions_are_listed_incompatible_and_left_alone
         zc.close()
         for trap in traps.values():
             trap.close()
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def _version_2_token(key: bytes, nonce: bytes) -> bytes:
+    """A folder token as protocol 2 announced it: bound to the nonce alone."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"lanshare/v1/announce-key")
+    mac = hmac.new(hkdf.derive(key), b"lanshare/v1/announce-token" + nonce, hashlib.sha256)
+    return mac.digest()[:8]
+
+
+# --- a recorded announcement replayed by someone without the key -------------------------------
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None:
+    """A third machine without the key records a's announcement and announces it again from
+    its own address: once under its own name and port, once under a's very name and port.
+    b, which holds the key, sees both, ignores both and sends them nothing."""
+    lab = cluster.lab(3)
+    a, b = (cluster.node(n, h) for n, h in zip("ab", lab.hosts[:2], strict=True))
+    replayer = lab.hosts[2]
+    a.start()
+    b.start()
+    wait_until(lambda: _connected(b, a), SYNC_TIMEOUT, "b connected to a")
+    before = b.status()["discovery"]
+
+    own_port = a.port + 1
+    replays = {
+        "its own name and port": ("replayer", own_port),
+        "a's name and port": (a.name, a.port),
+    }
+    procs = {}
+    for what, (name, port) in replays.items():
+        procs[what] = replayer.python(
+            *("-m", "tests.e2e.replayer", "--record", a.name, "--as", name),
+            *("--address", replayer.address, "--port", str(port)),
+            stderr_path=cluster.tmp_path / f"replayer-{port}.log",
+        )
+    for what, proc in procs.items():
+        proc.expect_json(lambda o: o.get("event") == "listening", FIND_TIMEOUT)
+        recorded = proc.expect_json(lambda o: o.get("event") == "recorded", FIND_TIMEOUT)
+        assert recorded["port"] == a.port, what
+        assert recorded["addresses"] == [a.address], what
+        proc.expect_json(lambda o: o.get("event") == "replaying", FIND_TIMEOUT)
+
+    # b resolved both (the counters say so) and set them aside: the copy under another name
+    # matches no folder, the one under a's name resolves to no address a covered.
+    def ignored() -> dict[str, int] | None:
+        now: dict[str, int] = b.status()["discovery"]
+        unshared = now["unshared"] > before["unshared"]
+        return now if unshared and now["uncovered"] > before["uncovered"] else None
+
+    seen = wait_until(ignored, FIND_TIMEOUT, "b resolved both replays")
+    seen_at = time.monotonic()
+    # An engine tries every address it was given every RECONNECT_INTERVAL: watched for two.
+    for what, proc in procs.items():
+        window = seen_at + 2 * RECONNECT_INTERVAL - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            sent = proc.expect_json(lambda o: o.get("event") == "datagram", max(0.1, window))
+            raise AssertionError(f"b sent the replayer ({what}) a datagram: {sent}")
+    entries = b.cli_json("peers")
+    assert [(p["name"], p["state"], p["addresses"]) for p in entries] == [
+        (a.name, "connected", [a.endpoint])
+    ]
+    assert b.status()["discovery"]["rejected"] == seen["rejected"] == 0
+    for proc in procs.values():
+        assert proc.stop() == 0
+
+    # a and b go on syncing.
+    (a.folder / "after.txt").write_text("written while a replayer was around\n")
+    wait_until(lambda: (b.folder / "after.txt").exists(), SYNC_TIMEOUT, "after.txt reaches b")
+    for node in (a, b):
+        assert _tracebacks_but_zeroconfs(node.log_text()) == []
     assert a.stop() == 0
     assert b.stop() == 0
 
