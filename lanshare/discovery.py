@@ -8,9 +8,13 @@ How the pieces fit
 ------------------
 * Announce: one ``_lanshare._udp.local.`` service; instance name from ``[node].name`` (renamed
   ``name-2``… by zeroconf on a conflict), host ``ls-<node id>.local.`` (unique per node: zeroconf
-  never probes host names), the UDP port in SRV, the TXT record of ``peertable``. Sequence changes
-  are coalesced: at most one TXT update per ``TXT_UPDATE_INTERVAL`` (each costs three multicast
-  announcements), the latest value wins and the last one is always sent. Goodbyes on shutdown.
+  never probes host names), the UDP port in SRV, the TXT record of ``peertable``. Its folder
+  tokens are bound to the instance name, the port and the addresses it covers (``a=``), so a
+  copy announced elsewhere is worthless: a rename re-announces the record at once with tokens
+  for the new name, and only the addresses ``a=`` covers (as many as fit) are announced.
+  Sequence changes are coalesced: at most one TXT update per ``TXT_UPDATE_INTERVAL`` (each costs
+  three multicast announcements), the latest value wins and the last one is always sent.
+  Goodbyes on shutdown.
 * Browse: zeroconf's browser callbacks only ``put_nowait`` onto a bounded inbox (a full inbox
   drops and counts, and the next tick re-reads the browser's cache to catch up); a consumer task
   resolves names (``AsyncServiceInfo.async_request``) and updates the pure ``PeerTable``.
@@ -25,14 +29,16 @@ How the pieces fit
   address) is re-read from an ``ifaddr`` snapshot whenever the kernel reports an IPv4 address
   change (a netlink socket, on Linux; ``INTERFACE_SETTLE`` later, so that a burst of changes is
   read once) and at least every ``INTERFACE_POLL_INTERVAL``. zeroconf gets one socket per interface
-  (``async_update_interfaces``); every address is announced in our address records, at once on a
+  (``async_update_interfaces``); every address (up to what the TXT record can cover) is
+  announced in our address records and in ``a=``, with tokens over the new set, at once on a
   change (not held back by the TXT coalescing), and an address that went away is retracted with
-  a goodbye. IPv4 only for now.
+  a goodbye. IPv4 only for now (``a=`` can already cover IPv6 addresses).
 * A peer's addresses: a new one makes the browser report the service as updated; one the peer
   retracted (goodbye) or stopped announcing (flushed from the cache a second after the peer's
   next announcement, RFC 6762 §10.2) is reported by no browser callback. So any address record
   heard for a known peer's host has that peer re-resolved (from the cache) ``ADDRESS_SETTLE``
-  seconds later.
+  seconds later. Of the resolved addresses, the table keeps those the peer's ``a=`` covers:
+  anything else (a replayer's own address, a stale record) is never handed to the transport.
 * A node announcing another protocol version is listed as ``incompatible`` (see ``peertable``)
   and logged once; it never causes an event.
 """

@@ -7,11 +7,11 @@ input's size. The full layout is in docs/protocol.md; the summary:
 Packets (all integers big-endian; ``|`` separates fields; the cleartext header of DATA is the
 AEAD associated data, and its bytes 4..16 (cid | pn) are the AEAD nonce)::
 
-    INITIAL  ver=2 | type=1 | token_len u16 | src_cid u32 | token | e(32) | AEAD(InitialPayload)
+    INITIAL  ver=3 | type=1 | token_len u16 | src_cid u32 | token | e(32) | AEAD(InitialPayload)
              padded inside the AEAD so that the datagram is INITIAL_SIZE (1200) bytes
-    RESPONSE ver=2 | type=2 | 0 u16       | dst_cid u32 | e(32) | AEAD(ResponsePayload)
-    RETRY    ver=2 | type=3 | token_len u16 | dst_cid u32 | token
-    DATA     ver=2 | type=4 | flags u16 (bit0 key phase) | dst_cid u32 | pn u64 | AEAD(frames)
+    RESPONSE ver=3 | type=2 | 0 u16       | dst_cid u32 | e(32) | AEAD(ResponsePayload)
+    RETRY    ver=3 | type=3 | token_len u16 | dst_cid u32 | token
+    DATA     ver=3 | type=4 | flags u16 (bit0 key phase) | dst_cid u32 | pn u64 | AEAD(frames)
 
 Frames (inside DATA, one after another; PADDING runs to the end)::
 
