@@ -190,7 +190,8 @@ def announce_token(raw: bytes, binding: bytes) -> bytes:
 
 
 def _length_prefixed(value: bytes) -> bytes:
-    # Longer values are cut: a peer's oversized field then simply matches nothing.
+    # Nothing a peer sends is this long (a DNS name is at most 255 bytes): cutting only keeps
+    # the function total.
     value = value[:0xFFFF]
     return len(value).to_bytes(2, "big") + value
 
