@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         ManifestReceived,
         ManifestRequested,
         NotificationReceived,
+        RequestCancelled,
         RequestFailed,
     )
     from lanshare.index import FolderInfo
@@ -351,6 +352,10 @@ class Exchange:
     def block_requested(self, event: BlockRequested) -> None:
         """A peer asks for a block: the folder's block server answers (in batches)."""
         self.server.request(event)
+
+    def request_cancelled(self, event: RequestCancelled) -> None:
+        """A peer's request was cancelled (by it, or with its session): not read if it waits."""
+        self.server.cancel(event.request_id)
 
     def request_failed(self, event: RequestFailed) -> None:
         """A request that was no block request failed: a manifest request, asked again
