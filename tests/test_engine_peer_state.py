@@ -8,12 +8,13 @@ The hostile peer is a real ``Endpoint`` holding the folder key, driven by the te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
 from lanshare.exchange import MAX_EARLY_HAVE
 from lanshare.manifest import InProgress, encode_entry
-from tests.enginesim import Cluster, random_bytes, wait_for
+from tests.enginesim import Cluster, LinkSpec, random_bytes, wait_for
 from tests.test_engine_hostile import EVIL_ID, HostilePeer
 
 if TYPE_CHECKING:
@@ -135,5 +136,51 @@ def test_have_state_holds_only_blocks_of_records_the_peer_announced_and_goes_wit
             engine.kick()
             await wait_for(lambda: EVIL_ID not in exchange.links, 30, "the session to end")
             assert victim.folder.downloads.scheduler.peer_stats(EVIL_ID).outstanding == 0
+
+    asyncio.run(main())
+
+
+def test_a_peer_advertising_a_huge_credit_gets_no_more_of_our_memory(tmp_path: Path) -> None:
+    """A peer that advertises 1 GiB of credit, asks for every block of a file twice in its
+    first window (a few KiB of requests) and never acknowledges an answer has the victim
+    take on (read, answer and hold until acknowledged) at most ``max_serving_size`` for it.
+    Before, the bound was 4x the credit the peer advertised: everything it asked for."""
+    size = 32 * MiB
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=33) as cluster:
+            victim = cluster.add()
+            victim.write("big.bin", random_bytes(33, size))
+            await victim.start()
+            engine = victim.folder.engine
+            record = engine.index.get(victim.folder.info.id, "big.bin")
+            assert record is not None
+            greedy = dataclasses.replace(cluster.transfer, max_in_flight_size=1 << 30)
+            evil = HostilePeer(cluster, transfer=greedy)
+            engine.add_address(evil.addr)
+            await wait_for(lambda: EVIL_ID in victim.folder.exchange.links, 30, "a session")
+            # Nothing the victim sends reaches it again: no acknowledgement ever comes back.
+            cluster.network.set_link(victim.addr, evil.addr, LinkSpec(loss=1.0))
+            asked = 0
+            for block_index, block in enumerate(record.blocks * 2):
+                evil.endpoint.request_block(
+                    victim.node_id,
+                    evil.folder_id,
+                    path="big.bin",
+                    index=block_index % len(record.blocks),
+                    offset=block.offset,
+                    size=block.size,
+                    hash=block.hash,
+                    hash_algo=record.hash_algo,
+                )
+                asked += block.size
+            evil.transport.kick()
+            await wait_for(
+                lambda: EVIL_ID not in victim.folder.exchange.links, 120, "the session to end"
+            )
+            taken = victim.counters.requested_of_me[EVIL_ID]
+            assert taken > 0
+            assert taken <= engine.endpoint.params.max_serving_size < asked
+            evil.transport.close()
 
     asyncio.run(main())
