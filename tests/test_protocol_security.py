@@ -15,6 +15,7 @@ from lanshare.events import (
     BlockRequested,
     CloseReason,
     FailReason,
+    ManifestRequested,
     PeerId,
     RequestFailed,
     SessionClosed,
@@ -395,6 +396,42 @@ def test_requests_for_tiny_blocks_are_bounded_in_number() -> None:
     assert 1 <= taken <= a.endpoint.params.max_serving_size // (1 + _REQUEST_COST)
     session = next(iter(a.endpoint._sessions.values()))
     assert len(session._served) == taken
+
+
+def test_a_peer_gets_a_few_manifest_requests_answered_at_once() -> None:
+    """Each manifest request is work for the application (a task, index reads): 1,000 tiny
+    ones from one peer leave a handful waiting, the rest refused; once those are answered,
+    it is served again."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    b = net.add(make_endpoint(2, B_ID), B)
+    _established(net, a, b)
+    session = next(iter(b.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    for rid in range(1, 1001):
+        frame = wire.encode_frame(wire.RequestManifest(rid, 0, 64))
+        session._emit(frame, net.now, out, eliciting=False, items=None)
+    for data, _ in out:
+        a.endpoint.receive_datagram(data, B, net.now)
+    net.run_for(0.01)
+    waiting = a.of_type(ManifestRequested)
+    assert 1 <= len(waiting) <= 4
+    for event in waiting:
+        a.endpoint.send_manifest(event.request_id, [], more=False)
+    net.run_for(0.5)  # the answers are acknowledged
+    more: list[tuple[bytes, tuple[str, int]]] = []
+    session._emit(
+        wire.encode_frame(wire.RequestManifest(2000, 0, 64)),
+        net.now,
+        more,
+        eliciting=False,
+        items=None,
+    )
+    for data, _ in more:
+        a.endpoint.receive_datagram(data, B, net.now)
+    net.run_for(0.01)
+    assert len(a.of_type(ManifestRequested)) == len(waiting) + 1
 
 
 def test_serving_memory_is_bounded_over_all_sessions_and_freed_when_they_close() -> None:

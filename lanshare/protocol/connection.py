@@ -26,13 +26,14 @@ control: the peer can never have more than that in flight towards us, and that b
 reassembly memory). The server takes a peer's requests while what they cost (their bytes
 plus a fixed cost each: answers are held until acknowledged) stays within 4x the peer's
 credit, ``max_serving_size`` per session and ``max_total_serving`` over all sessions (ours,
-whatever the peer advertises); beyond that a request is refused ``BUSY``. It emits
-``BlockRequested``; the application answers with ``send_block``; the answer goes out as
-DATA frames under the congestion window (``congestion.NewReno``), the pacer (rate
-cwnd/srtt, capped by the peer's ``max_recv_rate``) and the endpoint's ``max_send_rate``
-bucket. The requester reassembles fragments into one buffer (duplicates are ignored), checks
-size and hash, and emits ``BlockReceived`` or ``RequestFailed``. A request without progress
-for ``request_timeout`` fails and is cancelled.
+whatever the peer advertises), and at most a few manifest requests at once; beyond that a
+request is refused ``BUSY``. It emits ``BlockRequested``; the application answers with
+``send_block``; the answer goes out as DATA frames under the congestion window
+(``congestion.NewReno``), the pacer (rate cwnd/srtt, capped by the peer's
+``max_recv_rate``) and the endpoint's ``max_send_rate`` bucket. The requester reassembles
+fragments into one buffer (duplicates are ignored), checks size and hash, and emits
+``BlockReceived`` or ``RequestFailed``. A request without progress for ``request_timeout``
+fails and is cancelled.
 
 Receiving in runs: the adapter hands over what one receive call got (a GRO batch: up to ~64
 datagrams from one address) in one ``Endpoint.receive_datagrams`` call. The datagrams that
@@ -119,6 +120,9 @@ _MIN_FRAGMENT = wire.fragment_size(wire.MIN_DATAGRAM_SIZE)
 #: bookkeeping here and in the application (the event, a path of up to ``MAX_PATH_SIZE``),
 #: so that requests for tiny blocks are bounded in number too.
 _REQUEST_COST = 2 * wire.MAX_PATH_SIZE
+#: Manifest requests of one peer answered at once: each is a task and index reads in the
+#: application, and an honest peer has one outstanding.
+_MAX_MANIFEST_REQUESTS = 4
 #: ``b`` of the sent record of a path MTU probe (data packets have a fragment index >= 0).
 _PROBE = -2
 #: RFC 8899 MAX_PROBES: give up on a larger datagram size after this many lost probes.
@@ -463,6 +467,7 @@ class Session:
         self._seen = RangeSet(max_ranges=1024)
         self._served: dict[int, _Served] = {}
         self._serving_bytes = 0
+        self._serving_manifests = 0
         self._queue: deque[_OutMessage] = deque()
         self._retx: deque[tuple[_OutMessage, int]] = deque()
 
@@ -1131,12 +1136,13 @@ class Session:
         if max_size < wire.manifest_batch_size([]):
             self._reject(rid, wire.RejectCode.REFUSED)
             return
-        if not self._admit(max_size):
+        if self._serving_manifests >= _MAX_MANIFEST_REQUESTS or not self._admit(max_size):
             self._reject(rid, wire.RejectCode.BUSY)
             return
         assert self.peer is not None
         handle = self.ctx.new_handle()
         self._served[rid] = _Served(handle, False, max_size, max_size)
+        self._serving_manifests += 1
         self.ctx.handles[handle] = (self, rid, False)
         self.ctx.events.append(
             ManifestRequested(handle, self.peer, self.folder, frame.since_seq, max_size)
@@ -1170,6 +1176,8 @@ class Session:
         cost = served.size + _REQUEST_COST
         self._serving_bytes -= cost
         self.ctx.serving_bytes -= cost
+        if not served.block:
+            self._serving_manifests -= 1
 
     def _on_cancel(self, rid: int) -> None:
         served = self._served.pop(rid, None)
@@ -1748,7 +1756,7 @@ class Session:
                 events.append(RequestCancelled(served.handle, self.peer, self.folder))
         self._served.clear()
         self.ctx.serving_bytes -= self._serving_bytes
-        self._serving_bytes = 0
+        self._serving_bytes = self._serving_manifests = 0
         self._queue.clear()
         self._retx.clear()
         self._ctrl.clear()
