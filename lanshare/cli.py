@@ -477,6 +477,52 @@ def peers(
 
 
 @app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Listen this long for mDNS answers.")
+    ] = 3.0,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+    socket: SocketOption = None,
+) -> None:
+    """Check why this machine does not sync: config, daemon, network, firewall, discovery,
+    keys, sync and limits, each ok, warn or fail, with its fix.
+
+    Exit status 1 when a check fails (a broken config too), else 0.
+    """
+    from lanshare import doctor as checks
+
+    settings = _settings(ctx, config, debug, socket)
+    cfg: Config | None = None
+    error = None
+    try:
+        cfg = _load(settings)
+    except LanshareError as exc:
+        error = str(exc)
+    path = settings.config or (cfg.source if cfg is not None else None)
+    if path is None and cfg is None:
+        path = configuration.default_config_path()
+    status = None
+    why = ""
+    try:
+        with _connect(settings, cfg or configuration.Config(), timeout=10.0) as client:
+            status = client.call("status")
+    except LanshareError as exc:
+        why = str(exc)
+    inputs = checks.Inputs(cfg, path, error, status, why, max(0.5, min(seconds, 30.0)))
+    results = checks.run(inputs)
+    if as_json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for line in checks.format_human(results):
+            typer.echo(line)
+    if checks.worst(results) == "fail":
+        raise typer.Exit(1)
+
+
+@app.command()
 def resume(
     ctx: typer.Context,
     path: Annotated[

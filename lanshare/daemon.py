@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lanshare import __version__, keys
 from lanshare import config as configuration
-from lanshare import keys
 from lanshare.control import ControlServer
 from lanshare.discovery import Discovery
 from lanshare.engine import Engine
@@ -150,6 +150,7 @@ class Daemon:
         self._discovery_task: asyncio.Task[None] | None = None
         self._addresses = AddressBook()
         self._node_id = b""
+        self._started = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -500,6 +501,11 @@ class Daemon:
     async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
         status = self._engine().status()
         status["pid"] = os.getpid()
+        # `lanshare doctor` compares the version with its own and says how long it has run.
+        status["node"]["version"] = __version__
+        status["node"]["uptime"] = round(time.monotonic() - self._started, 1)
+        if self.transport is not None:
+            status["node"]["port"] = self.transport.port
         status["transfer"] = self._engine().endpoint.stats.as_dict()
         return status
 
