@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lanshare import __version__, keys
-from lanshare.errors import LanshareError
+from lanshare.errors import DecodeError, LanshareError
 from lanshare.peertable import (
     PROTOCOL_VERSION,
     ForeignAnnouncement,
@@ -711,7 +711,7 @@ def census(
     for answer in answers:
         try:
             ann = read_txt(answer.txt)
-        except ValueError:
+        except DecodeError:
             out.unreadable += 1
             continue
         node = ann.node_id.hex()

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 import lanshare
-
 from tests.e2e.conftest import cluster
 from tests.e2e.harness import file_digest, new_key, state_locked, wait_until
 
@@ -187,7 +186,8 @@ def test_status_and_peers_json_contracts(cluster: Cluster) -> None:
     assert status["pid"] == b.pid
     node = status["node"]
     assert node["version"] == lanshare.__version__
-    assert isinstance(node["uptime"], float) and node["uptime"] >= 0
+    assert isinstance(node["uptime"], float)
+    assert node["uptime"] >= 0
     assert node["port"] == b.port
     assert status["transfer"]["bytes_received"] >= 100_000
     (folder,) = status["folders"]
