@@ -190,3 +190,31 @@ def doctor_read_only(node: Node) -> tuple[int, Any]:
         f"{shlex.quote(str(node.config_path))} doctor --json"
     )
     return _run(node, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+
+
+def test_with_multicast_blocked_static_peers_are_tried_with_a_real_handshake(
+    cluster: Cluster,
+) -> None:
+    lab = cluster.lab(3, block_multicast=True)
+    a = cluster.node("a", lab.hosts[0])
+    a.start()
+    b = cluster.node("b", lab.hosts[1], static_peers=(a.endpoint,))
+    stranger = cluster.node("s", lab.hosts[2], key=new_key(), static_peers=(a.endpoint,))
+
+    # b holds a's key: a answers b's handshake (b's daemon need not run for that).
+    _, results = doctor(b)
+    discovery = by_check(results)["discovery"]
+    assert discovery["status"] == "ok", discovery
+    assert f"static peers: {a.endpoint}: answers the handshake (node " in discovery["detail"]
+
+    # Another key: a cannot authenticate the handshake and stays silent.
+    code, results = doctor(stranger)
+    checks = by_check(results)
+    assert code == 1
+    assert checks["discovery"]["status"] == "fail", checks["discovery"]
+    assert (
+        f"no static peer answers the handshake ({a.endpoint}: no answer within"
+        in (checks["discovery"]["detail"])
+    )
+    assert checks["keys"]["status"] == "warn"
+    assert "lanshare key" in checks["keys"]["fix"]
