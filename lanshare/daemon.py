@@ -11,7 +11,8 @@ pings at half ``WatchdogSec`` when asked.
 
 Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
-``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``.
+``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``, and
+``node`` gains ``version``, ``uptime`` (seconds) and ``port`` (the UDP port bound).
 ``peers`` merges discovery's table with the live sessions: one entry per peer.
 ``scan`` rescans folders through the engine and answers with the ``scan --json`` objects.
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import json
 import os
@@ -56,7 +57,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lanshare import __version__, keys
+from lanshare.config import Config
 from lanshare.errors import DecodeError, LanshareError
+from lanshare.paths import TEMP_PREFIX
 from lanshare.peertable import (
     PROTOCOL_VERSION,
     ForeignAnnouncement,
@@ -210,13 +213,13 @@ def probe_writable(path: Path, what: str) -> PathProbe:
     if not stat.S_ISDIR(st.st_mode):
         return PathProbe(path, f"the {what} {path} is not a directory", None)
     try:
-        fd, name = tempfile.mkstemp(prefix=".lanshare-doctor-", dir=path)
+        _try_write(path)
     except OSError as exc:
-        if exc.errno == 30:  # EROFS
+        if exc.errno == errno.EROFS:
             return PathProbe(
                 path,
                 f"the {what} {path} is on a read-only file system",
-                f"remount it read-write (mount -o remount,rw on its mount point of {quoted})",
+                f"remount it read-write (mount -o remount,rw on the mount point of {quoted})",
             )
         owner = "you" if st.st_uid == os.geteuid() else f"uid {st.st_uid}"
         return PathProbe(
@@ -226,9 +229,24 @@ def probe_writable(path: Path, what: str) -> PathProbe:
             f"let the daemon's user write it: chmod u+rwx {quoted} (or chown it to that user; "
             f"check chattr -i {quoted})",
         )
+    return PathProbe(path)
+
+
+def _try_write(directory: Path) -> None:
+    """Create a file in ``directory`` and remove it. An unnamed file (O_TMPFILE) first: it
+    never appears in a shared folder, so the daemon's watcher sees nothing; where the file
+    system cannot make one, a temp-named file, which scans ignore."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    else:
+        os.close(fd)
+        return
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}doctor-", dir=directory)
     os.close(fd)
     os.unlink(name)
-    return PathProbe(path)
 
 
 def _state_dir_probe(path: Path) -> PathProbe:
@@ -967,8 +985,8 @@ class Inputs:
     """What the command line hands over: the config (or why it failed), the daemon's status
     (or why none answered)."""
 
-    config: Any
-    """A ``lanshare.config.Config``, or None when it did not load."""
+    config: Config | None
+    """None when it did not load (``config_error`` says why)."""
     config_path: Path | None
     config_error: str | None
     status: dict[str, Any] | None
@@ -978,8 +996,6 @@ class Inputs:
 
 def run(inputs: Inputs) -> list[Result]:
     """Every check, in ``CHECKS`` order."""
-    from lanshare.config import Config
-
     cfg = inputs.config if inputs.config is not None else Config()
     results = [
         _check_config(inputs),
@@ -1015,7 +1031,7 @@ def run(inputs: Inputs) -> list[Result]:
 
 
 def _network_checks(
-    cfg: Any,
+    cfg: Config,
     inputs: Inputs,
     chosen: Sequence[str],
     blocks: list[Block] | None,
@@ -1083,7 +1099,7 @@ def _choose(wanted: Sequence[str], interfaces: Sequence[Interface]) -> tuple[str
     return choose_interfaces(wanted, pairs)
 
 
-def _port(cfg: Any, status: Mapping[str, Any] | None) -> int:
+def _port(cfg: Config, status: Mapping[str, Any] | None) -> int:
     if status is not None and isinstance(status.get("node", {}).get("port"), int):
         return int(status["node"]["port"])
     return int(cfg.network.port)
@@ -1118,9 +1134,11 @@ def _gather_firewall(port: int, names: Sequence[str]) -> tuple[list[Block] | Non
 def _gather_census(
     chosen: Sequence[str], own: str | None, folders: Sequence[SharedFolder], seconds: float
 ) -> tuple[Census | None, str | None]:
+    from zeroconf import Error as ZeroconfError
+
     try:
         answers = asyncio.run(_query(chosen, seconds))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ZeroconfError) as exc:
         return None, str(exc)
     return census(own, folders, answers), None
 
@@ -1172,7 +1190,7 @@ async def _query(chosen: Sequence[str], seconds: float) -> list[Answer]:
             await aiozc.async_close()
 
 
-async def _handshakes(cfg: Any) -> list[Handshake]:
+async def _handshakes(cfg: Config) -> list[Handshake]:
     """A real session handshake with every static peer, for every folder, on a throw-away
     port and node id (so that it takes nothing from the daemon's sessions)."""
     from lanshare.events import SessionClosed, SessionEstablished
@@ -1245,7 +1263,7 @@ async def _handshakes(cfg: Any) -> list[Handshake]:
     return results
 
 
-def _dirs(cfg: Any) -> dict[str, int]:
+def _dirs(cfg: Config) -> dict[str, int]:
     counts = {}
     for folder in cfg.folders:
         count = 0
@@ -1261,7 +1279,7 @@ def _dirs(cfg: Any) -> dict[str, int]:
     return counts
 
 
-def _space(cfg: Any) -> dict[str, tuple[int, int] | str]:
+def _space(cfg: Config) -> dict[str, tuple[int, int] | str]:
     space: dict[str, tuple[int, int] | str] = {}
     for folder in cfg.folders:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,20 @@ def test_human_output_is_aligned_escaped_and_shows_fixes() -> None:
     ]
     assert doctor.worst(results) == "fail"
     assert doctor.worst(results[:1]) == "ok"
+
+
+def test_an_immutable_folder_is_not_writable_even_for_root(tmp_path: Path) -> None:
+    """``chattr +i``: what root cannot bypass (file modes it can), so the probe sees it."""
+    folder = tmp_path / "share"
+    folder.mkdir()
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {made.stderr.strip()}")
+    try:
+        probe = doctor.probe_writable(folder, "folder")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert probe.problem is not None
+    assert probe.problem.startswith(f"the folder {folder} is not writable (Operation not permitted")
+    assert f"chattr -i {folder}" in (probe.fix or "")
+    assert os.listdir(folder) == []
