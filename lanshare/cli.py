@@ -3,7 +3,8 @@
 I/O shell. Every command maps its errors through ``main()``: a message on stderr and an exit
 status (``lanshare.errors``: 1 failed, 2 usage or configuration, 3 no daemon, 4 ``status`` of
 a folder in error or paused, 130 interrupted); a traceback only with ``--debug`` or
-``LANSHARE_DEBUG=1``.
+``LANSHARE_DEBUG=1``. ``doctor`` reports a broken config or a missing daemon as a failed
+check (exit 1) instead: finding those is its job.
 
 Finding the daemon: ``--socket PATH`` or ``$LANSHARE_SOCKET`` names its control socket;
 otherwise a config file of one's own names it (``[node] control_socket``); with no config
@@ -481,7 +482,8 @@ def doctor(
     ctx: typer.Context,
     as_json: JsonOption = False,
     seconds: Annotated[
-        float, typer.Option("--seconds", help="Listen this long for mDNS answers.")
+        float,
+        typer.Option("--seconds", help="Listen this long for mDNS answers (0.5 to 30)."),
     ] = 3.0,
     config: ConfigOption = None,
     debug: DebugOption = False,
@@ -501,9 +503,10 @@ def doctor(
         cfg = _load(settings)
     except LanshareError as exc:
         error = str(exc)
-    path = settings.config or (cfg.source if cfg is not None else None)
-    if path is None and cfg is None:
-        path = configuration.default_config_path()
+    if cfg is not None:
+        path = cfg.source
+    else:
+        path = (settings.config or configuration.default_config_path()).expanduser()
     status = None
     why = ""
     try:

@@ -161,11 +161,18 @@ def config_verdict(
     mode: int | None,
     folders: Sequence[PathProbe],
     state_dir: PathProbe | None,
+    *,
+    daemon_answers: bool = False,
 ) -> Result:
     """``error`` is the config loader's message (the loader refuses a bad file, and a key
-    file others can read); ``mode`` the file's permission bits."""
+    file others can read); ``mode`` the file's permission bits. With no config file of one's
+    own, a daemon that answers (the system service, for a member of its group) is enough."""
     if error is not None:
         return Result("config", "fail", error, _config_fix(error, source))
+    if source is None and daemon_answers:
+        return Result(
+            "config", "ok", "no config file of your own: the daemon that answers has its own"
+        )
     if source is None:
         return Result(
             "config",
@@ -1072,6 +1079,8 @@ def _check_config(inputs: Inputs) -> Result:
             mode = stat.S_IMODE(inputs.config_path.stat().st_mode)
     if cfg is None:
         return config_verdict(inputs.config_path, inputs.config_error, mode, [], None)
+    if cfg.source is None:
+        return config_verdict(None, None, None, [], None, daemon_answers=inputs.status is not None)
     folders = [probe_writable(f.path, "folder") for f in cfg.folders]
     return config_verdict(cfg.source, None, mode, folders, _state_dir_probe(cfg.node.state_dir))
 
@@ -1084,11 +1093,11 @@ def _gather_interfaces() -> list[Interface]:
         v4 = tuple(ip.ip for ip in adapter.ips if isinstance(ip.ip, str))
         v6 = tuple(ip.ip[0] for ip in adapter.ips if isinstance(ip.ip, tuple))
         flags = _read_text(Path("/sys/class/net") / adapter.nice_name / "flags")
-        out.append(
-            Interface(
-                adapter.nice_name, v4, v6, int(flags.strip(), 16) if flags is not None else None
-            )
-        )
+        try:
+            bits = int(flags.strip(), 16) if flags is not None else None
+        except ValueError:
+            bits = None
+        out.append(Interface(adapter.nice_name, v4, v6, bits))
     return out
 
 

@@ -272,6 +272,8 @@ def test_config_verdicts() -> None:
     syntax = doctor.config_verdict(source, f"{source}:3: expected '='", None, [], None)
     assert syntax.fix == f"edit {source} (config.example.toml describes every key)"
     assert doctor.config_verdict(None, None, None, [], None).status == "fail"
+    service = doctor.config_verdict(None, None, None, [], None, daemon_answers=True)
+    assert service.status == "ok"  # a member of the service's group needs no config
     assert doctor.config_verdict(source, None, 0o600, [], None).status == "fail"
     stuck = PathProbe(Path("/s"), "the folder /s is not writable", "chmod u+rwx /s")
     assert doctor.config_verdict(source, None, 0o600, [stuck], None).fix == "chmod u+rwx /s"
