@@ -275,7 +275,7 @@ def daemon_verdict(status: Mapping[str, Any] | None, why_not: str, cli_version: 
             "daemon",
             "fail",
             why_not,
-            "start it: lanshare daemon (or: systemctl --user start lanshare-user)",
+            "start it: lanshare daemon (or its service: systemctl --user start lanshare)",
         )
     node = status.get("node", {})
     version = str(node.get("version", "?"))
