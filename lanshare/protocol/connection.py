@@ -165,6 +165,14 @@ class EndpointStats:
     replayed: int = 0
     handshakes_failed: int = 0
     retries_sent: int = 0
+    key_trials: int = 0
+    """PSK trials paid for INITIALs (one per accepted folder each: the most one can cost)."""
+    initials_replayed: int = 0
+    """INITIALs whose ephemeral key already opened a session from another address or cid."""
+    initials_shed: int = 0
+    """INITIALs left untried: their source or all sources were out of key-trial budget."""
+    half_open_evicted: int = 0
+    """Half-open sessions evicted to make room for another (per-source or overall bound)."""
     packets_lost: int = 0
     fragments_retransmitted: int = 0
     protocol_errors: int = 0
