@@ -7,7 +7,9 @@ Theory of operation
 A session starts with the NNpsk0 handshake (``crypto``): the initiator sends INITIAL, the
 responder answers RESPONSE and is *half-open* until the first authenticated DATA packet
 proves that the initiator received the answer at its address (address validation; until
-then the responder answers at most 3x what it received and sends nothing else).
+then the responder answers at most 3x what it received and sends nothing else). Which
+INITIALs may open a half-open session at all, and which one is evicted for another, is the
+endpoint's decision (``admission``).
 
 After the handshake every datagram is a DATA packet: a 16-byte cleartext header (the AEAD
 associated data; its cid|pn bytes are the nonce) and AES-256-GCM encrypted frames. Packet
