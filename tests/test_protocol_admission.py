@@ -285,7 +285,10 @@ def test_trial_budget_per_source_and_known_peers_first() -> None:
     budget = TrialBudget()
     now = 10.0
     burst = int(admission.SOURCE_TRIAL_BURST)
+    assert budget.affordable("s1", burst, now)
+    assert budget.affordable("s1", burst, now)  # asking pays nothing
     assert budget.take("s1", burst, now)
+    assert not budget.affordable("s1", 1, now)
     assert not budget.take("s1", 1, now)  # its own bucket is empty
     strangers = int(admission.TRIAL_BURST - admission.GOOD_RESERVE) - burst
     assert budget.take("s2", burst, now)

@@ -193,15 +193,22 @@ class TrialBudget:
         # A rate r sustained keeps r * half-life / ln 2 trials in the decaying sum.
         return self._load * math.log(2) / LOAD_HALF_LIFE
 
+    def affordable(self, source: str, trials: int, now: float) -> bool:
+        """Whether ``take`` could pay now (pays nothing, remembers no new source)."""
+        common = self._common
+        common.refill(now)
+        need = self._need(trials)
+        if common.tokens - need < (0.0 if source in self._good else GOOD_RESERVE):
+            return False
+        bucket = self._sources.get(source)
+        return bucket is None or bucket.refill(now) >= min(need, bucket.capacity)
+
     def take(self, source: str, trials: int, now: float) -> bool:
         """Pay ``trials`` for ``source`` if both its bucket and the common one allow it."""
         common = self._common
         common.refill(now)
-        floor = 0.0 if source in self._good else GOOD_RESERVE
-        # More trials than a bucket holds (hundreds of folders) cost one full bucket: the
-        # INITIAL is still tried, at the rate the bucket refills.
-        need = min(float(trials), common.capacity - GOOD_RESERVE)
-        if common.tokens - need < floor:
+        need = self._need(trials)
+        if common.tokens - need < (0.0 if source in self._good else GOOD_RESERVE):
             return False
         bucket = self._sources.pop(source, None)
         if bucket is None:
@@ -216,6 +223,12 @@ class TrialBudget:
         bucket.tokens -= own
         common.tokens -= need
         return True
+
+    @staticmethod
+    def _need(trials: int) -> float:
+        # More trials than a bucket holds (hundreds of folders) cost one full bucket: the
+        # INITIAL is still tried, at the rate the bucket refills.
+        return min(float(trials), TRIAL_BURST - GOOD_RESERVE)
 
     def mark_good(self, source: str) -> None:
         """``source`` completed a handshake: serve it first from now on."""

@@ -26,7 +26,13 @@ from lanshare.events import (
 )
 from lanshare.hashes import BY_NAME as HASH_ALGORITHMS
 from lanshare.protocol import wire
-from lanshare.protocol.admission import RETRY_LOAD, HalfOpen, ReplayCache, TrialBudget
+from lanshare.protocol.admission import (
+    MAX_SOURCES,
+    RETRY_LOAD,
+    HalfOpen,
+    ReplayCache,
+    TrialBudget,
+)
 from lanshare.protocol.congestion import TokenBucket
 from lanshare.protocol.connection import (
     Context,
@@ -170,6 +176,7 @@ class Endpoint:
         # INITIAL that opened it must be recognised.
         self._replays = ReplayCache(self.params.idle_timeout)
         self._budget = TrialBudget()
+        self._sources_by_host: dict[str, str] = {}
         self._always_retry = always_retry
         self._sessions: dict[int, Session] = {}
         self._by_addr: dict[tuple[Addr, bytes], Session] = {}
@@ -505,9 +512,9 @@ class Endpoint:
         """An INITIAL: the only packet a stranger can make us work for (``admission``).
 
         Cheapest checks first: a repeat of a known INITIAL, a replay of one that opened a
-        session elsewhere, the token; then the load decides on a stateless RETRY, the
-        budgets on whether the key trials are paid, and the half-open bounds on which
-        half-open session makes room for a new one."""
+        session elsewhere, whether it could be paid for at all, the token; then the load
+        decides on a stateless RETRY, the budgets on whether the key trials are paid, and
+        the half-open bounds on which half-open session makes room for a new one."""
         stats = self._ctx.stats
         n = len(data)
         if n < wire.INITIAL_SIZE:
@@ -518,9 +525,7 @@ class Endpoint:
         if token_len > wire.MAX_TOKEN_SIZE or body + wire.KEY_SIZE + wire.TAG_SIZE > n:
             stats.dropped += 1
             return
-        token = bytes(data[wire.LONG_HEADER_SIZE : body])
-        message = bytes(data[body:])
-        ephemeral = message[: wire.KEY_SIZE]
+        ephemeral = bytes(data[body : body + wire.KEY_SIZE])
         origin = (addr, src_cid)
         existing = self._by_initial.get(origin)
         if existing is not None:
@@ -530,14 +535,20 @@ class Endpoint:
         if self._replays.is_replay(ephemeral, origin, now):
             stats.initials_replayed += 1
             return
+        trials = len(self._keys)
+        load = self._budget.demand(trials, now)
+        source = self._source(addr)
         validated = False
-        if token:
+        if token_len:
+            # The token costs a MAC to check: not for an INITIAL that could not be paid for.
+            if not self._budget.affordable(source, trials, now):
+                stats.initials_shed += 1
+                return
+            token = bytes(data[wire.LONG_HEADER_SIZE : body])
             validated = self._tokens.check(token, addr, src_cid, now)
             if not validated:
                 stats.dropped += 1
                 return
-        trials = len(self._keys)
-        load = self._budget.demand(trials, now)
         if not validated and (
             self._always_retry or len(self._half_open) >= self._half_open.limit or load > RETRY_LOAD
         ):
@@ -548,12 +559,11 @@ class Endpoint:
             stats.retries_sent += 1
             stats.datagrams_sent += 1
             return
-        source = ban_key(addr)
         if not self._budget.take(source, trials, now):
             stats.initials_shed += 1
             return
         stats.key_trials += trials
-        hs = self._keys.read_message1(message)
+        hs = self._keys.read_message1(bytes(data[body:]))
         if hs is None:
             stats.handshakes_failed += 1
             return
@@ -597,6 +607,17 @@ class Endpoint:
         if current is None or not current.established:
             self._by_addr[key] = session
 
+    def _source(self, addr: Addr) -> str:
+        """``ban_key`` of ``addr``, remembered: parsing an address costs more than the rest
+        of a shed INITIAL."""
+        sources = self._sources_by_host
+        source = sources.get(addr[0])
+        if source is None:
+            if len(sources) >= MAX_SOURCES:
+                sources.clear()  # spoofed hosts by the thousand: start again, bounded
+            source = sources[addr[0]] = ban_key(addr)
+        return source
+
     def _evict_half_open(self) -> bool:
         """Make room in a full session table: evict the oldest half-open session of the
         source holding the most; False when there is none."""
@@ -613,7 +634,7 @@ class Endpoint:
     def _on_established(self, session: Session) -> None:
         assert session.peer is not None
         self._half_open.discard(session)
-        self._budget.mark_good(ban_key(session.addr))
+        self._budget.mark_good(self._source(session.addr))
         key = (bytes(session.peer), bytes(session.folder))
         old = self._by_peer.get(key)
         if old is not None and old is not session:
