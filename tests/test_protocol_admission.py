@@ -157,6 +157,21 @@ def test_a_half_open_session_evicted_comes_back_when_its_initiator_repeats() -> 
     assert a.endpoint.stats.initials_replayed == 0
 
 
+def test_a_forged_retry_does_not_end_a_handshake() -> None:
+    """Someone on the LAN saw B's INITIAL (its cid is in the clear) and answers it first
+    with a RETRY from A's address carrying a made-up token. B takes the one RETRY it
+    accepts and repeats its INITIAL with that token; before, A dropped every copy of it
+    (a bad token) and B's handshake timed out."""
+    net, _a, b = _net()
+    b.endpoint.connect(A, FOLDER)
+    ((initial, _),) = b.endpoint.datagrams_to_send(net.now)  # seen, then lost
+    _, _, _, cid = wire.LONG_HEADER.unpack_from(initial)
+    token = bytes(crypto.RetryTokens.SIZE)
+    forged = wire.LONG_HEADER.pack(wire.VERSION, wire.PacketType.RETRY, len(token), cid) + token
+    net.inject(forged, A, B)
+    assert _connects(net, b)
+
+
 # --- point 8: key-trial budgets and retry under load -----------------------------------------
 
 

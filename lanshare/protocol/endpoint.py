@@ -544,11 +544,11 @@ class Endpoint:
             if not self._budget.affordable(source, trials, now):
                 stats.initials_shed += 1
                 return
+            # A bad token is treated as none (RFC 9000 §8.1.3): dropping the INITIAL would
+            # let anyone who saw our peer's cid end its handshake with one forged RETRY
+            # (the initiator takes only one, and repeats the token it got).
             token = bytes(data[wire.LONG_HEADER_SIZE : body])
             validated = self._tokens.check(token, addr, src_cid, now)
-            if not validated:
-                stats.dropped += 1
-                return
         if not validated and (
             self._always_retry or len(self._half_open) >= self._half_open.limit or load > RETRY_LOAD
         ):
