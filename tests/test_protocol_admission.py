@@ -88,11 +88,16 @@ def _net(a_folders: dict[bytes, bytes] | None = None) -> tuple[Network, Node, No
 
 
 def _connects(net: Network, node: Node, to: Addr = A, within: float = 10.0) -> bool:
+    """Whether ``node`` gets a session with ``to``, established on both sides."""
     node.endpoint.connect(to, FOLDER)
-    net.run_until(
-        lambda: bool(node.of_type(SessionEstablished) or node.of_type(SessionClosed)), within
-    )
-    return bool(node.of_type(SessionEstablished))
+    responder = net.nodes[to].endpoint
+
+    def done() -> bool:
+        both = any(addr == node.addr for _, _, addr in responder.peers())
+        return bool(node.of_type(SessionClosed)) or (both and bool(node.endpoint.peers()))
+
+    net.run_until(done, within)
+    return not node.of_type(SessionClosed)
 
 
 # --- point 7: replayed INITIALs and half-open sessions --------------------------------------
@@ -155,6 +160,21 @@ def test_a_half_open_session_evicted_comes_back_when_its_initiator_repeats() -> 
     assert all(s.addr != B for s in a.endpoint._sessions.values())
     net.run_until(lambda: bool(b.of_type(SessionEstablished)), 20)
     assert a.endpoint.stats.initials_replayed == 0
+
+
+def test_our_own_connect_evicts_a_half_open_session_from_a_full_table() -> None:
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID, max_sessions=2), A)
+    b = net.add(make_endpoint(2, B_ID), B)
+    c = net.add(make_endpoint(3, C_ID), C)
+    assert _connects(net, b)
+    net.inject(_recorded_initial(7, b"K" * 8), (REPLAYER, 20000), A)
+    net.run_for(0.01)
+    assert len(a.endpoint._sessions) == 2  # B's, and a half-open one nobody will finish
+    a.endpoint.connect(C, FOLDER)
+    net.run_until(lambda: bool(c.of_type(SessionEstablished)), 5)
+    assert not a.of_type(SessionClosed)
+    assert b.endpoint.peers() == [(A_ID, FOLDER, A)]
 
 
 def test_a_forged_retry_does_not_end_a_handshake() -> None:

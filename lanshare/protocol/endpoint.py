@@ -3,8 +3,9 @@
 Pure: no sockets, clock or files. The transport adapter feeds it datagrams and timer expiries
 with the caller's monotonic ``now`` and sends what ``datagrams_to_send`` returns; the
 application issues commands (``connect``, ``request_block``, ``send_block`` ...) and reads
-events with ``next_event``. See ``connection.py`` for the theory of operation and
-docs/protocol.md for the wire format.
+events with ``next_event``. See ``connection.py`` for the theory of operation,
+``admission.py`` for what an INITIAL from a stranger may cost (``_on_initial`` applies it)
+and docs/protocol.md for the wire format.
 """
 
 from __future__ import annotations
