@@ -29,7 +29,9 @@ The defences, each bounded in memory:
   the IPv6 /64), since one host may use any port and any address of its /64. One more that
   would pass a bound evicts the oldest half-open session of its own source, or else of the
   source that holds the most: a flood evicts its own sessions first, and a peer whose
-  half-open session was evicted repeats its INITIAL and gets another.
+  half-open session was evicted repeats its INITIAL and gets another. The endpoint keeps
+  ``limit`` at half its session table at most, and evicts a half-open session the same way
+  when the table is full and a new session (ours or a peer's) must fit.
 - ``TrialBudget``: key trials are paid from token buckets refilled on the endpoint's clock:
   one per source (``SOURCE_TRIAL_RATE``) and one for all (``TRIAL_RATE``). Sources that
   completed a handshake recently (``GOOD_SOURCES`` of them, most recent kept) are served
