@@ -7,7 +7,9 @@ Theory of operation
 A session starts with the NNpsk0 handshake (``crypto``): the initiator sends INITIAL, the
 responder answers RESPONSE and is *half-open* until the first authenticated DATA packet
 proves that the initiator received the answer at its address (address validation; until
-then the responder answers at most 3x what it received and sends nothing else).
+then the responder answers at most 3x what it received and sends nothing else). Which
+INITIALs may open a half-open session at all, and which one is evicted for another, is the
+endpoint's decision (``admission``).
 
 After the handshake every datagram is a DATA packet: a 16-byte cleartext header (the AEAD
 associated data; its cid|pn bytes are the nonce) and AES-256-GCM encrypted frames. Packet
@@ -182,6 +184,14 @@ class EndpointStats:
     replayed: int = 0
     handshakes_failed: int = 0
     retries_sent: int = 0
+    key_trials: int = 0
+    """PSK trials paid for INITIALs (one per accepted folder each: the most one can cost)."""
+    initials_replayed: int = 0
+    """INITIALs whose ephemeral key already opened a session from another address or cid."""
+    initials_shed: int = 0
+    """INITIALs left untried: their source or all sources were out of key-trial budget."""
+    half_open_evicted: int = 0
+    """Half-open sessions evicted to make room for another (per-source or overall bound)."""
     packets_lost: int = 0
     fragments_retransmitted: int = 0
     protocol_errors: int = 0
