@@ -984,6 +984,54 @@ class Index:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def search_candidates(
+        self,
+        folder: int,
+        fragments: Sequence[str],
+        *,
+        below: str = "",
+        entry_type: EntryType | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+    ) -> dict[str, bool]:
+        """The paths of which this node or a peer holds a live record that may match a search
+        (``lanshare.search``), each with whether one of those records is a directory.
+
+        A record qualifies when its path, case-folded, contains every one of ``fragments``
+        (case-folded already), lies at or below ``below`` (empty: anywhere) and passes the
+        type and size filters. SQLite folds ASCII only: a path with any other character
+        always qualifies, for the caller to decide. Reads paths only, decodes no record.
+        """
+        conditions = ["deleted = 0"]
+        values: list[object] = []
+        if fragments:
+            # "[^ -~]": any character outside printable ASCII (SQLite's GLOB reads UTF-8).
+            found = " AND ".join("instr(lower(path), ?) > 0" for _ in fragments)
+            conditions.append(f"(path GLOB '*[^ -~]*' OR ({found}))")
+            values.extend(fragments)
+        if below:
+            conditions.append("(path = ? OR (path >= ? AND path < ?))")
+            values.extend((below, below + "/", below + "0"))  # "a/" <= path < "a0": below "a"
+        if entry_type is not None:
+            conditions.append("type = ?")
+            values.append(int(entry_type))
+        if min_size is not None:
+            conditions.append("size >= ?")
+            values.append(min_size)
+        if max_size is not None:
+            conditions.append("size <= ?")
+            values.append(max_size)
+        where = " AND ".join(conditions)
+        with self._read("search the records") as conn:
+            rows = conn.execute(
+                f"SELECT path, max(type = {int(EntryType.DIR)}) FROM ("
+                f"SELECT path, type FROM local_files WHERE folder = ? AND {where} UNION ALL "
+                f"SELECT path, type FROM remote_files WHERE folder = ? AND {where}"
+                ") GROUP BY path",
+                (folder, *values, folder, *values),
+            ).fetchall()
+        return {row[0]: bool(row[1]) for row in rows}
+
     def remote_records_for_path(self, folder: int, path: str) -> dict[bytes, FileRecord]:
         """Every peer's record of one path, by peer."""
         with self._read("read remote records") as conn:
