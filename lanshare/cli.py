@@ -356,6 +356,7 @@ def search(
         typer.Argument(
             help="Words each path must contain, or patterns (*, ?, [...]; ** crosses "
             "directories), ignoring case.",
+            metavar="TERM",
             show_default=False,
         ),
     ],
@@ -426,7 +427,7 @@ def _print_hit(hit: dict[str, Any]) -> None:
     """Two lines: the path (shortened in the middle when too long), then the details."""
     typer.echo(_shorten(printable(f"{hit['folder']}/{hit['path']}"), WIDTH))
     size = _size(hit["size"]) if hit["type"] == "file" else ""
-    details = "  ".join(x for x in ("   ", hit["type"], size, hit["state"]) if x)
+    details = "    " + "  ".join(x for x in (hit["type"], size, hit["state"]) if x)
     room = WIDTH - _cells(details) - len("  held by ")
     who = _holders_text(hit["holders"], room) if hit["holders"] else "no peer"
     typer.echo(f"{details}  held by {who}")
