@@ -14,6 +14,7 @@ filters (which apply to the version shown).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -116,23 +117,11 @@ async def search_lan(engine: Engine, query: Query, within: Path | None) -> list[
         targets = [(sync, "") for sync in engine.folders.values()]
     else:
         targets = [engine.folder_for(within)]
-    ranked: list[tuple[tuple[int, int, int, str], str, FolderSync]] = []
+    per_folder = []
     for sync, prefix in targets:
-        found = await asyncio.to_thread(
-            engine.index.search_candidates,
-            sync.info.id,
-            query.fragments(),
-            below=prefix,
-            entry_type=query.type,
-            min_size=query.min_size,
-            max_size=query.max_size,
-        )
-        ranked.extend(
-            (query.rank(path, is_dir), str(sync.root), sync)
-            for path, is_dir in found.items()
-            if query.matches(path, is_dir)
-        )
-    ranked.sort(key=lambda hit: (hit[0], hit[1]))
+        found = await asyncio.to_thread(_ranked, sync, query, prefix)
+        per_folder.append([(rank, str(sync.root), sync) for rank in found])
+    ranked = list(heapq.merge(*per_folder, key=lambda hit: (hit[0], hit[1])))
     hits: list[dict[str, Any]] = []
     conflicted: dict[int, set[str]] = {}
     step = max(SEARCH_BATCH, query.limit)
@@ -157,6 +146,21 @@ async def search_lan(engine: Engine, query: Query, within: Path | None) -> list[
                 if len(hits) == query.limit:
                     return hits
     return hits
+
+
+def _ranked(sync: FolderSync, query: Query, prefix: str) -> list[tuple[int, int, int, str]]:
+    """The ranks of the paths of the folder at or below ``prefix`` that ``query`` matches,
+    best first. Blocking (a broad query ranks many paths: off the loop)."""
+    found = sync.engine.index.search_candidates(
+        sync.info.id,
+        query.fragments(),
+        below=prefix,
+        entry_type=query.type,
+        min_size=query.min_size,
+        max_size=query.max_size,
+    )
+    ranks = (query.rank(path, is_dir) for path, is_dir in found.items())
+    return sorted(rank for rank in ranks if rank is not None)
 
 
 def _records_of(

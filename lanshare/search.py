@@ -15,15 +15,15 @@ Theory of operation
   too. A leading ``!`` or ``#`` is taken literally: a term is a pattern, not a rules file.
 * **Narrowing in SQLite.** :meth:`Query.fragments` are the literal pieces every matching
   path contains (a plain term whole, the literal runs of a glob). The index keeps the rows
-  whose case-folded path contains all of them; SQLite's ``lower()`` folds ASCII only, so a
-  path with any other character is always kept and decided here. The candidates are thus a
+  whose path contains all of them ignoring case; SQLite folds ASCII only, so a path with
+  any other character is always kept and decided here. The candidates are thus a
   superset of the matches, and the filters (type, sizes) likewise apply to any record of the
   path in SQL, to the version shown here.
-* **Ranking** (:meth:`Query.rank`), best first: more terms matching the file name (the last
-  component) before terms matching only a directory; then an exact name (a plain term equal
-  to the name, or to a whole tail of the path ending in it; a glob matching the name) before
-  a partial one; then shorter paths; then path order. The rank needs only the path, so the
-  records of the best candidates alone are read.
+* **Ranking** (:meth:`Query.rank`: None for a path that does not match), best first: more
+  terms matching the file name (the last component) before terms matching only a directory;
+  then an exact name (a plain term equal to the name, or to a whole tail of the path ending
+  in it; a glob matching the name) before a partial one; then shorter paths; then path
+  order. The rank needs only the path, so the records of the best candidates alone are read.
 * **Holders** (:func:`holders`): each peer that holds the version shown (fraction 1.0), and
   each connected peer downloading it now, with the share of its bytes in the blocks it
   announced (its in-progress entry and HAVEs: it re-shares them as it downloads); whether the
@@ -77,10 +77,11 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Term:
-    """One search term, case-folded; ``spec`` is its pattern when it is a glob."""
+    """One search term, case-folded; ``glob`` is its pattern's regular expression when it
+    is a glob (``pathspec``'s own, over normalised paths)."""
 
     text: str
-    spec: GitIgnoreSpec | None
+    glob: re.Pattern[str] | None
 
     @classmethod
     def parse(cls, raw: str) -> Term:
@@ -93,14 +94,16 @@ class Term:
         # A lone pattern, not a rules file: "!x*" and "#x*" mean those names.
         pattern = "\\" + text if text[0] in "!#" else text
         try:
-            spec = GitIgnoreSpec.from_lines([pattern])
+            (compiled,) = GitIgnoreSpec.from_lines([pattern]).patterns
         except (ValueError, re.error) as exc:
             raise UsageError(f"{raw!r} is not a valid pattern: {exc}") from None
-        return cls(text, spec)
+        if not compiled.include or compiled.regex is None:
+            raise UsageError(f"{raw!r} is a pattern that matches nothing (write \\[ for a [)")
+        return cls(text, compiled.regex)
 
     def fragments(self) -> list[str]:
         """Literal pieces (no ``/``) that every path this term matches contains."""
-        if self.spec is None:
+        if self.glob is None:
             return [self.text]
         pieces: list[str] = []
         run: list[str] = []
@@ -122,14 +125,14 @@ class Term:
 
     def matches(self, folded: str, is_dir: bool) -> bool:
         """Whether the term matches the case-folded path."""
-        if self.spec is None:
+        if self.glob is None:
             return self.text in folded
-        return self.spec.match_file(folded + "/" if is_dir else folded)
+        return self.glob.match(folded + "/" if is_dir else folded) is not None
 
     def in_name(self, folded: str, is_dir: bool) -> tuple[bool, bool]:
         """(matches the name, matches it exactly), for a term that matches ``folded``."""
         start = folded.rfind("/") + 1
-        if self.spec is None:
+        if self.glob is None:
             at = folded.rfind(self.text)
             end = at + len(self.text)
             named = end > start
@@ -138,7 +141,7 @@ class Term:
             )
             return named, exact
         # A glob names the entry itself when the directory holding it does not match already.
-        named = start == 0 or not self.spec.match_file(folded[:start])
+        named = start == 0 or self.glob.match(folded[:start]) is None
         return named, named
 
 
@@ -183,10 +186,6 @@ class Query:
         """Literal pieces every matching path contains, case-folded (for the index)."""
         return sorted({f for term in self.terms for f in term.fragments()})
 
-    def matches(self, path: str, is_dir: bool) -> bool:
-        folded = path.casefold()
-        return all(term.matches(folded, is_dir) for term in self.terms)
-
     def accepts(self, entry_type: EntryType, size: int) -> bool:
         """Whether the version shown (of this type and size) passes the filters."""
         if self.type is not None and entry_type is not self.type:
@@ -195,9 +194,11 @@ class Query:
             return False
         return self.max_size is None or size <= self.max_size
 
-    def rank(self, path: str, is_dir: bool) -> tuple[int, int, int, str]:
-        """Sort key of a matching path: smaller is better (module docstring)."""
+    def rank(self, path: str, is_dir: bool) -> tuple[int, int, int, str] | None:
+        """Sort key of ``path``, smaller is better (module docstring); None: no match."""
         folded = path.casefold()
+        if not all(term.matches(folded, is_dir) for term in self.terms):
+            return None
         named = exact = 0
         for term in self.terms:
             in_name, is_exact = term.in_name(folded, is_dir)
