@@ -9,8 +9,9 @@ Finding the daemon: ``--socket PATH`` or ``$LANSHARE_SOCKET`` names its control 
 otherwise a config file of one's own names it (``[node] control_socket``); with no config
 file at all, the user's own socket is tried, then the system service's
 (``config.user_control_sockets``), so members of the service's group need no config. ``ls``,
-``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or the offline
-scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds it.
+``search``, ``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or
+the offline scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds
+it.
 
 Printing: in human output every string that peers, the index or the disk chose (names, paths,
 addresses, reasons, error messages) goes through ``lanshare.text.printable``, so it cannot act

@@ -107,6 +107,14 @@ def test_a_path_with_other_than_ascii_is_always_a_candidate(db: Index) -> None:
     ]
 
 
+def test_like_wildcards_in_a_term_are_literal(db: Index) -> None:
+    folder = _folder(db)
+    paths = ["100%_done.txt", "100xxdone.txt", "100%xdone.txt", "a\\b.txt", "ab.txt"]
+    db.commit_changes(folder, [LocalChange(_record(p)) for p in paths])
+    assert list(db.search_candidates(folder, ["100%_done"])) == ["100%_done.txt"]
+    assert list(db.search_candidates(folder, ["a\\b"])) == ["a\\b.txt"]
+
+
 def test_below_a_path_type_and_size_filters(db: Index) -> None:
     folder = _folder(db)
     db.commit_changes(
