@@ -57,6 +57,10 @@ Theory of operation
   to tell whether a file is still what the plan saw before it replaces or deletes it.
   :meth:`Index.scan_cache` gives it as tuples made straight from the rows as they stream (a
   full scan holds one per record of the folder).
+* **Search.** :meth:`Index.search_candidates` narrows ``lanshare search`` in SQL: the paths
+  of live records (ours and the peers') containing every literal piece of the query (``LIKE``,
+  which folds ASCII case) and passing its filters, plus every path with a character beyond
+  ASCII, for ``lanshare.search`` to decide; it reads paths only and decodes no record.
 """
 
 from __future__ import annotations

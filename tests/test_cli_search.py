@@ -179,6 +179,11 @@ def test_search_through_the_daemon_then_a_short_lived_node(cluster: Cluster) -> 
     assert [
         h["path"] for h in b.cli_json("search", "docs", "--type", "file", "--min-size", "1K")
     ] == ["docs/Annual Report.pdf"]
+    below = b.cli_json("search", "o", "--folder", str(b.folder / "docs"))
+    assert [h["path"] for h in below] == ["docs", "docs/notes.txt", "docs/Annual Report.pdf"]
+    outside = b.cli("search", "o", "--folder", str(b.base / "elsewhere"), check=False)
+    assert outside.returncode == 2
+    assert "is not inside any shared folder" in outside.stderr
     miss = b.cli("search", "nothing-like-it", check=False)
     assert (miss.returncode, miss.stdout) == (1, "")
     miss = b.cli("search", "nothing-like-it", "--json", check=False)
