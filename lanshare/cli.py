@@ -3,7 +3,8 @@
 I/O shell. Every command maps its errors through ``main()``: a message on stderr and an exit
 status (``lanshare.errors``: 1 failed, 2 usage or configuration, 3 no daemon, 4 ``status`` of
 a folder in error or paused, 130 interrupted); a traceback only with ``--debug`` or
-``LANSHARE_DEBUG=1``.
+``LANSHARE_DEBUG=1``. ``doctor`` reports a broken config or a missing daemon as a failed
+check (exit 1) instead: finding those is its job.
 
 Finding the daemon: ``--socket PATH`` or ``$LANSHARE_SOCKET`` names its control socket;
 otherwise a config file of one's own names it (``[node] control_socket``); with no config
@@ -612,6 +613,54 @@ def peers(
                 f" (protocol {printable(str(peer.get('protocol')))}, this node {PROTOCOL_VERSION})"
             )
         typer.echo(f"{printable(peer['name'] or peer['id']):<24} {state:<12} {addresses}")
+
+
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    seconds: Annotated[
+        float,
+        typer.Option("--seconds", help="Listen this long for mDNS answers (0.5 to 30)."),
+    ] = 3.0,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+    socket: SocketOption = None,
+) -> None:
+    """Check why this machine does not sync: config, daemon, network, firewall, discovery,
+    keys, sync and limits, each ok, warn or fail, with its fix.
+
+    Exit status 1 when a check fails (a broken config too), else 0.
+    """
+    from lanshare import doctor as checks
+
+    settings = _settings(ctx, config, debug, socket)
+    cfg: Config | None = None
+    error = None
+    try:
+        cfg = _load(settings)
+    except LanshareError as exc:
+        error = str(exc)
+    if cfg is not None:
+        path = cfg.source
+    else:
+        path = (settings.config or configuration.default_config_path()).expanduser()
+    status = None
+    why = ""
+    try:
+        with _connect(settings, cfg or configuration.Config(), timeout=10.0) as client:
+            status = client.call("status")
+    except LanshareError as exc:
+        why = str(exc)
+    inputs = checks.Inputs(cfg, path, error, status, why, max(0.5, min(seconds, 30.0)))
+    results = checks.run(inputs)
+    if as_json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for line in checks.format_human(results):
+            typer.echo(line)
+    if checks.worst(results) == "fail":
+        raise typer.Exit(1)
 
 
 @app.command()

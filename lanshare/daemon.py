@@ -11,7 +11,8 @@ pings at half ``WatchdogSec`` when asked.
 
 Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
-``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``.
+``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``, and
+``node`` gains ``version``, ``uptime`` (seconds) and ``port`` (the UDP port bound).
 ``peers`` merges discovery's table with the live sessions: one entry per peer.
 ``scan`` rescans folders through the engine and answers with the ``scan --json`` objects.
 
@@ -37,8 +38,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lanshare import __version__, keys
 from lanshare import config as configuration
-from lanshare import keys
 from lanshare.control import ControlServer
 from lanshare.discovery import Discovery
 from lanshare.engine import Engine
@@ -150,6 +151,7 @@ class Daemon:
         self._discovery_task: asyncio.Task[None] | None = None
         self._addresses = AddressBook()
         self._node_id = b""
+        self._started = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -501,6 +503,11 @@ class Daemon:
     async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
         status = self._engine().status()
         status["pid"] = os.getpid()
+        # `lanshare doctor` compares the version with its own and says how long it has run.
+        status["node"]["version"] = __version__
+        status["node"]["uptime"] = round(time.monotonic() - self._started, 1)
+        if self.transport is not None:
+            status["node"]["port"] = self.transport.port
         status["transfer"] = self._engine().endpoint.stats.as_dict()
         return status
 

@@ -1452,7 +1452,7 @@ class Engine:
         elif isinstance(event, NotificationReceived):
             sync.exchange.notified(event)
         elif isinstance(event, RequestCancelled):
-            pass
+            sync.exchange.request_cancelled(event)
 
     def count_hostile(self, peer: bytes, what: str) -> None:
         """``peer`` sent what no honest node would: past a threshold its address is banned

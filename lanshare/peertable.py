@@ -680,14 +680,7 @@ class PeerTable:
         cache_key = (nonce, tokens)
         found = self._matches.get(cache_key)
         if found is None:
-            found = tuple(
-                folder.label
-                for folder in self.folders
-                if any(
-                    hmac.compare_digest(self.token_function(folder.key, nonce), token)
-                    for token in tokens
-                )
-            )
+            found = shared_folders(self.folders, nonce, tokens, self.token_function)
             if len(self._matches) >= 4 * self.max_peers:
                 self._matches.clear()
             self._matches[cache_key] = found
@@ -695,6 +688,21 @@ class PeerTable:
 
 
 # --- small pure helpers ----------------------------------------------------------------------
+
+
+def shared_folders(
+    folders: Sequence[SharedFolder],
+    nonce: bytes,
+    tokens: Sequence[bytes],
+    token_function: TokenFunction = announce_token,
+) -> tuple[str, ...]:
+    """The labels of ``folders`` whose token under ``nonce`` is among ``tokens``: the folders
+    an announcement shares with us (``lanshare doctor`` counts nodes by it, too)."""
+    return tuple(
+        folder.label
+        for folder in folders
+        if any(hmac.compare_digest(token_function(folder.key, nonce), token) for token in tokens)
+    )
 
 
 def instance_label(service: str) -> str:

@@ -82,6 +82,10 @@ class Endpoint:
         always_retry: demand a retry token (address validation) before any handshake.
         max_total_in_flight: answers outstanding over all sessions together (what the socket
             buffer must hold); default ``max_in_flight_size``.
+        max_serving_size: bytes of a peer's requests one session holds at once (answers are
+            kept until acknowledged); default 4x ``max_in_flight_size``, what an honest peer
+            with our credit may have us hold.
+        max_total_serving: the same over all sessions; default 32x ``max_in_flight_size``.
         pmtu_probe: start data at 1200-byte datagrams and grow to the negotiated size only
             once a padded probe got through; False uses the negotiated size at once.
         background: yield to other traffic (LEDBAT, RFC 6817) in both directions: our
@@ -111,6 +115,8 @@ class Endpoint:
         max_half_open: int = 64,
         always_retry: bool = False,
         max_total_in_flight: int | None = None,
+        max_serving_size: int | None = None,
+        max_total_serving: int | None = None,
         pmtu_probe: bool = True,
         background: bool = False,
         background_target: float = 0.01,
@@ -125,6 +131,8 @@ class Endpoint:
             initial_rtt=transfer.initial_rtt,
             max_in_flight_size=max(transfer.max_in_flight_size, dgram),
             max_total_in_flight=max(max_total_in_flight or transfer.max_in_flight_size, dgram),
+            max_serving_size=max_serving_size or 4 * max(transfer.max_in_flight_size, dgram),
+            max_total_serving=max_total_serving or 32 * max(transfer.max_in_flight_size, dgram),
             max_datagram_size=dgram,
             max_recv_rate=network.max_recv_rate,
             max_ack_delay=max_ack_delay,
