@@ -4,6 +4,7 @@ daemon (then a short-lived node) on loopback answering it; ``ls`` naming holders
 from __future__ import annotations
 
 import json
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -127,9 +128,9 @@ def test_a_hit_is_two_lines_within_80_columns_naming_holders_escaped(
     assert capsys.readouterr().out.splitlines()[1] == "    dir  in_sync  held by no peer"
 
 
-def _pair(cluster: Cluster) -> tuple[Node, Node]:
+def _pair(cluster: Cluster, a_name: str) -> tuple[Node, Node]:
     """Two loopback daemons that know each other as static peers (mDNS on 127.0.0.1 too)."""
-    a = cluster.node("a")
+    a = cluster.node("a", extra={"node": {"name": a_name}})
     b = cluster.node("b", static_peers=(a.endpoint,))
     a.static_peers = (b.endpoint,)
     a.write_config()
@@ -139,7 +140,9 @@ def _pair(cluster: Cluster) -> tuple[Node, Node]:
 @pytest.mark.e2e
 @pytest.mark.mdns
 def test_search_through_the_daemon_then_a_short_lived_node(cluster: Cluster) -> None:
-    a, b = _pair(cluster)
+    # Other nodes may announce on 127.0.0.1 too: a name of its own keeps A's unrenamed.
+    a_name = f"search-a-{secrets.token_hex(4)}"
+    a, b = _pair(cluster, a_name)
     (a.folder / "docs").mkdir()
     (a.folder / "docs" / "Annual Report.pdf").write_bytes(b"r" * 50_000)
     (a.folder / "docs" / "notes.txt").write_text("notes\n")
@@ -164,13 +167,13 @@ def test_search_through_the_daemon_then_a_short_lived_node(cluster: Cluster) -> 
         "size": 50_000,
         "hash": hit["hash"],
         "state": "in_sync",
-        "holders": [{"id": a_id, "name": "a", "fraction": 1.0, "connected": True}],
+        "holders": [{"id": a_id, "name": a_name, "fraction": 1.0, "connected": True}],
     }
     assert hit["hash"].startswith("blake3:")
     first, second = b.cli("search", "report").stdout.splitlines()
     assert first == _shorten(f"{b.folder}/docs/Annual Report.pdf", 80)
     assert first.endswith("/docs/Annual Report.pdf")
-    assert second == "    file  48.8 KiB  in_sync  held by a"
+    assert second == f"    file  48.8 KiB  in_sync  held by {a_name}"
     assert [h["path"] for h in b.cli_json("search", "docs")] == [
         "docs",
         "docs/notes.txt",
@@ -190,12 +193,12 @@ def test_search_through_the_daemon_then_a_short_lived_node(cluster: Cluster) -> 
     assert (miss.returncode, json.loads(miss.stdout)) == (1, [])
     # ls names the holders when they fit.
     listing = b.cli("ls").stdout.splitlines()
-    assert any(line.endswith("a                     docs/notes.txt") for line in listing), listing
+    assert any(line.endswith(f"  {a_name:<20}  docs/notes.txt") for line in listing), listing
 
     # No daemon on b: a short-lived node answers, with a connected all the same.
     assert b.stop() == 0
     hits = b.cli_json("search", "notes")
     assert [(h["path"], h["holders"]) for h in hits] == [
-        ("docs/notes.txt", [{"id": a_id, "name": "a", "fraction": 1.0, "connected": True}])
+        ("docs/notes.txt", [{"id": a_id, "name": a_name, "fraction": 1.0, "connected": True}])
     ]
     assert a.stop() == 0
