@@ -1,7 +1,7 @@
 """Finding files by name across what the LAN shares (``lanshare search``): matching, ranking,
 sizes and holders.
 
-Pure: no I/O. ``listing.search`` asks the index for candidates (``Index.search_candidates``,
+Pure: no I/O. ``listing.search_lan`` asks the index for candidates (``Index.search_candidates``,
 narrowed in SQLite by the fragments a :class:`Query` gives), then this module decides.
 
 Theory of operation
@@ -35,6 +35,7 @@ Theory of operation
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,7 +95,10 @@ class Term:
         # A lone pattern, not a rules file: "!x*" and "#x*" mean those names.
         pattern = "\\" + text if text[0] in "!#" else text
         try:
-            (compiled,) = GitIgnoreSpec.from_lines([pattern]).patterns
+            # re warns of "[[" (a set inside a set, some day): for us it is the literal "[".
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                (compiled,) = GitIgnoreSpec.from_lines([pattern]).patterns
         except (ValueError, re.error) as exc:
             raise UsageError(f"{raw!r} is not a valid pattern: {exc}") from None
         if not compiled.include or compiled.regex is None:
@@ -105,22 +109,33 @@ class Term:
         """Literal pieces (no ``/``) that every path this term matches contains."""
         if self.glob is None:
             return [self.text]
+        text = self.text
         pieces: list[str] = []
         run: list[str] = []
-        chars = iter(self.text)
-        for char in chars:
+        i = 0
+        while i < len(text):
+            char = text[i]
             if char == "\\":
-                run.append(next(chars, ""))
+                run.append(text[i + 1 : i + 2])
+                i += 2
                 continue
             if char not in "*?[/":
                 run.append(char)
+                i += 1
                 continue
             pieces.append("".join(run))
             run = []
-            if char == "[" and "]" not in chars:  # consumes the bracket expression
-                break
-        else:
-            pieces.append("".join(run))
+            i += 1
+            if char == "[":
+                # A bracket expression is no literal: skip it ("]" first, after an optional
+                # "!" or "^", is one of its characters). One that holds an escape, or never
+                # closes, ends the pieces: fewer pieces only widen the candidates.
+                end = i + (text[i : i + 1] in ("!", "^"))
+                end = text.find("]", end + (text[end : end + 1] == "]"))
+                if end < 0 or "\\" in text[i:end]:
+                    return [p for p in pieces if p]
+                i = end + 1
+        pieces.append("".join(run))
         return [p for p in pieces if p]
 
     def matches(self, folded: str, is_dir: bool) -> bool:
