@@ -131,7 +131,7 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         short_lived: bool = False,
     ) -> None:
-        """``short_lived``: a node for one ``ls``, ``pull`` or ``peers`` with no daemon
+        """``short_lived``: a node for one ``ls``, ``search``, ``pull`` or ``peers`` with no daemon
         running; no control socket, signals, watcher or announcement, and it fetches only
         what a pull asks for."""
         self.config = config
@@ -494,6 +494,7 @@ class Daemon:
             "peers": self._peers,
             "ls": self._ls,
             "pull": self._pull,
+            "search": self._search,
             "rescan": self._rescan,
             "resume": self._resume,
             "scan": self._scan,
@@ -518,6 +519,27 @@ class Daemon:
 
         path = params.get("path")
         return await listing(self._engine(), Path(path) if isinstance(path, str) else None)
+
+    async def _search(self, params: dict[str, Any], progress: Progress) -> Any:
+        from lanshare.listing import search_lan
+        from lanshare.search import Query
+
+        terms, within = params.get("terms"), params.get("folder")
+        type_name, limit = params.get("type"), params.get("limit", 100)
+        sizes = (params.get("min_size"), params.get("max_size"))
+        if (
+            not isinstance(terms, list)
+            or not all(isinstance(t, str) for t in terms)
+            or not isinstance(within, str | None)
+            or not isinstance(type_name, str | None)
+            or not isinstance(limit, int)
+            or not all(isinstance(n, int | None) for n in sizes)
+        ):
+            raise UsageError("search needs a list of terms, and filters of the right types")
+        query = Query.parse(
+            terms, type_name=type_name, min_size=sizes[0], max_size=sizes[1], limit=limit
+        )
+        return await search_lan(self._engine(), query, Path(within) if within else None)
 
     async def _pull(self, params: dict[str, Any], progress: Progress) -> Any:
         from lanshare.listing import pull
@@ -778,7 +800,7 @@ async def run_short_lived(
     """Start a node without control socket, watcher or announcement, let it find peers and
     read their manifests (at most ``settle`` seconds), run ``work`` on it, then stop it.
 
-    This is how ``ls``, ``pull`` and ``peers`` work on a machine with no daemon running.
+    This is how ``ls``, ``search``, ``pull`` and ``peers`` work on a machine with no daemon running.
     """
     node = Daemon(config, short_lived=True)
     runner = asyncio.create_task(node.run())

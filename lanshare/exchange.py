@@ -349,6 +349,19 @@ class Exchange:
         idle = all(link.manifest_request is None for link in self.links.values())
         return len(self.links), idle
 
+    def connected(self) -> Collection[bytes]:
+        """The peers with a session for this folder now."""
+        return self.links.keys()
+
+    def building(self, path: str) -> dict[bytes, tuple[FileRecord, Collection[bytes]]]:
+        """The connected peers downloading ``path`` now: the record each builds, and the
+        hashes of the blocks it announced it holds (its in-progress entry and HAVEs)."""
+        return {
+            peer: (link.in_progress[path], link.have)
+            for peer, link in self.links.items()
+            if path in link.in_progress
+        }
+
     def block_requested(self, event: BlockRequested) -> None:
         """A peer asks for a block: the folder's block server answers (in batches)."""
         self.server.request(event)

@@ -26,7 +26,19 @@ from lanshare.index import DATABASE_NAME, Index
 if TYPE_CHECKING:
     from pathlib import Path
 
-COMMANDS = ["init", "key", "scan", "daemon", "ls", "pull", "status", "peers", "resume", "doctor"]
+COMMANDS = [
+    "init",
+    "key",
+    "scan",
+    "daemon",
+    "ls",
+    "search",
+    "pull",
+    "status",
+    "peers",
+    "resume",
+    "doctor",
+]
 
 
 @pytest.fixture
