@@ -3,14 +3,16 @@
 I/O shell. Every command maps its errors through ``main()``: a message on stderr and an exit
 status (``lanshare.errors``: 1 failed, 2 usage or configuration, 3 no daemon, 4 ``status`` of
 a folder in error or paused, 130 interrupted); a traceback only with ``--debug`` or
-``LANSHARE_DEBUG=1``.
+``LANSHARE_DEBUG=1``. ``doctor`` reports a broken config or a missing daemon as a failed
+check (exit 1) instead: finding those is its job.
 
 Finding the daemon: ``--socket PATH`` or ``$LANSHARE_SOCKET`` names its control socket;
 otherwise a config file of one's own names it (``[node] control_socket``); with no config
 file at all, the user's own socket is tried, then the system service's
 (``config.user_control_sockets``), so members of the service's group need no config. ``ls``,
-``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or the offline
-scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds it.
+``search``, ``pull``, ``peers`` and ``scan`` work without a daemon; the short-lived node (or
+the offline scan) then holds the state dir's lock, and stops with exit 3 when a daemon holds
+it.
 
 Printing: in human output every string that peers, the index or the disk chose (names, paths,
 addresses, reasons, error messages) goes through ``lanshare.text.printable``, so it cannot act
@@ -340,11 +342,148 @@ def ls(
         typer.echo("nothing shared yet")
         return
     for entry in entries:
-        peers = len(entry["peers"])
         size = _size(entry["size"]) if entry["type"] == "file" else entry["type"]
+        who = _holders_text(entry["holders"], LS_HOLDERS_WIDTH)
         typer.echo(
-            f"{entry['state']:<10} {size:>10} {peers:>2} peer(s)  {printable(entry['path'])}"
+            f"{entry['state']:<10} {size:>10}  {_pad(who, LS_HOLDERS_WIDTH)}  "
+            f"{printable(entry['path'])}"
         )
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    terms: Annotated[
+        list[str],
+        typer.Argument(
+            help="Words each path must contain, or patterns (*, ?, [...]; ** crosses "
+            "directories), ignoring case.",
+            metavar="TERM",
+            show_default=False,
+        ),
+    ],
+    as_json: JsonOption = False,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--folder", help="Search only this folder (or below this path in one)."),
+    ] = None,
+    entry_type: Annotated[
+        str | None,
+        typer.Option("--type", help="Only entries of this type: file, dir or symlink."),
+    ] = None,
+    min_size: Annotated[
+        str | None,
+        typer.Option("--min-size", help="At least this size: bytes, or 10K, 10M, 1.5G, 2T."),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option("--max-size", help="At most this size: bytes, or 10K, 10M, 1.5G, 2T."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Show at most this many hits.")] = 100,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+    socket: SocketOption = None,
+) -> None:
+    """Find files by name in everything the LAN shares, and who holds them.
+
+    Every term must match the path. Best matches first: names before directories, exact
+    names before partial ones, then shorter paths. Exit status 0 with hits, 1 with none.
+    Asks the running daemon; with none, starts a short-lived node that finds peers first.
+    """
+    from lanshare.search import Query, parse_size
+
+    settings = _settings(ctx, config, debug, socket)
+    least = parse_size(min_size) if min_size is not None else None
+    most = parse_size(max_size) if max_size is not None else None
+    # Checked here too, so that a mistyped query starts no node.
+    Query.parse(terms, type_name=entry_type, min_size=least, max_size=most, limit=limit)
+    cfg = _load(settings)
+    within = _absolute(folder) if folder is not None else None
+    params = {
+        "terms": terms,
+        "folder": str(within) if within is not None else None,
+        "type": entry_type,
+        "min_size": least,
+        "max_size": most,
+        "limit": limit,
+    }
+    hits = _ask(settings, cfg, "search", params, [within])
+    if as_json:
+        _print_json([{k: hit[k] for k in SEARCH_FIELDS} for hit in hits])
+    else:
+        for hit in hits:
+            _print_hit(hit)
+    if not hits:
+        raise typer.Exit(1)
+
+
+SEARCH_FIELDS = ("folder", "path", "type", "size", "hash", "state", "holders")
+"""What ``search --json`` gives of each hit (the README's contract)."""
+WIDTH = 80
+"""Columns the human output of ``search`` fits in."""
+LS_HOLDERS_WIDTH = 20
+"""Columns of ``ls``'s holders: their names when they fit, else how many they are."""
+
+
+def _print_hit(hit: dict[str, Any]) -> None:
+    """Two lines: the path (shortened in the middle when too long), then the details."""
+    typer.echo(_shorten(printable(f"{hit['folder']}/{hit['path']}"), WIDTH))
+    size = _size(hit["size"]) if hit["type"] == "file" else ""
+    details = "    " + "  ".join(x for x in (hit["type"], size, hit["state"]) if x)
+    room = WIDTH - _cells(details) - len("  held by ")
+    who = _holders_text(hit["holders"], room) if hit["holders"] else "no peer"
+    typer.echo(f"{details}  held by {who}")
+
+
+def _holders_text(holders: list[dict[str, Any]], width: int) -> str:
+    """The holders' names (escaped; a share below whole as a percentage, a peer not
+    connected marked), as many as fit in ``width`` columns with a count of the rest; only
+    how many they are when not even one name fits."""
+    count = f"{len(holders)} peer" + ("" if len(holders) == 1 else "s")
+    labels = []
+    for holder in holders:
+        label = _shorten(printable(holder["name"] or holder["id"]), 24)
+        if holder["fraction"] < 1.0:
+            label += f" {int(holder['fraction'] * 100)}%"
+        if not holder["connected"]:
+            label += " (offline)"
+        labels.append(label)
+    for shown in range(len(labels), 0, -1):
+        rest = len(labels) - shown
+        text = ", ".join(labels[:shown]) + (f" +{rest} more" if rest else "")
+        if _cells(text) <= width:
+            return text
+    return count
+
+
+def _cells(text: str) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _cells(text))
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text``, or its start and end around an ellipsis when wider than ``width`` columns."""
+    from rich.cells import get_character_cell_size
+
+    sizes = [get_character_cell_size(c) for c in text]
+    if sum(sizes) <= width:
+        return text
+    budget = width - 1
+    head = tail = used = 0
+    while head + tail < len(text):
+        # Grow the shorter side first, so both ends of the path stay readable.
+        at_head = head <= tail
+        size = sizes[head] if at_head else sizes[len(text) - 1 - tail]
+        if used + size > budget:
+            break
+        used += size
+        head, tail = (head + 1, tail) if at_head else (head, tail + 1)
+    return f"{text[:head]}\u2026{text[len(text) - tail :]}"
 
 
 @app.command()
@@ -474,6 +613,54 @@ def peers(
                 f" (protocol {printable(str(peer.get('protocol')))}, this node {PROTOCOL_VERSION})"
             )
         typer.echo(f"{printable(peer['name'] or peer['id']):<24} {state:<12} {addresses}")
+
+
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    seconds: Annotated[
+        float,
+        typer.Option("--seconds", help="Listen this long for mDNS answers (0.5 to 30)."),
+    ] = 3.0,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+    socket: SocketOption = None,
+) -> None:
+    """Check why this machine does not sync: config, daemon, network, firewall, discovery,
+    keys, sync and limits, each ok, warn or fail, with its fix.
+
+    Exit status 1 when a check fails (a broken config too), else 0.
+    """
+    from lanshare import doctor as checks
+
+    settings = _settings(ctx, config, debug, socket)
+    cfg: Config | None = None
+    error = None
+    try:
+        cfg = _load(settings)
+    except LanshareError as exc:
+        error = str(exc)
+    if cfg is not None:
+        path = cfg.source
+    else:
+        path = (settings.config or configuration.default_config_path()).expanduser()
+    status = None
+    why = ""
+    try:
+        with _connect(settings, cfg or configuration.Config(), timeout=10.0) as client:
+            status = client.call("status")
+    except LanshareError as exc:
+        why = str(exc)
+    inputs = checks.Inputs(cfg, path, error, status, why, max(0.5, min(seconds, 30.0)))
+    results = checks.run(inputs)
+    if as_json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for line in checks.format_human(results):
+            typer.echo(line)
+    if checks.worst(results) == "fail":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -11,7 +11,8 @@ pings at half ``WatchdogSec`` when asked.
 
 Beyond the engine's fields, ``status`` answers with ``transfer`` (this process's transport
 counters since start: ``bytes_received``, ``bytes_sent``, ``datagrams_received``,
-``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``.
+``datagrams_sent``, ``packets_lost``, ``fragments_retransmitted``, …) and ``pid``, and
+``node`` gains ``version``, ``uptime`` (seconds) and ``port`` (the UDP port bound).
 ``peers`` merges discovery's table with the live sessions: one entry per peer.
 ``scan`` rescans folders through the engine and answers with the ``scan --json`` objects.
 
@@ -37,8 +38,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lanshare import __version__, keys
 from lanshare import config as configuration
-from lanshare import keys
 from lanshare.control import ControlServer
 from lanshare.discovery import Discovery
 from lanshare.engine import Engine
@@ -130,7 +131,7 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         short_lived: bool = False,
     ) -> None:
-        """``short_lived``: a node for one ``ls``, ``pull`` or ``peers`` with no daemon
+        """``short_lived``: a node for one ``ls``, ``search``, ``pull`` or ``peers`` with no daemon
         running; no control socket, signals, watcher or announcement, and it fetches only
         what a pull asks for."""
         self.config = config
@@ -150,6 +151,7 @@ class Daemon:
         self._discovery_task: asyncio.Task[None] | None = None
         self._addresses = AddressBook()
         self._node_id = b""
+        self._started = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -492,6 +494,7 @@ class Daemon:
             "peers": self._peers,
             "ls": self._ls,
             "pull": self._pull,
+            "search": self._search,
             "rescan": self._rescan,
             "resume": self._resume,
             "scan": self._scan,
@@ -500,6 +503,11 @@ class Daemon:
     async def _status(self, params: dict[str, Any], progress: Progress) -> Any:
         status = self._engine().status()
         status["pid"] = os.getpid()
+        # `lanshare doctor` compares the version with its own and says how long it has run.
+        status["node"]["version"] = __version__
+        status["node"]["uptime"] = round(time.monotonic() - self._started, 1)
+        if self.transport is not None:
+            status["node"]["port"] = self.transport.port
         status["transfer"] = self._engine().endpoint.stats.as_dict()
         if self.discovery is not None:  # what mDNS brought that was refused, and why
             status["discovery"] = self.discovery.table_stats.as_dict()
@@ -513,6 +521,27 @@ class Daemon:
 
         path = params.get("path")
         return await listing(self._engine(), Path(path) if isinstance(path, str) else None)
+
+    async def _search(self, params: dict[str, Any], progress: Progress) -> Any:
+        from lanshare.listing import search_lan
+        from lanshare.search import Query
+
+        terms, within = params.get("terms"), params.get("folder")
+        type_name, limit = params.get("type"), params.get("limit", 100)
+        sizes = (params.get("min_size"), params.get("max_size"))
+        if (
+            not isinstance(terms, list)
+            or not all(isinstance(t, str) for t in terms)
+            or not isinstance(within, str | None)
+            or not isinstance(type_name, str | None)
+            or not isinstance(limit, int)
+            or not all(isinstance(n, int | None) for n in sizes)
+        ):
+            raise UsageError("search needs a list of terms, and filters of the right types")
+        query = Query.parse(
+            terms, type_name=type_name, min_size=sizes[0], max_size=sizes[1], limit=limit
+        )
+        return await search_lan(self._engine(), query, Path(within) if within else None)
 
     async def _pull(self, params: dict[str, Any], progress: Progress) -> Any:
         from lanshare.listing import pull
@@ -773,7 +802,7 @@ async def run_short_lived(
     """Start a node without control socket, watcher or announcement, let it find peers and
     read their manifests (at most ``settle`` seconds), run ``work`` on it, then stop it.
 
-    This is how ``ls``, ``pull`` and ``peers`` work on a machine with no daemon running.
+    This is how ``ls``, ``search``, ``pull`` and ``peers`` work on a machine with no daemon running.
     """
     node = Daemon(config, short_lived=True)
     runner = asyncio.create_task(node.run())

@@ -589,6 +589,15 @@ class FolderSync:
         answered every manifest request (what they list is then all they have)."""
         return self.exchange.peers_listed()
 
+    def peers_connected(self) -> Collection[bytes]:
+        """The peers with a session for this folder now."""
+        return self.exchange.connected()
+
+    def peers_building(self, rel: str) -> dict[bytes, tuple[FileRecord, Collection[bytes]]]:
+        """The connected peers downloading ``rel`` now, the record each builds and the
+        hashes of the blocks it holds of it (``Exchange.building``)."""
+        return self.exchange.building(rel)
+
     # -- planning -------------------------------------------------------------------------
 
     async def plan_loop(self) -> None:
@@ -1443,7 +1452,7 @@ class Engine:
         elif isinstance(event, NotificationReceived):
             sync.exchange.notified(event)
         elif isinstance(event, RequestCancelled):
-            pass
+            sync.exchange.request_cancelled(event)
 
     def count_hostile(self, peer: bytes, what: str) -> None:
         """``peer`` sent what no honest node would: past a threshold its address is banned

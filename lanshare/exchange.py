@@ -30,6 +30,13 @@ Theory of operation
   blocks verified are collected for ``HAVE_FLUSH_INTERVAL`` and announced together, at most
   ``MAX_HAVE_PER_NOTIFY`` in one NOTIFY; a download that peers may pull from starting is
   announced as a NOTIFY without hashes, which has them read our in-progress entries again.
+* **HAVE state is bounded by what we asked for.** A peer's HAVE hashes are kept only for
+  blocks of the in-progress records it announced in its last answer (which is no larger
+  than the batch we asked for): when that list changes, the hashes of downloads it no longer
+  announces go, and all of it goes with its session. A HAVE for a block of no announced
+  record (it may arrive before the answer announcing the record) waits among the peer's
+  last ``MAX_EARLY_HAVE`` such hashes, and counts once the record is announced. Hashes of a
+  length no hash algorithm has are a strike (``Engine.count_hostile``) and are dropped.
 * **Serving.** Block requests are handed to the folder's ``serving.BlockServer``.
 
 The folder (``engine.FolderSync``) is seen through ``Folder``, its downloads
@@ -40,15 +47,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from lanshare import hashes
 from lanshare.errors import DecodeError
 from lanshare.manifest import BatchHeader, FileRecord, InProgress, decode_entry, encode_entry
 from lanshare.protocol import wire
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Iterable
 
     from lanshare.clock import Timer
     from lanshare.engine import Engine
@@ -58,6 +67,7 @@ if TYPE_CHECKING:
         ManifestReceived,
         ManifestRequested,
         NotificationReceived,
+        RequestCancelled,
         RequestFailed,
     )
     from lanshare.index import FolderInfo
@@ -70,6 +80,8 @@ MANIFEST_RECORDS_PER_BATCH = 2000
 HAVE_FLUSH_INTERVAL = 0.05
 """Seconds verified blocks are collected before one HAVE notification."""
 MAX_HAVE_PER_NOTIFY = 32
+MAX_EARLY_HAVE = 1024
+"""HAVE hashes kept per peer for blocks of no record it announced yet (the newest)."""
 
 
 @dataclass(slots=True)
@@ -84,7 +96,44 @@ class PeerLink:
     listed: bool = False
     """Its whole file list was read once since the session came up."""
     in_progress: dict[str, FileRecord] = field(default_factory=dict)
+    """The downloads it announced for re-sharing in its last manifest answer, by path."""
     have: set[bytes] = field(default_factory=set)
+    """Hashes of the blocks of ``in_progress`` it announced it holds."""
+    _blocks: set[bytes] = field(default_factory=set)
+    """Hashes of every block of ``in_progress``: what ``have`` may hold."""
+    _early: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    """HAVE hashes of no block of ``in_progress`` (yet), the newest ``MAX_EARLY_HAVE``."""
+
+    def announced(self, in_progress: dict[str, FileRecord], verified: set[bytes]) -> set[bytes]:
+        """Its downloads in progress are now ``in_progress``, holding the blocks ``verified``:
+        HAVE state of other records goes. The hashes new to ``have``."""
+        self.in_progress = in_progress
+        self._blocks = {block.hash for r in in_progress.values() for block in r.blocks}
+        early = [digest for digest in self._early if digest in self._blocks]
+        for digest in early:
+            del self._early[digest]
+        have = {digest for digest in self.have if digest in self._blocks}
+        have.update(early)
+        have.update(verified)
+        fresh = have - self.have
+        self.have = have
+        return fresh
+
+    def add_have(self, announced: Iterable[bytes]) -> set[bytes]:
+        """It announced it holds blocks with these hashes; those new to ``have``."""
+        fresh: set[bytes] = set()
+        for digest in announced:
+            if digest in self.have:
+                continue
+            if digest in self._blocks:
+                self.have.add(digest)
+                fresh.add(digest)
+                continue
+            self._early[digest] = None
+            self._early.move_to_end(digest)
+            if len(self._early) > MAX_EARLY_HAVE:
+                self._early.popitem(last=False)
+        return fresh
 
 
 class Transfers(Protocol):
@@ -237,9 +286,7 @@ class Exchange:
             news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
             news = True
-            link.in_progress = in_progress
-            link.have |= have
-            self.folder.downloads.peer_has(event.peer, have)
+            self.folder.downloads.peer_has(event.peer, link.announced(in_progress, have))
         if event.more or link.refetch:
             self.ask_manifest(link)
         else:
@@ -285,8 +332,11 @@ class Exchange:
         if link is None:
             return
         if event.have:
-            fresh = set(event.have) - link.have
-            link.have |= fresh
+            size = len(event.have[0])  # one length for all hashes of a NOTIFY (the wire's)
+            if size not in hashes.DIGEST_SIZES:
+                self.engine.count_hostile(event.peer, f"HAVE hashes of {size} bytes")
+                return
+            fresh = link.add_have(event.have)
             if fresh:
                 self.folder.downloads.peer_has(event.peer, fresh)
                 self.folder.downloads.pump()
@@ -299,9 +349,26 @@ class Exchange:
         idle = all(link.manifest_request is None for link in self.links.values())
         return len(self.links), idle
 
+    def connected(self) -> Collection[bytes]:
+        """The peers with a session for this folder now."""
+        return self.links.keys()
+
+    def building(self, path: str) -> dict[bytes, tuple[FileRecord, Collection[bytes]]]:
+        """The connected peers downloading ``path`` now: the record each builds, and the
+        hashes of the blocks it announced it holds (its in-progress entry and HAVEs)."""
+        return {
+            peer: (link.in_progress[path], link.have)
+            for peer, link in self.links.items()
+            if path in link.in_progress
+        }
+
     def block_requested(self, event: BlockRequested) -> None:
         """A peer asks for a block: the folder's block server answers (in batches)."""
         self.server.request(event)
+
+    def request_cancelled(self, event: RequestCancelled) -> None:
+        """A peer's request was cancelled (by it, or with its session): not read if it waits."""
+        self.server.cancel(event.request_id)
 
     def request_failed(self, event: RequestFailed) -> None:
         """A request that was no block request failed: a manifest request, asked again

@@ -57,6 +57,10 @@ Theory of operation
   to tell whether a file is still what the plan saw before it replaces or deletes it.
   :meth:`Index.scan_cache` gives it as tuples made straight from the rows as they stream (a
   full scan holds one per record of the folder).
+* **Search.** :meth:`Index.search_candidates` narrows ``lanshare search`` in SQL: the paths
+  of live records (ours and the peers') containing every literal piece of the query (``LIKE``,
+  which folds ASCII case) and passing its filters, plus every path with a character beyond
+  ASCII, for ``lanshare.search`` to decide; it reads paths only and decodes no record.
 """
 
 from __future__ import annotations
@@ -984,6 +988,55 @@ class Index:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def search_candidates(
+        self,
+        folder: int,
+        fragments: Sequence[str],
+        *,
+        below: str = "",
+        entry_type: EntryType | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+    ) -> dict[str, bool]:
+        """The paths of which this node or a peer holds a live record that may match a search
+        (``lanshare.search``), each with whether one of those records is a directory.
+
+        A record qualifies when its path, case-folded, contains every one of ``fragments``
+        (case-folded already), lies at or below ``below`` (empty: anywhere) and passes the
+        type and size filters. SQLite folds ASCII only: a path with any other character
+        always qualifies, for the caller to decide. Reads paths only, decodes no record.
+        """
+        conditions = ["deleted = 0"]
+        values: list[object] = []
+        if fragments:
+            # More bytes than characters: not ASCII. LIKE folds ASCII case, as lower() would,
+            # at half the cost of instr(lower(path), ?).
+            found = " AND ".join("path LIKE ? ESCAPE '\\'" for _ in fragments)
+            conditions.append(f"(length(CAST(path AS BLOB)) > length(path) OR ({found}))")
+            values.extend(f"%{_like_escaped(f)}%" for f in fragments)
+        if below:
+            conditions.append("(path = ? OR (path >= ? AND path < ?))")
+            values.extend((below, below + "/", below + "0"))  # "a/" <= path < "a0": below "a"
+        if entry_type is not None:
+            conditions.append("type = ?")
+            values.append(int(entry_type))
+        if min_size is not None:
+            conditions.append("size >= ?")
+            values.append(min_size)
+        if max_size is not None:
+            conditions.append("size <= ?")
+            values.append(max_size)
+        where = " AND ".join(conditions)
+        with self._read("search the records") as conn:
+            rows = conn.execute(
+                f"SELECT path, max(type = {int(EntryType.DIR)}) FROM ("
+                f"SELECT path, type FROM local_files WHERE folder = ? AND {where} UNION ALL "
+                f"SELECT path, type FROM remote_files WHERE folder = ? AND {where}"
+                ") GROUP BY path",
+                (folder, *values, folder, *values),
+            ).fetchall()
+        return {row[0]: bool(row[1]) for row in rows}
+
     def remote_records_for_path(self, folder: int, path: str) -> dict[bytes, FileRecord]:
         """Every peer's record of one path, by peer."""
         with self._read("read remote records") as conn:
@@ -1287,6 +1340,11 @@ def _rows_of_paths(
         chunk = wanted[start : start + _PATHS_PER_QUERY]
         marks = ",".join("?" * len(chunk))
         yield from conn.execute(f"{query} ({marks})", (*before, *chunk)).fetchall()
+
+
+def _like_escaped(text: str) -> str:
+    """``text`` matched literally by ``LIKE … ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _with_sequence(record: FileRecord, sequence: int) -> FileRecord:

@@ -1,18 +1,28 @@
-"""What the LAN shares (``ls``) and fetching chosen paths now (``pull``), over a running engine.
+"""What the LAN shares (``ls``), finding in it (``search``) and fetching chosen paths now
+(``pull``), over a running engine.
 
 Async, reads the index through threads; the sync decisions stay in the planner and engine.
 It uses only the public side of ``FolderSync`` (``records``, ``want``, ``peers_listed`` …).
+An entry names its holders (``search.holders``): the peers whose records hold the version
+shown, and the connected peers downloading it now with how much of it they hold.
+``search`` reads only what may match: the index narrows the paths in SQLite
+(``Index.search_candidates``), ``lanshare.search`` matches and ranks them by path alone, and
+the records of the best are read, a batch at a time, until ``limit`` entries pass the
+filters (which apply to the version shown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from typing import TYPE_CHECKING, Any
 
+from lanshare import search
 from lanshare.errors import TransferError
 from lanshare.manifest import EntryType, FileRecord, Ordering
-from lanshare.planner import conflict_original, global_winner
+from lanshare.planner import CONFLICT_MARKER, conflict_original, global_winner
+from lanshare.search import TYPES, Query, same_version
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -28,6 +38,8 @@ NO_PEER_TIMEOUT = 10.0
 """Seconds ``pull`` waits for a first peer of the folder before it gives up."""
 
 _TYPES = {EntryType.FILE: "file", EntryType.DIR: "dir", EntryType.SYMLINK: "symlink"}
+SEARCH_BATCH = 200
+"""Ranked paths whose records ``search`` reads at a time (at least ``limit``)."""
 
 
 async def listing(engine: Engine, path: Path | None) -> list[dict[str, Any]]:
@@ -58,30 +70,121 @@ async def _folder_listing(sync: FolderSync, prefix: str) -> list[dict[str, Any]]
                 by_path.setdefault(rel, {})[peer] = record
     entries = []
     for rel in sorted(set(by_path) | {p for p in local if _under(p, prefix)}):
-        theirs = by_path.get(rel, {})
-        mine = local.get(rel)
-        candidates = list(theirs.values()) + ([mine] if mine is not None else [])
-        winner = global_winner(candidates)
-        if winner.deleted and (mine is None or mine.deleted):
-            continue
-        shown = winner if not winner.deleted else mine
-        assert shown is not None
-        holders = sorted(
-            peer.hex() for peer, r in theirs.items() if not r.deleted and _same(r, shown)
-        )
-        entries.append(
-            {
-                "folder": str(sync.root),
-                "path": rel,
-                "type": _TYPES[shown.type],
-                "size": shown.size,
-                "hash": f"{shown.hash_algo}:{shown.file_hash.hex()}" if shown.file_hash else "",
-                "mtime_ns": shown.mtime_ns,
-                "peers": holders,
-                "state": _state(sync, rel, mine, winner, theirs, conflicted),
-            }
-        )
+        entry = _entry(sync, rel, local.get(rel), by_path.get(rel, {}), conflicted)
+        if entry is not None:
+            entries.append(entry)
     return entries
+
+
+def _entry(
+    sync: FolderSync,
+    rel: str,
+    mine: FileRecord | None,
+    theirs: dict[bytes, FileRecord],
+    conflicted: set[str],
+) -> dict[str, Any] | None:
+    """The ``ls`` entry of ``rel`` from this node's record and the peers', or None when it
+    is deleted everywhere it is known."""
+    candidates = list(theirs.values()) + ([mine] if mine is not None else [])
+    winner = global_winner(candidates)
+    if winner.deleted and (mine is None or mine.deleted):
+        return None
+    shown = winner if not winner.deleted else mine
+    assert shown is not None
+    peers = sorted(
+        peer.hex() for peer, r in theirs.items() if not r.deleted and same_version(r, shown)
+    )
+    holders = search.holders(
+        shown, theirs, sync.peers_building(rel), sync.peers_connected(), sync.engine.peer_names
+    )
+    return {
+        "folder": str(sync.root),
+        "path": rel,
+        "type": _TYPES[shown.type],
+        "size": shown.size,
+        "hash": f"{shown.hash_algo}:{shown.file_hash.hex()}" if shown.file_hash else "",
+        "mtime_ns": shown.mtime_ns,
+        "peers": peers,
+        "holders": holders,
+        "state": _state(sync, rel, mine, winner, theirs, conflicted),
+    }
+
+
+async def search_lan(engine: Engine, query: Query, within: Path | None) -> list[dict[str, Any]]:
+    """The best ``query.limit`` entries that ``query`` matches in what the LAN shares, in
+    every folder (or at or below ``within``), best first: ``ls`` entries."""
+    if within is None:
+        targets = [(sync, "") for sync in engine.folders.values()]
+    else:
+        targets = [engine.folder_for(within)]
+    per_folder = []
+    for sync, prefix in targets:
+        found = await asyncio.to_thread(_ranked, sync, query, prefix)
+        per_folder.append([(rank, str(sync.root), sync) for rank in found])
+    ranked = list(heapq.merge(*per_folder, key=lambda hit: (hit[0], hit[1])))
+    hits: list[dict[str, Any]] = []
+    conflicted: dict[int, set[str]] = {}
+    step = max(SEARCH_BATCH, query.limit)
+    for start in range(0, len(ranked), step):
+        batch = ranked[start : start + step]
+        by_folder: dict[int, tuple[FolderSync, list[str]]] = {}
+        for rank, _, sync in batch:
+            by_folder.setdefault(sync.info.id, (sync, []))[1].append(rank[3])
+        read = {}
+        for folder, (sync, paths) in by_folder.items():
+            read[folder] = await asyncio.to_thread(_records_of, sync, paths)
+            if folder not in conflicted:
+                conflicted[folder] = await asyncio.to_thread(_conflicted, sync)
+        for rank, _, sync in batch:
+            local, remotes = read[sync.info.id]
+            rel = rank[3]
+            entry = _entry(
+                sync, rel, local.get(rel), remotes.get(rel, {}), conflicted[sync.info.id]
+            )
+            if entry is not None and query.accepts(TYPES[entry["type"]], entry["size"]):
+                hits.append(entry)
+                if len(hits) == query.limit:
+                    return hits
+    return hits
+
+
+def _ranked(sync: FolderSync, query: Query, prefix: str) -> list[tuple[int, int, int, str]]:
+    """The ranks of the paths of the folder at or below ``prefix`` that ``query`` matches,
+    best first. Blocking (a broad query ranks many paths: off the loop)."""
+    found = sync.engine.index.search_candidates(
+        sync.info.id,
+        query.fragments(),
+        below=prefix,
+        entry_type=query.type,
+        min_size=query.min_size,
+        max_size=query.max_size,
+    )
+    ranks = (query.rank(path, is_dir) for path, is_dir in found.items())
+    return sorted(rank for rank in ranks if rank is not None)
+
+
+def _records_of(
+    sync: FolderSync, paths: list[str]
+) -> tuple[dict[str, FileRecord], dict[str, dict[bytes, FileRecord]]]:
+    """This node's records of ``paths`` and every peer's, by path. Blocking."""
+    index = sync.engine.index
+    local = index.get_many(sync.info.id, paths)
+    remotes: dict[str, dict[bytes, FileRecord]] = {}
+    for peer, records in index.remote_records_of(sync.info.id, paths).items():
+        for rel, record in records.items():
+            remotes.setdefault(rel, {})[peer] = record
+    return local, remotes
+
+
+def _conflicted(sync: FolderSync) -> set[str]:
+    """The conflict copies held here and the paths they belong to (``ls``'s ``conflict``
+    state). Blocking."""
+    out: set[str] = set()
+    for rel in sync.engine.index.live_paths_containing(sync.info.id, CONFLICT_MARKER):
+        original = conflict_original(rel)
+        if original is not None:
+            out.update((rel, original))
+    return out
 
 
 def _state(
@@ -100,7 +203,7 @@ def _state(
         return "conflict" if rel in conflicted else "local_only"
     if mine is None or mine.deleted:
         return "missing"
-    if not (_same(mine, winner) and not winner.deleted):
+    if not (same_version(mine, winner) and not winner.deleted):
         concurrent = mine.version.compare(winner.version) is Ordering.CONCURRENT
         return "conflict" if concurrent else "outdated"
     return "conflict" if rel in conflicted else "in_sync"
@@ -201,12 +304,3 @@ def _check_findable(
 
 def _under(rel: str, prefix: str) -> bool:
     return not prefix or rel == prefix or rel.startswith(prefix + "/")
-
-
-def _same(a: FileRecord, b: FileRecord) -> bool:
-    return (a.type, a.file_hash, a.symlink_target, a.deleted) == (
-        b.type,
-        b.file_hash,
-        b.symlink_target,
-        b.deleted,
-    )

@@ -790,14 +790,7 @@ class PeerTable:
         cache_key = (bound, tokens)
         found = self._matches.get(cache_key)
         if found is None:
-            found = tuple(
-                folder.label
-                for folder in self.folders
-                if any(
-                    hmac.compare_digest(self.token_function(folder.key, bound), token)
-                    for token in tokens
-                )
-            )
+            found = shared_folders(self.folders, bound, tokens, self.token_function)
             if len(self._matches) >= 4 * self.max_peers:
                 self._matches.clear()
             self._matches[cache_key] = found
@@ -805,6 +798,22 @@ class PeerTable:
 
 
 # --- small pure helpers ----------------------------------------------------------------------
+
+
+def shared_folders(
+    folders: Sequence[SharedFolder],
+    bound: bytes,
+    tokens: Sequence[bytes],
+    token_function: TokenFunction = announce_token,
+) -> tuple[str, ...]:
+    """The labels of ``folders`` whose token over ``bound`` (``binding``: what the record was
+    found under) is among ``tokens``: the folders an announcement shares with us
+    (``lanshare doctor`` counts nodes by it, too)."""
+    return tuple(
+        folder.label
+        for folder in folders
+        if any(hmac.compare_digest(token_function(folder.key, bound), token) for token in tokens)
+    )
 
 
 def instance_label(service: str) -> str:

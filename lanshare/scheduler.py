@@ -32,7 +32,10 @@ twice (in two files, or twice in one) crosses the network once and is then copie
   ``endgame_max_copies`` per piece). The first copy to complete wins; the others come back as
   :class:`Cancel` steps. Outside the end game a piece is never outstanding twice.
 * **Bounds.** Pieces tracked (``max_pending_blocks``), outstanding requests per peer and in
-  total, and local copies in progress (``max_local_copies``) are all capped.
+  total, and local copies in progress (``max_local_copies``) are all capped. A peer whose
+  session closed is remembered (rate, failures, ban) until ``MAX_GONE_PEERS`` more recently
+  gone peers push it out, so peers coming and going under fresh node ids cost bounded
+  memory; a node's address ban (``lanshare.strikes``) outlives what is forgotten here.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -57,6 +60,9 @@ PeerKey: TypeAlias = bytes
 FileKey: TypeAlias = str
 """The engine's name for a file being downloaded (e.g. its folder-relative path)."""
 _PieceKey: TypeAlias = tuple[bytes, int]
+
+MAX_GONE_PEERS = 256
+"""Peers whose session closed that are remembered, the most recently gone."""
 
 
 class FailReason(enum.Enum):
@@ -170,6 +176,8 @@ class Scheduler:
         self._by_hash: dict[bytes, set[_PieceKey]] = {}
         self._files: dict[FileKey, _File] = {}
         self._peers: dict[PeerKey, _Peer] = {}
+        self._gone: OrderedDict[PeerKey, None] = OrderedDict()
+        """Peers of ``_peers`` whose session closed, the most recently gone last."""
         self._buckets: dict[tuple[int, int], dict[_PieceKey, None]] = {}
         self._local_queue: deque[LocalCopy] = deque()
         self._local_out: dict[BlockRef, LocalCopy] = {}
@@ -261,6 +269,11 @@ class Scheduler:
                 self._settle(piece)
         state.held.clear()
         state.present = False
+        self._gone[peer] = None
+        self._gone.move_to_end(peer)
+        while len(self._gone) > MAX_GONE_PEERS:
+            oldest, _ = self._gone.popitem(last=False)
+            del self._peers[oldest]
         return cancels
 
     def update_rate(self, peer: PeerKey, bytes_per_s: float) -> None:
@@ -465,6 +478,7 @@ class Scheduler:
     def _learn(self, peer: PeerKey, hashes: Iterable[bytes]) -> None:
         state = self._peer(peer)
         state.present = True
+        self._gone.pop(peer, None)
         for digest in hashes:
             for key in self._by_hash.get(digest, ()):
                 piece = self._pieces[key]

@@ -15,7 +15,11 @@ Theory of operation
   batch is already being read while the loop sends these. So a thread hop serves many
   blocks when requests come fast, nothing touches SQLite or a file on the loop, and the
   server holds the data of one batch at most: a request that waits in the queue holds none
-  (the protocol, which keeps what it sends until acknowledged, bounds each peer's share).
+  (the protocol, which keeps what it sends until acknowledged, bounds each peer's share and
+  all peers' together by limits of ours). A request cancelled while it waits (by the peer,
+  or because its session closed) leaves the queue at once: it is never read, and a peer
+  that asks and cancels without end, or reconnects, cannot grow the queue past what the
+  protocol lets its sessions have outstanding.
 * **Block tables.** The record of a file being served is read from the index once and kept
   decoded (:class:`TableCache`: least recently used first out, at most :data:`MAX_TABLES`
   files and :data:`MAX_TABLE_BLOCKS` blocks in all, whatever peers ask). A request finds its
@@ -54,7 +58,7 @@ import logging
 import os
 import threading
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -523,15 +527,20 @@ class BlockServer:
         self._kick = kick
         self._spawn = spawn
         self._downloads = downloads
-        self._queue: deque[BlockRequested] = deque()
+        self._queue: OrderedDict[int, BlockRequested] = OrderedDict()
+        """Requests waiting to be read, by request id, oldest first."""
         self._invalid = Invalidation()
         self._running = False
         self._closed = False
 
     def request(self, event: BlockRequested) -> None:
         """Answer ``event`` as soon as it can be read (on the loop)."""
-        self._queue.append(event)
+        self._queue[event.request_id] = event
         self._wake()
+
+    def cancel(self, request_id: int) -> None:
+        """The request ``request_id`` is cancelled: if it still waits, it is not read."""
+        self._queue.pop(request_id, None)
 
     def invalidate(self, paths: Iterable[str] | None = None) -> None:
         """The records of ``paths`` (every path when None) changed, or their downloads were
@@ -584,9 +593,10 @@ class BlockServer:
         size = 0
         queue = self._queue
         while queue and len(batch) < BATCH_BLOCKS:
-            if batch and size + queue[0].size > BATCH_BYTES:
+            first = queue[next(iter(queue))]
+            if batch and size + first.size > BATCH_BYTES:
                 break
-            event = queue.popleft()
+            _, event = queue.popitem(last=False)
             batch.append(event)
             size += event.size
         invalid, self._invalid = self._invalid, Invalidation()

@@ -21,6 +21,7 @@ PURE_MODULES = [
     "lanshare.protocol.congestion",
     "lanshare.protocol.connection",
     "lanshare.protocol.endpoint",
+    "lanshare.protocol.admission",
     "lanshare.planner",
     "lanshare.deleteguard",
     "lanshare.scheduler",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from lanshare import config as configuration
-from lanshare import keys
+from lanshare import doctor, keys
 from lanshare.cli import _print_status, _PullProgress, main
 from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES, own_state
 from lanshare.index import DATABASE_NAME, Index
@@ -26,7 +26,19 @@ from lanshare.index import DATABASE_NAME, Index
 if TYPE_CHECKING:
     from pathlib import Path
 
-COMMANDS = ["init", "key", "scan", "daemon", "ls", "pull", "status", "peers", "resume"]
+COMMANDS = [
+    "init",
+    "key",
+    "scan",
+    "daemon",
+    "ls",
+    "search",
+    "pull",
+    "status",
+    "peers",
+    "resume",
+    "doctor",
+]
 
 
 @pytest.fixture
@@ -524,3 +536,67 @@ def test_pull_progress_shows_a_peers_file_name_escaped_and_never_as_markup(
     out = capsys.readouterr().out
     assert "[bold]x[red]\\x1b\\u202e " in out
     assert "\u202e" not in out
+
+
+# --- doctor ----------------------------------------------------------------------------------
+
+
+def _doctor_json(capsys: pytest.CaptureFixture[str], config_file: Path) -> tuple[int, dict]:
+    code, out, err = run(capsys, "--config", str(config_file), "doctor", "--json", "--seconds", "1")
+    results = json.loads(out)
+    assert [r["check"] for r in results] == list(doctor.CHECKS), err
+    assert all(set(r) == {"check", "status", "detail", "fix"} for r in results)
+    return code, {r["check"]: r for r in results}
+
+
+def test_doctor_reports_a_broken_config_as_a_failed_check_not_a_usage_error(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = home / "broken.toml"
+    config_file.write_text("[network\nport = 1\n")
+    code, checks = _doctor_json(capsys, config_file)
+    assert code == 1
+    assert checks["config"]["status"] == "fail"
+    assert "broken.toml" in checks["config"]["detail"]
+    assert (
+        checks["config"]["fix"] == f"edit {config_file} (config.example.toml describes every key)"
+    )
+    # Nothing is sent without the config's interfaces and keys.
+    assert checks["discovery"]["status"] == "warn"
+    assert checks["discovery"]["detail"].startswith("not checked: the config did not load")
+
+
+def test_doctor_names_the_chmod_for_a_config_others_can_read(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = _loopback_config(home)
+    config_file.chmod(0o644)
+    code, checks = _doctor_json(capsys, config_file)
+    assert code == 1
+    assert checks["config"]["fix"] == f"chmod 600 {config_file}"
+
+
+def test_doctor_without_a_daemon_on_loopback(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = _loopback_config(home)
+    code, checks = _doctor_json(capsys, config_file)
+    assert code == 1  # no daemon
+    assert checks["config"]["status"] == "ok", checks["config"]
+    assert checks["daemon"]["status"] == "fail"
+    assert checks["daemon"]["fix"].startswith("start it: lanshare daemon")
+    assert checks["interfaces"]["status"] == "warn"  # mDNS only on 127.0.0.1
+    assert checks["sync"]["status"] == "warn"
+    assert checks["disk"]["status"] in ("ok", "warn")
+    assert str(home / "A") in checks["disk"]["detail"]
+    # The human form: one aligned line per check, every fix indented under its check.
+    code, out, _ = run(capsys, "--config", str(config_file), "doctor", "--seconds", "1")
+    assert code == 1
+    lines = out.splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert [line.split()[1] for line in heads] == list(doctor.CHECKS)
+    assert all(line[:6] in ("ok    ", "WARN  ", "FAIL  ") for line in heads)
+    assert {line.index(line.split()[2]) for line in heads} == {18}
+    fixes = [line for line in lines if line.startswith(" ")]
+    assert fixes
+    assert all(line.startswith(" " * 18 + "fix: ") for line in fixes)

@@ -24,7 +24,7 @@ def test_handshake_gives_matching_keys_and_payloads() -> None:
     e_i, e_r = _keys(1)
     initiator = crypto.InitiatorHandshake(PSK, e_i)
     msg1 = initiator.write_message1(b"hello")
-    responder = crypto.ResponderHandshake.read_message1([("wrong", bytes(32)), ("f", PSK)], msg1)
+    responder = crypto.ResponderKeys([("wrong", bytes(32)), ("f", PSK)]).read_message1(msg1)
     assert responder is not None
     assert responder.key_id == "f"
     assert responder.payload == b"hello"
@@ -38,8 +38,8 @@ def test_handshake_gives_matching_keys_and_payloads() -> None:
 def test_wrong_psk_finds_no_key() -> None:
     e_i, _ = _keys(2)
     msg1 = crypto.InitiatorHandshake(PSK, e_i).write_message1(b"x")
-    assert crypto.ResponderHandshake.read_message1([("other", bytes(32))], msg1) is None
-    assert crypto.ResponderHandshake.read_message1([("f", PSK)], msg1[:40]) is None
+    assert crypto.ResponderKeys([("other", bytes(32))]).read_message1(msg1) is None
+    assert crypto.ResponderKeys([("f", PSK)]).read_message1(msg1[:40]) is None
 
 
 @given(st.integers(0, 200), st.integers(0, 7))
@@ -50,8 +50,8 @@ def test_tampered_handshake_messages_fail(index: int, bit: int) -> None:
     index1 = index % len(msg1)
     bad1 = bytearray(msg1)
     bad1[index1] ^= 1 << bit
-    assert crypto.ResponderHandshake.read_message1([("f", PSK)], bytes(bad1)) is None
-    responder = crypto.ResponderHandshake.read_message1([("f", PSK)], msg1)
+    assert crypto.ResponderKeys([("f", PSK)]).read_message1(bytes(bad1)) is None
+    responder = crypto.ResponderKeys([("f", PSK)]).read_message1(msg1)
     assert responder is not None
     msg2, _ = responder.write_message2(e_r, b"payload-2")
     bad2 = bytearray(msg2)
@@ -65,9 +65,7 @@ def test_handshakes_are_fresh_per_session() -> None:
     for seed in range(4):
         e_i, e_r = _keys(10 + seed)
         initiator = crypto.InitiatorHandshake(PSK, e_i)
-        responder = crypto.ResponderHandshake.read_message1(
-            [("f", PSK)], initiator.write_message1(b"")
-        )
+        responder = crypto.ResponderKeys([("f", PSK)]).read_message1(initiator.write_message1(b""))
         assert responder is not None
         _, pair = responder.write_message2(e_r, b"")
         keys.add(pair)
@@ -101,8 +99,8 @@ def test_interoperates_with_the_reference_noise_implementation() -> None:
         theirs.set_prologue(crypto.PROLOGUE)
         theirs.set_keypair_from_private_bytes(noise.Keypair.EPHEMERAL, e_i)
         theirs.start_handshake()
-        responder = crypto.ResponderHandshake.read_message1(
-            [("f", PSK)], bytes(theirs.write_message(b"hi"))
+        responder = crypto.ResponderKeys([("f", PSK)]).read_message1(
+            bytes(theirs.write_message(b"hi"))
         )
         assert responder is not None
         assert responder.payload == b"hi"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import lanshare
 from tests.e2e.conftest import cluster
 from tests.e2e.harness import file_digest, new_key, state_locked, wait_until
 
@@ -186,6 +187,11 @@ def test_status_and_peers_json_contracts(cluster: Cluster) -> None:
         *("rejected", "incompatible", "bad_address", "uncovered", "own", "unshared", "full")
     }
     assert status["pid"] == b.pid
+    node = status["node"]
+    assert node["version"] == lanshare.__version__
+    assert isinstance(node["uptime"], float)
+    assert node["uptime"] >= 0
+    assert node["port"] == b.port
     assert status["transfer"]["bytes_received"] >= 100_000
     (folder,) = status["folders"]
     assert {"path", "state", "reason", "need_files", "need_bytes", "peers"} <= set(folder)

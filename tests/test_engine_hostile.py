@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from lanshare import keys, marker, strikes
-from lanshare.config import NetworkConfig
+from lanshare.config import NetworkConfig, TransferConfig
 from lanshare.events import BlockRequested, Event, ManifestRequested
 from lanshare.index import Index, LocalChange
 from lanshare.manifest import MAX_VECTOR_DEVICES, VersionVector, encode_record
@@ -38,12 +38,14 @@ EVIL_ID = b"\xee" * 8
 class HostilePeer:
     """Answers manifests with what it is given and blocks with garbage (or the truth)."""
 
-    def __init__(self, cluster: Cluster, node_id: bytes = EVIL_ID) -> None:
+    def __init__(
+        self, cluster: Cluster, node_id: bytes = EVIL_ID, transfer: TransferConfig | None = None
+    ) -> None:
         raw = keys.parse_key(cluster.key)
         self.addr = ("10.0.0.66", PORT)
         self.folder_id = keys.folder_id(raw)
         self.endpoint = Endpoint(
-            cluster.transfer,
+            transfer or cluster.transfer,
             NetworkConfig(port=PORT),
             node_id=node_id,
             folders={keys.folder_id(raw): keys.session_psk(raw)},

@@ -15,12 +15,14 @@ from lanshare.events import (
     BlockRequested,
     CloseReason,
     FailReason,
+    ManifestRequested,
     PeerId,
     RequestFailed,
     SessionClosed,
     SessionEstablished,
 )
 from lanshare.protocol import Endpoint, wire
+from lanshare.protocol.connection import _REQUEST_COST
 from tests.sim import FOLDER, PSK, Link, Network, Node, make_endpoint
 
 A = ("10.0.0.1", 4000)
@@ -334,4 +336,136 @@ def test_a_peer_ignoring_its_credit_is_refused() -> None:
     for data, _ in out:
         a.endpoint.receive_datagram(data, B, net.now)
     net.run_for(0.01)
-    assert len(a.of_type(BlockRequested)) == 4 * 64 // 32  # 4x the credit, then BUSY
+    # 4x the credit, each request costing its bytes and its bookkeeping; then BUSY.
+    assert len(a.of_type(BlockRequested)) == 4 * 64 * 1024 // (32 * 1024 + _REQUEST_COST)
+
+
+def _hostile_requests(
+    net: Network, victim: Node, peer: Node, frames: list[wire.RequestBlock]
+) -> None:
+    """Have ``peer``'s session with ``victim`` send ``frames`` as they are, whatever its
+    credit, straight to ``victim`` (which never hears an acknowledgement of its answers)."""
+    session = next(iter(peer.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    for frame in frames:
+        session._emit(wire.encode_frame(frame), net.now, out, eliciting=False, items=None)
+    for data, _ in out:
+        victim.endpoint.receive_datagram(data, peer.addr, net.now)
+    net.run_for(0.01)
+
+
+def _serving_bytes_held(victim: Node) -> int:
+    """Bytes of block data the victim holds to answer what it took on (it answers every
+    request it took with a block of the size asked, as the engine does)."""
+    return sum(e.size for e in victim.of_type(BlockRequested))
+
+
+def test_a_huge_advertised_credit_buys_no_more_serving_memory() -> None:
+    """A peer advertising 1 GiB of credit may still have us hold only ``max_serving_size``
+    (4x our own credit), not 4 GiB: its 100 requests for 4 MiB blocks are mostly refused."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    b = net.add(make_endpoint(2, B_ID, transfer=TransferConfig(max_in_flight_size=1 << 30)), B)
+    _established(net, a, b)
+    block = 4 * 1024 * 1024
+    frames = [
+        wire.RequestBlock(rid, "f", 0, 0, block, "sha256", bytes(32)) for rid in range(1000, 1100)
+    ]
+    _hostile_requests(net, a, b, frames)
+    bound = a.endpoint.params.max_serving_size
+    assert bound == 4 * TransferConfig().max_in_flight_size
+    assert 1 <= len(a.of_type(BlockRequested)) <= bound // block
+    assert _serving_bytes_held(a) <= bound
+
+
+def test_requests_for_tiny_blocks_are_bounded_in_number() -> None:
+    """Requests for one-byte blocks cost their bookkeeping: 50,000 of them (a credit's
+    worth of bytes on the wire) leave at most ``max_serving_size / _REQUEST_COST`` waiting."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    b = net.add(make_endpoint(2, B_ID), B)
+    _established(net, a, b)
+    path = "d/" + "p" * 100
+    frames = [
+        wire.RequestBlock(rid, path, 0, 0, 1, "sha256", bytes(32)) for rid in range(1, 50_001)
+    ]
+    _hostile_requests(net, a, b, frames)
+    taken = len(a.of_type(BlockRequested))
+    assert 1 <= taken <= a.endpoint.params.max_serving_size // (1 + _REQUEST_COST)
+    session = next(iter(a.endpoint._sessions.values()))
+    assert len(session._served) == taken
+
+
+def test_a_peer_gets_a_few_manifest_requests_answered_at_once() -> None:
+    """Each manifest request is work for the application (a task, index reads): 1,000 tiny
+    ones from one peer leave a handful waiting, the rest refused; once those are answered,
+    it is served again."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    b = net.add(make_endpoint(2, B_ID), B)
+    _established(net, a, b)
+    session = next(iter(b.endpoint._sessions.values()))
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    for rid in range(1, 1001):
+        frame = wire.encode_frame(wire.RequestManifest(rid, 0, 64))
+        session._emit(frame, net.now, out, eliciting=False, items=None)
+    for data, _ in out:
+        a.endpoint.receive_datagram(data, B, net.now)
+    net.run_for(0.01)
+    waiting = a.of_type(ManifestRequested)
+    assert 1 <= len(waiting) <= 4
+    for event in waiting:
+        a.endpoint.send_manifest(event.request_id, [], more=False)
+    net.run_for(0.5)  # the answers are acknowledged
+    more: list[tuple[bytes, tuple[str, int]]] = []
+    session._emit(
+        wire.encode_frame(wire.RequestManifest(2000, 0, 64)),
+        net.now,
+        more,
+        eliciting=False,
+        items=None,
+    )
+    for data, _ in more:
+        a.endpoint.receive_datagram(data, B, net.now)
+    net.run_for(0.01)
+    assert len(a.of_type(ManifestRequested)) == len(waiting) + 1
+
+
+def test_serving_memory_is_bounded_over_all_sessions_and_freed_when_they_close() -> None:
+    """Twelve peers, each asking for as much as one session may hold, together get no more
+    than ``max_total_serving``; what their sessions held is released when they close, and
+    the next peer is served again."""
+    net = Network(1, Link(delay=0.001))
+    a = net.add(make_endpoint(1, A_ID), A)
+    a.serve = False
+    per_session = a.endpoint.params.max_serving_size
+    total = a.endpoint.params.max_total_serving
+    block = 4 * 1024 * 1024
+    peers = []
+    for i in range(12):
+        addr = (f"10.0.1.{i + 1}", 4000)
+        peer = net.add(make_endpoint(10 + i, bytes([0x50 + i]) * 8), addr)
+        peer.endpoint.connect(A, FOLDER)
+        net.run_until(lambda p=peer: bool(p.of_type(SessionEstablished)), 5)
+        frames = [
+            wire.RequestBlock(rid, "f", 0, 0, block, "sha256", bytes(32))
+            for rid in range(1, 2 + per_session // block)
+        ]
+        _hostile_requests(net, a, peer, frames)
+        peers.append(peer)
+    assert 12 * per_session > total  # the test asks for more than the node allows
+    assert _serving_bytes_held(a) <= total
+    assert a.endpoint._ctx.serving_bytes <= total
+    for peer in peers:
+        peer.endpoint.close(A_ID)
+    net.run_until(lambda: len(a.of_type(SessionClosed)) == 12, 5)
+    assert a.endpoint._ctx.serving_bytes == 0
+    late = net.add(make_endpoint(99, b"L" * 8), ("10.0.2.1", 4000))
+    late.endpoint.connect(A, FOLDER)
+    net.run_until(lambda: bool(late.of_type(SessionEstablished)), 5)
+    before = len(a.of_type(BlockRequested))
+    _hostile_requests(net, a, late, [wire.RequestBlock(1, "f", 0, 0, block, "sha256", bytes(32))])
+    assert len(a.of_type(BlockRequested)) == before + 1

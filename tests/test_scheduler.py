@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from lanshare.manifest import Block
 from lanshare.scheduler import (
+    MAX_GONE_PEERS,
     BlockRef,
     Cancel,
     FailReason,
@@ -155,6 +156,30 @@ def test_have_makes_a_stalled_block_available():
 
 
 # --- failover ---------------------------------------------------------------------------------
+
+
+def test_peers_coming_and_going_under_fresh_ids_are_remembered_within_a_bound():
+    """Each of 2,000 peers (fresh node ids) holds blocks, is asked for one and goes: the
+    scheduler remembers at most ``MAX_GONE_PEERS`` of them, the most recent; one that comes
+    back within the bound keeps what was learnt of it, and the download completes."""
+    s = scheduler(min_depth=1)
+    blocks = make_blocks(4)
+    s.add_file("f", blocks, {})
+    ids = [i.to_bytes(8, "big") for i in range(2000)]
+    for peer in ids:
+        s.peer_has(peer, [b.hash for b in blocks])
+        asked = requests(s.next_requests(0.0))
+        assert asked
+        s.on_block_failed(asked[0].block, peer, FailReason.TIMEOUT, 0.0)
+        s.peer_gone(peer)
+    assert len(s._peers) <= MAX_GONE_PEERS
+    recent = ids[-1]
+    assert s.peer_stats(recent).timeouts == 1
+    s.peer_has(recent, [b.hash for b in blocks])
+    for _ in range(len(blocks)):
+        for request in requests(s.next_requests(1.0)):
+            s.on_block_done(request.block, request.peer)
+    assert s.remaining("f") == 0
 
 
 def test_a_vanished_peers_requests_move_to_the_others():

@@ -7,7 +7,9 @@ Theory of operation
 A session starts with the NNpsk0 handshake (``crypto``): the initiator sends INITIAL, the
 responder answers RESPONSE and is *half-open* until the first authenticated DATA packet
 proves that the initiator received the answer at its address (address validation; until
-then the responder answers at most 3x what it received and sends nothing else).
+then the responder answers at most 3x what it received and sends nothing else). Which
+INITIALs may open a half-open session at all, and which one is evicted for another, is the
+endpoint's decision (``admission``).
 
 After the handshake every datagram is a DATA packet: a 16-byte cleartext header (the AEAD
 associated data; its cid|pn bytes are the nonce) and AES-256-GCM encrypted frames. Packet
@@ -23,12 +25,17 @@ of ``fragment_size`` bytes), never the whole block.
 Requests are receiver-driven. ``request_block``/``request_manifest`` queue a request; it is
 sent while the bytes of all answers outstanding stay within ``max_in_flight_size`` (flow
 control: the peer can never have more than that in flight towards us, and that bounds the
-reassembly memory). The server emits ``BlockRequested``; the application answers with
+reassembly memory). The server takes a peer's requests while what they cost (their bytes
+plus a fixed cost each: answers are held until acknowledged) stays within 4x the peer's
+credit, ``max_serving_size`` per session and ``max_total_serving`` over all sessions (ours,
+whatever the peer advertises), and at most a few manifest requests at once; beyond that a
+request is refused ``BUSY``. It emits ``BlockRequested``; the application answers with
 ``send_block``; the answer goes out as DATA frames under the congestion window
-(``congestion.NewReno``), the pacer (rate cwnd/srtt, capped by the peer's ``max_recv_rate``)
-and the endpoint's ``max_send_rate`` bucket. The requester reassembles fragments into one
-buffer (duplicates are ignored), checks size and hash, and emits ``BlockReceived`` or
-``RequestFailed``. A request without progress for ``request_timeout`` fails and is cancelled.
+(``congestion.NewReno``), the pacer (rate cwnd/srtt, capped by the peer's
+``max_recv_rate``) and the endpoint's ``max_send_rate`` bucket. The requester reassembles
+fragments into one buffer (duplicates are ignored), checks size and hash, and emits
+``BlockReceived`` or ``RequestFailed``. A request without progress for ``request_timeout``
+fails and is cancelled.
 
 Receiving in runs: the adapter hands over what one receive call got (a GRO batch: up to ~64
 datagrams from one address) in one ``Endpoint.receive_datagrams`` call. The datagrams that
@@ -111,6 +118,13 @@ _PKT_DATA = wire.PacketType.DATA
 _VERSION = wire.VERSION
 _PING_FRAME = b"\x01"
 _MIN_FRAGMENT = wire.fragment_size(wire.MIN_DATAGRAM_SIZE)
+#: What a peer's request costs of the serving bound beyond the bytes it asks for: its
+#: bookkeeping here and in the application (the event, a path of up to ``MAX_PATH_SIZE``),
+#: so that requests for tiny blocks are bounded in number too.
+_REQUEST_COST = 2 * wire.MAX_PATH_SIZE
+#: Manifest requests of one peer answered at once: each is a task and index reads in the
+#: application, and an honest peer has one outstanding.
+_MAX_MANIFEST_REQUESTS = 4
 #: ``b`` of the sent record of a path MTU probe (data packets have a fragment index >= 0).
 _PROBE = -2
 #: RFC 8899 MAX_PROBES: give up on a larger datagram size after this many lost probes.
@@ -133,6 +147,11 @@ class Params:
     initial_rtt: float = 0.1
     max_in_flight_size: int = 4 * 1024 * 1024
     max_total_in_flight: int = 0  # over all sessions; 0 = max_in_flight_size
+    max_serving_size: int = 16 * 1024 * 1024
+    """Bytes of a peer's requests one session holds at once (answers are kept until
+    acknowledged), whatever the credit the peer advertises."""
+    max_total_serving: int = 128 * 1024 * 1024
+    """The same over every session of the endpoint."""
     max_datagram_size: int = 1452
     max_recv_rate: int = 0
     max_ack_delay: float = 0.002
@@ -165,6 +184,14 @@ class EndpointStats:
     replayed: int = 0
     handshakes_failed: int = 0
     retries_sent: int = 0
+    key_trials: int = 0
+    """PSK trials paid for INITIALs (one per accepted folder each: the most one can cost)."""
+    initials_replayed: int = 0
+    """INITIALs whose ephemeral key already opened a session from another address or cid."""
+    initials_shed: int = 0
+    """INITIALs left untried: their source or all sources were out of key-trial budget."""
+    half_open_evicted: int = 0
+    """Half-open sessions evicted to make room for another (per-source or overall bound)."""
     packets_lost: int = 0
     fragments_retransmitted: int = 0
     protocol_errors: int = 0
@@ -216,6 +243,7 @@ class Context:
         "recv_limit",
         "rng",
         "send_limit",
+        "serving_bytes",
         "stats",
     )
 
@@ -241,6 +269,8 @@ class Context:
         self.credit_used = 0
         self.max_credit = params.max_total_in_flight or params.max_in_flight_size
         self.credit_waiters: dict[Session, None] = {}
+        #: What the peers' requests cost over every session (``Params.max_total_serving``).
+        self.serving_bytes = 0
         #: Sessions whose output or deadline may have changed since the endpoint last looked
         #: (a dict as an ordered set: the order of output stays deterministic).
         self.dirty: dict[Session, None] = {}
@@ -447,6 +477,7 @@ class Session:
         self._seen = RangeSet(max_ranges=1024)
         self._served: dict[int, _Served] = {}
         self._serving_bytes = 0
+        self._serving_manifests = 0
         self._queue: deque[_OutMessage] = deque()
         self._retx: deque[tuple[_OutMessage, int]] = deque()
 
@@ -1085,13 +1116,12 @@ class Session:
         if frame.size > p.max_block_size:
             self._reject(rid, wire.RejectCode.REFUSED)
             return
-        if self._serving_bytes + frame.size > self._serve_limit(frame.size):
+        if not self._admit(frame.size):
             self._reject(rid, wire.RejectCode.BUSY)
             return
         assert self.peer is not None
         handle = self.ctx.new_handle()
         self._served[rid] = _Served(handle, True, frame.size, frame.size)
-        self._serving_bytes += frame.size
         self.ctx.handles[handle] = (self, rid, False)
         self.ctx.events.append(
             BlockRequested(
@@ -1116,29 +1146,54 @@ class Session:
         if max_size < wire.manifest_batch_size([]):
             self._reject(rid, wire.RejectCode.REFUSED)
             return
-        if self._serving_bytes + max_size > self._serve_limit(max_size):
+        if self._serving_manifests >= _MAX_MANIFEST_REQUESTS or not self._admit(max_size):
             self._reject(rid, wire.RejectCode.BUSY)
             return
         assert self.peer is not None
         handle = self.ctx.new_handle()
         self._served[rid] = _Served(handle, False, max_size, max_size)
-        self._serving_bytes += max_size
+        self._serving_manifests += 1
         self.ctx.handles[handle] = (self, rid, False)
         self.ctx.events.append(
             ManifestRequested(handle, self.peer, self.folder, frame.since_seq, max_size)
         )
 
-    def _serve_limit(self, size: int) -> int:
-        # The requester keeps what it asked for within its credit, but it frees credit when
-        # an answer *arrives*, we when it is *acknowledged* (an RTT or a lost ACK later):
-        # only a peer far beyond its credit is refused, which bounds our memory per session.
-        return 4 * max(self._peer_credit, size)
+    def _admit(self, size: int) -> bool:
+        """Take on a peer's request of ``size`` bytes if the serving bounds allow it.
+
+        The requester keeps what it asked for within its credit, but it frees credit when an
+        answer *arrives*, we when it is *acknowledged* (an RTT or a lost ACK later): a peer is
+        allowed 4x its credit, so only one far beyond it is refused. The credit is the
+        peer's to choose, so ``max_serving_size`` (per session) and ``max_total_serving``
+        (per endpoint), ours, bound that too. A request alone is always taken (its size is
+        within ``max_block_size``/``max_manifest_size``), so no block is too big to serve.
+        """
+        p = self.ctx.params
+        cost = size + _REQUEST_COST
+        mine = self._serving_bytes
+        limit = min(4 * max(self._peer_credit, size), p.max_serving_size)
+        if mine and mine + cost > limit:
+            return False
+        total = self.ctx.serving_bytes
+        if total and total + cost > p.max_total_serving:
+            return False
+        self._serving_bytes += cost
+        self.ctx.serving_bytes += cost
+        return True
+
+    def _release(self, served: _Served) -> None:
+        """``served`` is answered and acknowledged, cancelled or rejected."""
+        cost = served.size + _REQUEST_COST
+        self._serving_bytes -= cost
+        self.ctx.serving_bytes -= cost
+        if not served.block:
+            self._serving_manifests -= 1
 
     def _on_cancel(self, rid: int) -> None:
         served = self._served.pop(rid, None)
         if served is None:
             return
-        self._serving_bytes -= served.size
+        self._release(served)
         if served.msg is not None:
             served.msg.cancelled = True
             return
@@ -1172,7 +1227,7 @@ class Session:
         if served is None:
             return
         self.ctx.handles.pop(served.handle, None)
-        self._serving_bytes -= served.size
+        self._release(served)
         if served.msg is not None:
             served.msg.cancelled = True
         self._reject(rid, code)
@@ -1189,7 +1244,7 @@ class Session:
         served = self._served.get(msg.rid)
         if served is not None and served.msg is msg:  # not a message already replaced
             del self._served[msg.rid]
-            self._serving_bytes -= served.size
+            self._release(served)
 
     # ------------------------------------------------------------------ acknowledgements
 
@@ -1710,6 +1765,8 @@ class Session:
                 assert self.peer is not None
                 events.append(RequestCancelled(served.handle, self.peer, self.folder))
         self._served.clear()
+        self.ctx.serving_bytes -= self._serving_bytes
+        self._serving_bytes = self._serving_manifests = 0
         self._queue.clear()
         self._retx.clear()
         self._ctrl.clear()

@@ -151,8 +151,60 @@ class InitiatorHandshake:
         return payload, (i2r, r2i)
 
 
+class ResponderKeys(Generic[K]):
+    """The PSKs a responder accepts, each already mixed into the handshake state.
+
+    NNpsk0 mixes the PSK in before anything from the message (``-> psk, e``), so that step
+    is the same for every INITIAL: done once here, it leaves a key trial (``key_trial``) one
+    hash, one HKDF and one AES-GCM open.
+    """
+
+    __slots__ = ("_states",)
+
+    def __init__(self, psks: Iterable[tuple[K, bytes]]) -> None:
+        states = []
+        for key_id, psk in psks:
+            state = _START.copy()
+            state.mix_key_and_hash(psk)
+            states.append((key_id, state))
+        self._states: tuple[tuple[K, _SymmetricState], ...] = tuple(states)
+
+    def __len__(self) -> int:
+        """Key trials an INITIAL can cost (one per PSK)."""
+        return len(self._states)
+
+    def read_message1(self, message: bytes) -> ResponderHandshake[K] | None:
+        """Try every key on message 1; return the handshake for the one that fits, or None."""
+        if len(message) < DH_LEN + TAG_LEN:
+            return None
+        e_pub = message[:DH_LEN]
+        ciphertext = message[DH_LEN:]
+        for key_id, start in self._states:
+            opened = key_trial(start, e_pub, ciphertext)
+            if opened is not None:
+                state, payload = opened
+                return ResponderHandshake(key_id, state, e_pub, payload)
+        return None
+
+
+def key_trial(
+    start: _SymmetricState, e_pub: bytes, ciphertext: bytes
+) -> tuple[_SymmetricState, bytes] | None:
+    """One key trial: open message 1 under one PSK's state; (state, payload) or None.
+
+    What a stranger's INITIAL costs us per accepted folder (the endpoint budgets these)."""
+    state = start.copy()
+    state.mix_hash(e_pub)
+    state.mix_key(e_pub)
+    try:
+        payload = state.decrypt_and_hash(ciphertext)
+    except DecodeError:
+        return None
+    return state, payload
+
+
 class ResponderHandshake(Generic[K]):
-    """The responder's side of NNpsk0, found by trying each accepted PSK on message 1."""
+    """The responder's side of NNpsk0, found by ``ResponderKeys.read_message1``."""
 
     __slots__ = ("_re", "_state", "key_id", "payload", "remote_ephemeral")
 
@@ -162,27 +214,6 @@ class ResponderHandshake(Generic[K]):
         self.remote_ephemeral = re_pub
         self._state = state
         self._re = re_pub
-
-    @classmethod
-    def read_message1(
-        cls, psks: Iterable[tuple[K, bytes]], message: bytes
-    ) -> ResponderHandshake[K] | None:
-        """Try every ``(key_id, psk)``; return the handshake for the one that fits, or None."""
-        if len(message) < DH_LEN + TAG_LEN:
-            return None
-        e_pub = message[:DH_LEN]
-        ciphertext = message[DH_LEN:]
-        for key_id, psk in psks:
-            state = _START.copy()
-            state.mix_key_and_hash(psk)
-            state.mix_hash(e_pub)
-            state.mix_key(e_pub)
-            try:
-                payload = state.decrypt_and_hash(ciphertext)
-            except DecodeError:
-                continue
-            return cls(key_id, state, e_pub, payload)
-        return None
 
     def write_message2(self, ephemeral: bytes, payload: bytes) -> tuple[bytes, tuple[bytes, bytes]]:
         """``<- e, ee``: return the message and ``(send_key, recv_key)``."""

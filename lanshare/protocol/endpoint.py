@@ -3,8 +3,9 @@
 Pure: no sockets, clock or files. The transport adapter feeds it datagrams and timer expiries
 with the caller's monotonic ``now`` and sends what ``datagrams_to_send`` returns; the
 application issues commands (``connect``, ``request_block``, ``send_block`` ...) and reads
-events with ``next_event``. See ``connection.py`` for the theory of operation and
-docs/protocol.md for the wire format.
+events with ``next_event``. See ``connection.py`` for the theory of operation,
+``admission.py`` for what an INITIAL from a stranger may cost (``_on_initial`` applies it)
+and docs/protocol.md for the wire format.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from lanshare.events import (
 )
 from lanshare.hashes import BY_NAME as HASH_ALGORITHMS
 from lanshare.protocol import wire
+from lanshare.protocol.admission import (
+    MAX_SOURCES,
+    RETRY_LOAD,
+    HalfOpen,
+    ReplayCache,
+    TrialBudget,
+)
 from lanshare.protocol.congestion import TokenBucket
 from lanshare.protocol.connection import (
     Context,
@@ -35,7 +43,8 @@ from lanshare.protocol.connection import (
     SessionInfo,
     State,
 )
-from lanshare.protocol.crypto import ResponderHandshake, RetryTokens
+from lanshare.protocol.crypto import ResponderKeys, RetryTokens
+from lanshare.strikes import ban_key
 
 if TYPE_CHECKING:
     import random
@@ -78,10 +87,16 @@ class Endpoint:
         max_datagrams_per_call: datagrams one session emits per ``datagrams_to_send``.
         ack_ranges: most ranges in one ACK frame.
         max_sessions: sessions (of every state) kept at once.
-        max_half_open: unvalidated responder sessions before INITIALs must carry a token.
+        max_half_open: half-open responder sessions kept at once (at most half of
+            ``max_sessions``); beyond it INITIALs must carry a token, and one more evicts the
+            oldest of the source holding the most (``admission``).
         always_retry: demand a retry token (address validation) before any handshake.
         max_total_in_flight: answers outstanding over all sessions together (what the socket
             buffer must hold); default ``max_in_flight_size``.
+        max_serving_size: bytes of a peer's requests one session holds at once (answers are
+            kept until acknowledged); default 4x ``max_in_flight_size``, what an honest peer
+            with our credit may have us hold.
+        max_total_serving: the same over all sessions; default 32x ``max_in_flight_size``.
         pmtu_probe: start data at 1200-byte datagrams and grow to the negotiated size only
             once a padded probe got through; False uses the negotiated size at once.
         background: yield to other traffic (LEDBAT, RFC 6817) in both directions: our
@@ -111,6 +126,8 @@ class Endpoint:
         max_half_open: int = 64,
         always_retry: bool = False,
         max_total_in_flight: int | None = None,
+        max_serving_size: int | None = None,
+        max_total_serving: int | None = None,
         pmtu_probe: bool = True,
         background: bool = False,
         background_target: float = 0.01,
@@ -125,6 +142,8 @@ class Endpoint:
             initial_rtt=transfer.initial_rtt,
             max_in_flight_size=max(transfer.max_in_flight_size, dgram),
             max_total_in_flight=max(max_total_in_flight or transfer.max_in_flight_size, dgram),
+            max_serving_size=max_serving_size or 4 * max(transfer.max_in_flight_size, dgram),
+            max_total_serving=max_total_serving or 32 * max(transfer.max_in_flight_size, dgram),
             max_datagram_size=dgram,
             max_recv_rate=network.max_recv_rate,
             max_ack_delay=max_ack_delay,
@@ -155,10 +174,18 @@ class Endpoint:
         self._ctx.on_established = self._on_established
         self._rng = rng
         self._folders: dict[bytes, bytes] = {}
+        self._keys: ResponderKeys[bytes] = ResponderKeys(())
         self.set_folders(folders)
         self._tokens = RetryTokens(rng.randbytes(32))
         self._max_sessions = max_sessions
-        self._max_half_open = max_half_open
+        # Half-open sessions never take more than half the table: the rest stays for
+        # established sessions and our own connects, whatever strangers send.
+        self._half_open: HalfOpen[Session] = HalfOpen(max(1, min(max_half_open, max_sessions // 2)))
+        # A half-open session lives until its handshake deadline: so long a replay of the
+        # INITIAL that opened it must be recognised.
+        self._replays = ReplayCache(self.params.idle_timeout)
+        self._budget = TrialBudget()
+        self._sources_by_host: dict[str, str] = {}
         self._always_retry = always_retry
         self._sessions: dict[int, Session] = {}
         self._by_addr: dict[tuple[Addr, bytes], Session] = {}
@@ -302,7 +329,7 @@ class Endpoint:
         key = (addr, bytes(folder))
         if key in self._by_addr:
             return
-        if len(self._sessions) >= self._max_sessions:
+        if len(self._sessions) >= self._max_sessions and not self._evict_half_open():
             self._ctx.events.append(
                 SessionClosed(None, FolderId(bytes(folder)), addr, CloseReason.INTERNAL)
             )
@@ -437,6 +464,7 @@ class Endpoint:
             if len(folder_id) != wire.FOLDER_ID_SIZE or len(psk) != wire.KEY_SIZE:
                 raise LocalProtocolError("folder ids are 16 bytes and PSKs 32 bytes")
         self._folders = {bytes(k): bytes(v) for k, v in folders.items()}
+        self._keys = ResponderKeys(self._folders.items())
 
     # ------------------------------------------------------------------ inspection
 
@@ -490,6 +518,12 @@ class Endpoint:
         return True
 
     def _on_initial(self, data: bytes | memoryview, addr: Addr, now: float) -> None:
+        """An INITIAL: the only packet a stranger can make us work for (``admission``).
+
+        Cheapest checks first: a repeat of a known INITIAL, a replay of one that opened a
+        session elsewhere, whether it could be paid for at all, the token; then the load
+        decides on a stateless RETRY, the budgets on whether the key trials are paid, and
+        the half-open bounds on which half-open session makes room for a new one."""
         stats = self._ctx.stats
         n = len(data)
         if n < wire.INITIAL_SIZE:
@@ -500,21 +534,33 @@ class Endpoint:
         if token_len > wire.MAX_TOKEN_SIZE or body + wire.KEY_SIZE + wire.TAG_SIZE > n:
             stats.dropped += 1
             return
-        token = bytes(data[wire.LONG_HEADER_SIZE : body])
-        message = bytes(data[body:])
-        existing = self._by_initial.get((addr, src_cid))
+        ephemeral = bytes(data[body : body + wire.KEY_SIZE])
+        origin = (addr, src_cid)
+        existing = self._by_initial.get(origin)
         if existing is not None:
-            if existing.remote_ephemeral == message[: wire.KEY_SIZE]:
+            if existing.remote_ephemeral == ephemeral:
                 existing.on_duplicate_initial(n)
             return
+        if self._replays.is_replay(ephemeral, origin, now):
+            stats.initials_replayed += 1
+            return
+        trials = len(self._keys)
+        load = self._budget.demand(trials, now)
+        source = self._source(addr)
         validated = False
-        if token:
-            validated = self._tokens.check(token, addr, src_cid, now)
-            if not validated:
-                stats.dropped += 1
+        if token_len:
+            # The token costs a MAC to check: not for an INITIAL that could not be paid for.
+            if not self._budget.affordable(source, trials, now):
+                stats.initials_shed += 1
                 return
-        half_open = sum(1 for s in self._sessions.values() if s.state is State.HALF_OPEN)
-        if not validated and (self._always_retry or half_open >= self._max_half_open):
+            # A bad token is treated as none (RFC 9000 §8.1.3): dropping the INITIAL would
+            # let anyone who saw our peer's cid end its handshake with one forged RETRY
+            # (the initiator takes only one, and repeats the token it got).
+            token = bytes(data[wire.LONG_HEADER_SIZE : body])
+            validated = self._tokens.check(token, addr, src_cid, now)
+        if not validated and (
+            self._always_retry or len(self._half_open) >= self._half_open.limit or load > RETRY_LOAD
+        ):
             retry_token = self._tokens.issue(addr, src_cid, now)
             self._stateless.append(
                 (_LONG.pack(_VERSION, _T_RETRY, len(retry_token), src_cid) + retry_token, addr)
@@ -522,7 +568,11 @@ class Endpoint:
             stats.retries_sent += 1
             stats.datagrams_sent += 1
             return
-        hs = ResponderHandshake.read_message1(self._folders.items(), message)
+        if not self._budget.take(source, trials, now):
+            stats.initials_shed += 1
+            return
+        stats.key_trials += trials
+        hs = self._keys.read_message1(bytes(data[body:]))
         if hs is None:
             stats.handshakes_failed += 1
             return
@@ -548,21 +598,52 @@ class Endpoint:
             current.abandon()
             owes = True
             current = None
-        if len(self._sessions) >= self._max_sessions:
+        victim = self._half_open.victim(source)
+        if victim is not None:
+            self._evict(victim)
+        if len(self._sessions) >= self._max_sessions and not self._evict_half_open():
             stats.dropped += 1
             return
+        self._replays.add(ephemeral, origin, now)
         session = Session.responder(self._ctx, addr, hs, initial, self._new_cid(), validated, now)
         session.amp_received = n
         session.owes_result = owes
-        session.initial_key = (addr, src_cid)
+        session.initial_key = origin
         self._sessions[session.local_cid] = session
-        self._by_initial[(addr, src_cid)] = session
+        self._by_initial[origin] = session
+        self._half_open.add(session, source)
         self._ctx.dirty[session] = None
         if current is None or not current.established:
             self._by_addr[key] = session
 
+    def _source(self, addr: Addr) -> str:
+        """``ban_key`` of ``addr``, remembered: parsing an address costs more than the rest
+        of a shed INITIAL."""
+        sources = self._sources_by_host
+        source = sources.get(addr[0])
+        if source is None:
+            if len(sources) >= MAX_SOURCES:
+                sources.clear()  # spoofed hosts by the thousand: start again, bounded
+            source = sources[addr[0]] = ban_key(addr)
+        return source
+
+    def _evict_half_open(self) -> bool:
+        """Make room in a full session table: evict the oldest half-open session of the
+        source holding the most; False when there is none."""
+        victim = self._half_open.oldest_of_busiest()
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
+    def _evict(self, session: Session) -> None:
+        self._ctx.stats.half_open_evicted += 1
+        session.close(CloseReason.HANDSHAKE_TIMEOUT, send=False)
+
     def _on_established(self, session: Session) -> None:
         assert session.peer is not None
+        self._half_open.discard(session)
+        self._budget.mark_good(self._source(session.addr))
         key = (bytes(session.peer), bytes(session.folder))
         old = self._by_peer.get(key)
         if old is not None and old is not session:
@@ -576,6 +657,7 @@ class Endpoint:
 
     def _on_closed(self, session: Session) -> None:
         self._sessions.pop(session.local_cid, None)
+        self._half_open.discard(session)
         self._timers.pop(session, None)
         self._stale.pop(session, None)
         self._ctx.dirty.pop(session, None)
