@@ -19,12 +19,15 @@ import pytest
 
 from lanshare import config as configuration
 from lanshare import doctor, keys
-from lanshare.cli import _print_status, _PullProgress, main
+from lanshare.cli import _print_status, _PullProgress
 from lanshare.daemon import LOCK_NAME, STRAY_DATABASE_NAMES, own_state
 from lanshare.index import DATABASE_NAME, Index
+from tests.cli_env import home, run
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+__all__ = ["home"]
 
 COMMANDS = [
     "init",
@@ -39,26 +42,6 @@ COMMANDS = [
     "resume",
     "doctor",
 ]
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private home: config, state and runtime dirs all below tmp_path."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    monkeypatch.delenv("LANSHARE_CONFIG", raising=False)
-    monkeypatch.delenv("LANSHARE_DEBUG", raising=False)
-    return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (code if isinstance(code, int) else 1), out, err
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rich.cells import cell_len
 
-from lanshare.cli import _print_hit, _shorten, main
+from lanshare.cli import _print_hit, _shorten
+from tests.cli_env import home, run
 from tests.e2e.conftest import cluster
 from tests.e2e.harness import wait_until
 
@@ -19,30 +20,10 @@ if TYPE_CHECKING:
 
     from tests.e2e.harness import Cluster, Node
 
-__all__ = ["cluster"]
+__all__ = ["cluster", "home"]
 
 SYNC_TIMEOUT = 30.0
 CONTRACT = {"folder", "path", "type", "size", "hash", "state", "holders"}
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private home: config, state and runtime dirs all below tmp_path."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    monkeypatch.delenv("LANSHARE_CONFIG", raising=False)
-    monkeypatch.delenv("LANSHARE_DEBUG", raising=False)
-    return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (code if isinstance(code, int) else 1), out, err
 
 
 @pytest.mark.parametrize(
