@@ -1,0 +1,601 @@
+"""Fuzzing of every decoder a peer, or a stranger on the LAN, can reach.
+
+Each target is fed, from one seeded generator, random bytes and mutations of valid encodings
+(bit flips, boundary integers written over fixed-width and varint fields, truncation,
+insertion, deletion, splices of two valid inputs): mutating real encodings gets past the
+first checks of a decoder, where random bytes rarely do. A target passes when every input
+decodes or raises the decoder's one error type (``DecodeError``; the endpoint and the
+handshake's first message raise nothing), and when no single call's peak allocation
+(tracemalloc) exceeds a bound proportional to its input (``_ALLOC_FACTOR`` times its size plus
+``_ALLOC_SLACK``): a length or count field must never make us allocate what the peer claims.
+
+Each target stops at ``_EXAMPLES`` inputs or after ``_BUDGET`` seconds, whichever comes first,
+but always runs ``_MIN_EXAMPLES``, so the file stays within seconds in CI. The seed of a
+target derives from ``LANSHARE_FUZZ_SEED`` and the target's name; a failure names the seed,
+the example number and the exact input (hex), which then becomes a regression test. Longer
+local runs: ``LANSHARE_FUZZ_SCALE=100 LANSHARE_FUZZ_SEED=7 pytest tests/test_fuzz_decoders.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+import tracemalloc
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lanshare import manifest, peertable
+from lanshare.errors import DecodeError
+from lanshare.events import BlockRequested, PeerId, SessionEstablished
+from lanshare.identity import NodeId
+from lanshare.keys import announce_token
+from lanshare.manifest import (
+    BatchHeader,
+    Block,
+    EntryType,
+    FileRecord,
+    InProgress,
+    VersionVector,
+)
+from lanshare.protocol import crypto, wire
+from lanshare.protocol.connection import State
+from tests.sim import FOLDER, Link, Network, make_endpoint
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from tests.sim import Node
+
+_BASE_SEED = int(os.environ.get("LANSHARE_FUZZ_SEED", "20261206"))
+_SCALE = float(os.environ.get("LANSHARE_FUZZ_SCALE", "1"))
+_EXAMPLES = int(4000 * _SCALE)
+_MIN_EXAMPLES = 300
+_BUDGET = 1.5 * _SCALE
+"""Seconds per target: a budget that stops the loop, never something a test asserts."""
+
+_ALLOC_FACTOR = 8
+"""Decoded objects may take a few times their encoding (a 33-byte block entry becomes a
+Block, its hash and its offset); anything beyond is an allocation sized by a claimed length."""
+_ALLOC_SLACK = 8 * 1024
+"""Fixed cost of one call: error messages, tracebacks, small caches."""
+
+_INTERESTING = (
+    0,
+    1,
+    2,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1000,
+    1001,
+    1024,
+    1025,
+    manifest.MAX_BLOCKS,
+    manifest.MAX_BLOCKS + 1,
+    manifest.MAX_BLOCK_SIZE,
+    manifest.MAX_BLOCK_SIZE + 1,
+    1 << 62,
+    (1 << 62) + 1,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+)
+
+_TOKENS = (
+    b"/",
+    b"//",
+    b"./",
+    b"../",
+    b"\\",
+    b"\x00",
+    b"\x1b[",
+    b"\xc2\x9b",  # C1 CSI
+    b"\xe2\x80\xae",  # RIGHT-TO-LEFT OVERRIDE
+    b"e\xcc\x81",  # e + COMBINING ACUTE: NFC composes it
+    b"\xe0\xa5\x98",  # U+0958: NFC decomposes it
+    b"\xed\xa0\x80",  # an encoded surrogate: not UTF-8
+    b"\xc3",  # a truncated sequence
+    b"\xef\xbf\xbf",
+    b"=",
+    b"v=",
+    b"t=",
+    b"0123456789abcdef",
+)
+"""Byte strings that test paths, names and TXT values (separators, controls, Unicode edges)."""
+
+
+def _seed(name: str) -> int:
+    digest = hashlib.sha256(f"{_BASE_SEED}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _mutate(rng: random.Random, data: bytes, corpus: Sequence[bytes]) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(10)
+        pos = rng.randrange(len(buf) + 1)
+        if op == 0 and buf:
+            buf[min(pos, len(buf) - 1)] ^= 1 << rng.randrange(8)
+        elif op == 1 and buf:
+            buf[min(pos, len(buf) - 1)] = rng.choice((0, 1, 0x7F, 0x80, 0xFF))
+        elif op == 2:
+            width = rng.choice((1, 2, 4, 8))
+            value = rng.choice(_INTERESTING) & ((1 << (8 * width)) - 1)
+            buf[pos : pos + width] = value.to_bytes(width, "big")
+        elif op == 3:
+            # A varint field (manifest encodings): boundary values, or a non-minimal/overlong one.
+            field = _varint(rng.choice(_INTERESTING))
+            if rng.random() < 0.2:
+                field = b"\x80" * rng.randint(1, 11) + b"\x00"
+            old = rng.randint(1, 10)
+            buf[pos : pos + old] = field
+        elif op == 4:
+            buf[pos:pos] = rng.randbytes(rng.randint(1, 32))
+        elif op == 5 and buf:
+            del buf[pos : pos + rng.randint(1, 32)]
+        elif op == 6:
+            del buf[pos:]
+        elif op == 7 and buf:
+            start = rng.randrange(len(buf))
+            buf[pos:pos] = buf[start : start + rng.randint(1, 64)]
+        elif op == 8:
+            buf[pos : pos + rng.randint(0, 2)] = rng.choice(_TOKENS)
+        elif op == 9:
+            other = rng.choice(corpus)
+            buf[pos:] = other[rng.randrange(len(other) + 1) :]
+    return bytes(buf)
+
+
+def _fuzz(
+    name: str,
+    decode: Callable[[bytes], object],
+    corpus: Sequence[bytes],
+    *,
+    errors: tuple[type[BaseException], ...] = (DecodeError,),
+    max_random: int = 2048,
+    prefixes: Sequence[bytes] = (b"",),
+    slack: int = _ALLOC_SLACK,
+    before_each: Callable[[], None] | None = None,
+) -> tuple[int, int]:
+    """Feed ``decode`` random and mutated inputs; return how many it took and how many of
+    them it accepted (returned from)."""
+    seed = _seed(name)
+    rng = random.Random(seed)
+    where = f"fuzz target {name}, seed {seed} (LANSHARE_FUZZ_SEED={_BASE_SEED})"
+    print(where)
+    for valid in corpus:
+        if before_each is not None:
+            before_each()
+        decode(valid)  # the corpus must be valid, or mutating it explores nothing
+    deadline = time.monotonic() + _BUDGET
+    tried = accepted = 0
+    tracemalloc.start()
+    try:
+        for done in range(_EXAMPLES):
+            if done >= _MIN_EXAMPLES and time.monotonic() > deadline:
+                break
+            if rng.random() < 0.25:
+                size = rng.choice((rng.randrange(64), rng.randrange(max_random + 1)))
+                data = rng.choice(prefixes) + rng.randbytes(size)
+            else:
+                data = _mutate(rng, rng.choice(corpus), corpus)
+            tried += 1
+            if before_each is not None:
+                before_each()
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            try:
+                decode(data)
+                accepted += 1
+            except errors:
+                pass
+            except Exception as exc:
+                raise AssertionError(
+                    f"{where}, example {done}: {type(exc).__name__}: {exc}; input {data.hex()}"
+                ) from exc
+            peak = tracemalloc.get_traced_memory()[1] - base
+            bound = _ALLOC_FACTOR * len(data) + slack
+            assert peak <= bound, (
+                f"{where}, example {done}: {peak} bytes allocated for {len(data)} bytes "
+                f"(bound {bound}); input {data.hex()}"
+            )
+    finally:
+        tracemalloc.stop()
+    return tried, accepted
+
+
+def _fuzz_decoder(
+    name: str,
+    decode: Callable[[bytes], object],
+    corpus: Sequence[bytes],
+    *,
+    max_random: int = 2048,
+    prefixes: Sequence[bytes] = (b"",),
+) -> None:
+    """``_fuzz`` a decoder, and check that the mutations reached both of its outcomes: some
+    inputs decode (they got past every check) and some are refused."""
+    tried, accepted = _fuzz(name, decode, corpus, max_random=max_random, prefixes=prefixes)
+    assert 0 < accepted < tried, f"{name}: {accepted} of {tried} inputs decoded"
+
+
+# --- valid encodings to mutate ---------------------------------------------------------------
+
+
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(i.to_bytes(4, "big")).digest()
+
+
+def _file_record(
+    blocks: int = 3, algo: str = "sha256", path: str = "docs/report é.txt"
+) -> FileRecord:
+    sizes = [1 + (i * 7919) % 65536 for i in range(blocks)]
+    offsets = [sum(sizes[:i]) for i in range(blocks)]
+    return FileRecord(
+        path=path,
+        type=EntryType.FILE,
+        size=sum(sizes),
+        mtime_ns=-1_700_000_000_123_456_789,
+        mode=0o100644,
+        blocks=tuple(
+            Block(o, s, _digest(i)) for i, (o, s) in enumerate(zip(offsets, sizes, strict=True))
+        ),
+        file_hash=_digest(99),
+        hash_algo=algo,
+        version=VersionVector.of({1: 3, 0xFFFF_FFFF_FFFF: 1, (1 << 64) - 1: 1 << 40}),
+        sequence=42,
+    )
+
+
+_RECORDS = (
+    _file_record(),
+    _file_record(blocks=0, algo="blake3", path="empty"),
+    _file_record(blocks=17),
+    FileRecord(path="a/dir", type=EntryType.DIR, mode=0o40755, version=VersionVector.of({5: 1})),
+    FileRecord(
+        path="a/link", type=EntryType.SYMLINK, symlink_target="../target ü", sequence=1 << 40
+    ),
+    _file_record().tombstone(VersionVector.of({1: 4}), 43),
+)
+_ENTRIES = (
+    BatchHeader(b"\x00\x11\x22\x33\x44\x55\x66\x77", 12345),
+    *_RECORDS,
+    InProgress(_file_record(blocks=17), (0, 3, 8, 16)),
+    InProgress(_file_record(blocks=0, algo="blake3", path="empty"), ()),
+)
+_ENTRY_CORPUS = tuple(manifest.encode_entry(e) for e in _ENTRIES)
+
+_FRAMES: tuple[wire.Frame, ...] = (
+    wire.Ping(),
+    wire.Ack(((100, 120), (50, 90), (0, 10)), 250),
+    wire.Ack(((1 << 40, (1 << 40) + 1),), 0),
+    wire.Close(int(wire.CloseCode.PROTOCOL_ERROR)),
+    wire.Data(7, 5000, 1405, bytes(range(200))),
+    wire.Data(0, 0, 0, b""),
+    wire.RequestBlock(3, "dir/file ü", 2, 1 << 33, 131072, "sha256", _digest(1)),
+    wire.RequestBlock(4, "", 0, 0, 1, "blake3", _digest(2)),
+    wire.RequestManifest(9, 1 << 40, 65536),
+    wire.Cancel(9),
+    wire.Reject(9, int(wire.RejectCode.BUSY)),
+    wire.Notify(77, tuple(_digest(i) for i in range(5))),
+    wire.Notify(78),
+)
+_FRAME_CORPUS = (
+    *(wire.encode_frame(f) for f in _FRAMES),
+    b"".join(wire.encode_frame(f) for f in _FRAMES) + bytes(20),
+)
+
+_INITIAL = wire.InitialPayload(b"N" * 8, FOLDER, 0xDEADBEEF, 1452, 1 << 20, 1 << 30, 1)
+_RESPONSE = wire.ResponsePayload(b"R" * 8, 0xCAFE, 9000, 1 << 20, 0, 0)
+
+
+# --- pure decoders ---------------------------------------------------------------------------
+
+
+def test_manifest_entries() -> None:
+    """The manifest-entry sub-format a peer sends in its manifest answers."""
+    _fuzz_decoder(
+        "manifest.decode_entry",
+        manifest.decode_entry,
+        _ENTRY_CORPUS,
+        prefixes=(b"\x00", b"\x01", b"\x02"),
+    )
+
+
+def test_manifest_entries_with_few_devices_allowed() -> None:
+    """The same with ``[sync] max_vector_devices`` as small as the corpus allows (3)."""
+    _fuzz_decoder(
+        "manifest.decode_entry.max_devices",
+        lambda data: manifest.decode_entry(data, max_devices=3),
+        _ENTRY_CORPUS,
+    )
+
+
+def test_manifest_stored_encodings() -> None:
+    """Records, block lists and vectors as the index stores them (peer data, read back)."""
+    records = tuple(manifest.encode_record(r) for r in _RECORDS)
+    _fuzz_decoder("manifest.decode_record", manifest.decode_record, records)
+    blocks = tuple(manifest.encode_blocks(r.blocks) for r in _RECORDS)
+    _fuzz_decoder("manifest.decode_blocks", manifest.decode_blocks, blocks)
+    versions = tuple(manifest.encode_version(r.version) for r in _RECORDS)
+    _fuzz_decoder("manifest.decode_version", manifest.decode_version, versions)
+
+
+def test_manifest_batches() -> None:
+    """The envelope of a manifest answer, then every entry in it, as the exchange reads it."""
+
+    def decode(data: bytes) -> None:
+        records, _ = wire.decode_manifest_batch(data)
+        for raw in records:
+            try:
+                manifest.decode_entry(raw)
+            except DecodeError:
+                continue
+
+    corpus = (
+        wire.encode_manifest_batch(_ENTRY_CORPUS, True),
+        wire.encode_manifest_batch(_ENTRY_CORPUS[:2], False),
+        wire.encode_manifest_batch((), False),
+    )
+    _fuzz_decoder("wire.decode_manifest_batch", decode, corpus)
+
+
+def test_frames() -> None:
+    """Every frame of a decrypted DATA packet, alone and in sequence."""
+    _fuzz_decoder(
+        "wire.decode_frames",
+        wire.decode_frames,
+        _FRAME_CORPUS,
+        prefixes=tuple(bytes((t,)) for t in wire.FrameType),
+    )
+    acks = tuple(wire.encode_frame(f) for f in _FRAMES if isinstance(f, wire.Ack))
+    _fuzz_decoder("wire.decode_ack", lambda data: wire.decode_ack(data, 0, len(data)), acks)
+
+
+def test_handshake_payloads() -> None:
+    _fuzz_decoder(
+        "wire.decode_initial_payload",
+        wire.decode_initial_payload,
+        (wire.encode_initial_payload(_INITIAL), wire.encode_initial_payload(_INITIAL, 1100)),
+    )
+    _fuzz_decoder(
+        "wire.decode_response_payload",
+        wire.decode_response_payload,
+        (wire.encode_response_payload(_RESPONSE),),
+    )
+
+
+def test_mdns_txt_records() -> None:
+    """The TXT record of an announcement, from anyone on the LAN (no key needed)."""
+    nonce = bytes(range(8))
+    tokens = tuple(announce_token(bytes([k]) * 32, nonce) for k in range(3))
+    ours = peertable.Announcement(NodeId(b"\x00" * 7 + b"\xaa"), nonce, tokens, 1 << 40)
+    foreign = peertable.encode_txt(ours).replace(b"v=%d" % peertable.PROTOCOL_VERSION, b"v=1")
+    corpus = (
+        peertable.encode_txt(ours),
+        peertable.encode_txt(peertable.Announcement(NodeId(b"\x01" * 8), nonce, (), 0)),
+        foreign,
+        peertable.encode_txt(ours) + b"\x0bextra=value\x04flag",
+    )
+    _fuzz_decoder(
+        "peertable.read_txt", peertable.read_txt, corpus, max_random=peertable.MAX_TXT_SIZE + 8
+    )
+    _fuzz("peertable.decode_txt", peertable.decode_txt, corpus[:2])
+
+
+def test_handshake_messages() -> None:
+    """Noise messages 1 (responder, from strangers) and 2 (initiator, from the address we
+    contacted), and retry tokens; message 1 with a wrong key or garbage is None, never an
+    error."""
+    psk = bytes(range(32))
+    initiator = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
+    message1 = initiator.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
+
+    def read1(data: bytes) -> None:
+        hs = crypto.ResponderHandshake.read_message1([(b"other", bytes(32)), (FOLDER, psk)], data)
+        if hs is not None:
+            wire.decode_initial_payload(hs.payload)
+
+    _fuzz("crypto.read_message1", read1, (message1,), errors=(DecodeError,))
+    responder = crypto.ResponderHandshake.read_message1([(FOLDER, psk)], message1)
+    assert responder is not None
+    message2, _ = responder.write_message2(bytes([9]) * 32, wire.encode_response_payload(_RESPONSE))
+
+    def read2(data: bytes) -> None:
+        hs = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
+        hs.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
+        payload, _ = hs.read_message2(data)
+        wire.decode_response_payload(payload)
+
+    _fuzz("crypto.read_message2", read2, (message2,))
+    tokens = crypto.RetryTokens(bytes(32))
+    addr = ("10.0.0.9", 4000)
+    token = tokens.issue(addr, 5, 1000.0)
+    _fuzz("crypto.RetryTokens.check", lambda data: tokens.check(data, addr, 5, 1000.0), (token,))
+
+
+# --- whole datagrams into an endpoint ----------------------------------------------------------
+
+_A = ("10.0.0.1", 4000)
+_B = ("10.0.0.2", 4000)
+_A_ID, _B_ID = PeerId(b"A" * 8), PeerId(b"B" * 8)
+_ENDPOINT_SLACK = 256 * 1024
+"""A datagram may open one session: its fixed buffers (a few datagrams each) and its state."""
+
+
+def _pair(seed: int) -> tuple[Network, Node, Node]:
+    net = Network(seed, Link(delay=0.001))
+    a = net.add(make_endpoint(seed, _A_ID), _A)
+    b = net.add(make_endpoint(seed + 1, _B_ID), _B)
+    a.serve = b.serve = False
+    return net, a, b
+
+
+def _captured_handshake(seed: int) -> list[bytes]:
+    """Every datagram of a real handshake and of a few requests, as they crossed the link."""
+    net, a, b = _pair(seed)
+    seen: list[bytes] = []
+
+    def keep(data: bytes, src: object, dst: object) -> bool:
+        seen.append(bytes(data))
+        return True
+
+    net.filter = keep
+    b.endpoint.connect(_A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    b.endpoint.request_block(_A_ID, FOLDER, path="f", index=0, offset=0, size=3000, hash=_digest(0))
+    b.endpoint.request_manifest(_A_ID, FOLDER, since_seq=0)
+    net.run_until(lambda: bool(a.of_type(BlockRequested)), 5)
+    return seen
+
+
+def test_endpoint_datagrams() -> None:
+    """Whole datagrams from a stranger's address and from a peer's address, garbage and
+    mutations of a real exchange (INITIAL, RESPONSE, RETRY, DATA): never an exception."""
+    corpus = _captured_handshake(_seed("endpoint") % 1000)
+    retry = wire.LONG_HEADER.pack(wire.VERSION, wire.PacketType.RETRY, 20, 1) + bytes(20)
+    corpus.append(retry)
+    net, a, b = _pair(3)
+    b.endpoint.connect(_A, FOLDER)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+    ep = a.endpoint
+    now = net.now
+    addrs = (_B, ("10.0.0.66", 4000))
+
+    def feed(data: bytes) -> None:
+        ep.receive_datagrams([memoryview(data)], addrs[data[-1] & 1 if data else 0], now)
+        ep.handle_timer(now)
+        ep.datagrams_to_send(now)
+        while ep.next_event() is not None:
+            pass
+
+    prefixes = tuple(bytes((wire.VERSION, t)) for t in wire.PacketType)
+    _fuzz(
+        "endpoint.receive_datagrams",
+        feed,
+        corpus,
+        errors=(),
+        max_random=1600,
+        prefixes=prefixes,
+        slack=_ENDPOINT_SLACK,
+    )
+    assert ep.stats.dropped + ep.stats.auth_failed + ep.stats.handshakes_failed > 0
+
+
+def test_authenticated_frames() -> None:
+    """Frames a key holder sends inside authentic DATA packets (mutations of valid frame
+    sequences, encrypted with the session's real key): they close the session at worst, and
+    the next input goes to a fresh one."""
+    seed = _seed("session") % 1000
+    pairs: list[tuple[Network, Node, Node]] = []
+
+    def fresh() -> None:
+        net, a, b = _pair(seed)
+        b.endpoint.connect(_A, FOLDER)
+        net.run_until(lambda: bool(a.of_type(SessionEstablished)), 5)
+        # A waits for request 0 from B: hostile DATA frames for it reach reassembly.
+        a.endpoint.request_block(
+            _B_ID, FOLDER, path="f", index=0, offset=0, size=5000, hash=_digest(0)
+        )
+        net.run_until(lambda: bool(b.of_type(BlockRequested)), 5)
+        pairs.append((net, a, b))
+
+    def established() -> None:
+        _, a, _ = pairs[-1]
+        if not any(s.state is State.ESTABLISHED for s in a.endpoint._sessions.values()):
+            fresh()
+
+    def feed(payload: bytes) -> None:
+        net, a, b = pairs[-1]
+        (hostile,) = b.endpoint._sessions.values()
+        out: list[tuple[bytes, tuple[str, int]]] = []
+        hostile._emit(payload[:1420], net.now, out, eliciting=False, items=None)
+        a.endpoint.receive_datagrams([memoryview(d) for d, _ in out], _B, net.now)
+        a.endpoint.handle_timer(net.now)
+        a.endpoint.datagrams_to_send(net.now)
+        while a.endpoint.next_event() is not None:
+            pass
+
+    fresh()
+    data_head = wire.DATA_FRAME.pack(wire.FrameType.DATA, 0, 5000, 0, 1405) + bytes(1405)
+    _fuzz(
+        "session.frames",
+        feed,
+        (*_FRAME_CORPUS, data_head),
+        errors=(),
+        max_random=1420,
+        prefixes=tuple(bytes((t,)) for t in wire.FrameType),
+        slack=_ENDPOINT_SLACK,
+        before_each=established,
+    )
+    closed = sum(a.endpoint.stats.protocol_errors for _, a, _ in pairs)
+    assert len(pairs) > 1
+    assert closed > 0
+
+
+# --- structured inputs (Hypothesis shrinks a failure to its smallest form) --------------------
+
+_mutations = st.lists(
+    st.tuples(st.integers(0, 8), st.integers(0, 1 << 16), st.integers(0, 1 << 16)), max_size=4
+)
+
+
+@given(st.sampled_from(_ENTRY_CORPUS), _mutations, st.binary(max_size=16))
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+def test_manifest_entry_mutations_shrink(
+    valid: bytes, mutations: list[tuple[int, int, int]], noise: bytes
+) -> None:
+    """A manifest entry edited at Hypothesis-chosen places (its failures shrink to the
+    smallest edit): decodes, or raises DecodeError."""
+    buf = bytearray(valid)
+    for op, at, value in mutations:
+        pos = at % (len(buf) + 1)
+        if op == 0:
+            buf[pos:pos] = noise
+        elif op == 1:
+            del buf[pos : pos + 1 + value % 32]
+        elif op == 2:
+            del buf[pos:]
+        elif op == 3:
+            buf[pos : pos + 1 + value % 10] = _varint(_INTERESTING[value % len(_INTERESTING)])
+        elif buf:
+            width = (1, 2, 4, 8)[op % 4]
+            number = _INTERESTING[value % len(_INTERESTING)] & ((1 << (8 * width)) - 1)
+            buf[pos : pos + width] = number.to_bytes(width, "big")
+    try:
+        entry = manifest.decode_entry(bytes(buf))
+    except DecodeError:
+        return
+    assert manifest.encode_entry(entry) == bytes(buf)  # what decodes is canonical
+
+
+@pytest.mark.parametrize("entry", _ENTRY_CORPUS)
+def test_corpus_round_trips(entry: bytes) -> None:
+    assert manifest.encode_entry(manifest.decode_entry(entry)) == entry
