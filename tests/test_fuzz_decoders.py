@@ -425,7 +425,16 @@ def test_handshake_messages() -> None:
     def read2(data: bytes) -> None:
         hs = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
         hs.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
-        payload, _ = hs.read_message2(data)
+        try:
+            payload, _ = hs.read_message2(data)
+        except DecodeError:
+            # Anyone can send a RESPONSE from the responder's address: a refused one must
+            # leave the handshake as it was, ready for the genuine one.
+            try:
+                hs.read_message2(message2)
+            except DecodeError as exc:
+                raise AssertionError(f"genuine message 2 refused after this one: {exc}") from exc
+            raise
         wire.decode_response_payload(payload)
 
     _fuzz("crypto.read_message2", read2, (message2,))
@@ -501,6 +510,56 @@ def test_endpoint_datagrams() -> None:
         slack=_ENDPOINT_SLACK,
     )
     assert ep.stats.dropped + ep.stats.auth_failed + ep.stats.handshakes_failed > 0
+
+
+# The exact input the read_message2 target found: the genuine message 2 with a few bytes
+# edited. Reading it used to leave the initiator's handshake state mixed with its key, so
+# the genuine message was refused after it.
+_FORGED_MESSAGE2 = bytes.fromhex(
+    "57db4b04d42143c7800131325607aba056ed3f6d596635d088e59a9844d9bcafaa7dce9f5ba540fa0f33"
+    "3435363738396162636465663e9b64cb675607aba056ed3f6d596635d088e59a9844d9bcaf"
+)
+
+
+def test_found_forged_message2_leaves_the_handshake_intact() -> None:
+    psk = bytes(range(32))
+    initiator = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
+    message1 = initiator.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
+    responder = crypto.ResponderHandshake.read_message1([(FOLDER, psk)], message1)
+    assert responder is not None
+    message2, _ = responder.write_message2(bytes([9]) * 32, wire.encode_response_payload(_RESPONSE))
+    with pytest.raises(DecodeError):
+        initiator.read_message2(_FORGED_MESSAGE2)
+    payload, _ = initiator.read_message2(message2)
+    assert wire.decode_response_payload(payload) == _RESPONSE
+
+
+@pytest.mark.parametrize("forgery", ["garbage", "flipped tag"])
+def test_a_forged_response_does_not_stop_the_handshake(forgery: str) -> None:
+    """A stranger who sees an INITIAL can answer it first, from the responder's address (UDP
+    sources are not authenticated): the session is still established with the real answer."""
+    net, a, b = _pair(11)
+    held: list[bytes] = []
+
+    def hold_response(data: bytes, src: object, dst: object) -> bool:
+        if src == _A and data[1] == wire.PacketType.RESPONSE and not held:
+            held.append(bytes(data))
+            return False  # delivered below, after the forgery
+        return True
+
+    net.filter = hold_response
+    b.endpoint.connect(_A, FOLDER)
+    net.run_until(lambda: bool(held), 5)
+    response = held[0]
+    head = wire.LONG_HEADER_SIZE
+    if forgery == "garbage":
+        forged = response[:head] + bytes(range(256))[: len(response) - head]
+    else:
+        forged = response[:-1] + bytes([response[-1] ^ 1])
+    b.endpoint.receive_datagram(forged, _A, net.now)
+    b.endpoint.receive_datagram(response, _A, net.now)
+    net.run_until(lambda: bool(a.of_type(SessionEstablished) and b.of_type(SessionEstablished)), 5)
+    assert b.endpoint.stats.handshakes_failed == 1
 
 
 def test_authenticated_frames() -> None:
