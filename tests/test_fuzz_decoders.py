@@ -31,7 +31,13 @@ from hypothesis import strategies as st
 
 from lanshare import manifest, peertable
 from lanshare.errors import DecodeError
-from lanshare.events import BlockRequested, PeerId, SessionEstablished
+from lanshare.events import (
+    BlockRequested,
+    ManifestReceived,
+    ManifestRequested,
+    PeerId,
+    SessionEstablished,
+)
 from lanshare.identity import NodeId
 from lanshare.keys import announce_token
 from lanshare.manifest import (
@@ -63,6 +69,9 @@ _ALLOC_FACTOR = 8
 Block, its hash and its offset); anything beyond is an allocation sized by a claimed length."""
 _ALLOC_SLACK = 8 * 1024
 """Fixed cost of one call: error messages, tracebacks, small caches."""
+_VECTOR_SLACK = _ALLOC_SLACK + manifest.MAX_VERSION_ENTRIES * 128
+"""A version vector costs ~40 times its encoding (a tuple and two ints per device) but has
+at most MAX_VERSION_ENTRIES devices: a fixed part of the bound of a record decoder."""
 
 _INTERESTING = (
     0,
@@ -233,10 +242,13 @@ def _fuzz_decoder(
     *,
     max_random: int = 2048,
     prefixes: Sequence[bytes] = (b"",),
+    slack: int = _ALLOC_SLACK,
 ) -> None:
     """``_fuzz`` a decoder, and check that the mutations reached both of its outcomes: some
     inputs decode (they got past every check) and some are refused."""
-    tried, accepted = _fuzz(name, decode, corpus, max_random=max_random, prefixes=prefixes)
+    tried, accepted = _fuzz(
+        name, decode, corpus, max_random=max_random, prefixes=prefixes, slack=slack
+    )
     assert 0 < accepted < tried, f"{name}: {accepted} of {tried} inputs decoded"
 
 
@@ -320,6 +332,7 @@ def test_manifest_entries() -> None:
         manifest.decode_entry,
         _ENTRY_CORPUS,
         prefixes=(b"\x00", b"\x01", b"\x02"),
+        slack=_VECTOR_SLACK,
     )
 
 
@@ -329,17 +342,87 @@ def test_manifest_entries_with_few_devices_allowed() -> None:
         "manifest.decode_entry.max_devices",
         lambda data: manifest.decode_entry(data, max_devices=3),
         _ENTRY_CORPUS,
+        slack=_VECTOR_SLACK,
     )
 
 
 def test_manifest_stored_encodings() -> None:
     """Records, block lists and vectors as the index stores them (peer data, read back)."""
     records = tuple(manifest.encode_record(r) for r in _RECORDS)
-    _fuzz_decoder("manifest.decode_record", manifest.decode_record, records)
+    _fuzz_decoder("manifest.decode_record", manifest.decode_record, records, slack=_VECTOR_SLACK)
     blocks = tuple(manifest.encode_blocks(r.blocks) for r in _RECORDS)
     _fuzz_decoder("manifest.decode_blocks", manifest.decode_blocks, blocks)
     versions = tuple(manifest.encode_version(r.version) for r in _RECORDS)
-    _fuzz_decoder("manifest.decode_version", manifest.decode_version, versions)
+    _fuzz_decoder("manifest.decode_version", manifest.decode_version, versions, slack=_VECTOR_SLACK)
+
+
+def _peak(decode: Callable[[bytes], object], data: bytes) -> int:
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        decode(data)
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def _largest_file() -> FileRecord:
+    count = manifest.MAX_BLOCKS
+    return FileRecord(
+        path="/".join(["d" * 60] * 16),
+        type=EntryType.FILE,
+        size=count,
+        blocks=tuple(Block(i, 1, _digest(i)) for i in range(count)),
+        file_hash=_digest(0),
+        hash_algo="sha256",
+        version=VersionVector(tuple((i, 1 << 62) for i in range(manifest.MAX_VECTOR_DEVICES))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "decode", "build"),
+    [
+        (
+            "entry: a file of MAX_BLOCKS one-byte blocks",
+            manifest.decode_entry,
+            lambda: manifest.encode_entry(_largest_file()),
+        ),
+        (
+            "entry: the same in progress, every block verified",
+            manifest.decode_entry,
+            lambda: manifest.encode_entry(
+                InProgress(_largest_file(), tuple(range(manifest.MAX_BLOCKS)))
+            ),
+        ),
+        (
+            "record: a directory of MAX_VERSION_ENTRIES devices",
+            manifest.decode_record,
+            lambda: manifest.encode_record(
+                FileRecord(
+                    path="d",
+                    type=EntryType.DIR,
+                    version=VersionVector(
+                        tuple((i, 1) for i in range(manifest.MAX_VERSION_ENTRIES))
+                    ),
+                )
+            ),
+        ),
+        (
+            "batch: 1 MiB of empty records",
+            lambda data: wire.decode_manifest_batch(data),
+            lambda: wire.encode_manifest_batch([b""] * (1 << 18), False),
+        ),
+    ],
+)
+def test_largest_valid_inputs_stay_within_the_bound(
+    what: str, decode: Callable[[bytes], object], build: Callable[[], bytes]
+) -> None:
+    """The bound the fuzzer holds decoders to also holds at their input size limits."""
+    data = build()
+    peak = _peak(decode, data)
+    print(f"{what}: {peak} bytes allocated for {len(data)}")
+    assert peak <= _ALLOC_FACTOR * len(data) + _VECTOR_SLACK, (what, len(data), peak)
 
 
 def test_manifest_batches() -> None:
@@ -358,7 +441,7 @@ def test_manifest_batches() -> None:
         wire.encode_manifest_batch(_ENTRY_CORPUS[:2], False),
         wire.encode_manifest_batch((), False),
     )
-    _fuzz_decoder("wire.decode_manifest_batch", decode, corpus)
+    _fuzz_decoder("wire.decode_manifest_batch", decode, corpus, slack=_VECTOR_SLACK)
 
 
 def test_frames() -> None:
@@ -577,7 +660,9 @@ def test_authenticated_frames() -> None:
         a.endpoint.request_block(
             _B_ID, FOLDER, path="f", index=0, offset=0, size=5000, hash=_digest(0)
         )
-        net.run_until(lambda: bool(b.of_type(BlockRequested)), 5)
+        # And for manifest request 1: an answer that completes reaches the batch decoder.
+        a.endpoint.request_manifest(_B_ID, FOLDER, since_seq=0)
+        net.run_until(lambda: bool(b.of_type(BlockRequested) and b.of_type(ManifestRequested)), 5)
         pairs.append((net, a, b))
 
     def established() -> None:
@@ -593,15 +678,18 @@ def test_authenticated_frames() -> None:
         a.endpoint.receive_datagrams([memoryview(d) for d, _ in out], _B, net.now)
         a.endpoint.handle_timer(net.now)
         a.endpoint.datagrams_to_send(net.now)
-        while a.endpoint.next_event() is not None:
-            pass
+        while (event := a.endpoint.next_event()) is not None:
+            answers[type(event)] = answers.get(type(event), 0) + 1
 
+    answers: dict[type, int] = {}
     fresh()
     data_head = wire.DATA_FRAME.pack(wire.FrameType.DATA, 0, 5000, 0, 1405) + bytes(1405)
+    batch = wire.encode_manifest_batch(_ENTRY_CORPUS[:3], False)
+    answer = wire.encode_frame(wire.Data(1, len(batch), 0, batch))
     _fuzz(
         "session.frames",
         feed,
-        (*_FRAME_CORPUS, data_head),
+        (*_FRAME_CORPUS, data_head, answer),
         errors=(),
         max_random=1420,
         prefixes=tuple(bytes((t,)) for t in wire.FrameType),
@@ -611,6 +699,7 @@ def test_authenticated_frames() -> None:
     closed = sum(a.endpoint.stats.protocol_errors for _, a, _ in pairs)
     assert len(pairs) > 1
     assert closed > 0
+    assert answers.get(ManifestReceived, 0) > 0  # hostile answers reached the batch decoder
 
 
 # --- structured inputs (Hypothesis shrinks a failure to its smallest form) --------------------
