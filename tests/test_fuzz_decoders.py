@@ -23,6 +23,7 @@ import os
 import random
 import time
 import tracemalloc
+import warnings
 from typing import TYPE_CHECKING
 
 import pytest
@@ -39,6 +40,7 @@ from lanshare.events import (
     SessionEstablished,
 )
 from lanshare.identity import NodeId
+from lanshare.ignore import IGNORE_FILE, IgnoreRules
 from lanshare.keys import announce_token
 from lanshare.manifest import (
     BatchHeader,
@@ -54,6 +56,7 @@ from tests.sim import FOLDER, Link, Network, make_endpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from pathlib import Path
 
     from tests.sim import Node
 
@@ -72,6 +75,8 @@ _ALLOC_SLACK = 8 * 1024
 _VECTOR_SLACK = _ALLOC_SLACK + manifest.MAX_VERSION_ENTRIES * 128
 """A version vector costs ~40 times its encoding (a tuple and two ints per device) but has
 at most MAX_VERSION_ENTRIES devices: a fixed part of the bound of a record decoder."""
+_IGNORE_SLACK = 256 * 1024
+"""pathspec compiles one regex per line (and ``re`` caches them): a fixed cost per call."""
 
 _INTERESTING = (
     0,
@@ -122,6 +127,12 @@ _TOKENS = (
     b"v=",
     b"t=",
     b"0123456789abcdef",
+    b"*",
+    b"**/",
+    b"[",
+    b"]",
+    b"-",
+    b"!",
 )
 """Byte strings that test paths, names and TXT values (separators, controls, Unicode edges)."""
 
@@ -384,12 +395,7 @@ def _largest_file() -> FileRecord:
     ("what", "decode", "build"),
     [
         (
-            "entry: a file of MAX_BLOCKS one-byte blocks",
-            manifest.decode_entry,
-            lambda: manifest.encode_entry(_largest_file()),
-        ),
-        (
-            "entry: the same in progress, every block verified",
+            "entry: a file of MAX_BLOCKS one-byte blocks in progress, every block verified",
             manifest.decode_entry,
             lambda: manifest.encode_entry(
                 InProgress(_largest_file(), tuple(range(manifest.MAX_BLOCKS)))
@@ -409,9 +415,9 @@ def _largest_file() -> FileRecord:
             ),
         ),
         (
-            "batch: 1 MiB of empty records",
+            "batch: 256 KiB of empty records",
             lambda data: wire.decode_manifest_batch(data),
-            lambda: wire.encode_manifest_batch([b""] * (1 << 18), False),
+            lambda: wire.encode_manifest_batch([b""] * (1 << 16), False),
         ),
     ],
 )
@@ -485,6 +491,39 @@ def test_mdns_txt_records() -> None:
         "peertable.read_txt", peertable.read_txt, corpus, max_random=peertable.MAX_TXT_SIZE + 8
     )
     _fuzz("peertable.decode_txt", peertable.decode_txt, corpus[:2])
+
+
+def test_ignore_files(tmp_path: Path) -> None:
+    """``.lanshareignore`` is synced like any file, so any key holder writes what this parses:
+    a bad line is left out and named, never an error that stops the folder's scans."""
+    corpus = (
+        b"*.tmp\n!keep.tmp\nbuild/\n/top-only\n**/cache/**\n",
+        b"# comment\n[a-z]*.o\n\\#not-a-comment\na/**/b\n[!abc]x\n",
+        b"\xc3\xa9t\xc3\xa9/\n  trailing  \n\n",
+    )
+    path = tmp_path / IGNORE_FILE
+
+    def parse(data: bytes) -> None:
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            # re warns that a pattern like ``[[a]`` may mean something else in a later
+            # Python; pathspec builds such regexes from a peer's line as written.
+            warnings.simplefilter("ignore", FutureWarning)
+            rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak"])
+            rules.matches("x", is_dir=False)
+
+    _fuzz("ignore.for_folder", parse, corpus, errors=(), max_random=512, slack=_IGNORE_SLACK)
+
+
+def test_found_ignore_line_is_left_out_alone(tmp_path: Path) -> None:
+    """The exact input the ignore target found: ``[a-[!abc]x`` made pathspec's regex raise
+    ``re.error``, which escaped the parser and failed every scan of the folder."""
+    (tmp_path / IGNORE_FILE).write_bytes(
+        bytes.fromhex("c3a9746f6d6d656e740a5b612d5b216162635d780a")
+    )
+    rules = IgnoreRules.for_folder(tmp_path)
+    assert rules.matches("étomment", is_dir=False)
+    assert "line 2" in rules.problem
 
 
 def test_handshake_messages() -> None:
