@@ -1,19 +1,30 @@
 """Fuzzing of every decoder a peer, or a stranger on the LAN, can reach.
 
+The targets, by who can reach them: anyone on the LAN sends mDNS TXT records
+(``peertable.read_txt``), whole datagrams (``Endpoint.receive_datagrams``), handshake messages
+(Noise message 1 and 2, the INITIAL and RESPONSE payloads) and retry tokens; a key holder
+sends frames inside authentic DATA packets (ACK ranges, requests, NOTIFY, DATA fragments that
+complete a manifest answer), manifest answers (``wire.decode_manifest_batch``) and their
+entries (``manifest.decode_entry``: header, record, in-progress), the records, block lists
+and vectors the index then stores, and ``.lanshareignore`` (synced like any file).
+
 Each target is fed, from one seeded generator, random bytes and mutations of valid encodings
 (bit flips, boundary integers written over fixed-width and varint fields, truncation,
-insertion, deletion, splices of two valid inputs): mutating real encodings gets past the
-first checks of a decoder, where random bytes rarely do. A target passes when every input
-decodes or raises the decoder's one error type (``DecodeError``; the endpoint and the
-handshake's first message raise nothing), and when no single call's peak allocation
-(tracemalloc) exceeds a bound proportional to its input (``_ALLOC_FACTOR`` times its size plus
-``_ALLOC_SLACK``): a length or count field must never make us allocate what the peer claims.
+insertion, deletion, path and glob bytes, splices of two valid inputs): mutating real
+encodings gets past the first checks of a decoder, where random bytes rarely do. A target
+passes when every input decodes or raises the decoder's one error type (``DecodeError``;
+those that must swallow bad input, as the endpoint, raise nothing), and when no single call's
+peak allocation (tracemalloc) exceeds a bound proportional to its input (``_ALLOC_FACTOR``
+times its size plus a fixed allowance): a length or count field must never make us allocate
+what the peer claims. Some targets check more: what a manifest decoder accepts is the one
+encoding of what it returns, and a refused message 2 leaves the handshake able to read the
+genuine one.
 
 Each target stops at ``_EXAMPLES`` inputs or after ``_BUDGET`` seconds, whichever comes first,
 but always runs ``_MIN_EXAMPLES``, so the file stays within seconds in CI. The seed of a
 target derives from ``LANSHARE_FUZZ_SEED`` and the target's name; a failure names the seed,
 the example number and the exact input (hex), which then becomes a regression test. Longer
-local runs: ``LANSHARE_FUZZ_SCALE=100 LANSHARE_FUZZ_SEED=7 pytest tests/test_fuzz_decoders.py``.
+local runs: ``LANSHARE_FUZZ_SCALE=100 LANSHARE_FUZZ_SEED=7 pytest -s tests/test_fuzz_decoders.py``.
 """
 
 from __future__ import annotations
