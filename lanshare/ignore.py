@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,10 @@ IGNORE_FILE = ".lanshareignore"
 
 MAX_IGNORE_FILE_SIZE = 1024 * 1024
 """A larger ``.lanshareignore`` is refused rather than compiled into a huge regex set."""
+
+#: What pathspec raises for a bad pattern: its own ValueError, or the ``re.error`` of a
+#: bracket expression it passes to ``re`` as written (``[a-*]``: a bad character range).
+_PATTERN_ERRORS = (ValueError, re.error)
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -104,7 +109,7 @@ def _valid(line: str) -> bool:
     """True if ``line`` alone is a valid gitignore line (each line is a pattern of its own)."""
     try:
         GitIgnoreSpec.from_lines([line])
-    except ValueError:
+    except _PATTERN_ERRORS:
         return False
     return True
 
@@ -123,7 +128,7 @@ class IgnoreRules:
         self.patterns: tuple[str, ...] = tuple(patterns)
         try:
             self._spec = GitIgnoreSpec.from_lines(self.patterns)
-        except ValueError as exc:
+        except _PATTERN_ERRORS as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}
         self.problem = ""

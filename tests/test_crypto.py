@@ -60,6 +60,28 @@ def test_tampered_handshake_messages_fail(index: int, bit: int) -> None:
         initiator.read_message2(bytes(bad2))
 
 
+@pytest.mark.parametrize("forgery", ["flipped tag", "other key", "low-order key"])
+def test_a_refused_message2_leaves_the_handshake_ready_for_the_genuine_one(forgery: str) -> None:
+    """Anyone can send message 2 from the responder's address, before the responder does."""
+    e_i, e_r = _keys(4)
+    initiator = crypto.InitiatorHandshake(PSK, e_i)
+    responder = crypto.ResponderHandshake.read_message1(
+        [("f", PSK)], initiator.write_message1(b"1")
+    )
+    assert responder is not None
+    msg2, (r_send, r_recv) = responder.write_message2(e_r, b"2")
+    forged = {
+        "flipped tag": msg2[:-1] + bytes([msg2[-1] ^ 1]),
+        "other key": bytes([9]) * 32 + msg2[32:],
+        "low-order key": bytes(32) + msg2[32:],
+    }[forgery]
+    with pytest.raises(DecodeError):
+        initiator.read_message2(forged)
+    payload, (i_send, i_recv) = initiator.read_message2(msg2)
+    assert payload == b"2"
+    assert (i_send, i_recv) == (r_recv, r_send)
+
+
 def test_handshakes_are_fresh_per_session() -> None:
     keys = set()
     for seed in range(4):

@@ -169,6 +169,20 @@ def test_an_invalid_line_of_the_file_spoils_only_itself(tmp_path: Path) -> None:
     assert "lines 2, 4" in rules.problem
 
 
+def test_a_line_with_a_bad_character_range_spoils_only_itself(tmp_path: Path) -> None:
+    """pathspec hands ``[a-*z]`` to ``re`` as written, which raises ``re.error`` (not a
+    ValueError): the line is left out like any other invalid one, never failing the scan."""
+    (tmp_path / IGNORE_FILE).write_text("*.o\n[a-*z]*.tmp\n*.log\n")
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak"])
+    assert rules.matches("x.o", is_dir=False)
+    assert rules.matches("x.log", is_dir=False)
+    assert rules.matches("x.bak", is_dir=False)
+    assert not rules.matches("b.tmp", is_dir=False)
+    assert "line 2" in rules.problem
+    with pytest.raises(ConfigError, match="ignore"):
+        IgnoreRules.for_folder(tmp_path, extra=["[z-a]"])
+
+
 def test_an_invalid_config_pattern_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ignore"):
         IgnoreRules.for_folder(tmp_path, extra=["\\"])

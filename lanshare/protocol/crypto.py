@@ -68,7 +68,10 @@ class _SymmetricState:
         self.n = 0
 
     def copy(self) -> _SymmetricState:
-        return _SymmetricState(self.h, self.ck)
+        state = _SymmetricState(self.h, self.ck)
+        state.k = self.k
+        state.n = self.n
+        return state
 
     def mix_hash(self, data: bytes) -> None:
         self.h = hashlib.sha256(self.h + data).digest()
@@ -138,16 +141,20 @@ class InitiatorHandshake:
     def read_message2(self, message: bytes) -> tuple[bytes, tuple[bytes, bytes]]:
         """``<- e, ee``: return the responder's payload and ``(send_key, recv_key)``.
 
-        Raises ``DecodeError`` when the message is malformed or not from a key holder.
+        Raises ``DecodeError`` when the message is malformed or not from a key holder; the
+        handshake is then unchanged, so the genuine message can still follow a forged one
+        (anyone can send one from the responder's address).
         """
         if len(message) < DH_LEN + TAG_LEN:
             raise DecodeError("short handshake message")
         re_pub = message[:DH_LEN]
-        self._state.mix_hash(re_pub)
-        self._state.mix_key(re_pub)
-        self._state.mix_key(_dh(self._e, re_pub))
-        payload = self._state.decrypt_and_hash(message[DH_LEN:])
-        i2r, r2i = self._state.split()
+        state = self._state.copy()
+        state.mix_hash(re_pub)
+        state.mix_key(re_pub)
+        state.mix_key(_dh(self._e, re_pub))
+        payload = state.decrypt_and_hash(message[DH_LEN:])
+        self._state = state
+        i2r, r2i = state.split()
         return payload, (i2r, r2i)
 
 

@@ -3,7 +3,7 @@
 A record that asks for set-user-id, set-group-id or sticky bits lands with permission bits
 only, under the receiving daemon's umask. A ``.lanshareignore`` that is a symlink (here to
 ``/dev/zero``, synced as the symlink it is) is left out and reported by ``status`` on every
-node, and the folder goes on syncing.
+node, and the folder goes on syncing; so is a line of it that Python's ``re`` refuses, alone.
 """
 
 from __future__ import annotations
@@ -102,5 +102,56 @@ def test_an_ignore_file_linked_to_dev_zero_is_reported_and_sync_goes_on(
         assert node.folder_status()["state"] != "error", node.folder_status()
         text = node.cli("status").stdout
         assert IGNORE_FILE in text, text
+    for node in (a, b):
+        assert node.stop(timeout=10.0) == 0
+
+
+@pytest.mark.timeout(300)
+def test_an_ignore_line_re_refuses_is_reported_and_the_other_rules_hold(cluster: Cluster) -> None:
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1])
+    (a.folder / IGNORE_FILE).write_text("*.o\n[a-*z]*.tmp\n")
+    (a.folder / "before.txt").write_bytes(b"before")
+    start_all([a, b])
+    wait_until(
+        lambda: (
+            (b.folder / IGNORE_FILE).is_file()
+            and (b.folder / "before.txt").is_file()
+            and (b.folder / "before.txt").read_bytes() == b"before"
+        ),
+        SYNC_TIMEOUT,
+        "the ignore file and before.txt reached B",
+    )
+    # B's next scan reads the file; what each node writes next still reaches the other,
+    # and the valid line still keeps object files local.
+    (b.folder / "local.o").write_bytes(b"object")
+    (b.folder / "from-b.txt").write_bytes(b"from b")
+    wait_until(
+        lambda: (
+            (a.folder / "from-b.txt").is_file()
+            and (a.folder / "from-b.txt").read_bytes() == b"from b"
+        ),
+        SYNC_TIMEOUT,
+        "A got from-b.txt",
+    )
+    (a.folder / "after.txt").write_bytes(b"after")
+    wait_until(
+        lambda: (
+            (b.folder / "after.txt").is_file() and (b.folder / "after.txt").read_bytes() == b"after"
+        ),
+        SYNC_TIMEOUT,
+        "B got after.txt",
+    )
+    assert not (a.folder / "local.o").exists()
+
+    def reported(node_status: dict[str, object]) -> bool:
+        problems = node_status["problems"]
+        assert isinstance(problems, list)
+        return any(p["path"] == IGNORE_FILE and "line 2" in p["problem"] for p in problems)
+
+    for node in (a, b):
+        wait_until(lambda n=node: reported(n.folder_status()), SYNC_TIMEOUT, "the problem shown")
+        assert node.folder_status()["state"] != "error", node.folder_status()
     for node in (a, b):
         assert node.stop(timeout=10.0) == 0
