@@ -65,9 +65,7 @@ def test_a_refused_message2_leaves_the_handshake_ready_for_the_genuine_one(forge
     """Anyone can send message 2 from the responder's address, before the responder does."""
     e_i, e_r = _keys(4)
     initiator = crypto.InitiatorHandshake(PSK, e_i)
-    responder = crypto.ResponderHandshake.read_message1(
-        [("f", PSK)], initiator.write_message1(b"1")
-    )
+    responder = crypto.ResponderKeys([("f", PSK)]).read_message1(initiator.write_message1(b"1"))
     assert responder is not None
     msg2, (r_send, r_recv) = responder.write_message2(e_r, b"2")
     forged = {

@@ -574,13 +574,15 @@ def test_handshake_messages() -> None:
     initiator = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
     message1 = initiator.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
 
+    responder_keys = crypto.ResponderKeys([(b"other", bytes(32)), (FOLDER, psk)])
+
     def read1(data: bytes) -> None:
-        hs = crypto.ResponderHandshake.read_message1([(b"other", bytes(32)), (FOLDER, psk)], data)
+        hs = responder_keys.read_message1(data)
         if hs is not None:
             wire.decode_initial_payload(hs.payload)
 
     _fuzz("crypto.read_message1", read1, (message1,), errors=(DecodeError,))
-    responder = crypto.ResponderHandshake.read_message1([(FOLDER, psk)], message1)
+    responder = crypto.ResponderKeys([(FOLDER, psk)]).read_message1(message1)
     assert responder is not None
     message2, _ = responder.write_message2(bytes([9]) * 32, wire.encode_response_payload(_RESPONSE))
 
@@ -694,7 +696,7 @@ def test_found_forged_message2_leaves_the_handshake_intact() -> None:
     psk = bytes(range(32))
     initiator = crypto.InitiatorHandshake(psk, bytes([7]) * 32)
     message1 = initiator.write_message1(wire.encode_initial_payload(_INITIAL, 1100))
-    responder = crypto.ResponderHandshake.read_message1([(FOLDER, psk)], message1)
+    responder = crypto.ResponderKeys([(FOLDER, psk)]).read_message1(message1)
     assert responder is not None
     message2, _ = responder.write_message2(bytes([9]) * 32, wire.encode_response_payload(_RESPONSE))
     with pytest.raises(DecodeError):
