@@ -7,7 +7,8 @@ when nothing changed) before each scan, so an edit of ``.lanshareignore`` reache
 at once. The internal ``.lanshare/`` folder and temporary files are always ignored, whatever
 the rules.
 
-Semantics are git's (``pathspec``'s ``GitIgnoreSpec``): ``*.log``, ``/top-only``, ``build/``
+Semantics are git's (``pathspec``'s ``GitIgnoreSpec``, each line compiled by
+:func:`lanshare.globs.gitignore_pattern`): ``*.log``, ``/top-only``, ``build/``
 (directories only), ``a/**/b``, ``!negation`` with the last matching pattern winning, and — as
 in git — a path below an ignored directory stays ignored even if a later ``!`` pattern names
 it (git never looks inside an ignored directory), so a scanner may prune ignored directories
@@ -26,6 +27,11 @@ Theory of operation
   (:class:`IgnoreFileError`) is left out: :class:`FolderRules` then holds the config's
   patterns alone and keeps the reason in :attr:`FolderRules.problem`, which the folder's
   ``status`` lists, until the file changes; the folder goes on syncing.
+* **Matching cost is bounded.** The patterns and the names they are matched against may
+  both come from a peer, so no line may make a match backtrack without bound (as
+  ``a*a*a*a*a*b`` against a long name did with ``pathspec``'s own regexes): every line is
+  compiled by :mod:`lanshare.globs`, whose matching costs at most the path's length times
+  the pattern's, for the config's patterns and the file's alike.
 * **One bad line spoils only itself.** An invalid pattern (as a stray non-UTF-8 byte) leaves
   out its own line, named in the problem, not the file: dropping every rule of the file
   would sync what its other lines keep private, and failing would stop every scan.
@@ -43,6 +49,7 @@ from typing import TYPE_CHECKING
 from pathspec import GitIgnoreSpec
 
 from lanshare.errors import ConfigError, StorageError
+from lanshare.globs import gitignore_pattern
 from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
 
 if TYPE_CHECKING:
@@ -105,10 +112,20 @@ def read_ignore_file(path: Path) -> bytes:
     return b"".join(chunks)
 
 
+def _compile(lines: Sequence[str]) -> GitIgnoreSpec:
+    """The spec of ``lines``, each compiled with a bounded matching cost.
+
+    Raises:
+        ValueError, re.error: a line is not a valid pattern.
+    """
+    # "simple": pathspec's other backends would hand our regexes to an engine of their own.
+    return GitIgnoreSpec.from_lines(lines, pattern_factory=gitignore_pattern, backend="simple")
+
+
 def _valid(line: str) -> bool:
     """True if ``line`` alone is a valid gitignore line (each line is a pattern of its own)."""
     try:
-        GitIgnoreSpec.from_lines([line])
+        _compile([line])
     except _PATTERN_ERRORS:
         return False
     return True
@@ -127,7 +144,7 @@ class IgnoreRules:
         """
         self.patterns: tuple[str, ...] = tuple(patterns)
         try:
-            self._spec = GitIgnoreSpec.from_lines(self.patterns)
+            self._spec = _compile(self.patterns)
         except _PATTERN_ERRORS as exc:
             raise ConfigError(f"invalid ignore pattern: {exc}") from exc
         self._dir_cache: dict[str, bool] = {}

@@ -9,10 +9,11 @@ Theory of operation
 * **Terms.** Every term must match the path, compared case-insensitively (both sides
   ``str.casefold``-ed). A plain term matches as a substring anywhere in the path, ``/``
   included. A term with ``*``, ``?`` or ``[`` is one gitignore pattern (``pathspec``'s
-  ``GitIgnoreSpec``, as ``lanshare.ignore`` uses): ``*`` stays within one path component,
-  ``**`` crosses them, a pattern without a slash matches a name at any depth, one with a
-  slash is anchored at the folder's root, and a path below a matching directory matches
-  too. A leading ``!`` or ``#`` is taken literally: a term is a pattern, not a rules file.
+  ``GitIgnoreSpec``, compiled as ``lanshare.ignore`` compiles its lines, so matching it
+  against the long names a peer chose costs a bounded time): ``*`` stays within one path
+  component, ``**`` crosses them, a pattern without a slash matches a name at any depth,
+  one with a slash is anchored at the folder's root, and a path below a matching directory
+  matches too. A leading ``!`` or ``#`` is taken literally: a term is a pattern, not a rules file.
 * **Narrowing in SQLite.** :meth:`Query.fragments` are the literal pieces every matching
   path contains (a plain term whole, the literal runs of a glob). The index keeps the rows
   whose path contains all of them ignoring case; SQLite folds ASCII only, so a path with
@@ -39,9 +40,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from pathspec import GitIgnoreSpec
-
 from lanshare.errors import UsageError
+from lanshare.globs import gitignore_pattern
 from lanshare.manifest import EntryType
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def parse_size(text: str) -> int:
 @dataclass(frozen=True, slots=True)
 class Term:
     """One search term, case-folded; ``glob`` is its pattern's regular expression when it
-    is a glob (``pathspec``'s own, over normalised paths)."""
+    is a glob (:func:`lanshare.globs.gitignore_pattern`'s, over normalised paths)."""
 
     text: str
     glob: re.Pattern[str] | None
@@ -98,7 +98,7 @@ class Term:
             # re warns of "[[" (a set inside a set, some day): for us it is the literal "[".
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                (compiled,) = GitIgnoreSpec.from_lines([pattern]).patterns
+                compiled = gitignore_pattern(pattern)
         except (ValueError, re.error) as exc:
             raise UsageError(f"{raw!r} is not a valid pattern: {exc}") from None
         if not compiled.include or compiled.regex is None:
