@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from lanshare.ignore import (
     IgnoreRules,
 )
 from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+from tests.bounded import run_python
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -140,6 +142,25 @@ def test_always_ignored_without_rules() -> None:
     assert not rules.matches("README", is_dir=False)
     # negation cannot bring the internal folder back
     assert IgnoreRules([f"!{INTERNAL_DIR}/"]).matches(f"{INTERNAL_DIR}/x", is_dir=False)
+
+
+def test_a_bracket_expression_never_matches_a_slash() -> None:
+    """As in git; pathspec's ``[!x]`` (``[^x]`` for ``re``) matched the "/" of ``a/b``."""
+    for line in ("a[!x]b", "a[^x]b", "a[+-0]b", "a*[!x]*b"):
+        rules = IgnoreRules([line])
+        assert not rules.matches("a/b", is_dir=False), line
+        assert rules.matches("a-b", is_dir=False), line
+
+
+def test_a_newline_is_part_of_a_name() -> None:
+    """As in git: ``secret`` names ``secret`` at any depth, below a directory whose name
+    holds a newline too (pathspec's ``.`` stopped there, so the file was synced), and not a
+    file called ``secret`` followed by a newline (pathspec's ``$`` matched before it)."""
+    rules = IgnoreRules(["secret", "/top/**/deep", "x?y"])
+    assert rules.matches("a\nb/secret", is_dir=False)
+    assert not rules.matches("secret\n", is_dir=False)
+    assert rules.matches("top/a\nb/c/deep", is_dir=False)
+    assert rules.matches("x\ny", is_dir=False)
 
 
 def test_config_patterns_come_before_the_file(tmp_path: Path) -> None:
@@ -326,3 +347,33 @@ def test_folder_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
     assert live.reload() is True
     assert not matches("x.log", is_dir=False)
     assert live.problem == ""
+
+
+HOSTILE_MATCH = """
+import json, sys
+from pathlib import Path
+from lanshare.ignore import FolderRules
+
+live = FolderRules(Path(sys.argv[1]), ["a*a*a*a*a*a*a*c", "**/a*a*a*a*a*a*a*a*d/"])
+live.reload()
+name = "a" * 255
+paths = [name, "/".join([name] * 16), name[:-1] + "b", name[:-1] + "c", name + "/" + name]
+print(json.dumps([live.matches(p, is_dir) for p in paths for is_dir in (False, True)]))
+"""
+
+
+def test_no_line_makes_a_match_backtrack_without_bound(tmp_path: Path) -> None:
+    """Lines whose regexes backtracked (``a*a*a*a*a*b``: 30 s against one 255-byte name,
+    eight stars: beyond any wait), from the folder's file and from the config alike,
+    against 255-byte names and a 4 KiB path, all answered in a child within the guard."""
+    (tmp_path / IGNORE_FILE).write_text(
+        "a*a*a*a*a*a*a*b\n**/a*a*a*a*a*b\nx/**/a*a*a*a*a*a*b/**/c\n*a?a*[a]a*a*a*a*a*e*\n"
+    )
+    answers = json.loads(run_python(HOSTILE_MATCH, str(tmp_path)))
+    assert answers == [
+        *(False, False),  # no line ends in a name of "a"s
+        *(False, False),
+        *(True, True),  # the file's first line
+        *(True, True),  # the config's first pattern
+        *(False, False),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from lanshare.errors import UsageError
 from lanshare.manifest import Block, EntryType, FileRecord, VersionVector
 from lanshare.search import Query, held_fraction, holders, parse_size
+from tests.bounded import run_python
 
 A, B, C = b"\xaa" * 8, b"\xbb" * 8, b"\xcc" * 8
 
@@ -76,6 +78,23 @@ def test_a_glob_matches_what_lies_below_a_matching_directory_and_a_dir_pattern_o
     paths = ["x.d", "x.d/inside.txt", "y.d"]
     assert _matching(["*.d"], paths) == paths
     assert _matching(["*.d/"], paths, dirs=frozenset({"x.d"})) == ["x.d", "x.d/inside.txt"]
+
+
+HOSTILE_SEARCH = """
+import json
+from lanshare.search import Query
+
+query = Query.parse(["A*A*A*A*A*A*A*B", "**/a*a*a*a*a*a*x"])
+name = "a" * 255
+paths = [name, "/".join([name] * 16), name[:-1] + "b", name[:-1] + "b/" + name[:-1] + "x"]
+print(json.dumps([query.rank(p, False) is not None for p in paths]))
+"""
+
+
+def test_a_glob_term_against_long_names_is_answered_within_bounds() -> None:
+    """The names come from peers: a term that backtracked for ever against one 255-byte
+    name under pathspec's own regex answers at once, for names and a 4 KiB path."""
+    assert json.loads(run_python(HOSTILE_SEARCH)) == [False, False, False, True]
 
 
 def test_a_bracket_in_a_bracket_expression_is_one_of_its_characters() -> None:
