@@ -4,6 +4,7 @@ A record that asks for set-user-id, set-group-id or sticky bits lands with permi
 only, under the receiving daemon's umask. A ``.lanshareignore`` that is a symlink (here to
 ``/dev/zero``, synced as the symlink it is) is left out and reported by ``status`` on every
 node, and the folder goes on syncing; so is a line of it that Python's ``re`` refuses, alone.
+A line whose regex would backtrack without bound against long names stalls no scan.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from lanshare.index import DATABASE_NAME
 from tests.e2e.harness import start_all, wait_same_tree, wait_until
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.e2e.harness import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.mdns]
@@ -152,6 +155,42 @@ def test_an_ignore_line_re_refuses_is_reported_and_the_other_rules_hold(cluster:
 
     for node in (a, b):
         wait_until(lambda n=node: reported(n.folder_status()), SYNC_TIMEOUT, "the problem shown")
+        assert node.folder_status()["state"] != "error", node.folder_status()
+    for node in (a, b):
+        assert node.stop(timeout=10.0) == 0
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    return path.is_file() and path.read_bytes() == data
+
+
+@pytest.mark.timeout(300)
+def test_an_ignore_line_that_backtracked_does_not_stall_any_scan(cluster: Cluster) -> None:
+    """A syncs a rules line whose regex used to backtrack for ever against a long name
+    (``a*a*a*a*a*a*a*b`` against 255 ``a``s): both nodes go on scanning and syncing names of
+    255 bytes, and the one the line names stays where it was written."""
+    lab = cluster.lab(2)
+    a = cluster.node("a", lab.hosts[0])
+    b = cluster.node("b", lab.hosts[1])
+    (a.folder / IGNORE_FILE).write_text("a*a*a*a*a*a*a*b\n")
+    (a.folder / "before.txt").write_bytes(b"before")
+    start_all([a, b])
+    wait_until(
+        lambda: (
+            _holds(b.folder / IGNORE_FILE, b"a*a*a*a*a*a*a*b\n")
+            and _holds(b.folder / "before.txt", b"before")
+        ),
+        SYNC_TIMEOUT,
+        "the rules file and before.txt reached B",
+    )
+    named, plain, from_b = "a" * 254 + "b", "a" * 255, "a" * 251 + ".txt"
+    (a.folder / named).write_bytes(b"stays on A")  # before plain: the scan that finds plain saw it
+    (a.folder / plain).write_bytes(b"from A")
+    (b.folder / from_b).write_bytes(b"from B")
+    wait_until(lambda: _holds(b.folder / plain, b"from A"), SYNC_TIMEOUT, "B got A's long name")
+    wait_until(lambda: _holds(a.folder / from_b, b"from B"), SYNC_TIMEOUT, "A got B's long name")
+    assert not (b.folder / named).exists()
+    for node in (a, b):
         assert node.folder_status()["state"] != "error", node.folder_status()
     for node in (a, b):
         assert node.stop(timeout=10.0) == 0
