@@ -205,19 +205,29 @@ class IgnoreRules:
         return not self._empty and self._spec.match_file(rel + "/" if is_dir else rel)
 
     def _dir_ignored(self, directory: str) -> bool:
-        """True if ``directory`` or any directory above it is ignored (cached)."""
-        cached = self._dir_cache.get(directory)
-        if cached is not None:
-            return cached
-        parent, _, name = directory.rpartition("/")
-        verdict = (
-            name.startswith(TEMP_PREFIX)
-            or (bool(parent) and self._dir_ignored(parent))
-            or (not self._empty and self._spec.match_file(directory + "/"))
-        )
-        if len(self._dir_cache) >= _CACHE_SIZE:
-            self._dir_cache.clear()
-        self._dir_cache[directory] = verdict
+        """True if ``directory`` or any directory above it is ignored (cached).
+
+        Walks up to the nearest directory with a verdict, then down: no recursion, as a
+        peer's path may be 2,048 components deep.
+        """
+        below: list[str] = []
+        verdict = False
+        while directory:
+            cached = self._dir_cache.get(directory)
+            if cached is not None:
+                verdict = cached
+                break
+            below.append(directory)
+            directory = directory.rpartition("/")[0]
+        for path in reversed(below):
+            verdict = (
+                verdict
+                or path.rpartition("/")[2].startswith(TEMP_PREFIX)
+                or (not self._empty and self._spec.match_file(path + "/"))
+            )
+            if len(self._dir_cache) >= _CACHE_SIZE:
+                self._dir_cache.clear()
+            self._dir_cache[path] = verdict
         return verdict
 
     def __repr__(self) -> str:

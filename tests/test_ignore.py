@@ -19,7 +19,7 @@ from lanshare.ignore import (
     IgnoreFileError,
     IgnoreRules,
 )
-from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX
+from lanshare.paths import INTERNAL_DIR, TEMP_PREFIX, normalize
 from tests.bounded import run_python
 
 if TYPE_CHECKING:
@@ -326,6 +326,19 @@ def test_directory_verdicts_stay_correct_past_the_cache() -> None:
         assert rules.matches(f"d{i}/f", is_dir=False) is False
     assert rules.matches("ign1/f", is_dir=False)
     assert not rules.matches("d1/f", is_dir=False)
+
+
+def test_a_path_as_deep_as_paths_go_is_answered() -> None:
+    """A peer's path may hold 2,048 components (4 KiB of "a/"): the directories above it
+    are asked about without recursion, and a verdict high up still holds far below."""
+    deep = normalize("a/" * 2046 + "f")
+    assert deep.count("/") == 2046
+    assert not IgnoreRules(["/x/"]).matches(deep, is_dir=False)
+    assert IgnoreRules(["/a/"]).matches(deep, is_dir=False)
+    inner = normalize("a/" * 1000 + "deep/" + "a/" * 1000 + "f")
+    rules = IgnoreRules(["deep/", "!f"])
+    assert rules.matches(inner, is_dir=False)
+    assert not rules.matches(deep, is_dir=False)
 
 
 def test_folder_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
