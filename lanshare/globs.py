@@ -13,9 +13,9 @@ Theory of operation
   whoever syncs a ``.lanshareignore`` and names files chooses both sides.
 * **pathspec still parses.** It reads the line (comments, ``!``, trailing spaces and ``\\ ``,
   escapes, bracket expressions, invalid lines, lines git drops); only lines it turns into a
-  regex are translated again here, from the same segments, so what is valid, what is a no-op
-  and what a bracket expression means stay exactly its own (the bracket text is handed to
-  ``re`` as it does).
+  regex are translated again here, cut into segments and normalised as it does, so what is
+  valid, what is a no-op and what a bracket expression holds stay exactly its own (the
+  bracket text is handed to ``re`` as it does).
 * **Leftmost is enough.** Between two ``*`` a component glob has a chunk of fixed length
   (literals, ``?``, bracket expressions). If a name matches with a middle chunk at some place,
   it also matches with that chunk at its leftmost possible place: what follows starts with a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +13,12 @@ from hypothesis import strategies as st
 from pathspec import GitIgnoreSpec
 from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
 
+from lanshare.errors import ConfigError
 from lanshare.globs import gitignore_pattern
 from lanshare.ignore import IgnoreRules
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Pieces of lines: wildcards of every kind, bracket expressions (negated, ranges, "]" first,
 # one never closed), escapes (of "*", of a trailing space, a lone one), "!" and "#" anywhere.
@@ -64,12 +69,14 @@ def _verdict(pattern: GitIgnoreSpecPattern, path: str) -> tuple[bool, str | None
     return (False, None) if found is None else (True, found.match.groupdict().get("ps_d"))
 
 
-def _compiled(make: type[GitIgnoreSpecPattern] | object, line: str) -> object:
+def _compiled(
+    make: Callable[[str], GitIgnoreSpecPattern], line: str
+) -> GitIgnoreSpecPattern | type[Exception]:
     """The pattern ``make`` builds from ``line``, or the type of what it raises."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # re: "[[" may be a set some day
-            return make(line)  # type: ignore[operator]
+            return make(line)
     except (ValueError, re.error) as exc:
         return type(exc)
 
@@ -106,7 +113,7 @@ def test_rules_decide_as_pathspec_does(
         try:
             oracle = GitIgnoreSpec.from_lines(rules, pattern_factory=oracle_pattern)
         except (ValueError, re.error):
-            with pytest.raises(Exception, match="invalid ignore pattern"):
+            with pytest.raises(ConfigError, match="invalid ignore pattern"):
                 IgnoreRules(rules)
             return
         ours = IgnoreRules(rules)
