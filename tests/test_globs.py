@@ -22,18 +22,18 @@ if TYPE_CHECKING:
 
 # Pieces of lines: wildcards of every kind, bracket expressions (negated, ranges, "]" first,
 # one never closed), escapes (of "*", of a trailing space, a lone one), "!" and "#" anywhere.
-ATOMS = ["a", "b", "c", "*", "**", "?", "[a-c]", "[!a]", "[^b]", "[]a]", "[a", "/"]
+ATOMS = ["a", "b", "c", "*", "**", "?", "[a-c]", "[!a]", "[^b]", "[]a]", "[+-0]", "[a", "/"]
 ATOMS += ["\\", "\\*", "\\ ", " ", "!", "#"]
 lines = st.lists(st.sampled_from(ATOMS), min_size=1, max_size=10).map("".join)
 # Names made of what the lines use, so that literals, classes and escapes all meet them. No
-# newline: pathspec's "." stops at one, git's wildcards do not (tested below on their own).
-names = st.text(alphabet="abc*?[]!# \\", min_size=1, max_size=5)
+# newline: pathspec's "." stops at one, git's wildcards do not (tests/test_ignore.py).
+names = st.text(alphabet="abc*?[]!# \\+-0", min_size=1, max_size=5)
 paths = st.tuples(st.lists(names, min_size=1, max_size=5), st.booleans())
 
 
 def _git_classes(regex: str) -> str:
     """pathspec's regex with every bracket expression kept off "/": pathspec hands ``[!a]``
-    to ``re`` as ``[^a]``, which matches "/", while git's never does (tested below)."""
+    to ``re`` as ``[^a]``, which matches "/", while git's never does (tests/test_ignore.py)."""
     out: list[str] = []
     i = 0
     while i < len(regex):
