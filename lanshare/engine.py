@@ -1140,11 +1140,16 @@ class FolderSync:
         need_bytes = fetching_bytes + sum(self.waiting_for_space.values())
         state, reason = self.state, self.reason or self._why_not_in_sync()
         reading = sum(1 for link in links.values() if not link.listed)
+        peer_problems = self.exchange.peer_problems()
         if state in ("in_sync", "syncing") and self.failures:
             path, failure = min(self.failures.items())
             more = len(self.failures) - 1
             state = "error"
             reason = f"{path}: {failure.message}" + (f" (and {more} more)" if more else "")
+        elif state in ("in_sync", "syncing") and peer_problems:
+            # Not in sync with a peer whose file list was not read whole.
+            peer, problem = next(iter(peer_problems.items()))
+            state, reason = "error", f"peer {self._peer_name(peer)} {problem}"
         elif state == "in_sync" and need_files:
             state = "syncing"
         elif state == "in_sync" and reading:
@@ -1161,6 +1166,10 @@ class FolderSync:
             "conflicts": len(self.conflict_paths),
             "conflict_paths": sorted(self.conflict_paths)[:MAX_CONFLICT_PATHS],
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
+            "peer_problems": [
+                {"peer": p.hex(), "name": self.engine.peer_names.get(p, ""), "problem": m}
+                for p, m in peer_problems.items()
+            ],
             "connected_peers": len(links),
             "sequence": self.info_sequence(),
             "peers": peers,
@@ -1176,6 +1185,10 @@ class FolderSync:
         if self.rules.problem:
             problems.setdefault(IGNORE_FILE, self.rules.problem)
         return problems
+
+    def _peer_name(self, peer: bytes) -> str:
+        name = self.engine.peer_names.get(peer, "")
+        return f"{name} ({peer.hex()})" if name else peer.hex()
 
     def _why_not_in_sync(self) -> str:
         if self.state != "syncing":

@@ -818,6 +818,24 @@ class Index:
             ).fetchone()
         return None if row is None else RemotePeer(*row)
 
+    def remote_counts(self, folder: int) -> dict[bytes, int]:
+        """How many records we hold of each peer for this folder."""
+        with self._read("count remote records") as conn:
+            rows = conn.execute(
+                "SELECT peer, count(*) FROM remote_files WHERE folder = ? GROUP BY peer",
+                (folder,),
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def remote_unknown(self, folder: int, peer: bytes, paths: Iterable[str]) -> int:
+        """How many of ``paths`` (each counted once) we hold no record of from ``peer``:
+        the rows that storing a batch of its records would add."""
+        wanted = set(paths)
+        query = "SELECT path FROM remote_files WHERE folder = ? AND peer = ? AND path IN "
+        with self._read("read remote records") as conn:
+            held = sum(1 for _ in _rows_of_paths(conn, query, (folder, peer), wanted))
+        return len(wanted) - held
+
     def remote_reset(self, folder: int, peer: bytes, index_id: bytes) -> None:
         """Forget a peer's records and start over under its (new) index id, at sequence 0."""
         with self._write("reset a remote peer") as conn:
