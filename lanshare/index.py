@@ -921,15 +921,25 @@ class Index:
                 return
             after = rows[-1][0]
 
-    def paths_to_plan(self, folder: int) -> list[str]:
+    def paths_to_plan(
+        self, folder: int, after: str = "", limit: int = -1, *, deleting: bool = False
+    ) -> list[str]:
         """The paths of which some peer holds another record than ours (or we hold none), in
         path order: the only paths a plan can change (``planner``, step 6). A folder in sync
-        has none, so this reads every remote record but decodes none."""
+        has none, so this reads every remote record but decodes none.
+
+        Only the first ``limit`` (-1: all) of the paths after ``after``, so a caller can read
+        them a page at a time. ``deleting``: only those we hold live and some peer holds
+        deleted (the only ones a plan can delete).
+        """
+        deleted = "AND r.deleted = 1 AND l.deleted = 0 " if deleting else ""
         with self._read("read the paths to plan") as conn:
             rows = conn.execute(
-                f"SELECT DISTINCT r.path {_REMOTE_DIFFERING} WHERE r.folder = ? "
-                f"AND {_DIFFERS} ORDER BY r.path",
-                (folder,),
+                "SELECT DISTINCT r.path FROM remote_files r INDEXED BY remote_files_path "
+                "LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path "
+                f"WHERE r.folder = ? AND r.path > ? AND {_DIFFERS} {deleted}"
+                "ORDER BY r.path LIMIT ?",
+                (folder, after, limit),
             ).fetchall()
         return [row[0] for row in rows]
 
