@@ -227,3 +227,51 @@ def test_a_passs_peak_memory_does_not_grow_with_the_records_a_peer_announces(
             batch = planinputs.BATCH_PATHS
             assert firsts == [f"junk/{n:07d}" for n in range(1, count + 1, batch)]
     assert peaks[100_000] < 1.25 * peaks[10_000], peaks
+
+
+def test_batches_hold_each_path_once_and_count_the_deletions_of_everything(
+    db: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batches of 7 paths: the extra paths come first, every path to plan is in exactly
+    one batch, the plans of the batches make the actions one plan of everything makes, and
+    the deletions counted first are those of that one plan."""
+    monkeypatch.setattr(planinputs, "BATCH_PATHS", 7)
+    folder, stored = _folder_in_sync(db)
+    newer = VersionVector().bump(ME).bump(PEER_SHORT)
+    gone = [r.tombstone(newer, 300 + i) for i, r in enumerate(stored) if r.path.endswith("3")]
+    new = [replace(_file(f"n{i:02}", b"n"), version=newer, sequence=400 + i) for i in range(20)]
+    db.remote_upsert(folder, PEER_A, gone + new)
+    batches = list(planinputs.batches(db, folder, {"d4/f4"}))
+    assert batches[0].paths == {"d4/f4"}
+    assert all(len(b.paths) <= 7 for b in batches)
+    planned = [p for b in batches for p in sorted(b.paths)]
+    assert sorted(planned) == sorted({r.path for r in gone + new} | {"d4/f4"})
+    assert len(planned) == len(set(planned))
+    actions = {a for b in batches for a in _narrow(b).actions}
+    assert actions == set(_everything(db, folder).actions)
+
+    def plan(inputs: planinputs.PlanInputs) -> planner.Plan:
+        return planner.plan(inputs.local, inputs.remotes, local_short_id=ME, context=inputs.context)
+
+    whole = planinputs.deletions(db, folder, (), plan, ME)
+    assert whole.live == 110
+    assert whole.counts == planner.deletions(_everything(db, folder).actions, ME)
+    assert whole.counts == {PEER_A: 10}  # d*/f3 (d3 keeps live entries)
+
+
+def test_a_pass_hands_on_a_bounded_number_of_fetches_and_every_one_it_must() -> None:
+    records = {
+        f"f{i}": replace(_file(f"f{i}", str(i).encode()), version=VersionVector().bump(PEER_SHORT))
+        for i in range(2 * planinputs.FETCHES_PER_PASS)
+    }
+    remotes = {PEER_A: records}
+    fetches = planinputs.Fetches(lambda path: path == "f3" or path.endswith("7"))
+    for path, record in records.items():
+        fetches.offer(planner.Fetch(path, record, (PEER_A,)), None, remotes)
+    chosen = [f.path for f, _ in fetches.chosen]
+    assert fetches.cut
+    assert fetches.others == planinputs.FETCHES_PER_PASS
+    assert "f3" in chosen
+    assert f"f{2 * planinputs.FETCHES_PER_PASS - 2}" not in chosen  # past the budget
+    assert all(f"f{n}" in chosen for n in range(7, len(records), 10))  # always handed on
+    assert fetches.remotes == {PEER_A: {p: records[p] for p in chosen}}
