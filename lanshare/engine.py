@@ -708,14 +708,15 @@ class FolderSync:
         failed_before = set(self.failures)
         still_failing: set[str] = set()
         downloads = self.downloads
+        tick = self.engine.now()
         fetches = planinputs.Fetches(
             lambda path: (
                 path in downloads.active
                 or path in downloads.committing
                 or path in downloads.opening
-                or path in self.failures
                 or prioritised(path, priority)
-            )
+            ),
+            lambda path: self.failed_lately(path, tick),
         )
         problems: dict[str, str] = {}
         paused, verdict, live, actions_count, changed, rounds = False, None, 0, 0, 0, 0

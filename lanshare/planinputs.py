@@ -20,6 +20,11 @@ Theory of operation
   whole pass would: the delete guard gets the pass's deletions, counted first over the only
   paths a plan can delete (:func:`deletions`), and a directory whose entries a later batch
   deletes is left for the next pass (``planner`` reports it meanwhile).
+* **Fetches, bounded.** A pass hands on to the downloads the fetches of downloads in hand
+  and of paths asked for first, and at most :data:`FETCHES_PER_PASS` others (and as many
+  that failed lately): a pass's fetches, each with its record, would otherwise grow with
+  what peers announce. The rest wait for the pass the downloads ask for when they run out
+  (:class:`Fetches`).
 * **The rest of the folder, on demand.** The live count (the delete guard's base), whether a
   directory keeps live entries, whether a name is taken (for conflict copies) and where a
   block lies (for building files from local data) are index queries, asked only for the
@@ -140,16 +145,20 @@ def _load(index: Index, folder: int, paths: Collection[str]) -> PlanInputs:
 
 class Fetches:
     """The fetches a pass hands to its downloads, chosen as its batches are planned: every
-    one that ``always`` accepts (a download in hand, a path asked for first: few), and the
-    first :data:`FETCHES_PER_PASS` others, so that what waits for a download slot is bounded
-    too. The downloads ask for a pass when they run out, which chooses the next ones."""
+    one that ``must`` accepts (a download in hand, a path asked for first: few), up to
+    :data:`FETCHES_PER_PASS` of those that ``failing`` accepts (failed lately: handed on so
+    their partial downloads are kept, not started), and the first :data:`FETCHES_PER_PASS`
+    others, so that what waits for a download slot is bounded too. The downloads ask for a
+    pass when they run out, which chooses the next ones."""
 
-    def __init__(self, always: Callable[[str], bool]) -> None:
-        self.always = always
+    def __init__(self, must: Callable[[str], bool], failing: Callable[[str], bool]) -> None:
+        self.must = must
+        self.failing = failing
         self.chosen: list[tuple[planner.Fetch, planner.Conflict | None]] = []
         self.remotes: dict[bytes, dict[str, FileRecord]] = {}
         """The peers' records of the chosen paths (what the downloads need of them)."""
         self.others = 0
+        self.failed = 0
         self.cut = False
         """Some fetch was left for a later pass."""
 
@@ -159,11 +168,15 @@ class Fetches:
         conflict: planner.Conflict | None,
         remotes: Mapping[bytes, Mapping[str, FileRecord]],
     ) -> None:
-        if not self.always(fetch.path):
-            if self.others >= FETCHES_PER_PASS:
-                self.cut = True
-                return
+        if self.must(fetch.path):
+            pass
+        elif self.failing(fetch.path) and self.failed < FETCHES_PER_PASS:
+            self.failed += 1
+        elif self.others < FETCHES_PER_PASS:
             self.others += 1
+        else:
+            self.cut = True
+            return
         self.chosen.append((fetch, conflict))
         for peer, records in remotes.items():
             record = records.get(fetch.path)

@@ -265,13 +265,18 @@ def test_a_pass_hands_on_a_bounded_number_of_fetches_and_every_one_it_must() -> 
         for i in range(2 * planinputs.FETCHES_PER_PASS)
     }
     remotes = {PEER_A: records}
-    fetches = planinputs.Fetches(lambda path: path == "f3" or path.endswith("7"))
+    fetches = planinputs.Fetches(
+        lambda path: path == "f3" or path.endswith("7"),  # downloads in hand: never cut
+        lambda path: path.endswith("1"),  # failed lately: a budget of their own
+    )
     for path, record in records.items():
         fetches.offer(planner.Fetch(path, record, (PEER_A,)), None, remotes)
     chosen = [f.path for f, _ in fetches.chosen]
     assert fetches.cut
     assert fetches.others == planinputs.FETCHES_PER_PASS
+    assert fetches.failed == len(records) // 10
     assert "f3" in chosen
     assert f"f{2 * planinputs.FETCHES_PER_PASS - 2}" not in chosen  # past the budget
-    assert all(f"f{n}" in chosen for n in range(7, len(records), 10))  # always handed on
+    assert all(f"f{n}" in chosen for n in range(7, len(records), 10))
+    assert all(f"f{n}" in chosen for n in range(1, len(records), 10))
     assert fetches.remotes == {PEER_A: {p: records[p] for p in chosen}}
