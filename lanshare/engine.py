@@ -690,8 +690,10 @@ class FolderSync:
             )
 
         # In threads: the context's answers are index queries.
+        batches = planinputs.batches(index, folder, in_progress)
+        inputs = await asyncio.to_thread(next, batches, None)
         whole = None
-        if not allowed:
+        if inputs is not None and not allowed:  # in sync: nothing to count
             whole = await asyncio.to_thread(
                 planinputs.deletions,
                 index,
@@ -722,15 +724,10 @@ class FolderSync:
         paused, verdict, live, actions_count, changed, rounds = False, None, 0, 0, 0, 0
         deleted: dict[bytes, int] = {}
         planning = self.engine.now() - started
-        batches = planinputs.batches(index, folder, in_progress)
-        while True:
+        while inputs is not None:
             begun = self.engine.now()
-            inputs = await asyncio.to_thread(next, batches, None)
-            if inputs is None:
-                break
             remotes = _with_in_progress(inputs.remotes, progress, inputs.paths)
             result = await asyncio.to_thread(plan, inputs, remotes, whole)
-            planning += self.engine.now() - begun
             actions_count += len(result.actions)
             for problem in result.problems:
                 if len(problems) < MAX_PLAN_PROBLEMS:
@@ -738,8 +735,12 @@ class FolderSync:
             live = live or result.live_entries
             if result.paused and not paused:
                 paused, verdict = True, result.verdict
+            planning += self.engine.now() - begun
             changed += await self._change(result, remotes, fetches, still_failing, deleted)
             rounds += 1
+            begun = self.engine.now()
+            inputs = await asyncio.to_thread(next, batches, None)
+            planning += self.engine.now() - begun
         self.planning_seconds = planning
         logger.debug(
             "folder %s: planned in %.3f s: %d actions, %d problems",
