@@ -24,10 +24,10 @@ Theory of operation
 * **Records per peer are bounded** by ``[sync] max_peer_records`` (how many rows we hold of
   it, counted once at start and kept as batches are stored). A batch that would take a peer
   past the limit is not stored at all, and that peer's file list is not asked for again
-  until the daemon restarts (or the peer resets its index): what we hold of it stays exactly
-  as stored, up to a sequence number, as after any batch, so a restart with a higher limit
-  goes on from there. The peer is logged once and named in ``status``
-  (:attr:`Exchange.over_limit`); its blocks are still fetched for the records we hold.
+  until the daemon restarts: what we hold of it stays exactly as stored, up to a sequence
+  number, as after any batch, so a restart with a higher limit goes on from there. The
+  peer is logged once and named in ``status`` (:attr:`Exchange.over_limit`); its blocks
+  are still fetched for the records we hold.
 * **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
   one block it is downloading right now: the record it is building and which blocks it
   already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
@@ -177,6 +177,7 @@ class Exchange:
 
     def ask_manifest(self, link: PeerLink) -> None:
         if link.peer in self.over_limit:
+            link.listed = True  # all of its list that we read (``status`` says why)
             return
         if link.manifest_request is not None:
             link.refetch = True
@@ -316,7 +317,6 @@ class Exchange:
             )
             link.known_sequence = self.known[link.peer] = 0
             self.counts[link.peer] = 0
-            self.over_limit.discard(link.peer)
             return True
         if known is None or known.index_id == b"":
             await asyncio.to_thread(
@@ -324,7 +324,6 @@ class Exchange:
             )
             self.known[link.peer] = 0
             self.counts[link.peer] = 0
-            self.over_limit.discard(link.peer)
             if known is not None and known.max_sequence:
                 link.known_sequence = 0
                 return True
