@@ -979,11 +979,15 @@ class Index:
             ).fetchone()
         return int(row[0])
 
-    def has_record(self, folder: int, path: str) -> bool:
-        """Whether the folder holds a local record (live or tombstone) of ``path``."""
+    def path_known(self, folder: int, path: str) -> bool:
+        """Whether the folder holds a record of ``path``, ours (live or tombstone) or a
+        peer's: a name a conflict copy must not take."""
         with self._read("read a record") as conn:
             row = conn.execute(
-                "SELECT 1 FROM local_files WHERE folder = ? AND path = ?", (folder, path)
+                "SELECT 1 FROM local_files WHERE folder = ? AND path = ? UNION ALL "
+                "SELECT 1 FROM remote_files INDEXED BY remote_files_path "
+                "WHERE folder = ? AND path = ? LIMIT 1",
+                (folder, path, folder, path),
             ).fetchone()
         return row is not None
 

@@ -132,7 +132,8 @@ def _load(index: Index, folder: int, paths: Collection[str]) -> PlanInputs:
     context = planner.LocalContext(
         live_count=index.live_count(folder),
         live_below=functools.partial(index.live_below, folder),
-        exists=functools.partial(index.has_record, folder),
+        # Peers' paths of other batches are taken names too.
+        exists=functools.partial(index.path_known, folder),
         block_source=functools.partial(index.block_source, folder),
     )
     return PlanInputs(

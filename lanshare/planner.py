@@ -213,7 +213,8 @@ class LocalContext:
     live_below: Callable[[str], int]
     """Live local entries at any depth below a directory path."""
     exists: Callable[[str], bool]
-    """Whether the folder holds a local record (live or tombstone) at a path."""
+    """Whether the folder holds a local record (live or tombstone) at a path, or a peer's
+    record that is not in the plan's ``remotes`` (a name a conflict copy must not take)."""
     block_source: BlockSource
     """Where a block lies in a live local file (:data:`BlockSource`)."""
 

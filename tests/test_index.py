@@ -710,7 +710,7 @@ def test_remote_records_of_some_paths_by_peer(db: Index) -> None:
     assert sorted(db.remote_records_of(folder, many)[PEER_A]) == many
 
 
-def test_live_below_has_record_and_conflict_copies(db: Index) -> None:
+def test_live_below_known_paths_and_conflict_copies(db: Index) -> None:
     folder = db.add_folder("/srv/a", "00" * 16).id
     records = [_file(p, b"1") for p in ("d/a", "d/e/b", "d-x", "dd/c", "e.sync-conflict-1")]
     db.commit_changes(folder, [LocalChange(r) for r in records])
@@ -719,8 +719,11 @@ def test_live_below_has_record_and_conflict_copies(db: Index) -> None:
     db.commit_changes(folder, [LocalChange(gone.tombstone(VersionVector().bump(ME).bump(ME), 0))])
     assert (db.live_below(folder, "d"), db.live_below(folder, "d/e")) == (2, 1)
     assert (db.live_below(folder, "dd"), db.live_below(folder, "x")) == (1, 0)
-    assert db.has_record(folder, "d/gone")
-    assert not db.has_record(folder, "d/none")
+    assert db.path_known(folder, "d/gone")  # a tombstone
+    assert not db.path_known(folder, "d/none")
+    db.remote_upsert(folder, PEER_A, [_file("d/theirs", b"3")])
+    assert db.path_known(folder, "d/theirs")  # a peer's only
+    assert not db.path_known(db.add_folder("/srv/b", "11" * 16).id, "d/theirs")
     assert db.live_paths_containing(folder, ".sync-conflict-") == ["e.sync-conflict-1"]
 
 

@@ -280,3 +280,28 @@ def test_a_pass_hands_on_a_bounded_number_of_fetches_and_every_one_it_must() -> 
     assert all(f"f{n}" in chosen for n in range(7, len(records), 10))
     assert all(f"f{n}" in chosen for n in range(1, len(records), 10))
     assert fetches.remotes == {PEER_A: {p: records[p] for p in chosen}}
+
+
+def test_a_conflict_copy_never_takes_a_name_a_peer_holds_in_another_batch(
+    db: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of one path: the name a conflict copy would get is held by a peer, in a later
+    batch (it sorts after the original); the copy takes the next free name, as one plan of
+    everything would."""
+    monkeypatch.setattr(planinputs, "BATCH_PATHS", 1)
+    folder = db.add_folder("/srv/share", "00" * 16).id
+    (mine,) = db.commit_changes(folder, [LocalChange(_file("a.md", b"mine"))])
+    theirs = replace(
+        _file("a.md", b"theirs"),
+        mtime_ns=mine.mtime_ns + 1,
+        version=VersionVector().bump(PEER_SHORT),
+        sequence=1,
+    )
+    name = planner.conflict_name("a.md", mine, theirs)
+    assert name > "a.md"
+    db.remote_upsert(folder, PEER_A, [theirs, replace(_file(name, b"x"), sequence=2)])
+    first, *_ = planinputs.batches(db, folder)
+    assert first.paths == {"a.md"}
+    (conflict,) = [a for a in _narrow(first).actions if isinstance(a, planner.Conflict)]
+    (everything,) = [a for a in _everything(db, folder).actions if isinstance(a, planner.Conflict)]
+    assert conflict.conflict_name == everything.conflict_name != name
