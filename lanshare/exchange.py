@@ -21,6 +21,13 @@ Theory of operation
   the stored one, or one that carries no HAVE hashes (a peer's set of downloads changed),
   asks for the news. Our answers are read from the index in a worker thread and packed to
   the size the peer asked for.
+* **Records per peer are bounded** by ``[sync] max_peer_records`` (how many rows we hold of
+  it, counted once at start and kept as batches are stored). A batch that would take a peer
+  past the limit is not stored at all, and that peer's file list is not asked for again
+  until the daemon restarts: what we hold of it stays exactly as stored, up to a sequence
+  number, as after any batch, so a restart with a higher limit goes on from there. The
+  peer is logged once and named in ``status`` (:attr:`Exchange.over_limit`); its blocks
+  are still fetched for the records we hold.
 * **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
   one block it is downloading right now: the record it is building and which blocks it
   already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
@@ -186,6 +193,10 @@ class Exchange:
         """The highest sequence of each peer's records held in the index: read once
         (``load``), then kept as records are stored, so a session coming up reads no SQLite
         on the loop."""
+        self.counts: dict[bytes, int] = {}
+        """How many records the index holds of each peer (read once, kept as stored)."""
+        self.over_limit: set[bytes] = set()
+        """Peers whose records reached ``[sync] max_peer_records``: not asked for more."""
         self.pending_have: list[bytes] = []
         self.have_flush: Timer | None = None
         self.announce_downloads = False
@@ -194,6 +205,7 @@ class Exchange:
         """Read what the index holds of each peer (before any session comes up)."""
         peers = await asyncio.to_thread(self.engine.index.remote_peers, self.folder.info.id)
         self.known = {p.peer: p.max_sequence for p in peers}
+        self.counts = await asyncio.to_thread(self.engine.index.remote_counts, self.folder.info.id)
 
     def session_up(self, peer: bytes, addr: Addr) -> None:
         link = PeerLink(peer, addr, known_sequence=self.known.get(peer, 0))
@@ -213,6 +225,9 @@ class Exchange:
         self.folder.downloads.pump()
 
     def ask_manifest(self, link: PeerLink) -> None:
+        if link.peer in self.over_limit:
+            link.listed = True  # all of its list that we read (``status`` says why)
+            return
         if link.manifest_request is not None:
             link.refetch = True
             return
@@ -278,16 +293,18 @@ class Exchange:
             self.ask_manifest(link)
             return
         news = not link.listed
-        if records:
-            link.known_sequence, differing = await asyncio.to_thread(
-                self._store_remote, event.peer, records
-            )
-            self.known[event.peer] = link.known_sequence
-            news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
+        if records and event.peer not in self.over_limit:
+            stored = await asyncio.to_thread(self._store_remote, event.peer, records)
+            if stored is None:
+                self._refuse(link)
+            else:
+                link.known_sequence, differing = stored
+                self.known[event.peer] = link.known_sequence
+                news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
             news = True
             self.folder.downloads.peer_has(event.peer, link.announced(in_progress, have))
-        if event.more or link.refetch:
+        if (event.more or link.refetch) and event.peer not in self.over_limit:
             self.ask_manifest(link)
         else:
             link.listed = True
@@ -297,13 +314,43 @@ class Exchange:
         if news:
             self.folder.dirty.set()
 
-    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
+    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]] | None:
         """Store a peer's records; its highest sequence now, and the paths of those that
-        differ from ours. Blocking: call it in a thread."""
+        differ from ours; None, storing nothing, if they would take the peer past
+        ``[sync] max_peer_records``. Blocking: call it in a thread (one at a time per
+        peer: one manifest request is in flight per peer)."""
         index = self.engine.index
         folder = self.folder.info.id
+        paths = [r.path for r in records]
+        count = self.counts.get(peer, 0) + index.remote_unknown(folder, peer, paths)
+        if count > self.engine.config.sync.max_peer_records:
+            return None
         top = index.remote_upsert(folder, peer, records)
-        return top, index.differing(folder, peer, (r.path for r in records))
+        self.counts[peer] = count
+        return top, index.differing(folder, peer, paths)
+
+    def peer_problems(self) -> dict[bytes, str]:
+        """Why the file list of a peer was not read whole, by peer (for ``status``)."""
+        limit = self.engine.config.sync.max_peer_records
+        return {
+            peer: f"announces more than {limit} records ([sync] max_peer_records): "
+            f"{self.counts.get(peer, 0)} kept, the rest of its file list not read"
+            for peer in sorted(self.over_limit)
+        }
+
+    def _refuse(self, link: PeerLink) -> None:
+        """``link``'s peer announced more records than we keep of one peer: stop reading
+        its file list, keeping what is stored (see the module docstring)."""
+        self.over_limit.add(link.peer)
+        link.refetch = False
+        logger.warning(
+            "folder %s: peer %s announces more than %d records ([sync] max_peer_records): "
+            "keeping the %d stored, reading no more of its file list",
+            self.folder.info.path,
+            link.peer.hex(),
+            self.engine.config.sync.max_peer_records,
+            self.counts.get(link.peer, 0),
+        )
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id
@@ -316,12 +363,14 @@ class Exchange:
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
             link.known_sequence = self.known[link.peer] = 0
+            self.counts[link.peer] = 0
             return True
         if known is None or known.index_id == b"":
             await asyncio.to_thread(
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
             self.known[link.peer] = 0
+            self.counts[link.peer] = 0
             if known is not None and known.max_sequence:
                 link.known_sequence = 0
                 return True
