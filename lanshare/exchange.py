@@ -22,12 +22,16 @@ Theory of operation
   asks for the news. Our answers are read from the index in a worker thread and packed to
   the size the peer asked for.
 * **Records per peer are bounded** by ``[sync] max_peer_records`` (how many rows we hold of
-  it, counted once at start and kept as batches are stored). A batch that would take a peer
-  past the limit is not stored at all, and that peer's file list is not asked for again
-  until the daemon restarts: what we hold of it stays exactly as stored, up to a sequence
-  number, as after any batch, so a restart with a higher limit goes on from there. The
-  peer is logged once and named in ``status`` (:attr:`Exchange.over_limit`); its blocks
-  are still fetched for the records we hold.
+  it, counted once at start and kept as batches are stored). A node id is the peer's free
+  choice and its address is not, so the limit holds for everything stored from one source
+  address (``strikes.ban_key``: the IPv4 host, the IPv6 /64) through any node id, and at
+  most ``MAX_IDS_PER_SOURCE`` node ids of one source have their records stored in a run
+  (a peer that sends under a fresh id each time gets no fresh allowance). A batch that
+  would take a peer past the limit is not stored at all, and that peer's file list is not
+  asked for again until the daemon restarts: what we hold of it stays exactly as stored,
+  up to a sequence number, as after any batch, so a restart with a higher limit goes on
+  from there. The peer is logged once and named in ``status`` (:attr:`Exchange.over_limit`);
+  its blocks are still fetched for the records we hold.
 * **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
   one block it is downloading right now: the record it is building and which blocks it
   already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
@@ -62,6 +66,7 @@ from lanshare import hashes
 from lanshare.errors import DecodeError
 from lanshare.manifest import BatchHeader, FileRecord, InProgress, decode_entry, encode_entry
 from lanshare.protocol import wire
+from lanshare.strikes import ban_key
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
@@ -84,6 +89,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_RECORDS_PER_BATCH = 2000
 """Records read from the index for one manifest answer (then cut to the size limit)."""
+MAX_IDS_PER_SOURCE = 16
+"""Node ids of one source address whose records are stored in one run (an honest machine
+uses one; a few more cover daemons that share a host)."""
 HAVE_FLUSH_INTERVAL = 0.05
 """Seconds verified blocks are collected before one HAVE notification."""
 MAX_HAVE_PER_NOTIFY = 32
@@ -195,8 +203,12 @@ class Exchange:
         on the loop."""
         self.counts: dict[bytes, int] = {}
         """How many records the index holds of each peer (read once, kept as stored)."""
-        self.over_limit: set[bytes] = set()
-        """Peers whose records reached ``[sync] max_peer_records``: not asked for more."""
+        self.over_limit: dict[bytes, str] = {}
+        """Peers whose file list is read no further, with the reason (for ``status``): their
+        records (or their source's) reached ``[sync] max_peer_records``, or their source
+        used too many node ids."""
+        self.ids_of_source: dict[str, set[bytes]] = {}
+        """The node ids whose records were stored from each source address in this run."""
         self.pending_have: list[bytes] = []
         self.have_flush: Timer | None = None
         self.announce_downloads = False
@@ -294,10 +306,8 @@ class Exchange:
             return
         news = not link.listed
         if records and event.peer not in self.over_limit:
-            stored = await asyncio.to_thread(self._store_remote, event.peer, records)
-            if stored is None:
-                self._refuse(link)
-            else:
+            stored = await self._store(link, records)
+            if stored is not None:
                 link.known_sequence, differing = stored
                 self.known[event.peer] = link.known_sequence
                 news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
@@ -314,16 +324,40 @@ class Exchange:
         if news:
             self.folder.dirty.set()
 
-    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]] | None:
+    async def _store(
+        self, link: PeerLink, records: list[FileRecord]
+    ) -> tuple[int, set[str]] | None:
+        """``_store_remote`` within the limits of ``link``'s source; None, and its peer is read
+        no further, when they refuse the records."""
+        source = ban_key(link.addr)
+        ids = self.ids_of_source.setdefault(source, set())
+        if link.peer not in ids and len(ids) >= MAX_IDS_PER_SOURCE:
+            self._refuse(link, f"is one node id too many from {source} ({len(ids)} read)")
+            return None
+        ids.add(link.peer)
+        stored = await asyncio.to_thread(self._store_remote, link.peer, records, tuple(ids))
+        if stored is None:
+            shared = f" with the other node ids of {source}" if len(ids) > 1 else ""
+            limit = self.engine.config.sync.max_peer_records
+            self._refuse(
+                link, f"announces more than {limit} records{shared} ([sync] max_peer_records)"
+            )
+        return stored
+
+    def _store_remote(
+        self, peer: bytes, records: list[FileRecord], source_ids: Collection[bytes]
+    ) -> tuple[int, set[str]] | None:
         """Store a peer's records; its highest sequence now, and the paths of those that
-        differ from ours; None, storing nothing, if they would take the peer past
-        ``[sync] max_peer_records``. Blocking: call it in a thread (one at a time per
-        peer: one manifest request is in flight per peer)."""
+        differ from ours; None, storing nothing, if they would take the peer, with the other
+        node ids of its source (``source_ids``), past ``[sync] max_peer_records``.
+        Blocking: call it in a thread (one at a time per peer: one manifest request is in
+        flight per peer)."""
         index = self.engine.index
         folder = self.folder.info.id
         paths = [r.path for r in records]
         count = self.counts.get(peer, 0) + index.remote_unknown(folder, peer, paths)
-        if count > self.engine.config.sync.max_peer_records:
+        others = sum(self.counts.get(p, 0) for p in source_ids if p != peer)
+        if count + others > self.engine.config.sync.max_peer_records:
             return None
         top = index.remote_upsert(folder, peer, records)
         self.counts[peer] = count
@@ -331,24 +365,21 @@ class Exchange:
 
     def peer_problems(self) -> dict[bytes, str]:
         """Why the file list of a peer was not read whole, by peer (for ``status``)."""
-        limit = self.engine.config.sync.max_peer_records
         return {
-            peer: f"announces more than {limit} records ([sync] max_peer_records): "
-            f"{self.counts.get(peer, 0)} kept, the rest of its file list not read"
-            for peer in sorted(self.over_limit)
+            peer: f"{why}: {self.counts.get(peer, 0)} kept, the rest of its file list not read"
+            for peer, why in sorted(self.over_limit.items())
         }
 
-    def _refuse(self, link: PeerLink) -> None:
-        """``link``'s peer announced more records than we keep of one peer: stop reading
-        its file list, keeping what is stored (see the module docstring)."""
-        self.over_limit.add(link.peer)
+    def _refuse(self, link: PeerLink, why: str) -> None:
+        """Stop reading the file list of ``link``'s peer, keeping what is stored of it (see
+        the module docstring); ``why`` names the limit it reached."""
+        self.over_limit[link.peer] = why
         link.refetch = False
         logger.warning(
-            "folder %s: peer %s announces more than %d records ([sync] max_peer_records): "
-            "keeping the %d stored, reading no more of its file list",
+            "folder %s: peer %s %s: keeping the %d stored, reading no more of its file list",
             self.folder.info.path,
             link.peer.hex(),
-            self.engine.config.sync.max_peer_records,
+            why,
             self.counts.get(link.peer, 0),
         )
 

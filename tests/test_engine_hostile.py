@@ -16,6 +16,7 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
+from lanshare import exchange as exchange_module
 from lanshare import keys, marker, strikes
 from lanshare.config import NetworkConfig, SyncConfig, TransferConfig
 from lanshare.events import BlockRequested, Event, ManifestReceived, ManifestRequested
@@ -326,10 +327,12 @@ class EndlessPeer(HostilePeer):
     """Answers every manifest request with ``batch`` records of paths never sent before, and
     ``more`` set: a file list without end."""
 
-    def __init__(self, cluster: Cluster, batch: int) -> None:
-        super().__init__(cluster)
+    def __init__(
+        self, cluster: Cluster, batch: int, node_id: bytes = EVIL_ID, sent: int = 0
+    ) -> None:
+        super().__init__(cluster, node_id)
         self.batch = batch
-        self.sent = 0
+        self.sent = sent
         self.requests = 0
         self.answers = 0
 
@@ -411,3 +414,44 @@ def test_a_peer_past_the_record_limit_is_read_no_further_and_named_in_status(
         asyncio.run(main())
     cut = [r for r in caplog.records if "max_peer_records" in r.getMessage()]
     assert len(cut) == 1
+
+
+def test_a_peer_changing_its_node_id_gets_no_fresh_allowance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record limit holds for everything stored from one address, through any node id
+    the peer announces, and only a few node ids of one address are stored at all: a peer
+    that comes back under a fresh id each time its list is cut is read no further."""
+    batch, limit = 30, 100
+    monkeypatch.setattr(exchange_module, "MAX_IDS_PER_SOURCE", 3)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=25) as cluster:
+            victim = cluster.add(sync=SyncConfig(max_peer_records=limit))
+            await victim.start()
+            exchange = victim.folder.exchange
+            index, folder = victim.folder.engine.index, victim.folder.info.id
+            ids = [bytes([0x66, n]) + bytes(6) for n in range(5)]
+            sent = 0
+            for n, node_id in enumerate(ids):
+                evil = EndlessPeer(cluster, batch, node_id, sent)
+                victim.folder.engine.add_address(evil.addr)
+                await wait_for(lambda i=node_id: i in exchange.over_limit, 120, f"id {n} to be cut")
+                sent = evil.sent
+                evil.transport.close()
+                await wait_for(lambda i=node_id: i not in exchange.links, 120, f"id {n} to go")
+            stored = {i: len(list(index.remote_records(folder, i))) for i in ids}
+            assert stored == {
+                ids[0]: limit // batch * batch,
+                ids[1]: 0,
+                ids[2]: 0,
+                ids[3]: 0,
+                ids[4]: 0,
+            }
+            problems = exchange.peer_problems()
+            assert "with the other node ids of 10.0.0.66" in problems[ids[1]]
+            assert "one node id too many from 10.0.0.66" in problems[ids[3]]
+            (folder_status,) = victim.folder.engine.status()["folders"]
+            assert {p["peer"] for p in folder_status["peer_problems"]} == {i.hex() for i in ids}
+
+    asyncio.run(main())
