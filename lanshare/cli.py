@@ -559,6 +559,11 @@ def _print_status(result: dict[str, Any]) -> None:
             typer.echo(f"  peer {printable(peer['name'] or peer['id'])}: {rate}")
         for problem in folder.get("problems", [])[:10]:
             typer.echo(f"  ! {printable(problem['path'])}: {printable(problem['problem'])}")
+        for trouble in folder.get("peer_problems", []):
+            who = trouble["peer"]
+            if trouble["name"]:
+                who = f"{printable(trouble['name'])} ({who})"
+            typer.echo(f"  ! peer {who}: {printable(trouble['problem'])}")
         for copy in folder.get("conflict_paths", [])[:10]:
             typer.echo(f"  conflict copy: {printable(copy)} (delete or rename it once resolved)")
     for ban in result.get("banned", []):

@@ -52,6 +52,10 @@ MAX_SOCKET_PATH_SIZE = 107
 """``sun_path`` holds 108 bytes on Linux, including the terminating NUL."""
 MAX_CONFIG_SIZE = 1024 * 1024
 """A config file larger than this is refused rather than read."""
+MAX_PEER_RECORDS = 2_000_000
+"""Default of ``[sync] max_peer_records``: twenty times a large honest folder (100,000 files),
+small enough that one peer cannot fill the disk or the planner's time with invented records."""
+MAX_PEER_RECORDS_LIMIT = 1_000_000_000
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FAST_PATH_MODES = ("auto", "on", "off")
 
@@ -190,6 +194,8 @@ class SyncConfig:
     """Seconds between full rescans that catch what the file watcher missed."""
     max_vector_devices: int = MAX_VECTOR_DEVICES
     """Most devices a peer's record may name in its version vector; more is refused."""
+    max_peer_records: int = MAX_PEER_RECORDS
+    """Most records stored of one peer per folder; past it, no more of its records are read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -725,6 +731,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("sync", "max_debounce_delay"): _positive_seconds,
     ("sync", "rescan_interval"): _positive_seconds,
     ("sync", "max_vector_devices"): _int_range(1, MAX_VERSION_ENTRIES, " devices"),
+    ("sync", "max_peer_records"): _int_range(100, MAX_PEER_RECORDS_LIMIT, " records"),
     ("logging", "level"): _one_of(LOG_LEVELS),
 }
 

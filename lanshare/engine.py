@@ -38,14 +38,17 @@ Theory of operation
 * **Planning** (``planner.plan``, pure) runs after any change, debounced, in a worker
   thread, against the records of the paths some peer holds another record of (plus
   in-progress ones), the rest of the folder answered by the index (``planinputs``): a folder
-  in sync decodes no record to plan. A peer's records that equal ours in all but the
-  sequence (our own changes, sent back once the peer took them) are no change, unless the
-  path has work in hand or a problem; nor is a placed batch of downloads, unless a pass
-  skipped a path then in flight, a conflict copy appeared or nothing is left to fetch (that
-  pass finds the folder in sync). Directory, symlink, metadata,
-  conflict and delete actions are applied at once, in the plan's order; builds from local
-  data copy blocks synchronously before anything else can move their sources; fetches
-  become downloads.
+  in sync decodes no record to plan. A pass reads, plans and applies the paths a batch at a
+  time and hands on a bounded number of fetches, so its memory does not grow with the
+  records peers announce; a pass of several batches that changed anything plans again
+  (a directory whose entries a later batch deleted is deleted then). A peer's records that
+  equal ours in all but the sequence (our own changes, sent back once the peer took them)
+  are no change, unless the path has work in hand or a problem; nor is a placed batch of
+  downloads, unless a pass skipped a path then in flight, a conflict copy appeared or
+  nothing is left to fetch (that pass finds the folder in sync). Directory, symlink,
+  metadata, conflict and delete actions are applied at once, in the plan's order; builds
+  from local data copy blocks synchronously before anything else can move their sources;
+  fetches become downloads.
 * **Mass-deletion guard.** Scans and plans are judged with the folder's deletion history
   from the index and the wall-clock time (that of the moment the guard tripped, while it
   holds deletions back, so a pause lasts until resolved); deletions made are added to the
@@ -160,6 +163,9 @@ RETRY_MAX = 300.0
 at once)."""
 MAX_CONFLICT_PATHS = 100
 """Conflict copies listed by name in ``status``; ``conflicts`` counts them all."""
+MAX_PLAN_PROBLEMS = 1000
+"""Paths a pass keeps as problems of the plan (the first in path order): what peers announce
+cannot grow them without end."""
 
 
 class OwnWrites(Protocol):
@@ -628,10 +634,10 @@ class FolderSync:
         in place meanwhile.
         """
         async with self.busy:
-            result, fetches, remotes = await self._decide_and_change()
+            paused, fetches, remotes = await self._decide_and_change()
         await self.downloads.take_plan(fetches, remotes, set(self.waiting_for_space))
         await self._drop_stale_partials()
-        if not result.paused and not self.local_pause and not self.disk_full:
+        if not paused and not self.local_pause and not self.disk_full:
             if self.downloads.busy():
                 self.state, self.reason = "syncing", ""
             elif self.state != "error":
@@ -644,65 +650,154 @@ class FolderSync:
     async def _decide_and_change(
         self,
     ) -> tuple[
-        planner.Plan,
+        bool,
         list[tuple[planner.Fetch, planner.Conflict | None]],
         dict[bytes, dict[str, FileRecord]],
     ]:
         """Plan, and apply every action but the fetches, which are returned (with the
-        conflict each settles when it is placed) together with the peers' records."""
+        conflict each settles when it is placed) together with the peers' records of their
+        paths; and whether the delete guard paused the folder.
+
+        The paths to plan are read, planned and applied a batch at a time
+        (``planinputs.batches``), each batch seeing what the ones before it applied, and
+        the fetches handed over are bounded (``planinputs.Fetches``): a pass's memory does
+        not grow with the number of records peers announce. The delete guard judges the
+        deletions of the whole pass, counted first (``planinputs.deletions``).
+        """
         started = self.engine.now()
-        in_progress = {path for link in self.exchange.links.values() for path in link.in_progress}
-        inputs = await asyncio.to_thread(
-            planinputs.load, self.engine.index, self.info.id, in_progress
-        )
-        remotes = inputs.remotes
+        index, folder = self.engine.index, self.info.id
+        # A snapshot: the plans run in threads while sessions change.
+        progress = {
+            peer: dict(link.in_progress)
+            for peer, link in self.exchange.links.items()
+            if link.in_progress
+        }
+        in_progress = {path for records in progress.values() for path in records}
         history, held = await asyncio.to_thread(self._guard_inputs)
         now = held if held is not None else self.engine.clock.time()
         allowed, self.allow_mass_delete = self.allow_mass_delete, False
         self.waiting_for_space.clear()
-        for peer, link in self.exchange.links.items():
-            if link.in_progress:
-                merged = dict(remotes.get(peer, {}))
-                for path, record in link.in_progress.items():
-                    if path not in in_progress:
-                        continue  # announced since the records were read: the next pass
-                    current = merged.get(path)
-                    if current is None or not same_content(current, record):
-                        merged[path] = record
-                remotes[peer] = merged
-        # In a thread: the context's answers are index queries.
-        result = await asyncio.to_thread(
-            planner.plan,
-            inputs.local,
-            remotes,
-            local_short_id=self.engine.short_id,
-            priority=frozenset(self.priority),
-            limits=self.engine.delete_limits,
-            delete_history=history,
-            now=now,
-            allow_mass_delete=allowed,
-            ignored=self.rules.matches,
-            context=inputs.context,
+        priority = frozenset(self.priority)
+
+        def plan(
+            inputs: planinputs.PlanInputs,
+            remotes: dict[bytes, dict[str, FileRecord]],
+            whole: planner.PassDeletions | None,
+        ) -> planner.Plan:
+            return planner.plan(
+                inputs.local,
+                remotes,
+                local_short_id=self.engine.short_id,
+                priority=priority,
+                limits=self.engine.delete_limits,
+                delete_history=history,
+                now=now,
+                allow_mass_delete=allowed or whole is None,
+                ignored=self.rules.matches,
+                context=inputs.context,
+                whole_pass=whole,
+            )
+
+        # In threads: the context's answers are index queries.
+        batches = planinputs.batches(index, folder, in_progress)
+        inputs = await asyncio.to_thread(next, batches, None)
+        whole = None
+        if inputs is not None and not allowed:  # in sync: nothing to count
+            whole = await asyncio.to_thread(
+                planinputs.deletions,
+                index,
+                folder,
+                in_progress,
+                lambda inputs: plan(
+                    inputs, _with_in_progress(inputs.remotes, progress, inputs.paths), None
+                ),
+                self.engine.short_id,
+            )
+        self.conflict_paths = set(
+            await asyncio.to_thread(planinputs.conflict_copies, index, folder)
         )
-        self.planning_seconds = self.engine.now() - started
+        failed_before = set(self.failures)
+        still_failing: set[str] = set()
+        downloads = self.downloads
+        tick = self.engine.now()
+        fetches = planinputs.Fetches(
+            lambda path: (
+                path in downloads.active
+                or path in downloads.committing
+                or path in downloads.opening
+                or prioritised(path, priority)
+            ),
+            lambda path: self.failed_lately(path, tick),
+        )
+        problems: dict[str, str] = {}
+        paused, verdict, live, actions_count, changed, rounds = False, None, 0, 0, 0, 0
+        deleted: dict[bytes, int] = {}
+        planning = self.engine.now() - started
+        while inputs is not None:
+            begun = self.engine.now()
+            remotes = _with_in_progress(inputs.remotes, progress, inputs.paths)
+            result = await asyncio.to_thread(plan, inputs, remotes, whole)
+            actions_count += len(result.actions)
+            for problem in result.problems:
+                if len(problems) < MAX_PLAN_PROBLEMS:
+                    problems[problem.path] = f"{problem.kind.value}: {problem.detail}".rstrip(": ")
+            live = live or result.live_entries
+            if result.paused and not paused:
+                paused, verdict = True, result.verdict
+            planning += self.engine.now() - begun
+            changed += await self._change(result, remotes, fetches, still_failing, deleted)
+            rounds += 1
+            begun = self.engine.now()
+            inputs = await asyncio.to_thread(next, batches, None)
+            planning += self.engine.now() - begun
+        self.planning_seconds = planning
         logger.debug(
             "folder %s: planned in %.3f s: %d actions, %d problems",
             self.root,
             self.planning_seconds,
-            len(result.actions),
-            len(result.problems),
+            actions_count,
+            len(problems),
         )
-        self.plan_problems = {
-            problem.path: f"{problem.kind.value}: {problem.detail}".rstrip(": ")
-            for problem in result.problems
-        }
-        self.conflict_paths = set(inputs.conflict_copies)
-        self.mass_delete_pause = result.paused
+        self.plan_problems = problems
+        # A failure whose path no longer needs an action here was settled another way (a
+        # newer version, the path deleted): it is no problem any more.
+        needed = still_failing | set(downloads.active) | downloads.committing
+        for path in failed_before - needed:
+            self.failures.pop(path, None)
+        self.mass_delete_pause = paused
         if not allowed:
-            await self._hold(held, result.paused or bool(self.local_pause), now)
-        if result.paused or self.local_pause or self.disk_full:
-            remote_pause = result.verdict.reason(self.engine.peer_names) if result.verdict else ""
+            await self._hold(held, paused or bool(self.local_pause), now)
+        if verdict is not None:
+            logger.warning("folder %s: delete guard: %s", self.root, verdict.reason())
+        if paused or self.local_pause or self.disk_full:
+            remote_pause = verdict.reason(self.engine.peer_names) if verdict else ""
             self.state, self.reason = "paused", remote_pause or self.local_pause or self.disk_full
+        if allowed and deleted:
+            await self._confirmed_deletions()
+        elif deleted:
+            live = whole.live if whole is not None else live
+            await self._record_deletions(
+                [deleteguard.Deletion(now, o, n, live) for o, n in sorted(deleted.items())]
+            )
+        if rounds > 1 and changed:
+            # What a batch left for want of what a later one did (a directory whose entries
+            # it deleted) is done by the next pass.
+            self.dirty.set()
+        return paused, fetches.chosen, fetches.remotes
+
+    async def _change(
+        self,
+        result: planner.Plan,
+        remotes: dict[bytes, dict[str, FileRecord]],
+        fetches: planinputs.Fetches,
+        still_failing: set[str],
+        deleted: dict[bytes, int],
+    ) -> int:
+        """Apply a batch's plan but its fetches, which go to ``fetches``; the paths of
+        failures that still need an action go to ``still_failing``, the deletions made (by
+        origin) are added to ``deleted``. How many actions it applied (or tried, for builds)."""
+        if result.paused or self.local_pause or self.disk_full:
+            self.state = "paused"  # its reason is set once the pass is planned
         actions = result.actions
         if self.marker_missing:
             actions = ()
@@ -712,31 +807,27 @@ class FolderSync:
         if actions and self.state == "in_sync":
             # Until the pass ends, whatever it applies is still to be done here.
             self.state, self.reason = "syncing", ""
-        # A failure whose path no longer needs an action here was settled another way (a
-        # newer version, the path deleted): it is no problem any more.
-        needed = {a.path for a in actions} | set(self.downloads.active) | self.downloads.committing
-        for path in [p for p in self.failures if p not in needed]:
-            del self.failures[path]
+        still_failing.update(a.path for a in actions if a.path in self.failures)
         tick = self.engine.now()
-        fetches: list[tuple[planner.Fetch, planner.Conflict | None]] = []
         # A conflict is applied together with the winner's action on the same path: the
         # loser leaves its name only when the winner takes it (for a fetch, when the download
         # is complete), so no peer ever sees the path vacated and nothing waits half done.
         conflicts: dict[str, planner.Conflict] = {}
-        deleted: dict[bytes, int] = {}
         # Builds from local data in a row are made and recorded together (thousands of
         # empty or copied files: one thread hop and one transaction, not a few each).
         builds: list[planner.BuildFromLocal] = []
+        applied = 0
         for action in actions:
             if isinstance(action, planner.Conflict):
                 conflicts[action.path] = action
                 continue
             conflict = conflicts.pop(action.path, None)
             if self.disk_full and isinstance(action, planner.Fetch | planner.BuildFromLocal):
-                self.waiting_for_space[action.path] = action.record.size
+                if len(self.waiting_for_space) < planinputs.FETCHES_PER_PASS:
+                    self.waiting_for_space[action.path] = action.record.size
                 continue
             if isinstance(action, planner.Fetch):
-                fetches.append((action, conflict))
+                fetches.offer(action, conflict, remotes)
                 continue
             failure = self.failures.get(action.path)
             if failure is not None and failure.retry_at > tick:
@@ -746,6 +837,7 @@ class FolderSync:
                 continue
             if builds:
                 await self._build_all_from_local(builds)
+                applied += len(builds)
                 builds = []
             try:
                 if conflict is not None and not isinstance(action, planner.SetMetadata):
@@ -759,16 +851,11 @@ class FolderSync:
                 await self._not_applied(action.path, exc)
             else:
                 self.failures.pop(action.path, None)
+                applied += 1
         if builds:
             await self._build_all_from_local(builds)
-        if allowed and deleted:
-            await self._confirmed_deletions()
-        elif deleted:
-            live = result.live_entries
-            await self._record_deletions(
-                [deleteguard.Deletion(now, o, n, live) for o, n in sorted(deleted.items())]
-            )
-        return result, fetches, remotes
+            applied += len(builds)
+        return applied
 
     async def _not_applied(self, path: str, exc: LanshareError) -> None:
         """An action on ``path`` failed: a local change is rescanned (and planned again),
@@ -1149,11 +1236,16 @@ class FolderSync:
         need_bytes = fetching_bytes + sum(self.waiting_for_space.values())
         state, reason = self.state, self.reason or self._why_not_in_sync()
         reading = sum(1 for link in links.values() if not link.listed)
+        peer_problems = self.exchange.peer_problems()
         if state in ("in_sync", "syncing") and self.failures:
             path, failure = min(self.failures.items())
             more = len(self.failures) - 1
             state = "error"
             reason = f"{path}: {failure.message}" + (f" (and {more} more)" if more else "")
+        elif state in ("in_sync", "syncing") and peer_problems:
+            # Not in sync with a peer whose file list was not read whole.
+            peer, problem = next(iter(peer_problems.items()))
+            state, reason = "error", f"peer {self._peer_name(peer)} {problem}"
         elif state == "in_sync" and need_files:
             state = "syncing"
         elif state == "in_sync" and reading:
@@ -1170,6 +1262,10 @@ class FolderSync:
             "conflicts": len(self.conflict_paths),
             "conflict_paths": sorted(self.conflict_paths)[:MAX_CONFLICT_PATHS],
             "problems": [{"path": p, "problem": m} for p, m in sorted(self.problems.items())],
+            "peer_problems": [
+                {"peer": p.hex(), "name": self.engine.peer_names.get(p, ""), "problem": m}
+                for p, m in peer_problems.items()
+            ],
             "connected_peers": len(links),
             "sequence": self.info_sequence(),
             "peers": peers,
@@ -1185,6 +1281,10 @@ class FolderSync:
         if self.rules.problem:
             problems.setdefault(IGNORE_FILE, self.rules.problem)
         return problems
+
+    def _peer_name(self, peer: bytes) -> str:
+        name = self.engine.peer_names.get(peer, "")
+        return f"{name} ({peer.hex()})" if name else peer.hex()
 
     def _why_not_in_sync(self) -> str:
         if self.state != "syncing":
@@ -1498,6 +1598,27 @@ class Engine:
                 for ban in self.strikes.bans()
             ],
         }
+
+
+def _with_in_progress(
+    remotes: dict[bytes, dict[str, FileRecord]],
+    progress: Mapping[bytes, Mapping[str, FileRecord]],
+    paths: Collection[str],
+) -> dict[bytes, dict[str, FileRecord]]:
+    """``remotes`` with the records peers are downloading (``progress``) of ``paths``: the
+    planner sees such a record as if the peer had that version (``exchange``)."""
+    merged = dict(remotes)
+    for peer, records in progress.items():
+        mine = dict(merged.get(peer, {}))
+        for path, record in records.items():
+            if path not in paths:
+                continue  # announced since the records were read, or another batch's
+            current = mine.get(path)
+            if current is None or not same_content(current, record):
+                mine[path] = record
+        if mine:
+            merged[peer] = mine
+    return merged
 
 
 def _in_scope(action: planner.Action, scope: Collection[str]) -> bool:

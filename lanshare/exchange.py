@@ -21,6 +21,17 @@ Theory of operation
   the stored one, or one that carries no HAVE hashes (a peer's set of downloads changed),
   asks for the news. Our answers are read from the index in a worker thread and packed to
   the size the peer asked for.
+* **Records per peer are bounded** by ``[sync] max_peer_records`` (how many rows we hold of
+  it, counted once at start and kept as batches are stored). A node id is the peer's free
+  choice and its address is not, so the limit holds for everything stored from one source
+  address (``strikes.ban_key``: the IPv4 host, the IPv6 /64) through any node id, and at
+  most ``MAX_IDS_PER_SOURCE`` node ids of one source have their records stored in a run
+  (a peer that sends under a fresh id each time gets no fresh allowance). A batch that
+  would take a peer past the limit is not stored at all, and that peer's file list is not
+  asked for again until the daemon restarts: what we hold of it stays exactly as stored,
+  up to a sequence number, as after any batch, so a restart with a higher limit goes on
+  from there. The peer is logged once and named in ``status`` (:attr:`Exchange.over_limit`);
+  its blocks are still fetched for the records we hold.
 * **Re-sharing.** A peer's answer also carries entries (``0x02``) for the files of more than
   one block it is downloading right now: the record it is building and which blocks it
   already holds; every block it verifies afterwards is announced with a HAVE. (A one-block
@@ -55,6 +66,7 @@ from lanshare import hashes
 from lanshare.errors import DecodeError
 from lanshare.manifest import BatchHeader, FileRecord, InProgress, decode_entry, encode_entry
 from lanshare.protocol import wire
+from lanshare.strikes import ban_key
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
@@ -77,6 +89,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_RECORDS_PER_BATCH = 2000
 """Records read from the index for one manifest answer (then cut to the size limit)."""
+MAX_IDS_PER_SOURCE = 16
+"""Node ids of one source address whose records are stored in one run (an honest machine
+uses one; a few more cover daemons that share a host)."""
 HAVE_FLUSH_INTERVAL = 0.05
 """Seconds verified blocks are collected before one HAVE notification."""
 MAX_HAVE_PER_NOTIFY = 32
@@ -186,6 +201,14 @@ class Exchange:
         """The highest sequence of each peer's records held in the index: read once
         (``load``), then kept as records are stored, so a session coming up reads no SQLite
         on the loop."""
+        self.counts: dict[bytes, int] = {}
+        """How many records the index holds of each peer (read once, kept as stored)."""
+        self.over_limit: dict[bytes, str] = {}
+        """Peers whose file list is read no further, with the reason (for ``status``): their
+        records (or their source's) reached ``[sync] max_peer_records``, or their source
+        used too many node ids."""
+        self.ids_of_source: dict[str, set[bytes]] = {}
+        """The node ids whose records were stored from each source address in this run."""
         self.pending_have: list[bytes] = []
         self.have_flush: Timer | None = None
         self.announce_downloads = False
@@ -194,6 +217,7 @@ class Exchange:
         """Read what the index holds of each peer (before any session comes up)."""
         peers = await asyncio.to_thread(self.engine.index.remote_peers, self.folder.info.id)
         self.known = {p.peer: p.max_sequence for p in peers}
+        self.counts = await asyncio.to_thread(self.engine.index.remote_counts, self.folder.info.id)
 
     def session_up(self, peer: bytes, addr: Addr) -> None:
         link = PeerLink(peer, addr, known_sequence=self.known.get(peer, 0))
@@ -213,6 +237,9 @@ class Exchange:
         self.folder.downloads.pump()
 
     def ask_manifest(self, link: PeerLink) -> None:
+        if link.peer in self.over_limit:
+            link.listed = True  # all of its list that we read (``status`` says why)
+            return
         if link.manifest_request is not None:
             link.refetch = True
             return
@@ -278,16 +305,16 @@ class Exchange:
             self.ask_manifest(link)
             return
         news = not link.listed
-        if records:
-            link.known_sequence, differing = await asyncio.to_thread(
-                self._store_remote, event.peer, records
-            )
-            self.known[event.peer] = link.known_sequence
-            news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
+        if records and event.peer not in self.over_limit:
+            stored = await self._store(link, records)
+            if stored is not None:
+                link.known_sequence, differing = stored
+                self.known[event.peer] = link.known_sequence
+                news = news or bool(differing) or any(self.folder.pending(r.path) for r in records)
         if in_progress.keys() != link.in_progress.keys() or have - link.have:
             news = True
             self.folder.downloads.peer_has(event.peer, link.announced(in_progress, have))
-        if event.more or link.refetch:
+        if (event.more or link.refetch) and event.peer not in self.over_limit:
             self.ask_manifest(link)
         else:
             link.listed = True
@@ -297,13 +324,64 @@ class Exchange:
         if news:
             self.folder.dirty.set()
 
-    def _store_remote(self, peer: bytes, records: list[FileRecord]) -> tuple[int, set[str]]:
+    async def _store(
+        self, link: PeerLink, records: list[FileRecord]
+    ) -> tuple[int, set[str]] | None:
+        """``_store_remote`` within the limits of ``link``'s source; None, and its peer is read
+        no further, when they refuse the records."""
+        source = ban_key(link.addr)
+        ids = self.ids_of_source.setdefault(source, set())
+        if link.peer not in ids and len(ids) >= MAX_IDS_PER_SOURCE:
+            self._refuse(link, f"is one node id too many from {source} ({len(ids)} read)")
+            return None
+        ids.add(link.peer)
+        stored = await asyncio.to_thread(self._store_remote, link.peer, records, tuple(ids))
+        if stored is None:
+            shared = f" with the other node ids of {source}" if len(ids) > 1 else ""
+            limit = self.engine.config.sync.max_peer_records
+            self._refuse(
+                link, f"announces more than {limit} records{shared} ([sync] max_peer_records)"
+            )
+        return stored
+
+    def _store_remote(
+        self, peer: bytes, records: list[FileRecord], source_ids: Collection[bytes]
+    ) -> tuple[int, set[str]] | None:
         """Store a peer's records; its highest sequence now, and the paths of those that
-        differ from ours. Blocking: call it in a thread."""
+        differ from ours; None, storing nothing, if they would take the peer, with the other
+        node ids of its source (``source_ids``), past ``[sync] max_peer_records``.
+        Blocking: call it in a thread (one at a time per peer: one manifest request is in
+        flight per peer)."""
         index = self.engine.index
         folder = self.folder.info.id
+        paths = [r.path for r in records]
+        count = self.counts.get(peer, 0) + index.remote_unknown(folder, peer, paths)
+        others = sum(self.counts.get(p, 0) for p in source_ids if p != peer)
+        if count + others > self.engine.config.sync.max_peer_records:
+            return None
         top = index.remote_upsert(folder, peer, records)
-        return top, index.differing(folder, peer, (r.path for r in records))
+        self.counts[peer] = count
+        return top, index.differing(folder, peer, paths)
+
+    def peer_problems(self) -> dict[bytes, str]:
+        """Why the file list of a peer was not read whole, by peer (for ``status``)."""
+        return {
+            peer: f"{why}: {self.counts.get(peer, 0)} kept, the rest of its file list not read"
+            for peer, why in sorted(self.over_limit.items())
+        }
+
+    def _refuse(self, link: PeerLink, why: str) -> None:
+        """Stop reading the file list of ``link``'s peer, keeping what is stored of it (see
+        the module docstring); ``why`` names the limit it reached."""
+        self.over_limit[link.peer] = why
+        link.refetch = False
+        logger.warning(
+            "folder %s: peer %s %s: keeping the %d stored, reading no more of its file list",
+            self.folder.info.path,
+            link.peer.hex(),
+            why,
+            self.counts.get(link.peer, 0),
+        )
 
     async def _check_index_id(self, link: PeerLink, header: BatchHeader) -> bool:
         index_id = header.index_id
@@ -316,12 +394,14 @@ class Exchange:
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
             link.known_sequence = self.known[link.peer] = 0
+            self.counts[link.peer] = 0
             return True
         if known is None or known.index_id == b"":
             await asyncio.to_thread(
                 self.engine.index.remote_reset, self.folder.info.id, link.peer, index_id
             )
             self.known[link.peer] = 0
+            self.counts[link.peer] = 0
             if known is not None and known.max_sequence:
                 link.known_sequence = 0
                 return True

@@ -822,6 +822,24 @@ class Index:
             ).fetchone()
         return None if row is None else RemotePeer(*row)
 
+    def remote_counts(self, folder: int) -> dict[bytes, int]:
+        """How many records we hold of each peer for this folder."""
+        with self._read("count remote records") as conn:
+            rows = conn.execute(
+                "SELECT peer, count(*) FROM remote_files WHERE folder = ? GROUP BY peer",
+                (folder,),
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def remote_unknown(self, folder: int, peer: bytes, paths: Iterable[str]) -> int:
+        """How many of ``paths`` (each counted once) we hold no record of from ``peer``:
+        the rows that storing a batch of its records would add."""
+        wanted = set(paths)
+        query = "SELECT path FROM remote_files WHERE folder = ? AND peer = ? AND path IN "
+        with self._read("read remote records") as conn:
+            held = sum(1 for _ in _rows_of_paths(conn, query, (folder, peer), wanted))
+        return len(wanted) - held
+
     def remote_reset(self, folder: int, peer: bytes, index_id: bytes) -> None:
         """Forget a peer's records and start over under its (new) index id, at sequence 0."""
         with self._write("reset a remote peer") as conn:
@@ -907,15 +925,25 @@ class Index:
                 return
             after = rows[-1][0]
 
-    def paths_to_plan(self, folder: int) -> list[str]:
+    def paths_to_plan(
+        self, folder: int, after: str = "", limit: int = -1, *, deleting: bool = False
+    ) -> list[str]:
         """The paths of which some peer holds another record than ours (or we hold none), in
         path order: the only paths a plan can change (``planner``, step 6). A folder in sync
-        has none, so this reads every remote record but decodes none."""
+        has none, so this reads every remote record but decodes none.
+
+        Only the first ``limit`` (-1: all) of the paths after ``after``, so a caller can read
+        them a page at a time. ``deleting``: only those we hold live and some peer holds
+        deleted (the only ones a plan can delete).
+        """
+        deleted = "AND r.deleted = 1 AND l.deleted = 0 " if deleting else ""
         with self._read("read the paths to plan") as conn:
             rows = conn.execute(
-                f"SELECT DISTINCT r.path {_REMOTE_DIFFERING} WHERE r.folder = ? "
-                f"AND {_DIFFERS} ORDER BY r.path",
-                (folder,),
+                "SELECT DISTINCT r.path FROM remote_files r INDEXED BY remote_files_path "
+                "LEFT JOIN local_files l ON l.folder = r.folder AND l.path = r.path "
+                f"WHERE r.folder = ? AND r.path > ? AND {_DIFFERS} {deleted}"
+                "ORDER BY r.path LIMIT ?",
+                (folder, after, limit),
             ).fetchall()
         return [row[0] for row in rows]
 
@@ -955,11 +983,15 @@ class Index:
             ).fetchone()
         return int(row[0])
 
-    def has_record(self, folder: int, path: str) -> bool:
-        """Whether the folder holds a local record (live or tombstone) of ``path``."""
+    def path_known(self, folder: int, path: str) -> bool:
+        """Whether the folder holds a record of ``path``, ours (live or tombstone) or a
+        peer's: a name a conflict copy must not take."""
         with self._read("read a record") as conn:
             row = conn.execute(
-                "SELECT 1 FROM local_files WHERE folder = ? AND path = ?", (folder, path)
+                "SELECT 1 FROM local_files WHERE folder = ? AND path = ? UNION ALL "
+                "SELECT 1 FROM remote_files INDEXED BY remote_files_path "
+                "WHERE folder = ? AND path = ? LIMIT 1",
+                (folder, path, folder, path),
             ).fetchone()
         return row is not None
 

@@ -35,7 +35,10 @@ Theory of operation
    (``deleteguard.judge`` over the caller's history and ``now``): if they trip the guard, the
    deletions (and the actions that need them first) are withheld and the plan is ``paused``
    with the :class:`~lanshare.deleteguard.Verdict`, unless the caller passes
-   ``allow_mass_delete=True`` (after the user confirmed, e.g. ``lanshare resume``).
+   ``allow_mass_delete=True`` (after the user confirmed, e.g. ``lanshare resume``). A pass
+   planned in batches (one plan per batch of paths, so that its memory stays bounded) passes
+   each batch the deletions of the whole pass (:class:`PassDeletions`, counted first with
+   :func:`deletions`): every batch then gets the verdict the whole pass would.
 6. **What it reads.** Only paths some peer holds can need an action, so ``local`` need only
    hold those paths (with their ancestors, for the structure checks); what the plan must know
    of the rest of the folder — how many entries are live, whether a directory keeps live
@@ -210,7 +213,8 @@ class LocalContext:
     live_below: Callable[[str], int]
     """Live local entries at any depth below a directory path."""
     exists: Callable[[str], bool]
-    """Whether the folder holds a local record (live or tombstone) at a path."""
+    """Whether the folder holds a local record (live or tombstone) at a path, or a peer's
+    record that is not in the plan's ``remotes`` (a name a conflict copy must not take)."""
     block_source: BlockSource
     """Where a block lies in a live local file (:data:`BlockSource`)."""
 
@@ -236,6 +240,17 @@ class LocalContext:
             exists=local.__contains__,
             block_source=lambda algo, block_hash, size: blocks.get((algo, block_hash, size)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PassDeletions:
+    """The deletions of a whole planning pass made of several plans (module docstring,
+    step 5): the delete guard judges them in each plan instead of the plan's own."""
+
+    counts: Mapping[PeerKey, int]
+    """Deletions by origin (:func:`deletion_origin`) of every plan of the pass."""
+    live: int
+    """Live local entries when the pass started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +286,7 @@ def plan(
     allow_mass_delete: bool = False,
     ignored: Callable[[str, bool], bool] | None = None,
     context: LocalContext | None = None,
+    whole_pass: PassDeletions | None = None,
 ) -> Plan:
     """Compute what to do so that the local folder holds the global newest version of every path.
 
@@ -288,6 +304,8 @@ def plan(
             left alone.
         context: what to know of the local records not in ``local`` (None: derived from
             ``local``, which then holds them all).
+        whole_pass: the deletions of the pass this plan is one batch of (None: this plan is
+            the whole pass).
 
     Returns:
         The :class:`Plan`; its actions are in the order the engine commits them.
@@ -326,19 +344,20 @@ def plan(
     actions = [a for unit in units.values() for a in unit.actions()]
     plan_ = _order(actions, usable_local, priority)
 
-    pending: dict[PeerKey, int] = {}
-    for action in plan_:
-        if isinstance(action, Delete):
-            origin = deletion_origin(action, local_short_id)
-            pending[origin] = pending.get(origin, 0) + 1
+    pending = deletions(plan_, local_short_id)
     live_count = here.live_count
+    if whole_pass is not None:
+        live_count = whole_pass.live
+        for origin, count in whole_pass.counts.items():
+            pending[origin] = max(count, pending.get(origin, 0))
     verdict = None
     if not allow_mass_delete:
         verdict = deleteguard.judge(delete_history, pending, live_count, now, limits)
     withheld: list[Action] = []
     if verdict is not None:
-        logger.warning("delete guard: %s", verdict.reason())
         plan_, withheld = _withhold_deletions(plan_, usable_local)
+        if whole_pass is None:  # else the pass logs it once
+            logger.warning("delete guard: %s", verdict.reason())
     plan_ = _mark_moves(plan_)
     problems.sort(key=lambda p: (p.path, p.kind.value))
     return Plan(
@@ -350,6 +369,16 @@ def plan(
         verdict=verdict,
         live_entries=live_count,
     )
+
+
+def deletions(actions: Iterable[Action], local_short_id: int) -> dict[PeerKey, int]:
+    """How many of ``actions`` are deletions, by origin (:func:`deletion_origin`)."""
+    counts: dict[PeerKey, int] = {}
+    for action in actions:
+        if isinstance(action, Delete):
+            origin = deletion_origin(action, local_short_id)
+            counts[origin] = counts.get(origin, 0) + 1
+    return counts
 
 
 def global_winner(records: Iterable[FileRecord]) -> FileRecord:

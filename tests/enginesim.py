@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lanshare import chunker, keys, scanner
-from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig, TransferConfig
+from lanshare.config import (
+    Config,
+    FolderConfig,
+    NetworkConfig,
+    NodeConfig,
+    SyncConfig,
+    TransferConfig,
+)
 from lanshare.engine import Engine, FolderSync
 from lanshare.events import BlockReceived, BlockRequested, Event
 from lanshare.identity import NodeId
@@ -353,8 +360,10 @@ class SimNode:
         whole_folders: bool = True,
         open_assemblies: int | None = None,
         clock: Clock | None = None,
+        sync: SyncConfig | None = None,
     ) -> None:
         self.cluster = cluster
+        self.sync = sync or SyncConfig()
         self.clock = clock
         """The engine's clock (None: the loop's)."""
         self.whole_folders = whole_folders
@@ -399,6 +408,7 @@ class SimNode:
             ),
             network=NetworkConfig(port=PORT, max_send_rate=self.max_send_rate),
             transfer=self.transfer,
+            sync=self.sync,
             folders=(FolderConfig(self.root, self.cluster.key, self.ignore),),
         )
 

@@ -510,6 +510,35 @@ def test_status_lists_banned_addresses_escaped(capsys: pytest.CaptureFixture[str
     ]
 
 
+def test_status_names_a_peer_whose_file_list_was_cut_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    problem = "announces more than 100 records ([sync] max_peer_records): 90 kept"
+    result = {
+        "node": {"name": "here", "id": "ab12"},
+        "folders": [
+            {
+                "path": "/srv/share",
+                "state": "error",
+                "need_files": 0,
+                "need_bytes": 0,
+                "reason": "",
+                "peers": [],
+                "peer_problems": [
+                    {"peer": "eeee", "name": "evil\u202e", "problem": problem},
+                    {"peer": "dddd", "name": "", "problem": problem},
+                ],
+            }
+        ],
+    }
+    _print_status(result)
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "/srv/share: error",
+        f"  ! peer evil\\u202e (eeee): {problem}",
+        f"  ! peer dddd: {problem}",
+    ]
+
+
 def test_pull_progress_shows_a_peers_file_name_escaped_and_never_as_markup(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -757,6 +757,8 @@ def test_dates_are_named_in_type_errors(write: Writer) -> None:
         ("debounce_interval", -0.1, "seconds greater than 0"),
         ("max_vector_devices", 0, "from 1 to 1024 devices"),
         ("max_vector_devices", 1025, "from 1 to 1024 devices"),
+        ("max_peer_records", 99, "from 100 to 1000000000 records"),
+        ("max_peer_records", 1_000_000_001, "from 100 to 1000000000 records"),
     ],
 )
 def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expected: str) -> None:
@@ -764,6 +766,14 @@ def test_sync_section_is_checked(tmp_path: Path, key: str, value: float, expecte
     file.write_text(f"[sync]\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=rf"config.toml:sync.{key}: .*{expected}"):
         config.load(file)
+
+
+def test_the_record_limit_per_peer_defaults_to_two_million(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text("[sync]\n")
+    assert config.load(file).sync.max_peer_records == 2_000_000
+    file.write_text("[sync]\nmax_peer_records = 5000\n")
+    assert config.load(file).sync.max_peer_records == 5000
 
 
 # --- the system service's config and where the command line looks for a daemon ------------------

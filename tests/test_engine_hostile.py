@@ -16,11 +16,18 @@ import random
 import struct
 from typing import TYPE_CHECKING
 
+from lanshare import exchange as exchange_module
 from lanshare import keys, marker, strikes
-from lanshare.config import NetworkConfig, TransferConfig
-from lanshare.events import BlockRequested, Event, ManifestRequested
+from lanshare.config import NetworkConfig, SyncConfig, TransferConfig
+from lanshare.events import BlockRequested, Event, ManifestReceived, ManifestRequested
 from lanshare.index import Index, LocalChange
-from lanshare.manifest import MAX_VECTOR_DEVICES, VersionVector, encode_record
+from lanshare.manifest import (
+    MAX_VECTOR_DEVICES,
+    EntryType,
+    FileRecord,
+    VersionVector,
+    encode_record,
+)
 from lanshare.protocol import Endpoint
 from tests.enginesim import PORT, Cluster, LinkSpec, SimTransport, random_bytes, wait_for
 
@@ -28,8 +35,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pytest
-
-    from lanshare.manifest import FileRecord
 
 MiB = 1024 * 1024
 EVIL_ID = b"\xee" * 8
@@ -314,5 +319,139 @@ def test_a_stored_record_no_edit_can_bump_is_a_problem_of_its_path(tmp_path: Pat
             await victim.scan()
             await wait_for(lambda: honest.path("later.txt").exists(), 60, "a later change")
             assert [p["path"] for p in victim.folder.status()["problems"]] == ["stuck.txt"]
+
+    asyncio.run(main())
+
+
+class EndlessPeer(HostilePeer):
+    """Answers every manifest request with ``batch`` records of paths never sent before, and
+    ``more`` set: a file list without end."""
+
+    def __init__(
+        self, cluster: Cluster, batch: int, node_id: bytes = EVIL_ID, sent: int = 0
+    ) -> None:
+        super().__init__(cluster, node_id)
+        self.batch = batch
+        self.sent = sent
+        self.requests = 0
+        self.answers = 0
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, ManifestReceived):
+            self.answers += 1
+        if not isinstance(event, ManifestRequested):
+            super().on_event(event)
+            return
+        self.requests += 1
+        header = struct.pack("!B8sQ", 0, b"\x66" * 8, 1 << 40)
+        entries = [header]
+        for n in range(self.sent + 1, self.sent + self.batch + 1):
+            # Tombstones of paths nobody has: they ask for no action, only storage.
+            gone = FileRecord(
+                f"junk/{n:08d}", EntryType.FILE, version=VersionVector.of({7: n}), deleted=True
+            )
+            entries.append(encode_record(dataclasses.replace(gone, sequence=n)))
+        self.sent += self.batch
+        self.endpoint.send_manifest(event.request_id, entries, True)
+
+
+def test_a_peer_past_the_record_limit_is_read_no_further_and_named_in_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that sends ``more`` batches for ever: we keep the whole batches that fit under
+    ``[sync] max_peer_records`` and nothing of the one that does not, ask it for nothing more
+    (not even when it announces news), log it once, and ``status`` names it; the folder
+    still syncs with an honest peer."""
+    batch, limit = 30, 100
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=24) as cluster:
+            honest = cluster.add()
+            victim = cluster.add(sync=SyncConfig(max_peer_records=limit))
+            honest.write("plain.txt", b"plain")
+            await honest.start()
+            await victim.start()
+            victim.connect(honest)
+            await wait_for(lambda: victim.path("plain.txt").exists(), 60, "the first sync")
+            evil = EndlessPeer(cluster, batch)
+            victim.folder.engine.add_address(evil.addr)
+            exchange = victim.folder.exchange
+            await wait_for(
+                lambda: EVIL_ID in exchange.over_limit or evil.requests > 2 * limit // batch,
+                60,
+                "the endless file list to be cut",
+            )
+            kept = limit // batch * batch
+            stored = [
+                r.path
+                for r in victim.folder.engine.index.remote_records(victim.folder.info.id, EVIL_ID)
+            ]
+            assert stored == [f"junk/{n:08d}" for n in range(1, kept + 1)]
+            assert evil.requests == kept // batch + 1
+            # News from it asks for nothing: its NOTIFY is handled before our answer to its
+            # own manifest request, which comes after it on the same session.
+            evil.endpoint.notify(victim.folder.engine.node_id, evil.folder_id, 1 << 41)
+            evil.endpoint.request_manifest(victim.folder.engine.node_id, evil.folder_id, 0)
+            evil.transport.kick()
+            await wait_for(lambda: evil.answers == 1, 60, "our answer to the peer")
+            assert evil.requests == kept // batch + 1
+
+            status = victim.folder.engine.status()
+            (folder,) = status["folders"]
+            assert folder["state"] == "error"
+            assert EVIL_ID.hex() in folder["reason"]
+            (trouble,) = folder["peer_problems"]
+            assert trouble["peer"] == EVIL_ID.hex()
+            assert f"more than {limit} records" in trouble["problem"]
+            assert f"{kept} kept" in trouble["problem"]
+
+            honest.write("later.txt", b"still syncing")
+            await honest.scan()
+            await wait_for(lambda: victim.path("later.txt").exists(), 60, "a later change")
+            evil.transport.close()
+
+    with caplog.at_level(logging.WARNING, logger="lanshare.exchange"):
+        asyncio.run(main())
+    cut = [r for r in caplog.records if "max_peer_records" in r.getMessage()]
+    assert len(cut) == 1
+
+
+def test_a_peer_changing_its_node_id_gets_no_fresh_allowance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record limit holds for everything stored from one address, through any node id
+    the peer announces, and only a few node ids of one address are stored at all: a peer
+    that comes back under a fresh id each time its list is cut is read no further."""
+    batch, limit = 30, 100
+    monkeypatch.setattr(exchange_module, "MAX_IDS_PER_SOURCE", 3)
+
+    async def main() -> None:
+        async with Cluster(tmp_path, seed=25) as cluster:
+            victim = cluster.add(sync=SyncConfig(max_peer_records=limit))
+            await victim.start()
+            exchange = victim.folder.exchange
+            index, folder = victim.folder.engine.index, victim.folder.info.id
+            ids = [bytes([0x66, n]) + bytes(6) for n in range(5)]
+            sent = 0
+            for n, node_id in enumerate(ids):
+                evil = EndlessPeer(cluster, batch, node_id, sent)
+                victim.folder.engine.add_address(evil.addr)
+                await wait_for(lambda i=node_id: i in exchange.over_limit, 120, f"id {n} to be cut")
+                sent = evil.sent
+                evil.transport.close()
+                await wait_for(lambda i=node_id: i not in exchange.links, 120, f"id {n} to go")
+            stored = {i: len(list(index.remote_records(folder, i))) for i in ids}
+            assert stored == {
+                ids[0]: limit // batch * batch,
+                ids[1]: 0,
+                ids[2]: 0,
+                ids[3]: 0,
+                ids[4]: 0,
+            }
+            problems = exchange.peer_problems()
+            assert "with the other node ids of 10.0.0.66" in problems[ids[1]]
+            assert "one node id too many from 10.0.0.66" in problems[ids[3]]
+            (folder_status,) = victim.folder.engine.status()["folders"]
+            assert {p["peer"] for p in folder_status["peer_problems"]} == {i.hex() for i in ids}
 
     asyncio.run(main())

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lanshare import planner
-from lanshare.engine import ANNOUNCE_INTERVAL
+from lanshare.engine import ANNOUNCE_INTERVAL, FolderSync
 from lanshare.exchange import Exchange
 from lanshare.manifest import encode_record
 from lanshare.protocol import wire
@@ -104,23 +103,23 @@ def test_syncing_many_small_files_sends_each_record_about_once(
 
 class PlanningPasses:
     """Counts each node's planning passes once it has read every connected peer's file
-    list (patching ``planner.plan`` only to count)."""
+    list (patching ``FolderSync.plan_and_apply`` only to count)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.nodes: list[SimNode] = []
         self.passes: Counter[int] = Counter()
-        plan = planner.plan
+        plan_and_apply = FolderSync.plan_and_apply
 
-        def counting(*args: Any, **kwargs: Any) -> planner.Plan:
+        async def counting(folder: FolderSync) -> None:
             for node in self.nodes:
                 assert node.engine is not None
                 links = node.folder.exchange.links.values()
-                mine = node.engine.short_id == kwargs["local_short_id"]
+                mine = node.folder is folder
                 if mine and links and all(link.listed for link in links):
                     self.passes[node.engine.short_id] += 1
-            return plan(*args, **kwargs)
+            await plan_and_apply(folder)
 
-        monkeypatch.setattr(planner, "plan", counting)
+        monkeypatch.setattr(FolderSync, "plan_and_apply", counting)
 
     def of(self, node: SimNode) -> int:
         assert node.engine is not None

@@ -664,6 +664,36 @@ def test_paths_to_plan_are_those_some_peer_holds_otherwise(db: Index) -> None:
     assert db.paths_to_plan(folder) == ["content", "gone", "meta", "theirs"]
     other = db.add_folder("/srv/b", "11" * 16).id
     assert db.paths_to_plan(other) == []
+    # A page at a time, and only what a plan could delete.
+    assert db.paths_to_plan(folder, "", 2) == ["content", "gone"]
+    assert db.paths_to_plan(folder, "gone", 2) == ["meta", "theirs"]
+    assert db.paths_to_plan(folder, "theirs", 2) == []
+    assert db.paths_to_plan(folder, deleting=True) == ["gone"]
+    # Streamed in path order from the index: no sort of every remote record.
+    statements: list[str] = []
+    conn = db._conn
+    assert conn is not None
+    conn.set_trace_callback(statements.append)
+    try:
+        db.paths_to_plan(folder, "", 2)
+    finally:
+        conn.set_trace_callback(None)
+    (select,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + select))
+    assert "INDEX remote_files_path" in plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+def test_remote_records_are_counted_per_peer(db: Index) -> None:
+    """What the record limit per peer counts: rows held, and the rows a batch would add."""
+    folder = db.add_folder("/srv/a", "00" * 16).id
+    db.remote_upsert(folder, PEER_A, [_file(p, b"") for p in ("a", "b", "c")])
+    db.remote_upsert(folder, PEER_B, [_file("a", b"")])
+    assert db.remote_counts(folder) == {PEER_A: 3, PEER_B: 1}
+    assert db.remote_unknown(folder, PEER_A, ["a", "d", "d", "e"]) == 2
+    assert db.remote_unknown(folder, PEER_B, ["a"]) == 0
+    db.remote_reset(folder, PEER_A, b"\x01" * 8)
+    assert db.remote_counts(folder) == {PEER_B: 1}
 
 
 def test_remote_records_of_some_paths_by_peer(db: Index) -> None:
@@ -680,7 +710,7 @@ def test_remote_records_of_some_paths_by_peer(db: Index) -> None:
     assert sorted(db.remote_records_of(folder, many)[PEER_A]) == many
 
 
-def test_live_below_has_record_and_conflict_copies(db: Index) -> None:
+def test_live_below_known_paths_and_conflict_copies(db: Index) -> None:
     folder = db.add_folder("/srv/a", "00" * 16).id
     records = [_file(p, b"1") for p in ("d/a", "d/e/b", "d-x", "dd/c", "e.sync-conflict-1")]
     db.commit_changes(folder, [LocalChange(r) for r in records])
@@ -689,8 +719,11 @@ def test_live_below_has_record_and_conflict_copies(db: Index) -> None:
     db.commit_changes(folder, [LocalChange(gone.tombstone(VersionVector().bump(ME).bump(ME), 0))])
     assert (db.live_below(folder, "d"), db.live_below(folder, "d/e")) == (2, 1)
     assert (db.live_below(folder, "dd"), db.live_below(folder, "x")) == (1, 0)
-    assert db.has_record(folder, "d/gone")
-    assert not db.has_record(folder, "d/none")
+    assert db.path_known(folder, "d/gone")  # a tombstone
+    assert not db.path_known(folder, "d/none")
+    db.remote_upsert(folder, PEER_A, [_file("d/theirs", b"3")])
+    assert db.path_known(folder, "d/theirs")  # a peer's only
+    assert not db.path_known(db.add_folder("/srv/b", "11" * 16).id, "d/theirs")
     assert db.live_paths_containing(folder, ".sync-conflict-") == ["e.sync-conflict-1"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tracemalloc
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -95,10 +96,7 @@ def _narrow(inputs: planinputs.PlanInputs) -> planner.Plan:
 def test_a_folder_in_sync_decodes_no_record(db: Index, decoded: list[str]) -> None:
     folder, _ = _folder_in_sync(db)
     decoded.clear()
-    inputs = planinputs.load(db, folder)
-    assert (inputs.local, inputs.remotes) == ({}, {})
-    assert inputs.context.live_count == 110
-    assert _narrow(inputs) == planner.Plan(live_entries=110)
+    assert list(planinputs.batches(db, folder)) == []
     assert decoded == []
 
 
@@ -116,7 +114,7 @@ def test_only_what_a_peer_changed_is_decoded_and_planned_the_same(
     gone = by_path["d2/f2"].tombstone(newer, 202)
     db.remote_upsert(folder, PEER_A, [changed, moved, gone])
     decoded.clear()
-    inputs = planinputs.load(db, folder)
+    (inputs,) = planinputs.batches(db, folder)
     assert sorted(decoded) == sorted(
         ["d1", "d1/f1", "d1/f1", "d1/f1", "d2", "d2/f2", "d2/f2", "d2/f2", "d3", "d3/moved"]
     )
@@ -137,7 +135,7 @@ def test_only_what_a_peer_changed_is_decoded_and_planned_the_same(
 def test_paths_the_caller_adds_are_planned_too(db: Index) -> None:
     """A download in progress at a peer: its path is read even if the stored records agree."""
     folder, _ = _folder_in_sync(db)
-    inputs = planinputs.load(db, folder, {"d4/f4"})
+    (inputs,) = planinputs.batches(db, folder, {"d4/f4"})
     assert sorted(inputs.local) == ["d4", "d4/f4"]
     assert sorted(inputs.remotes) == [PEER_A, PEER_B]
 
@@ -147,7 +145,7 @@ def test_conflict_copies_are_found_by_name(db: Index) -> None:
     copy = "a.sync-conflict-20240101-120000-0123abcd.txt"
     not_copy = "notes about .sync-conflict- names.txt"
     db.commit_changes(folder, [LocalChange(_file(p, b"x")) for p in (copy, not_copy, "a.txt")])
-    assert planinputs.load(db, folder).conflict_copies == {copy}
+    assert planinputs.conflict_copies(db, folder) == {copy}
 
 
 def test_engines_in_sync_plan_without_decoding_a_record(tmp_path: Path, decoded: list[str]) -> None:
@@ -169,3 +167,141 @@ def test_engines_in_sync_plan_without_decoding_a_record(tmp_path: Path, decoded:
                 assert node.folder.status()["state"] == "in_sync"
 
     asyncio.run(main())
+
+
+def _peer_announces(db: Index, folder: int, count: int) -> None:
+    """PEER_A announces ``count`` directories we lack, stored as the exchange stores them
+    (batches of 2000). Directories: cheap to plan, so the pass's own memory shows."""
+    version = VersionVector().bump(PEER_SHORT)
+    for start in range(0, count, 2000):
+        db.remote_upsert(
+            folder,
+            PEER_A,
+            [
+                replace(_dir(f"junk/{n:07d}"), version=version, sequence=n)
+                for n in range(start + 1, min(count, start + 2000) + 1)
+            ],
+        )
+
+
+def _a_pass(db: Index, folder: int) -> list[str]:
+    """What the engine's planning pass reads and decides, without applying anything: the
+    deletions counted first, then every batch planned. The paths of the actions."""
+
+    def plan(inputs: planinputs.PlanInputs, whole: planner.PassDeletions | None) -> planner.Plan:
+        return planner.plan(
+            inputs.local,
+            inputs.remotes,
+            local_short_id=ME,
+            context=inputs.context,
+            allow_mass_delete=whole is None,
+            whole_pass=whole,
+        )
+
+    whole = planinputs.deletions(db, folder, (), lambda i: plan(i, None), ME)
+    made = []
+    for inputs in planinputs.batches(db, folder):
+        actions = plan(inputs, whole).actions
+        assert all(isinstance(a, planner.MakeDir) for a in actions)
+        made += [a.path for a in actions[:1]]  # bounded: one per batch
+    return made
+
+
+def test_a_passs_peak_memory_does_not_grow_with_the_records_a_peer_announces(
+    tmp_path: Path,
+) -> None:
+    """A peer announces 10,000 entries, then (another node) 100,000: the peak memory of a
+    planning pass over them stays the same, within a margin (before: every record decoded
+    and planned at once, ten times the peak)."""
+    peaks: dict[int, int] = {}
+    for count in (10_000, 100_000):
+        with Index.open(tmp_path / f"{count}.sqlite3") as db:
+            folder = db.add_folder("/srv/share", "00" * 16).id
+            _peer_announces(db, folder, count)
+            tracemalloc.start()
+            try:
+                firsts = _a_pass(db, folder)
+                peaks[count] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            batch = planinputs.BATCH_PATHS
+            assert firsts == [f"junk/{n:07d}" for n in range(1, count + 1, batch)]
+    assert peaks[100_000] < 1.25 * peaks[10_000], peaks
+
+
+def test_batches_hold_each_path_once_and_count_the_deletions_of_everything(
+    db: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batches of 7 paths: the extra paths come first, every path to plan is in exactly
+    one batch, the plans of the batches make the actions one plan of everything makes, and
+    the deletions counted first are those of that one plan."""
+    monkeypatch.setattr(planinputs, "BATCH_PATHS", 7)
+    folder, stored = _folder_in_sync(db)
+    newer = VersionVector().bump(ME).bump(PEER_SHORT)
+    gone = [r.tombstone(newer, 300 + i) for i, r in enumerate(stored) if r.path.endswith("3")]
+    new = [replace(_file(f"n{i:02}", b"n"), version=newer, sequence=400 + i) for i in range(20)]
+    db.remote_upsert(folder, PEER_A, gone + new)
+    batches = list(planinputs.batches(db, folder, {"d4/f4"}))
+    assert batches[0].paths == {"d4/f4"}
+    assert all(len(b.paths) <= 7 for b in batches)
+    planned = [p for b in batches for p in sorted(b.paths)]
+    assert sorted(planned) == sorted({r.path for r in gone + new} | {"d4/f4"})
+    assert len(planned) == len(set(planned))
+    actions = {a for b in batches for a in _narrow(b).actions}
+    assert actions == set(_everything(db, folder).actions)
+
+    def plan(inputs: planinputs.PlanInputs) -> planner.Plan:
+        return planner.plan(inputs.local, inputs.remotes, local_short_id=ME, context=inputs.context)
+
+    whole = planinputs.deletions(db, folder, (), plan, ME)
+    assert whole.live == 110
+    assert whole.counts == planner.deletions(_everything(db, folder).actions, ME)
+    assert whole.counts == {PEER_A: 10}  # d*/f3 (d3 keeps live entries)
+
+
+def test_a_pass_hands_on_a_bounded_number_of_fetches_and_every_one_it_must() -> None:
+    records = {
+        f"f{i}": replace(_file(f"f{i}", str(i).encode()), version=VersionVector().bump(PEER_SHORT))
+        for i in range(2 * planinputs.FETCHES_PER_PASS)
+    }
+    remotes = {PEER_A: records}
+    fetches = planinputs.Fetches(
+        lambda path: path == "f3" or path.endswith("7"),  # downloads in hand: never cut
+        lambda path: path.endswith("1"),  # failed lately: a budget of their own
+    )
+    for path, record in records.items():
+        fetches.offer(planner.Fetch(path, record, (PEER_A,)), None, remotes)
+    chosen = [f.path for f, _ in fetches.chosen]
+    assert fetches.cut
+    assert fetches.others == planinputs.FETCHES_PER_PASS
+    assert fetches.failed == len(records) // 10
+    assert "f3" in chosen
+    assert f"f{2 * planinputs.FETCHES_PER_PASS - 2}" not in chosen  # past the budget
+    assert all(f"f{n}" in chosen for n in range(7, len(records), 10))
+    assert all(f"f{n}" in chosen for n in range(1, len(records), 10))
+    assert fetches.remotes == {PEER_A: {p: records[p] for p in chosen}}
+
+
+def test_a_conflict_copy_never_takes_a_name_a_peer_holds_in_another_batch(
+    db: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of one path: the name a conflict copy would get is held by a peer, in a later
+    batch (it sorts after the original); the copy takes the next free name, as one plan of
+    everything would."""
+    monkeypatch.setattr(planinputs, "BATCH_PATHS", 1)
+    folder = db.add_folder("/srv/share", "00" * 16).id
+    (mine,) = db.commit_changes(folder, [LocalChange(_file("a.md", b"mine"))])
+    theirs = replace(
+        _file("a.md", b"theirs"),
+        mtime_ns=mine.mtime_ns + 1,
+        version=VersionVector().bump(PEER_SHORT),
+        sequence=1,
+    )
+    name = planner.conflict_name("a.md", mine, theirs)
+    assert name > "a.md"
+    db.remote_upsert(folder, PEER_A, [theirs, replace(_file(name, b"x"), sequence=2)])
+    first, *_ = planinputs.batches(db, folder)
+    assert first.paths == {"a.md"}
+    (conflict,) = [a for a in _narrow(first).actions if isinstance(a, planner.Conflict)]
+    (everything,) = [a for a in _everything(db, folder).actions if isinstance(a, planner.Conflict)]
+    assert conflict.conflict_name == everything.conflict_name != name

@@ -23,11 +23,13 @@ from lanshare.planner import (
     Fetch,
     LocalContext,
     MakeSymlink,
+    PassDeletions,
     Plan,
     ProblemKind,
     SetMetadata,
     conflict_name,
     deletion_origin,
+    deletions,
     global_winner,
     plan,
 )
@@ -444,6 +446,30 @@ def test_delete_guard_can_be_overridden():
     p = run(local, {PEER_B: remote}, allow_mass_delete=True)
     assert not p.paused
     assert len(p.actions) == 120
+
+
+def test_delete_guard_judges_a_batch_by_the_deletions_of_its_whole_pass():
+    """A pass planned in batches: this batch deletes 10 of 200 entries, the whole pass 150.
+    Each batch is paused with the pass's verdict (alone, this one would delete)."""
+    local = index(*(file(f"f{i:03}", b"x", vv(B=1)) for i in range(200)))
+    batch = {p: tomb(local[p], vv(B=2)) for p in list(local)[:10]}
+    batch["new"] = file("new", b"n", vv(B=1))
+    alone = run(local, {PEER_B: batch})
+    assert not alone.paused
+    assert deletions(alone.actions, L) == {PEER_B: 10}
+    whole = PassDeletions({PEER_B: 150}, 200)
+    held = run(local, {PEER_B: batch}, whole_pass=whole)
+    assert held.paused
+    assert held.verdict is not None
+    assert (held.verdict.deleted, held.verdict.entries) == (150, 200)
+    assert kinds(held) == [("Fetch", "new")]
+    assert len(held.withheld) == 10
+    assert held.live_entries == 200
+    # A pass's count short of the batch's own (the folder changed between the count and the
+    # batch) never hides the batch's deletions: 10 of 15 entries is more than half.
+    limits = Limits(0.5, 5, 3600)
+    assert not run(local, {PEER_B: batch}, limits=limits, whole_pass=PassDeletions({}, 20)).paused
+    assert run(local, {PEER_B: batch}, limits=limits, whole_pass=PassDeletions({}, 15)).paused
 
 
 def test_delete_guard_counts_the_window_so_batches_do_not_walk_around_it():

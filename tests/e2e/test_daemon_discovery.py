@@ -201,12 +201,13 @@ def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None
     }
     procs = {}
     for what, (name, port) in replays.items():
-        procs[what] = replayer.python(
+        # One after the other: a replay under a's name, once out, is what a later recording
+        # of a's name would hear too.
+        procs[what] = proc = replayer.python(
             *("-m", "tests.e2e.replayer", "--record", a.name, "--as", name),
             *("--address", replayer.address, "--port", str(port)),
             stderr_path=cluster.tmp_path / f"replayer-{port}.log",
         )
-    for what, proc in procs.items():
         proc.expect_json(lambda o: o.get("event") == "listening", FIND_TIMEOUT)
         recorded = proc.expect_json(lambda o: o.get("event") == "recorded", FIND_TIMEOUT)
         assert recorded["port"] == a.port, what
