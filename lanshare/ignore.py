@@ -32,6 +32,8 @@ Theory of operation
   ``a*a*a*a*a*b`` against a long name did with ``pathspec``'s own regexes): every line is
   compiled by :mod:`lanshare.globs`, whose matching costs at most the path's length times
   the pattern's, for the config's patterns and the file's alike.
+* **The number of patterns is bounded.** Each costs every path matched; only the first
+  :data:`MAX_IGNORE_PATTERNS` of the file are used, the rest named in the problem.
 * **One bad line spoils only itself.** An invalid pattern (as a stray non-UTF-8 byte) leaves
   out its own line, named in the problem, not the file: dropping every rule of the file
   would sync what its other lines keep private, and failing would stop every scan.
@@ -63,6 +65,9 @@ IGNORE_FILE = ".lanshareignore"
 
 MAX_IGNORE_FILE_SIZE = 1024 * 1024
 """A larger ``.lanshareignore`` is refused rather than compiled into a huge regex set."""
+MAX_IGNORE_PATTERNS = 1000
+"""Patterns of ``.lanshareignore`` used, at most: every path a scan or a plan meets is
+matched against each, so their number is each path's cost (a hand-written file has tens)."""
 
 #: What pathspec raises for a bad pattern: its own ValueError, or the ``re.error`` of a
 #: bracket expression it passes to ``re`` as written (``[a-*]``: a bad character range).
@@ -187,6 +192,16 @@ class IgnoreRules:
             which = f"line {shown}" if len(invalid) == 1 else f"lines {shown}"
             problem = f"{path}: invalid pattern on {which}, not used"
             logger.warning("%s", problem)
+        numbers = [n for n, line in enumerate(lines) if line.strip() and line[0] != "#"]
+        if len(numbers) > MAX_IGNORE_PATTERNS:
+            first_unused = numbers[MAX_IGNORE_PATTERNS]
+            lines = lines[:first_unused]
+            too_many = (
+                f"{path}: more than {MAX_IGNORE_PATTERNS} patterns; "
+                f"lines {first_unused + 1} to the end not used"
+            )
+            problem = f"{problem}; {too_many}" if problem else too_many
+            logger.warning("%s", too_many)
         logger.debug("%s: %d patterns + %d from the config", path, len(lines), len(extra))
         rules = cls([*extra_rules.patterns, *lines])
         rules.problem = problem

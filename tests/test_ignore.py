@@ -15,6 +15,7 @@ from lanshare.errors import ConfigError
 from lanshare.ignore import (
     IGNORE_FILE,
     MAX_IGNORE_FILE_SIZE,
+    MAX_IGNORE_PATTERNS,
     FolderRules,
     IgnoreFileError,
     IgnoreRules,
@@ -188,6 +189,25 @@ def test_an_invalid_line_of_the_file_spoils_only_itself(tmp_path: Path) -> None:
     assert rules.matches("x.bak", is_dir=False)
     assert IGNORE_FILE in rules.problem
     assert "lines 2, 4" in rules.problem
+
+
+def test_only_the_first_patterns_of_a_long_file_are_used(tmp_path: Path) -> None:
+    """Every pattern costs every path a scan or a plan matches: past MAX_IGNORE_PATTERNS the
+    file's lines are left out, and the problem says from which line."""
+    header = ["# generated", "", "*.o", "\\"]  # a comment, a blank and an invalid line
+    patterns = [f"kept-{n}" for n in range(MAX_IGNORE_PATTERNS - 1)]
+    rest = [f"dropped-{n}" for n in range(500)]
+    (tmp_path / IGNORE_FILE).write_text("\n".join([*header, *patterns, *rest]) + "\n")
+    rules = IgnoreRules.for_folder(tmp_path, extra=["*.bak"])
+    assert rules.matches("x.o", is_dir=False)
+    assert rules.matches("x.bak", is_dir=False)
+    assert rules.matches(f"kept-{MAX_IGNORE_PATTERNS - 2}", is_dir=False)
+    assert not rules.matches("dropped-0", is_dir=False)
+    first_unused = len(header) + len(patterns) + 1
+    assert "line 4," in rules.problem
+    assert f"more than {MAX_IGNORE_PATTERNS} patterns; lines {first_unused} to the end" in (
+        rules.problem
+    )
 
 
 def test_a_line_with_a_bad_character_range_spoils_only_itself(tmp_path: Path) -> None:
