@@ -1,0 +1,81 @@
+"""Real daemons on a lab LAN with IPv6 only: no IPv4 address on their link.
+
+mDNS runs on ff02::fb, addresses come in AAAA records, the peers dial each other over IPv6
+(a global address before a link-local one), a file syncs, and ``lanshare peers`` shows the
+addresses as ``[addr]:port`` (``[fe80::…%eth0]:port`` for a link-local one). Without
+multicast, a static peer given as ``[fe80::…%eth0]:port`` is dialled on that interface.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.e2e.harness import file_digest, start_all, wait_until
+
+if TYPE_CHECKING:
+    from tests.e2e.harness import Cluster, Node
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.mdns]
+
+SYNC_TIMEOUT = 60.0
+
+
+def _peer(node: Node, other: Node) -> dict[str, Any] | None:
+    """``other``'s entry in ``node``'s ``peers --json`` once connected, else None."""
+    other_id = other.status()["node"]["id"]
+    result = node.cli("peers", "--json")
+    for peer in json.loads(result.stdout):
+        if peer["id"] == other_id and peer["state"] == "connected":
+            return dict(peer)
+    return None
+
+
+def _synced(node: Node, rel: str, digest: str) -> bool:
+    path = node.folder / rel
+    return path.is_file() and file_digest(path) == digest
+
+
+def test_two_ipv6_only_daemons_discover_connect_and_sync(cluster: Cluster) -> None:
+    lab = cluster.lab(2, ipv4=False, ipv6=True)
+    h1, h2 = lab.hosts
+    # One node says v6 outright, the other keeps the default ("both") on a link without IPv4.
+    a = cluster.node("v6-a", h1, extra={"network": {"ip_version": "v6"}})
+    b = cluster.node("v6-b", h2)
+    (a.folder / "hello.txt").write_bytes(b"over IPv6\n" * 1000)
+    digest = file_digest(a.folder / "hello.txt")
+    start_all([a, b])
+
+    wait_until(lambda: _synced(b, "hello.txt", digest), SYNC_TIMEOUT, "hello.txt on b")
+    seen = wait_until(lambda: _peer(b, a), SYNC_TIMEOUT, "b lists a as connected")
+    # The session's address first, then what mDNS resolved: a's global address (dialled
+    # before the link-local one) and its link-local address, scoped by b's interface name.
+    link_local = h1.link_local()
+    assert seen["addresses"][0] == f"[{h1.address6}]:{a.port}", seen
+    assert f"[{link_local}%eth0]:{a.port}" in seen["addresses"], seen
+    assert all(address.startswith("[") for address in seen["addresses"]), seen
+
+    # The other way too, and the human listing shows the same form.
+    (b.folder / "back.txt").write_bytes(b"and back\n")
+    back = file_digest(b.folder / "back.txt")
+    wait_until(lambda: _synced(a, "back.txt", back), SYNC_TIMEOUT, "back.txt on a")
+    human = a.cli("peers").stdout
+    assert f"[{h2.address6}]:{b.port}" in human, human
+
+
+def test_a_static_peer_given_as_a_scoped_link_local_address(cluster: Cluster) -> None:
+    # Link-local addresses only, and no multicast: the static peer is all there is.
+    lab = cluster.lab(2, ipv4=False, block_multicast=True)
+    h1, h2 = lab.hosts
+    target = f"[{h2.link_local()}%eth0]:47474"
+    a = cluster.node("ll-a", h1, static_peers=(target,))
+    b = cluster.node("ll-b", h2)
+    (b.folder / "linked.bin").write_bytes(bytes(range(256)) * 400)
+    digest = file_digest(b.folder / "linked.bin")
+    start_all([a, b])
+
+    wait_until(lambda: _synced(a, "linked.bin", digest), SYNC_TIMEOUT, "linked.bin on a")
+    seen = wait_until(lambda: _peer(a, b), SYNC_TIMEOUT, "a lists b as connected")
+    assert seen["addresses"][0] == target, seen
