@@ -79,8 +79,8 @@ from zeroconf import (  # type: ignore[attr-defined]  # DNS*: not in __all__
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from lanshare.addressing import IP_VERSIONS, host_version, show_addr
 from lanshare.addressing import families as ip_families
-from lanshare.addressing import host_version
 from lanshare.config import Config, NetworkConfig, load
 from lanshare.errors import LanshareError
 from lanshare.identity import NodeId, load_or_create_node_id
@@ -881,7 +881,7 @@ async def _drain(discovery: Discovery) -> None:
 def event_json(event: PeerEvent) -> dict[str, Any]:
     """A JSON-able form of a discovery event."""
     kind = {PeerUp: "up", PeerChanged: "changed", PeerDown: "down"}[type(event)]
-    out: dict[str, Any] = {"event": kind, "peer": event.peer.to_json()}
+    out: dict[str, Any] = {"event": kind, "peer": event.peer.to_json(show_addr)}
     if isinstance(event, PeerDown):
         out["reason"] = event.reason.value
     return out
@@ -901,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key", action="append", default=[], help="folder key (repeatable)")
     parser.add_argument("--interface", action="append", default=[])
     parser.add_argument("--static-peer", action="append", default=[])
+    parser.add_argument("--ip-version", choices=IP_VERSIONS, default="both")
     parser.add_argument("--sequence", type=int, default=0)
     parser.add_argument("--browse-only", action="store_true")
     parser.add_argument("--log-level", default="warning")
@@ -923,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     port=args.port,
                     interfaces=tuple(args.interface),
                     static_peers=tuple(args.static_peer),
+                    ip_version=args.ip_version,
                 ),
                 folders=[SharedFolder(f"folder{i}", parse_key(k)) for i, k in enumerate(args.key)],
                 port=args.port,
@@ -976,7 +978,8 @@ async def _run_standalone(discovery: Discovery) -> None:
                 else:
                     discovery.mark_reachable(node)
             elif words[0] == "peers":
-                out({"event": "peers", "peers": [p.to_json() for p in discovery.peers()]})
+                peers = [p.to_json(show_addr) for p in discovery.peers()]
+                out({"event": "peers", "peers": peers})
         # stdin closed: keep running until a signal.
 
     out({"event": "started", "id": discovery.node_id.hex()})

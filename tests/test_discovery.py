@@ -37,6 +37,7 @@ from lanshare.peertable import (
     PeerUp,
     SharedFolder,
 )
+from tests.e2e.harness import wait_until
 from tests.lab import make_lab
 
 if TYPE_CHECKING:
@@ -467,6 +468,10 @@ def _start(lab: Lab, index: int, key: bytes, tmp_path: Path, *extra: str) -> Pro
     )
 
 
+def _ipv4(addresses: list[str]) -> list[str]:
+    return [a for a in addresses if not a.startswith("[")]
+
+
 def _ready(proc: Process) -> str:
     return str(proc.expect_json(lambda o: o["event"] == "ready", timeout=FIND)["id"])
 
@@ -588,7 +593,33 @@ def test_a_new_address_is_announced_and_a_gone_one_retracted(
         host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
         host.run("ip", "addr", "del", f"{host.address}/24", "dev", "eth0")
         procs[1].expect_json(
-            lambda o: o.get("event") == "changed" and o["peer"]["addresses"] == [new], timeout=60
+            lambda o: o.get("event") == "changed" and _ipv4(o["peer"]["addresses"]) == [new],
+            timeout=60,
         )
+        # The same for IPv6: the netlink monitor hears IPv6 address changes too.
+        global6 = f"{lab.subnet6}:201"
+        shown = f"[{global6}]:47000"
+        host.run("ip", "addr", "add", f"{global6}/64", "dev", "eth0", "nodad")
+        procs[1].expect_json(
+            lambda o: o.get("event") == "changed" and shown in o["peer"]["addresses"], timeout=60
+        )
+        mark = len(procs[1].json_lines())  # expect_json would match earlier lines too
+        host.run("ip", "addr", "del", f"{global6}/64", "dev", "eth0")
+
+        def retracted() -> dict[str, Any] | None:
+            later = procs[1].json_lines()[mark:]
+            return next(
+                (
+                    o
+                    for o in later
+                    if o.get("event") == "changed" and shown not in o["peer"]["addresses"]
+                ),
+                None,
+            )
+
+        gone = wait_until(retracted, 60, "the IPv6 address retracted")
+        # Its link-local address stays, scoped by the interface it was heard on.
+        link_local = f"[{host.link_local()}%eth0]:47000"
+        assert gone["peer"]["addresses"] == [new, link_local]
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc
