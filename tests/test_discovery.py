@@ -18,10 +18,12 @@ from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig
 from lanshare.discovery import (
     SERVICE_TYPE,
     Discovery,
+    _unusable_ipv6,
     browse_once,
     choose_interfaces,
     main,
     socket_addresses,
+    zeroconf_version,
 )
 from lanshare.identity import NodeId
 from lanshare.keys import announce_binding, announce_token, format_key, generate_key
@@ -438,6 +440,66 @@ def test_interface_choice() -> None:
     assert choose_interfaces(["10.0.0.2", "eth0"], adapters) == ("10.0.0.2",)
     assert choose_interfaces(["gone0", "10.9.9.9"], adapters) == ("127.0.0.1",)
     assert choose_interfaces([], [("lo", "127.0.0.1")]) == ("127.0.0.1",)
+
+
+def test_interface_choice_with_ipv6() -> None:
+    adapters = [
+        ("lo", "127.0.0.1"),
+        ("lo", "::1"),
+        ("eth0", "10.0.0.2"),
+        ("eth0", "fe80::2"),
+        ("eth0", "2001:db8::2"),
+        ("wlan0", "fe80::5"),
+    ]
+    # IPv4, then global IPv6, then link-local: the order a= fills in.
+    assert choose_interfaces([], adapters) == ("10.0.0.2", "2001:db8::2", "fe80::2", "fe80::5")
+    assert choose_interfaces([], adapters, frozenset({4})) == ("10.0.0.2",)
+    assert choose_interfaces([], adapters, frozenset({6})) == (
+        "2001:db8::2",
+        "fe80::2",
+        "fe80::5",
+    )
+    assert choose_interfaces(["wlan0"], adapters) == ("fe80::5",)
+    assert choose_interfaces(["2001:DB8::2"], adapters) == ("2001:db8::2",)
+    assert choose_interfaces(["fe80::5%wlan0"], adapters) == ("fe80::5",)
+    assert choose_interfaces(["eth0"], adapters, frozenset({6})) == ("2001:db8::2", "fe80::2")
+    # Nothing of the family: loopback of that family.
+    assert choose_interfaces(["gone0"], adapters, frozenset({6})) == ("::1",)
+
+
+def test_one_socket_address_per_interface_and_family() -> None:
+    adapters = [
+        ("eth0", "10.0.0.2"),
+        ("eth0", "2001:db8::2"),
+        ("eth0", "fe80::2"),
+        ("wlan0", "fe80::5"),
+    ]
+    chosen = ("10.0.0.2", "2001:db8::2", "fe80::2", "fe80::5")
+    # IPv6 prefers the link-local address (it lasts as long as the interface) ...
+    assert socket_addresses(chosen, adapters) == ("10.0.0.2", "fe80::2", "fe80::5")
+    # ... unless another one is in use and still chosen.
+    assert socket_addresses(chosen, adapters, ("2001:db8::2",)) == (
+        "10.0.0.2",
+        "2001:db8::2",
+        "fe80::5",
+    )
+    assert zeroconf_version(("10.0.0.2",)) is IPVersion.V4Only
+    assert zeroconf_version(("fe80::2",)) is IPVersion.V6Only
+    assert zeroconf_version(("10.0.0.2", "fe80::2")) is IPVersion.All
+
+
+def test_tentative_and_duplicate_ipv6_addresses_are_not_usable(tmp_path: Path) -> None:
+    table = tmp_path / "if_inet6"
+    table.write_text(
+        # address, index, prefix length, scope, flags, name (as /proc/net/if_inet6 has them)
+        "fe800000000000000000000000000002 02 40 20 80     eth0\n"
+        "20010db8000000000000000000000002 02 40 00 40     eth0\n"
+        "fe800000000000000000000000000005 03 40 20 08    wlan0\n"
+        "00000000000000000000000000000001 01 80 10 80       lo\n",
+        encoding="ascii",
+    )
+    assert _unusable_ipv6(table) == {("eth0", "2001:db8::2"), ("wlan0", "fe80::5")}
+    assert _unusable_ipv6(tmp_path / "absent") == set()
 
 
 def test_the_entry_point_reports_a_bad_key(
