@@ -63,6 +63,8 @@ def test_two_ipv6_only_daemons_discover_connect_and_sync(cluster: Cluster) -> No
     wait_until(lambda: _synced(a, "back.txt", back), SYNC_TIMEOUT, "back.txt on a")
     human = a.cli("peers").stdout
     assert f"[{h2.address6}]:{b.port}" in human, human
+    (link,) = a.folder_status()["peers"]
+    assert link["address"] == f"[{h2.address6}]:{b.port}", link
 
 
 def test_a_static_peer_given_as_a_scoped_link_local_address(cluster: Cluster) -> None:
