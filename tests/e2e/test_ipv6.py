@@ -66,6 +66,21 @@ def test_two_ipv6_only_daemons_discover_connect_and_sync(cluster: Cluster) -> No
     (link,) = a.folder_status()["peers"]
     assert link["address"] == f"[{h2.address6}]:{b.port}", link
 
+    # doctor shows the addresses mDNS uses as peers dial them, and the IPv6 group joined.
+    checks = {r["check"]: r for r in json.loads(a.cli("doctor", "--json", check=False).stdout)}
+    assert checks["interfaces"] == {
+        "check": "interfaces",
+        "status": "ok",
+        "detail": f"mDNS on eth0 [{h1.address6}]:{a.port}, eth0 [{link_local}%eth0]:{a.port}; "
+        "IPv6 only",
+        "fix": None,
+    }
+    assert checks["multicast"]["status"] == "ok", checks["multicast"]
+    assert checks["multicast"]["detail"] == (
+        "ff02::fb is link-local: no route needed; group joined on eth0"
+    )
+    assert checks["discovery"]["status"] == "ok", checks["discovery"]
+
 
 def test_a_static_peer_given_as_a_scoped_link_local_address(cluster: Cluster) -> None:
     # Link-local addresses only, and no multicast: the static peer is all there is.
