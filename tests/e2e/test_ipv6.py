@@ -17,6 +17,7 @@ from tests.e2e.harness import file_digest, start_all, wait_until
 
 if TYPE_CHECKING:
     from tests.e2e.harness import Cluster, Node
+    from tests.lab import Host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.mdns]
 
@@ -96,3 +97,73 @@ def test_a_static_peer_given_as_a_scoped_link_local_address(cluster: Cluster) ->
     wait_until(lambda: _synced(a, "linked.bin", digest), SYNC_TIMEOUT, "linked.bin on a")
     seen = wait_until(lambda: _peer(a, b), SYNC_TIMEOUT, "a lists b as connected")
     assert seen["addresses"][0] == target, seen
+
+
+def _drop_ipv4_to(host: Host, port: int) -> None:
+    """This host's firewall drops lanshare's IPv4 datagrams (mDNS still works over IPv4)."""
+    host.run("nft", "add", "table", "inet", "v4block")
+    host.run(
+        "nft",
+        *("add", "chain", "inet", "v4block", "input"),
+        "{ type filter hook input priority 0; policy accept; }",
+    )
+    host.run(
+        "nft",
+        *("add", "rule", "inet", "v4block", "input"),
+        *("meta", "nfproto", "ipv4", "udp", "dport", str(port), "drop"),
+    )
+
+
+def test_a_peer_unreachable_over_ipv4_is_dialled_over_ipv6(cluster: Cluster) -> None:
+    # Both families on the link, IPv4 announced and dialled first, but lanshare's IPv4
+    # datagrams dropped: the handshakes over IPv4 get no answer, IPv6 is tried next and kept.
+    lab = cluster.lab(2, ipv6=True)
+    h1, h2 = lab.hosts
+    a = cluster.node("dual-a", h1)
+    b = cluster.node("dual-b", h2)
+    for host, node in ((h1, a), (h2, b)):
+        _drop_ipv4_to(host, node.port)
+    (b.folder / "fallback.txt").write_bytes(b"IPv4 is blocked\n" * 100)
+    digest = file_digest(b.folder / "fallback.txt")
+    start_all([a, b])
+
+    wait_until(lambda: _synced(a, "fallback.txt", digest), SYNC_TIMEOUT, "fallback.txt on a")
+    seen = wait_until(lambda: _peer(a, b), SYNC_TIMEOUT, "a lists b as connected")
+    assert seen["addresses"][0] == f"[{h2.address6}]:{b.port}", seen
+    assert f"{h2.address}:{b.port}" in seen["addresses"], seen  # announced, not used
+
+
+RECONNECT_INTERVAL = 5.0
+"""``engine.RECONNECT_INTERVAL``: how often an engine dials the addresses it was given."""
+
+
+def test_a_peer_offering_both_families_gets_one_session_over_ipv4(cluster: Cluster) -> None:
+    # Dialling every address of a peer would open a session on each, the newest replacing
+    # the last at every reconnect round: one address at a time, IPv4 first, and it stays.
+    lab = cluster.lab(2, ipv6=True)
+    h1, h2 = lab.hosts
+    a = cluster.node("both-a", h1)
+    b = cluster.node("both-b", h2)
+    (a.folder / "one.txt").write_bytes(b"one session\n")
+    digest = file_digest(a.folder / "one.txt")
+    start_all([a, b])
+
+    wait_until(lambda: _synced(b, "one.txt", digest), SYNC_TIMEOUT, "one.txt on b")
+    link_local = f"[{h2.link_local()}%eth0]:{b.port}"
+    want = [b.endpoint, f"[{h2.address6}]:{b.port}", link_local]
+
+    def listed() -> bool:
+        peer = _peer(a, b)
+        # The session's address first (IPv4); then the others, in the order mDNS gave them.
+        addresses = peer["addresses"] if peer is not None else []
+        return addresses[:1] == want[:1] and sorted(addresses) == sorted(want)
+
+    wait_until(listed, SYNC_TIMEOUT, f"a lists b at {want}: {_peer(a, b)}")
+    # Two reconnect rounds at least: no session is ever replaced by another to the same peer.
+    with pytest.raises(AssertionError, match="timed out"):
+        wait_until(
+            lambda: "REPLACED" in a.log_text() + b.log_text(),
+            2 * RECONNECT_INTERVAL + 1,
+            "a session replaced",
+        )
+    assert listed()
