@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``[network] ip_version`` (``v4``, ``v6`` or ``both``) says which families this node announces,
 browses and dials; ``families`` turns it into a set of IP versions, narrowed to what the UDP
-socket can reach (``bind_host``: an IPv4 socket cannot reach an IPv6 peer).
+socket can reach (an IPv4 socket cannot reach an IPv6 peer).
 
 One address has one spelling inside lanshare: ``(host, port)`` with a link-local IPv6 host
 scoped by interface *index* (``fe80::1%2``), which is what the kernel reports for a datagram
@@ -12,9 +12,10 @@ received and what zeroconf reports for an address record heard on an interface. 
 local to each host: a peer's ``a=`` lists its link-local address without one, and the covered-
 address check compares addresses without it (``peertable``); the scope dialled is that of the
 interface the record was heard on. Users write and read the interface *name*
-(``[fe80::1%eth0]:47474``): ``parse_scope`` turns a name into the index, ``show_addr`` the index
-back into the name, and ``sockaddr`` gives the socket the 4-tuple a scoped address needs
-(Python's ``sendto`` ignores a scope written in the host string).
+(``[fe80::1%eth0]:47474``): ``resolved_addr`` spells what ``getaddrinfo`` makes of a name as
+an index, ``show_addr`` turns the index back into the name, and ``sockaddr`` gives the socket
+a scoped address as the 4-tuple Python documents for it (a scope inside the host string is
+left to the platform's ``getaddrinfo``).
 
 Dialling order (``dial_order``): IPv4 first, then global IPv6, then link-local IPv6. IPv4 first
 because a LAN that has it nearly always routes it, it is what every node of an older release
@@ -29,8 +30,6 @@ import contextlib
 import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
-
-from lanshare.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -76,21 +75,6 @@ def dial_order(addrs: Iterable[Addr]) -> tuple[Addr, ...]:
         return 2 if is_link_local(addr[0]) else 1
 
     return tuple(sorted(dict.fromkeys(addrs), key=rank))  # sorted() is stable
-
-
-def parse_scope(host: str) -> str:
-    """``fe80::1%eth0`` → ``fe80::1%2``: an interface name made the index lanshare uses.
-
-    Raises:
-        ConfigError: no such interface on this machine.
-    """
-    address, sep, zone = host.partition("%")
-    if not sep or zone.isdigit():
-        return host
-    try:
-        return f"{address}%{socket.if_nametoindex(zone)}"
-    except OSError:
-        raise ConfigError(f"{host!r}: this machine has no interface {zone!r}") from None
 
 
 def show_addr(addr: Addr) -> str:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
 from lanshare.addressing import (
     dial_order,
     families,
-    parse_scope,
     resolved_addr,
     show_addr,
     sockaddr,
 )
-from lanshare.errors import ConfigError
 
 LO = socket.if_nametoindex("lo")
 
@@ -55,12 +51,7 @@ def test_addresses_are_shown_with_brackets_and_the_interface_name() -> None:
     assert show_addr(("fe80::1%99999", 1)) == "[fe80::1%99999]:1"
 
 
-def test_a_scope_name_becomes_the_index_sockets_need() -> None:
-    assert parse_scope("fe80::1%lo") == f"fe80::1%{LO}"
-    assert parse_scope(f"fe80::1%{LO}") == f"fe80::1%{LO}"
-    assert parse_scope("2001:db8::1") == "2001:db8::1"
-    with pytest.raises(ConfigError, match="no interface 'nosuch0'"):
-        parse_scope("fe80::1%nosuch0")
+def test_a_scope_is_given_to_the_socket_as_a_number() -> None:
     assert sockaddr((f"fe80::1%{LO}", 5)) == ("fe80::1", 5, 0, LO)
     assert sockaddr(("10.0.0.1", 5)) == ("10.0.0.1", 5)
     assert sockaddr(("2001:db8::1", 5)) == ("2001:db8::1", 5)
