@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lanshare import __version__, keys
 from lanshare import config as configuration
-from lanshare.addressing import dial_order, families, resolved_addr, show_addr
+from lanshare.addressing import dial_order, families, host_version, resolved_addr, show_addr
 from lanshare.control import ControlServer
 from lanshare.discovery import Discovery
 from lanshare.engine import Engine
@@ -94,7 +94,8 @@ class _Shutdown(Exception):
 class AddressBook:
     """Which addresses the engine should keep trying: for each discovery entry, one of the
     addresses it announces (the first in ``dial_order``; the next when a handshake to it
-    fails; the one a session came up on, while it is announced), and the static peers.
+    fails; the one a session came up on, while it is announced), and likewise one address of
+    each static peer (a host name may resolve to several), which is never forgotten.
 
     One address per peer: dialling all of a peer's addresses would open a session on each,
     and each new one replaces the last (``CloseReason.REPLACED``), for ever.
@@ -105,6 +106,19 @@ class AddressBook:
         """``[network] static_peers`` as resolved: never forgotten for mDNS news."""
         self._by_entry: dict[str, tuple[Addr, ...]] = {}
         self._chosen: dict[str, Addr] = {}
+        self._static_keys: set[str] = set()
+
+    def add_static(self, text: str, addresses: list[Addr]) -> Addr | None:
+        """Static peer ``text`` resolved to ``addresses``: never forgotten, and dialled one at a
+        time like a discovered peer (a host name may resolve to IPv4 and IPv6 addresses).
+        Returns the one to try now (None: nothing to try)."""
+        if not addresses:
+            return None
+        key = f"static {text}"
+        self.static.update(addresses)
+        self._static_keys.add(key)
+        self.update(key, tuple(addresses))
+        return self.dialled(key)
 
     def update(
         self, key: str, addresses: tuple[Addr, ...], *, gone: tuple[Addr, ...] = ()
@@ -129,6 +143,10 @@ class AddressBook:
         """The address of entry ``key`` the engine should try now."""
         return self._chosen.get(key)
 
+    def dialling(self, addr: Addr) -> bool:
+        """Some entry (discovered or static) has the engine try ``addr`` now."""
+        return addr in self._chosen.values()
+
     def failed(self, addr: Addr) -> list[tuple[Addr, Addr]]:
         """A handshake to ``addr`` failed: each entry dialling it moves on to its next
         address. Returns (old, new) pairs for the engine (an entry with one address has none)."""
@@ -152,10 +170,11 @@ class AddressBook:
 
     def forget_discovered(self) -> list[Addr]:
         """Discovery starts afresh: every address only it had announced, to forget."""
-        gone = {a for listed in self._by_entry.values() for a in listed} - self.static
-        self._by_entry.clear()
-        self._chosen.clear()
-        return sorted(gone)
+        static = self._static_keys
+        gone = {a for k, listed in self._by_entry.items() if k not in static for a in listed}
+        self._by_entry = {k: v for k, v in self._by_entry.items() if k in static}
+        self._chosen = {k: v for k, v in self._chosen.items() if k in static}
+        return sorted(gone - self.static)
 
 
 class Daemon:
@@ -310,11 +329,16 @@ class Daemon:
     async def _announce_ready(self) -> None:
         assert self.discovery is not None
         assert self.transport is not None
+        usable = families(self.config.network.ip_version, self.transport.local_address[0])
         for peer in self.config.network.static_peers:
             host, port = configuration.parse_host_port(peer)
-            for addr in await _resolve(host, port):
-                self._addresses.static.add(addr)
-                self._engine().add_address(addr)
+            found = await _resolve(host, port)
+            addrs = [a for a in found if host_version(a[0]) in usable]
+            if found and not addrs:
+                logger.warning("static peer %s: no address of the IP version in use", peer)
+            first = self._addresses.add_static(peer, addrs)
+            if first is not None:
+                self._engine().add_address(first)
         await self.discovery.ready.wait()
         self.ready.set()
         self._notifier.notify("READY=1", f"STATUS=ready, UDP port {self.transport.port}")
@@ -395,7 +419,7 @@ class Daemon:
             folders = engine.addresses.get(old)
             if folders is None:  # no longer tried (the peer left meanwhile)
                 continue
-            if old not in self._addresses.static:
+            if not self._addresses.dialling(old):
                 engine.remove_address(old)
             engine.add_address(new, folders)
 

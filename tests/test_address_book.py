@@ -76,3 +76,19 @@ def test_the_address_a_session_came_up_on_is_kept() -> None:
     assert book.established("peer", V6) is None
     assert book.established("peer", ("192.0.2.1", 1)) is None  # not announced: not kept
     assert book.established("stranger", A1) is None
+
+
+def test_a_static_peer_is_dialled_one_address_at_a_time_and_never_forgotten() -> None:
+    book = AddressBook()
+    # A host name that resolves to an IPv6 and an IPv4 address: IPv4 first, IPv6 next.
+    assert book.add_static("peer.lan:4747", [V6, A1]) == A1
+    assert book.add_static("nothing:4747", []) is None
+    assert book.dialling(A1)
+    assert not book.dialling(V6)
+    assert book.failed(A1) == [(A1, V6)]
+    assert book.dialling(V6)
+    assert not book.dialling(A1)
+    book.update("peer", (A2,))
+    assert book.forget_discovered() == [A2]  # the static entry stays
+    assert book.dialling(V6)
+    assert book.update("peer", (A1,)) == []  # nothing to forget after a fresh start
