@@ -590,6 +590,7 @@ def peers(
     """
     import asyncio
 
+    from lanshare.addressing import show_addr
     from lanshare.daemon import own_state
     from lanshare.discovery import browse_once
     from lanshare.peertable import PROTOCOL_VERSION
@@ -604,7 +605,7 @@ def peers(
         # A daemon that owns this config but does not answer knows its peers better
         # than a browse from here: say so instead.
         with own_state(cfg, daemon=False):
-            found = [p.to_json() for p in asyncio.run(browse_once(cfg, seconds))]
+            found = [p.to_json(show_addr) for p in asyncio.run(browse_once(cfg, seconds))]
     if as_json:
         _print_json(found)
         return

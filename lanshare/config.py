@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lanshare import keys
+from lanshare.addressing import IP_VERSIONS
 from lanshare.errors import ConfigError
 from lanshare.manifest import MAX_VECTOR_DEVICES, MAX_VERSION_ENTRIES
 
@@ -131,8 +132,11 @@ class NodeConfig:
 class NetworkConfig:
     port: int = DEFAULT_PORT
     """UDP port for the transfer protocol; 0 picks any free port."""
-    bind: tuple[str, ...] = ("0.0.0.0",)
-    """Local addresses to bind the UDP socket to."""
+    bind: tuple[str, ...] = ()
+    """Local addresses to bind the UDP socket to; empty: what ``ip_version`` needs (``::``,
+    which takes IPv4 too, or ``0.0.0.0`` for ``v4``)."""
+    ip_version: str = "both"
+    """IP versions announced, browsed and dialled: ``v4``, ``v6`` or ``both``."""
     interfaces: tuple[str, ...] = ()
     """Interface names (or addresses) mDNS uses; empty means all."""
     static_peers: tuple[str, ...] = ()
@@ -336,10 +340,12 @@ def ensure_config(
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """Split a ``static_peers`` entry: ``host:port``, ``1.2.3.4:port`` or ``[v6addr]:port``.
+    """Split a ``static_peers`` entry: ``host:port``, ``1.2.3.4:port``, ``[v6addr]:port`` or
+    ``[fe80::1%eth0]:port`` (a link-local address with the interface to reach it on).
 
     Returns:
-        ``(host, port)`` with IPv6 brackets removed; the port is 1..65535.
+        ``(host, port)`` with IPv6 brackets removed (a scope kept as written); the port is
+        1..65535.
 
     Raises:
         ConfigError: with a message saying what is wrong (no location; callers add it).
@@ -350,9 +356,14 @@ def parse_host_port(text: str) -> tuple[str, int]:
         if not sep:
             raise ConfigError(f"{expected}, got {text!r}")
         try:
-            ipaddress.IPv6Address(host)
+            ip = ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(f"{host!r} in {text!r} is not an IPv6 address") from None
+        if ip.is_link_local and not ip.scope_id:
+            raise ConfigError(
+                f"{text!r} is link-local: name the interface to reach it on, "
+                f'as in "[{host}%eth0]:{port_text}"'
+            )
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
@@ -716,6 +727,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], object]] = {
     ("network", "max_send_rate"): _int_range(0, None, " bytes/s (0 = no limit)"),
     ("network", "max_recv_rate"): _int_range(0, None, " bytes/s (0 = no limit)"),
     ("network", "fast_path"): _one_of(FAST_PATH_MODES),
+    ("network", "ip_version"): _one_of(IP_VERSIONS),
     ("transfer", "keepalive_interval"): _positive_seconds,
     ("transfer", "idle_timeout"): _positive_seconds,
     ("transfer", "request_timeout"): _positive_seconds,
@@ -760,6 +772,16 @@ def _check_across(
             f"idle_timeout ({transfer.idle_timeout:g} s) must be longer than "
             f"keepalive_interval ({transfer.keepalive_interval:g} s), or idle peers are dropped",
         )
+    if network.bind and network.ip_version != "both":
+        # "::" takes both families; any other address only its own.
+        wanted = 6 if network.ip_version == "v6" else 4
+        if not any(b == "::" or (":" in b) == (wanted == 6) for b in network.bind):
+            fail(
+                ("network", "bind"),
+                ("network", "ip_version"),
+                f'ip_version = "{network.ip_version}" needs an IPv{wanted} socket, but bind '
+                f"is {list(network.bind)}: bind an IPv{wanted} address (or leave bind out)",
+            )
     if transfer.max_in_flight_size < network.max_datagram_size:
         fail(
             ("network", "max_datagram_size"),

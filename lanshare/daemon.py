@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lanshare import __version__, keys
 from lanshare import config as configuration
+from lanshare.addressing import dial_order, families, host_version, resolved_addr, show_addr
 from lanshare.control import ControlServer
 from lanshare.discovery import Discovery
 from lanshare.engine import Engine
@@ -52,7 +53,7 @@ from lanshare.errors import (
     TransferError,
     UsageError,
 )
-from lanshare.events import SessionEstablished
+from lanshare.events import SessionClosed, SessionEstablished
 from lanshare.identity import load_or_create_node_id
 from lanshare.index import DATABASE_NAME, Index
 from lanshare.peertable import PROTOCOL_VERSION, PeerDown, PeerUp, SharedFolder
@@ -91,34 +92,89 @@ class _Shutdown(Exception):
 
 
 class AddressBook:
-    """Which addresses the engine should keep trying: those discovery entries announce
-    now, and the static peers."""
+    """Which addresses the engine should keep trying: for each discovery entry, one of the
+    addresses it announces (the first in ``dial_order``; the next when a handshake to it
+    fails; the one a session came up on, while it is announced), and likewise one address of
+    each static peer (a host name may resolve to several), which is never forgotten.
+
+    One address per peer: dialling all of a peer's addresses would open a session on each,
+    and each new one replaces the last (``CloseReason.REPLACED``), for ever.
+    """
 
     def __init__(self) -> None:
         self.static: set[Addr] = set()
         """``[network] static_peers`` as resolved: never forgotten for mDNS news."""
         self._by_entry: dict[str, tuple[Addr, ...]] = {}
+        self._chosen: dict[str, Addr] = {}
+        self._static_keys: set[str] = set()
+
+    def add_static(self, text: str, addresses: list[Addr]) -> Addr | None:
+        """Static peer ``text`` resolved to ``addresses``: never forgotten, and dialled one at a
+        time like a discovered peer (a host name may resolve to IPv4 and IPv6 addresses).
+        Returns the one to try now (None: nothing to try)."""
+        if not addresses:
+            return None
+        key = f"static {text}"
+        self.static.update(addresses)
+        self._static_keys.add(key)
+        self.update(key, tuple(addresses))
+        return self.dialled(key)
 
     def update(
         self, key: str, addresses: tuple[Addr, ...], *, gone: tuple[Addr, ...] = ()
     ) -> list[Addr]:
         """Discovery entry ``key`` now announces ``addresses`` (none: it is down, and
-        ``gone`` are the addresses its last news named).
+        ``gone`` are the addresses its last news named); ``dialled(key)`` is then the one to
+        try.
 
         Returns the addresses to forget: announced before by this entry only (the peer
         moved, or left), and neither another entry's (a static candidate, say) nor static.
         """
         before = self._by_entry.pop(key, ())
+        chosen = self._chosen.pop(key, None)
         if addresses:
-            self._by_entry[key] = addresses
+            ordered = dial_order(addresses)
+            self._by_entry[key] = ordered
+            self._chosen[key] = chosen if chosen in ordered else ordered[0]
         kept = {a for listed in self._by_entry.values() for a in listed} | self.static
         return [a for a in dict.fromkeys((*before, *gone)) if a not in kept]
 
+    def dialled(self, key: str) -> Addr | None:
+        """The address of entry ``key`` the engine should try now."""
+        return self._chosen.get(key)
+
+    def dialling(self, addr: Addr) -> bool:
+        """Some entry (discovered or static) has the engine try ``addr`` now."""
+        return addr in self._chosen.values()
+
+    def failed(self, addr: Addr) -> list[tuple[Addr, Addr]]:
+        """A handshake to ``addr`` failed: each entry dialling it moves on to its next
+        address. Returns (old, new) pairs for the engine (an entry with one address has none)."""
+        moves = []
+        for key, chosen in self._chosen.items():
+            listed = self._by_entry[key]
+            if chosen == addr and len(listed) > 1:
+                new = listed[(listed.index(chosen) + 1) % len(listed)]
+                self._chosen[key] = new
+                moves.append((chosen, new))
+        return moves
+
+    def established(self, key: str, addr: Addr) -> tuple[Addr, Addr] | None:
+        """A session with entry ``key`` came up on ``addr`` (dialled by either side): keep
+        dialling that one if the entry announces it. Returns (old, new) when that changes."""
+        chosen = self._chosen.get(key)
+        if chosen is None or chosen == addr or addr not in self._by_entry[key]:
+            return None
+        self._chosen[key] = addr
+        return chosen, addr
+
     def forget_discovered(self) -> list[Addr]:
         """Discovery starts afresh: every address only it had announced, to forget."""
-        gone = {a for listed in self._by_entry.values() for a in listed} - self.static
-        self._by_entry.clear()
-        return sorted(gone)
+        static = self._static_keys
+        gone = {a for k, listed in self._by_entry.items() if k not in static for a in listed}
+        self._by_entry = {k: v for k, v in self._by_entry.items() if k in static}
+        self._chosen = {k: v for k, v in self._chosen.items() if k in static}
+        return sorted(gone - self.static)
 
 
 class Daemon:
@@ -273,11 +329,16 @@ class Daemon:
     async def _announce_ready(self) -> None:
         assert self.discovery is not None
         assert self.transport is not None
+        usable = families(self.config.network.ip_version, self.transport.local_address[0])
         for peer in self.config.network.static_peers:
             host, port = configuration.parse_host_port(peer)
-            for addr in await _resolve(host, port):
-                self._addresses.static.add(addr)
-                self._engine().add_address(addr)
+            found = await _resolve(host, port)
+            addrs = [a for a in found if host_version(a[0]) in usable]
+            if found and not addrs:
+                logger.warning("static peer %s: no address of the IP version in use", peer)
+            first = self._addresses.add_static(peer, addrs)
+            if first is not None:
+                self._engine().add_address(first)
         await self.discovery.ready.wait()
         self.ready.set()
         self._notifier.notify("READY=1", f"STATUS=ready, UDP port {self.transport.port}")
@@ -311,6 +372,7 @@ class Daemon:
             folders=[SharedFolder(str(f.path), keys.parse_key(f.key)) for f in config.folders],
             port=self.transport.port,
             announce=not self._short_lived,
+            families=families(config.network.ip_version, self.transport.local_address[0]),
         )
         self._engine().on_sequence = discovery.set_sequence
         self._engine().sequence_changed()
@@ -342,8 +404,24 @@ class Daemon:
         """Every protocol event: the engine's; a live session also outranks mDNS silence."""
         engine = self._engine()
         engine.handle_event(event)
-        if isinstance(event, SessionEstablished) and self.discovery is not None:
-            self.discovery.mark_reachable(event.peer)  # type: ignore[arg-type]
+        if isinstance(event, SessionEstablished):
+            if self.discovery is not None:
+                self.discovery.mark_reachable(event.peer)  # type: ignore[arg-type]
+            move = self._addresses.established(bytes(event.peer).hex(), event.addr)
+            self._redial([move] if move is not None else [])
+        elif isinstance(event, SessionClosed) and event.peer is None:
+            self._redial(self._addresses.failed(event.addr))
+
+    def _redial(self, moves: list[tuple[Addr, Addr]]) -> None:
+        """Move the engine's attempts from each old address of a peer to its new one."""
+        engine = self._engine()
+        for old, new in moves:
+            folders = engine.addresses.get(old)
+            if folders is None:  # no longer tried (the peer left meanwhile)
+                continue
+            if not self._addresses.dialling(old):
+                engine.remove_address(old)
+            engine.add_address(new, folders)
 
     async def _discovery_events(self, discovery: Discovery) -> None:
         while True:
@@ -360,8 +438,9 @@ class Daemon:
             gone = peer.addresses if down else ()
             for addr in self._addresses.update(peer.key, current, gone=gone):
                 engine.remove_address(addr)
-            for addr in current:
-                engine.add_address(addr, folders or None)
+            dialled = self._addresses.dialled(peer.key)
+            if dialled is not None:
+                engine.add_address(dialled, folders or None)
 
     async def _reloader(self) -> None:
         while True:
@@ -605,7 +684,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
     sessions: dict[str, dict[str, Any]] = {}
     for peer, folder, addr in engine.endpoint.peers():
         live = sessions.setdefault(bytes(peer).hex(), {"addresses": [], "folders": []})
-        _add_unique(live["addresses"], f"{addr[0]}:{addr[1]}")
+        _add_unique(live["addresses"], show_addr(addr))
         sync = engine.folders.get(bytes(folder))
         if sync is not None:
             _add_unique(live["folders"], str(sync.root))
@@ -613,7 +692,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for info in daemon.discovery.peers() if daemon.discovery else []:
         entry: dict[str, Any] = info.to_json()
-        addresses = [f"{a[0]}:{a[1]}" for a in info.addresses]
+        addresses = [show_addr(a) for a in info.addresses]
         if entry["id"] is None:
             owner = next((owner_of[a] for a in addresses if a in owner_of), None)
             if owner is not None:
@@ -672,7 +751,7 @@ def _add_unique(items: list[str], item: str) -> None:
 def _log_peer_event(event: PeerEvent) -> None:
     peer = event.peer
     who = peer.node_id.hex() if peer.node_id is not None else "candidate"
-    where = ", ".join(f"{a[0]}:{a[1]}" for a in peer.addresses)
+    where = ", ".join(show_addr(a) for a in peer.addresses)
     if isinstance(event, PeerDown):
         logger.info("peer %s (%s) at %s down: %s", peer.name, who, where, event.reason.value)
     elif isinstance(event, PeerUp):
@@ -684,9 +763,9 @@ async def _resolve(host: str, port: int) -> list[tuple[str, int]]:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except OSError as exc:
-        logger.warning("static peer %s:%d: cannot resolve: %s", host, port, exc)
+        logger.warning("static peer %s: cannot resolve: %s", show_addr((host, port)), exc)
         return []
-    return sorted({(str(info[4][0]), int(info[4][1])) for info in infos})
+    return sorted({resolved_addr(info[4]) for info in infos})
 
 
 @contextlib.contextmanager

@@ -25,20 +25,27 @@ How the pieces fit
   all of this through ``mark_reachable``/``mark_unreachable``.
 * Static peers (``[network].static_peers``) become ``PeerUp`` events in state ``static`` at start:
   candidates for the transport to probe (discovery cannot tell whether they are alive).
-* Interfaces: ``[network].interfaces`` (names or IPv4 addresses; empty = every non-loopback IPv4
-  address) is re-read from an ``ifaddr`` snapshot whenever the kernel reports an IPv4 address
-  change (a netlink socket, on Linux; ``INTERFACE_SETTLE`` later, so that a burst of changes is
-  read once) and at least every ``INTERFACE_POLL_INTERVAL``. zeroconf gets one socket per interface
-  (``async_update_interfaces``); every address (up to what the TXT record can cover) is
-  announced in our address records and in ``a=``, with tokens over the new set, at once on a
-  change (not held back by the TXT coalescing), and an address that went away is retracted with
-  a goodbye. IPv4 only for now (``a=`` can already cover IPv6 addresses).
+* Interfaces: ``[network].interfaces`` (names, or IPv4 or IPv6 addresses; empty = every
+  non-loopback address) of the IP versions ``[network].ip_version`` names (and the transport's
+  socket can reach: ``addressing.families``) is re-read from an ``ifaddr`` snapshot whenever
+  the kernel reports an address change, IPv4 or IPv6 (a netlink socket, on Linux;
+  ``INTERFACE_SETTLE`` later, so that a burst of changes is read once) and at least every
+  ``INTERFACE_POLL_INTERVAL``. An IPv6 address still tentative (duplicate address detection
+  runs, ``/proc/net/if_inet6``) is left out until the kernel reports it usable: nothing can bind
+  it before. zeroconf gets one socket per interface and IP version
+  (``async_update_interfaces``; IPv6 on the group ff02::fb); every address, link-local and
+  global (up to what the TXT record can cover, in ``dial_order``), is announced in our A and
+  AAAA records and in ``a=``, with tokens over the new set, at once on a change (not held back
+  by the TXT coalescing), and an address that went away is retracted with a goodbye.
 * A peer's addresses: a new one makes the browser report the service as updated; one the peer
   retracted (goodbye) or stopped announcing (flushed from the cache a second after the peer's
   next announcement, RFC 6762 §10.2) is reported by no browser callback. So any address record
   heard for a known peer's host has that peer re-resolved (from the cache) ``ADDRESS_SETTLE``
-  seconds later. Of the resolved addresses, the table keeps those the peer's ``a=`` covers:
-  anything else (a replayer's own address, a stale record) is never handed to the transport.
+  seconds later. Of the resolved addresses (of our IP versions), the table keeps those the
+  peer's ``a=`` covers: anything else (a replayer's own address, a stale record) is never
+  handed to the transport. A link-local address is compared without its scope (``a=`` has
+  none: a scope is local to each host) and dialled with the scope of the interface its record
+  was heard on (zeroconf's ``parsed_scoped_addresses``: ``fe80::1%2``).
 * A node announcing another protocol version is listed as ``incompatible`` (see ``peertable``)
   and logged once; it never causes an event.
 """
@@ -72,6 +79,8 @@ from zeroconf import (  # type: ignore[attr-defined]  # DNS*: not in __all__
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from lanshare.addressing import IP_VERSIONS, host_version, show_addr
+from lanshare.addressing import families as ip_families
 from lanshare.config import Config, NetworkConfig, load
 from lanshare.errors import LanshareError
 from lanshare.identity import NodeId, load_or_create_node_id
@@ -99,7 +108,7 @@ from lanshare.peertable import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Awaitable, Iterable, Sequence
 
     from zeroconf import RecordUpdate
 
@@ -141,7 +150,11 @@ MAX_INSTANCE_SIZE = 56
 _TYPE_PTR = 12
 _TYPE_A = 1
 _TYPE_SRV = 33
+_TYPE_AAAA = 28
 _RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV6_IFADDR = 0x100
+_IFA_F_DADFAILED = 0x08
+_IFA_F_TENTATIVE = 0x40
 _CLASS_IN = 1
 _FLAGS_QUERY = 0x0000
 _FLAGS_RESPONSE = 0x8400
@@ -175,6 +188,8 @@ class Discovery:
         sequence: the manifest sequence to announce first.
         announce: False to browse only (``lanshare peers`` without a daemon).
         policy: liveness timings; see ``LivenessPolicy``.
+        families: the IP versions to use (``addressing.families``: what ``ip_version`` asks
+            for and the transport's socket can reach); None: all that ``ip_version`` names.
     """
 
     def __init__(
@@ -188,6 +203,7 @@ class Discovery:
         sequence: int = 0,
         announce: bool = True,
         policy: LivenessPolicy | None = None,
+        families: frozenset[int] | None = None,
     ) -> None:
         self.node_id = node_id
         self.events: asyncio.Queue[PeerEvent] = asyncio.Queue(EVENT_QUEUE_SIZE)
@@ -198,6 +214,7 @@ class Discovery:
         """Set when browsing runs and (if announcing) the service is registered."""
         self._name = instance_name(name)
         self._network = network
+        self._families = families if families is not None else ip_families(network.ip_version)
         self._static = tuple(parse_host_port(text) for text in network.static_peers)
         self._port = port
         self._announce = announce
@@ -276,12 +293,14 @@ class Discovery:
         """Announce and browse until cancelled; then send goodbyes and close."""
         loop = asyncio.get_running_loop()
         self._table.unix_offset = time.time() - loop.time()
-        snapshot = _adapter_snapshot()
-        self._interfaces = choose_interfaces(self._network.interfaces, snapshot)
+        snapshot = adapter_snapshot()
+        self._interfaces = choose_interfaces(self._network.interfaces, snapshot, self._families)
         self._cover()
         self._sockets = socket_addresses(self._interfaces, snapshot)
         logger.info("mDNS on %s", ", ".join(self._interfaces))
-        aiozc = AsyncZeroconf(interfaces=list(self._sockets), ip_version=IPVersion.V4Only)
+        aiozc = AsyncZeroconf(
+            interfaces=list(self._sockets), ip_version=zeroconf_version(self._sockets)
+        )
         self._aiozc = aiozc
         listener = _HeardListener(self)
         browser: AsyncServiceBrowser | None = None
@@ -353,7 +372,11 @@ class Discovery:
                 if not ok:
                     self.stats.unresolved += 1
                 elif self._epoch.get(key, 0) == epoch:  # not withdrawn meanwhile
-                    addresses = info.parsed_scoped_addresses(IPVersion.V4Only)
+                    addresses = [
+                        a
+                        for a in info.parsed_scoped_addresses(IPVersion.All)
+                        if host_version(a) in self._families
+                    ]
                     events = self._table.observe(
                         key, info.text or b"", addresses, info.port, loop.time()
                     )
@@ -457,11 +480,11 @@ class Discovery:
                         await changed.wait()
                         await asyncio.sleep(INTERFACE_SETTLE)  # the rest of a burst
                 changed.clear()
-                current = _adapter_snapshot()
+                current = adapter_snapshot()
                 if current == snapshot:
                     continue
                 snapshot = current
-                chosen = choose_interfaces(self._network.interfaces, current)
+                chosen = choose_interfaces(self._network.interfaces, current, self._families)
                 if chosen == self._interfaces:
                     continue
                 logger.info("interfaces changed: mDNS now on %s", ", ".join(chosen))
@@ -474,7 +497,9 @@ class Discovery:
                 if sockets != self._sockets:
                     # zeroconf re-announces the registration (still the old addresses) on
                     # every socket it adds: the goodbyes below correct it.
-                    await self._aiozc.async_update_interfaces(interfaces=list(sockets))
+                    await self._aiozc.async_update_interfaces(
+                        interfaces=list(sockets), ip_version=zeroconf_version(sockets)
+                    )
                     self._sockets = sockets
                 # At once, not held back by the TXT coalescing.
                 announced = await self._update_registration()
@@ -559,8 +584,9 @@ class Discovery:
         out = DNSOutgoing(_FLAGS_RESPONSE)
         server = f"ls-{self.node_id.hex()}.local."
         for ip in addresses:
-            record = DNSAddress(server, _TYPE_A, _CLASS_IN, 0, socket.inet_aton(ip))
-            out.add_answer_at_time(record, 0)
+            packed = ipaddress.ip_address(ip).packed
+            kind = _TYPE_A if len(packed) == 4 else _TYPE_AAAA
+            out.add_answer_at_time(DNSAddress(server, kind, _CLASS_IN, 0, packed), 0)
         self._aiozc.zeroconf.async_send(out)
 
     def _request_resolve(self, key: str) -> None:
@@ -667,7 +693,7 @@ class _HeardListener(RecordUpdateListener):
                 continue
             if record.ttl and not record.is_expired(now):  # not the cache's own expiry
                 owner._heard.add(key)
-            if record.type == _TYPE_A:  # new, refreshed, flushed or expired: re-read them
+            if record.type in (_TYPE_A, _TYPE_AAAA):  # new, refreshed, flushed or expired
                 owner._addresses_heard.setdefault(key, _loop_time())
 
 
@@ -682,66 +708,113 @@ def instance_name(node_name: str) -> str:
 
 
 def choose_interfaces(
-    wanted: Sequence[str], adapters: Sequence[tuple[str, str]]
+    wanted: Sequence[str],
+    adapters: Sequence[tuple[str, str]],
+    families: frozenset[int] = frozenset({4, 6}),
 ) -> tuple[str, ...]:
-    """IPv4 addresses for zeroconf: of the interfaces (names or addresses) in ``wanted``, or
-    every non-loopback address when ``wanted`` is empty; 127.0.0.1 if nothing matches (mDNS then
-    stays local until an interface appears, see ``INTERFACE_POLL_INTERVAL``).
+    """Addresses for zeroconf, of the IP versions in ``families``: of the interfaces (names or
+    addresses, IPv4 or IPv6) in ``wanted``, or every non-loopback address when ``wanted`` is
+    empty; the loopback address if nothing matches (mDNS then stays local until an interface
+    appears, see ``INTERFACE_POLL_INTERVAL``). In ``dial_order``: IPv4, global IPv6, link-local
+    IPv6, each ascending (the order ``a=`` fills in when there is no room for all).
 
-    ``adapters`` is a snapshot of (interface name, IPv4 address) pairs.
+    ``adapters`` is a snapshot of (interface name, address) pairs, IPv6 without a scope.
     """
-    present = {ip for _, ip in adapters}
+    usable = [(name, ip) for name, ip in adapters if host_version(ip) in families]
+    present = {ip for _, ip in usable}
     chosen: set[str] = set()
     if not wanted:
-        chosen = {ip for ip in present if not ipaddress.IPv4Address(ip).is_loopback}
+        chosen = {ip for ip in present if not ipaddress.ip_address(ip).is_loopback}
     for item in wanted:
-        if _is_ipv4(item):
-            if item in present:
-                chosen.add(item)
+        address = item.partition("%")[0]
+        if host_version(address):
+            if _canonical(address) in present:
+                chosen.add(_canonical(address))
         else:
-            chosen.update(ip for name, ip in adapters if name == item)
+            chosen.update(ip for name, ip in usable if name == item)
     if not chosen:
-        logger.warning("no usable interface among %s; mDNS stays on 127.0.0.1", list(wanted))
-        return ("127.0.0.1",)
-    return tuple(sorted(chosen, key=lambda ip: ipaddress.IPv4Address(ip)))
+        fallback = "127.0.0.1" if 4 in families else "::1"
+        logger.warning("no usable interface among %s; mDNS stays on %s", list(wanted), fallback)
+        return (fallback,)
+    return _in_order(chosen)
 
 
 def socket_addresses(
     chosen: Sequence[str], adapters: Sequence[tuple[str, str]], current: Sequence[str] = ()
 ) -> tuple[str, ...]:
-    """The addresses of ``chosen`` to give zeroconf: one per interface, since a second socket
-    cannot join the mDNS group on an interface that already has one (zeroconf refuses it with a
-    warning). An address in ``current`` (the sockets in use) is kept while it is chosen.
+    """The addresses of ``chosen`` to give zeroconf: one per interface and IP version, since a
+    second socket cannot join the mDNS group on an interface that already has one (zeroconf
+    refuses it with a warning). An address in ``current`` (the sockets in use) is kept while it
+    is chosen; else IPv6 prefers a link-local address (it lasts as long as the interface).
     """
     interface_of: dict[str, str] = {}
     for name, ip in adapters:
         interface_of.setdefault(ip, name)
-    by_interface: dict[str, str] = {}
-    for ip in sorted(chosen, key=lambda ip: (ip not in current, ipaddress.IPv4Address(ip))):
-        by_interface.setdefault(interface_of.get(ip, ip), ip)
-    return tuple(sorted(by_interface.values(), key=ipaddress.IPv4Address))
+    by_interface: dict[tuple[str, int], str] = {}
+    for ip in sorted(chosen, key=lambda ip: (ip not in current, not _is_link_local(ip), ip)):
+        by_interface.setdefault((interface_of.get(ip, ip), host_version(ip)), ip)
+    return _in_order(by_interface.values())
 
 
-def _is_ipv4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
+def zeroconf_version(sockets: Sequence[str]) -> IPVersion:
+    """The ``IPVersion`` zeroconf needs for sockets on these addresses."""
+    versions = {host_version(ip) for ip in sockets}
+    if versions == {6}:
+        return IPVersion.V6Only
+    return IPVersion.All if 6 in versions else IPVersion.V4Only
 
 
-def _adapter_snapshot() -> tuple[tuple[str, str], ...]:
-    pairs = {
-        (adapter.nice_name, ip.ip)
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if isinstance(ip.ip, str)
-    }
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def _is_link_local(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_link_local
+
+
+def _in_order(addresses: Iterable[str]) -> tuple[str, ...]:
+    def rank(ip: str) -> tuple[int, int, IPAddress]:
+        address = ipaddress.ip_address(ip)
+        return (address.version, address.is_link_local, address)
+
+    return tuple(sorted(addresses, key=rank))
+
+
+def adapter_snapshot() -> tuple[tuple[str, str], ...]:
+    """(interface name, address) pairs; IPv6 without a scope, and not while it is tentative
+    (duplicate address detection runs: nothing can bind it yet) or found duplicate."""
+    unusable = _unusable_ipv6()
+    pairs = set()
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                pairs.add((adapter.nice_name, ip.ip))
+            else:
+                address = _canonical(ip.ip[0].partition("%")[0])
+                if (adapter.nice_name, address) not in unusable:
+                    pairs.add((adapter.nice_name, address))
     return tuple(sorted(pairs))
 
 
+def _unusable_ipv6(path: Path = Path("/proc/net/if_inet6")) -> set[tuple[str, str]]:
+    """(interface, address) of IPv6 addresses still tentative or failed, from the kernel's
+    table (Linux; elsewhere nothing is known to be unusable)."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 6 and int(fields[4], 16) & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED):
+            out.add((fields[5], _canonical(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))))
+    return out
+
+
 def _open_address_monitor() -> socket.socket | None:
-    """A non-blocking netlink socket told of every IPv4 address change (Linux); else None."""
+    """A non-blocking netlink socket told of every address change, IPv4 and IPv6 (a new
+    address, one removed, and one whose duplicate address detection ended) (Linux); else
+    None."""
     family = getattr(socket, "AF_NETLINK", None)
     protocol = getattr(socket, "NETLINK_ROUTE", None)
     if family is None or protocol is None:
@@ -753,7 +826,7 @@ def _open_address_monitor() -> socket.socket | None:
         return None
     try:
         monitor.setblocking(False)
-        monitor.bind((0, _RTMGRP_IPV4_IFADDR))
+        monitor.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
     except OSError as exc:
         monitor.close()
         logger.debug("no netlink monitor (%s): interfaces are polled", exc)
@@ -808,7 +881,7 @@ async def _drain(discovery: Discovery) -> None:
 def event_json(event: PeerEvent) -> dict[str, Any]:
     """A JSON-able form of a discovery event."""
     kind = {PeerUp: "up", PeerChanged: "changed", PeerDown: "down"}[type(event)]
-    out: dict[str, Any] = {"event": kind, "peer": event.peer.to_json()}
+    out: dict[str, Any] = {"event": kind, "peer": event.peer.to_json(show_addr)}
     if isinstance(event, PeerDown):
         out["reason"] = event.reason.value
     return out
@@ -828,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key", action="append", default=[], help="folder key (repeatable)")
     parser.add_argument("--interface", action="append", default=[])
     parser.add_argument("--static-peer", action="append", default=[])
+    parser.add_argument("--ip-version", choices=IP_VERSIONS, default="both")
     parser.add_argument("--sequence", type=int, default=0)
     parser.add_argument("--browse-only", action="store_true")
     parser.add_argument("--log-level", default="warning")
@@ -850,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     port=args.port,
                     interfaces=tuple(args.interface),
                     static_peers=tuple(args.static_peer),
+                    ip_version=args.ip_version,
                 ),
                 folders=[SharedFolder(f"folder{i}", parse_key(k)) for i, k in enumerate(args.key)],
                 port=args.port,
@@ -903,7 +978,8 @@ async def _run_standalone(discovery: Discovery) -> None:
                 else:
                     discovery.mark_reachable(node)
             elif words[0] == "peers":
-                out({"event": "peers", "peers": [p.to_json() for p in discovery.peers()]})
+                peers = [p.to_json(show_addr) for p in discovery.peers()]
+                out({"event": "peers", "peers": peers})
         # stdin closed: keep running until a signal.
 
     out({"event": "started", "id": discovery.node_id.hex()})

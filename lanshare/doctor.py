@@ -5,7 +5,8 @@ Theory of operation
 Every check is a pure *verdict* function that turns what was observed into a ``Result``
 (``check`` id, ``status`` ``ok``/``warn``/``fail``, ``detail``, ``fix``); the observations
 come from thin gatherers that read the kernel's own files and tools as they are: ``/proc/net/route``
-(the IPv4 routes), ``/proc/net/igmp`` (multicast groups joined), ``/proc/PID/limits``,
+(the IPv4 routes), ``/proc/net/igmp`` and ``/proc/net/igmp6`` (multicast groups joined),
+``/proc/PID/limits``,
 ``/proc/sys/fs/inotify/*``, ``nft -j list ruleset``, ``statvfs``, the daemon's ``status``
 over its control socket, and the network itself. The parsers and verdicts are unit-tested on
 real-shaped inputs; the gatherers are exercised by the namespace-lab tests.
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lanshare import __version__, keys
+from lanshare.addressing import families, resolved_addr
 from lanshare.config import Config
 from lanshare.errors import DecodeError, LanshareError
 from lanshare.paths import TEMP_PREFIX
@@ -93,6 +95,7 @@ CHECKS = (
 """Every check id, in the order they are reported."""
 
 MDNS_GROUP = "224.0.0.251"
+MDNS_GROUP6 = "ff02::fb"
 MDNS_PORT = 5353
 QUERY_SECONDS = 3.0
 """How long the active mDNS query listens for answers."""
@@ -329,30 +332,37 @@ class Interface:
 
 
 def interfaces_verdict(
-    wanted: Sequence[str], interfaces: Sequence[Interface], chosen: Sequence[str]
+    wanted: Sequence[str],
+    interfaces: Sequence[Interface],
+    chosen: Sequence[str],
+    port: int | None = None,
+    families: frozenset[int] = frozenset({4}),
 ) -> Result:
-    """``chosen``: the IPv4 addresses mDNS uses (``discovery.choose_interfaces``)."""
-    by_ip = {ip: i for i in interfaces for ip in i.ipv4}
+    """``chosen``: the addresses mDNS uses (``discovery.choose_interfaces``), IPv6 without a
+    scope; ``port``: the lanshare UDP port, to show them as peers dial them (``[addr]:port``);
+    ``families``: the IP versions in use (``addressing.families``)."""
+    by_ip = {ip: i for i in interfaces for ip in (*i.ipv4, *i.ipv6)}
     used = [(by_ip[ip].name if ip in by_ip else "?", ip) for ip in chosen]
-    shown = ", ".join(f"{name} {ip}" for name, ip in used)
-    v6 = sum(len(i.ipv6) for i in interfaces if i.name in {n for n, _ in used})
-    if list(chosen) == ["127.0.0.1"] and "127.0.0.1" not in wanted and "lo" not in wanted:
-        names = ", ".join(i.name for i in interfaces if i.ipv4 and not _loopback(i)) or "none"
+    shown = ", ".join(f"{name} {_where(name, ip, port)}" for name, ip in used)
+    loopback = {"127.0.0.1", "::1"}
+    if set(chosen) <= loopback and not loopback & set(wanted) and "lo" not in wanted:
+        kinds = " or ".join(f"IPv{v}" for v in sorted(families))
+        names = ", ".join(i.name for i in interfaces if _usable(i, families)) or "none"
         if wanted:
             return Result(
                 "interfaces",
                 "fail",
-                f"none of [network] interfaces = {list(wanted)} has an IPv4 address; interfaces "
-                f"with one: {names}",
+                f"none of [network] interfaces = {list(wanted)} has an {kinds} address; "
+                f"interfaces with one: {names}",
                 "name an interface that exists in [network] interfaces (or leave it empty: all)",
             )
         return Result(
             "interfaces",
             "fail",
-            "no network interface has an IPv4 address: mDNS stays on this machine",
+            f"no network interface has an {kinds} address: mDNS stays on this machine",
             "connect this machine to the LAN (ip addr shows the interfaces)",
         )
-    if all(ipaddress.IPv4Address(ip).is_loopback for ip in chosen):
+    if all(ipaddress.ip_address(ip).is_loopback for ip in chosen):
         return Result(
             "interfaces",
             "warn",
@@ -374,12 +384,28 @@ def interfaces_verdict(
                 f"{name} has multicast turned off: mDNS cannot use it",
                 f"ip link set {name} multicast on",
             )
-    extra = f"; IPv4 only ({v6} IPv6 address(es) unused)" if v6 else "; IPv4"
+    if families == {4}:
+        v6 = sum(len(i.ipv6) for i in interfaces if i.name in {n for n, _ in used})
+        extra = f"; IPv4 only ({v6} IPv6 address(es) unused)" if v6 else "; IPv4"
+    elif families == {6}:
+        extra = "; IPv6 only"
+    else:
+        extra = "; IPv4 and IPv6"
     return Result("interfaces", "ok", f"mDNS on {shown}{extra}")
 
 
-def _loopback(iface: Interface) -> bool:
-    return all(ipaddress.IPv4Address(ip).is_loopback for ip in iface.ipv4)
+def _where(interface: str, ip: str, port: int | None) -> str:
+    """``ip``, or as peers dial it: ``ip:port``, ``[ip]:port``, ``[fe80::1%eth0]:port``."""
+    if ipaddress.ip_address(ip).is_link_local and ":" in ip:
+        ip = f"{ip}%{interface}"
+    if port is None:
+        return ip
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _usable(iface: Interface, families: frozenset[int]) -> bool:
+    addresses = (*(iface.ipv4 if 4 in families else ()), *(iface.ipv6 if 6 in families else ()))
+    return any(not ipaddress.ip_address(ip).is_loopback for ip in addresses)
 
 
 # --- multicast ----------------------------------------------------------------------------
@@ -436,24 +462,45 @@ def parse_proc_igmp(text: str) -> dict[str, set[str]]:
     return groups
 
 
+def parse_proc_igmp6(text: str) -> dict[str, set[str]]:
+    """``/proc/net/igmp6``: interface name -> IPv6 multicast groups joined on it."""
+    groups: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) < 3 or len(cols[2]) != 32:
+            continue
+        try:
+            group = ipaddress.IPv6Address(bytes.fromhex(cols[2]))
+        except ValueError:
+            continue
+        groups.setdefault(cols[1], set()).add(str(group))
+    return groups
+
+
 def multicast_verdict(
     routes: Sequence[Route],
     mdns_interfaces: Sequence[str],
     joined: Mapping[str, set[str]] | None,
     answered: bool | None = None,
+    families: frozenset[int] = frozenset({4}),
 ) -> Result:
-    """A route for 224.0.0.251 (the most specific one wins, as in the kernel) and, when the
-    daemon runs (``joined`` given), the interfaces where it joined the mDNS group.
+    """A route for 224.0.0.251 (the most specific one wins, as in the kernel) when IPv4 is in
+    ``families`` and, when the daemon runs (``joined`` given: IPv4 and IPv6 groups by
+    interface), the interfaces where it joined the mDNS groups (224.0.0.251, ff02::fb).
+    ff02::fb is link-local: it needs no route.
 
     ``answered``: whether another node answered the active query. zeroconf names the
     interface of each of its sockets, so its queries leave without a route: then the missing
     route is only a warning (other mDNS programs here cannot send).
     """
-    target = ipaddress.IPv4Address(MDNS_GROUP)
-    matching = [r for r in routes if target in r.destination]
     names = [n for n in mdns_interfaces if n != "lo"]
     if not names:
         return Result("multicast", "ok", "mDNS stays on this machine (loopback): no route needed")
+    groups = [g for v, g in ((4, MDNS_GROUP), (6, MDNS_GROUP6)) if v in families]
+    if 4 not in families:
+        return _joined(f"{MDNS_GROUP6} is link-local: no route needed", names, joined, groups)
+    target = ipaddress.IPv4Address(MDNS_GROUP)
+    matching = [r for r in routes if target in r.destination]
     if not matching:
         fix = f"ip route add 224.0.0.0/4 dev {names[0]} (or add a default route)"
         if answered:
@@ -473,25 +520,34 @@ def multicast_verdict(
         )
     best = max(matching, key=lambda r: r.destination.prefixlen)
     detail = f"{MDNS_GROUP} routed via {best.interface} ({best.destination})"
-    if joined is not None:
-        members = sorted(n for n in names if MDNS_GROUP in joined.get(n, set()))
-        missing = sorted(set(names) - set(members))
+    result = _joined(detail, names, joined, groups)
+    if result.status == "ok" and best.interface not in names:
+        return Result(
+            "multicast",
+            "warn",
+            result.detail + f", not through the interface mDNS uses ({', '.join(names)})",
+            f"ip route add 224.0.0.0/4 dev {names[0]}",
+        )
+    return result
+
+
+def _joined(
+    detail: str, names: Sequence[str], joined: Mapping[str, set[str]] | None, groups: list[str]
+) -> Result:
+    """``detail``, and whether the daemon joined every group of ``groups`` on ``names``."""
+    if joined is None:
+        return Result("multicast", "ok", detail)
+    for group in groups:
+        missing = sorted(n for n in names if group not in joined.get(n, set()))
         if missing:
             return Result(
                 "multicast",
                 "warn",
-                detail + f"; the group is not joined on {', '.join(missing)}",
+                detail + f"; the group {group} is not joined on {', '.join(missing)}",
                 "restart the daemon (it joins the group on every interface it uses)",
             )
-        detail += f"; group joined on {', '.join(members)}"
-    if best.interface not in names:
-        return Result(
-            "multicast",
-            "warn",
-            detail + f", not through the interface mDNS uses ({', '.join(names)})",
-            f"ip route add 224.0.0.0/4 dev {names[0]}",
-        )
-    return Result("multicast", "ok", detail)
+    label = "group" if len(groups) == 1 else "groups"
+    return Result("multicast", "ok", detail + f"; {label} joined on {', '.join(names)}")
 
 
 # --- firewall -----------------------------------------------------------------------------
@@ -1012,27 +1068,33 @@ def run(inputs: Inputs) -> list[Result]:
         _check_config(inputs),
         daemon_verdict(inputs.status, inputs.why_no_daemon, __version__),
     ]
+    from lanshare.discovery import choose_interfaces
+
     interfaces = _gather_interfaces()
-    chosen = _choose(cfg.network.interfaces, interfaces)
-    results.append(interfaces_verdict(cfg.network.interfaces, interfaces, chosen))
-    names = sorted({i.name for i in interfaces for ip in i.ipv4 if ip in chosen})
+    bind = cfg.network.bind
+    used = families(cfg.network.ip_version, bind[0] if len(bind) == 1 else None)
+    chosen = choose_interfaces(cfg.network.interfaces, _pairs(interfaces), used)
+    port = _port(cfg, inputs.status)
+    results.append(interfaces_verdict(cfg.network.interfaces, interfaces, chosen, port, used))
+    names = sorted({i.name for i in interfaces for ip in (*i.ipv4, *i.ipv6) if ip in chosen})
     joined = None
     if inputs.status is not None:
         joined = parse_proc_igmp(_read_text(Path("/proc/net/igmp")) or "")
+        for name, groups in parse_proc_igmp6(_read_text(Path("/proc/net/igmp6")) or "").items():
+            joined.setdefault(name, set()).update(groups)
     routes = parse_proc_route(_read_text(Path("/proc/net/route")) or "")
-    port = _port(cfg, inputs.status)
     blocks, unreadable = _gather_firewall(port, names)
     if inputs.config is None:
         # Which interfaces and keys to use is in the config: nothing is sent without it.
         skipped = "not checked: the config did not load (see config above)"
-        results.append(multicast_verdict(routes, names, joined))
+        results.append(multicast_verdict(routes, names, joined, families=used))
         results.append(firewall_verdict(blocks, unreadable, None, port))
         results.append(Result("discovery", "warn", skipped))
         results.append(Result("keys", "warn", skipped))
     else:
         network = _network_checks(cfg, inputs, chosen, blocks, unreadable, port)
         answered = network.others > 0
-        results.append(multicast_verdict(routes, names, joined, answered))
+        results.append(multicast_verdict(routes, names, joined, answered, used))
         results.extend(network.results)
     results.append(sync_verdict(inputs.status))
     results.append(inotify_verdict(_read_int("/proc/sys/fs/inotify/max_user_watches"), _dirs(cfg)))
@@ -1095,7 +1157,11 @@ def _gather_interfaces() -> list[Interface]:
     out = []
     for adapter in ifaddr.get_adapters():
         v4 = tuple(ip.ip for ip in adapter.ips if isinstance(ip.ip, str))
-        v6 = tuple(ip.ip[0] for ip in adapter.ips if isinstance(ip.ip, tuple))
+        v6 = tuple(
+            str(ipaddress.ip_address(ip.ip[0].partition("%")[0]))
+            for ip in adapter.ips
+            if isinstance(ip.ip, tuple)
+        )
         flags = _read_text(Path("/sys/class/net") / adapter.nice_name / "flags")
         try:
             bits = int(flags.strip(), 16) if flags is not None else None
@@ -1105,11 +1171,8 @@ def _gather_interfaces() -> list[Interface]:
     return out
 
 
-def _choose(wanted: Sequence[str], interfaces: Sequence[Interface]) -> tuple[str, ...]:
-    from lanshare.discovery import choose_interfaces
-
-    pairs = sorted((i.name, ip) for i in interfaces for ip in i.ipv4)
-    return choose_interfaces(wanted, pairs)
+def _pairs(interfaces: Sequence[Interface]) -> list[tuple[str, str]]:
+    return sorted((i.name, ip) for i in interfaces for ip in (*i.ipv4, *i.ipv6))
 
 
 def _port(cfg: Config, status: Mapping[str, Any] | None) -> int:
@@ -1159,21 +1222,18 @@ def _gather_census(
 async def _query(chosen: Sequence[str], seconds: float) -> list[Answer]:
     """Browse ``_lanshare._udp.local.`` for ``seconds`` (the browser sends the query to the
     group at once and again after 1 s, 2 s ...), then resolve what answered."""
-    import ifaddr
     from zeroconf import IPVersion, ServiceStateChange, Zeroconf
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-    from lanshare.discovery import SERVICE_TYPE, socket_addresses
+    from lanshare.discovery import (
+        SERVICE_TYPE,
+        adapter_snapshot,
+        socket_addresses,
+        zeroconf_version,
+    )
 
-    pairs = sorted(
-        (a.nice_name, ip.ip)
-        for a in ifaddr.get_adapters()
-        for ip in a.ips
-        if isinstance(ip.ip, str)
-    )
-    aiozc = AsyncZeroconf(
-        interfaces=list(socket_addresses(chosen, pairs)), ip_version=IPVersion.V4Only
-    )
+    sockets = socket_addresses(chosen, adapter_snapshot())
+    aiozc = AsyncZeroconf(interfaces=list(sockets), ip_version=zeroconf_version(sockets))
     names: dict[str, None] = {}
 
     def heard(
@@ -1191,7 +1251,7 @@ async def _query(chosen: Sequence[str], seconds: float) -> list[Answer]:
             info = AsyncServiceInfo(SERVICE_TYPE, name)
             if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT * 1000):
                 return None
-            addresses = tuple(info.parsed_scoped_addresses(IPVersion.V4Only))
+            addresses = tuple(info.parsed_scoped_addresses(IPVersion.All))
             return Answer(name, info.text or b"", addresses, info.port)
 
         resolved = await asyncio.gather(*(resolve(n) for n in list(names)))
@@ -1241,7 +1301,7 @@ async def _handshakes(cfg: Config) -> list[Handshake]:
             except (OSError, TimeoutError) as exc:
                 results.append(Handshake(text, False, f"cannot resolve ({exc})"))
                 continue
-            addr = (str(infos[0][4][0]), int(infos[0][4][1]))
+            addr = resolved_addr(infos[0][4])
             pending[addr] = text
             for folder in folders:
                 endpoint.connect(addr, folder)

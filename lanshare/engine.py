@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lanshare import deleteguard, keys, marker, planinputs, planner, scanner
+from lanshare.addressing import show_addr
 from lanshare.clock import LoopClock
 from lanshare.downloads import Downloads, prioritised, same_content, temp_of
 from lanshare.errors import (
@@ -1226,7 +1227,7 @@ class FolderSync:
                 {
                     "id": link.peer.hex(),
                     "name": name,
-                    "address": f"{link.addr[0]}:{link.addr[1]}",
+                    "address": show_addr(link.addr),
                     "rate": self.downloads.rate(link.peer),
                     "need_bytes": self.downloads.need_from(link.peer),
                 }

@@ -389,12 +389,14 @@ class PeerInfo:
             return self.node_id.hex()
         return format_addr(self.addresses[0])
 
-    def to_json(self) -> dict[str, object]:
-        """The object ``lanshare peers --json`` prints."""
+    def to_json(self, show: Callable[[Addr], str] | None = None) -> dict[str, object]:
+        """The object ``lanshare peers --json`` prints; ``show`` spells an address (default
+        ``format_addr``; ``addressing.show_addr`` names the interface of a scope)."""
+        show = show or format_addr
         return {
             "id": None if self.node_id is None else self.node_id.hex(),
             "name": self.name,
-            "addresses": [format_addr(a) for a in self.addresses],
+            "addresses": [show(a) for a in self.addresses],
             "folders": list(self.folders),
             "sequence": self.sequence,
             "state": self.state.value,

@@ -1,8 +1,11 @@
 """A multi-host network lab for tests: Linux network namespaces joined by one bridge.
 
 Does I/O (runs ``ip`` and ``nft``; needs root). Each lab puts its bridge in a namespace of its
-own and every host in another, joined by veth pairs, with addresses 10.X.Y.n/24 that exist only
-inside those namespaces: nothing touches the machine's real interfaces. Multicast works between
+own and every host in another, joined by veth pairs, with addresses 10.X.Y.n/24 (and, asked
+for, fdXX:XXXX::n/64; every host has its IPv6 link-local address) that exist only inside those
+namespaces: nothing touches the machine's real interfaces. A lab with IPv6 is handed over only
+once duplicate address detection is over on every host (no address ``tentative``), so that
+daemons can bind every address at once. Multicast works between
 the hosts (mDNS), per-host random loss and a multicast block come from nftables, and teardown
 removes everything even when a test fails. Namespaces left by a crashed run (their creator's pid
 is gone) are removed at the next start.
@@ -178,7 +181,19 @@ class Host:
     index: int
     netns: str
     address: str
+    """The IPv4 address, or the global IPv6 one on a lab without IPv4."""
+    address6: str = ""
+    """The global IPv6 address ("" without IPv6)."""
     processes: list[Process] = field(default_factory=list)
+
+    def link_local(self) -> str:
+        """eth0's IPv6 link-local address (without a scope)."""
+        out = self.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
+        for line in out.splitlines():
+            fields = line.split()
+            if "inet6" in fields:
+                return fields[fields.index("inet6") + 1].split("/")[0]
+        raise LabError(f"{self.name}: eth0 has no link-local address: {out!r}")
 
     @property
     def name(self) -> str:
@@ -228,14 +243,16 @@ class Host:
             )
 
     def block_multicast(self, blocked: bool = True) -> None:
-        """Drop mDNS multicast (224.0.0.251, UDP 5353) in and out of this host."""
+        """Drop mDNS multicast (224.0.0.251 and ff02::fb, UDP 5353) in and out of this host."""
         self._nft_replace("lslab_mdns", None)
         if blocked:
-            rule = "ip daddr 224.0.0.251 udp dport 5353 drop"
+            rules = (
+                "ip daddr 224.0.0.251 udp dport 5353 drop\n  ip6 daddr ff02::fb udp dport 5353 drop"
+            )
             self._nft_replace(
                 "lslab_mdns",
-                f"chain input {{ type filter hook input priority 0; policy accept; {rule}\n}}\n"
-                f"chain output {{ type filter hook output priority 0; policy accept; {rule}\n}}",
+                f"chain input {{ type filter hook input priority 0; policy accept; {rules}\n}}\n"
+                f"chain output {{ type filter hook output priority 0; policy accept; {rules}\n}}",
             )
 
     def _nft_replace(self, table: str, body: str | None) -> None:
@@ -254,17 +271,33 @@ class Host:
 class Lab:
     """N hosts on one bridge. ``create()`` builds it; ``close()`` (idempotent) removes it."""
 
-    def __init__(self, n_hosts: int, *, loss: float = 0.0, block_multicast: bool = False) -> None:
+    def __init__(
+        self,
+        n_hosts: int,
+        *,
+        loss: float = 0.0,
+        block_multicast: bool = False,
+        ipv4: bool = True,
+        ipv6: bool = False,
+    ) -> None:
+        """``ipv4`` False: no IPv4 address on the hosts' eth0 (IPv6 only: link-local, and
+        global with ``ipv6``)."""
         if not 1 <= n_hosts <= MAX_HOSTS:
             raise ValueError(f"1..{MAX_HOSTS} hosts")
         self.run_id = f"{os.getpid()}-{random.randrange(16**6):06x}"
         self.bridge_ns = f"{PREFIX}{self.run_id}-br"
         # A private /24 that exists only inside this lab's namespaces.
         self.subnet = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
-        self.hosts = [
-            Host(self, i, f"{PREFIX}{self.run_id}-h{i}", f"{self.subnet}.{i}")
-            for i in range(1, n_hosts + 1)
-        ]
+        # A unique local /64 (RFC 4193), random like the /24.
+        words = (random.randrange(256), random.randrange(65536), random.randrange(65536))
+        self.subnet6 = "fd{:02x}:{:x}:{:x}:".format(*words)
+        self._ipv4 = ipv4
+        self._ipv6 = ipv6
+        self.hosts = []
+        for i in range(1, n_hosts + 1):
+            v6 = f"{self.subnet6}:{i:x}" if ipv6 else ""
+            v4 = f"{self.subnet}.{i}" if ipv4 else v6
+            self.hosts.append(Host(self, i, f"{PREFIX}{self.run_id}-h{i}", v4, v6))
         self._loss = loss
         self._block = block_multicast
         self._created: list[str] = []
@@ -288,6 +321,8 @@ class Lab:
             _run([*br, "link", "set", "br0", "up"])
             for host in self.hosts:
                 self._add_host(host)
+            if self._ipv6 or not self._ipv4:
+                self._wait_for_dad()
             for host in self.hosts:
                 if self._loss:
                     host.set_loss(self._loss)
@@ -311,10 +346,32 @@ class Lab:
         )
         _run([*br, "link", "set", port, "master", "br0", "up"])
         _run([*hn, "link", "set", "lo", "up"])
-        _run([*hn, "addr", "add", f"{host.address}/24", "dev", "eth0"])
+        if self._ipv4:
+            _run([*hn, "addr", "add", f"{host.address}/24", "dev", "eth0"])
+        if self._ipv6:
+            # Unique by construction: no duplicate address detection to wait for.
+            _run([*hn, "addr", "add", f"{host.address6}/64", "dev", "eth0", "nodad"])
         _run([*hn, "link", "set", "eth0", "up"])
-        # Multicast leaves through eth0 (there is no default route in a lab host).
-        _run([*hn, "route", "add", "224.0.0.0/4", "dev", "eth0"])
+        if self._ipv4:
+            # Multicast leaves through eth0 (there is no default route in a lab host).
+            _run([*hn, "route", "add", "224.0.0.0/4", "dev", "eth0"])
+
+    def _wait_for_dad(self) -> None:
+        """Until no host has a tentative address (the link-local one runs DAD, ~1 s)."""
+        deadline = time.monotonic() + IP_TIMEOUT
+        pending = list(self.hosts)
+        while pending:
+            pending = [
+                h
+                for h in pending
+                if h.run("ip", "-6", "addr", "show", "dev", "eth0", "tentative").strip()
+                or not h.run("ip", "-6", "addr", "show", "dev", "eth0", "scope", "link").strip()
+            ]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"IPv6 duplicate address detection still runs on {pending[0].name}")
+            time.sleep(0.1)
 
     def close(self) -> None:
         """Stop every process, then delete every namespace this lab made."""

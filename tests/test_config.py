@@ -227,6 +227,9 @@ def test_wrong_type_names_key_and_expectation(
         ("network", "max_send_rate", "-1", "at least 0"),
         ("network", "max_recv_rate", "-5", "at least 0"),
         ("network", "fast_path", '"yes"', "auto, on, off"),
+        ("network", "ip_version", '"ipv6"', "v4, v6, both"),
+        ("network", "ip_version", '"4"', "v4, v6, both"),
+        ("network", "static_peers", '["[fe80::1]:5"]', '"[fe80::1%eth0]:5"'),
         ("network", "bind", "[]", "at least one address"),
         ("network", "bind", '["localhost"]', "IP addresses"),
         ("network", "interfaces", '[""]', "interface names"),
@@ -646,6 +649,7 @@ def test_ensure_config_leaves_an_existing_file_alone(write: Writer) -> None:
         ("peer.lan.:1", ("peer.lan.", 1)),
         ("192.0.2.1:65535", ("192.0.2.1", 65535)),
         ("[2001:db8::1]:80", ("2001:db8::1", 80)),
+        ("[fe80::1%eth0]:47474", ("fe80::1%eth0", 47474)),
     ],
 )
 def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
@@ -860,3 +864,32 @@ def test_the_delete_window_defaults_to_an_hour_and_takes_seconds(tmp_path: Path)
     assert config.load(file).sync.delete_window == 3600.0
     file.write_text("[sync]\ndelete_window = 90\n")
     assert config.load(file).sync.delete_window == 90.0
+
+
+# --- ip_version ---------------------------------------------------------------------------------
+
+
+def test_ip_version_defaults_to_both_and_bind_follows_it(write: Writer) -> None:
+    loaded = config.load(write('[network]\nip_version = "V6"\n'))
+    assert (loaded.network.ip_version, loaded.network.bind) == ("v6", ())
+    assert config.NetworkConfig().ip_version == "both"
+
+
+@pytest.mark.parametrize(
+    ("ip_version", "bind"), [("v6", '["0.0.0.0"]'), ("v6", '["10.0.0.1"]'), ("v4", '["::1"]')]
+)
+def test_ip_version_and_a_bind_of_the_other_family_contradict(
+    write: Writer, ip_version: str, bind: str
+) -> None:
+    path = write(f'[network]\nip_version = "{ip_version}"\nbind = {bind}\n')
+    message = _error(path)
+    assert message.startswith(f"{path}:network.")
+    assert f'ip_version = "{ip_version}" needs an IPv' in message
+    assert "(or leave bind out)" in message
+
+
+@pytest.mark.parametrize(("ip_version", "bind"), [("v4", '["::"]'), ("v6", '["::"]')])
+def test_ip_version_with_a_dual_stack_bind_is_fine(
+    write: Writer, ip_version: str, bind: str
+) -> None:
+    assert config.load(write(f'[network]\nip_version = "{ip_version}"\nbind = {bind}\n'))

@@ -16,12 +16,15 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from lanshare.config import Config, FolderConfig, NetworkConfig, NodeConfig
 from lanshare.discovery import (
+    INTERFACE_POLL_INTERVAL,
     SERVICE_TYPE,
     Discovery,
+    _unusable_ipv6,
     browse_once,
     choose_interfaces,
     main,
     socket_addresses,
+    zeroconf_version,
 )
 from lanshare.identity import NodeId
 from lanshare.keys import announce_binding, announce_token, format_key, generate_key
@@ -37,6 +40,7 @@ from lanshare.peertable import (
     PeerUp,
     SharedFolder,
 )
+from tests.e2e.harness import wait_until
 from tests.lab import make_lab
 
 if TYPE_CHECKING:
@@ -439,6 +443,66 @@ def test_interface_choice() -> None:
     assert choose_interfaces([], [("lo", "127.0.0.1")]) == ("127.0.0.1",)
 
 
+def test_interface_choice_with_ipv6() -> None:
+    adapters = [
+        ("lo", "127.0.0.1"),
+        ("lo", "::1"),
+        ("eth0", "10.0.0.2"),
+        ("eth0", "fe80::2"),
+        ("eth0", "2001:db8::2"),
+        ("wlan0", "fe80::5"),
+    ]
+    # IPv4, then global IPv6, then link-local: the order a= fills in.
+    assert choose_interfaces([], adapters) == ("10.0.0.2", "2001:db8::2", "fe80::2", "fe80::5")
+    assert choose_interfaces([], adapters, frozenset({4})) == ("10.0.0.2",)
+    assert choose_interfaces([], adapters, frozenset({6})) == (
+        "2001:db8::2",
+        "fe80::2",
+        "fe80::5",
+    )
+    assert choose_interfaces(["wlan0"], adapters) == ("fe80::5",)
+    assert choose_interfaces(["2001:DB8::2"], adapters) == ("2001:db8::2",)
+    assert choose_interfaces(["fe80::5%wlan0"], adapters) == ("fe80::5",)
+    assert choose_interfaces(["eth0"], adapters, frozenset({6})) == ("2001:db8::2", "fe80::2")
+    # Nothing of the family: loopback of that family.
+    assert choose_interfaces(["gone0"], adapters, frozenset({6})) == ("::1",)
+
+
+def test_one_socket_address_per_interface_and_family() -> None:
+    adapters = [
+        ("eth0", "10.0.0.2"),
+        ("eth0", "2001:db8::2"),
+        ("eth0", "fe80::2"),
+        ("wlan0", "fe80::5"),
+    ]
+    chosen = ("10.0.0.2", "2001:db8::2", "fe80::2", "fe80::5")
+    # IPv6 prefers the link-local address (it lasts as long as the interface) ...
+    assert socket_addresses(chosen, adapters) == ("10.0.0.2", "fe80::2", "fe80::5")
+    # ... unless another one is in use and still chosen.
+    assert socket_addresses(chosen, adapters, ("2001:db8::2",)) == (
+        "10.0.0.2",
+        "2001:db8::2",
+        "fe80::5",
+    )
+    assert zeroconf_version(("10.0.0.2",)) is IPVersion.V4Only
+    assert zeroconf_version(("fe80::2",)) is IPVersion.V6Only
+    assert zeroconf_version(("10.0.0.2", "fe80::2")) is IPVersion.All
+
+
+def test_tentative_and_duplicate_ipv6_addresses_are_not_usable(tmp_path: Path) -> None:
+    table = tmp_path / "if_inet6"
+    table.write_text(
+        # address, index, prefix length, scope, flags, name (as /proc/net/if_inet6 has them)
+        "fe800000000000000000000000000002 02 40 20 80     eth0\n"
+        "20010db8000000000000000000000002 02 40 00 40     eth0\n"
+        "fe800000000000000000000000000005 03 40 20 08    wlan0\n"
+        "00000000000000000000000000000001 01 80 10 80       lo\n",
+        encoding="ascii",
+    )
+    assert _unusable_ipv6(table) == {("eth0", "2001:db8::2"), ("wlan0", "fe80::5")}
+    assert _unusable_ipv6(tmp_path / "absent") == set()
+
+
 def test_the_entry_point_reports_a_bad_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -465,6 +529,10 @@ def _start(lab: Lab, index: int, key: bytes, tmp_path: Path, *extra: str) -> Pro
         *extra,
         stderr_path=tmp_path / f"{host.name}.log",
     )
+
+
+def _ipv4(addresses: list[str]) -> list[str]:
+    return [a for a in addresses if not a.startswith("[")]
 
 
 def _ready(proc: Process) -> str:
@@ -588,7 +656,35 @@ def test_a_new_address_is_announced_and_a_gone_one_retracted(
         host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
         host.run("ip", "addr", "del", f"{host.address}/24", "dev", "eth0")
         procs[1].expect_json(
-            lambda o: o.get("event") == "changed" and o["peer"]["addresses"] == [new], timeout=60
+            lambda o: o.get("event") == "changed" and _ipv4(o["peer"]["addresses"]) == [new],
+            timeout=60,
         )
+        # The same for IPv6: the netlink monitor hears IPv6 address changes too (within
+        # seconds; interfaces are polled only every 15 s, which this bound tells apart).
+        global6 = f"{lab.subnet6}:201"
+        shown = f"[{global6}]:47000"
+        host.run("ip", "addr", "add", f"{global6}/64", "dev", "eth0", "nodad")
+        procs[1].expect_json(
+            lambda o: o.get("event") == "changed" and shown in o["peer"]["addresses"],
+            timeout=INTERFACE_POLL_INTERVAL * 2 / 3,
+        )
+        mark = len(procs[1].json_lines())  # expect_json would match earlier lines too
+        host.run("ip", "addr", "del", f"{global6}/64", "dev", "eth0")
+
+        def retracted() -> dict[str, Any] | None:
+            later = procs[1].json_lines()[mark:]
+            return next(
+                (
+                    o
+                    for o in later
+                    if o.get("event") == "changed" and shown not in o["peer"]["addresses"]
+                ),
+                None,
+            )
+
+        gone = wait_until(retracted, 60, "the IPv6 address retracted")
+        # Its link-local address stays, scoped by the interface it was heard on.
+        link_local = f"[{host.link_local()}%eth0]:47000"
+        assert gone["peer"]["addresses"] == [new, link_local]
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_dump_logs(tmp_path)}") from exc

@@ -354,6 +354,63 @@ def test_multicast_verdicts() -> None:
     assert doctor.multicast_verdict([], [], None).status == "ok"
 
 
+PROC_IGMP6 = """\
+1    lo              ff020000000000000000000000000001     1 0000000C 0
+2    eth0            ff0200000000000000000000000000fb     1 00000004 0
+2    eth0            ff020000000000000000000000000001     1 0000000C 0
+3    wlan0           ff020000000000000000000000000001     1 0000000C 0
+"""
+
+
+def test_proc_igmp6_lists_groups_per_interface() -> None:
+    assert doctor.parse_proc_igmp6(PROC_IGMP6) == {
+        "lo": {"ff02::1"},
+        "eth0": {"ff02::fb", "ff02::1"},
+        "wlan0": {"ff02::1"},
+    }
+
+
+def test_interfaces_verdict_shows_ipv6_as_peers_dial_it() -> None:
+    eth = Interface("eth0", ("10.0.0.1",), ("2001:db8::1", "fe80::1"), flags=0x1003)
+    lo = Interface("lo", ("127.0.0.1",), ("::1",), flags=0x9)
+    both = doctor.interfaces_verdict(
+        (), [lo, eth], ["10.0.0.1", "2001:db8::1", "fe80::1"], 47474, frozenset({4, 6})
+    )
+    assert both == Result(
+        "interfaces",
+        "ok",
+        "mDNS on eth0 10.0.0.1:47474, eth0 [2001:db8::1]:47474, eth0 [fe80::1%eth0]:47474; "
+        "IPv4 and IPv6",
+    )
+    only6 = doctor.interfaces_verdict((), [lo, eth], ["fe80::1"], 47474, frozenset({6}))
+    assert only6.detail == "mDNS on eth0 [fe80::1%eth0]:47474; IPv6 only"
+    v4_only = Interface("eth0", ("10.0.0.1",), flags=0x1003)
+    none6 = doctor.interfaces_verdict((), [lo, v4_only], ["::1"], 47474, frozenset({6}))
+    assert none6.status == "fail"
+    assert none6.detail == "no network interface has an IPv6 address: mDNS stays on this machine"
+
+
+def test_multicast_verdict_checks_the_ipv6_group() -> None:
+    joined = doctor.parse_proc_igmp6(PROC_IGMP6)
+    # IPv6 only: ff02::fb is link-local, no route is needed; the group must be joined.
+    only6 = doctor.multicast_verdict([], ["eth0"], joined, families=frozenset({6}))
+    assert only6 == Result(
+        "multicast", "ok", "ff02::fb is link-local: no route needed; group joined on eth0"
+    )
+    missing = doctor.multicast_verdict([], ["wlan0"], joined, families=frozenset({6}))
+    assert missing.status == "warn"
+    assert "the group ff02::fb is not joined on wlan0" in missing.detail
+    # Both: the IPv4 route and both groups.
+    routes = doctor.parse_proc_route(PROC_ROUTE)[:2]
+    groups = {"eth0": doctor.parse_proc_igmp(PROC_IGMP)["eth0"] | joined["eth0"]}
+    both = doctor.multicast_verdict(routes, ["eth0"], groups, families=frozenset({4, 6}))
+    assert both.detail == "224.0.0.251 routed via eth0 (0.0.0.0/0); groups joined on eth0"
+    v4_joined = {"eth0": doctor.parse_proc_igmp(PROC_IGMP)["eth0"]}
+    half = doctor.multicast_verdict(routes, ["eth0"], v4_joined, families=frozenset({4, 6}))
+    assert half.status == "warn"
+    assert "ff02::fb is not joined on eth0" in half.detail
+
+
 def test_sync_verdicts() -> None:
     assert doctor.sync_verdict(None).status == "warn"
     folder = {"path": "/s", "state": "in_sync", "reason": "", "connected_peers": 1, "peers": [{}]}

@@ -818,3 +818,12 @@ if __name__ == "__main__":
         asyncio.run(_count(*arguments))
     elif role == "run":
         asyncio.run(_run_to(*arguments))
+
+
+def test_with_no_bind_the_socket_is_what_ip_version_needs() -> None:
+    from lanshare.transport import _bind_host
+
+    assert _bind_host((), "both") == "::"  # dual-stack: IPv4 too
+    assert _bind_host((), "v6") == "::"
+    assert _bind_host((), "v4") == "0.0.0.0"
+    assert _bind_host(("127.0.0.1",), "both") == "127.0.0.1"  # an explicit bind wins

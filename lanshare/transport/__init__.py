@@ -113,8 +113,11 @@ async def open_transport(
     return transport
 
 
-def _bind_host(bind: tuple[str, ...]) -> str:
-    """The one address to bind: one entry, or the dual-stack pair ``0.0.0.0`` + ``::``."""
+def _bind_host(bind: tuple[str, ...], ip_version: str = "both") -> str:
+    """The one address to bind: one entry, the dual-stack pair ``0.0.0.0`` + ``::``, or with
+    no ``bind`` what ``ip_version`` needs (``::`` takes IPv4 and IPv6)."""
+    if not bind:
+        return "0.0.0.0" if ip_version == "v4" else "::"
     if len(bind) == 1:
         return bind[0]
     if set(bind) == {"0.0.0.0", "::"}:
@@ -126,9 +129,19 @@ def _bind_host(bind: tuple[str, ...]) -> str:
 
 
 def _bind_socket(network: NetworkConfig, transfer: TransferConfig) -> socket.socket:
-    host = _bind_host(network.bind)
+    host = _bind_host(network.bind, network.ip_version)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if network.bind or network.ip_version != "both":
+            raise ConfigError(
+                f"cannot open a UDP socket for {host}: {exc.strerror or exc}"
+            ) from exc
+        # A kernel without IPv6: "both" is IPv4 there.
+        logger.info("no IPv6 on this machine (%s): UDP on IPv4 only", exc.strerror or exc)
+        host, family = "0.0.0.0", socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if family == socket.AF_INET6:

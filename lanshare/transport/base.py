@@ -40,6 +40,8 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+from lanshare.addressing import sockaddr
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -302,10 +304,11 @@ class Transport(Generic[E]):
                 host = f"{host}%{raw[3]}"
         return (host, raw[1])
 
-    def _addr_out(self, addr: Addr) -> Addr:
+    def _addr_out(self, addr: Addr) -> Any:
+        """``addr`` as this socket's ``sendto`` wants it (IPv4 mapped, a scope as a number)."""
         if self._v6 and ":" not in addr[0]:
             return ("::ffff:" + addr[0], addr[1])
-        return addr
+        return sockaddr(addr)
 
     def _count_error(self, exc: OSError, sending: bool) -> None:
         if exc.errno in _ICMP_ERRNOS:

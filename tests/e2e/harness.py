@@ -192,7 +192,9 @@ class Node:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.address}:{self.port}"
+        """``addr:port`` as peers and ``static_peers`` write it (``[addr]:port`` for IPv6)."""
+        host = self.address
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     # -- config --
 

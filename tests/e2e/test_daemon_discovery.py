@@ -201,8 +201,9 @@ def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None
     }
     procs = {}
     for what, (name, port) in replays.items():
-        # One after the other: a replay under a's name, once out, is what a later recording
-        # of a's name would hear too.
+        # One after the other: both replayers share the host's port 5353, so a unicast
+        # answer reaches only one of them, and the other could record the first one's
+        # replay under a's name instead of a's own record.
         procs[what] = proc = replayer.python(
             *("-m", "tests.e2e.replayer", "--record", a.name, "--as", name),
             *("--address", replayer.address, "--port", str(port)),
@@ -229,10 +230,14 @@ def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None
         with contextlib.suppress(TimeoutError):
             sent = proc.expect_json(lambda o: o.get("event") == "datagram", max(0.1, window))
             raise AssertionError(f"b sent the replayer ({what}) a datagram: {sent}")
-    entries = b.cli_json("peers")
-    assert [(p["name"], p["state"], p["addresses"]) for p in entries] == [
-        (a.name, "connected", [a.endpoint])
-    ]
+    assert a.host is not None
+    link = f"[{a.host.link_local()}%eth0]:{a.port}"  # a announces it once its DAD is over
+    want = [(a.name, "connected", [a.endpoint, link])]
+    wait_until(
+        lambda: [(p["name"], p["state"], p["addresses"]) for p in b.cli_json("peers")] == want,
+        FIND_TIMEOUT,
+        "b lists a alone, at its own addresses",
+    )
     assert b.status()["discovery"]["rejected"] == seen["rejected"] == 0
     for proc in procs.values():
         assert proc.stop() == 0
@@ -279,7 +284,9 @@ def test_a_new_address_is_announced_within_seconds_and_a_lost_one_dropped(
     old = f"{host.address}:{a.port}"
     new_ip = f"{lab.subnet}.201"
     new = f"{new_ip}:{a.port}"
-    assert _addresses_of(b, a) == [old]
+    # Its IPv6 link-local address is announced too, scoped by b's interface: it stays.
+    link = f"[{host.link_local()}%eth0]:{a.port}"
+    wait_until(lambda: set(_addresses_of(b, a)) == {old, link}, ADDRESS_BOUND, "b lists a")
 
     # A new address, as a new interface or a DHCP lease after resume would bring.
     host.run("ip", "addr", "add", f"{new_ip}/24", "dev", "eth0")
@@ -288,21 +295,23 @@ def test_a_new_address_is_announced_within_seconds_and_a_lost_one_dropped(
     added = time.monotonic() - started
     (entry,) = [p for p in b.cli_json("peers") if p["name"] == "a"]
     assert entry["state"] == "connected"
-    assert set(entry["addresses"]) == {old, new}
+    assert set(entry["addresses"]) == {old, new, link}
 
     # The old address goes away, as when a network is left. (The kernel deletes the other
     # addresses of a subnet with its primary one, unless told to promote them.)
     host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
     host.run("ip", "addr", "del", f"{host.address}/24", "dev", "eth0")
     started = time.monotonic()
-    wait_until(lambda: _addresses_of(b, a) == [new], STALE_BOUND, "b drops a's old address", 0.05)
+    wait_until(
+        lambda: set(_addresses_of(b, a)) == {new, link}, STALE_BOUND, "b drops a's old one", 0.05
+    )
     dropped = time.monotonic() - started
     print(  # pytest -s shows the figures
         f"\nb listed a's new address {added:.1f} s after it was added "
         f"and dropped the old one {dropped:.1f} s after it was removed"
     )
     (entry,) = [p for p in b.cli_json("peers") if p["name"] == "a"]
-    assert (entry["addresses"], entry["state"]) == ([new], "connected")
+    assert (set(entry["addresses"]), entry["state"]) == ({new, link}, "connected")
 
     # Both still sync, both ways, over the new address only.
     (a.folder / "from-a.txt").write_text("sent after the move\n")
