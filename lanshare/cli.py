@@ -641,6 +641,10 @@ def doctor(
     from lanshare import doctor as checks
 
     settings = _settings(ctx, config, debug, socket)
+    if not settings.debug:
+        # What the checks meet (no usable interface, a socket zeroconf cannot open) is what
+        # they report, each once, with its fix: the same as log lines would be noise.
+        _setup_logging(False, "error")
     cfg: Config | None = None
     error = None
     try:

@@ -588,6 +588,21 @@ def test_doctor_names_the_chmod_for_a_config_others_can_read(
     assert checks["config"]["fix"] == f"chmod 600 {config_file}"
 
 
+def test_doctor_says_what_it_meets_once_and_logs_nothing_beside(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An interface the config names but the machine lacks is the interfaces check's own
+    finding: no warning line of the discovery code on stderr beside it."""
+    config_file = _loopback_config(home)
+    text = config_file.read_text().replace('interfaces = ["127.0.0.1"]', 'interfaces = ["nosuch0"]')
+    config_file.write_text(text)
+    code, out, err = run(capsys, "--config", str(config_file), "doctor", "--seconds", "1")
+    assert code == 1
+    assert err == ""
+    (interfaces,) = [line for line in out.splitlines() if line.split()[1:2] == ["interfaces"]]
+    assert "nosuch0" in interfaces
+
+
 def test_doctor_without_a_daemon_on_loopback(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
