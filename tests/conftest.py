@@ -1,8 +1,9 @@
-"""Suite-wide guards: no test may leave a thread or an event-loop task behind."""
+"""Suite-wide guards: no test may leave a thread, an event-loop task or a log handler behind."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
@@ -44,3 +45,21 @@ def _virtual_time_for_simulated_engines(request: pytest.FixtureRequest) -> Itera
         yield
     finally:
         asyncio.set_event_loop_policy(policy)
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_left_configured() -> Iterator[None]:
+    """A test that runs the command line in-process leaves the root logger as it found it.
+
+    The CLI configures logging as a program should: a handler on the stream that is stderr
+    at the time, which in a test is one the test captured. Left behind, it would write every
+    later test's log lines into that stream, growing without end.
+    """
+    root = logging.getLogger()
+    level, before = root.level, set(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        # pytest's own capture handlers are subclasses; the CLI's is a plain StreamHandler.
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
