@@ -192,6 +192,19 @@ def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None
     a.start()
     b.start()
     wait_until(lambda: _connected(b, a), SYNC_TIMEOUT, "b connected to a")
+    assert a.host is not None
+    link = f"[{a.host.link_local()}%eth0]:{a.port}"  # a announces it once its DAD is over
+    want = [(a.name, "connected", [a.endpoint, link])]
+    listed: list[object] = []
+
+    def lists_a_alone() -> bool:
+        listed[:] = [(p["name"], p["state"], p["addresses"]) for p in b.cli_json("peers")]
+        return listed == want
+
+    # Both known before the replays start, so that what b lists afterwards shows what the
+    # replays changed: a's link-local address comes once its DAD is over, which on a busy
+    # machine may be while the replays are out (and b did not list it within 30 s then).
+    wait_until(lists_a_alone, FIND_TIMEOUT, "b lists a at both of its addresses")
     before = b.status()["discovery"]
 
     own_port = a.port + 1
@@ -230,14 +243,10 @@ def test_a_replayed_announcement_is_never_connected_to(cluster: Cluster) -> None
         with contextlib.suppress(TimeoutError):
             sent = proc.expect_json(lambda o: o.get("event") == "datagram", max(0.1, window))
             raise AssertionError(f"b sent the replayer ({what}) a datagram: {sent}")
-    assert a.host is not None
-    link = f"[{a.host.link_local()}%eth0]:{a.port}"  # a announces it once its DAD is over
-    want = [(a.name, "connected", [a.endpoint, link])]
-    wait_until(
-        lambda: [(p["name"], p["state"], p["addresses"]) for p in b.cli_json("peers")] == want,
-        FIND_TIMEOUT,
-        "b lists a alone, at its own addresses",
-    )
+    try:
+        wait_until(lists_a_alone, FIND_TIMEOUT, "b lists a alone, at its own addresses")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: b lists {listed}") from None
     assert b.status()["discovery"]["rejected"] == seen["rejected"] == 0
     for proc in procs.values():
         assert proc.stop() == 0
