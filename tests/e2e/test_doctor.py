@@ -63,6 +63,13 @@ def test_doctor_names_each_breakage_and_its_fix(cluster: Cluster) -> None:
     a.wait_ready()
     b.wait_ready()
     wait_until(lambda: _connected(a, b), CONNECT_TIMEOUT, "a connected to b")
+    # a joins ff02::fb on eth0 once the link-local address is through its duplicate address
+    # detection, which may end after the session with b is up.
+    wait_until(
+        lambda: by_check(doctor(a)[1])["multicast"]["status"] == "ok",
+        CONNECT_TIMEOUT,
+        "a joined the mDNS groups",
+    )
 
     # Healthy: nothing fails, exit 0.
     code, results = doctor(a)
