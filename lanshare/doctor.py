@@ -562,6 +562,9 @@ class Packet:
     dport: int
     daddr: str | None
     interfaces: tuple[str, ...]
+    version: int = 4
+    """The IP version: which tables see it (``ip`` or ``ip6``, and ``inet``), which header
+    matches apply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,14 +576,22 @@ class Block:
     certain: bool
 
 
-def lanshare_packets(port: int, interfaces: Sequence[str]) -> list[Packet]:
+def lanshare_packets(
+    port: int, interfaces: Sequence[str], families: frozenset[int] = frozenset({4})
+) -> list[Packet]:
+    """The packets lanshare needs through, for each IP version in ``families``."""
     names = tuple(interfaces)
-    packets = [
-        Packet("mDNS in (UDP 5353)", "input", MDNS_PORT, MDNS_GROUP, names),
-        Packet("mDNS out (UDP 5353)", "output", MDNS_PORT, MDNS_GROUP, names),
-    ]
-    if port:
-        packets.append(Packet(f"lanshare UDP {port} in", "input", port, None, names))
+    packets = []
+    for version in sorted(families):
+        group, ip = (MDNS_GROUP, "") if version == 4 else (MDNS_GROUP6, "IPv6 ")
+        packets += [
+            Packet(f"{ip}mDNS in (UDP 5353)", "input", MDNS_PORT, group, names, version),
+            Packet(f"{ip}mDNS out (UDP 5353)", "output", MDNS_PORT, group, names, version),
+        ]
+        if port:
+            packets.append(
+                Packet(f"lanshare {ip}UDP {port} in", "input", port, None, names, version)
+            )
     return packets
 
 
@@ -594,8 +605,9 @@ def nft_blocks(ruleset: Mapping[str, Any], packets: Sequence[Packet]) -> list[Bl
     found: list[Block] = []
     for packet in packets:
         for chain in chains:
+            family = "ip" if packet.version == 4 else "ip6"
             if chain.get("hook") != packet.hook or chain.get("family") not in (
-                "ip",
+                family,
                 "inet",
                 None,
             ):
@@ -666,11 +678,14 @@ def _match(body: Any, packet: Packet) -> bool | None:
     value: object
     if isinstance(left, dict) and isinstance(left.get("payload"), dict):
         proto, fld = left["payload"].get("protocol"), left["payload"].get("field")
-        if proto in ("tcp", "sctp", "dccp", "icmp", "ip6", "icmpv6"):
+        other_ip = "ip6" if packet.version == 4 else "ip"
+        if proto in ("tcp", "sctp", "dccp", "icmp", "icmpv6", other_ip):
             return bool(op == "!=")  # another protocol's header: never in our UDP packet
         if (proto, fld) in (("udp", "dport"), ("th", "dport")):
             value = packet.dport
-        elif (proto, fld) == ("ip", "daddr") and packet.daddr is not None:
+        elif (proto, fld) == (("ip", "daddr") if packet.version == 4 else ("ip6", "daddr")):
+            if packet.daddr is None:
+                return None
             value = packet.daddr
         else:
             return None
@@ -679,7 +694,7 @@ def _match(body: Any, packet: Packet) -> bool | None:
         if key == "l4proto":
             value = "udp"
         elif key == "nfproto":
-            value = "ipv4"
+            value = f"ipv{packet.version}"
         elif key in ("iifname", "oifname") and len(packet.interfaces) == 1:
             if (key == "iifname") != (packet.hook == "input"):
                 return None
@@ -716,7 +731,7 @@ def _contains(right: Any, value: object) -> bool | None:
             return None
     if isinstance(right, int | str) and not isinstance(right, bool):
         if isinstance(value, str) and isinstance(right, int):
-            return right == {"udp": 17, "ipv4": 2}.get(value)
+            return right == {"udp": 17, "ipv4": 2, "ipv6": 10}.get(value)
         return right == value
     return None
 
@@ -1083,7 +1098,7 @@ def run(inputs: Inputs) -> list[Result]:
         for name, groups in parse_proc_igmp6(_read_text(Path("/proc/net/igmp6")) or "").items():
             joined.setdefault(name, set()).update(groups)
     routes = parse_proc_route(_read_text(Path("/proc/net/route")) or "")
-    blocks, unreadable = _gather_firewall(port, names)
+    blocks, unreadable = _gather_firewall(port, names, used)
     if inputs.config is None:
         # Which interfaces and keys to use is in the config: nothing is sent without it.
         skipped = "not checked: the config did not load (see config above)"
@@ -1181,7 +1196,9 @@ def _port(cfg: Config, status: Mapping[str, Any] | None) -> int:
     return int(cfg.network.port)
 
 
-def _gather_firewall(port: int, names: Sequence[str]) -> tuple[list[Block] | None, str | None]:
+def _gather_firewall(
+    port: int, names: Sequence[str], families: frozenset[int]
+) -> tuple[list[Block] | None, str | None]:
     nft = shutil.which("nft") or next(
         (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
     )
@@ -1204,7 +1221,7 @@ def _gather_firewall(port: int, names: Sequence[str]) -> tuple[list[Block] | Non
         ruleset = json.loads(done.stdout or "{}")
     except ValueError:
         return None, "nft printed no JSON"
-    return nft_blocks(ruleset, lanshare_packets(port, names)), None
+    return nft_blocks(ruleset, lanshare_packets(port, names, families)), None
 
 
 def _gather_census(

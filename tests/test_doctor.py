@@ -126,6 +126,32 @@ def test_an_interface_drop_drops_everything_arriving_there() -> None:
     assert doctor.nft_blocks(only_rules({5}), [other]) == []
 
 
+def test_ipv6_rules_drop_the_ipv6_packets_and_ipv4_rules_the_ipv4_ones() -> None:
+    """Real ``nft -j`` output: ``ip6 daddr ff02::fb udp dport 5353 drop`` in an inet table,
+    ``udp dport 47474 drop`` in an ip6 table. With both IP versions in use, each drops the
+    IPv6 packet it names and no IPv4 one; an IPv4 rule drops no IPv6 packet."""
+    data = json.loads((DATA / "nft-ruleset-ipv6.json").read_text())
+    packets = doctor.lanshare_packets(47474, ["eth0"], frozenset({4, 6}))
+    assert [(p.what, p.daddr) for p in packets if p.hook == "input"] == [
+        ("mDNS in (UDP 5353)", "224.0.0.251"),
+        ("lanshare UDP 47474 in", None),
+        ("IPv6 mDNS in (UDP 5353)", "ff02::fb"),
+        ("lanshare IPv6 UDP 47474 in", None),
+    ]
+    blocks = doctor.nft_blocks(data, packets)
+    assert [(b.packet, b.where, b.certain) for b in blocks] == [
+        ("IPv6 mDNS in (UDP 5353)", "table inet v6fw chain input, rule handle 2 (drop)", True),
+        ("lanshare IPv6 UDP 47474 in", "table ip6 only6 chain input, rule handle 2 (drop)", True),
+    ]
+    verdict = doctor.firewall_verdict(blocks, None, None, 47474)
+    assert verdict.status == "fail"
+    assert verdict.fix is not None
+    assert "nft insert rule inet v6fw input" in verdict.fix
+    # ip daddr 224.0.0.251 udp dport 5353 drop: the IPv4 group only.
+    ipv6_only = doctor.lanshare_packets(47474, ["eth0"], frozenset({6}))
+    assert doctor.nft_blocks(only_rules({4}), ipv6_only) == []
+
+
 def test_a_tcp_rule_does_not_touch_udp() -> None:
     assert doctor.nft_blocks(only_rules({6}), [MDNS_IN, PORT_IN]) == []
 
